@@ -1,0 +1,139 @@
+"""Every error tpmbroker raises, with the wire protocol's stable status codes."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.IntEnum):
+    """Wire status codes (docs/protocol.md). Stable: never renumbered."""
+
+    OK = 0
+    MALFORMED = 1
+    UNSUPPORTED_VERSION = 2
+    UNKNOWN_OPCODE = 3
+    TOO_LARGE = 4
+    UNKNOWN_KEY = 5
+    BAD_KEY = 6
+    AUTH_FAILED = 7
+    BAD_DIGEST = 8
+    UNSUPPORTED = 9
+    DEADLINE = 10
+    NO_SESSIONS = 11
+    TPM_ERROR = 12
+    TPM_UNAVAILABLE = 13
+    PERMISSION_DENIED = 14
+    INTERNAL = 15
+    OVERLOADED = 16
+    LOCKOUT = 17
+
+
+class TpmBrokerError(Exception):
+    """Base class. `status` is the wire code; `tpm_rc` the TPM's return code, or 0."""
+
+    status: Status = Status.INTERNAL
+
+    def __init__(self, message: str, *, tpm_rc: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.tpm_rc = tpm_rc
+
+    def __str__(self) -> str:
+        if self.tpm_rc:
+            return f"{self.message} (TPM rc 0x{self.tpm_rc:03x})"
+        return self.message
+
+
+class ProtocolError(TpmBrokerError):
+    status = Status.MALFORMED
+
+
+class UnsupportedVersionError(ProtocolError):
+    status = Status.UNSUPPORTED_VERSION
+
+
+class UnknownOpcodeError(ProtocolError):
+    status = Status.UNKNOWN_OPCODE
+
+
+class FrameTooLargeError(ProtocolError):
+    status = Status.TOO_LARGE
+
+
+class UnknownKeyError(TpmBrokerError):
+    status = Status.UNKNOWN_KEY
+
+
+class BadKeyError(TpmBrokerError):
+    status = Status.BAD_KEY
+
+
+class AuthFailedError(TpmBrokerError):
+    status = Status.AUTH_FAILED
+
+
+class BadDigestError(TpmBrokerError):
+    status = Status.BAD_DIGEST
+
+
+class UnsupportedError(TpmBrokerError):
+    status = Status.UNSUPPORTED
+
+
+class DeadlineError(TpmBrokerError):
+    status = Status.DEADLINE
+
+
+class NoSessionsError(DeadlineError):
+    status = Status.NO_SESSIONS
+
+
+class TpmError(TpmBrokerError):
+    status = Status.TPM_ERROR
+
+
+class TpmUnavailableError(TpmBrokerError):
+    status = Status.TPM_UNAVAILABLE
+
+
+class PermissionDeniedError(TpmBrokerError):
+    status = Status.PERMISSION_DENIED
+
+
+class InternalError(TpmBrokerError):
+    status = Status.INTERNAL
+
+
+class OverloadedError(TpmBrokerError):
+    status = Status.OVERLOADED
+
+
+class LockoutError(TpmBrokerError):
+    status = Status.LOCKOUT
+
+
+class BrokerUnavailableError(TpmBrokerError):
+    """Client side: the broker's socket cannot be reached (never sent on the wire)."""
+
+    status = Status.INTERNAL
+
+
+_BY_STATUS: dict[Status, type[TpmBrokerError]] = {
+    cls.status: cls
+    for cls in (
+        ProtocolError, UnsupportedVersionError, UnknownOpcodeError, FrameTooLargeError,
+        UnknownKeyError, BadKeyError, AuthFailedError, BadDigestError, UnsupportedError,
+        DeadlineError, NoSessionsError, TpmError, TpmUnavailableError, PermissionDeniedError,
+        InternalError, OverloadedError, LockoutError,
+    )
+}
+
+
+def error_for_status(status: int, message: str, tpm_rc: int = 0) -> TpmBrokerError:
+    """The exception a client raises for an error response."""
+    try:
+        cls = _BY_STATUS[Status(status)]
+    except ValueError:
+        cls = TpmBrokerError
+        message = f"status {status}: {message}"
+    return cls(message, tpm_rc=tpm_rc)

@@ -1,0 +1,35 @@
+"""Where things live: the broker socket, the provider module, the simulator state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def provider_path() -> Path:
+    """Absolute path of the compiled OpenSSL provider module."""
+    return PACKAGE_DIR / "tpmbroker.so"
+
+
+def default_socket() -> str:
+    """--socket, else $TPMBROKER_SOCKET, else $XDG_RUNTIME_DIR/tpmbroker.sock, else /run."""
+    env = os.environ.get("TPMBROKER_SOCKET")
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "tpmbroker.sock")
+    return "/run/tpmbroker/tpmbroker.sock"
+
+
+def default_state_dir() -> Path:
+    """Where the embedded simulator keeps its TPM state."""
+    env = os.environ.get("TPMBROKER_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/tpmbroker")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tpmbroker"

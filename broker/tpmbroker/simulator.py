@@ -1,0 +1,136 @@
+"""The embedded TPM: a swtpm process on loopback, owned by whoever starts it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from .errors import TpmUnavailableError
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port P such that P and P+1 were both free a moment ago (swtpm needs two)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port >= 65535:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind((host, port + 1))
+            except OSError:
+                continue
+        return port
+    raise OSError("no free pair of loopback ports")
+
+
+class Swtpm:
+    """swtpm listening on 127.0.0.1:port (commands) and port+1 (control).
+
+    State lives in `state_dir`; start() waits until the TPM answers, stop() kills the
+    process group so nothing survives a failing test.
+    """
+
+    def __init__(self, state_dir: Path | str, port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.port = port or 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.state_dir / "swtpm.log"
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host={self.host},port={self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("swtpm is not running")
+        return self.proc.pid
+
+    def start(self, timeout: float = 10.0) -> Swtpm:
+        binary = shutil.which("swtpm")
+        if binary is None:
+            raise TpmUnavailableError("swtpm is not installed (Debian package: swtpm)")
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        last_error = ""
+        for _attempt in range(5):
+            port = self.port or free_port_pair(self.host)
+            cmd = [
+                binary, "socket", "--tpm2",
+                "--tpmstate", f"dir={self.state_dir}",
+                "--server", f"type=tcp,port={port},bindaddr={self.host}",
+                "--ctrl", f"type=tcp,port={port + 1},bindaddr={self.host}",
+                "--flags", "not-need-init,startup-clear",
+                "--log", f"file={self.log_path},level=1",
+            ]
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, start_new_session=True)
+            if self._wait_ready(port, timeout):
+                self.port = port
+                return self
+            last_error = self._reap()
+            if self.port:  # a fixed port that failed will not work on retry
+                break
+        raise TpmUnavailableError(f"swtpm did not start: {last_error.strip() or 'no output'}")
+
+    def _wait_ready(self, port: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return False
+            with contextlib.suppress(OSError), socket.create_connection(
+                    (self.host, port + 1), timeout=0.5):
+                with contextlib.suppress(OSError), socket.create_connection(
+                        (self.host, port), timeout=0.5):
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def _reap(self) -> str:
+        err = ""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+                _, raw = self.proc.communicate(timeout=5)
+                err = (raw or b"").decode(errors="replace")
+            self.proc = None
+        return err
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reap()
+
+    def restart(self, reset_state: bool = False) -> None:
+        """Stop and start again on the same ports; with reset_state, as a brand-new TPM."""
+        self.stop()
+        if reset_state:
+            for child in self.state_dir.iterdir():
+                if child.name != self.log_path.name:
+                    child.unlink()
+        self.start()
+
+    def __enter__(self) -> Swtpm:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

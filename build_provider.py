@@ -1,0 +1,144 @@
+"""Compile provider/*.c into tpmbroker.so, and act as the package's build backend.
+
+Run as a script, it compiles the provider into broker/tpmbroker/tpmbroker.so (or
+the path given with -o). Used as a PEP 517 backend (pyproject.toml names it), it
+compiles first and then hands over to setuptools, so every wheel and every
+editable install carries the module.
+
+The module is plain C: cffi's build machinery (ffiplatform over setuptools'
+build_ext) does the compiling and linking, but nothing Python is linked in. A
+linker version script exports only OSSL_provider_init; the result is checked for
+Python C-API symbols because OpenSSL dlopens providers with RTLD_NOW and without
+RTLD_GLOBAL, so one such symbol would make the module unloadable in nginx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+PROVIDER_DIR = ROOT / "provider"
+DEFAULT_OUTPUT = ROOT / "broker" / "tpmbroker" / "tpmbroker.so"
+WARNINGS = ["-Wall", "-Wextra", "-Werror"]
+
+
+def _pkg_config(*args: str) -> list[str]:
+    try:
+        out = subprocess.run(
+            ["pkg-config", *args, "libcrypto"], check=True, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return out.split()
+
+
+def build(output: Path = DEFAULT_OUTPUT, verbose: bool = False) -> Path:
+    """Compile the provider and return the path of the .so written."""
+    from cffi import ffiplatform
+    from cffi._shimmed_dist_utils import Extension
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in PROVIDER_DIR.glob("*.c"))
+    if not sources:
+        raise SystemExit("build_provider: no C sources in provider/")
+    cflags = _pkg_config("--cflags")
+    libs = _pkg_config("--libs") or ["-lcrypto"]
+    ext = Extension(
+        name="tpmbroker",
+        sources=sources,
+        include_dirs=[str(PROVIDER_DIR)],
+        depends=[str(p) for p in PROVIDER_DIR.glob("*.h")],
+        extra_compile_args=[*cflags, *WARNINGS, "-fvisibility=hidden", "-std=gnu11"],
+        extra_link_args=[
+            *libs,
+            "-lpthread",
+            f"-Wl,--version-script={PROVIDER_DIR / 'tpmbroker.map'}",
+            "-Wl,-z,defs",
+            "-Wl,-z,now",
+        ],
+    )
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # build_ext resolves relative source paths against the cwd
+    try:
+        with tempfile.TemporaryDirectory(prefix="tpmbroker-build-") as tmp:
+            built = Path(ffiplatform.compile(tmp, ext, compiler_verbose=int(verbose)))
+            _check_symbols(built)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp_out = output.with_suffix(".so.tmp")
+            shutil.copyfile(built, tmp_out)
+            os.replace(tmp_out, output)  # atomic: a running openssl never sees half a file
+    finally:
+        os.chdir(cwd)
+    return output
+
+
+def _check_symbols(path: Path) -> None:
+    try:
+        undefined = subprocess.run(
+            ["nm", "-D", "--undefined-only", str(path)], check=True, capture_output=True, text=True
+        ).stdout
+        defined = subprocess.run(
+            ["nm", "-D", "--defined-only", str(path)], check=True, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return  # no binutils: the test suite checks the same thing
+    py = [line for line in undefined.splitlines() if line.split()[-1].startswith("Py")]
+    if py:
+        raise SystemExit(f"build_provider: {path} needs Python symbols: {py}")
+    exported = {line.split()[-1] for line in defined.splitlines() if " T " in line}
+    if exported != {"OSSL_provider_init"}:
+        raise SystemExit(f"build_provider: unexpected exports {sorted(exported)}")
+
+
+# --- PEP 517 backend: compile, then let setuptools do the packaging -----------------
+
+def _setuptools() -> Any:
+    from setuptools import build_meta
+
+    return build_meta
+
+
+def build_wheel(
+    wheel_directory: str,
+    config_settings: dict[str, Any] | None = None,
+    metadata_directory: str | None = None,
+) -> str:
+    build()
+    return str(_setuptools().build_wheel(wheel_directory, config_settings, metadata_directory))
+
+
+def build_editable(
+    wheel_directory: str,
+    config_settings: dict[str, Any] | None = None,
+    metadata_directory: str | None = None,
+) -> str:
+    build()
+    return str(_setuptools().build_editable(wheel_directory, config_settings, metadata_directory))
+
+
+def build_sdist(sdist_directory: str, config_settings: dict[str, Any] | None = None) -> str:
+    return str(_setuptools().build_sdist(sdist_directory, config_settings))
+
+
+def __getattr__(name: str) -> Any:
+    # get_requires_for_build_*, prepare_metadata_for_build_*: setuptools' own.
+    return getattr(_setuptools(), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    print(build(args.output, args.verbose))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

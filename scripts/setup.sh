@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian 12: system packages, then .venv with tpmbroker and its dev extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+    swtpm swtpm-tools libtss2-dev libtss2-tcti-tabrmd0 tpm2-abrmd tpm2-tools
+    libssl-dev openssl pkg-config gcc binutils python3 python3-venv python3-dev
+    nginx curl dbus tpm2-openssl
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# nginx is a test dependency, not a service of this machine.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
+    systemctl stop nginx || true
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "tpmbroker installed in .venv; provider at $(.venv/bin/tpmbroker provider-path)"

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Abrmd, running_swtpm

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from tpmbroker.simulator import Swtpm
 
@@ -43,13 +44,8 @@ class Abrmd:
             self.stop()
             raise RuntimeError("dbus-daemon gave no address")
         env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.bus_address)
-        self.proc = subprocess.Popen(
-            ["tpm2-abrmd", "--session", "--allow-root", f"--dbus-name={self.bus_name}",
-             f"--tcti={self.tpm.tcti}", "--flush-all",
-             f"--max-sessions={self.max_sessions}",
-             f"--max-connections={self.max_connections}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "abrmd.log", "wb"),
-            start_new_session=True)
+        with open(self.workdir / "abrmd.log", "wb") as log:
+            self.proc = self._spawn(env, log)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -65,6 +61,14 @@ class Abrmd:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("tpm2-abrmd did not claim its bus name")
+
+    def _spawn(self, env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["tpm2-abrmd", "--session", "--allow-root", f"--dbus-name={self.bus_name}",
+             f"--tcti={self.tpm.tcti}", "--flush-all",
+             f"--max-sessions={self.max_sessions}",
+             f"--max-connections={self.max_connections}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
     def env(self) -> dict[str, str]:
         """Environment for a process that should reach this abrmd."""

@@ -1,13 +1,216 @@
-"""The `tpmbroker` command."""
+"""The `tpmbroker` command: run the broker, make and use TPM keys, inspect the broker."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import grp
+import hashlib
+import json
+import os
+import pwd
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from . import __version__
-from .paths import provider_path
+from .paths import default_socket, default_state_dir, provider_path
+
+SCHEMES = {"ecdsa": 1, "pkcs1": 2, "pss": 3}
+ALGS = {"ec:P-256": (1, 0x0003), "ec:P-384": (1, 0x0004), "rsa:2048": (2, 2048),
+        "rsa:3072": (2, 3072)}
+
+
+def _neutral_openssl_conf() -> None:
+    """The broker's own libcrypto must never load the tpmbroker provider: it would call us."""
+    os.environ["OPENSSL_CONF"] = os.devnull
+
+
+# --- serve -------------------------------------------------------------------------------
+
+def resolve_tcti(explicit: str | None) -> str | None:
+    """--tcti, else TPMBROKER_TCTI, else /dev/tpmrm0 if present; None = embedded simulator."""
+    tcti = explicit or os.environ.get("TPMBROKER_TCTI")
+    if tcti:
+        return tcti
+    if Path("/dev/tpmrm0").exists():
+        return "device:/dev/tpmrm0"
+    return None
+
+
+def _ids(values: list[str], lookup: str) -> frozenset[int]:
+    out: set[int] = set()
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item.isdigit():
+                out.add(int(item))
+            elif lookup == "user":
+                out.add(pwd.getpwnam(item).pw_uid)
+            else:
+                out.add(grp.getgrnam(item).gr_gid)
+    return frozenset(out)
+
+
+@contextlib.contextmanager
+def _tpm(tcti: str | None, state_dir: Path) -> Iterator[str]:
+    if tcti is not None:
+        yield tcti
+        return
+    from .simulator import Swtpm
+
+    tpm = Swtpm(state_dir / "tpm").start()
+    print(f"tpmbroker: no TPM device; embedded simulator at {tpm.tcti}, state in {state_dir}",
+          file=sys.stderr)
+    try:
+        yield tpm.tcti
+    finally:
+        tpm.stop()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    _neutral_openssl_conf()
+    from .server import BrokerServer, ServerConfig
+    from .tpm import TpmWorker
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 1 <= args.sessions <= 3:
+        print("tpmbroker: --sessions must be 1, 2 or 3", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        socket_path=args.socket or default_socket(),
+        socket_mode=int(args.socket_mode, 8),
+        socket_group=args.socket_group,
+        allow_uids=_ids(args.allow_uid, "user"),
+        allow_gids=_ids(args.allow_gid, "group"),
+        default_timeout=args.timeout,
+    )
+
+    async def run(tcti: str) -> None:
+        server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        print(f"tpmbroker: serving on {config.socket_path} ({tcti}, {args.sessions} sessions)",
+              file=sys.stderr, flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    from .errors import TpmBrokerError
+
+    try:
+        with _tpm(resolve_tcti(args.tcti), Path(args.state_dir)) as tcti:
+            asyncio.run(run(tcti))
+    except (TpmBrokerError, OSError) as exc:
+        print(f"tpmbroker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_simulator(args: argparse.Namespace) -> int:
+    import signal
+
+    from .simulator import Swtpm
+
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    tpm = Swtpm(Path(args.state_dir) / "tpm", port=args.port).start()
+    print(tpm.tcti, flush=True)
+    try:
+        signal.sigwait(stop_signals)
+    finally:
+        tpm.stop()
+    return 0
+
+
+# --- client commands ------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .client import Client
+
+    return Client(args.socket, timeout=args.timeout)
+
+
+def _password(args: argparse.Namespace) -> bytes | None:
+    from .client import read_password_file
+
+    if getattr(args, "password_file", None):
+        return read_password_file(args.password_file)
+    return None
+
+
+def _write(path: str, data: bytes, mode: int = 0o644) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from . import protocol as p
+    from .keyfile import der_to_pem
+
+    key_type, param = ALGS[args.alg]
+    with _client(args) as client:
+        der, _spki = client.generate_key(p.KeyType(key_type), param, _password(args),
+                                         int(args.parent, 0))
+    _write(args.output, der_to_pem(der), 0o600)
+    return 0
+
+
+def _spki_pem(spki: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_der_public_key(spki)
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        key = client.load_key(args.key, _password(args))
+    _write(args.output, _spki_pem(key.public_key))
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from . import protocol as p
+
+    hash_alg = p.HashAlg.from_name(args.hash)
+    data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+    digest = hashlib.new(hash_alg.hashlib_name, data).digest()
+    with _client(args) as client:
+        key = client.load_key(args.key, _password(args))
+        scheme = SCHEMES.get(args.scheme or "")
+        signature = client.sign(key, digest, hash_alg,
+                                p.Scheme(scheme) if scheme else None)
+    _write(args.output, signature)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        width = max(len(k) for k in status)
+        for key in sorted(status):
+            print(f"{key:<{width}}  {status[key]}")
+    return 0
 
 
 def _cmd_provider_path(args: argparse.Namespace) -> int:
@@ -20,18 +223,89 @@ def _cmd_provider_path(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- parser ---------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpmbroker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tpmbroker {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("provider-path", help="print the path of the OpenSSL provider module")
-    p.set_defaults(func=_cmd_provider_path)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--socket", help="broker socket (default: $TPMBROKER_SOCKET, "
+                        "$XDG_RUNTIME_DIR/tpmbroker.sock, /run/tpmbroker/tpmbroker.sock)")
+        sp.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+
+    sp = sub.add_parser("serve", help="run the broker")
+    sp.add_argument("--socket", help="socket path (default as for the clients)")
+    sp.add_argument("--tcti", help="TPM to use (default: $TPMBROKER_TCTI, /dev/tpmrm0, "
+                    "else an embedded simulator)")
+    sp.add_argument("--sessions", type=int, default=2, help="HMAC sessions in the pool (1-3)")
+    sp.add_argument("--allow-uid", action="append", default=[], metavar="UID",
+                    help="user (name or number) allowed to connect; repeatable")
+    sp.add_argument("--allow-gid", action="append", default=[], metavar="GID",
+                    help="group (name or number) allowed to connect; repeatable")
+    sp.add_argument("--socket-mode", default="660", help="octal permissions (default 660)")
+    sp.add_argument("--socket-group", help="group owning the socket")
+    sp.add_argument("--state-dir", default=str(default_state_dir()),
+                    help="where the embedded simulator keeps its state")
+    sp.add_argument("--timeout", type=float, default=30.0,
+                    help="default request deadline in seconds")
+    sp.add_argument("--log-level", default="info",
+                    choices=["debug", "info", "warning", "error"])
+    sp.set_defaults(func=_cmd_serve)
+
+    sp = sub.add_parser("keygen", help="create a key in the TPM, write a TSS2 PRIVATE KEY")
+    sp.add_argument("--alg", choices=sorted(ALGS), default="ec:P-256")
+    sp.add_argument("--password-file", help="file whose first line is the key's password")
+    sp.add_argument("--parent", default="0x40000001",
+                    help="parent: 0x40000001 (storage primary) or a persistent 0x81xxxxxx")
+    sp.add_argument("-o", "--output", required=True)
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_keygen)
+
+    sp = sub.add_parser("pubkey", help="print a TPM key's public key (SubjectPublicKeyInfo PEM)")
+    sp.add_argument("key", help="key file, or handle:0x81xxxxxx")
+    sp.add_argument("--password-file")
+    sp.add_argument("-o", "--output", default="-")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_pubkey)
+
+    sp = sub.add_parser("sign", help="sign a file (DER signature for openssl dgst -verify)")
+    sp.add_argument("--key", required=True, help="key file, or handle:0x81xxxxxx")
+    sp.add_argument("--password-file")
+    sp.add_argument("--hash", default="sha256")
+    sp.add_argument("--scheme", choices=["ecdsa", "pkcs1", "pss"])
+    sp.add_argument("--in", dest="input", required=True, help="file to sign, - for stdin")
+    sp.add_argument("--out", dest="output", required=True, help="signature file, - for stdout")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_sign)
+
+    sp = sub.add_parser("status", help="pool, TPM sessions, queue and counters")
+    sp.add_argument("--json", action="store_true")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_status)
+
+    sp = sub.add_parser("simulator", help="run the embedded simulated TPM alone; prints its TCTI")
+    sp.add_argument("--state-dir", default=str(default_state_dir()))
+    sp.add_argument("--port", type=int, default=0, help="command port (control: port+1)")
+    sp.set_defaults(func=_cmd_simulator)
+
+    sp = sub.add_parser("provider-path", help="print the path of the OpenSSL provider module")
+    sp.set_defaults(func=_cmd_provider_path)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    from .errors import TpmBrokerError
+
+    try:
+        result: int = args.func(args)
+    except TpmBrokerError as exc:
+        print(f"tpmbroker {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return result
 
 

@@ -224,7 +224,9 @@ class ErrorResult:
 
 
 Request: TypeAlias = Hello | Load | Sign | Generate | StatusRequest | Unload
-Result: TypeAlias = HelloResult | LoadResult | SignResult | GenerateResult | StatusResult | UnloadResult
+Result: TypeAlias = (
+    HelloResult | LoadResult | SignResult | GenerateResult | StatusResult | UnloadResult
+)
 
 REQUESTS: dict[int, type[Message]] = {
     cls.OPCODE: cls for cls in (Hello, Load, Sign, Generate, StatusRequest, Unload)

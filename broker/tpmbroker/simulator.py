@@ -89,11 +89,10 @@ class Swtpm:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 return False
-            with contextlib.suppress(OSError), socket.create_connection(
-                    (self.host, port + 1), timeout=0.5):
-                with contextlib.suppress(OSError), socket.create_connection(
-                        (self.host, port), timeout=0.5):
-                    return True
+            with contextlib.suppress(OSError), \
+                    socket.create_connection((self.host, port + 1), timeout=0.5), \
+                    socket.create_connection((self.host, port), timeout=0.5):
+                return True
             time.sleep(0.02)
         return False
 
@@ -113,10 +112,8 @@ class Swtpm:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         self._reap()
 
     def restart(self, reset_state: bool = False) -> None:

@@ -1,0 +1,155 @@
+"""The wire codec against the golden frames that the C client is tested with too."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tpmbroker import protocol as p
+from tpmbroker.errors import (
+    FrameTooLargeError,
+    ProtocolError,
+    Status,
+    UnknownOpcodeError,
+    UnsupportedVersionError,
+)
+
+GOLDEN = {
+    name: bytes.fromhex(hexdata)
+    for name, hexdata in (
+        line.split() for line in (Path(__file__).parent / "golden" / "frames.txt")
+        .read_text().splitlines() if line and not line.startswith("#")
+    )
+}
+KID = bytes(range(32))
+
+EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
+    "hello_request": (1, p.Hello(1, "tpmbroker-provider/0.1.0"), 5000),
+    "load_request": (2, p.Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"), b"pw"), 30000),
+    "load_handle_request": (3, p.Load(p.KeySource.PERSISTENT_HANDLE, b"\x81\x00\x00\x01"), 0),
+    "sign_request": (4, p.Sign(KID, p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32)), 1000),
+    "sign_pss_request": (0xFFFFFFFE, p.Sign(KID, p.Scheme.PSS, p.HashAlg.SHA384, b"\xaa" * 48), 0),
+    "generate_request": (6, p.Generate(p.KeyType.RSA, 2048, b"", 0x40000001), 60000),
+    "status_request": (7, p.StatusRequest(), 0),
+    "unload_request": (8, p.Unload(KID), 0),
+    "hello_response": (1, p.HelloResult(1, "tpmbroker/0.1.0", 65536), 0),
+    "load_response": (2, p.LoadResult(KID, p.KeyType.EC, 256, p.Curve.P256,
+                                      bytes.fromhex("3059")), 0),
+    "sign_response": (4, p.SignResult(bytes.fromhex("3006020101020102")), 0),
+    "error_unknown_key": (4, p.ErrorResult(Status.UNKNOWN_KEY,
+                                           "key not loaded on this connection"), 0),
+    "error_tpm": (5, p.ErrorResult(Status.AUTH_FAILED, "wrong password", 0x98E), 0),
+    "generate_response": (6, p.GenerateResult(b"\x30\x00", b"\x30\x01"), 0),
+    "status_response": (7, p.StatusResult('{"pool_size":2}'), 0),
+    "unload_response": (8, p.UnloadResult(), 0),
+}
+OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN}
+
+
+def test_every_golden_frame_is_covered() -> None:
+    assert set(GOLDEN) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_golden_frames_encode_and_decode(name: str) -> None:
+    request_id, msg, timeout_ms = EXPECTED[name]
+    frame = GOLDEN[name]
+    header = p.decode_header(frame)
+    body = frame[p.HEADER_SIZE:]
+    assert header.request_id == request_id
+    assert header.timeout_ms == timeout_ms
+    if header.is_response:
+        opcode = OPCODE_OF_RESPONSE.get(name) or msg.OPCODE  # type: ignore[union-attr]
+        assert p.encode_response(request_id, opcode, msg) == frame
+        assert p.decode_response(header, body) == msg
+    else:
+        assert isinstance(msg, p.Message)
+        assert p.encode_request(request_id, msg, timeout_ms) == frame
+        assert p.decode_request(header, body) == msg
+
+
+def test_frame_reader_splits_a_stream_fed_byte_by_byte() -> None:
+    stream = GOLDEN["sign_request"] + GOLDEN["status_request"] + GOLDEN["hello_request"]
+    reader = p.FrameReader()
+    frames = [f for i in range(len(stream)) for f in reader.feed(stream[i:i + 1])]
+    assert [h.opcode for h, _ in frames] == [p.Opcode.SIGN, p.Opcode.STATUS, p.Opcode.HELLO]
+    assert reader.pending == 0
+
+
+def test_length_out_of_range_breaks_framing() -> None:
+    with pytest.raises(FrameTooLargeError):
+        p.FrameReader().feed(struct.pack(">I", p.MAX_FRAME) + bytes(12))
+    with pytest.raises(ProtocolError):
+        p.FrameReader().feed(struct.pack(">I", 3) + bytes(12))
+
+
+def test_bad_version_flags_and_opcode_are_answerable_errors() -> None:
+    frame = bytearray(GOLDEN["status_request"])
+    frame[4] = 2
+    with pytest.raises(UnsupportedVersionError):
+        p.decode_request(p.decode_header(frame), b"")
+    frame = bytearray(GOLDEN["status_request"])
+    frame[7] = 1
+    with pytest.raises(ProtocolError):
+        p.decode_request(p.decode_header(frame), b"")
+    frame = bytearray(GOLDEN["status_request"])
+    frame[5] = 0x7E
+    with pytest.raises(UnknownOpcodeError):
+        p.decode_request(p.decode_header(frame), b"")
+
+
+def test_truncated_and_trailing_bodies_are_malformed() -> None:
+    frame = GOLDEN["sign_request"]
+    header = p.decode_header(frame)
+    with pytest.raises(ProtocolError, match="truncated"):
+        p.decode_request(header, frame[p.HEADER_SIZE:-1])
+    with pytest.raises(ProtocolError, match="trailing"):
+        p.decode_request(header, frame[p.HEADER_SIZE:] + b"\x00")
+
+
+def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
+    with pytest.raises(ProtocolError):
+        p.encode_request(1, p.Sign(KID, 1, 0x0B, bytes(70000)))
+    with pytest.raises(FrameTooLargeError):
+        p.encode_request(1, p.Load(1, bytes(40000), bytes(40000)))
+
+
+def test_passwords_never_appear_in_reprs() -> None:
+    assert "secret" not in repr(p.Load(1, b"k", b"secret"))
+    assert "secret" not in repr(p.Generate(1, 3, b"secret"))
+
+
+def test_hash_names_as_openssl_spells_them() -> None:
+    assert p.HashAlg.from_name("SHA2-256") is p.HashAlg.SHA256
+    assert p.HashAlg.from_name("sha384") is p.HashAlg.SHA384
+    assert p.HashAlg.from_name("SHA-512") is p.HashAlg.SHA512
+    with pytest.raises(ValueError):
+        p.HashAlg.from_name("md5")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_bodies_never_crash_the_decoder(body: bytes) -> None:
+    for opcode in [*list(p.Opcode), 0, 127, 255]:
+        header = p.Header(p.VERSION, opcode, 0, 1, 0)
+        with contextlib.suppress(ProtocolError):
+            p.decode_request(header, body)
+        resp = p.Header(p.VERSION, opcode | p.RESPONSE_BIT, 0, 1, 0)
+        with contextlib.suppress(ProtocolError):
+            p.decode_response(resp, body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.sampled_from(list(p.Scheme)),
+       st.sampled_from(list(p.HashAlg)), st.binary(max_size=64), st.integers(0, 2**32 - 1))
+def test_sign_round_trips(kid: bytes, scheme: p.Scheme, hash_alg: p.HashAlg, digest: bytes,
+                          request_id: int) -> None:
+    msg = p.Sign(kid, scheme, hash_alg, digest)
+    frame = p.encode_request(request_id, msg, 7)
+    ((header, body),) = p.FrameReader().feed(frame)
+    assert header.request_id == request_id
+    assert p.decode_request(header, body) == msg

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tpmbroker.simulator import Swtpm
 
-from .tpmfixtures import Abrmd, running_swtpm
+from .tpmfixtures import Abrmd, Broker, running_swtpm
 
 # The suite must never load the provider into its own process through a system-wide config,
 # nor talk to a broker of the machine's.
@@ -33,3 +33,14 @@ def abrmd(swtpm: Swtpm, tmp_path: Path) -> Iterator[Abrmd]:
         yield rm
     finally:
         rm.stop()
+
+
+@pytest.fixture
+def broker(swtpm: Swtpm, tmp_path: Path) -> Iterator[Broker]:
+    """The real broker, as a subprocess, on the test's swtpm and a private socket."""
+    b = Broker(swtpm.tcti, tmp_path / "broker")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,64 @@ def running_swtpm(state_dir: Path) -> Iterator[Swtpm]:
 
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None
+
+
+class Broker:
+    """`tpmbroker serve` as a real subprocess on a private socket."""
+
+    def __init__(self, tcti: str, workdir: Path, sessions: int = 2,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        self.tcti = tcti
+        self.workdir = workdir
+        self.sessions = sessions
+        self.extra_args = extra_args
+        self.env = env
+        self.socket = str(workdir / "tpmbroker.sock")
+        self.log_path = workdir / "broker.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Broker:
+        from tpmbroker.client import Client
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).parent / "tpmbroker"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(exe), "serve", "--socket", self.socket, "--tcti", self.tcti,
+                 "--sessions", str(self.sessions), "--log-level", "debug", *self.extra_args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited {self.proc.returncode}: {self.log()}")
+            if os.path.exists(self.socket):
+                with contextlib.suppress(Exception), Client(self.socket, timeout=2) as client:
+                    client.hello()
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"broker did not come up: {self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None

@@ -213,6 +213,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_load(args: argparse.Namespace) -> int:
+    from . import protocol as p
+    from .client import Client
+    from .load import run_threads
+
+    with Client(args.socket, timeout=args.timeout, max_connections=args.clients + 1) as client:
+        key = client.load_key(args.key, _password(args))
+        scheme = p.Scheme(SCHEMES[args.scheme]) if args.scheme else None
+        report = run_threads(client, key, args.clients, args.seconds,
+                             p.HashAlg.from_name(args.hash), scheme)
+    if args.json:
+        print(json.dumps({
+            "clients": report.clients, "seconds": round(report.seconds, 3),
+            "signatures": report.signatures, "rate": round(report.rate, 1),
+            "failures": report.failures, "bad_signatures": report.bad_signatures,
+            "errors": report.errors, "p50_ms": round(report.percentile(50), 3),
+            "p99_ms": round(report.percentile(99), 3),
+            "max_active_sessions": report.max_active_sessions, "pool_size": report.pool_size,
+        }, indent=2))
+    else:
+        print(report.summary())
+    return 0 if report.failures == 0 and report.bad_signatures == 0 else 1
+
+
 def _cmd_provider_path(args: argparse.Namespace) -> int:
     path = provider_path()
     if not path.exists():
@@ -284,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     client_opts(sp)
     sp.set_defaults(func=_cmd_status)
+
+    sp = sub.add_parser("load", help="sign from many threads at once; verify every signature")
+    sp.add_argument("--key", required=True, help="key file, or handle:0x81xxxxxx")
+    sp.add_argument("--password-file")
+    sp.add_argument("--clients", type=int, default=64)
+    sp.add_argument("--seconds", type=float, default=5.0)
+    sp.add_argument("--hash", default="sha256")
+    sp.add_argument("--scheme", choices=["ecdsa", "pkcs1", "pss"])
+    sp.add_argument("--json", action="store_true")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_load)
 
     sp = sub.add_parser("simulator", help="run the embedded simulated TPM alone; prints its TCTI")
     sp.add_argument("--state-dir", default=str(default_state_dir()))

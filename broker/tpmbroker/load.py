@@ -1,0 +1,153 @@
+"""Concurrent signing load through the Python client, with TPM session sampling.
+
+Used by `tpmbroker load`, the demo, the tests and the benchmark: one definition
+of "N clients signing for T seconds" and of what is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import statistics
+import threading
+import time
+
+from . import protocol as p
+from .client import Client, LoadedKey
+
+
+@dataclasses.dataclass
+class LoadReport:
+    clients: int
+    seconds: float
+    signatures: int = 0
+    failures: int = 0
+    bad_signatures: int = 0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    latencies_ms: list[float] = dataclasses.field(default_factory=list, repr=False)
+    per_client: list[int] = dataclasses.field(default_factory=list, repr=False)
+    max_active_sessions: int = 0
+    pool_size: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.signatures / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+    def summary(self) -> str:
+        fairness = (min(self.per_client) / max(self.per_client)
+                    if self.per_client and max(self.per_client) else 0.0)
+        median = statistics.median(self.latencies_ms) if self.latencies_ms else 0.0
+        return (f"{self.clients} clients, {self.seconds:.1f} s: {self.signatures} signatures "
+                f"({self.rate:.0f}/s), {self.failures} failed, {self.bad_signatures} bad; "
+                f"p50 {median:.2f} ms, p99 {self.percentile(99):.2f} ms; min/max per client "
+                f"{fairness:.2f}; TPM active sessions at most {self.max_active_sessions} "
+                f"(pool {self.pool_size})")
+
+
+def verify(public_key_der: bytes, key_type: p.KeyType, signature: bytes, digest: bytes,
+           hash_alg: p.HashAlg, scheme: p.Scheme) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+
+    algorithm = getattr(hashes, hash_alg.name)()
+    prehashed = utils.Prehashed(algorithm)
+    public = serialization.load_der_public_key(public_key_der)
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, digest, ec.ECDSA(prehashed))
+        elif isinstance(public, rsa.RSAPublicKey):
+            pad: padding.AsymmetricPadding = (
+                padding.PSS(padding.MGF1(algorithm), algorithm.digest_size)
+                if scheme == p.Scheme.PSS else padding.PKCS1v15())
+            public.verify(signature, digest, pad, prehashed)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+def sample_sessions(client: Client, stop: threading.Event, report: LoadReport,
+                    interval: float = 0.05) -> None:
+    """Record the most sessions the TPM reports active while the load runs."""
+    while not stop.is_set():
+        try:
+            status = client.status(timeout=5)
+        except Exception:  # the sampler must not end the run; failures show in the report
+            stop.wait(interval)
+            continue
+        active = status.get("tpm_active_sessions")
+        if isinstance(active, int):
+            report.max_active_sessions = max(report.max_active_sessions, active)
+        pool = status.get("pool_size")
+        if isinstance(pool, int):
+            report.pool_size = pool
+        stop.wait(interval)
+
+
+def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
+                hash_alg: p.HashAlg = p.HashAlg.SHA256, scheme: p.Scheme | None = None,
+                check_every: int = 1, sample: bool = True) -> LoadReport:
+    """`clients` threads sign distinct digests through one shared Client for `seconds`."""
+    scheme = scheme or (p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1)
+    report = LoadReport(clients, seconds, per_client=[0] * clients)
+    lock = threading.Lock()
+    stop = threading.Event()
+    start = threading.Barrier(clients + 1)
+
+    def signer(index: int) -> None:
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        done = bad = failed = 0
+        start.wait()
+        while not stop.is_set():
+            digest = hashlib.new(hash_alg.hashlib_name,
+                                 f"{os.getpid()}:{index}:{done}:{failed}".encode()).digest()
+            t0 = time.perf_counter()
+            try:
+                signature = client.sign(key, digest, hash_alg, scheme)
+            except Exception as exc:
+                failed += 1
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                continue
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if done % check_every == 0 and not verify(key.public_key, key.key_type, signature,
+                                                      digest, hash_alg, scheme):
+                bad += 1
+            done += 1
+        with lock:
+            report.signatures += done
+            report.failures += failed
+            report.bad_signatures += bad
+            report.latencies_ms.extend(latencies)
+            report.per_client[index] = done
+            for name, count in errors.items():
+                report.errors[name] = report.errors.get(name, 0) + count
+
+    threads = [threading.Thread(target=signer, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    sampler_stop = threading.Event()
+    sampler = threading.Thread(target=sample_sessions, args=(client, sampler_stop, report),
+                               daemon=True)
+    start.wait()
+    t0 = time.monotonic()
+    if sample:
+        sampler.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    report.seconds = time.monotonic() - t0
+    sampler_stop.set()
+    if sample:
+        sampler.join()
+    return report

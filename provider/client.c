@@ -1,0 +1,804 @@
+/*
+ * Broker client.
+ *
+ * A small pool of connections guarded by one mutex; a thread takes a connection, runs its
+ * request/response exchange alone on it and gives it back, so no connection ever carries
+ * two threads' frames. Connections open lazily (never at provider load) and reopen after
+ * any failure. Every wait is bounded by poll() against one deadline per call.
+ *
+ * Fork safety: a child must never speak on its parent's sockets (the broker would see two
+ * writers interleaving frames on one stream). pthread_atfork resets every pool in the
+ * child, closing the inherited descriptors without shutdown() so the parent's connection
+ * stays intact; a pid check catches children made without the fork handlers.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#include "client.h"
+#include "provider.h"
+
+#define POOL_MAX 16
+#define LOADED_MAX 16
+#define AUTH_CACHE_MAX 128
+#define CLIENT_NAME "tpmbroker-provider/" TPMBROKER_VERSION
+
+/* A key this connection has LOADed, with the password it was loaded with. */
+struct loaded_key {
+    uint8_t key_id[WIRE_KEY_ID_LEN];
+    uint8_t auth[AUTH_CACHE_MAX];
+    size_t authlen;
+};
+
+struct conn {
+    int fd;               /* -1: not connected */
+    int busy;             /* taken by a thread */
+    uint32_t next_id;
+    struct loaded_key loaded[LOADED_MAX];
+    size_t nloaded;
+    size_t next_slot;
+    WIRE_WRITER *w;       /* request buffer */
+    uint8_t *rbuf;        /* response buffer, WIRE_MAX_FRAME bytes */
+};
+
+struct tpmb_client {
+    char *path;
+    unsigned int timeout_ms;
+    pthread_mutex_t lock;
+    pthread_cond_t freed;
+    pid_t pid;
+    struct conn conns[POOL_MAX];
+    struct tpmb_client *next; /* all clients, for the fork handlers */
+};
+
+static pthread_mutex_t clients_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct tpmb_client *clients;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void set_err(CLIENT_ERR *err, int status, uint32_t tpm_rc, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void set_err(CLIENT_ERR *err, int status, uint32_t tpm_rc, const char *fmt, ...)
+{
+    va_list ap;
+
+    err->status = status;
+    err->tpm_rc = tpm_rc;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof(err->message), fmt, ap);
+    va_end(ap);
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void conn_forget_keys(struct conn *cn)
+{
+    OPENSSL_cleanse(cn->loaded, sizeof(cn->loaded));
+    cn->nloaded = 0;
+    cn->next_slot = 0;
+}
+
+static void conn_close(struct conn *cn)
+{
+    if (cn->fd >= 0)
+        close(cn->fd);
+    cn->fd = -1;
+    conn_forget_keys(cn);
+}
+
+/* In a child after fork: drop every inherited connection; only close() our copy. */
+static void client_reset_after_fork(struct tpmb_client *c)
+{
+    size_t i;
+
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->freed, NULL);
+    for (i = 0; i < POOL_MAX; i++) {
+        conn_close(&c->conns[i]);
+        c->conns[i].busy = 0;
+    }
+    c->pid = getpid();
+}
+
+static void atfork_prepare(void)
+{
+    struct tpmb_client *c;
+
+    pthread_mutex_lock(&clients_lock);
+    for (c = clients; c != NULL; c = c->next)
+        pthread_mutex_lock(&c->lock);
+}
+
+static void atfork_parent(void)
+{
+    struct tpmb_client *c;
+
+    for (c = clients; c != NULL; c = c->next)
+        pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&clients_lock);
+}
+
+static void atfork_child(void)
+{
+    struct tpmb_client *c;
+
+    for (c = clients; c != NULL; c = c->next)
+        client_reset_after_fork(c);
+    pthread_mutex_init(&clients_lock, NULL);
+}
+
+static void register_atfork(void)
+{
+    /* glibc unregisters these when the module is unloaded (dlclose). */
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+TPMB_CLIENT *client_new(const char *socket_path, unsigned int timeout_ms)
+{
+    struct tpmb_client *c = calloc(1, sizeof(*c));
+    size_t i;
+
+    if (c == NULL)
+        return NULL;
+    c->path = strdup(socket_path);
+    if (c->path == NULL) {
+        free(c);
+        return NULL;
+    }
+    c->timeout_ms = timeout_ms;
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->freed, NULL);
+    c->pid = getpid();
+    for (i = 0; i < POOL_MAX; i++)
+        c->conns[i].fd = -1;
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&clients_lock);
+    c->next = clients;
+    clients = c;
+    pthread_mutex_unlock(&clients_lock);
+    return c;
+}
+
+void client_free(TPMB_CLIENT *c)
+{
+    struct tpmb_client **pp;
+    size_t i;
+
+    if (c == NULL)
+        return;
+    pthread_mutex_lock(&clients_lock);
+    for (pp = &clients; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == c) {
+            *pp = c->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&clients_lock);
+    for (i = 0; i < POOL_MAX; i++) {
+        conn_close(&c->conns[i]);
+        free(c->conns[i].w);
+        free(c->conns[i].rbuf);
+    }
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->freed);
+    free(c->path);
+    free(c);
+}
+
+const char *client_socket_path(const TPMB_CLIENT *c)
+{
+    return c->path;
+}
+
+/* Takes a free connection, waiting for one until the deadline. */
+static struct conn *conn_acquire(struct tpmb_client *c, int64_t deadline, CLIENT_ERR *err)
+{
+    struct conn *cn = NULL;
+    size_t i;
+
+    pthread_mutex_lock(&c->lock);
+    if (c->pid != getpid()) {
+        /* forked without the fork handlers (raw clone): nothing here is ours */
+        for (i = 0; i < POOL_MAX; i++) {
+            conn_close(&c->conns[i]);
+            c->conns[i].busy = 0;
+        }
+        c->pid = getpid();
+    }
+    for (;;) {
+        /* prefer an open idle connection, then any idle slot */
+        for (i = 0; i < POOL_MAX && cn == NULL; i++)
+            if (!c->conns[i].busy && c->conns[i].fd >= 0)
+                cn = &c->conns[i];
+        for (i = 0; i < POOL_MAX && cn == NULL; i++)
+            if (!c->conns[i].busy)
+                cn = &c->conns[i];
+        if (cn != NULL)
+            break;
+        {
+            int64_t left = deadline - now_ms();
+            struct timespec ts;
+
+            if (left <= 0) {
+                pthread_mutex_unlock(&c->lock);
+                set_err(err, CLIENT_E_TIMEOUT, 0,
+                        "no connection to tpmbroker at %s became free in time", c->path);
+                return NULL;
+            }
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += left / 1000;
+            ts.tv_nsec += (left % 1000) * 1000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&c->freed, &c->lock, &ts);
+        }
+    }
+    cn->busy = 1;
+    pthread_mutex_unlock(&c->lock);
+    if (cn->w == NULL)
+        cn->w = malloc(sizeof(*cn->w));
+    if (cn->rbuf == NULL)
+        cn->rbuf = malloc(WIRE_MAX_FRAME);
+    if (cn->w == NULL || cn->rbuf == NULL) {
+        pthread_mutex_lock(&c->lock);
+        cn->busy = 0;
+        pthread_cond_signal(&c->freed);
+        pthread_mutex_unlock(&c->lock);
+        set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
+        return NULL;
+    }
+    return cn;
+}
+
+static void conn_release(struct tpmb_client *c, struct conn *cn)
+{
+    pthread_mutex_lock(&c->lock);
+    cn->busy = 0;
+    pthread_cond_signal(&c->freed);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* Waits for fd to become ready; 1 ready, 0 timed out, -1 error. */
+static int wait_fd(int fd, short events, int64_t deadline)
+{
+    struct pollfd pfd;
+    int64_t left;
+    int r;
+
+    for (;;) {
+        left = deadline - now_ms();
+        if (left <= 0)
+            return 0;
+        pfd.fd = fd;
+        pfd.events = events;
+        pfd.revents = 0;
+        r = poll(&pfd, 1, left > 60000 ? 60000 : (int)left);
+        if (r > 0)
+            return 1; /* errors and hangups show up in the following read or write */
+        if (r < 0 && errno != EINTR)
+            return -1;
+    }
+}
+
+static int send_all(struct tpmb_client *c, int fd, const uint8_t *p, size_t n, int64_t deadline,
+                    CLIENT_ERR *err)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            int r = wait_fd(fd, POLLOUT, deadline);
+
+            if (r == 0) {
+                set_err(err, CLIENT_E_TIMEOUT, 0,
+                        "tpmbroker at %s did not take the request in time", c->path);
+                return 0;
+            }
+            if (r > 0)
+                continue;
+        }
+        set_err(err, CLIENT_E_IO, 0, "lost the connection to tpmbroker at %s: %s", c->path,
+                strerror(errno));
+        return 0;
+    }
+    return 1;
+}
+
+static int recv_all(struct tpmb_client *c, int fd, uint8_t *p, size_t n, int64_t deadline,
+                    CLIENT_ERR *err)
+{
+    while (n > 0) {
+        ssize_t r = recv(fd, p, n, 0);
+
+        if (r > 0) {
+            p += r;
+            n -= (size_t)r;
+            continue;
+        }
+        if (r == 0) {
+            set_err(err, CLIENT_E_IO, 0, "tpmbroker at %s closed the connection", c->path);
+            return 0;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            int w = wait_fd(fd, POLLIN, deadline);
+
+            if (w == 0) {
+                set_err(err, CLIENT_E_TIMEOUT, 0,
+                        "tpmbroker at %s did not answer in time (raise `timeout` in the "
+                        "provider's config section if the TPM is slow)", c->path);
+                return 0;
+            }
+            if (w > 0)
+                continue;
+        }
+        set_err(err, CLIENT_E_IO, 0, "lost the connection to tpmbroker at %s: %s", c->path,
+                strerror(errno));
+        return 0;
+    }
+    return 1;
+}
+
+static uint32_t remaining(int64_t deadline)
+{
+    int64_t left = deadline - now_ms();
+
+    return left <= 0 ? 1 : (uint32_t)left;
+}
+
+/*
+ * Sends the frame in cn->w and reads the matching response into cn->rbuf. On success the
+ * reader is positioned at the response body. Any failure closes the connection: after a
+ * timeout or a broken frame the stream can no longer be trusted.
+ */
+static int conn_exchange(struct tpmb_client *c, struct conn *cn, size_t framelen,
+                         int64_t deadline, WIRE_READER *body, CLIENT_ERR *err)
+{
+    WIRE_HEADER req, resp;
+    size_t bodylen;
+
+    wire_parse_header(cn->w->buf, &req);
+    if (!send_all(c, cn->fd, cn->w->buf, framelen, deadline, err))
+        goto fail;
+    if (!recv_all(c, cn->fd, cn->rbuf, WIRE_HEADER_SIZE, deadline, err))
+        goto fail;
+    if (!wire_parse_header(cn->rbuf, &resp)) {
+        set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a frame of bad length %u",
+                c->path, resp.length);
+        goto fail;
+    }
+    bodylen = resp.length - (WIRE_HEADER_SIZE - 4);
+    if (!recv_all(c, cn->fd, cn->rbuf + WIRE_HEADER_SIZE, bodylen, deadline, err))
+        goto fail;
+    if (resp.version != WIRE_VERSION || resp.flags != 0) {
+        set_err(err, CLIENT_E_PROTOCOL, 0,
+                "tpmbroker at %s speaks protocol version %u; this provider speaks %u",
+                c->path, resp.version, WIRE_VERSION);
+        goto fail;
+    }
+    wire_reader_init(body, cn->rbuf + WIRE_HEADER_SIZE, bodylen);
+    if (resp.request_id == 0 && req.request_id != 0) {
+        /* the broker could not frame our request and is closing the stream */
+        uint32_t rc;
+        WIRE_BYTES msg;
+        int st = wire_response_status(body, &rc, &msg);
+
+        set_err(err, st > 0 ? st : CLIENT_E_PROTOCOL, rc, "tpmbroker at %s rejected a frame: %.*s",
+                c->path, (int)msg.len, msg.p != NULL ? (const char *)msg.p : "");
+        goto fail;
+    }
+    if (resp.request_id != req.request_id || resp.opcode != (req.opcode | WIRE_RESPONSE_BIT)) {
+        set_err(err, CLIENT_E_PROTOCOL, 0,
+                "tpmbroker at %s answered request %u/op 0x%02x to request %u/op 0x%02x",
+                c->path, resp.request_id, resp.opcode, req.request_id, req.opcode);
+        goto fail;
+    }
+    return 1;
+fail:
+    conn_close(cn);
+    return 0;
+}
+
+/*
+ * Reads the status of a response. Returns 1 for OK (reader at the result fields), 0 for a
+ * broker refusal or a malformed body (err filled in).
+ */
+static int response_ok(struct tpmb_client *c, struct conn *cn, WIRE_READER *body,
+                       const char *what, CLIENT_ERR *err)
+{
+    uint32_t rc;
+    WIRE_BYTES msg;
+    int st = wire_response_status(body, &rc, &msg);
+
+    if (st == WIRE_OK)
+        return 1;
+    if (st < 0) {
+        set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed %s response",
+                c->path, what);
+        conn_close(cn);
+        return 0;
+    }
+    set_err(err, st, rc, "%.*s", (int)msg.len, (const char *)msg.p);
+    return 0;
+}
+
+static uint32_t next_id(struct conn *cn)
+{
+    if (++cn->next_id == 0)
+        cn->next_id = 1; /* 0 is what the broker uses for unframeable input */
+    return cn->next_id;
+}
+
+static int conn_open(struct tpmb_client *c, struct conn *cn, int64_t deadline, CLIENT_ERR *err)
+{
+    struct sockaddr_un sa;
+    WIRE_READER body;
+    size_t n;
+    int fd;
+
+    if (strlen(c->path) >= sizeof(sa.sun_path)) {
+        set_err(err, CLIENT_E_CONNECT, 0, "tpmbroker socket path too long: %s", c->path);
+        return 0;
+    }
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, c->path, strlen(c->path));
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        set_err(err, CLIENT_E_CONNECT, 0, "cannot create a socket: %s", strerror(errno));
+        return 0;
+    }
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+        int e = errno;
+
+        if (e == EAGAIN || e == EINPROGRESS) {
+            /* listen backlog full: wait for the broker to accept, up to the deadline */
+            socklen_t len = sizeof(e);
+
+            if (wait_fd(fd, POLLOUT, deadline) <= 0)
+                e = ETIMEDOUT;
+            else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len) != 0)
+                e = errno;
+        }
+        if (e != 0) {
+            close(fd);
+            set_err(err, CLIENT_E_CONNECT, 0,
+                    "cannot reach tpmbroker at %s: %s: is `tpmbroker serve` running? "
+                    "(set TPMBROKER_SOCKET or `socket` in the provider's config section)",
+                    c->path, strerror(e));
+            return 0;
+        }
+    }
+    cn->fd = fd;
+    cn->next_id = 0;
+    conn_forget_keys(cn);
+    n = wire_hello(cn->w, next_id(cn), remaining(deadline), CLIENT_NAME);
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "HELLO", err)) {
+        conn_close(cn);
+        return 0;
+    }
+    {
+        uint8_t version = wire_get_u8(&body);
+        WIRE_BYTES server = wire_get_bytes(&body);
+
+        (void)wire_get_u32(&body);
+        if (!wire_reader_done(&body) || version != WIRE_VERSION) {
+            set_err(err, CLIENT_E_PROTOCOL, 0,
+                    "tpmbroker at %s does not speak protocol version %u", c->path, WIRE_VERSION);
+            conn_close(cn);
+            return 0;
+        }
+        tpmb_debug("connected to %s (%.*s)", c->path, (int)server.len, (const char *)server.p);
+    }
+    return 1;
+}
+
+static struct loaded_key *conn_find_key(struct conn *cn, const CLIENT_KEY *key)
+{
+    size_t i;
+
+    for (i = 0; i < cn->nloaded; i++) {
+        struct loaded_key *lk = &cn->loaded[i];
+
+        if (memcmp(lk->key_id, key->key_id, WIRE_KEY_ID_LEN) == 0)
+            return lk;
+    }
+    return NULL;
+}
+
+static int conn_key_ready(struct conn *cn, const CLIENT_KEY *key)
+{
+    struct loaded_key *lk = conn_find_key(cn, key);
+
+    /* the password is bound to the connection at LOAD: a different one needs a new LOAD */
+    return lk != NULL && lk->authlen == key->authlen
+           && CRYPTO_memcmp(lk->auth, key->auth, key->authlen) == 0;
+}
+
+static void conn_note_key(struct conn *cn, const CLIENT_KEY *key)
+{
+    struct loaded_key *lk = conn_find_key(cn, key);
+
+    if (key->authlen > AUTH_CACHE_MAX)
+        return; /* not cached: LOADed again before each use */
+    if (lk == NULL) {
+        if (cn->nloaded < LOADED_MAX) {
+            lk = &cn->loaded[cn->nloaded++];
+        } else {
+            lk = &cn->loaded[cn->next_slot];
+            cn->next_slot = (cn->next_slot + 1) % LOADED_MAX;
+        }
+    }
+    memcpy(lk->key_id, key->key_id, WIRE_KEY_ID_LEN);
+    OPENSSL_cleanse(lk->auth, sizeof(lk->auth));
+    memcpy(lk->auth, key->auth, key->authlen);
+    lk->authlen = key->authlen;
+}
+
+static void conn_drop_key(struct conn *cn, const CLIENT_KEY *key)
+{
+    struct loaded_key *lk = conn_find_key(cn, key);
+
+    if (lk != NULL)
+        memset(lk->key_id, 0, WIRE_KEY_ID_LEN);
+}
+
+/* LOAD on this connection; fills out when not NULL. */
+static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *key,
+                     int64_t deadline, CLIENT_LOAD_RESULT *out, CLIENT_ERR *err)
+{
+    WIRE_READER body;
+    WIRE_BYTES id, spki;
+    uint8_t type;
+    uint16_t bits, curve;
+    size_t n;
+
+    n = wire_load(cn->w, next_id(cn), remaining(deadline), key->source, key->blob, key->bloblen,
+                  key->auth, key->authlen);
+    if (n == 0) {
+        set_err(err, CLIENT_E_ARG, 0, "key blob of %zu bytes does not fit in a frame",
+                key->bloblen);
+        return 0;
+    }
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "LOAD", err))
+        return 0;
+    id = wire_get_bytes(&body);
+    type = wire_get_u8(&body);
+    bits = wire_get_u16(&body);
+    curve = wire_get_u16(&body);
+    spki = wire_get_bytes(&body);
+    if (!wire_reader_done(&body) || id.len != WIRE_KEY_ID_LEN) {
+        set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed LOAD response",
+                c->path);
+        conn_close(cn);
+        return 0;
+    }
+    if (memcmp(id.p, key->key_id, WIRE_KEY_ID_LEN) != 0) {
+        set_err(err, CLIENT_E_PROTOCOL, 0,
+                "tpmbroker at %s computed another key id than this provider", c->path);
+        return 0;
+    }
+    conn_note_key(cn, key);
+    if (out != NULL) {
+        memcpy(out->key_id, id.p, WIRE_KEY_ID_LEN);
+        out->key_type = type;
+        out->bits = bits;
+        out->curve = curve;
+        out->spki = malloc(spki.len > 0 ? spki.len : 1);
+        if (out->spki == NULL) {
+            set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
+            return 0;
+        }
+        memcpy(out->spki, spki.p, spki.len);
+        out->spkilen = spki.len;
+    }
+    return 1;
+}
+
+/*
+ * Runs op on a pooled connection. A reused connection may have died with a restarted broker:
+ * if it fails before any answer came, one fresh connection gets one more try. UNKNOWN_KEY
+ * (a broker that forgot the key) is answered with LOAD and one retry.
+ */
+typedef int (*conn_op)(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                       CLIENT_ERR *err);
+
+static int run(struct tpmb_client *c, conn_op op, void *arg, CLIENT_ERR *err)
+{
+    int64_t deadline = now_ms() + c->timeout_ms;
+    struct conn *cn = conn_acquire(c, deadline, err);
+    int attempt, ok = 0;
+
+    if (cn == NULL)
+        return 0;
+    for (attempt = 0; attempt < 3; attempt++) {
+        int fresh = 0;
+
+        if (cn->fd < 0) {
+            if (!conn_open(c, cn, deadline, err))
+                break;
+            fresh = 1;
+        }
+        ok = op(c, cn, deadline, arg, err);
+        if (ok)
+            break;
+        if (err->status == CLIENT_E_IO && !fresh)
+            continue; /* stale connection: cn was closed, reconnect */
+        if (err->status == WIRE_UNKNOWN_KEY && attempt == 0)
+            continue; /* op dropped the key from the cache: it LOADs again */
+        break;
+    }
+    conn_release(c, cn);
+    return ok;
+}
+
+struct load_arg {
+    const CLIENT_KEY *key;
+    CLIENT_LOAD_RESULT *out;
+};
+
+static int op_load(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                   CLIENT_ERR *err)
+{
+    struct load_arg *a = arg;
+
+    return conn_load(c, cn, a->key, deadline, a->out, err);
+}
+
+int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, CLIENT_ERR *err)
+{
+    struct load_arg a = { key, out };
+
+    memset(out, 0, sizeof(*out));
+    return run(c, op_load, &a, err);
+}
+
+struct sign_arg {
+    const CLIENT_KEY *key;
+    uint8_t scheme;
+    uint16_t hash;
+    const uint8_t *digest;
+    size_t digestlen;
+    uint8_t *sig;
+    size_t *siglen;
+};
+
+static int op_sign(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                   CLIENT_ERR *err)
+{
+    struct sign_arg *a = arg;
+    WIRE_READER body;
+    WIRE_BYTES sig;
+    size_t n;
+
+    if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
+        return 0;
+    n = wire_sign(cn->w, next_id(cn), remaining(deadline), a->key->key_id, WIRE_KEY_ID_LEN,
+                  a->scheme, a->hash, a->digest, a->digestlen);
+    if (n == 0) {
+        set_err(err, CLIENT_E_ARG, 0, "digest too large");
+        return 0;
+    }
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "SIGN", err)) {
+        if (err->status == WIRE_UNKNOWN_KEY)
+            conn_drop_key(cn, a->key);
+        return 0;
+    }
+    sig = wire_get_bytes(&body);
+    if (!wire_reader_done(&body)) {
+        set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed SIGN response",
+                c->path);
+        conn_close(cn);
+        return 0;
+    }
+    if (sig.len > *a->siglen) {
+        set_err(err, CLIENT_E_ARG, 0, "signature of %zu bytes exceeds the buffer of %zu",
+                sig.len, *a->siglen);
+        return 0;
+    }
+    memcpy(a->sig, sig.p, sig.len);
+    *a->siglen = sig.len;
+    return 1;
+}
+
+int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
+                const uint8_t *digest, size_t digestlen, uint8_t *sig, size_t *siglen,
+                CLIENT_ERR *err)
+{
+    struct sign_arg a = { key, scheme, hash, digest, digestlen, sig, siglen };
+
+    return run(c, op_sign, &a, err);
+}
+
+struct generate_arg {
+    uint8_t key_type;
+    uint16_t param;
+    const uint8_t *auth;
+    size_t authlen;
+    uint32_t parent;
+    uint8_t **key;
+    size_t *keylen;
+};
+
+static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                       CLIENT_ERR *err)
+{
+    struct generate_arg *a = arg;
+    WIRE_READER body;
+    WIRE_BYTES key;
+    size_t n;
+
+    n = wire_generate(cn->w, next_id(cn), remaining(deadline), a->key_type, a->param, a->auth,
+                      a->authlen, a->parent);
+    if (n == 0) {
+        set_err(err, CLIENT_E_ARG, 0, "password too long");
+        return 0;
+    }
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "GENERATE", err))
+        return 0;
+    key = wire_get_bytes(&body);
+    (void)wire_get_bytes(&body); /* the public key comes again with LOAD */
+    if (!wire_reader_done(&body) || key.len == 0) {
+        set_err(err, CLIENT_E_PROTOCOL, 0,
+                "tpmbroker at %s sent a malformed GENERATE response", c->path);
+        conn_close(cn);
+        return 0;
+    }
+    *a->key = malloc(key.len);
+    if (*a->key == NULL) {
+        set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
+        return 0;
+    }
+    memcpy(*a->key, key.p, key.len);
+    *a->keylen = key.len;
+    return 1;
+}
+
+int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
+                    size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
+                    CLIENT_ERR *err)
+{
+    struct generate_arg a = { key_type, param, auth, authlen, parent, key, keylen };
+    unsigned int saved = c->timeout_ms;
+    int ok;
+
+    /* RSA key generation on a TPM can take tens of seconds */
+    (void)saved;
+    ok = run(c, op_generate, &a, err);
+    return ok;
+}

@@ -1,0 +1,61 @@
+/* Broker client: a pool of Unix socket connections, thread-safe and fork-safe. */
+#ifndef TPMBROKER_CLIENT_H
+#define TPMBROKER_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "wire.h"
+
+typedef struct tpmb_client TPMB_CLIENT;
+
+/* Local failures use negative codes; broker refusals carry the wire status (> 0). */
+enum client_error {
+    CLIENT_E_CONNECT = -1,  /* the socket cannot be reached */
+    CLIENT_E_IO = -2,       /* the connection broke mid-request */
+    CLIENT_E_TIMEOUT = -3,  /* the deadline passed */
+    CLIENT_E_PROTOCOL = -4, /* the broker sent something unparseable */
+    CLIENT_E_NOMEM = -5,
+    CLIENT_E_ARG = -6,      /* a field too large for a frame, a buffer too small */
+};
+
+typedef struct client_err {
+    int status;      /* enum client_error or enum wire_status */
+    uint32_t tpm_rc;
+    char message[512];
+} CLIENT_ERR;
+
+/* Everything needed to (re)LOAD a key on any connection. */
+typedef struct client_key {
+    uint8_t key_id[WIRE_KEY_ID_LEN];
+    uint8_t source;
+    const uint8_t *blob;
+    size_t bloblen;
+    const uint8_t *auth;
+    size_t authlen;
+} CLIENT_KEY;
+
+typedef struct client_load_result {
+    uint8_t key_id[WIRE_KEY_ID_LEN];
+    uint8_t key_type;
+    uint16_t bits;
+    uint16_t curve;
+    uint8_t *spki; /* malloc'd SubjectPublicKeyInfo DER */
+    size_t spkilen;
+} CLIENT_LOAD_RESULT;
+
+/* No I/O: connections are opened on first use. */
+TPMB_CLIENT *client_new(const char *socket_path, unsigned int timeout_ms);
+void client_free(TPMB_CLIENT *c);
+const char *client_socket_path(const TPMB_CLIENT *c);
+
+/* All return 1 on success, 0 on failure with *err filled in. */
+int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, CLIENT_ERR *err);
+int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
+                const uint8_t *digest, size_t digestlen, uint8_t *sig, size_t *siglen,
+                CLIENT_ERR *err);
+int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
+                    size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
+                    CLIENT_ERR *err);
+
+#endif

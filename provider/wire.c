@@ -1,0 +1,238 @@
+/* Frame codec of the tpmbroker wire protocol, version 1. Big-endian throughout. */
+#include <string.h>
+
+#include "wire.h"
+
+static void put_raw(WIRE_WRITER *w, const void *p, size_t n)
+{
+    if (w->overflow || n > sizeof(w->buf) - w->len) {
+        w->overflow = 1;
+        return;
+    }
+    if (n > 0)
+        memcpy(w->buf + w->len, p, n);
+    w->len += n;
+}
+
+void wire_put_u8(WIRE_WRITER *w, uint8_t v)
+{
+    put_raw(w, &v, 1);
+}
+
+void wire_put_u16(WIRE_WRITER *w, uint16_t v)
+{
+    uint8_t b[2] = { (uint8_t)(v >> 8), (uint8_t)v };
+
+    put_raw(w, b, 2);
+}
+
+void wire_put_u32(WIRE_WRITER *w, uint32_t v)
+{
+    uint8_t b[4] = { (uint8_t)(v >> 24), (uint8_t)(v >> 16), (uint8_t)(v >> 8), (uint8_t)v };
+
+    put_raw(w, b, 4);
+}
+
+void wire_put_bytes(WIRE_WRITER *w, const void *p, size_t n)
+{
+    if (n > WIRE_MAX_FIELD) {
+        w->overflow = 1;
+        return;
+    }
+    wire_put_u16(w, (uint16_t)n);
+    put_raw(w, p, n);
+}
+
+void wire_put_str(WIRE_WRITER *w, const char *s)
+{
+    wire_put_bytes(w, s, s == NULL ? 0 : strlen(s));
+}
+
+void wire_begin(WIRE_WRITER *w, uint8_t opcode, uint32_t request_id, uint32_t timeout_ms)
+{
+    w->len = 0;
+    w->overflow = 0;
+    wire_put_u32(w, 0); /* patched by wire_finish */
+    wire_put_u8(w, WIRE_VERSION);
+    wire_put_u8(w, opcode);
+    wire_put_u16(w, 0);
+    wire_put_u32(w, request_id);
+    wire_put_u32(w, timeout_ms);
+}
+
+size_t wire_finish(WIRE_WRITER *w)
+{
+    uint32_t length;
+
+    if (w->overflow || w->len < WIRE_HEADER_SIZE || w->len - 4 > WIRE_MAX_LENGTH)
+        return 0;
+    length = (uint32_t)(w->len - 4);
+    w->buf[0] = (uint8_t)(length >> 24);
+    w->buf[1] = (uint8_t)(length >> 16);
+    w->buf[2] = (uint8_t)(length >> 8);
+    w->buf[3] = (uint8_t)length;
+    return w->len;
+}
+
+size_t wire_hello(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const char *client)
+{
+    wire_begin(w, WIRE_OP_HELLO, id, timeout_ms);
+    wire_put_u8(w, WIRE_VERSION);
+    wire_put_str(w, client);
+    return wire_finish(w);
+}
+
+size_t wire_load(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t source,
+                 const uint8_t *key, size_t keylen, const uint8_t *auth, size_t authlen)
+{
+    wire_begin(w, WIRE_OP_LOAD, id, timeout_ms);
+    wire_put_u8(w, source);
+    wire_put_bytes(w, key, keylen);
+    wire_put_bytes(w, auth, authlen);
+    return wire_finish(w);
+}
+
+size_t wire_sign(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                 size_t key_id_len, uint8_t scheme, uint16_t hash, const uint8_t *digest,
+                 size_t digestlen)
+{
+    wire_begin(w, WIRE_OP_SIGN, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    wire_put_u8(w, scheme);
+    wire_put_u16(w, hash);
+    wire_put_bytes(w, digest, digestlen);
+    return wire_finish(w);
+}
+
+size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
+                     uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent)
+{
+    wire_begin(w, WIRE_OP_GENERATE, id, timeout_ms);
+    wire_put_u8(w, key_type);
+    wire_put_u16(w, param);
+    wire_put_bytes(w, auth, authlen);
+    wire_put_u32(w, parent);
+    return wire_finish(w);
+}
+
+size_t wire_status(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms)
+{
+    wire_begin(w, WIRE_OP_STATUS, id, timeout_ms);
+    return wire_finish(w);
+}
+
+size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                   size_t key_id_len)
+{
+    wire_begin(w, WIRE_OP_UNLOAD, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    return wire_finish(w);
+}
+
+static uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+int wire_parse_header(const uint8_t hdr[WIRE_HEADER_SIZE], WIRE_HEADER *h)
+{
+    h->length = be32(hdr);
+    h->version = hdr[4];
+    h->opcode = hdr[5];
+    h->flags = (uint16_t)(hdr[6] << 8 | hdr[7]);
+    h->request_id = be32(hdr + 8);
+    h->timeout_ms = be32(hdr + 12);
+    return h->length >= WIRE_MIN_LENGTH && h->length <= WIRE_MAX_LENGTH;
+}
+
+void wire_reader_init(WIRE_READER *r, const uint8_t *body, size_t len)
+{
+    r->p = body;
+    r->len = len;
+    r->pos = 0;
+    r->err = 0;
+}
+
+static const uint8_t *take(WIRE_READER *r, size_t n)
+{
+    const uint8_t *at;
+
+    if (r->err || n > r->len - r->pos) {
+        r->err = 1;
+        return NULL;
+    }
+    at = r->p + r->pos;
+    r->pos += n;
+    return at;
+}
+
+uint8_t wire_get_u8(WIRE_READER *r)
+{
+    const uint8_t *b = take(r, 1);
+
+    return b == NULL ? 0 : b[0];
+}
+
+uint16_t wire_get_u16(WIRE_READER *r)
+{
+    const uint8_t *b = take(r, 2);
+
+    return b == NULL ? 0 : (uint16_t)(b[0] << 8 | b[1]);
+}
+
+uint32_t wire_get_u32(WIRE_READER *r)
+{
+    const uint8_t *b = take(r, 4);
+
+    return b == NULL ? 0 : be32(b);
+}
+
+WIRE_BYTES wire_get_bytes(WIRE_READER *r)
+{
+    WIRE_BYTES out = { NULL, 0 };
+    uint16_t n = wire_get_u16(r);
+    const uint8_t *b = take(r, n);
+
+    if (b != NULL) {
+        out.p = b;
+        out.len = n;
+    }
+    return out;
+}
+
+int wire_reader_done(const WIRE_READER *r)
+{
+    return !r->err && r->pos == r->len;
+}
+
+int wire_response_status(WIRE_READER *r, uint32_t *tpm_rc, WIRE_BYTES *message)
+{
+    uint16_t status = wire_get_u16(r);
+
+    *tpm_rc = 0;
+    message->p = NULL;
+    message->len = 0;
+    if (r->err)
+        return -1;
+    if (status == WIRE_OK)
+        return WIRE_OK;
+    *tpm_rc = wire_get_u32(r);
+    *message = wire_get_bytes(r);
+    if (!wire_reader_done(r))
+        return -1;
+    return status;
+}
+
+const char *wire_status_name(int status)
+{
+    static const char *const names[] = {
+        "OK", "MALFORMED", "UNSUPPORTED_VERSION", "UNKNOWN_OPCODE", "TOO_LARGE",
+        "UNKNOWN_KEY", "BAD_KEY", "AUTH_FAILED", "BAD_DIGEST", "UNSUPPORTED", "DEADLINE",
+        "NO_SESSIONS", "TPM_ERROR", "TPM_UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL",
+        "OVERLOADED", "LOCKOUT",
+    };
+
+    if (status < 0 || (size_t)status >= sizeof(names) / sizeof(names[0]))
+        return "UNKNOWN_STATUS";
+    return names[status];
+}

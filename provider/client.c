@@ -634,9 +634,10 @@ static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *k
 typedef int (*conn_op)(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
                        CLIENT_ERR *err);
 
-static int run(struct tpmb_client *c, conn_op op, void *arg, CLIENT_ERR *err)
+static int run(struct tpmb_client *c, unsigned int timeout_ms, conn_op op, void *arg,
+               CLIENT_ERR *err)
 {
-    int64_t deadline = now_ms() + c->timeout_ms;
+    int64_t deadline = now_ms() + timeout_ms;
     struct conn *cn = conn_acquire(c, deadline, err);
     int attempt, ok = 0;
 
@@ -681,7 +682,7 @@ int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, 
     struct load_arg a = { key, out };
 
     memset(out, 0, sizeof(*out));
-    return run(c, op_load, &a, err);
+    return run(c, c->timeout_ms, op_load, &a, err);
 }
 
 struct sign_arg {
@@ -740,7 +741,7 @@ int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t 
 {
     struct sign_arg a = { key, scheme, hash, digest, digestlen, sig, siglen };
 
-    return run(c, op_sign, &a, err);
+    return run(c, c->timeout_ms, op_sign, &a, err);
 }
 
 struct generate_arg {
@@ -794,11 +795,8 @@ int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint
                     CLIENT_ERR *err)
 {
     struct generate_arg a = { key_type, param, auth, authlen, parent, key, keylen };
-    unsigned int saved = c->timeout_ms;
-    int ok;
-
     /* RSA key generation on a TPM can take tens of seconds */
-    (void)saved;
-    ok = run(c, op_generate, &a, err);
-    return ok;
+    unsigned int timeout_ms = c->timeout_ms > 120000 ? c->timeout_ms : 120000;
+
+    return run(c, timeout_ms, op_generate, &a, err);
 }

@@ -2,16 +2,101 @@
 #ifndef TPMBROKER_PROVIDER_H
 #define TPMBROKER_PROVIDER_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 #include <openssl/core.h>
 #include <openssl/core_dispatch.h>
+#include <openssl/evp.h>
+
+#include "client.h"
+#include "wire.h"
 
 #define TPMBROKER_NAME "tpmbroker"
 #define TPMBROKER_VERSION "0.1.0"
+#define TPMBROKER_PROPS "provider=tpmbroker"
+#define TPMBROKER_DEFAULT_TIMEOUT_MS 30000
 
 /* Per-load provider context, handed to every operation. */
 typedef struct tpmbroker_ctx {
     const OSSL_CORE_HANDLE *core;
     OSSL_LIB_CTX *libctx; /* private: hashing here never recurses into us */
+    TPMB_CLIENT *client;
+    OSSL_FUNC_core_new_error_fn *new_error;
+    OSSL_FUNC_core_set_error_debug_fn *set_error_debug;
+    OSSL_FUNC_core_vset_error_fn *vset_error;
 } TPMBROKER_CTX;
+
+/* Reason codes; the strings are in provider.c. */
+enum tpmb_reason {
+    TPMB_R_BROKER_UNREACHABLE = 1,
+    TPMB_R_BROKER_TIMEOUT,
+    TPMB_R_BROKER_PROTOCOL,
+    TPMB_R_BROKER_REFUSED,
+    TPMB_R_AUTH_FAILED,
+    TPMB_R_BAD_KEY,
+    TPMB_R_UNSUPPORTED,
+    TPMB_R_PRIVATE_EXPORT,
+    TPMB_R_INVALID_ARGUMENT,
+    TPMB_R_NO_PRIVATE_KEY,
+    TPMB_R_MALLOC,
+    TPMB_R_INTERNAL,
+    TPMB_R_TPM_BUSY,
+    TPMB_R_LOCKOUT,
+};
+
+/*
+ * A key object: the TPM key blob (or persistent handle) and password, the broker's key id
+ * and the public key as an EVP_PKEY of the private libctx. blob == NULL means public only
+ * (imported, e.g. from a certificate, to be matched against a TPM key).
+ */
+typedef struct tpmb_key {
+    TPMBROKER_CTX *prov;
+    int type;              /* WIRE_KEY_EC or WIRE_KEY_RSA */
+    uint8_t source;        /* WIRE_SOURCE_* */
+    uint8_t *blob;
+    size_t bloblen;
+    uint8_t *auth;
+    size_t authlen;
+    uint8_t key_id[WIRE_KEY_ID_LEN];
+    EVP_PKEY *pub;
+    int bits;
+    uint16_t curve;
+} TPMB_KEY;
+
+void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,
+                const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+#define TPMB_RAISE(ctx, reason, ...) \
+    tpmb_raise((ctx), __FILE__, __LINE__, __func__, (reason), __VA_ARGS__)
+/* Turns a client failure into an error with a reason that says what to do. */
+void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const char *func,
+                       const char *what, const CLIENT_ERR *err);
+#define TPMB_RAISE_CLIENT(ctx, what, err) \
+    tpmb_raise_client((ctx), __FILE__, __LINE__, __func__, (what), (err))
+
+void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* keymgmt.c */
+TPMB_KEY *tpmb_key_new(TPMBROKER_CTX *prov, int type);
+void tpmb_key_free(TPMB_KEY *key);
+/* Takes a TSS2 DER blob or a handle, LOADs it through the broker, fills in the public part. */
+TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
+                        const uint8_t *auth, size_t authlen);
+void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref);
+const char *tpmb_key_type_name(int type);
+
+/* tss2.c: the TSS2 PRIVATE KEY file format */
+/* Returns 1 and the key type (WIRE_KEY_*) and emptyAuth (1 true, 0 false or absent). */
+int tss2_inspect(const uint8_t *der, size_t len, int *type, int *empty_auth);
+
+extern const OSSL_DISPATCH tpmb_ec_keymgmt_functions[];
+extern const OSSL_DISPATCH tpmb_rsa_keymgmt_functions[];
+extern const OSSL_DISPATCH tpmb_signature_functions[];
+extern const OSSL_DISPATCH tpmb_pem_decoder_functions[];
+extern const OSSL_DISPATCH tpmb_ec_decoder_functions[];
+extern const OSSL_DISPATCH tpmb_rsa_decoder_functions[];
+extern const OSSL_DISPATCH tpmb_encoder_der_functions[];
+extern const OSSL_DISPATCH tpmb_encoder_pem_functions[];
+extern const OSSL_DISPATCH tpmb_store_functions[];
 
 #endif

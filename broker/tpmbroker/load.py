@@ -40,9 +40,14 @@ class LoadReport:
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
+    @property
+    def fairness(self) -> float:
+        """Slowest client's signatures over the fastest's: 1.0 is perfectly fair."""
+        counts = sorted(self.per_client)
+        return counts[0] / counts[-1] if counts and counts[-1] else 0.0
+
     def summary(self) -> str:
-        fairness = (min(self.per_client) / max(self.per_client)
-                    if self.per_client and max(self.per_client) else 0.0)
+        fairness = self.fairness
         median = statistics.median(self.latencies_ms) if self.latencies_ms else 0.0
         return (f"{self.clients} clients, {self.seconds:.1f} s: {self.signatures} signatures "
                 f"({self.rate:.0f}/s), {self.failures} failed, {self.bad_signatures} bad; "

@@ -1,4 +1,6 @@
-/* Provider entry point: identity, parameters and the operation tables. */
+/* Provider entry point: identity, configuration, errors and the operation tables. */
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -7,6 +9,131 @@
 #include <openssl/params.h>
 
 #include "provider.h"
+
+static int debug_enabled;
+
+void tpmb_debug(const char *fmt, ...)
+{
+    va_list ap;
+
+    if (!debug_enabled)
+        return;
+    va_start(ap, fmt);
+    fputs("tpmbroker: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static const OSSL_ITEM reason_strings[] = {
+    { TPMB_R_BROKER_UNREACHABLE, "cannot reach the tpmbroker daemon" },
+    { TPMB_R_BROKER_TIMEOUT, "tpmbroker did not answer in time" },
+    { TPMB_R_BROKER_PROTOCOL, "tpmbroker protocol error" },
+    { TPMB_R_BROKER_REFUSED, "tpmbroker refused the request" },
+    { TPMB_R_AUTH_FAILED, "wrong TPM key password" },
+    { TPMB_R_BAD_KEY, "the TPM cannot use this key" },
+    { TPMB_R_UNSUPPORTED, "not supported by tpmbroker" },
+    { TPMB_R_PRIVATE_EXPORT, "a TPM private key cannot be exported" },
+    { TPMB_R_INVALID_ARGUMENT, "invalid argument" },
+    { TPMB_R_NO_PRIVATE_KEY, "the key has no TPM private part" },
+    { TPMB_R_MALLOC, "out of memory" },
+    { TPMB_R_INTERNAL, "internal error" },
+    { TPMB_R_TPM_BUSY, "the TPM is busy" },
+    { TPMB_R_LOCKOUT, "the TPM is in dictionary-attack lockout" },
+    { 0, NULL },
+};
+
+void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,
+                const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    if (debug_enabled) {
+        va_list cp;
+
+        va_copy(cp, ap);
+        fputs("tpmbroker: error: ", stderr);
+        vfprintf(stderr, fmt, cp);
+        fputc('\n', stderr);
+        va_end(cp);
+    }
+    if (ctx != NULL && ctx->new_error != NULL && ctx->vset_error != NULL) {
+        ctx->new_error(ctx->core);
+        if (ctx->set_error_debug != NULL)
+            ctx->set_error_debug(ctx->core, file, line, func);
+        ctx->vset_error(ctx->core, reason, fmt, ap);
+    }
+    va_end(ap);
+}
+
+void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const char *func,
+                       const char *what, const CLIENT_ERR *err)
+{
+    int reason;
+    const char *hint = "";
+
+    switch (err->status) {
+    case CLIENT_E_CONNECT:
+        reason = TPMB_R_BROKER_UNREACHABLE;
+        break;
+    case CLIENT_E_TIMEOUT:
+    case WIRE_DEADLINE:
+        reason = TPMB_R_BROKER_TIMEOUT;
+        break;
+    case CLIENT_E_IO:
+    case CLIENT_E_PROTOCOL:
+    case WIRE_MALFORMED:
+    case WIRE_UNSUPPORTED_VERSION:
+    case WIRE_UNKNOWN_OPCODE:
+    case WIRE_TOO_LARGE:
+        reason = TPMB_R_BROKER_PROTOCOL;
+        break;
+    case CLIENT_E_NOMEM:
+        reason = TPMB_R_MALLOC;
+        break;
+    case CLIENT_E_ARG:
+        reason = TPMB_R_INVALID_ARGUMENT;
+        break;
+    case WIRE_AUTH_FAILED:
+        reason = TPMB_R_AUTH_FAILED;
+        hint = "; give the key's password with -passin/-pass (wrong tries count toward the "
+               "TPM's lockout)";
+        break;
+    case WIRE_BAD_KEY:
+        reason = TPMB_R_BAD_KEY;
+        hint = "; was the key made on this TPM, under this parent?";
+        break;
+    case WIRE_UNSUPPORTED:
+    case WIRE_BAD_DIGEST:
+        reason = TPMB_R_UNSUPPORTED;
+        break;
+    case WIRE_NO_SESSIONS:
+    case WIRE_OVERLOADED:
+    case WIRE_TPM_UNAVAILABLE:
+        reason = TPMB_R_TPM_BUSY;
+        break;
+    case WIRE_LOCKOUT:
+        reason = TPMB_R_LOCKOUT;
+        hint = "; wait for the lockout to expire or reset it (tpm2_dictionarylockout)";
+        break;
+    case WIRE_PERMISSION_DENIED:
+        reason = TPMB_R_BROKER_REFUSED;
+        hint = "; ask the broker's administrator to allow this user (--allow-uid/--allow-gid)";
+        break;
+    default:
+        reason = TPMB_R_BROKER_REFUSED;
+        break;
+    }
+    if (err->status > 0 && err->tpm_rc != 0)
+        tpmb_raise(ctx, file, line, func, reason, "%s: %s: %s (TPM rc 0x%03x)%s", what,
+                   wire_status_name(err->status), err->message, err->tpm_rc, hint);
+    else if (err->status > 0)
+        tpmb_raise(ctx, file, line, func, reason, "%s: %s: %s%s", what,
+                   wire_status_name(err->status), err->message, hint);
+    else
+        tpmb_raise(ctx, file, line, func, reason, "%s: %s", what, err->message);
+}
 
 static const OSSL_PARAM provider_param_types[] = {
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_NAME, OSSL_PARAM_UTF8_PTR, NULL, 0),
@@ -42,12 +169,71 @@ static int provider_get_params(void *provctx, OSSL_PARAM params[])
     return 1;
 }
 
+static const OSSL_ALGORITHM keymgmt_algs[] = {
+    { "EC:id-ecPublicKey:1.2.840.10045.2.1", TPMBROKER_PROPS, tpmb_ec_keymgmt_functions,
+      "TPM 2.0 EC keys through tpmbroker" },
+    { "RSA:rsaEncryption:1.2.840.113549.1.1.1", TPMBROKER_PROPS, tpmb_rsa_keymgmt_functions,
+      "TPM 2.0 RSA keys through tpmbroker" },
+    { NULL, NULL, NULL, NULL },
+};
+
+static const OSSL_ALGORITHM signature_algs[] = {
+    { "ECDSA", TPMBROKER_PROPS, tpmb_signature_functions, "ECDSA with a TPM key" },
+    { "RSA:rsaEncryption:1.2.840.113549.1.1.1", TPMBROKER_PROPS, tpmb_signature_functions,
+      "RSA PKCS#1 v1.5 and PSS with a TPM key" },
+    { NULL, NULL, NULL, NULL },
+};
+
+static const OSSL_ALGORITHM decoder_algs[] = {
+    /* PEM armour off, for the label TSS2 PRIVATE KEY only */
+    { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL },
+    { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },
+    { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL },
+    { NULL, NULL, NULL, NULL },
+};
+
+static const OSSL_ALGORITHM encoder_algs[] = {
+    /* apps ask for PrivateKeyInfo; a TPM key can only be written as TSS2 PRIVATE KEY */
+    { "EC", TPMBROKER_PROPS ",output=der,structure=PrivateKeyInfo", tpmb_encoder_der_functions,
+      NULL },
+    { "EC", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo", tpmb_encoder_pem_functions,
+      NULL },
+    { "RSA", TPMBROKER_PROPS ",output=der,structure=PrivateKeyInfo",
+      tpmb_encoder_der_functions, NULL },
+    { "RSA", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo",
+      tpmb_encoder_pem_functions, NULL },
+    { NULL, NULL, NULL, NULL },
+};
+
+static const OSSL_ALGORITHM store_algs[] = {
+    { "handle", TPMBROKER_PROPS, tpmb_store_functions, "persistent TPM keys: handle:0x81xxxxxx" },
+    { NULL, NULL, NULL, NULL },
+};
+
 static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int *no_cache)
 {
     (void)provctx;
-    (void)operation_id;
     *no_cache = 0;
-    return NULL;
+    switch (operation_id) {
+    case OSSL_OP_KEYMGMT:
+        return keymgmt_algs;
+    case OSSL_OP_SIGNATURE:
+        return signature_algs;
+    case OSSL_OP_DECODER:
+        return decoder_algs;
+    case OSSL_OP_ENCODER:
+        return encoder_algs;
+    case OSSL_OP_STORE:
+        return store_algs;
+    default:
+        return NULL;
+    }
+}
+
+static const OSSL_ITEM *provider_reason_strings(void *provctx)
+{
+    (void)provctx;
+    return reason_strings;
 }
 
 static void provider_teardown(void *provctx)
@@ -56,6 +242,7 @@ static void provider_teardown(void *provctx)
 
     if (ctx == NULL)
         return;
+    client_free(ctx->client);
     OSSL_LIB_CTX_free(ctx->libctx);
     free(ctx);
 }
@@ -65,23 +252,105 @@ static const OSSL_DISPATCH provider_dispatch[] = {
     { OSSL_FUNC_PROVIDER_GETTABLE_PARAMS, (void (*)(void))provider_gettable_params },
     { OSSL_FUNC_PROVIDER_GET_PARAMS, (void (*)(void))provider_get_params },
     { OSSL_FUNC_PROVIDER_QUERY_OPERATION, (void (*)(void))provider_query },
+    { OSSL_FUNC_PROVIDER_GET_REASON_STRINGS, (void (*)(void))provider_reason_strings },
     { 0, NULL },
 };
+
+/* socket: env TPMBROKER_SOCKET, else the config's `socket`, else the documented default. */
+static char *socket_path(const char *configured)
+{
+    const char *env = getenv("TPMBROKER_SOCKET");
+    const char *runtime;
+    char *path;
+
+    if (env != NULL && *env != '\0')
+        return strdup(env);
+    if (configured != NULL && *configured != '\0')
+        return strdup(configured);
+    runtime = getenv("XDG_RUNTIME_DIR");
+    if (runtime != NULL && *runtime != '\0') {
+        size_t n = strlen(runtime) + sizeof("/tpmbroker.sock");
+
+        path = malloc(n);
+        if (path != NULL)
+            snprintf(path, n, "%s/tpmbroker.sock", runtime);
+        return path;
+    }
+    return strdup("/run/tpmbroker/tpmbroker.sock");
+}
 
 /* No I/O here: the broker is reached lazily, on the first operation that needs it. */
 __attribute__((visibility("default")))
 int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
                        const OSSL_DISPATCH **out, void **provctx)
 {
+    OSSL_FUNC_core_get_params_fn *get_params = NULL;
     TPMBROKER_CTX *ctx;
+    const OSSL_DISPATCH *d;
+    char *cfg_socket = NULL, *cfg_timeout = NULL, *cfg_debug = NULL;
+    unsigned int timeout_ms = TPMBROKER_DEFAULT_TIMEOUT_MS;
+    const char *env_debug = getenv("TPMBROKER_DEBUG");
+    char *path;
 
-    (void)in;
     ctx = calloc(1, sizeof(*ctx));
     if (ctx == NULL)
         return 0;
     ctx->core = core;
-    ctx->libctx = OSSL_LIB_CTX_new();
-    if (ctx->libctx == NULL) {
+    for (d = in; d->function_id != 0; d++) {
+        switch (d->function_id) {
+        case OSSL_FUNC_CORE_GET_PARAMS:
+            get_params = OSSL_FUNC_core_get_params(d);
+            break;
+        case OSSL_FUNC_CORE_NEW_ERROR:
+            ctx->new_error = OSSL_FUNC_core_new_error(d);
+            break;
+        case OSSL_FUNC_CORE_SET_ERROR_DEBUG:
+            ctx->set_error_debug = OSSL_FUNC_core_set_error_debug(d);
+            break;
+        case OSSL_FUNC_CORE_VSET_ERROR:
+            ctx->vset_error = OSSL_FUNC_core_vset_error(d);
+            break;
+        default:
+            break;
+        }
+    }
+    if (get_params != NULL) {
+        OSSL_PARAM params[] = {
+            OSSL_PARAM_utf8_ptr("socket", &cfg_socket, 0),
+            OSSL_PARAM_utf8_ptr("timeout", &cfg_timeout, 0),
+            OSSL_PARAM_utf8_ptr("debug", &cfg_debug, 0),
+            OSSL_PARAM_END,
+        };
+
+        get_params(core, params);
+    }
+    if ((env_debug != NULL && strcmp(env_debug, "0") != 0 && *env_debug != '\0')
+        || (cfg_debug != NULL && strcmp(cfg_debug, "1") == 0))
+        debug_enabled = 1;
+    if (cfg_timeout != NULL && *cfg_timeout != '\0') {
+        /* seconds, as in the config file; fractions allowed */
+        char *end;
+        double s = strtod(cfg_timeout, &end);
+
+        if (end != cfg_timeout && s > 0 && s <= 300)
+            timeout_ms = (unsigned int)(s * 1000);
+        else
+            tpmb_debug("ignoring timeout = %s (seconds, 0 < t <= 300)", cfg_timeout);
+    }
+    /* the core BIO upcalls are needed to read the decoders' input */
+    ctx->libctx = OSSL_LIB_CTX_new_from_dispatch(core, in);
+    path = socket_path(cfg_socket);
+    if (ctx->libctx == NULL || path == NULL) {
+        free(path);
+        OSSL_LIB_CTX_free(ctx->libctx);
+        free(ctx);
+        return 0;
+    }
+    ctx->client = client_new(path, timeout_ms);
+    tpmb_debug("loaded; socket %s, timeout %u ms", path, timeout_ms);
+    free(path);
+    if (ctx->client == NULL) {
+        OSSL_LIB_CTX_free(ctx->libctx);
         free(ctx);
         return 0;
     }

@@ -117,12 +117,16 @@ class Swtpm:
         self._reap()
 
     def restart(self, reset_state: bool = False) -> None:
-        """Stop and start again on the same ports; with reset_state, as a brand-new TPM."""
+        """Kill and start again on the same ports: a TPM Reset (Startup CLEAR).
+
+        Sessions, loaded objects and saved contexts are gone; the seeds and NV memory
+        (tpm2-00.permall) stay, so keys made before still load. reset_state=True also
+        drops any saved volatile state; wiping the seeds would be a different TPM.
+        """
         self.stop()
         if reset_state:
-            for child in self.state_dir.iterdir():
-                if child.name != self.log_path.name:
-                    child.unlink()
+            for child in self.state_dir.glob("tpm2-00.volatilestate"):
+                child.unlink()
         self.start()
 
     def __enter__(self) -> Swtpm:

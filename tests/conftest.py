@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Abrmd, Broker, running_swtpm

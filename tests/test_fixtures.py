@@ -8,6 +8,7 @@ import subprocess
 from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TPM2_SE
 from tpm2_pytss.types import TPM2B_NONCE, TPMT_SYM_DEF
+
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Abrmd

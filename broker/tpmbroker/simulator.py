@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,20 +17,32 @@ from .errors import TpmUnavailableError
 
 
 def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port P such that P and P+1 were both free a moment ago (swtpm needs two)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port >= 65535:
+    """A port P such that P and P+1 were both free a moment ago (swtpm needs two).
+
+    Chosen below the kernel's ephemeral range, where the local ends of outgoing
+    connections (thousands in TIME_WAIT after a busy run) never sit.
+    """
+    low, _high = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low - 2)
+        try:
+            for candidate in (port, port + 1):
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((host, candidate))
+        except OSError:
             continue
-        with socket.socket() as s2:
-            try:
-                s2.bind((host, port + 1))
-            except OSError:
-                continue
         return port
     raise OSError("no free pair of loopback ports")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class Swtpm:

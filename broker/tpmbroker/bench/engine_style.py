@@ -1,0 +1,118 @@
+"""The failure tpmbroker exists to end, reproduced: salted sessions started per signature.
+
+Engines and providers that start their own HMAC sessions for every operation run
+the TPM out of session slots (TPM_RC_SESSION_HANDLES) as soon as enough threads
+sign at once; a resource manager in between cannot help. Each thread here has its
+own connection (through tpm2-abrmd), its own storage primary as the salt key, and
+for every signature starts `sessions_per_sign` salted sessions, signs, flushes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_SE, TPMA_SESSION
+from tpm2_pytss.tsskey import TSSPrivKey
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPML_PCR_SELECTION,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+    TPMT_TK_HASHCHECK,
+)
+
+from ..load import LoadReport
+
+SESSION_EXHAUSTION = {int(TPM2_RC.SESSION_HANDLES), int(TPM2_RC.SESSION_MEMORY)}
+
+
+def _storage_primary(ectx: ESAPI) -> ESYS_TR:
+    template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", nameAlg="sha256",
+                                  objectAttributes="restricted|decrypt|fixedtpm|fixedparent|"
+                                  "sensitivedataorigin|userwithauth|noda")
+    handle, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_OWNER,
+                                     TPM2B_DATA(), TPML_PCR_SELECTION())
+    return handle
+
+
+def _salted_session(ectx: ESAPI, salt_key: ESYS_TR) -> ESYS_TR:
+    sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
+    sym.keyBits.aes = 128
+    sym.mode.aes = TPM2_ALG.CFB
+    session = ectx.start_auth_session(salt_key, ESYS_TR.NONE, TPM2_SE.HMAC, sym,
+                                      TPM2_ALG.SHA256)
+    ectx.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT)
+    return session
+
+
+def run(tcti: str, key_der: bytes, threads: int, seconds: float,
+        sessions_per_sign: int = 3) -> LoadReport:
+    """Sign from `threads` threads, each opening its own sessions per signature."""
+    report = LoadReport(threads, seconds, per_client=[0] * threads)
+    lock = threading.Lock()
+    stop = threading.Event()
+    ready = threading.Barrier(threads + 1)
+
+    def worker(index: int) -> None:
+        done = failed = 0
+        errors: dict[str, int] = {}
+        latencies: list[float] = []
+        try:
+            ectx = ESAPI(TCTILdr.parse(tcti))
+            key = TSSPrivKey.from_der(key_der).load(ectx)
+            salt_key = _storage_primary(ectx)
+        except Exception as exc:
+            ready.wait()
+            with lock:
+                report.failures += 1
+                report.errors[f"setup: {exc}"] = report.errors.get(f"setup: {exc}", 0) + 1
+            return
+        ready.wait()
+        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.any.hashAlg = TPM2_ALG.SHA256
+        ticket = TPMT_TK_HASHCHECK(tag=0x8024, hierarchy=0x40000007)  # TPM2_ST_HASHCHECK, null
+        while not stop.is_set():
+            digest = hashlib.sha256(f"{index}:{done}:{failed}".encode()).digest()
+            sessions: list[ESYS_TR] = []
+            t0 = time.perf_counter()
+            try:
+                for _ in range(sessions_per_sign):
+                    sessions.append(_salted_session(ectx, salt_key))
+                ectx.sign(key, digest, scheme, ticket, session1=sessions[0])
+                done += 1
+                latencies.append((time.perf_counter() - t0) * 1000)
+            except TSS2_Exception as exc:
+                failed += 1
+                name = ("TPM_RC_SESSION_HANDLES" if (exc.rc & 0xFFF) in SESSION_EXHAUSTION
+                        else f"rc 0x{exc.rc:x}")
+                errors[name] = errors.get(name, 0) + 1
+            finally:
+                for session in sessions:
+                    with contextlib.suppress(TSS2_Exception):
+                        ectx.flush_context(session)
+        ectx.close()
+        with lock:
+            report.signatures += done
+            report.failures += failed
+            report.latencies_ms.extend(latencies)
+            report.per_client[index] = done
+            for name, count in errors.items():
+                report.errors[name] = report.errors.get(name, 0) + count
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    ready.wait()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join()
+    report.seconds = time.monotonic() - t0
+    return report

@@ -27,6 +27,7 @@ HEADER_SIZE = HEADER.size
 MIN_LENGTH = HEADER_SIZE - 4
 MAX_LENGTH = MAX_FRAME - 4
 RESPONSE_BIT = 0x80
+CONNECTION_ERROR = 0x00  # opcode of an error about the whole connection
 MAX_FIELD = 0xFFFF
 
 
@@ -360,12 +361,15 @@ def decode_request(header: Header, body: bytes | memoryview) -> Message:
 
 def decode_response(header: Header, body: bytes | memoryview) -> Message | ErrorResult:
     check_header(header)
-    cls = RESULTS.get(header.opcode & ~RESPONSE_BIT)
-    if cls is None or not header.is_response:
-        raise UnknownOpcodeError(f"unexpected response opcode 0x{header.opcode:02x}")
+    if not header.is_response:
+        raise UnknownOpcodeError(f"0x{header.opcode:02x} is not a response opcode")
     view = memoryview(body)
     status, pos = _take(view, 0, "u16")
     if status == Status.OK:
+        # An error may answer any opcode, even one this side does not know; a result not.
+        cls = RESULTS.get(header.opcode & ~RESPONSE_BIT)
+        if cls is None:
+            raise UnknownOpcodeError(f"unexpected response opcode 0x{header.opcode:02x}")
         return _decode_fields(cls, view, pos)
     tpm_rc, pos = _take(view, pos, "u32")
     message, pos = _take(view, pos, "str")

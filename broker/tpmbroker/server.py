@@ -139,7 +139,7 @@ class Connection:
                 try:
                     batch = frames.feed(data)
                 except ProtocolError as exc:  # bad length: framing is lost, say why and close
-                    self.send(0, 0, p.ErrorResult(exc.status, str(exc)))
+                    self.send(0, p.CONNECTION_ERROR, p.ErrorResult(exc.status, str(exc)))
                     log.warning("conn %d (uid %d): %s; closing", self.id, self.peer.uid, exc)
                     return
                 for header, body in batch:
@@ -326,7 +326,8 @@ class BrokerServer:
             log.warning("refused pid %d uid %d gid %d: not in the allowed uids/gids",
                         peer.pid, peer.uid, peer.gid)
             err = PermissionDeniedError(f"uid {peer.uid} is not allowed to use this broker")
-            writer.write(p.encode_response(0, 0, p.ErrorResult(err.status, str(err))))
+            writer.write(p.encode_response(0, p.CONNECTION_ERROR,
+                                            p.ErrorResult(err.status, str(err))))
             with contextlib.suppress(Exception):
                 await writer.drain()
                 writer.close()

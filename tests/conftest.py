@@ -10,12 +10,13 @@ import pytest
 
 from tpmbroker.simulator import Swtpm
 
-from .tpmfixtures import Abrmd, Broker, running_swtpm
+from .tpmfixtures import Abrmd, Broker, SessionBus, running_swtpm
 
 # The suite must never load the provider into its own process through a system-wide config,
 # nor talk to a broker of the machine's.
 os.environ.pop("OPENSSL_CONF", None)
 os.environ.pop("TPMBROKER_SOCKET", None)
+os.environ.pop("DBUS_SESSION_BUS_ADDRESS", None)
 
 
 @pytest.fixture
@@ -25,10 +26,21 @@ def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
         yield tpm
 
 
+@pytest.fixture(scope="session")
+def session_bus() -> Iterator[SessionBus]:
+    """One private D-Bus for the run; this process and its children talk to it."""
+    bus = SessionBus()
+    os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
+    try:
+        yield bus
+    finally:
+        bus.stop()
+
+
 @pytest.fixture
-def abrmd(swtpm: Swtpm, tmp_path: Path) -> Iterator[Abrmd]:
-    """tpm2-abrmd in front of the test's swtpm, on a private D-Bus."""
-    rm = Abrmd(swtpm, tmp_path / "abrmd")
+def abrmd(swtpm: Swtpm, session_bus: SessionBus, tmp_path: Path) -> Iterator[Abrmd]:
+    """tpm2-abrmd in front of the test's swtpm (generous limits: several TPM users)."""
+    rm = Abrmd(swtpm, tmp_path / "abrmd", session_bus, max_connections=100)
     rm.start()
     try:
         yield rm

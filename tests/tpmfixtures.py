@@ -11,42 +11,75 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 from tpmbroker.simulator import Swtpm
 
 
-class Abrmd:
-    """tpm2-abrmd in front of a swtpm, on a private session bus of its own."""
+class SessionBus:
+    """A private dbus-daemon. GLib keeps one session-bus connection per process for
+    good, so a test run uses one bus for all its tpm2-abrmd instances."""
 
-    def __init__(self, tpm: Swtpm, workdir: Path, max_sessions: int = 4,
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", "--session", "--nofork", "--print-address=1", "--nopidfile"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().decode().strip()
+        if not self.address:
+            self.stop()
+            raise RuntimeError("dbus-daemon gave no address")
+
+    def stop(self) -> None:
+        _kill_group(self.proc)
+
+
+def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class Abrmd:
+    """tpm2-abrmd in front of a swtpm, under a bus name of its own."""
+
+    _serial = 0
+
+    def __init__(self, tpm: Swtpm, workdir: Path, bus: SessionBus, max_sessions: int = 4,
                  max_connections: int = 27) -> None:
+        Abrmd._serial += 1
         self.tpm = tpm
         self.workdir = workdir
+        self.bus_address = bus.address
         self.max_sessions = max_sessions
         self.max_connections = max_connections
-        self.dbus: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
-        self.bus_address = ""
-        self.bus_name = f"com.intel.tss2.Tabrmd.t{os.getpid()}x{tpm.port}"
+        self.bus_name = f"com.intel.tss2.Tabrmd.t{os.getpid()}n{Abrmd._serial}"
 
     @property
     def tcti(self) -> str:
         return f"tabrmd:bus_name={self.bus_name},bus_type=session"
 
+    def env(self) -> dict[str, str]:
+        """Environment for a process that should reach this abrmd."""
+        return dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.bus_address)
+
     def start(self) -> Abrmd:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.dbus = subprocess.Popen(
-            ["dbus-daemon", "--session", "--nofork", "--print-address=1", "--nopidfile"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        assert self.dbus.stdout is not None
-        self.bus_address = self.dbus.stdout.readline().decode().strip()
-        if not self.bus_address:
-            self.stop()
-            raise RuntimeError("dbus-daemon gave no address")
-        env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.bus_address)
+        env = self.env()
         with open(self.workdir / "abrmd.log", "wb") as log:
-            self.proc = self._spawn(env, log)
+            self.proc = subprocess.Popen(
+                ["tpm2-abrmd", "--session", "--allow-root", f"--dbus-name={self.bus_name}",
+                 f"--tcti={self.tpm.tcti}", "--flush-all",
+                 f"--max-sessions={self.max_sessions}",
+                 f"--max-connections={self.max_connections}"],
+                env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -63,31 +96,9 @@ class Abrmd:
         self.stop()
         raise RuntimeError("tpm2-abrmd did not claim its bus name")
 
-    def _spawn(self, env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            ["tpm2-abrmd", "--session", "--allow-root", f"--dbus-name={self.bus_name}",
-             f"--tcti={self.tpm.tcti}", "--flush-all",
-             f"--max-sessions={self.max_sessions}",
-             f"--max-connections={self.max_connections}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-
-    def env(self) -> dict[str, str]:
-        """Environment for a process that should reach this abrmd."""
-        return dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.bus_address)
-
     def stop(self) -> None:
-        for proc in (self.proc, self.dbus):
-            if proc is None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.proc = self.dbus = None
+        _kill_group(self.proc)
+        self.proc = None
 
 
 @contextlib.contextmanager

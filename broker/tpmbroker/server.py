@@ -163,7 +163,10 @@ class Connection:
             return
         timeout = (header.timeout_ms / 1000 if header.timeout_ms
                    else self.server.config.default_timeout)
-        deadline = time.monotonic() + min(timeout, MAX_TIMEOUT)
+        timeout = min(timeout, MAX_TIMEOUT)
+        # The worker's deadline comes a little before the client's, so that an error that
+        # says why (no sessions, TPM unreachable) reaches the client before it gives up.
+        deadline = time.monotonic() + timeout - _answer_margin(timeout)
         self.in_flight += 1
         task = asyncio.get_running_loop().create_task(
             self.handle(header.request_id, msg, deadline))
@@ -232,6 +235,10 @@ class Connection:
             await self.writer.wait_closed()
 
 
+def _answer_margin(timeout: float) -> float:
+    return min(0.25, max(0.0, timeout) * 0.1)
+
+
 def _enum(cls: Any, value: int, what: str) -> Any:
     from .errors import UnsupportedError
 
@@ -298,8 +305,9 @@ class BrokerServer:
 
         job = Job(owner, deadline, run, done)
         self.queue.put(job)
+        wait = deadline - time.monotonic() + _answer_margin(deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(future, max(0.0, wait))
         except asyncio.TimeoutError:
             job.cancelled = True
             raise DeadlineError("deadline passed before the TPM could serve the request") from None

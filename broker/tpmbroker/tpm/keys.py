@@ -1,0 +1,262 @@
+"""Key files, key descriptions and the cache of keys the worker has loaded."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from cryptography.hazmat import asn1
+from cryptography.x509 import ObjectIdentifier
+from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.tsskey import TSSPrivKey
+from tpm2_pytss.types import (
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPMS_ECC_PARMS,
+    TPMS_RSA_PARMS,
+    TPMT_ECC_SCHEME,
+    TPMT_KDF_SCHEME,
+    TPMT_PUBLIC,
+    TPMT_RSA_SCHEME,
+    TPMT_SYM_DEF_OBJECT,
+    TPMU_PUBLIC_PARMS,
+)
+
+from ..errors import BadKeyError, UnsupportedError
+from ..protocol import STORAGE_PRIMARY, Curve, HashAlg, KeyType, Scheme
+
+PERSISTENT_FIRST = 0x81000000
+PERSISTENT_LAST = 0x81FFFFFF
+
+_TSS2_KEY_OID = ObjectIdentifier("2.23.133.10.1.3")
+_CURVE_BITS = {Curve.P256: 256, Curve.P384: 384}
+_RSA_GENERATE_BITS = (2048, 3072)
+
+
+def is_persistent(handle: int) -> bool:
+    return PERSISTENT_FIRST <= handle <= PERSISTENT_LAST
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyInfo:
+    key_id: bytes
+    key_type: KeyType
+    bits: int
+    curve: Curve
+    public_key: bytes  # SubjectPublicKeyInfo DER
+
+
+@asn1.sequence
+class _TolerantTss2Key:
+    """TSS2 PRIVATE KEY with the fields TSSPrivKey.from_der does not accept.
+
+    emptyAuth may be absent (then the key needs a password), and the newer format's
+    optional secret [2], description [4] and rsaParent [5] may appear. Keys carrying a
+    policy [1] or authPolicy [3] still fail to parse: the broker cannot satisfy policies.
+    """
+
+    object_type: ObjectIdentifier
+    empty_auth: Annotated[bool | None, asn1.Explicit(0)]
+    secret: Annotated[bytes | None, asn1.Explicit(2)]
+    description: Annotated[str | None, asn1.Explicit(4)]
+    rsa_parent: Annotated[bool | None, asn1.Explicit(5)]
+    parent: int
+    public: bytes
+    private: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Tss2Key:
+    """A parsed TSS2 PRIVATE KEY: enough to load it again at any time."""
+
+    tss: Any  # TSSPrivKey
+    rsa_parent: bool  # the file asks for the H-1 RSA storage primary as parent
+
+    @property
+    def parent(self) -> int:
+        return int(self.tss.parent)
+
+    @property
+    def public(self) -> Any:  # TPM2B_PUBLIC
+        return self.tss.public
+
+    @property
+    def private(self) -> Any:  # TPM2B_PRIVATE
+        return self.tss.private
+
+
+def parse_tss2_key(der: bytes) -> Tss2Key:
+    """Parse a DER TSS2 PRIVATE KEY; BadKeyError or UnsupportedError if it cannot be used."""
+    try:
+        key = Tss2Key(TSSPrivKey.from_der(der), rsa_parent=False)
+    except (ValueError, TypeError, TSS2_Exception):
+        key = _parse_tolerant(der)
+    if not (key.parent == STORAGE_PRIMARY or is_persistent(key.parent)):
+        raise UnsupportedError(f"key parent 0x{key.parent:08x} is neither the storage "
+                               "primary (0x40000001) nor a persistent handle")
+    check_signing_key(key.public.publicArea)
+    return key
+
+
+def _parse_tolerant(der: bytes) -> Tss2Key:
+    try:
+        seq = asn1.decode_der(_TolerantTss2Key, der)
+        if seq.object_type != _TSS2_KEY_OID:
+            raise BadKeyError(f"not a loadable TSS2 key (OID {seq.object_type.dotted_string})")
+        public, _ = TPM2B_PUBLIC.unmarshal(seq.public)
+        private, _ = TPM2B_PRIVATE.unmarshal(seq.private)
+    except (ValueError, TypeError, TSS2_Exception) as exc:
+        raise BadKeyError(f"cannot parse the TSS2 PRIVATE KEY: {exc}") from None
+    # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
+    tss = TSSPrivKey(private, public, empty_auth=bool(seq.empty_auth), parent=seq.parent)
+    return Tss2Key(tss, rsa_parent=bool(seq.rsa_parent))
+
+
+def check_signing_key(public: Any) -> None:
+    """UnsupportedError unless `public` (TPMT_PUBLIC) is a key the broker can sign with."""
+    describe(public)
+    attributes = int(public.objectAttributes)
+    if not attributes & TPMA_OBJECT.SIGN_ENCRYPT:
+        raise UnsupportedError("the key is not a signing key (sign attribute clear)")
+    if attributes & TPMA_OBJECT.RESTRICTED:
+        raise UnsupportedError("restricted signing keys cannot sign outside digests")
+
+
+def describe(public: Any) -> tuple[KeyType, int, Curve]:
+    """Key type, bits and curve of a TPMT_PUBLIC."""
+    if public.type == TPM2_ALG.ECC:
+        curve_id = int(public.parameters.eccDetail.curveID)
+        try:
+            curve = Curve(curve_id)
+        except ValueError:
+            raise UnsupportedError(f"unsupported curve 0x{curve_id:04x}") from None
+        if curve is Curve.NONE:
+            raise UnsupportedError("EC key without a curve")
+        return KeyType.EC, _CURVE_BITS[curve], curve
+    if public.type == TPM2_ALG.RSA:
+        return KeyType.RSA, int(public.parameters.rsaDetail.keyBits), Curve.NONE
+    raise UnsupportedError(f"unsupported key type {TPM2_ALG.to_string(public.type)}")
+
+
+def key_info(key_id: bytes, public: Any) -> KeyInfo:
+    key_type, bits, curve = describe(public)
+    try:
+        spki = public.to_der()
+    except ValueError as exc:
+        raise BadKeyError(f"cannot encode the public key: {exc}") from None
+    return KeyInfo(key_id, key_type, bits, curve, spki)
+
+
+def signature_scheme_alg(key_type: KeyType, scheme: Scheme) -> int:
+    """The TPM2_ALG signing scheme for a wire scheme, or UnsupportedError."""
+    if key_type is KeyType.EC and scheme is Scheme.ECDSA:
+        return int(TPM2_ALG.ECDSA)
+    if key_type is KeyType.RSA and scheme is Scheme.PKCS1:
+        return int(TPM2_ALG.RSASSA)
+    if key_type is KeyType.RSA and scheme is Scheme.PSS:
+        # The TPM picks the PSS salt length, not the caller: swtpm (libtpms) uses the
+        # digest length, which is what TLS 1.3 and our wire protocol require, but real
+        # TPMs following the spec use the maximum salt length the modulus allows.
+        # Verifiers that insist on salt = digest length reject those signatures.
+        return int(TPM2_ALG.RSAPSS)
+    raise UnsupportedError(f"scheme {scheme.name} does not fit a {key_type.name} key")
+
+
+def check_key_scheme(public: Any, scheme_alg: int, hash_alg: HashAlg) -> None:
+    """A key created with a fixed scheme signs only with that scheme and hash."""
+    fixed = public.parameters.asymDetail.scheme
+    if fixed.scheme == TPM2_ALG.NULL:
+        return
+    if fixed.scheme != scheme_alg or fixed.details.anySig.hashAlg != hash_alg:
+        raise UnsupportedError(
+            f"the key only signs with {TPM2_ALG.to_string(fixed.scheme)}/"
+            f"{TPM2_ALG.to_string(fixed.details.anySig.hashAlg)}")
+
+
+def generation_template(key_type: KeyType, param: int) -> Any:
+    """TPMT_PUBLIC for a new signing key.
+
+    Attributes follow tpm2-openssl's key templates (no noda: a wrong password counts
+    toward the TPM's dictionary-attack lockout) minus decrypt, which signing does not need.
+    Scheme NULL leaves the scheme and hash to each signature.
+    """
+    attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
+                  | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN)
+    if key_type is KeyType.EC:
+        if param not in (Curve.P256, Curve.P384):
+            raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}; "
+                                   "P-256 (3) and P-384 (4) are supported")
+        parameters = TPMU_PUBLIC_PARMS(eccDetail=TPMS_ECC_PARMS(
+            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+            scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
+            curveID=TPM2_ECC.NIST_P256 if param == Curve.P256 else TPM2_ECC.NIST_P384,
+            kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL)))
+        return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
+                           objectAttributes=attributes, parameters=parameters)
+    if key_type is KeyType.RSA:
+        if param not in _RSA_GENERATE_BITS:
+            raise UnsupportedError(f"cannot generate {param}-bit RSA keys; "
+                                   "2048 and 3072 are supported")
+        parameters = TPMU_PUBLIC_PARMS(rsaDetail=TPMS_RSA_PARMS(
+            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+            scheme=TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL),
+            keyBits=param, exponent=0))
+        return TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=TPM2_ALG.SHA256,
+                           objectAttributes=attributes, parameters=parameters)
+    raise UnsupportedError(f"unsupported key type {key_type!r}")
+
+
+def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int) -> bytes:
+    """DER TSS2 PRIVATE KEY for a key made by TPM2_Create."""
+    return bytes(TSSPrivKey(private, public, empty_auth=empty_auth, parent=parent).to_der())
+
+
+# --- the cache ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CachedKey:
+    """A key the worker knows. `blob` or `persistent_handle` lets it be loaded again."""
+
+    info: KeyInfo
+    public: Any  # TPMT_PUBLIC
+    blob: Tss2Key | None = None
+    persistent_handle: int = 0
+    handle: Any = None  # ESYS_TR in the current ESAPI context, None when not loaded
+
+    @property
+    def is_transient(self) -> bool:
+        return self.blob is not None
+
+
+class KeyCache:
+    """Keys by key id, least recently used first."""
+
+    def __init__(self) -> None:
+        self._keys: collections.OrderedDict[bytes, CachedKey] = collections.OrderedDict()
+
+    def get(self, key_id: bytes) -> CachedKey | None:
+        return self._keys.get(key_id)
+
+    def add(self, key: CachedKey) -> None:
+        self._keys[key.info.key_id] = key
+
+    def remove(self, key_id: bytes) -> CachedKey | None:
+        return self._keys.pop(key_id, None)
+
+    def touch(self, key_id: bytes) -> None:
+        self._keys.move_to_end(key_id)
+
+    def resident(self) -> Iterator[CachedKey]:
+        """Keys with a handle in the TPM now, least recently used first."""
+        return (key for key in list(self._keys.values()) if key.handle is not None)
+
+    def forget_handles(self) -> None:
+        """The ESAPI context is gone: nothing is loaded any more as far as we know."""
+        for key in self._keys.values():
+            key.handle = None
+
+    def __len__(self) -> int:
+        return len(self._keys)

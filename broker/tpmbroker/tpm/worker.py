@@ -1,0 +1,438 @@
+"""The TPM worker: the one place that talks to the TPM.
+
+One thread calls every method. The worker keeps an ESAPI context, the storage primary
+(created once), a small pool of salted HMAC sessions and the keys it has loaded. When the
+TPM restarts or the connection breaks, the next request rebuilds all of that and is
+retried once; no command is sent with a session that may be stale, so recovery never
+costs dictionary-attack failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TPM2_SU
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.tsskey import TSSPrivKey, _parent_ecc_template, _parent_rsa_template
+from tpm2_pytss.types import (
+    TPM2B_DIGEST,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPMT_SIG_SCHEME,
+)
+
+from ..errors import (
+    AuthFailedError,
+    BadDigestError,
+    BadKeyError,
+    DeadlineError,
+    TpmBrokerError,
+    TpmUnavailableError,
+    UnknownKeyError,
+    UnsupportedError,
+)
+from ..protocol import STORAGE_PRIMARY, HashAlg, KeySource, KeyType, Scheme, key_id_for
+from . import keys as keymod
+from .keys import CachedKey, KeyCache, KeyInfo
+from .rc import Kind, classify, to_error, tpm_code
+from .sessions import SessionPool
+
+T = TypeVar("T")
+
+# A TPM2B_AUTH holds at most the name hash's digest (SHA-256 for every key we make).
+MAX_AUTH = 32
+CONNECT_BACKOFF_FIRST = 0.01
+CONNECT_BACKOFF_MAX = 0.5
+_RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
+
+
+class TpmWorker:
+    def __init__(self, tcti: str, sessions: int = 2) -> None:
+        if not 1 <= sessions <= 3:
+            raise ValueError(f"sessions must be 1 to 3, not {sessions}")
+        self.tcti = tcti
+        self._ectx: Any = None  # ESAPI, None while disconnected
+        self._pool = SessionPool(sessions)
+        self._keys = KeyCache()
+        self._primaries: dict[bool, Any] = {}  # rsa? -> ESYS_TR of the storage primary
+        self._persistent: dict[int, Any] = {}  # TPM handle -> ESYS_TR (parents, keys)
+        self._rsa_only: bool | None = None  # the TPM lacks ECC: H-1 RSA is the default
+        self._counts: tuple[int, int] | None = None  # (resetCount, restartCount)
+        self._active_sessions_max = 0
+        self._restarts_recovered = 0
+        self._opened = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def open(self, deadline: float) -> None:
+        """Connect, create the storage primary and the session pool."""
+        if self._ectx is not None:
+            return
+        try:
+            self._build(deadline, stale_handles=[])
+        except TpmUnavailableError:
+            self._drop_context()
+            raise
+        except TpmBrokerError as exc:
+            self._drop_context()
+            raise TpmUnavailableError(f"the TPM is not usable: {exc.message}",
+                                      tpm_rc=exc.tpm_rc) from exc
+        except TSS2_Exception as exc:
+            self._drop_context()
+            raise TpmUnavailableError(f"the TPM is not usable: {exc}", tpm_rc=int(exc.rc)) from exc
+        self._opened = True
+
+    def close(self) -> None:
+        """Flush the pool, the keys and the primaries; finalize ESAPI. Idempotent."""
+        self._opened = False
+        ectx = self._ectx
+        if ectx is None:
+            return
+        self._pool.flush(ectx)
+        for key in self._keys.resident():
+            self._unload(key)
+        for primary in self._primaries.values():
+            with contextlib.suppress(TSS2_Exception):
+                ectx.flush_context(primary)
+        self._drop_context()
+
+    # --- requests -----------------------------------------------------------------------
+
+    def load_key(self, source: KeySource, key: bytes, deadline: float) -> KeyInfo:
+        try:
+            source = KeySource(source)
+        except ValueError:
+            raise UnsupportedError(f"unknown key source {source}") from None
+        key_id = key_id_for(source, key)
+        cached = self._keys.get(key_id)
+        if cached is not None:
+            return cached.info
+        if source is KeySource.TSS2_DER:
+            blob = keymod.parse_tss2_key(key)
+            entry = CachedKey(keymod.key_info(key_id, blob.public.publicArea),
+                              blob.public.publicArea, blob=blob)
+        else:
+            entry = self._run(deadline, "reading the persistent key",
+                              lambda: self._describe_persistent(key_id, key))
+        self._run(deadline, "loading the key", lambda: self._resident(entry, deadline))
+        self._keys.add(entry)
+        return entry.info
+
+    def unload_key(self, key_id: bytes) -> None:
+        """Forget a key and free its TPM slot (not part of signing; for UNLOAD)."""
+        entry = self._keys.remove(key_id)
+        if entry is not None and self._ectx is not None:
+            self._unload(entry)
+
+    def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash_alg: HashAlg,
+             digest: bytes, deadline: float) -> bytes:
+        entry = self._keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        try:
+            scheme = Scheme(scheme)
+            hash_alg = HashAlg(hash_alg)
+        except ValueError as exc:
+            raise UnsupportedError(str(exc)) from None
+        scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
+        keymod.check_key_scheme(entry.public, scheme_alg, hash_alg)
+        if len(digest) != hash_alg.digest_size:
+            raise BadDigestError(f"{hash_alg.name} digest must be {hash_alg.digest_size} bytes, "
+                                 f"not {len(digest)}")
+        if len(auth) > MAX_AUTH:
+            # No key can have such a password; asking the TPM would only count a failure.
+            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
+        in_scheme = TPMT_SIG_SCHEME(scheme=scheme_alg)
+        in_scheme.details.any.hashAlg = hash_alg
+        signature = self._run(deadline, "signing",
+                              lambda: self._sign_once(entry, auth, in_scheme, digest, deadline))
+        self._keys.touch(key_id)
+        if entry.info.key_type is KeyType.RSA:
+            # The TPM may drop leading zero bytes; the wire wants the modulus length.
+            return signature.rjust((entry.info.bits + 7) // 8, b"\0")
+        return signature
+
+    def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
+                     deadline: float) -> tuple[bytes, bytes]:
+        try:
+            key_type = KeyType(key_type)
+        except ValueError:
+            raise UnsupportedError(f"unsupported key type {key_type}") from None
+        template = keymod.generation_template(key_type, param)
+        parent = parent or STORAGE_PRIMARY
+        if not (parent == STORAGE_PRIMARY or keymod.is_persistent(parent)):
+            raise UnsupportedError(f"parent 0x{parent:08x} is neither the storage primary "
+                                   "(0x40000001) nor a persistent handle")
+        if len(auth) > MAX_AUTH:
+            raise UnsupportedError(f"passwords are at most {MAX_AUTH} bytes")
+        sensitive = TPM2B_SENSITIVE_CREATE()
+        if auth:
+            sensitive.sensitive.userAuth = auth
+
+        def create() -> tuple[Any, Any]:
+            parent_handle = self._parent(parent, rsa_parent=False)
+            # The pool session encrypts the new key's password on its way to the TPM.
+            session = self._session(deadline)
+            private, public, _, _, _ = self._with_object_room(
+                None, lambda: self._ectx.create(parent_handle, sensitive,
+                                                TPM2B_PUBLIC(publicArea=template),
+                                                session1=session))
+            return private, public
+
+        private, public = self._run(deadline, "creating the key", create)
+        key = keymod.tss2_key_der(private, public, empty_auth=not auth, parent=parent)
+        return key, bytes(public.publicArea.to_der())
+
+    def status(self) -> dict[str, object]:
+        return {
+            "pool_size": self._pool.size,
+            "pool_sessions": self._pool.count,
+            "tpm_active_sessions": self._property(TPM2_PT_HR.ACTIVE),
+            "tpm_active_sessions_max": self._active_sessions_max or None,
+            "loaded_keys": len(self._keys),
+            "resident_keys": sum(1 for _ in self._keys.resident()),
+            "tpm_restarts_recovered": self._restarts_recovered,
+            "tcti": self.tcti,
+        }
+
+    # --- one request, with recovery -----------------------------------------------------
+
+    def _run(self, deadline: float, doing: str, operation: Callable[[], T]) -> T:
+        """Run `operation`; if the TPM lost our state, rebuild it and run it once more."""
+        self._check_deadline(deadline)
+        if self._ectx is None:
+            if not self._opened:
+                raise TpmUnavailableError("the TPM worker is not open")
+            self._recover(deadline)
+        try:
+            return operation()
+        except TSS2_Exception as exc:
+            if classify(exc) not in _RECOVERABLE:
+                raise to_error(exc, doing) from exc
+        self._recover(deadline)
+        self._check_deadline(deadline)
+        try:
+            return operation()
+        except TSS2_Exception as exc:
+            raise to_error(exc, doing) from exc
+
+    def _recover(self, deadline: float) -> None:
+        """Rebuild context, primary, sessions and key handles from scratch.
+
+        Before the old context goes, note the TPM handles we held: if the TPM did not
+        restart (same resetCount and restartCount) they may still occupy slots, and on a
+        TPM without a resource manager nobody else would free them.
+        """
+        stale: list[int] = []
+        if self._ectx is not None:
+            stale = self._held_tpm_handles()
+            self._pool.forget()
+            self._drop_context()
+        try:
+            self._build(deadline, stale)
+        except TSS2_Exception as exc:
+            self._drop_context()
+            raise to_error(exc, "recovering the TPM state") from exc
+        except TpmBrokerError:
+            self._drop_context()
+            raise
+        self._restarts_recovered += 1
+
+    def _build(self, deadline: float, stale_handles: list[int]) -> None:
+        self._ectx = self._connect(deadline)
+        counts = self._clock_counts()
+        # Sessions and objects survive unless the TPM went through Reset or Restart.
+        # TPM2_Clear zeroes both counters but leaves sessions alone.
+        if counts == self._counts or counts == (0, 0):
+            for handle in stale_handles:
+                self._flush_tpm_handle(handle)
+        self._counts = counts
+        if self._rsa_only is None:
+            # TSSPrivKey's rule for parent 0x40000001: ECC P-256 unless the TPM lacks ECC.
+            self._rsa_only = TSSPrivKey._getparenttemplate(self._ectx) is _parent_rsa_template
+        self._active_sessions_max = self._property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
+        primary = self._storage_primary(rsa=bool(self._rsa_only))
+        self._pool.fill(self._ectx, primary)
+
+    def _connect(self, deadline: float) -> Any:
+        delay = CONNECT_BACKOFF_FIRST
+        while True:
+            try:
+                return ESAPI(self.tcti)
+            except (TSS2_Exception, RuntimeError) as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TpmUnavailableError(
+                        f"cannot reach the TPM through {self.tcti!r}: {exc}") from exc
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+
+    def _clock_counts(self) -> tuple[int, int]:
+        try:
+            info = self._ectx.read_clock()
+        except TSS2_Exception as exc:
+            if classify(exc) is not Kind.NEEDS_STARTUP:
+                raise
+            # Powered up without TPM2_Startup (no resource manager did it for us).
+            self._ectx.startup(TPM2_SU.CLEAR)
+            info = self._ectx.read_clock()
+        return int(info.clockInfo.resetCount), int(info.clockInfo.restartCount)
+
+    def _held_tpm_handles(self) -> list[int]:
+        ectx = self._ectx
+        trs = [*self._primaries.values(), *(k.handle for k in self._keys.resident()
+                                            if k.is_transient)]
+        handles = self._pool.tpm_handles(ectx)
+        for tr in trs:
+            try:
+                handles.append(int(ectx.tr_get_tpm_handle(tr)))
+            except TSS2_Exception:
+                continue
+        return handles
+
+    def _flush_tpm_handle(self, handle: int) -> None:
+        try:
+            tr = self._ectx.tr_from_tpmpublic(handle)
+            self._ectx.flush_context(tr)
+        except TSS2_Exception:
+            pass  # already gone (or never ours under a resource manager)
+
+    def _drop_context(self) -> None:
+        """Forget everything tied to the ESAPI context, and finalize it."""
+        ectx, self._ectx = self._ectx, None
+        self._pool.forget()
+        self._keys.forget_handles()
+        self._primaries.clear()
+        self._persistent.clear()
+        if ectx is not None:
+            with contextlib.suppress(TSS2_Exception):
+                ectx.close()
+
+    # --- objects ------------------------------------------------------------------------
+
+    def _storage_primary(self, rsa: bool) -> Any:
+        """The storage primary for parent 0x40000001, created once per TPM life."""
+        primary = self._primaries.get(rsa)
+        if primary is None:
+            template = _parent_rsa_template if rsa else _parent_ecc_template
+            primary = self._with_object_room(None, lambda: self._ectx.create_primary(
+                TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template),
+                ESYS_TR.RH_OWNER)[0])
+            self._primaries[rsa] = primary
+        return primary
+
+    def _parent(self, parent: int, rsa_parent: bool) -> Any:
+        if parent == STORAGE_PRIMARY:
+            return self._storage_primary(rsa=rsa_parent or bool(self._rsa_only))
+        return self._persistent_handle(parent, "parent")
+
+    def _persistent_handle(self, handle: int, role: str) -> Any:
+        tr = self._persistent.get(handle)
+        if tr is None:
+            try:
+                tr = self._ectx.tr_from_tpmpublic(handle)
+            except TSS2_Exception as exc:
+                if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                    raise BadKeyError(f"no persistent {role} at 0x{handle:08x}",
+                                      tpm_rc=int(exc.rc)) from None
+                raise
+            self._persistent[handle] = tr
+        return tr
+
+    def _describe_persistent(self, key_id: bytes, key: bytes) -> CachedKey:
+        if len(key) != 4:
+            raise BadKeyError(f"a persistent handle is 4 bytes, not {len(key)}")
+        handle = int.from_bytes(key, "big")
+        if not keymod.is_persistent(handle):
+            raise BadKeyError(f"0x{handle:08x} is not a persistent handle (0x81xxxxxx)")
+        tr = self._persistent_handle(handle, "key")
+        public, _, _ = self._ectx.read_public(tr)
+        keymod.check_signing_key(public.publicArea)
+        return CachedKey(keymod.key_info(key_id, public.publicArea), public.publicArea,
+                         persistent_handle=handle)
+
+    def _resident(self, entry: CachedKey, deadline: float) -> Any:
+        """The key's handle in the TPM, loading it (evicting others if needed)."""
+        if entry.handle is not None:
+            return entry.handle
+        if entry.blob is None:
+            entry.handle = self._persistent_handle(entry.persistent_handle, "key")
+            return entry.handle
+        blob = entry.blob
+        parent = self._parent(blob.parent, blob.rsa_parent)
+        self._check_deadline(deadline)
+        try:
+            # Password auth is enough: the parent's auth is empty and the private blob is
+            # already encrypted to the parent.
+            entry.handle = self._with_object_room(
+                entry, lambda: self._ectx.load(parent, blob.private, blob.public))
+        except TSS2_Exception as exc:
+            if classify(exc) in (*_RECOVERABLE, Kind.OBJECT_MEMORY):
+                raise
+            raise BadKeyError("the TPM refused to load the key (made by another TPM, or "
+                              f"the TPM was cleared?): {exc}", tpm_rc=int(exc.rc)) from None
+        return entry.handle
+
+    def _with_object_room(self, keep: CachedKey | None, command: Callable[[], T]) -> T:
+        """Run `command`; while the TPM is out of object slots, unload the LRU key."""
+        while True:
+            try:
+                return command()
+            except TSS2_Exception as exc:
+                if classify(exc) is not Kind.OBJECT_MEMORY or not self._evict_one(keep):
+                    raise
+
+    def _evict_one(self, keep: CachedKey | None) -> bool:
+        for key in self._keys.resident():
+            if key is not keep and key.is_transient:
+                self._unload(key)
+                return True
+        return False
+
+    def _unload(self, key: CachedKey) -> None:
+        handle, key.handle = key.handle, None
+        if handle is None or not key.is_transient:
+            return  # persistent keys stay in the TPM; their ESYS_TR is shared
+        with contextlib.suppress(TSS2_Exception):
+            self._ectx.flush_context(handle)
+
+    # --- signing ------------------------------------------------------------------------
+
+    def _session(self, deadline: float) -> Any:
+        return self._pool.acquire(self._ectx, self._storage_primary(bool(self._rsa_only)),
+                                  deadline)
+
+    def _sign_once(self, entry: CachedKey, auth: bytes, in_scheme: Any, digest: bytes,
+                   deadline: float) -> bytes:
+        handle = self._resident(entry, deadline)
+        session = self._session(deadline)
+        self._check_deadline(deadline)
+        self._ectx.tr_set_auth(handle, auth)
+        signature = self._with_object_room(entry, lambda: self._ectx.sign(
+            handle, TPM2B_DIGEST(digest), in_scheme, session1=session))
+        # TPMT_SIGNATURE's bytes(): DER Ecdsa-Sig-Value for ECDSA, the raw RSA signature.
+        return bytes(signature)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _property(self, prop: int) -> int | None:
+        if self._ectx is None:
+            return None
+        try:
+            _, data = self._ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 1)
+        except TSS2_Exception:
+            return None
+        for entry in data.data.tpmProperties:
+            if entry.property == prop:
+                return int(entry.value)
+        return None
+
+    @staticmethod
+    def _check_deadline(deadline: float) -> None:
+        if time.monotonic() >= deadline:
+            raise DeadlineError("the request's deadline passed before the TPM could serve it")
+

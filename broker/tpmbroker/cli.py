@@ -76,6 +76,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     _neutral_openssl_conf()
+    if args.log_level != "debug":
+        # tss2 logs expected failures (slots full, object memory) as errors on stderr;
+        # the broker handles those and logs what matters itself.
+        os.environ.setdefault("TSS2_LOG", "all+none")
     from .server import BrokerServer, ServerConfig
     from .tpm import TpmWorker
 

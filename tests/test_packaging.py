@@ -1,0 +1,30 @@
+"""The shipped service files are valid for systemd."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (ROOT / "packaging" / "systemd" / "tpmbroker.service").read_text()
+    exe = str(Path(sys.executable).parent / "tpmbroker")
+    assert "/usr/local/bin/tpmbroker serve" in unit
+    (tmp_path / "tpmbroker.service").write_text(unit.replace("/usr/local/bin/tpmbroker", exe))
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "tpmbroker.service")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "tpmbroker.service" not in out.stderr, out.stderr  # no warning about our unit
+
+
+def test_unit_admits_nginx_users_and_neutralises_openssl_conf() -> None:
+    unit = (ROOT / "packaging" / "systemd" / "tpmbroker.service").read_text()
+    assert "--allow-uid root --allow-uid www-data" in unit
+    assert "Environment=OPENSSL_CONF=/dev/null" in unit

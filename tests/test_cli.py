@@ -1,0 +1,99 @@
+"""The `tpmbroker` command: embedded simulator default, provider path, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tpmbroker.client import Client
+from tpmbroker.keyfile import der_to_pem
+
+TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TPMBROKER, *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_provider_path_points_at_the_built_module() -> None:
+    out = run("provider-path")
+    assert out.returncode == 0
+    path = Path(out.stdout.strip())
+    assert path.is_absolute() and path.name == "tpmbroker.so" and path.is_file()
+
+
+@pytest.mark.skipif(Path("/dev/tpmrm0").exists(), reason="a TPM device is the default here")
+def test_embedded_simulator_is_the_default_and_keeps_its_keys(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TPMBROKER_TCTI"}
+    state = tmp_path / "state"
+    sock = str(tmp_path / "broker.sock")
+
+    def start() -> subprocess.Popen[bytes]:
+        # No --tcti: the broker starts (and owns) its simulator in the state directory.
+        proc = subprocess.Popen([TPMBROKER, "serve", "--socket", sock, "--state-dir",
+                                 str(state)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with Client(sock, timeout=2) as client:
+                    client.hello()
+                    return proc
+            except Exception:
+                time.sleep(0.1)
+        proc.kill()
+        raise AssertionError("broker with embedded simulator did not start")
+
+    proc = start()
+    try:
+        with Client(sock) as client:
+            der, _ = client.generate_key(1, 3)
+            status = client.status()
+            assert str(status["tcti"]).startswith("swtpm:host=127.0.0.1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert (state / "tpm" / "tpm2-00.permall").exists()
+    proc = start()  # same state: the key made before still loads and signs
+    try:
+        with Client(sock) as client:
+            key = client.load_key(der_to_pem(der))
+            assert client.sign(key, bytes(32))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_client_commands_name_the_socket_when_the_broker_is_down(tmp_path: Path) -> None:
+    sock = str(tmp_path / "none.sock")
+    out = run("status", "--socket", sock)
+    assert out.returncode == 1
+    assert sock in out.stderr and "tpmbroker serve" in out.stderr
+
+
+def test_simulator_command_runs_a_tpm(tmp_path: Path) -> None:
+    proc = subprocess.Popen([TPMBROKER, "simulator", "--state-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        tcti = proc.stdout.readline().strip()
+        assert tcti.startswith("swtpm:host=127.0.0.1,port=")
+        from tpm2_pytss import ESAPI, TCTILdr
+
+        with ESAPI(TCTILdr.parse(tcti)) as ectx:
+            assert len(ectx.get_random(8)) == 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_sessions_out_of_range_is_refused(tmp_path: Path) -> None:
+    out = run("serve", "--sessions", "4", "--socket", str(tmp_path / "s"), "--tcti", "x")
+    assert out.returncode == 2 and "--sessions" in out.stderr

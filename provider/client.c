@@ -12,7 +12,6 @@
  * stays intact; a pid check catches children made without the fork handlers.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -103,13 +102,11 @@ static void conn_close(struct conn *cn)
     conn_forget_keys(cn);
 }
 
-/* In a child after fork: drop every inherited connection; only close() our copy. */
-static void client_reset_after_fork(struct tpmb_client *c)
+/* Drops every inherited connection, closing only this process's copy of the socket. */
+static void client_drop_inherited(struct tpmb_client *c)
 {
     size_t i;
 
-    pthread_mutex_init(&c->lock, NULL);
-    pthread_cond_init(&c->freed, NULL);
     for (i = 0; i < POOL_MAX; i++) {
         conn_close(&c->conns[i]);
         c->conns[i].busy = 0;
@@ -135,13 +132,18 @@ static void atfork_parent(void)
     pthread_mutex_unlock(&clients_lock);
 }
 
+/* The forking thread took every lock in prepare, so the child's only thread holds them. */
 static void atfork_child(void)
 {
     struct tpmb_client *c;
 
-    for (c = clients; c != NULL; c = c->next)
-        client_reset_after_fork(c);
-    pthread_mutex_init(&clients_lock, NULL);
+    for (c = clients; c != NULL; c = c->next) {
+        client_drop_inherited(c);
+        pthread_cond_destroy(&c->freed);
+        pthread_cond_init(&c->freed, NULL); /* its waiters stayed in the parent */
+        pthread_mutex_unlock(&c->lock);
+    }
+    pthread_mutex_unlock(&clients_lock);
 }
 
 static void register_atfork(void)
@@ -214,14 +216,8 @@ static struct conn *conn_acquire(struct tpmb_client *c, int64_t deadline, CLIENT
     size_t i;
 
     pthread_mutex_lock(&c->lock);
-    if (c->pid != getpid()) {
-        /* forked without the fork handlers (raw clone): nothing here is ours */
-        for (i = 0; i < POOL_MAX; i++) {
-            conn_close(&c->conns[i]);
-            c->conns[i].busy = 0;
-        }
-        c->pid = getpid();
-    }
+    if (c->pid != getpid())
+        client_drop_inherited(c); /* forked without the fork handlers (raw clone) */
     for (;;) {
         /* prefer an open idle connection, then any idle slot */
         for (i = 0; i < POOL_MAX && cn == NULL; i++)
@@ -568,8 +564,12 @@ static void conn_drop_key(struct conn *cn, const CLIENT_KEY *key)
 {
     struct loaded_key *lk = conn_find_key(cn, key);
 
-    if (lk != NULL)
-        memset(lk->key_id, 0, WIRE_KEY_ID_LEN);
+    if (lk == NULL)
+        return;
+    *lk = cn->loaded[--cn->nloaded];
+    OPENSSL_cleanse(&cn->loaded[cn->nloaded], sizeof(cn->loaded[0]));
+    if (cn->next_slot >= cn->nloaded)
+        cn->next_slot = 0;
 }
 
 /* LOAD on this connection; fills out when not NULL. */
@@ -639,7 +639,7 @@ static int run(struct tpmb_client *c, unsigned int timeout_ms, conn_op op, void 
 {
     int64_t deadline = now_ms() + timeout_ms;
     struct conn *cn = conn_acquire(c, deadline, err);
-    int attempt, ok = 0;
+    int attempt, ok = 0, reloaded = 0;
 
     if (cn == NULL)
         return 0;
@@ -656,8 +656,10 @@ static int run(struct tpmb_client *c, unsigned int timeout_ms, conn_op op, void 
             break;
         if (err->status == CLIENT_E_IO && !fresh)
             continue; /* stale connection: cn was closed, reconnect */
-        if (err->status == WIRE_UNKNOWN_KEY && attempt == 0)
+        if (err->status == WIRE_UNKNOWN_KEY && !reloaded) {
+            reloaded = 1;
             continue; /* op dropped the key from the cache: it LOADs again */
+        }
         break;
     }
     conn_release(c, cn);

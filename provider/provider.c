@@ -40,6 +40,7 @@ static const OSSL_ITEM reason_strings[] = {
     { TPMB_R_INTERNAL, "internal error" },
     { TPMB_R_TPM_BUSY, "the TPM is busy" },
     { TPMB_R_LOCKOUT, "the TPM is in dictionary-attack lockout" },
+    { TPMB_R_PASSWORD_NEEDED, "the TPM key needs a password" },
     { 0, NULL },
 };
 
@@ -155,7 +156,8 @@ static int provider_get_params(void *provctx, OSSL_PARAM params[])
 
     (void)provctx;
     p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_NAME);
-    if (p != NULL && !OSSL_PARAM_set_utf8_ptr(p, "tpmbroker: TPM 2.0 keys through a session broker"))
+    if (p != NULL
+        && !OSSL_PARAM_set_utf8_ptr(p, "tpmbroker: TPM 2.0 keys through a session broker"))
         return 0;
     p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_VERSION);
     if (p != NULL && !OSSL_PARAM_set_utf8_ptr(p, TPMBROKER_VERSION))
@@ -174,6 +176,14 @@ static const OSSL_ALGORITHM keymgmt_algs[] = {
       "TPM 2.0 EC keys through tpmbroker" },
     { "RSA:rsaEncryption:1.2.840.113549.1.1.1", TPMBROKER_PROPS, tpmb_rsa_keymgmt_functions,
       "TPM 2.0 RSA keys through tpmbroker" },
+    { "TPMBROKER-ECDHE", TPMBROKER_PROPS, tpmb_ecdhe_keymgmt_functions,
+      "ephemeral EC keys for TLS key exchange (software)" },
+    { NULL, NULL, NULL, NULL },
+};
+
+static const OSSL_ALGORITHM keyexch_algs[] = {
+    { "TPMBROKER-ECDH", TPMBROKER_PROPS, tpmb_ecdh_keyexch_functions,
+      "ECDH for TLS key exchange (software)" },
     { NULL, NULL, NULL, NULL },
 };
 
@@ -202,6 +212,8 @@ static const OSSL_ALGORITHM encoder_algs[] = {
       tpmb_encoder_der_functions, NULL },
     { "RSA", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo",
       tpmb_encoder_pem_functions, NULL },
+    { "EC", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
+    { "RSA", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
     { NULL, NULL, NULL, NULL },
 };
 
@@ -219,6 +231,8 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
         return keymgmt_algs;
     case OSSL_OP_SIGNATURE:
         return signature_algs;
+    case OSSL_OP_KEYEXCH:
+        return keyexch_algs;
     case OSSL_OP_DECODER:
         return decoder_algs;
     case OSSL_OP_ENCODER:
@@ -253,6 +267,7 @@ static const OSSL_DISPATCH provider_dispatch[] = {
     { OSSL_FUNC_PROVIDER_GET_PARAMS, (void (*)(void))provider_get_params },
     { OSSL_FUNC_PROVIDER_QUERY_OPERATION, (void (*)(void))provider_query },
     { OSSL_FUNC_PROVIDER_GET_REASON_STRINGS, (void (*)(void))provider_reason_strings },
+    { OSSL_FUNC_PROVIDER_GET_CAPABILITIES, (void (*)(void))tpmb_get_capabilities },
     { 0, NULL },
 };
 

@@ -43,6 +43,7 @@ enum tpmb_reason {
     TPMB_R_INTERNAL,
     TPMB_R_TPM_BUSY,
     TPMB_R_LOCKOUT,
+    TPMB_R_PASSWORD_NEEDED,
 };
 
 /*
@@ -58,6 +59,7 @@ typedef struct tpmb_key {
     size_t bloblen;
     uint8_t *auth;
     size_t authlen;
+    int auth_missing;      /* a password is needed but none was given when decoding */
     uint8_t key_id[WIRE_KEY_ID_LEN];
     EVP_PKEY *pub;
     int bits;
@@ -76,18 +78,33 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
 
 void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* tss2.c: the TSS2 PRIVATE KEY file format; pointers point into the DER given. */
+typedef struct tss2_info {
+    int type;        /* WIRE_KEY_EC or WIRE_KEY_RSA */
+    int empty_auth;  /* 1: no password; 0: emptyAuth false or absent, a password is needed */
+    unsigned int bits;
+    uint32_t exponent;
+    const uint8_t *n;
+    size_t nlen;
+    uint16_t curve;  /* TPM2_ECC_CURVE */
+    const uint8_t *x, *y;
+    size_t xlen, ylen;
+} TSS2_INFO;
+
+int tss2_parse(const uint8_t *der, size_t len, TSS2_INFO *info);
+
 /* keymgmt.c */
 TPMB_KEY *tpmb_key_new(TPMBROKER_CTX *prov, int type);
 void tpmb_key_free(TPMB_KEY *key);
-/* Takes a TSS2 DER blob or a handle, LOADs it through the broker, fills in the public part. */
+/* A persistent handle (4 bytes): LOADed through the broker to learn the public key. */
 TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
                         const uint8_t *auth, size_t authlen);
+/* A TSS2 PRIVATE KEY: the public key comes from the file, the broker is asked at first use. */
+TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len,
+                             const TSS2_INFO *info, const uint8_t *auth, size_t authlen);
 void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref);
 const char *tpmb_key_type_name(int type);
 
-/* tss2.c: the TSS2 PRIVATE KEY file format */
-/* Returns 1 and the key type (WIRE_KEY_*) and emptyAuth (1 true, 0 false or absent). */
-int tss2_inspect(const uint8_t *der, size_t len, int *type, int *empty_auth);
 
 extern const OSSL_DISPATCH tpmb_ec_keymgmt_functions[];
 extern const OSSL_DISPATCH tpmb_rsa_keymgmt_functions[];
@@ -97,6 +114,12 @@ extern const OSSL_DISPATCH tpmb_ec_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_rsa_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_der_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_pem_functions[];
+extern const OSSL_DISPATCH tpmb_encoder_text_functions[];
 extern const OSSL_DISPATCH tpmb_store_functions[];
+extern const OSSL_DISPATCH tpmb_ecdhe_keymgmt_functions[];
+extern const OSSL_DISPATCH tpmb_ecdh_keyexch_functions[];
+
+/* ecdhe.c: TLS groups, so that TLS works whatever the provider order */
+int tpmb_get_capabilities(void *provctx, const char *capability, OSSL_CALLBACK *cb, void *arg);
 
 #endif

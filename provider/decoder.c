@@ -1,0 +1,194 @@
+/*
+ * Decoders for TSS2 PRIVATE KEY files: PEM armour to DER (this label only; the default
+ * provider does not pass unknown labels on), then DER to a key object. The public key comes
+ * from the file itself, so decoding needs no broker.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/bio.h>
+#include <openssl/core_names.h>
+#include <openssl/core_object.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/params.h>
+#include <openssl/pem.h>
+
+#include "provider.h"
+
+#define TSS2_PEM_LABEL "TSS2 PRIVATE KEY"
+#define PASSWORD_MAX 1024
+
+static void *dec_newctx(void *provctx)
+{
+    return provctx; /* nothing per decode to keep */
+}
+
+static void dec_freectx(void *ctx)
+{
+    (void)ctx;
+}
+
+static int pem_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBACK *object_cb,
+                      void *object_cbarg, OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
+{
+    TPMBROKER_CTX *prov = vctx;
+    BIO *bio = BIO_new_from_core_bio(prov->libctx, cin);
+    char *name = NULL, *header = NULL;
+    unsigned char *data = NULL;
+    long len = 0;
+    int ok = 1, read;
+
+    (void)selection;
+    (void)pw_cb;
+    (void)pw_cbarg;
+    if (bio == NULL)
+        return 0;
+    /* other PEM types are not an error here: other decoders will take them */
+    ERR_set_mark();
+    read = PEM_read_bio(bio, &name, &header, &data, &len);
+    ERR_pop_to_mark();
+    if (read && strcmp(name, TSS2_PEM_LABEL) == 0) {
+        OSSL_PARAM params[3];
+
+        params[0] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, data, (size_t)len);
+        params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_STRUCTURE,
+                                                     (char *)"TSS2", 0);
+        params[2] = OSSL_PARAM_construct_end();
+        ok = object_cb(params, object_cbarg);
+    }
+    OPENSSL_free(name);
+    OPENSSL_free(header);
+    OPENSSL_free(data);
+    BIO_free(bio);
+    return ok;
+}
+
+/* Reads the whole input; a TSS2 key is a few hundred bytes, a frame caps it at 64 KiB. */
+static unsigned char *read_all(BIO *bio, size_t *len)
+{
+    size_t cap = 4096, n = 0;
+    unsigned char *buf = malloc(cap);
+
+    while (buf != NULL) {
+        int r;
+
+        if (n == cap) {
+            unsigned char *nb;
+
+            if (cap >= WIRE_MAX_FRAME)
+                break;
+            nb = realloc(buf, cap * 2);
+            if (nb == NULL)
+                break;
+            buf = nb;
+            cap *= 2;
+        }
+        r = BIO_read(bio, buf + n, (int)(cap - n));
+        if (r <= 0) {
+            *len = n;
+            return buf;
+        }
+        n += (size_t)r;
+    }
+    free(buf);
+    return NULL;
+}
+
+static int der_decode(TPMBROKER_CTX *prov, int expected, OSSL_CORE_BIO *cin, int selection,
+                      OSSL_CALLBACK *object_cb, void *object_cbarg,
+                      OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
+{
+    BIO *bio;
+    unsigned char *der;
+    size_t len = 0, pwlen = 0;
+    char pw[PASSWORD_MAX];
+    int ok = 1, missing = 0;
+    TSS2_INFO info;
+    TPMB_KEY *key;
+
+    if (selection != 0 && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) == 0
+        && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0)
+        return 1;
+    bio = BIO_new_from_core_bio(prov->libctx, cin);
+    if (bio == NULL)
+        return 0;
+    der = read_all(bio, &len);
+    BIO_free(bio);
+    if (der == NULL)
+        return 0;
+    if (!tss2_parse(der, len, &info) || info.type != expected) {
+        free(der); /* not ours, or the other key type's decoder will take it */
+        return 1;
+    }
+    /*
+     * No password at hand is not a decoding error: OpenSSL would hide ours behind
+     * "unsupported". The key decodes (its public half is usable) and signing says why not.
+     */
+    if (!info.empty_auth && (pw_cb == NULL || !pw_cb(pw, sizeof(pw), &pwlen, NULL, pw_cbarg)))
+        missing = 1;
+    /* no broker here: a key file decodes offline; the broker LOADs it at first use */
+    key = tpmb_key_from_tss2(prov, der, len, &info, (const uint8_t *)pw, pwlen);
+    OPENSSL_cleanse(pw, sizeof(pw));
+    free(der);
+    if (key == NULL)
+        return 0;
+    key->auth_missing = missing;
+    {
+        int object_type = OSSL_OBJECT_PKEY;
+        OSSL_PARAM params[4];
+
+        params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type);
+        params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
+                                                     (char *)tpmb_key_type_name(info.type), 0);
+        params[2] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE, &key,
+                                                      sizeof(key));
+        params[3] = OSSL_PARAM_construct_end();
+        ok = object_cb(params, object_cbarg);
+    }
+    tpmb_key_free(key); /* NULL when the keymgmt took it */
+    return ok;
+}
+
+static int ec_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBACK *object_cb,
+                     void *object_cbarg, OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
+{
+    return der_decode(vctx, WIRE_KEY_EC, cin, selection, object_cb, object_cbarg, pw_cb,
+                      pw_cbarg);
+}
+
+static int rsa_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBACK *object_cb,
+                      void *object_cbarg, OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
+{
+    return der_decode(vctx, WIRE_KEY_RSA, cin, selection, object_cb, object_cbarg, pw_cb,
+                      pw_cbarg);
+}
+
+static int dec_does_selection(void *provctx, int selection)
+{
+    (void)provctx;
+    return selection == 0 || (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) != 0;
+}
+
+const OSSL_DISPATCH tpmb_pem_decoder_functions[] = {
+    { OSSL_FUNC_DECODER_NEWCTX, (void (*)(void))dec_newctx },
+    { OSSL_FUNC_DECODER_FREECTX, (void (*)(void))dec_freectx },
+    { OSSL_FUNC_DECODER_DECODE, (void (*)(void))pem_decode },
+    { 0, NULL },
+};
+
+const OSSL_DISPATCH tpmb_ec_decoder_functions[] = {
+    { OSSL_FUNC_DECODER_NEWCTX, (void (*)(void))dec_newctx },
+    { OSSL_FUNC_DECODER_FREECTX, (void (*)(void))dec_freectx },
+    { OSSL_FUNC_DECODER_DOES_SELECTION, (void (*)(void))dec_does_selection },
+    { OSSL_FUNC_DECODER_DECODE, (void (*)(void))ec_decode },
+    { 0, NULL },
+};
+
+const OSSL_DISPATCH tpmb_rsa_decoder_functions[] = {
+    { OSSL_FUNC_DECODER_NEWCTX, (void (*)(void))dec_newctx },
+    { OSSL_FUNC_DECODER_FREECTX, (void (*)(void))dec_freectx },
+    { OSSL_FUNC_DECODER_DOES_SELECTION, (void (*)(void))dec_does_selection },
+    { OSSL_FUNC_DECODER_DECODE, (void (*)(void))rsa_decode },
+    { 0, NULL },
+};

@@ -1,0 +1,598 @@
+/*
+ * Signatures with TPM keys: ECDSA, RSA PKCS#1 v1.5 and RSA-PSS.
+ *
+ * Hashing happens here, with libcrypto's digests from the private libctx (the model is
+ * OpenSSL's ecdsa_sig.c); only the digest travels to the broker in one SIGN request.
+ * Verification uses the public key locally, so verify never needs the broker.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+#include <openssl/rsa.h>
+
+#include "provider.h"
+
+#define MDNAME_MAX 50
+
+typedef struct sig_ctx {
+    TPMBROKER_CTX *prov;
+    TPMB_KEY *key;          /* not owned: the EVP_PKEY behind the operation keeps it alive */
+    EVP_MD *md;             /* NULL until known */
+    uint16_t hash;          /* wire hash id of md */
+    size_t mdsize;
+    EVP_MD_CTX *mdctx;      /* digest_sign / digest_verify */
+    int pad;                /* RSA_PKCS1_PADDING or RSA_PKCS1_PSS_PADDING */
+    int saltlen;            /* as asked; checked against what the TPM does */
+    char mgf1[MDNAME_MAX];  /* empty: same as md */
+} SIG_CTX;
+
+static void *sig_newctx(void *provctx, const char *propq)
+{
+    SIG_CTX *ctx = calloc(1, sizeof(*ctx));
+
+    (void)propq; /* digests come from the private libctx, never from us */
+    if (ctx == NULL)
+        return NULL;
+    ctx->prov = provctx;
+    ctx->pad = RSA_PKCS1_PADDING;
+    ctx->saltlen = RSA_PSS_SALTLEN_AUTO;
+    return ctx;
+}
+
+static void sig_freectx(void *vctx)
+{
+    SIG_CTX *ctx = vctx;
+
+    if (ctx == NULL)
+        return;
+    EVP_MD_CTX_free(ctx->mdctx);
+    EVP_MD_free(ctx->md);
+    free(ctx);
+}
+
+static void *sig_dupctx(void *vctx)
+{
+    SIG_CTX *src = vctx, *dst = malloc(sizeof(*dst));
+
+    if (dst == NULL)
+        return NULL;
+    *dst = *src;
+    dst->md = NULL;
+    dst->mdctx = NULL;
+    if (src->md != NULL) {
+        if (!EVP_MD_up_ref(src->md))
+            goto fail;
+        dst->md = src->md;
+    }
+    if (src->mdctx != NULL) {
+        dst->mdctx = EVP_MD_CTX_new();
+        if (dst->mdctx == NULL || !EVP_MD_CTX_copy_ex(dst->mdctx, src->mdctx))
+            goto fail;
+    }
+    return dst;
+fail:
+    sig_freectx(dst);
+    return NULL;
+}
+
+/* Maps a digest to the wire's hash id; 0 when the TPM path does not support it. */
+static uint16_t hash_id(const EVP_MD *md)
+{
+    if (EVP_MD_is_a(md, "SHA2-256"))
+        return WIRE_HASH_SHA256;
+    if (EVP_MD_is_a(md, "SHA2-384"))
+        return WIRE_HASH_SHA384;
+    if (EVP_MD_is_a(md, "SHA2-512"))
+        return WIRE_HASH_SHA512;
+    if (EVP_MD_is_a(md, "SHA1"))
+        return WIRE_HASH_SHA1;
+    return 0;
+}
+
+static int set_md(SIG_CTX *ctx, const char *name)
+{
+    EVP_MD *md = EVP_MD_fetch(ctx->prov->libctx, name, NULL);
+    uint16_t id;
+
+    if (md == NULL) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "unknown digest %s", name);
+        return 0;
+    }
+    id = hash_id(md);
+    if (id == 0) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "digest %s: TPM keys sign SHA-1, SHA-256, SHA-384 and SHA-512", name);
+        EVP_MD_free(md);
+        return 0;
+    }
+    EVP_MD_free(ctx->md);
+    ctx->md = md;
+    ctx->hash = id;
+    ctx->mdsize = (size_t)EVP_MD_get_size(md);
+    return 1;
+}
+
+static int sig_set_ctx_params(void *vctx, const OSSL_PARAM params[]);
+
+static int sig_init(SIG_CTX *ctx, void *keydata, const OSSL_PARAM params[], int need_private)
+{
+    TPMB_KEY *key = keydata;
+
+    if (key == NULL && ctx->key == NULL)
+        return 0;
+    if (key != NULL)
+        ctx->key = key;
+    if (need_private && ctx->key->blob == NULL) {
+        TPMB_RAISE(ctx->prov, TPMB_R_NO_PRIVATE_KEY,
+                   "this key has only a public part; load the TSS2 PRIVATE KEY file or "
+                   "handle: URI to sign");
+        return 0;
+    }
+    if (need_private && ctx->key->auth_missing) {
+        TPMB_RAISE(ctx->prov, TPMB_R_PASSWORD_NEEDED,
+                   "the TPM key needs its password and none was given: use -passin/-pass "
+                   "(or the application's passphrase callback)");
+        return 0;
+    }
+    if (ctx->key->pub == NULL)
+        return 0;
+    return sig_set_ctx_params(ctx, params);
+}
+
+static int sig_sign_init(void *vctx, void *keydata, const OSSL_PARAM params[])
+{
+    return sig_init(vctx, keydata, params, 1);
+}
+
+static int sig_verify_init(void *vctx, void *keydata, const OSSL_PARAM params[])
+{
+    return sig_init(vctx, keydata, params, 0);
+}
+
+static size_t max_sig_size(const SIG_CTX *ctx)
+{
+    return (size_t)EVP_PKEY_get_size(ctx->key->pub);
+}
+
+/* Checks the RSA parameters against what the TPM does; returns the wire scheme or 0. */
+static uint8_t scheme_for(SIG_CTX *ctx)
+{
+    if (ctx->key->type == WIRE_KEY_EC)
+        return WIRE_SCHEME_ECDSA;
+    if (ctx->pad == RSA_PKCS1_PADDING)
+        return WIRE_SCHEME_PKCS1;
+    /* RSA_PKCS1_PSS_PADDING, checked in set_ctx_params */
+    if (ctx->saltlen != RSA_PSS_SALTLEN_DIGEST && ctx->saltlen != RSA_PSS_SALTLEN_AUTO
+        && ctx->saltlen != RSA_PSS_SALTLEN_MAX && (size_t)ctx->saltlen != ctx->mdsize) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "PSS salt length %d: the TPM signs with salt length = digest length (%zu); "
+                   "use rsa_pss_saltlen:digest", ctx->saltlen, ctx->mdsize);
+        return 0;
+    }
+    if (ctx->mgf1[0] != '\0' && !EVP_MD_is_a(ctx->md, ctx->mgf1)) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "MGF1 digest %s: the TPM uses the signature digest (%s) for MGF1",
+                   ctx->mgf1, EVP_MD_get0_name(ctx->md));
+        return 0;
+    }
+    return WIRE_SCHEME_PSS;
+}
+
+static int do_sign(SIG_CTX *ctx, unsigned char *sig, size_t *siglen, size_t sigsize,
+                   const unsigned char *tbs, size_t tbslen)
+{
+    CLIENT_KEY ref;
+    CLIENT_ERR err;
+    uint8_t scheme;
+
+    if (ctx->md == NULL) {
+        /* a bare digest: its length says which hash (only ECDSA is hash-agnostic) */
+        static const char *const by_len[] = { "SHA1", "SHA2-256", "SHA2-384", "SHA2-512" };
+        static const size_t lens[] = { 20, 32, 48, 64 };
+        size_t i;
+
+        if (ctx->key->type == WIRE_KEY_RSA) {
+            TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT,
+                       "RSA signing with a TPM key needs the digest named "
+                       "(e.g. -pkeyopt digest:sha256)");
+            return 0;
+        }
+        for (i = 0; i < 4 && lens[i] != tbslen; i++)
+            ;
+        if (i == 4 || !set_md(ctx, by_len[i])) {
+            TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT,
+                       "input of %zu bytes is not a SHA-1/SHA-2 digest; sign with -rawin or "
+                       "hash first", tbslen);
+            return 0;
+        }
+    }
+    if (tbslen != ctx->mdsize) {
+        TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT,
+                   "input of %zu bytes is not a %s digest (%zu bytes)", tbslen,
+                   EVP_MD_get0_name(ctx->md), ctx->mdsize);
+        return 0;
+    }
+    scheme = scheme_for(ctx);
+    if (scheme == 0)
+        return 0;
+    if (sigsize < max_sig_size(ctx)) {
+        TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT, "signature buffer too small");
+        return 0;
+    }
+    *siglen = sigsize;
+    tpmb_key_client_ref(ctx->key, &ref);
+    if (!client_sign(ctx->prov->client, &ref, scheme, ctx->hash, tbs, tbslen, sig, siglen,
+                     &err)) {
+        TPMB_RAISE_CLIENT(ctx->prov, "signing with the TPM key", &err);
+        return 0;
+    }
+    return 1;
+}
+
+static int sig_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsize,
+                    const unsigned char *tbs, size_t tbslen)
+{
+    SIG_CTX *ctx = vctx;
+
+    if (sig == NULL) {
+        *siglen = max_sig_size(ctx);
+        return 1;
+    }
+    return do_sign(ctx, sig, siglen, sigsize, tbs, tbslen);
+}
+
+/* Verifies with the public key in the private libctx, with the same parameters. */
+static int do_verify(SIG_CTX *ctx, const unsigned char *sig, size_t siglen,
+                     const unsigned char *tbs, size_t tbslen)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(ctx->prov->libctx, ctx->key->pub, NULL);
+    int ok = 0;
+
+    if (pctx == NULL || EVP_PKEY_verify_init(pctx) <= 0)
+        goto end;
+    if (ctx->md != NULL && EVP_PKEY_CTX_set_signature_md(pctx, ctx->md) <= 0)
+        goto end;
+    if (ctx->key->type == WIRE_KEY_RSA) {
+        if (EVP_PKEY_CTX_set_rsa_padding(pctx, ctx->pad) <= 0)
+            goto end;
+        if (ctx->pad == RSA_PKCS1_PSS_PADDING) {
+            if (EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, ctx->saltlen) <= 0)
+                goto end;
+            if (ctx->mgf1[0] != '\0'
+                && EVP_PKEY_CTX_set_rsa_mgf1_md_name(pctx, ctx->mgf1, NULL) <= 0)
+                goto end;
+        }
+    }
+    ok = EVP_PKEY_verify(pctx, sig, siglen, tbs, tbslen) == 1;
+end:
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
+}
+
+static int sig_verify(void *vctx, const unsigned char *sig, size_t siglen,
+                      const unsigned char *tbs, size_t tbslen)
+{
+    return do_verify(vctx, sig, siglen, tbs, tbslen);
+}
+
+static int digest_init(SIG_CTX *ctx, const char *mdname, void *keydata,
+                       const OSSL_PARAM params[], int need_private)
+{
+    if (!sig_init(ctx, keydata, params, need_private))
+        return 0;
+    if (mdname == NULL || *mdname == '\0')
+        mdname = ctx->md != NULL ? EVP_MD_get0_name(ctx->md)
+                 : ctx->key->type == WIRE_KEY_EC && ctx->key->bits > 256 ? "SHA2-384"
+                                                                         : "SHA2-256";
+    if (!set_md(ctx, mdname))
+        return 0;
+    if (ctx->mdctx == NULL)
+        ctx->mdctx = EVP_MD_CTX_new();
+    if (ctx->mdctx == NULL || !EVP_DigestInit_ex2(ctx->mdctx, ctx->md, NULL)) {
+        TPMB_RAISE(ctx->prov, TPMB_R_INTERNAL, "cannot start the %s digest", mdname);
+        return 0;
+    }
+    return 1;
+}
+
+static int sig_digest_sign_init(void *vctx, const char *mdname, void *keydata,
+                                const OSSL_PARAM params[])
+{
+    return digest_init(vctx, mdname, keydata, params, 1);
+}
+
+static int sig_digest_verify_init(void *vctx, const char *mdname, void *keydata,
+                                  const OSSL_PARAM params[])
+{
+    return digest_init(vctx, mdname, keydata, params, 0);
+}
+
+static int sig_digest_update(void *vctx, const unsigned char *data, size_t datalen)
+{
+    SIG_CTX *ctx = vctx;
+
+    return ctx->mdctx != NULL && EVP_DigestUpdate(ctx->mdctx, data, datalen);
+}
+
+static int sig_digest_sign_final(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsize)
+{
+    SIG_CTX *ctx = vctx;
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int dlen = 0;
+
+    if (sig == NULL) {
+        *siglen = max_sig_size(ctx);
+        return 1;
+    }
+    if (ctx->mdctx == NULL || !EVP_DigestFinal_ex(ctx->mdctx, digest, &dlen))
+        return 0;
+    return do_sign(ctx, sig, siglen, sigsize, digest, dlen);
+}
+
+static int sig_digest_verify_final(void *vctx, const unsigned char *sig, size_t siglen)
+{
+    SIG_CTX *ctx = vctx;
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int dlen = 0;
+
+    if (ctx->mdctx == NULL || !EVP_DigestFinal_ex(ctx->mdctx, digest, &dlen))
+        return 0;
+    return do_verify(ctx, sig, siglen, digest, dlen);
+}
+
+/*
+ * AlgorithmIdentifier DER for X.509: ecdsa-with-SHAx, shaxWithRSAEncryption, or RSASSA-PSS
+ * with hash = MGF1 hash = the digest and salt length = digest length (what the TPM does).
+ */
+static int algorithm_id(const SIG_CTX *ctx, unsigned char *out, size_t *outlen)
+{
+    static const unsigned char ecdsa[] = {
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x00
+    };
+    static const unsigned char ecdsa_sha1[] = {
+        0x30, 0x09, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01
+    };
+    static const unsigned char rsa[] = {
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x00, 0x05, 0x00
+    };
+    static const unsigned char pss[] = {
+        0x30, 0x41, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a,
+        0x30, 0x34,
+        0xa0, 0x0f, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+        0x00 /* [29] hash */, 0x05, 0x00,
+        0xa1, 0x1c, 0x30, 0x1a, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01,
+        0x08, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+        0x00 /* [59] hash */, 0x05, 0x00,
+        0xa2, 0x03, 0x02, 0x01, 0x00 /* [66] salt */
+    };
+    unsigned char nist; /* last arc of the NIST hash OID */
+
+    switch (ctx->hash) {
+    case WIRE_HASH_SHA256:
+        nist = 1;
+        break;
+    case WIRE_HASH_SHA384:
+        nist = 2;
+        break;
+    case WIRE_HASH_SHA512:
+        nist = 3;
+        break;
+    case WIRE_HASH_SHA1:
+        nist = 0;
+        break;
+    default:
+        return 0;
+    }
+    if (ctx->key->type == WIRE_KEY_EC) {
+        if (nist == 0) {
+            memcpy(out, ecdsa_sha1, sizeof(ecdsa_sha1));
+            *outlen = sizeof(ecdsa_sha1);
+        } else {
+            memcpy(out, ecdsa, sizeof(ecdsa));
+            out[11] = (unsigned char)(nist + 1);
+            *outlen = sizeof(ecdsa);
+        }
+        return 1;
+    }
+    if (ctx->pad == RSA_PKCS1_PADDING) {
+        memcpy(out, rsa, sizeof(rsa));
+        out[12] = nist == 0 ? 0x05 : (unsigned char)(0x0a + nist);
+        *outlen = sizeof(rsa);
+        return 1;
+    }
+    if (nist == 0)
+        return 0; /* PSS with SHA-1 has no use with these keys */
+    memcpy(out, pss, sizeof(pss));
+    out[29] = nist;
+    out[59] = nist;
+    out[66] = (unsigned char)ctx->mdsize;
+    *outlen = sizeof(pss);
+    return 1;
+}
+
+static int sig_get_ctx_params(void *vctx, OSSL_PARAM params[])
+{
+    SIG_CTX *ctx = vctx;
+    OSSL_PARAM *p;
+
+    p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_ALGORITHM_ID);
+    if (p != NULL) {
+        unsigned char der[80];
+        size_t len;
+
+        if (ctx->md == NULL || ctx->key == NULL || !algorithm_id(ctx, der, &len)
+            || !OSSL_PARAM_set_octet_string(p, der, len))
+            return 0;
+    }
+    p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_DIGEST);
+    if (p != NULL && (ctx->md == NULL || !OSSL_PARAM_set_utf8_string(p, EVP_MD_get0_name(ctx->md))))
+        return 0;
+    p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_DIGEST_SIZE);
+    if (p != NULL && !OSSL_PARAM_set_size_t(p, ctx->mdsize))
+        return 0;
+    p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_PAD_MODE);
+    if (p != NULL) {
+        if (p->data_type == OSSL_PARAM_UTF8_STRING) {
+            if (!OSSL_PARAM_set_utf8_string(p, ctx->pad == RSA_PKCS1_PSS_PADDING ? "pss" : "pkcs1"))
+                return 0;
+        } else if (!OSSL_PARAM_set_int(p, ctx->pad)) {
+            return 0;
+        }
+    }
+    p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_PSS_SALTLEN);
+    if (p != NULL) {
+        if (p->data_type == OSSL_PARAM_UTF8_STRING) {
+            if (!OSSL_PARAM_set_utf8_string(p, OSSL_PKEY_RSA_PSS_SALT_LEN_DIGEST))
+                return 0;
+        } else if (!OSSL_PARAM_set_int(p, (int)ctx->mdsize)) {
+            return 0;
+        }
+    }
+    p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_MGF1_DIGEST);
+    if (p != NULL && ctx->md != NULL
+        && !OSSL_PARAM_set_utf8_string(p, ctx->mgf1[0] != '\0' ? ctx->mgf1
+                                                                : EVP_MD_get0_name(ctx->md)))
+        return 0;
+    return 1;
+}
+
+static const OSSL_PARAM gettable_ctx[] = {
+    OSSL_PARAM_octet_string(OSSL_SIGNATURE_PARAM_ALGORITHM_ID, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
+    OSSL_PARAM_size_t(OSSL_SIGNATURE_PARAM_DIGEST_SIZE, NULL),
+    OSSL_PARAM_int(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL),
+    OSSL_PARAM_int(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM *sig_gettable_ctx_params(void *vctx, void *provctx)
+{
+    (void)vctx;
+    (void)provctx;
+    return gettable_ctx;
+}
+
+static int parse_pad(SIG_CTX *ctx, const OSSL_PARAM *p)
+{
+    int pad;
+
+    if (p->data_type == OSSL_PARAM_UTF8_STRING) {
+        const char *s = p->data;
+
+        if (OPENSSL_strcasecmp(s, OSSL_PKEY_RSA_PAD_MODE_PKCSV15) == 0)
+            pad = RSA_PKCS1_PADDING;
+        else if (OPENSSL_strcasecmp(s, OSSL_PKEY_RSA_PAD_MODE_PSS) == 0)
+            pad = RSA_PKCS1_PSS_PADDING;
+        else
+            pad = -1;
+    } else if (!OSSL_PARAM_get_int(p, &pad)) {
+        return 0;
+    }
+    if (pad != RSA_PKCS1_PADDING && pad != RSA_PKCS1_PSS_PADDING) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "RSA padding mode %d: TPM keys sign with pkcs1 or pss", pad);
+        return 0;
+    }
+    ctx->pad = pad;
+    return 1;
+}
+
+static int parse_saltlen(SIG_CTX *ctx, const OSSL_PARAM *p)
+{
+    int saltlen;
+
+    if (p->data_type == OSSL_PARAM_UTF8_STRING) {
+        const char *s = p->data;
+
+        if (strcmp(s, OSSL_PKEY_RSA_PSS_SALT_LEN_DIGEST) == 0)
+            saltlen = RSA_PSS_SALTLEN_DIGEST;
+        else if (strcmp(s, OSSL_PKEY_RSA_PSS_SALT_LEN_MAX) == 0)
+            saltlen = RSA_PSS_SALTLEN_MAX;
+        else if (strcmp(s, OSSL_PKEY_RSA_PSS_SALT_LEN_AUTO) == 0)
+            saltlen = RSA_PSS_SALTLEN_AUTO;
+        else
+            saltlen = atoi(s);
+    } else if (!OSSL_PARAM_get_int(p, &saltlen)) {
+        return 0;
+    }
+    if (saltlen < RSA_PSS_SALTLEN_MAX) {
+        TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT, "invalid PSS salt length %d", saltlen);
+        return 0;
+    }
+    ctx->saltlen = saltlen; /* checked against the digest at signing time */
+    return 1;
+}
+
+static int sig_set_ctx_params(void *vctx, const OSSL_PARAM params[])
+{
+    SIG_CTX *ctx = vctx;
+    const OSSL_PARAM *p;
+
+    if (params == NULL)
+        return 1;
+    p = OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_DIGEST);
+    if (p != NULL) {
+        const char *name;
+
+        if (!OSSL_PARAM_get_utf8_string_ptr(p, &name) || !set_md(ctx, name))
+            return 0;
+    }
+    p = OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_PAD_MODE);
+    if (p != NULL && !parse_pad(ctx, p))
+        return 0;
+    p = OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_PSS_SALTLEN);
+    if (p != NULL && !parse_saltlen(ctx, p))
+        return 0;
+    p = OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_MGF1_DIGEST);
+    if (p != NULL) {
+        const char *name;
+
+        if (!OSSL_PARAM_get_utf8_string_ptr(p, &name) || strlen(name) >= sizeof(ctx->mgf1))
+            return 0;
+        strcpy(ctx->mgf1, name);
+    }
+    return 1;
+}
+
+static const OSSL_PARAM settable_ctx[] = {
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PROPERTIES, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_PROPERTIES, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM *sig_settable_ctx_params(void *vctx, void *provctx)
+{
+    (void)vctx;
+    (void)provctx;
+    return settable_ctx;
+}
+
+const OSSL_DISPATCH tpmb_signature_functions[] = {
+    { OSSL_FUNC_SIGNATURE_NEWCTX, (void (*)(void))sig_newctx },
+    { OSSL_FUNC_SIGNATURE_FREECTX, (void (*)(void))sig_freectx },
+    { OSSL_FUNC_SIGNATURE_DUPCTX, (void (*)(void))sig_dupctx },
+    { OSSL_FUNC_SIGNATURE_SIGN_INIT, (void (*)(void))sig_sign_init },
+    { OSSL_FUNC_SIGNATURE_SIGN, (void (*)(void))sig_sign },
+    { OSSL_FUNC_SIGNATURE_VERIFY_INIT, (void (*)(void))sig_verify_init },
+    { OSSL_FUNC_SIGNATURE_VERIFY, (void (*)(void))sig_verify },
+    { OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, (void (*)(void))sig_digest_sign_init },
+    { OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, (void (*)(void))sig_digest_update },
+    { OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, (void (*)(void))sig_digest_sign_final },
+    { OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_INIT, (void (*)(void))sig_digest_verify_init },
+    { OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_UPDATE, (void (*)(void))sig_digest_update },
+    { OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_FINAL, (void (*)(void))sig_digest_verify_final },
+    { OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, (void (*)(void))sig_get_ctx_params },
+    { OSSL_FUNC_SIGNATURE_GETTABLE_CTX_PARAMS, (void (*)(void))sig_gettable_ctx_params },
+    { OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, (void (*)(void))sig_set_ctx_params },
+    { OSSL_FUNC_SIGNATURE_SETTABLE_CTX_PARAMS, (void (*)(void))sig_settable_ctx_params },
+    { 0, NULL },
+};

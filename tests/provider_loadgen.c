@@ -1,0 +1,231 @@
+/*
+ * Load generator for the tpmbroker provider, driven by tests/test_provider.py.
+ *
+ *   provider_loadgen stress MODDIR KEY PUB THREADS ITERS CHILDREN CHILD_THREADS
+ *       loads KEY once, signs once, forks CHILDREN processes, then every process signs
+ *       with THREADS (children: CHILD_THREADS) threads ITERS times each through the one
+ *       EVP_PKEY; every signature is verified with PUB by the default provider.
+ *   provider_loadgen outage MODDIR KEY PUB
+ *       signs, waits for a line on stdin (the broker is stopped meanwhile), signs again
+ *       (must fail fast), waits for another line (broker restarted), signs again.
+ *
+ * Exit status 0 only when every signature that should work did and verified.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/provider.h>
+
+static EVP_PKEY *key, *pub;
+static int iters;
+static const char *mdname = "SHA256";
+static pthread_mutex_t count_lock = PTHREAD_MUTEX_INITIALIZER;
+static long signed_ok, failures, bad;
+
+static void errors_line(char *out, size_t cap)
+{
+    BIO *b = BIO_new(BIO_s_mem());
+    char *p;
+    long n;
+
+    ERR_print_errors(b);
+    n = BIO_get_mem_data(b, &p);
+    if (n < 0)
+        n = 0;
+    if ((size_t)n >= cap)
+        n = (long)cap - 1;
+    memcpy(out, p, (size_t)n);
+    out[n] = '\0';
+    for (p = out; *p; p++)
+        if (*p == '\n')
+            *p = ' ';
+    BIO_free(b);
+}
+
+/* 1 signed and verified, 0 signing failed, -1 signature did not verify */
+static int sign_verify(unsigned long tag, char *err, size_t errcap)
+{
+    unsigned char msg[64], sig[1024];
+    size_t siglen = sizeof(sig), msglen;
+    EVP_MD_CTX *s = EVP_MD_CTX_new(), *v = EVP_MD_CTX_new();
+    int rc = 0;
+
+    msglen = (size_t)snprintf((char *)msg, sizeof(msg), "message %d/%lu", (int)getpid(), tag);
+    if (EVP_DigestSignInit_ex(s, NULL, mdname, NULL, NULL, key, NULL) != 1
+        || EVP_DigestSign(s, sig, &siglen, msg, msglen) != 1) {
+        if (err != NULL)
+            errors_line(err, errcap);
+        else
+            ERR_print_errors_fp(stderr);
+        goto end;
+    }
+    rc = -1;
+    if (EVP_DigestVerifyInit_ex(v, NULL, mdname, NULL, NULL, pub, NULL) == 1
+        && EVP_DigestVerify(v, sig, siglen, msg, msglen) == 1)
+        rc = 1;
+    else
+        ERR_print_errors_fp(stderr);
+end:
+    ERR_clear_error();
+    EVP_MD_CTX_free(s);
+    EVP_MD_CTX_free(v);
+    return rc;
+}
+
+static void *worker(void *arg)
+{
+    unsigned long id = (unsigned long)(size_t)arg;
+    int i;
+
+    for (i = 0; i < iters; i++) {
+        int r = sign_verify(id * 1000000ul + (unsigned long)i, NULL, 0);
+
+        pthread_mutex_lock(&count_lock);
+        if (r == 1)
+            signed_ok++;
+        else if (r == 0)
+            failures++;
+        else
+            bad++;
+        pthread_mutex_unlock(&count_lock);
+    }
+    return NULL;
+}
+
+static int run_threads(int n)
+{
+    pthread_t *t = calloc((size_t)n, sizeof(*t));
+    int i;
+
+    for (i = 0; i < n; i++)
+        if (pthread_create(&t[i], NULL, worker, (void *)(size_t)i) != 0)
+            return 0;
+    for (i = 0; i < n; i++)
+        pthread_join(t[i], NULL);
+    free(t);
+    printf("pid %d threads %d signed %ld failed %ld bad %ld\n", (int)getpid(), n, signed_ok,
+           failures, bad);
+    fflush(stdout);
+    return failures == 0 && bad == 0 && signed_ok == (long)n * iters;
+}
+
+static EVP_PKEY *read_key(const char *path, int private)
+{
+    BIO *b = BIO_new_file(path, "r");
+    EVP_PKEY *k;
+
+    if (b == NULL)
+        return NULL;
+    k = private ? PEM_read_bio_PrivateKey_ex(b, NULL, NULL, NULL, NULL, NULL)
+                : PEM_read_bio_PUBKEY_ex(b, NULL, NULL, NULL, NULL, NULL);
+    BIO_free(b);
+    return k;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int wait_line(void)
+{
+    char line[64];
+
+    fflush(stdout);
+    return fgets(line, sizeof(line), stdin) != NULL;
+}
+
+static int outage(void)
+{
+    static char err[8192];
+    int64_t t0;
+    int r;
+
+    r = sign_verify(1, err, sizeof(err));
+    printf("first %s\n", r == 1 ? "ok" : "fail");
+    if (r != 1)
+        return 1;
+    printf("stop the broker\n");
+    if (!wait_line())
+        return 1;
+    t0 = now_ms();
+    r = sign_verify(2, err, sizeof(err));
+    printf("down %s %lld ms: %s\n", r == 1 ? "ok" : "fail", (long long)(now_ms() - t0), err);
+    printf("start the broker\n");
+    if (!wait_line())
+        return 1;
+    err[0] = '\0';
+    r = sign_verify(3, err, sizeof(err));
+    printf("up %s: %s\n", r == 1 ? "ok" : "fail", err);
+    fflush(stdout);
+    return r == 1 ? 0 : 1;
+}
+
+int main(int argc, char **argv)
+{
+    int children, i, ok;
+    pid_t *pids;
+
+    if (argc < 5) {
+        fprintf(stderr, "usage: see the comment at the top\n");
+        return 2;
+    }
+    if (getenv("LOADGEN_MD") != NULL)
+        mdname = getenv("LOADGEN_MD");
+    OSSL_PROVIDER_set_default_search_path(NULL, argv[2]);
+    if (OSSL_PROVIDER_load(NULL, "default") == NULL
+        || OSSL_PROVIDER_load(NULL, "tpmbroker") == NULL) {
+        ERR_print_errors_fp(stderr);
+        return 2;
+    }
+    key = read_key(argv[3], 1);
+    pub = read_key(argv[4], 0);
+    if (key == NULL || pub == NULL) {
+        ERR_print_errors_fp(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "outage") == 0)
+        return outage();
+    if (strcmp(argv[1], "stress") != 0 || argc != 9)
+        return 2;
+    iters = atoi(argv[6]);
+    children = atoi(argv[7]);
+    /* the parent holds an open broker connection when it forks */
+    if (sign_verify(0, NULL, 0) != 1)
+        return 1;
+    fflush(stdout);
+    pids = calloc((size_t)children + 1, sizeof(*pids));
+    for (i = 0; i < children; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0)
+            _exit(run_threads(atoi(argv[8])) ? 0 : 1);
+        if (pids[i] < 0)
+            return 1;
+    }
+    ok = run_threads(atoi(argv[5]));
+    for (i = 0; i < children; i++) {
+        int status;
+
+        if (waitpid(pids[i], &status, 0) != pids[i] || !WIFEXITED(status)
+            || WEXITSTATUS(status) != 0) {
+            printf("child %d failed\n", (int)pids[i]);
+            ok = 0;
+        }
+    }
+    free(pids);
+    EVP_PKEY_free(key);
+    EVP_PKEY_free(pub);
+    return ok ? 0 : 1;
+}

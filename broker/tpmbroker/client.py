@@ -55,19 +55,34 @@ class LoadedKey:
 
 
 class _Connection:
-    def __init__(self, path: str, timeout: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise BrokerUnavailableError(
-                f"cannot reach tpmbroker at {path}: {exc.strerror or exc}; is `tpmbroker serve` "
-                f"running there? (set TPMBROKER_SOCKET or pass socket=)") from None
+    def __init__(self, path: str, deadline: float) -> None:
+        self.sock = self._connect(path, deadline)
         self.reader = p.FrameReader()
         self.loaded: set[bytes] = set()
         self.next_id = 1
+
+    @staticmethod
+    def _connect(path: str, deadline: float) -> socket.socket:
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                sock.connect(path)
+                return sock
+            except BlockingIOError:
+                # EAGAIN: the listen backlog is full for a moment; a broker is there.
+                sock.close()
+                if time.monotonic() + delay >= deadline:
+                    raise DeadlineError(f"tpmbroker at {path} is too busy to accept a "
+                                        "connection before the deadline") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            except OSError as exc:
+                sock.close()
+                raise BrokerUnavailableError(
+                    f"cannot reach tpmbroker at {path}: {exc.strerror or exc}; is `tpmbroker "
+                    f"serve` running there? (set TPMBROKER_SOCKET or pass socket=)") from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -143,7 +158,7 @@ class Client:
                 conn = None
         if conn is None:
             try:
-                conn = _Connection(self.socket_path, max(0.001, deadline - time.monotonic()))
+                conn = _Connection(self.socket_path, deadline)
             except BaseException:
                 self._release(None)
                 raise

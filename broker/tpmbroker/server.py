@@ -41,6 +41,8 @@ log = logging.getLogger("tpmbroker.server")
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0
 MAX_IN_FLIGHT = 64
+# Hundreds of clients connect at once when a service starts; asyncio's default is 100.
+LISTEN_BACKLOG = 1024
 
 
 class Worker(Protocol):
@@ -389,7 +391,7 @@ class BrokerServer:
             gid = grp.getgrnam(self.config.socket_group).gr_gid
             os.chown(path, -1, gid)
         os.chmod(path, self.config.socket_mode)
-        sock.listen(512)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         return sock
 
@@ -402,7 +404,7 @@ class BrokerServer:
         await self.submit(0, deadline, lambda: self.worker.open(deadline))
         sock = self._bind()
         self._server = await asyncio.start_unix_server(self._on_connect, sock=sock,
-                                                       limit=p.MAX_FRAME)
+                                                       limit=p.MAX_FRAME, backlog=LISTEN_BACKLOG)
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
 
     async def stop(self) -> None:

@@ -1,0 +1,215 @@
+"""Benchmark results as JSON, a Markdown table and a PNG plot; the machine they came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import Point, Results
+
+REFERENCE = "direct-password"
+
+
+def _run(*cmd: str, cwd: str | None = None) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (out.stdout or out.stderr).strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _package_version(name: str) -> str:
+    return _run("dpkg-query", "-W", "-f", "${Version}", name)
+
+
+def machine_description() -> dict[str, Any]:
+    from .. import __version__
+
+    src = str(Path(__file__).resolve().parents[3])
+    commit = _run("git", "rev-parse", "HEAD", cwd=src)
+    dirty = bool(_run("git", "status", "--porcelain", "--untracked-files=no", cwd=src))
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "tpmbroker": __version__,
+        "commit": commit if len(commit) == 40 else "",
+        "tree_modified": dirty,
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": _run("openssl", "version"),
+        "swtpm": _package_version("swtpm"),
+        "tss2_esys": _package_version("libtss2-esys-3.0.2-0"),
+        "tpm2_abrmd": _package_version("tpm2-abrmd"),
+        "tpm2_openssl": _package_version("tpm2-openssl"),
+        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+def reference_rates(points: list[Point]) -> dict[str, float]:
+    """Signatures/s of the reference system (one client) per key type."""
+    return {pt.key: pt.rate for pt in points
+            if pt.system == REFERENCE and pt.clients == 1 and pt.rate > 0}
+
+
+def write_json(results: Results, path: Path) -> None:
+    data = {"meta": results.meta, "points": [dataclasses.asdict(pt) for pt in results.points]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(results: Results) -> str:
+    refs = reference_rates(results.points)
+    lines = [
+        "| system | key | clients | signatures/s | x direct | p50 ms | p99 ms | failures "
+        "| max TPM sessions | TPM utilization |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for pt in results.points:
+        ref = refs.get(pt.key)
+        ratio = f"{pt.rate / ref:.2f}" if ref else "-"
+        failures = str(pt.failures)
+        if pt.signatures + pt.failures:
+            failures += f" ({100 * pt.failures / (pt.signatures + pt.failures):.0f} %)"
+        if pt.bad_signatures:
+            failures += f", {pt.bad_signatures} bad"
+        util = "-" if pt.tpm_utilization is None else f"{100 * pt.tpm_utilization:.0f} %"
+        row = (f"| {pt.system} | {pt.key} | {pt.clients} | {pt.rate:.0f} | {ratio} "
+               f"| {pt.p50_ms:.2f} | {pt.p99_ms:.2f} | {failures} "
+               f"| {_fmt(pt.max_active_sessions, 'd')} | {util} |")
+        if pt.note:
+            row = f"| {pt.system} | {pt.key} | {pt.clients} | not run (1) | - | - | - | - | - | - |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def _errors_section(results: Results) -> str:
+    lines: list[str] = []
+    for pt in results.points:
+        if pt.note:
+            lines.append(f"- {pt.system} {pt.key} x {pt.clients}: {pt.note}")
+        elif pt.errors:
+            top = "; ".join(f"{name} x {count}" for name, count in pt.errors.items())
+            lines.append(f"- {pt.system} {pt.key} x {pt.clients}: {top}")
+    return "\n".join(lines)
+
+
+def write_markdown(results: Results, path: Path) -> None:
+    meta = results.meta
+    parts = [
+        "# tpmbroker bench\n",
+        f"`{meta.get('command', '')}`\n" if meta.get("command") else "",
+        f"{meta['date']}; commit {meta.get('commit') or '?'}"
+        f"{' (with uncommitted changes)' if meta.get('tree_modified') else ''}; "
+        f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['memory_gib']} GiB; "
+        f"load average {meta['loadavg_before']} before, {meta.get('loadavg_after', '?')} "
+        "after.\n",
+        markdown_table(results),
+        "\nx direct: signatures/s over direct-password's (one client, same key)."
+        + (" (1) see below." if any(pt.note for pt in results.points) else "") + "\n",
+    ]
+    errors = _errors_section(results)
+    if errors:
+        parts.append("\nFailures and errors:\n\n" + errors + "\n")
+    path.write_text("\n".join(part for part in parts if part))
+
+
+def write_png(results: Results, path: Path) -> bool:
+    """Throughput and p99 against concurrency; one panel column per key type.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(pt.key for pt in results.points))
+    systems = list(dict.fromkeys(pt.system for pt in results.points))
+    if not keys:
+        return False
+    fig, axes = plt.subplots(2, len(keys), figsize=(6.5 * len(keys), 8.5), squeeze=False)
+    markers = "osD^vP*X"
+    for col, key in enumerate(keys):
+        top, bottom = axes[0][col], axes[1][col]
+        for index, system in enumerate(systems):
+            pts = sorted((pt for pt in results.points
+                          if pt.key == key and pt.system == system and pt.signatures > 0),
+                         key=lambda pt: pt.clients)
+            if not pts:
+                continue
+            xs = [pt.clients for pt in pts]
+            style = {"marker": markers[index % len(markers)], "label": system,
+                     "color": f"C{index}"}
+            top.plot(xs, [pt.rate for pt in pts], **style)
+            bottom.plot(xs, [pt.p99_ms for pt in pts], **style)
+            for pt in pts:
+                if pt.failures:
+                    share = 100 * pt.failures / (pt.failures + pt.signatures)
+                    top.annotate(f"{share:.0f} % failed", (pt.clients, pt.rate),
+                                 textcoords="offset points", xytext=(4, -12), fontsize=7,
+                                 color=f"C{index}")
+        top.set_title(f"{key}: signatures/s")
+        bottom.set_title(f"{key}: p99 latency (ms)")
+        levels = sorted({pt.clients for pt in results.points if pt.key == key})
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
+            ax.minorticks_off()
+            ax.set_xlabel("concurrent signers (threads or processes)")
+            ax.grid(True, which="both", alpha=0.3)
+        top.set_ylim(bottom=0)
+        bottom.set_yscale("log")
+        bottom.minorticks_on()
+        top.legend(fontsize=8)
+    meta = results.meta
+    fig.suptitle(f"tpmbroker bench, swtpm, {meta['cpus']} CPUs, {meta['date']}, "
+                 f"commit {(meta.get('commit') or '?')[:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(results: Results, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md", "png": out / "bench.png"}
+    write_json(results, paths["json"])
+    write_markdown(results, paths["markdown"])
+    if not write_png(results, paths["png"]):
+        del paths["png"]
+    return paths

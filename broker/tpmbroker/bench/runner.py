@@ -1,0 +1,389 @@
+"""`tpmbroker bench`: every system side by side on one TPM in one run.
+
+The run owns everything it uses: a swtpm on free loopback ports (unless --tcti names a TPM),
+a private D-Bus with tpm2-abrmd for the systems that need a resource manager, and the
+broker as a subprocess. Systems that need the TPM to themselves run in phases; the TPM is
+restarted (Startup CLEAR) between phases so each starts clean. Everything is stopped on the
+way out, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from ..load import LoadReport
+from . import systems as s
+from .services import Abrmd, BrokerProcess, CpuMeter, DbusDaemon
+
+KEYS = ("ec:P-256", "rsa:2048")
+
+
+@dataclasses.dataclass
+class Options:
+    systems: list[str]
+    keys: list[str]
+    clients: list[int]
+    seconds: float
+    out: Path
+    tcti: str | None = None
+    sessions: int = 2
+    max_processes: int = 32
+    command: str = ""
+
+
+@dataclasses.dataclass
+class Point:
+    system: str
+    key: str
+    clients: int
+    seconds: float
+    signatures: int
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    failures: int
+    bad_signatures: int
+    max_active_sessions: int | None
+    tpm_utilization: float | None
+    errors: dict[str, int]
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Results:
+    meta: dict[str, Any]
+    points: list[Point]
+
+
+def plan(options: Options) -> list[tuple[str, str, int]]:
+    """(system, key, clients) in run order: grouped by what each system needs running."""
+    out: list[tuple[str, str, int]] = []
+    for group in (s.DIRECT, s.BROKER, s.ABRMD):
+        for system in group:
+            if system not in options.systems:
+                continue
+            for key in options.keys:
+                if system in s.DIRECT:
+                    levels = [1]  # a raw TPM: one connection, three object slots
+                elif system == "tpm2-openssl":
+                    levels = sorted({min(c, options.max_processes) for c in options.clients})
+                elif system == "engine-style" and not key.startswith("ec:"):
+                    continue
+                else:
+                    levels = list(options.clients)
+                out.extend((system, key, c) for c in levels)
+    return out
+
+
+# --- progress on stderr -------------------------------------------------------------------------
+
+class Progress:
+    """`[#####-----] 7/22  provider ec:P-256 64 clients  3.1/5.0 s` on stderr."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 24) -> None:
+        self.total = total
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+        self.done = 0
+        self.label = ""
+        self.started = 0.0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Progress:
+        if self.tty:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="progress")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._draw(final=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            with self._lock:
+                self._draw()
+
+    def _draw(self, final: bool = False) -> None:
+        fraction = self.done / self.total if self.total else 1.0
+        filled = int(fraction * self.width)
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total}"
+        if self.label and not final and not self.tty:
+            line += f"  {self.label}"
+        elif self.label and not final:
+            elapsed = min(time.monotonic() - self.started, self.seconds) if self.started else 0
+            line += f"  {self.label}  {elapsed:4.1f}/{self.seconds:.1f} s"
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
+        elif final or self.label:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def point(self, label: str, seconds: float) -> None:
+        with self._lock:
+            self.label = label
+            self.seconds = seconds
+            self.started = time.monotonic()
+            if not self.tty:
+                self._draw()
+
+    def advance(self) -> None:
+        with self._lock:
+            self.done += 1
+            self.label = ""
+            self.started = 0.0
+
+    def message(self, text: str) -> None:
+        with self._lock:
+            if self.tty:
+                self.stream.write("\r\x1b[2K")
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+# --- running ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _point(system: str, key: str, clients: int, report: LoadReport | None,
+           utilization: float | None, sessions_known: bool, note: str = "") -> Point:
+    if report is None:
+        return Point(system, key, clients, 0.0, 0, 0.0, 0.0, 0.0, 0, 0, None, utilization,
+                     {}, note)
+    p50 = statistics.median(report.latencies_ms) if report.latencies_ms else 0.0
+    return Point(system, key, clients, round(report.seconds, 3), report.signatures,
+                 round(report.rate, 1), round(p50, 3), round(report.percentile(99), 3),
+                 report.failures, report.bad_signatures,
+                 report.max_active_sessions if sessions_known else None,
+                 None if utilization is None else round(utilization, 3),
+                 dict(sorted(report.errors.items(), key=lambda kv: -kv[1])[:8]), note)
+
+
+def _tpm2_openssl_available() -> str | None:
+    """None when tpm2-openssl's module is installed, else why not.
+
+    Not by loading it here: it opens a TPM connection (default TCTI) when it is loaded.
+    """
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["openssl", "version", "-m"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"tpm2-openssl not checked: {exc}"
+    match = re.search(r'MODULESDIR: "([^"]+)"', out)
+    if match is None or not (Path(match.group(1)) / "tpm2.so").exists():
+        return "tpm2-openssl is not installed (Debian package: tpm2-openssl)"
+    return None
+
+
+def run(options: Options, stream: TextIO = sys.stderr) -> Results:
+    from .report import machine_description
+
+    todo = plan(options)
+    points: list[Point] = []
+    meta = machine_description()
+    meta.update(command=options.command, seconds_per_point=options.seconds,
+                clients=options.clients, keys=options.keys, systems=options.systems,
+                pool_sessions=options.sessions, tcti=options.tcti or "swtpm (own)",
+                descriptions={k: v for k, v in s.DESCRIPTIONS.items() if k in options.systems})
+    saved_env = {k: os.environ.get(k) for k in ("TPMBROKER_SOCKET", "DBUS_SESSION_BUS_ADDRESS")}
+    workdir = Path(tempfile.mkdtemp(prefix="tpmbroker-bench-"))
+    try:
+        with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
+            stack.callback(shutil.rmtree, workdir, True)
+            if stream is sys.stderr:  # survives _quiet_stderr()
+                stream = stack.enter_context(open(os.dup(2), "w", buffering=1))
+            progress = stack.enter_context(Progress(len(todo), stream))
+            _run_all(options, todo, points, workdir, stack, progress)
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    meta["loadavg_after"] = _loadavg()
+    return Results(meta, points)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null (the progress bar writes to a duplicate)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _restart_abrmd(abrmd: Abrmd, phase: contextlib.ExitStack) -> Any:
+    import gc
+
+    gc.collect()  # ESAPI contexts of finished threads close their connections
+    abrmd.stop()
+    abrmd.start()
+    probe, close_probe = s.abrmd_session_probe(abrmd.tcti)
+    phase.callback(close_probe)
+    return probe
+
+
+def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Point],
+             workdir: Path, stack: contextlib.ExitStack, progress: Progress) -> None:
+    from ..simulator import Swtpm
+
+    swtpm: Swtpm | None = None
+    if options.tcti:
+        tcti = options.tcti
+    else:
+        swtpm = Swtpm(workdir / "tpm")
+        swtpm.start()
+        stack.callback(swtpm.stop)
+        tcti = swtpm.tcti
+
+    keys: dict[str, s.Key] = {}
+    for name in options.keys:
+        progress.message(f"making a {name} key in the TPM")
+        keys[name] = s.make_key(tcti, name)
+        (workdir / f"{name.replace(':', '-')}.pem").write_bytes(keys[name].pem)
+
+    bus: DbusDaemon | None = None
+    if any(system in s.ABRMD for system, _, _ in todo) and not tcti.startswith("tabrmd"):
+        bus = DbusDaemon()
+        stack.callback(bus.stop)
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
+
+    tpm2_openssl_missing = (_tpm2_openssl_available()
+                            if any(x[0] == "tpm2-openssl" for x in todo) else None)
+
+    for group in (s.DIRECT, s.BROKER, s.ABRMD):
+        group_todo = [x for x in todo if x[0] in group]
+        if not group_todo:
+            continue
+        if swtpm is not None:
+            swtpm.restart()  # a clean TPM for each phase
+        with contextlib.ExitStack() as phase:
+            target = tcti
+            env = dict(os.environ)
+            broker: BrokerProcess | None = None
+            probe = None
+            abrmd: Abrmd | None = None
+            try:
+                if group is s.BROKER:
+                    broker = BrokerProcess(tcti, workdir / "broker", sessions=options.sessions)
+                    phase.callback(broker.stop)
+                    broker.start()
+                elif group is s.ABRMD:
+                    if bus is not None:
+                        # tpm2-abrmd admits at most 100 connections
+                        abrmd = Abrmd(tcti, workdir / "abrmd", bus, max_connections=100)
+                        phase.callback(abrmd.stop)
+                        abrmd.start()
+                        target = abrmd.tcti
+                        env = abrmd.env()
+                    probe, close_probe = s.abrmd_session_probe(target)
+                    phase.callback(close_probe)
+            except Exception as exc:
+                for system, key_name, clients in group_todo:
+                    points.append(_point(system, key_name, clients, None, None, False,
+                                         f"setup failed: {exc}"[:300]))
+                    progress.advance()
+                progress.message(f"{', '.join(group)}: setup failed: {exc}")
+                continue
+            meter = phase.enter_context(CpuMeter(swtpm.pid if swtpm is not None else None))
+            for system, key_name, clients in group_todo:
+                key = keys[key_name]
+                progress.point(f"{system} {key_name} {clients} client"
+                               f"{'s' if clients > 1 else ''}", options.seconds)
+                note = ""
+                report: LoadReport | None = None
+                start = end = 0.0
+                if system == "engine-style" and abrmd is not None:
+                    # Threads that fail leave tpm2-abrmd's connection and session tables
+                    # in an unknown state: every point starts with a fresh one.
+                    probe = _restart_abrmd(abrmd, phase)
+                try:
+                    if system == "tpm2-openssl" and tpm2_openssl_missing:
+                        note = tpm2_openssl_missing
+                    elif system in s.DIRECT:
+                        report = s.run_direct(target, key, options.seconds,
+                                              hmac=system == "direct-hmac")
+                    elif system == "provider":
+                        assert broker is not None
+                        report = s.run_provider(broker.socket, workdir, key, clients,
+                                                options.seconds)
+                    elif system == "client":
+                        assert broker is not None
+                        report = s.run_client(broker.socket, key, clients, options.seconds)
+                    elif system == "tpm2-openssl":
+                        key_path = workdir / f"{key_name.replace(':', '-')}.pem"
+                        report, start = s.run_processes(target, env, key_path, clients,
+                                                        options.seconds, probe)
+                        end = start + options.seconds
+                    elif system == "engine-style":
+                        with _quiet_stderr():  # GLib warns once per refused connection
+                            report = s.run_engine_style(target, key, clients,
+                                                        options.seconds, probe)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:
+                    note = f"error: {type(exc).__name__}: {exc}"[:300]
+                    if broker is not None and not (broker.proc and broker.proc.poll() is None):
+                        note += f" (broker log: {broker.log()[-300:]})"
+                if report is not None and not end:
+                    end = time.monotonic()
+                    start = end - report.seconds
+                time.sleep(0.1)  # let the meter take a sample past the window's end
+                utilization = meter.utilization(start, end) if report is not None else None
+                points.append(_point(system, key_name, clients, report, utilization,
+                                     sessions_known=True, note=note))
+                if note:
+                    progress.message(f"{system} {key_name} {clients}: {note}")
+                progress.advance()

@@ -1,0 +1,445 @@
+"""The systems under test: one function per way of getting a TPM signature.
+
+Each takes a target (what to reach and with how many signers) and returns a LoadReport;
+the runner adds TPM utilization and the point's metadata. All sign SHA-256: ECDSA for EC
+keys, RSASSA-PKCS1-v1_5 for RSA keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR, TPM2_SE, TPMA_SESSION
+from tpm2_pytss.tsskey import TSSPrivKey
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPML_PCR_SELECTION,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+    TPMT_TK_HASHCHECK,
+)
+
+from .. import protocol as p
+from ..load import LoadReport, sample_sessions
+from .libcrypto import Libcrypto, LibcryptoError, Signer, verify
+
+SYSTEMS = ("direct-password", "direct-hmac", "provider", "client", "tpm2-openssl",
+           "engine-style")
+DIRECT = ("direct-password", "direct-hmac")
+BROKER = ("provider", "client")
+ABRMD = ("tpm2-openssl", "engine-style")
+
+DESCRIPTIONS = {
+    "direct-password": "tpm2-pytss ESAPI loop in the benchmark process, password auth, key "
+                       "loaded once, straight to the TPM (no resource manager): the reference",
+    "direct-hmac": "as direct-password, through one reused salted HMAC session with "
+                   "parameter encryption (tss2-esys computes the HMACs)",
+    "provider": "tpmbroker through its OpenSSL provider: N threads of this process call "
+                "EVP_DigestSign in the system libcrypto (cffi, GIL released)",
+    "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
+              "share one Client",
+    "tpm2-openssl": "tpm2-openssl 1.1.1 through tpm2-abrmd: N processes (it is not "
+                    "thread-safe), each EVP_DigestSign in a loop, password auth",
+    "engine-style": "N threads through tpm2-abrmd, each starting 3 salted sessions per "
+                    "signature (as per-operation engines do), EC only",
+}
+
+CHECK_EVERY = 50  # verify one signature in this many
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One benchmark key, made once in the TPM and used by every system."""
+
+    name: str  # "ec:P-256", "rsa:2048"
+    der: bytes  # TSS2 PRIVATE KEY
+    pem: bytes
+    public: bytes  # SubjectPublicKeyInfo DER
+
+    @property
+    def is_ec(self) -> bool:
+        return self.name.startswith("ec:")
+
+
+def make_key(tcti: str, name: str) -> Key:
+    from ..keyfile import der_to_pem
+
+    with ESAPI(TCTILdr.parse(tcti)) as ectx:
+        if name == "ec:P-256":
+            tss = TSSPrivKey.create_ecc(ectx)
+        elif name == "rsa:2048":
+            tss = TSSPrivKey.create_rsa(ectx, keyBits=2048)
+        else:
+            raise ValueError(f"unsupported key type {name} (ec:P-256, rsa:2048)")
+    der: bytes = tss.to_der()
+    public: bytes = tss.public.to_der()
+    return Key(name, der, der_to_pem(der), public)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _sig_scheme(key: Key) -> TPMT_SIG_SCHEME:
+    scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA if key.is_ec else TPM2_ALG.RSASSA)
+    scheme.details.any.hashAlg = TPM2_ALG.SHA256
+    return scheme
+
+
+def _storage_primary(ectx: ESAPI) -> ESYS_TR:
+    template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", nameAlg="sha256",
+                                  objectAttributes="restricted|decrypt|fixedtpm|fixedparent|"
+                                  "sensitivedataorigin|userwithauth|noda")
+    handle, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_OWNER,
+                                     TPM2B_DATA(), TPML_PCR_SELECTION())
+    return handle
+
+
+def _active_sessions(ectx: ESAPI) -> int:
+    _, data = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT_HR.ACTIVE, 1)
+    for prop in data.data.tpmProperties:
+        if int(prop.property) == int(TPM2_PT_HR.ACTIVE):
+            return int(prop.value)
+    return 0
+
+
+def _tpm_signature_der(key: Key, signature: Any) -> bytes:
+    if key.is_ec:
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+        r = int.from_bytes(bytes(signature.signature.ecdsa.signatureR), "big")
+        s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS), "big")
+        return encode_dss_signature(r, s)
+    return bytes(signature.signature.rsassa.sig)
+
+
+def _verify_digest(key: Key, signature: bytes, digest: bytes) -> bool:
+    from ..load import verify as verify_digest
+
+    key_type = p.KeyType.EC if key.is_ec else p.KeyType.RSA
+    scheme = p.Scheme.ECDSA if key.is_ec else p.Scheme.PKCS1
+    return verify_digest(key.public, key_type, signature, digest, p.HashAlg.SHA256, scheme)
+
+
+def _merge(report: LoadReport, lock: threading.Lock, done: int, failed: int, bad: int,
+           latencies: list[float], errors: dict[str, int], index: int) -> None:
+    with lock:
+        report.signatures += done
+        report.failures += failed
+        report.bad_signatures += bad
+        report.latencies_ms.extend(latencies)
+        report.per_client[index] = done
+        for name, count in errors.items():
+            report.errors[name] = report.errors.get(name, 0) + count
+
+
+class SessionSampler:
+    """Records the most TPM sessions seen active (TPM2_PT_HR_ACTIVE) while a load runs."""
+
+    def __init__(self, probe: Callable[[], int | None], interval: float = 0.1) -> None:
+        self.probe = probe
+        self.interval = interval
+        self.max_active = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="sessions")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):  # the probe must not end the run
+                value = self.probe()
+                if value is not None:
+                    self.max_active = max(self.max_active, value)
+                    self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> SessionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def abrmd_session_probe(tcti: str) -> tuple[Callable[[], int | None], Callable[[], None]]:
+    """A probe over a connection of its own through a resource manager; and its closer."""
+    ectx = ESAPI(TCTILdr.parse(tcti))
+    lock = threading.Lock()
+
+    def probe() -> int | None:
+        with lock:
+            return _active_sessions(ectx)
+
+    def close() -> None:
+        with lock, contextlib.suppress(Exception):  # its resource manager may be gone
+            ectx.close()
+
+    return probe, close
+
+
+# --- 1, 2: ESAPI straight to the TPM ------------------------------------------------------
+
+def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
+    """One thread, one ESAPI context, the key loaded once; optionally one salted session.
+
+    A raw TPM has no resource manager, so no second connection can watch it: active
+    sessions are read in-process between signatures, four times a second.
+    """
+    report = LoadReport(1, seconds, per_client=[0])
+    with ESAPI(TCTILdr.parse(tcti)) as ectx:
+        tss = TSSPrivKey.from_der(key.der)
+        parent = _storage_primary(ectx)
+        handle = ectx.load(parent, tss.private, tss.public)
+        session = ESYS_TR.PASSWORD
+        if hmac:
+            sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
+            sym.keyBits.aes = 128
+            sym.mode.aes = TPM2_ALG.CFB
+            session = ectx.start_auth_session(parent, ESYS_TR.NONE, TPM2_SE.HMAC, sym,
+                                              TPM2_ALG.SHA256)
+            ectx.trsess_set_attributes(session,
+                                       TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT)
+        ectx.flush_context(parent)
+        scheme = _sig_scheme(key)
+        ticket = TPMT_TK_HASHCHECK(tag=0x8024, hierarchy=0x40000007)  # ST_HASHCHECK, null
+        done = failed = bad = 0
+        errors: dict[str, int] = {}
+        latencies: list[float] = []
+        next_probe = 0.0
+        try:
+            t_start = time.monotonic()
+            end = t_start + seconds
+            while True:
+                now = time.monotonic()
+                if now >= end:
+                    break
+                if now >= next_probe:
+                    report.max_active_sessions = max(report.max_active_sessions,
+                                                     _active_sessions(ectx))
+                    next_probe = now + 0.25
+                digest = hashlib.sha256(f"{done}:{failed}".encode()).digest()
+                t0 = time.perf_counter()
+                try:
+                    signature = ectx.sign(handle, digest, scheme, ticket, session1=session)
+                except TSS2_Exception as exc:
+                    failed += 1
+                    name = f"rc 0x{exc.rc:x}"
+                    errors[name] = errors.get(name, 0) + 1
+                    continue
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if done % CHECK_EVERY == 0 and not _verify_digest(
+                        key, _tpm_signature_der(key, signature), digest):
+                    bad += 1
+                done += 1
+            report.seconds = time.monotonic() - t_start
+        finally:
+            if hmac:
+                with contextlib.suppress(TSS2_Exception):
+                    ectx.flush_context(session)
+            with contextlib.suppress(TSS2_Exception):
+                ectx.flush_context(handle)
+    _merge(report, threading.Lock(), done, failed, bad, latencies, errors, 0)
+    return report
+
+
+# --- 3: the tpmbroker provider in libcrypto ---------------------------------------------------
+
+def provider_config(path: Path, socket: str, timeout: float = 30.0) -> Path:
+    """An OpenSSL config that loads default, then tpmbroker (order matters, see FACTS)."""
+    from ..paths import provider_path
+
+    path.write_text(
+        "openssl_conf = openssl_init\n\n"
+        "[openssl_init]\nproviders = provider_sect\n\n"
+        "[provider_sect]\ndefault = default_sect\ntpmbroker = tpmbroker_sect\n\n"
+        "[default_sect]\nactivate = 1\n\n"
+        f"[tpmbroker_sect]\nmodule = {provider_path()}\nactivate = 1\n"
+        f"socket = {socket}\ntimeout = {timeout:g}\n")
+    return path
+
+
+def run_libcrypto_threads(crypto: Libcrypto, pkey: Any, public: bytes, clients: int,
+                          seconds: float) -> LoadReport:
+    """`clients` threads, each with its own EVP_MD_CTX, EVP_DigestSign on one shared key."""
+    report = LoadReport(clients, seconds, per_client=[0] * clients)
+    lock = threading.Lock()
+    stop = threading.Event()
+    start = threading.Barrier(clients + 1)
+
+    def signer(index: int) -> None:
+        done = failed = bad = 0
+        errors: dict[str, int] = {}
+        latencies: list[float] = []
+        try:
+            sign = Signer(crypto, pkey).sign
+        finally:
+            start.wait()
+        while not stop.is_set():
+            message = f"{index}:{done}:{failed}".encode()
+            t0 = time.perf_counter()
+            try:
+                signature = sign(message)
+            except LibcryptoError as exc:
+                failed += 1
+                text = str(exc)[:160]
+                errors[text] = errors.get(text, 0) + 1
+                continue
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if done % CHECK_EVERY == 0 and not verify(public, signature, message):
+                bad += 1
+            done += 1
+        _merge(report, lock, done, failed, bad, latencies, errors, index)
+
+    threads = [threading.Thread(target=signer, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.monotonic()
+    try:
+        time.sleep(seconds)
+    finally:
+        stop.set()
+    for t in threads:
+        t.join()
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def run_provider(socket: str, workdir: Path, key: Key, clients: int,
+                 seconds: float) -> LoadReport:
+    from ..client import Client
+
+    config = provider_config(workdir / "openssl-tpmbroker.cnf", socket)
+    os.environ["TPMBROKER_SOCKET"] = socket  # the provider prefers it to the config
+    crypto = Libcrypto(config=config)
+    try:
+        pkey = crypto.load_pem_key(key.pem)
+        with Client(socket, timeout=10) as status_client:
+            stop = threading.Event()
+            holder = LoadReport(clients, seconds)
+            sampler = threading.Thread(target=sample_sessions,
+                                       args=(status_client, stop, holder, 0.1), daemon=True)
+            sampler.start()
+            try:
+                report = run_libcrypto_threads(crypto, pkey, key.public, clients, seconds)
+            finally:
+                stop.set()
+                sampler.join()
+        report.max_active_sessions = holder.max_active_sessions
+        report.pool_size = holder.pool_size
+        del pkey
+    finally:
+        crypto.close()
+    return report
+
+
+# --- 4: the Python client ---------------------------------------------------------------------
+
+def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadReport:
+    from ..client import Client
+    from ..load import run_threads
+
+    with Client(socket, timeout=30, max_connections=clients + 1) as client:
+        loaded = client.load_key(key.der)
+        return run_threads(client, loaded, clients, seconds, check_every=CHECK_EVERY)
+
+
+# --- 5: tpm2-openssl, one process per signer ---------------------------------------------
+
+def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
+                  seconds: float, probe: Callable[[], int | None] | None,
+                  providers: str = "tpm2,base") -> tuple[LoadReport, float]:
+    """`clients` processes, each loading the key in its own libcrypto and signing in a loop.
+
+    Returns the report and the moment the processes were told to start: each then signs
+    for exactly `seconds`.
+    """
+    report = LoadReport(clients, seconds, per_client=[0] * clients)
+    t0 = time.monotonic()
+    child_env = dict(env, TPM2OPENSSL_TCTI=tcti, TSS2_LOG="all+none")
+    child_env.pop("OPENSSL_CONF", None)
+    cmd = [sys.executable, "-m", "tpmbroker.bench.libcrypto", "--providers", providers,
+           "--key", str(key_path), "--seconds", str(seconds), "--mode", "digest-sign",
+           "--verify-every", str(CHECK_EVERY)]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(clients):
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, env=child_env, text=True,
+                                          start_new_session=True))
+        ready: list[subprocess.Popen[str]] = []
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            if line == "ready":
+                ready.append(proc)
+            else:
+                report.failures += 1
+                text = f"setup: {line or 'no output'}"[:160]
+                report.errors[text] = report.errors.get(text, 0) + 1
+        results: list[dict[str, Any]] = []
+        sampler = SessionSampler(probe) if probe is not None else None
+        if sampler is not None:
+            sampler.__enter__()
+        t0 = time.monotonic()
+        try:
+            for proc in ready:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            for proc in ready:
+                assert proc.stdout is not None
+                out = proc.stdout.readline()
+                proc.wait(timeout=60)
+                try:
+                    results.append(json.loads(out))
+                except ValueError:
+                    report.failures += 1
+                    report.errors["worker ended without a result"] = (
+                        report.errors.get("worker ended without a result", 0) + 1)
+            report.seconds = seconds
+        finally:
+            if sampler is not None:
+                sampler.__exit__()
+        for index, result in enumerate(results):
+            report.signatures += int(result["signatures"])
+            report.failures += int(result["failures"])
+            report.bad_signatures += int(result["bad_signatures"])
+            report.latencies_ms.extend(float(x) for x in result["latencies_ms"])
+            report.per_client[index] = int(result["signatures"])
+            for name, count in result["errors"].items():
+                report.errors[name] = report.errors.get(name, 0) + int(count)
+        if sampler is not None:
+            report.max_active_sessions = sampler.max_active
+    finally:
+        from .services import kill_group
+
+        for proc in procs:
+            kill_group(proc, timeout=2)
+    return report, t0
+
+
+# --- 6: per-operation sessions ----------------------------------------------------------------
+
+def run_engine_style(tcti: str, key: Key, clients: int, seconds: float,
+                     probe: Callable[[], int | None] | None) -> LoadReport:
+    from . import engine_style
+
+    with SessionSampler(probe) if probe is not None else contextlib.nullcontext() as sampler:
+        report = engine_style.run(tcti, key.der, clients, seconds)
+    if isinstance(sampler, SessionSampler):
+        report.max_active_sessions = sampler.max_active
+    return report

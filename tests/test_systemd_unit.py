@@ -1,4 +1,7 @@
-"""The shipped service files are valid for systemd."""
+"""The shipped service files (contrib/systemd) are valid for systemd.
+
+Not under a top-level packaging/: the in-tree build backend puts the repo root on
+sys.path, where such a directory would shadow the `packaging` library."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    unit = (ROOT / "packaging" / "systemd" / "tpmbroker.service").read_text()
+    unit = (ROOT / "contrib" / "systemd" / "tpmbroker.service").read_text()
     exe = str(Path(sys.executable).parent / "tpmbroker")
     assert "/usr/local/bin/tpmbroker serve" in unit
     (tmp_path / "tpmbroker.service").write_text(unit.replace("/usr/local/bin/tpmbroker", exe))
@@ -25,6 +28,6 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 
 def test_unit_admits_nginx_users_and_neutralises_openssl_conf() -> None:
-    unit = (ROOT / "packaging" / "systemd" / "tpmbroker.service").read_text()
+    unit = (ROOT / "contrib" / "systemd" / "tpmbroker.service").read_text()
     assert "--allow-uid root --allow-uid www-data" in unit
     assert "Environment=OPENSSL_CONF=/dev/null" in unit

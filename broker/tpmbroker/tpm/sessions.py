@@ -6,13 +6,15 @@ pool starts at most `size` of them and keeps them for the broker's lifetime
 sessions it has and tries again now and then; with none, a request waits with backoff
 until its deadline.
 
-All HMAC and parameter-encryption work happens inside ESAPI for now (about 2.2 ms of
-client CPU per command); computing it here over the raw TCTI is planned, which is why
-session handling stays in this module.
+Sessions are ESYS_TRs either way. ESAPI starts them by default and then computes their
+HMACs and parameter encryption itself (about 2.2 ms of client CPU per command); the
+worker's fast path passes `start` to start them with raw commands instead, keeps their
+keys and nonces itself (session_crypto) and uses the ESYS_TR only to name and flush them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +41,24 @@ def _aes128_cfb() -> Any:
                         mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB))
 
 
+def _start_esys_session(ectx: Any, salt_key: Any) -> Any:
+    session = ectx.start_auth_session(
+        tpm_key=salt_key, bind=ESYS_TR.NONE, session_type=TPM2_SE.HMAC,
+        symmetric=_aes128_cfb(), auth_hash=TPM2_ALG.SHA256)
+    try:
+        ectx.trsess_set_attributes(session, SESSION_ATTRIBUTES)
+    except TSS2_Exception:
+        ectx.flush_context(session)
+        raise
+    return session
+
+
 class SessionPool:
     """Up to `size` salted HMAC sessions, handed out round robin."""
 
     def __init__(self, size: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 start: Callable[[Any, Any], Any] | None = None) -> None:
         if not 1 <= size <= 3:
             raise ValueError(f"session pool size must be 1 to 3, not {size}")
         self.size = size
@@ -52,6 +67,7 @@ class SessionPool:
         self._last_shortage = -float("inf")
         self._clock = clock
         self._sleep = sleep
+        self._start = start or _start_esys_session
 
     @property
     def count(self) -> int:
@@ -68,19 +84,12 @@ class SessionPool:
         """
         while len(self._sessions) < self.size:
             try:
-                session = ectx.start_auth_session(
-                    tpm_key=salt_key, bind=ESYS_TR.NONE, session_type=TPM2_SE.HMAC,
-                    symmetric=_aes128_cfb(), auth_hash=TPM2_ALG.SHA256)
+                session = self._start(ectx, salt_key)
             except TSS2_Exception as exc:
                 if classify(exc) is not Kind.SESSION_SLOTS:
                     raise
                 self._last_shortage = self._clock()
                 return
-            try:
-                ectx.trsess_set_attributes(session, SESSION_ATTRIBUTES)
-            except TSS2_Exception:
-                ectx.flush_context(session)
-                raise
             self._sessions.append(session)
 
     def acquire(self, ectx: Any, salt_key: Any, deadline: float) -> Any:
@@ -120,6 +129,16 @@ class SessionPool:
             except TSS2_Exception:
                 continue
         self.forget()
+
+    def discard(self, ectx: Any, session: Any) -> None:
+        """Flush one session whose state we no longer trust and drop it from the pool.
+
+        FlushContext needs no authorization, so this cannot cost a DA failure."""
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self._next = 0
+        with contextlib.suppress(TSS2_Exception):
+            ectx.flush_context(session)
 
     def forget(self) -> None:
         """Drop the sessions without a TPM command (their ESAPI context is gone)."""

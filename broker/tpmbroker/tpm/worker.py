@@ -5,6 +5,12 @@ One thread calls every method. The worker keeps an ESAPI context, the storage pr
 TPM restarts or the connection breaks, the next request rebuilds all of that and is
 retried once; no command is sent with a session that may be stale, so recovery never
 costs dictionary-attack failures.
+
+Signing and key creation take the fast path by default: the worker starts the pool's
+sessions with raw commands, computes their HMACs and parameter encryption itself
+(session_crypto) and sends raw TPM2_Sign / TPM2_Create (raw): about 0.1 ms of CPU per
+signature, socket included, instead of ESAPI's 2-3 ms. ESAPI, over the same link, does
+everything else. `fast_path=False` keeps the whole ESAPI path (for comparison).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TPM2_SU
+from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TPM2_SU, TSS2_RC
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.tsskey import TSSPrivKey, _parent_ecc_template, _parent_rsa_template
 from tpm2_pytss.types import (
@@ -37,8 +43,10 @@ from ..errors import (
 )
 from ..protocol import STORAGE_PRIMARY, HashAlg, KeySource, KeyType, Scheme, key_id_for
 from . import keys as keymod
+from . import raw, transport
 from .keys import CachedKey, KeyCache, KeyInfo
 from .rc import Kind, classify, to_error, tpm_code
+from .session_crypto import SessionState
 from .sessions import SessionPool
 
 T = TypeVar("T")
@@ -51,12 +59,21 @@ _RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
 
 
 class TpmWorker:
-    def __init__(self, tcti: str, sessions: int = 2) -> None:
+    def __init__(self, tcti: str, sessions: int = 2, fast_path: bool = True) -> None:
         if not 1 <= sessions <= 3:
             raise ValueError(f"sessions must be 1 to 3, not {sessions}")
         self.tcti = tcti
+        self.fast_path = fast_path
         self._ectx: Any = None  # ESAPI, None while disconnected
-        self._pool = SessionPool(sessions)
+        # Fast path: the raw link ESAPI shares, and the session state behind each pool
+        # ESYS_TR (ESAPI only names and flushes those sessions).
+        self._link: transport.Transport | None = None
+        self._link_tcti: Any = None
+        self._raw_sessions: dict[int, SessionState] = {}
+        self._primary_publics: dict[bool, Any] = {}  # rsa? -> TPMT_PUBLIC (the salt key)
+        self._tpm_handles: dict[int, tuple[int, bytes]] = {}  # ESYS_TR -> (handle, name)
+        self._schemes_checked: set[tuple[bytes, int, int]] = set()  # (key id, scheme, hash)
+        self._pool = SessionPool(sessions, start=self._start_raw_session if fast_path else None)
         self._keys = KeyCache()
         self._primaries: dict[bool, Any] = {}  # rsa? -> ESYS_TR of the storage primary
         self._persistent: dict[int, Any] = {}  # TPM handle -> ESYS_TR (parents, keys)
@@ -139,17 +156,25 @@ class TpmWorker:
         except ValueError as exc:
             raise UnsupportedError(str(exc)) from None
         scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
-        keymod.check_key_scheme(entry.public, scheme_alg, hash_alg)
+        if (key_id, scheme_alg, hash_alg) not in self._schemes_checked:
+            # Reading the key's fixed scheme through tpm2-pytss costs more than the rest
+            # of a fast-path signature; a key id always names the same public area.
+            keymod.check_key_scheme(entry.public, scheme_alg, hash_alg)
+            self._schemes_checked.add((key_id, scheme_alg, hash_alg))
         if len(digest) != hash_alg.digest_size:
             raise BadDigestError(f"{hash_alg.name} digest must be {hash_alg.digest_size} bytes, "
                                  f"not {len(digest)}")
         if len(auth) > MAX_AUTH:
             # No key can have such a password; asking the TPM would only count a failure.
             raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
-        in_scheme = TPMT_SIG_SCHEME(scheme=scheme_alg)
-        in_scheme.details.any.hashAlg = hash_alg
-        signature = self._run(deadline, "signing",
-                              lambda: self._sign_once(entry, auth, in_scheme, digest, deadline))
+        if self.fast_path:
+            signature = self._run(deadline, "signing", lambda: self._sign_fast(
+                entry, auth, scheme_alg, hash_alg, digest, deadline))
+        else:
+            in_scheme = TPMT_SIG_SCHEME(scheme=scheme_alg)
+            in_scheme.details.any.hashAlg = hash_alg
+            signature = self._run(deadline, "signing", lambda: self._sign_once(
+                entry, auth, in_scheme, digest, deadline))
         self._keys.touch(key_id)
         if entry.info.key_type is KeyType.RSA:
             # The TPM may drop leading zero bytes; the wire wants the modulus length.
@@ -176,10 +201,15 @@ class TpmWorker:
         def create() -> tuple[Any, Any]:
             parent_handle = self._parent(parent, rsa_parent=False)
             # The pool session encrypts the new key's password on its way to the TPM.
+            in_public = TPM2B_PUBLIC(publicArea=template)
+            if self.fast_path:
+                handle, name = self._tpm_handle(parent_handle)
+                _, state = self._raw_session(deadline)
+                return self._with_object_room(None, lambda: raw.create(
+                    self._raw_link(), state, handle, name, b"", sensitive, in_public))
             session = self._session(deadline)
             private, public, _, _, _ = self._with_object_room(
-                None, lambda: self._ectx.create(parent_handle, sensitive,
-                                                TPM2B_PUBLIC(publicArea=template),
+                None, lambda: self._ectx.create(parent_handle, sensitive, in_public,
                                                 session1=session))
             return private, public
 
@@ -262,7 +292,9 @@ class TpmWorker:
         delay = CONNECT_BACKOFF_FIRST
         while True:
             try:
-                return ESAPI(self.tcti)
+                if not self.fast_path:
+                    return ESAPI(self.tcti)
+                return self._connect_link()
             except (TSS2_Exception, RuntimeError) as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -270,6 +302,19 @@ class TpmWorker:
                         f"cannot reach the TPM through {self.tcti!r}: {exc}") from exc
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+
+    def _connect_link(self) -> Any:
+        """One link for ESAPI and raw commands alike (swtpm serves one connection at a
+        time; a resource manager keeps sessions per connection)."""
+        link, tcti = transport.open_transport(self.tcti)
+        try:
+            link.open()
+            ectx = ESAPI(tcti)
+        except BaseException:
+            transport.close_tcti(tcti)
+            raise
+        self._link, self._link_tcti = link, tcti
+        return ectx
 
     def _clock_counts(self) -> tuple[int, int]:
         try:
@@ -307,10 +352,16 @@ class TpmWorker:
         self._pool.forget()
         self._keys.forget_handles()
         self._primaries.clear()
+        self._primary_publics.clear()
         self._persistent.clear()
+        self._raw_sessions.clear()
+        self._tpm_handles.clear()
         if ectx is not None:
             with contextlib.suppress(TSS2_Exception):
                 ectx.close()
+        tcti, self._link, self._link_tcti = self._link_tcti, None, None
+        if tcti is not None:
+            transport.close_tcti(tcti)
 
     # --- objects ------------------------------------------------------------------------
 
@@ -319,10 +370,11 @@ class TpmWorker:
         primary = self._primaries.get(rsa)
         if primary is None:
             template = _parent_rsa_template if rsa else _parent_ecc_template
-            primary = self._with_object_room(None, lambda: self._ectx.create_primary(
+            primary, public, *_ = self._with_object_room(None, lambda: self._ectx.create_primary(
                 TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template),
-                ESYS_TR.RH_OWNER)[0])
+                ESYS_TR.RH_OWNER))
             self._primaries[rsa] = primary
+            self._primary_publics[rsa] = public.publicArea
         return primary
 
     def _parent(self, parent: int, rsa_parent: bool) -> Any:
@@ -397,6 +449,7 @@ class TpmWorker:
         handle, key.handle = key.handle, None
         if handle is None or not key.is_transient:
             return  # persistent keys stay in the TPM; their ESYS_TR is shared
+        self._tpm_handles.pop(int(handle), None)
         with contextlib.suppress(TSS2_Exception):
             self._ectx.flush_context(handle)
 
@@ -416,6 +469,66 @@ class TpmWorker:
             handle, TPM2B_DIGEST(digest), in_scheme, session1=session))
         # TPMT_SIGNATURE's bytes(): DER Ecdsa-Sig-Value for ECDSA, the raw RSA signature.
         return bytes(signature)
+
+    # --- the fast path ------------------------------------------------------------------
+
+    def _raw_link(self) -> transport.Transport:
+        if self._link is None:
+            raise TSS2_Exception(int(TSS2_RC.TCTI_RC_NO_CONNECTION))
+        return self._link
+
+    def _start_raw_session(self, ectx: Any, salt_key: Any) -> Any:
+        """A pool session started with a raw command; ESAPI gets a handle for it (to
+        name and flush it) but never computes its HMACs."""
+        salt_handle, _ = self._tpm_handle(salt_key)
+        rsa = next(r for r, primary in self._primaries.items() if primary == salt_key)
+        state = raw.start_salted_session(self._raw_link(), salt_handle,
+                                         self._primary_publics[rsa])
+        try:
+            session = ectx.tr_from_tpmpublic(state.handle)
+        except TSS2_Exception:
+            with contextlib.suppress(TSS2_Exception):
+                raw.flush_context(self._raw_link(), state.handle)
+            raise
+        self._raw_sessions[int(session)] = state
+        return session
+
+    def _raw_session(self, deadline: float) -> tuple[Any, SessionState]:
+        """The next pool session (ESYS_TR) and its state."""
+        while True:
+            session = self._session(deadline)
+            state = self._raw_sessions.get(int(session))
+            if state is not None and state.usable:
+                return session, state
+            # Its last command's outcome is unknown (see raw.execute): an HMAC from it
+            # could fail and count toward the lockout. Replace it.
+            self._discard_session(session)
+
+    def _discard_session(self, session: Any) -> None:
+        self._pool.discard(self._ectx, session)
+        self._raw_sessions.pop(int(session), None)
+
+    def _tpm_handle(self, tr: Any) -> tuple[int, bytes]:
+        """TPM handle and Name of an object ESAPI knows (cached: ESAPI calls cost)."""
+        known = self._tpm_handles.get(int(tr))
+        if known is None:
+            name = self._ectx.tr_get_name(tr)
+            known = (int(self._ectx.tr_get_tpm_handle(tr)), bytes(name.name))
+            self._tpm_handles[int(tr)] = known
+        return known
+
+    def _sign_fast(self, entry: CachedKey, auth: bytes, scheme_alg: int, hash_alg: int,
+                   digest: bytes, deadline: float) -> bytes:
+        handle = self._resident(entry, deadline)
+        session, state = self._raw_session(deadline)
+        self._check_deadline(deadline)
+        key_handle, key_name = self._tpm_handle(handle)
+        try:
+            return raw.sign(self._raw_link(), state, key_handle, key_name, auth, digest,
+                            scheme_alg, hash_alg)
+        except raw.ResponseAuthError:
+            self._discard_session(session)  # not to be trusted with another HMAC
+            raise
 
     # --- helpers ------------------------------------------------------------------------
 

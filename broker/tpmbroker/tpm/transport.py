@@ -1,0 +1,184 @@
+"""Byte transports to the TPM for raw commands, and a TCTI over ours for ESAPI.
+
+tss2's swtpm TCTI opens a new TCP connection for every command (about 130 µs and a
+TIME_WAIT socket each); `SwtpmSocket` keeps one connection open and speaks the MS
+simulator framing swtpm's command port expects. swtpm serves one connection at a time,
+so ESAPI must then share that connection: `TransportTcti` gives it one. Commands cannot
+be queued ahead on the connection: swtpm reads greedily and takes a second command's
+bytes as part of the first (TPM_RC_COMMAND_SIZE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from typing import Any
+
+from tpm2_pytss.constants import TSS2_RC
+from tpm2_pytss.TCTI import PyTCTI
+from tpm2_pytss.TCTILdr import TCTILdr
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+MAX_RESPONSE = 4096
+TPM_SEND_COMMAND = 8
+_SEND_HEADER = struct.Struct(">IBI")  # command, locality, length
+_U32 = struct.Struct(">I")
+
+
+def io_error() -> TSS2_Exception:
+    return TSS2_Exception(int(TSS2_RC.TCTI_RC_IO_ERROR))
+
+
+class SwtpmSocket:
+    """One persistent TCP connection to swtpm's (or the MS simulator's) command port.
+
+    Thread-safe: a command and its response are one critical section. After any error
+    the connection is dropped and the next command opens a new one.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 60.0, locality: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.locality = locality
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def transact(self, command: bytes) -> bytes:
+        with self._lock:
+            try:
+                sock = self._sock or self._connect()
+                sock.sendall(_SEND_HEADER.pack(TPM_SEND_COMMAND, self.locality, len(command))
+                             + command)
+                response = self._read_response(sock)
+            except OSError as exc:
+                self._drop()
+                raise io_error() from exc
+            return response
+
+    def open(self) -> None:
+        """Connect now (TSS2_Exception if the TPM cannot be reached)."""
+        with self._lock:
+            if self._sock is None:
+                try:
+                    self._connect()
+                except OSError as exc:
+                    raise io_error() from exc
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        return sock
+
+    @staticmethod
+    def _read_response(sock: socket.socket) -> bytes:
+        """u32 length, the response, u32 acknowledgement (0)."""
+        data = b""
+        while True:
+            chunk = sock.recv(MAX_RESPONSE + 8 - len(data))
+            if not chunk:
+                raise OSError("connection closed by the TPM")
+            data += chunk
+            if len(data) >= 4:
+                (size,) = _U32.unpack_from(data)
+                if size > MAX_RESPONSE:
+                    raise OSError(f"response of {size} bytes")
+                if len(data) >= size + 8:
+                    break
+        if len(data) != size + 8 or data[size + 4:] != b"\0\0\0\0":
+            raise OSError("unexpected bytes after the response")
+        return data[4:size + 4]
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+class TctiTransport:
+    """Any tss2 TCTI (tabrmd, mssim, swtpm, device) through tpm2-pytss's transmit/receive."""
+
+    def __init__(self, tcti: Any) -> None:
+        self.tcti = tcti
+        self._lock = threading.Lock()
+
+    def transact(self, command: bytes) -> bytes:
+        with self._lock:
+            self.tcti.transmit(command)
+            return bytes(self.tcti.receive(MAX_RESPONSE))
+
+    def open(self) -> None:
+        """tss2 TCTIs connect when they are loaded."""
+
+    def close(self) -> None:
+        """The TCTI is finalized by whoever loaded it (TCTILdr.close)."""
+
+
+class TransportTcti(PyTCTI):  # type: ignore[misc]
+    """A TCTI for ESAPI over a transport, so ESAPI and raw commands share one link."""
+
+    def __init__(self, transport: SwtpmSocket) -> None:
+        super().__init__(max_size=MAX_RESPONSE, magic=b"TPMBRKR\0")
+        self.transport = transport
+        self._response: bytes | None = None
+
+    def do_transmit(self, command: bytes) -> None:
+        self._response = self.transport.transact(bytes(command))
+
+    def do_receive(self, timeout: int) -> bytes:
+        response, self._response = self._response, None
+        if response is None:
+            raise TSS2_Exception(int(TSS2_RC.TCTI_RC_BAD_SEQUENCE))
+        return response
+
+    def do_finalize(self) -> None:
+        self.transport.close()
+
+
+def parse_tcti(tcti: str) -> tuple[str, dict[str, str], str]:
+    """(name, key=value options, raw config) of a tpm2-tools style TCTI string."""
+    name, _, config = tcti.partition(":")
+    options: dict[str, str] = {}
+    for part in config.split(","):
+        key, sep, value = part.partition("=")
+        if sep:
+            options[key.strip()] = value.strip()
+    return name.strip(), options, config
+
+
+Transport = SwtpmSocket | TctiTransport
+
+
+def open_transport(tcti: str, persistent: bool = True) -> tuple[Transport, Any]:
+    """A transport for `tcti` and the TCTI object ESAPI should use alongside it.
+
+    swtpm gets a persistent link of our own (when `persistent`); everything else goes
+    through tss2's TCTI: the device TCTI already keeps its file open, tabrmd its D-Bus
+    connection.
+    """
+    name, options, _ = parse_tcti(tcti)
+    if persistent and name == "swtpm" and "path" not in options:  # TCP, not a Unix socket
+        host = options.get("host", "localhost")
+        port = int(options.get("port", "2321"))
+        swtpm = SwtpmSocket(host, port)
+        return swtpm, TransportTcti(swtpm)
+    loaded = TCTILdr.parse(tcti)
+    return TctiTransport(loaded), loaded
+
+
+def close_tcti(tcti: Any) -> None:
+    """Finalize a TCTI from open_transport once ESAPI is closed (ESAPI leaves TCTIs it
+    did not load itself alone)."""
+    with contextlib.suppress(TSS2_Exception):
+        if isinstance(tcti, TransportTcti):
+            tcti.transport.close()
+        elif isinstance(tcti, TCTILdr):
+            tcti.close()

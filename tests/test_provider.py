@@ -645,11 +645,9 @@ def test_keys_generated_by_tpm2_openssl_sign_through_tpmbroker(swtpm: Swtpm,
 
 
 @needs_tpm2_openssl
-@pytest.mark.xfail(reason="broker: TPM2_Load under a persistent parent needs two free object "
-                   "slots (the TPM copies the parent into one); with both storage primaries "
-                   "resident, evicting keys frees only one of swtpm's three: "
-                   "TPM_RC_OBJECT_MEMORY (0x902)", strict=False)
 def test_persistent_parent_key_after_an_rsa_primary(swtpm: Swtpm, tmp_path: Path) -> None:
+    """Loading under a persistent parent needs two free object slots (the TPM brings the
+    parent in too): with both storage primaries resident, the broker must evict one."""
     sign_tpm2_openssl_keys(swtpm, tmp_path, ["rsa", "ec", "ec-persistent-parent"])
 
 

@@ -77,14 +77,16 @@ class SessionPool:
     def sessions(self) -> tuple[Any, ...]:
         return tuple(self._sessions)
 
-    def fill(self, ectx: Any, salt_key: Any) -> None:
+    def fill(self, ectx: Any, salt_key: Callable[[], Any]) -> None:
         """Start sessions until the pool is full or the TPM has no slot left.
 
-        Other TPM errors propagate (TSS2_Exception) for the caller to classify.
+        `salt_key` gives the key to salt to; it is asked for only when a session is
+        started, so a full pool needs no storage primary in the TPM. Other TPM errors
+        propagate (TSS2_Exception) for the caller to classify.
         """
         while len(self._sessions) < self.size:
             try:
-                session = self._start(ectx, salt_key)
+                session = self._start(ectx, salt_key())
             except TSS2_Exception as exc:
                 if classify(exc) is not Kind.SESSION_SLOTS:
                     raise
@@ -92,7 +94,7 @@ class SessionPool:
                 return
             self._sessions.append(session)
 
-    def acquire(self, ectx: Any, salt_key: Any, deadline: float) -> Any:
+    def acquire(self, ectx: Any, salt_key: Callable[[], Any], deadline: float) -> Any:
         """The next session to use (ESYS_TR), waiting for a free slot until `deadline`."""
         if len(self._sessions) < self.size and (
                 not self._sessions or self._clock() - self._last_shortage >= TOP_UP_INTERVAL):

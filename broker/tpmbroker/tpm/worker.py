@@ -206,11 +206,12 @@ class TpmWorker:
                 handle, name = self._tpm_handle(parent_handle)
                 _, state = self._raw_session(deadline)
                 return self._with_object_room(None, lambda: raw.create(
-                    self._raw_link(), state, handle, name, b"", sensitive, in_public))
+                    self._raw_link(), state, handle, name, b"", sensitive, in_public),
+                    parent_handle)
             session = self._session(deadline)
             private, public, _, _, _ = self._with_object_room(
                 None, lambda: self._ectx.create(parent_handle, sensitive, in_public,
-                                                session1=session))
+                                                session1=session), parent_handle)
             return private, public
 
         private, public = self._run(deadline, "creating the key", create)
@@ -285,8 +286,7 @@ class TpmWorker:
             # TSSPrivKey's rule for parent 0x40000001: ECC P-256 unless the TPM lacks ECC.
             self._rsa_only = TSSPrivKey._getparenttemplate(self._ectx) is _parent_rsa_template
         self._active_sessions_max = self._property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
-        primary = self._storage_primary(rsa=bool(self._rsa_only))
-        self._pool.fill(self._ectx, primary)
+        self._pool.fill(self._ectx, lambda: self._storage_primary(rsa=bool(self._rsa_only)))
 
     def _connect(self, deadline: float) -> Any:
         delay = CONNECT_BACKOFF_FIRST
@@ -386,7 +386,9 @@ class TpmWorker:
         tr = self._persistent.get(handle)
         if tr is None:
             try:
-                tr = self._ectx.tr_from_tpmpublic(handle)
+                # Reading a persistent object's public area needs a free slot too.
+                tr = self._with_object_room(None,
+                                            lambda: self._ectx.tr_from_tpmpublic(handle))
             except TSS2_Exception as exc:
                 if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
                     raise BadKeyError(f"no persistent {role} at 0x{handle:08x}",
@@ -421,7 +423,7 @@ class TpmWorker:
             # Password auth is enough: the parent's auth is empty and the private blob is
             # already encrypted to the parent.
             entry.handle = self._with_object_room(
-                entry, lambda: self._ectx.load(parent, blob.private, blob.public))
+                entry, lambda: self._ectx.load(parent, blob.private, blob.public), parent)
         except TSS2_Exception as exc:
             if classify(exc) in (*_RECOVERABLE, Kind.OBJECT_MEMORY):
                 raise
@@ -429,19 +431,32 @@ class TpmWorker:
                               f"the TPM was cleared?): {exc}", tpm_rc=int(exc.rc)) from None
         return entry.handle
 
-    def _with_object_room(self, keep: CachedKey | None, command: Callable[[], T]) -> T:
-        """Run `command`; while the TPM is out of object slots, unload the LRU key."""
+    def _with_object_room(self, keep: CachedKey | None, command: Callable[[], T],
+                          parent: Any = None) -> T:
+        """Run `command`; while the TPM is out of object slots, unload the LRU key, then
+        storage primaries the command does not use (`parent` stays)."""
         while True:
             try:
                 return command()
             except TSS2_Exception as exc:
-                if classify(exc) is not Kind.OBJECT_MEMORY or not self._evict_one(keep):
+                if (classify(exc) is not Kind.OBJECT_MEMORY
+                        or not self._evict_one(keep, parent)):
                     raise
 
-    def _evict_one(self, keep: CachedKey | None) -> bool:
+    def _evict_one(self, keep: CachedKey | None, parent: Any = None) -> bool:
         for key in self._keys.resident():
             if key is not keep and key.is_transient:
                 self._unload(key)
+                return True
+        # Then a primary: loading under a persistent parent, for one, needs two free
+        # slots (the TPM brings the parent in too), and swtpm has three. A primary comes
+        # back from its template when needed; full session pools do not need it.
+        for rsa, primary in list(self._primaries.items()):
+            if primary != parent:
+                del self._primaries[rsa]
+                self._tpm_handles.pop(int(primary), None)
+                with contextlib.suppress(TSS2_Exception):
+                    self._ectx.flush_context(primary)
                 return True
         return False
 
@@ -456,8 +471,8 @@ class TpmWorker:
     # --- signing ------------------------------------------------------------------------
 
     def _session(self, deadline: float) -> Any:
-        return self._pool.acquire(self._ectx, self._storage_primary(bool(self._rsa_only)),
-                                  deadline)
+        return self._pool.acquire(
+            self._ectx, lambda: self._storage_primary(bool(self._rsa_only)), deadline)
 
     def _sign_once(self, entry: CachedKey, auth: bytes, in_scheme: Any, digest: bytes,
                    deadline: float) -> bytes:

@@ -24,7 +24,7 @@ class Job:
         self.owner = owner
         self.deadline = deadline
         self.run = run
-        self.done = done  # called on the worker thread with (result, error)
+        self.done = done  # the server calls it on the event loop with (result, error)
         self.cancelled = False
 
 

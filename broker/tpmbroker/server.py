@@ -1,12 +1,17 @@
 """The broker daemon: Unix socket server in front of one TPM worker thread.
 
 asyncio handles connections and framing; every TPM operation goes through the
-fair queue to the worker thread, the only code that touches the TPM.
+fair queue to the worker thread, the only code that touches the TPM. The hot
+path is kept lean because the broker's CPU per signature matters as much as the
+TPM's: connections are asyncio Protocols (no stream or task per request), the
+worker hands results back in batches (one loop wake-up for however many finished
+meanwhile), and each request's deadline is a loop timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import grp
@@ -26,6 +31,7 @@ from typing import Any, Protocol
 from . import __version__
 from . import protocol as p
 from .errors import (
+    BadDigestError,
     DeadlineError,
     InternalError,
     PermissionDeniedError,
@@ -33,6 +39,7 @@ from .errors import (
     Status,
     TpmBrokerError,
     UnknownKeyError,
+    UnsupportedError,
 )
 from .scheduler import FairQueue, Job
 
@@ -92,173 +99,235 @@ def _supplementary_groups(pid: int) -> set[int]:
     return set()
 
 
-class Stats:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.signatures = 0
-        self.errors = 0
-        self.by_status: dict[str, int] = {}
-        self.connections = 0
-        self.connections_total = 0
-        self.refused_peers = 0
-
-    def error(self, status: int) -> None:
-        self.errors += 1
-        name = Status(status).name if status in Status._value2member_map_ else str(status)
-        self.by_status[name] = self.by_status.get(name, 0) + 1
-
-
-class Connection:
-    """One client connection: its frames, its loaded keys and their passwords."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, server: BrokerServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, peer: PeerCred) -> None:
-        self.id = next(self._ids)
-        self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.peer = peer
-        self.keys: dict[bytes, bytes] = {}  # key id -> auth this connection presented
-        self.in_flight = 0
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def send(self, request_id: int, opcode: int, result: p.Message | p.ErrorResult) -> None:
-        if self.writer.is_closing():
-            return
-        if isinstance(result, p.ErrorResult):
-            self.server.stats.error(result.status)
-        self.writer.write(p.encode_response(request_id, opcode, result))
-
-    async def serve(self) -> None:
-        frames = p.FrameReader()
-        try:
-            while True:
-                data = await self.reader.read(65536)
-                if not data:
-                    return
-                try:
-                    batch = frames.feed(data)
-                except ProtocolError as exc:  # bad length: framing is lost, say why and close
-                    self.send(0, p.CONNECTION_ERROR, p.ErrorResult(exc.status, str(exc)))
-                    log.warning("conn %d (uid %d): %s; closing", self.id, self.peer.uid, exc)
-                    return
-                for header, body in batch:
-                    self.dispatch(header, body)
-                await self.writer.drain()
-        except (ConnectionError, OSError):
-            return
-        finally:
-            await self.close()
-
-    def dispatch(self, header: p.Header, body: bytes) -> None:
-        opcode = header.opcode & ~p.RESPONSE_BIT
-        try:
-            msg = p.decode_request(header, body)
-        except TpmBrokerError as exc:
-            self.send(header.request_id, opcode, p.ErrorResult(exc.status, str(exc)))
-            return
-        if self.in_flight >= MAX_IN_FLIGHT:
-            self.send(header.request_id, opcode, p.ErrorResult(
-                Status.OVERLOADED, f"more than {MAX_IN_FLIGHT} requests in flight"))
-            return
-        timeout = (header.timeout_ms / 1000 if header.timeout_ms
-                   else self.server.config.default_timeout)
-        timeout = min(timeout, MAX_TIMEOUT)
-        # The worker's deadline comes a little before the client's, so that an error that
-        # says why (no sessions, TPM unreachable) reaches the client before it gives up.
-        deadline = time.monotonic() + timeout - _answer_margin(timeout)
-        self.in_flight += 1
-        task = asyncio.get_running_loop().create_task(
-            self.handle(header.request_id, msg, deadline))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def handle(self, request_id: int, msg: p.Message, deadline: float) -> None:
-        try:
-            result = await self.execute(msg, deadline)
-            self.send(request_id, msg.OPCODE, result)
-        except TpmBrokerError as exc:
-            self.send(request_id, msg.OPCODE, p.ErrorResult(exc.status, exc.message, exc.tpm_rc))
-        except Exception as exc:  # never let a bug take the connection down silently
-            log.exception("conn %d: internal error", self.id)
-            self.send(request_id, msg.OPCODE, p.ErrorResult(Status.INTERNAL, repr(exc)))
-        finally:
-            self.in_flight -= 1
-
-    async def execute(self, msg: p.Message, deadline: float) -> p.Message:
-        server = self.server
-        if isinstance(msg, p.Hello):
-            return p.HelloResult(p.VERSION, f"tpmbroker/{__version__}", p.MAX_FRAME)
-        if isinstance(msg, p.Load):
-            source = p.KeySource(msg.source) if msg.source in (1, 2) else None
-            if source is None:
-                raise ProtocolError(f"unknown key source {msg.source}")
-            info = await server.submit(self.id, deadline,
-                                       lambda: server.worker.load_key(source, msg.key, deadline))
-            self.keys[info.key_id] = msg.auth
-            return p.LoadResult(info.key_id, info.key_type, info.bits, info.curve,
-                                info.public_key)
-        if isinstance(msg, p.Sign):
-            auth = self.keys.get(msg.key_id)
-            if auth is None:
-                raise UnknownKeyError("key not loaded on this connection; send LOAD first")
-            scheme, hash_alg = _scheme_and_hash(msg)
-            signature: bytes = await server.submit(
-                self.id, deadline,
-                lambda: server.worker.sign(msg.key_id, auth, scheme, hash_alg, msg.digest,
-                                           deadline))
-            server.stats.signatures += 1
-            return p.SignResult(signature)
-        if isinstance(msg, p.Generate):
-            key_type = _enum(p.KeyType, msg.key_type, "key type")
-            der, spki = await server.submit(
-                self.id, deadline,
-                lambda: server.worker.generate_key(key_type, msg.param, msg.auth, msg.parent,
-                                                   deadline))
-            return p.GenerateResult(der, spki)
-        if isinstance(msg, p.StatusRequest):
-            tpm = await server.submit(self.id, deadline, server.worker.status)
-            return p.StatusResult(json.dumps(server.status(tpm), sort_keys=True))
-        if isinstance(msg, p.Unload):
-            self.keys.pop(msg.key_id, None)
-            return p.UnloadResult()
-        raise InternalError(f"no handler for {type(msg).__name__}")
-
-    async def close(self) -> None:
-        for job in self.server.queue.drop_owner(self.id):
-            job.cancelled = True
-        for task in list(self.tasks):
-            task.cancel()
-        self.keys.clear()
-        with contextlib.suppress(Exception):
-            self.writer.close()
-            await self.writer.wait_closed()
-
-
 def _answer_margin(timeout: float) -> float:
+    """How much earlier than the client's deadline the worker's falls.
+
+    So that an error that says why (no sessions, TPM unreachable) reaches the client
+    before it gives up waiting.
+    """
     return min(0.25, max(0.0, timeout) * 0.1)
 
 
 def _enum(cls: Any, value: int, what: str) -> Any:
-    from .errors import UnsupportedError
-
     try:
         return cls(value)
     except ValueError:
         raise UnsupportedError(f"unknown {what} {value}") from None
 
 
-def _scheme_and_hash(msg: p.Sign) -> tuple[p.Scheme, p.HashAlg]:
-    from .errors import BadDigestError
+class Stats:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.signatures = 0
+        self.errors = 0
+        self.by_status: collections.Counter[str] = collections.Counter()
+        self.connections_total = 0
+        self.refused_peers = 0
 
-    scheme = _enum(p.Scheme, msg.scheme, "signature scheme")
-    hash_alg = _enum(p.HashAlg, msg.hash, "hash algorithm")
-    if len(msg.digest) != hash_alg.digest_size:
-        raise BadDigestError(f"digest of {len(msg.digest)} bytes for {hash_alg.name}, "
-                             f"which needs {hash_alg.digest_size}")
-    return scheme, hash_alg
+    def error(self, status: int) -> None:
+        self.errors += 1
+        name = Status(status).name if status in Status._value2member_map_ else str(status)
+        self.by_status[name] += 1
+
+
+class Pending:
+    """A request handed to the worker, until it is answered (by result or deadline)."""
+
+    __slots__ = ("conn", "finish", "job", "opcode", "request_id", "timer")
+
+    def __init__(self, conn: Connection, request_id: int, opcode: int,
+                 finish: Callable[[Any], p.Message]) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self.opcode = opcode
+        self.finish = finish  # worker result -> response, run on the loop thread
+        self.job: Job | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        self.conn.complete(self, result, error)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: its frames, its loaded keys and their passwords."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, server: BrokerServer) -> None:
+        self.id = next(self._ids)
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = PeerCred(0, -1, -1)
+        self.frames = p.FrameReader()
+        self.keys: dict[bytes, bytes] = {}  # key id -> auth this connection presented
+        self.pending: set[Pending] = set()
+
+    # --- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = peer_credentials(transport.get_extra_info("socket"))
+        server = self.server
+        if not server.allowed(self.peer):
+            server.stats.refused_peers += 1
+            log.warning("refused pid %d uid %d gid %d: not in the allowed uids/gids",
+                        self.peer.pid, self.peer.uid, self.peer.gid)
+            err = PermissionDeniedError(f"uid {self.peer.uid} is not allowed to use this broker")
+            self.send(0, p.CONNECTION_ERROR, p.ErrorResult(err.status, str(err)))
+            transport.close()
+            return
+        server.connections[self.id] = self
+        server.stats.connections_total += 1
+        log.info("conn %d: pid %d uid %d gid %d", self.id, self.peer.pid, self.peer.uid,
+                 self.peer.gid)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            batch = self.frames.feed(data)
+        except ProtocolError as exc:  # bad length: framing is lost, say why and close
+            log.warning("conn %d (uid %d): %s; closing", self.id, self.peer.uid, exc)
+            self.send(0, p.CONNECTION_ERROR, p.ErrorResult(exc.status, str(exc)))
+            assert self.transport is not None
+            self.transport.close()
+            return
+        for header, body in batch:
+            self.dispatch(header, body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.pop(self.id, None)
+        for job in self.server.queue.drop_owner(self.id):
+            job.cancelled = True
+        for pending in self.pending:
+            if pending.job is not None:
+                pending.job.cancelled = True
+            if pending.timer is not None:
+                pending.timer.cancel()
+        self.pending.clear()
+        self.keys.clear()
+        log.debug("conn %d closed", self.id)
+
+    # A client that sends but does not read: stop reading it until its answers drain.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # --- requests ------------------------------------------------------------------------
+
+    def send(self, request_id: int, opcode: int, result: p.Message | p.ErrorResult) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if isinstance(result, p.ErrorResult):
+            self.server.stats.error(result.status)
+        self.transport.write(p.encode_response(request_id, opcode, result))
+
+    def fail(self, request_id: int, opcode: int, exc: BaseException) -> None:
+        if isinstance(exc, TpmBrokerError):
+            self.send(request_id, opcode, p.ErrorResult(exc.status, exc.message, exc.tpm_rc))
+        else:  # a bug: say so, keep serving
+            log.error("conn %d: internal error", self.id, exc_info=exc)
+            self.send(request_id, opcode, p.ErrorResult(Status.INTERNAL, repr(exc)))
+
+    def dispatch(self, header: p.Header, body: bytes) -> None:
+        opcode = header.opcode & ~p.RESPONSE_BIT
+        request_id = header.request_id
+        try:
+            msg = p.decode_request(header, body)
+            if len(self.pending) >= MAX_IN_FLIGHT:
+                self.send(request_id, opcode, p.ErrorResult(
+                    Status.OVERLOADED, f"more than {MAX_IN_FLIGHT} requests in flight"))
+                return
+            timeout = (min(header.timeout_ms / 1000, MAX_TIMEOUT) if header.timeout_ms
+                       else self.server.config.default_timeout)
+            reply_by = time.monotonic() + timeout
+            self.execute(request_id, msg, reply_by, reply_by - _answer_margin(timeout))
+        except Exception as exc:
+            self.fail(request_id, opcode, exc)
+
+    def execute(self, request_id: int, msg: p.Message, reply_by: float, deadline: float,
+                ) -> None:
+        server = self.server
+        worker = server.worker
+        if isinstance(msg, p.Sign):
+            auth = self.keys.get(msg.key_id)
+            if auth is None:
+                raise UnknownKeyError("key not loaded on this connection; send LOAD first")
+            scheme = _enum(p.Scheme, msg.scheme, "signature scheme")
+            hash_alg = _enum(p.HashAlg, msg.hash, "hash algorithm")
+            if len(msg.digest) != hash_alg.digest_size:
+                raise BadDigestError(f"digest of {len(msg.digest)} bytes for {hash_alg.name}, "
+                                     f"which needs {hash_alg.digest_size}")
+            self.submit(request_id, msg.OPCODE, reply_by, deadline,
+                        lambda: worker.sign(msg.key_id, auth, scheme, hash_alg, msg.digest,
+                                            deadline),
+                        self._signed)
+        elif isinstance(msg, p.Load):
+            source = _enum(p.KeySource, msg.source, "key source")
+
+            def loaded(info: Any) -> p.Message:
+                self.keys[info.key_id] = msg.auth
+                return p.LoadResult(info.key_id, info.key_type, info.bits, info.curve,
+                                    info.public_key)
+
+            self.submit(request_id, msg.OPCODE, reply_by, deadline,
+                        lambda: worker.load_key(source, msg.key, deadline), loaded)
+        elif isinstance(msg, p.Generate):
+            key_type = _enum(p.KeyType, msg.key_type, "key type")
+            self.submit(request_id, msg.OPCODE, reply_by, deadline,
+                        lambda: worker.generate_key(key_type, msg.param, msg.auth,
+                                                    msg.parent, deadline),
+                        lambda keys: p.GenerateResult(*keys))
+        elif isinstance(msg, p.StatusRequest):
+            self.submit(request_id, msg.OPCODE, reply_by, deadline, worker.status,
+                        lambda tpm: p.StatusResult(json.dumps(server.status(tpm),
+                                                              sort_keys=True)))
+        elif isinstance(msg, p.Hello):
+            self.send(request_id, msg.OPCODE,
+                      p.HelloResult(p.VERSION, f"tpmbroker/{__version__}", p.MAX_FRAME))
+        elif isinstance(msg, p.Unload):
+            self.keys.pop(msg.key_id, None)
+            self.send(request_id, msg.OPCODE, p.UnloadResult())
+        else:
+            raise InternalError(f"no handler for {type(msg).__name__}")
+
+    def _signed(self, signature: bytes) -> p.Message:
+        self.server.stats.signatures += 1
+        return p.SignResult(signature)
+
+    def submit(self, request_id: int, opcode: int, reply_by: float, deadline: float,
+               run: Callable[[], Any], finish: Callable[[Any], p.Message]) -> None:
+        pending = Pending(self, request_id, opcode, finish)
+        pending.job = Job(self.id, deadline, run, pending)
+        pending.timer = self.server.loop.call_at(reply_by, self.expire, pending)
+        self.pending.add(pending)
+        self.server.queue.put(pending.job)
+
+    def expire(self, pending: Pending) -> None:
+        if pending not in self.pending:
+            return  # answered already
+        self.pending.remove(pending)
+        assert pending.job is not None
+        pending.job.cancelled = True
+        self.fail(pending.request_id, pending.opcode,
+                  DeadlineError("deadline passed before the TPM could serve the request"))
+
+    def complete(self, pending: Pending, result: Any, error: BaseException | None) -> None:
+        if pending not in self.pending:
+            return  # expired, or the connection is gone
+        self.pending.remove(pending)
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if error is None:
+            try:
+                self.send(pending.request_id, pending.opcode, pending.finish(result))
+            except Exception as exc:
+                self.fail(pending.request_id, pending.opcode, exc)
+        else:
+            self.fail(pending.request_id, pending.opcode, error)
 
 
 class BrokerServer:
@@ -270,9 +339,20 @@ class BrokerServer:
         self.connections: dict[int, Connection] = {}
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._own_uid = os.geteuid()
+        # Results cross from the worker thread in batches: one wake-up of the loop
+        # for however many requests finished while it was busy.
+        self._done: collections.deque[tuple[Any, Any, BaseException | None]] = (
+            collections.deque())
+        self._wakeup_pending = False
 
-    # --- worker thread -------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "server not started"
+        return self._loop
+
+    # --- worker thread -------------------------------------------------------------------
 
     def _worker_main(self) -> None:
         while True:
@@ -282,75 +362,52 @@ class BrokerServer:
             if job.cancelled:
                 continue
             if time.monotonic() >= job.deadline:
-                job.done(None, DeadlineError("deadline passed while queued for the TPM"))
+                self._finished(job, None, DeadlineError("deadline passed while queued for "
+                                                        "the TPM"))
                 continue
             try:
                 result = job.run()
             except BaseException as exc:
-                job.done(None, exc)
+                self._finished(job, None, exc)
             else:
-                job.done(result, None)
+                self._finished(job, result, None)
 
-    async def submit(self, owner: int, deadline: float, run: Callable[[], Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+    def _finished(self, job: Job, result: Any, error: BaseException | None) -> None:
+        self._done.append((job.done, result, error))
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            self.loop.call_soon_threadsafe(self._deliver)
 
-        def done(result: Any, error: BaseException | None) -> None:
-            def settle() -> None:
-                if future.done():
-                    return
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
-            loop.call_soon_threadsafe(settle)
+    def _deliver(self) -> None:
+        self._wakeup_pending = False  # before draining: a later append wakes us again
+        while self._done:
+            done, result, error = self._done.popleft()
+            done(result, error)
 
-        job = Job(owner, deadline, run, done)
-        self.queue.put(job)
-        wait = deadline - time.monotonic() + _answer_margin(deadline - time.monotonic())
-        try:
-            return await asyncio.wait_for(future, max(0.0, wait))
-        except asyncio.TimeoutError:
-            job.cancelled = True
-            raise DeadlineError("deadline passed before the TPM could serve the request") from None
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
+    async def call(self, deadline: float, run: Callable[[], Any]) -> Any:
+        """Run one worker call outside any connection (start-up, shut-down)."""
+        future: asyncio.Future[Any] = self.loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self.queue.put(Job(0, deadline, run, settle))
+        return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()) + 1.0)
 
     # --- connections -----------------------------------------------------------------
 
-    def _allowed(self, peer: PeerCred) -> bool:
+    def allowed(self, peer: PeerCred) -> bool:
         if peer.uid in (0, self._own_uid) or peer.uid in self.config.allow_uids:
             return True
         if not self.config.allow_gids:
             return False
         groups = {peer.gid} | _supplementary_groups(peer.pid)
         return bool(groups & self.config.allow_gids)
-
-    async def _on_connect(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        peer = peer_credentials(sock)
-        if not self._allowed(peer):
-            self.stats.refused_peers += 1
-            log.warning("refused pid %d uid %d gid %d: not in the allowed uids/gids",
-                        peer.pid, peer.uid, peer.gid)
-            err = PermissionDeniedError(f"uid {peer.uid} is not allowed to use this broker")
-            writer.write(p.encode_response(0, p.CONNECTION_ERROR,
-                                            p.ErrorResult(err.status, str(err))))
-            with contextlib.suppress(Exception):
-                await writer.drain()
-                writer.close()
-            return
-        conn = Connection(self, reader, writer, peer)
-        self.connections[conn.id] = conn
-        self.stats.connections_total += 1
-        log.info("conn %d: pid %d uid %d gid %d", conn.id, peer.pid, peer.uid, peer.gid)
-        try:
-            await conn.serve()
-        finally:
-            self.connections.pop(conn.id, None)
-            log.debug("conn %d closed", conn.id)
 
     def status(self, tpm: dict[str, object]) -> dict[str, object]:
         return {
@@ -396,28 +453,29 @@ class BrokerServer:
         return sock
 
     async def start(self, open_timeout: float = 30.0) -> None:
+        self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._worker_main, name="tpm-worker",
                                         daemon=True)
         self._thread.start()
         deadline = time.monotonic() + open_timeout
         # The TPM context lives on the worker thread from the first command on.
-        await self.submit(0, deadline, lambda: self.worker.open(deadline))
+        await self.call(deadline, lambda: self.worker.open(deadline))
         sock = self._bind()
-        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock,
-                                                       limit=p.MAX_FRAME, backlog=LISTEN_BACKLOG)
+        self._server = await self.loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections.values()):
-            await conn.close()
+            if conn.transport is not None:
+                conn.transport.abort()
         with contextlib.suppress(Exception):
-            await self.submit(0, time.monotonic() + 10, self.worker.close)
+            await self.call(time.monotonic() + 10, self.worker.close)
         for job in self.queue.close():
             job.cancelled = True
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            await self.loop.run_in_executor(None, self._thread.join, 10)
         with contextlib.suppress(FileNotFoundError):
             Path(self.config.socket_path).unlink()
-

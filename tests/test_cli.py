@@ -13,6 +13,7 @@ import pytest
 
 from tpmbroker.client import Client
 from tpmbroker.keyfile import der_to_pem
+from tpmbroker.protocol import Curve, KeyType
 
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
 
@@ -54,7 +55,7 @@ def test_embedded_simulator_is_the_default_and_keeps_its_keys(tmp_path: Path) ->
     proc = start()
     try:
         with Client(sock) as client:
-            der, _ = client.generate_key(1, 3)
+            der, _ = client.generate_key(KeyType.EC, Curve.P256)
             status = client.status()
             assert str(status["tcti"]).startswith("swtpm:host=127.0.0.1")
     finally:

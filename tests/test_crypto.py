@@ -82,7 +82,7 @@ def test_csr_and_self_signed_certificates_verify(ec_key: ec.EllipticCurvePrivate
                                                  rsa_key: rsa.RSAPrivateKey) -> None:
     for key in (ec_key, rsa_key):
         csr = (x509.CertificateSigningRequestBuilder().subject_name(_name("tpm"))
-               .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+               .sign(key, hashes.SHA256()))
         assert csr.is_signature_valid
         cert = _self_signed(key, "self")
         cert.verify_directly_issued_by(cert)
@@ -98,7 +98,7 @@ def test_a_tpm_ca_signs_a_leaf(ec_key: ec.EllipticCurvePrivateKey) -> None:
     leaf = (x509.CertificateBuilder().subject_name(_name("leaf")).issuer_name(ca.subject)
             .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(ec_key, hashes.SHA384()))  # type: ignore[arg-type]
+            .sign(ec_key, hashes.SHA384()))
     leaf.verify_directly_issued_by(ca)
     with pytest.raises(Exception):  # noqa: B017 - a leaf is no issuer of the CA: must fail
         ca.verify_directly_issued_by(leaf)

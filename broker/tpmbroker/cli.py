@@ -70,6 +70,16 @@ def _tpm(tcti: str | None, state_dir: Path) -> Iterator[str]:
         tpm.stop()
 
 
+def _raise_fd_limit() -> None:
+    """One descriptor per client: take the hard limit, not the shell's soft 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -88,6 +98,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.sessions <= 3:
         print("tpmbroker: --sessions must be 1, 2 or 3", file=sys.stderr)
         return 2
+    _raise_fd_limit()
     config = ServerConfig(
         socket_path=args.socket or default_socket(),
         socket_mode=int(args.socket_mode, 8),
@@ -267,10 +278,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         [f"--systems {','.join(systems)}", f"--keys {','.join(keys)}",
          f"--clients {','.join(map(str, clients))}", f"--seconds {args.seconds:g}",
          f"--sessions {args.sessions}", f"--max-processes {args.max_processes}",
+         f"--idle-connections {args.idle_connections}",
          f"--out {args.out}"] + ([f"--tcti {args.tcti}"] if args.tcti else []))
     options = Options(systems=systems, keys=keys, clients=clients, seconds=args.seconds,
                       out=Path(args.out), tcti=args.tcti, sessions=args.sessions,
-                      max_processes=args.max_processes, command=command)
+                      max_processes=args.max_processes, command=command,
+                      idle_connections=args.idle_connections)
     results = run(options)
     paths = write_all(results, options.out)
     print(Path(paths["markdown"]).read_text())
@@ -382,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="directory for bench.json, bench.md, bench.png")
     sp.add_argument("--tcti", help="run against this TPM instead of a swtpm of the "
                     "benchmark's own (never the machine's TPM unless given here)")
+    sp.add_argument("--idle-connections", type=int, default=1000,
+                    help="broker memory with this many idle clients (default 1000, 0: skip)")
     sp.set_defaults(func=_cmd_bench)
 
     sp = sub.add_parser("provider-path", help="print the path of the OpenSSL provider module")

@@ -118,6 +118,11 @@ class BrokerUnavailableError(TpmBrokerError):
     status = Status.INTERNAL
 
 
+class TakeTheLongWay(Exception):
+    """Inside the broker: the event loop could not serve a request by itself; the
+    worker thread will, with everything (reconnection, recovery) that may take."""
+
+
 _BY_STATUS: dict[Status, type[TpmBrokerError]] = {
     cls.status: cls
     for cls in (

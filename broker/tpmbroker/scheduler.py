@@ -1,8 +1,9 @@
-"""A fair queue in front of the single TPM worker thread.
+"""A fair queue in front of the TPM.
 
 Connections take turns (round robin), so one client with a thousand queued
-signatures cannot starve another with one. The worker thread blocks in next();
-the asyncio side submits jobs and drops a connection's queue when it closes.
+signatures cannot starve another with one. The server's event loop puts jobs in,
+takes the next one out whenever the TPM is free (pop) and drops a connection's
+queue when it closes.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from typing import Any
 class Job:
     """One request for the TPM worker; `run` is called on the worker thread."""
 
-    __slots__ = ("cancelled", "deadline", "done", "owner", "run")
+    __slots__ = ("cancelled", "deadline", "done", "fast", "owner", "run")
 
     def __init__(self, owner: int, deadline: float, run: Callable[[], Any],
-                 done: Callable[[Any, BaseException | None], None]) -> None:
+                 done: Callable[[Any, BaseException | None], None],
+                 fast: Callable[[], Any] | None = None) -> None:
         self.owner = owner
         self.deadline = deadline
-        self.run = run
+        self.run = run  # on the worker thread
         self.done = done  # the server calls it on the event loop with (result, error)
+        self.fast = fast  # a way to serve it from the event loop, tried first
         self.cancelled = False
 
 
@@ -46,6 +49,10 @@ class FairQueue:
             queue.append(job)
             self._depth += 1
             self._cond.notify()
+
+    def pop(self) -> Job | None:
+        """The next job, taking owners in turn; None when there is none."""
+        return self.next(timeout=0)
 
     def next(self, timeout: float | None = None) -> Job | None:
         """The next job, taking owners in turn; None when closed (or on timeout)."""

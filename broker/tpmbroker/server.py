@@ -1,11 +1,13 @@
-"""The broker daemon: Unix socket server in front of one TPM worker thread.
+"""The broker daemon: Unix socket server in front of the TPM.
 
 asyncio handles connections and framing; every TPM operation goes through the
-fair queue to the worker thread, the only code that touches the TPM. The hot
-path is kept lean because the broker's CPU per signature matters as much as the
-TPM's: connections are asyncio Protocols (no stream or task per request), the
-worker hands results back in batches (one loop wake-up for however many finished
-meanwhile), and each request's deadline is a loop timer.
+fair queue, one at a time. The event loop serves the common signature itself —
+key resident, pool session ready — by sending the worker's prepared command on
+the TPM socket and reading the answer when it comes (the "lane"); everything else
+(loading, key generation, status, recovery) is handed to the worker thread. Two
+thread switches per signature, with the GIL handed over each time, cost more CPU
+than the signature. Connections are asyncio Protocols (no stream or task per
+request) and each request's deadline is a loop timer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import socket
 import stat
 import struct
@@ -37,7 +40,9 @@ from .errors import (
     PermissionDeniedError,
     ProtocolError,
     Status,
+    TakeTheLongWay,
     TpmBrokerError,
+    TpmUnavailableError,
     UnknownKeyError,
     UnsupportedError,
 )
@@ -50,6 +55,9 @@ MAX_TIMEOUT = 300.0
 MAX_IN_FLIGHT = 64
 # Hundreds of clients connect at once when a service starts; asyncio's default is 100.
 LISTEN_BACKLOG = 1024
+# How long past its request's deadline a command on the lane may stay unanswered before
+# the TPM connection is given up (the worker then reconnects and recovers).
+LANE_GRACE = 5.0
 
 
 class Worker(Protocol):
@@ -63,6 +71,13 @@ class Worker(Protocol):
     def generate_key(self, key_type: p.KeyType, param: int, auth: bytes, parent: int,
                      deadline: float) -> tuple[bytes, bytes]: ...
     def status(self) -> dict[str, object]: ...
+    # The lane (see TpmWorker.begin_fast_sign).
+    def lane_socket(self) -> Any: ...
+    def begin_fast_sign(self, key_id: bytes, auth: bytes, scheme: p.Scheme,
+                        hash_alg: p.HashAlg, digest: bytes) -> Any: ...
+    def finish_fast_sign(self, fast: Any, response: bytes) -> bytes: ...
+    def abort_fast_sign(self, fast: Any | None) -> None: ...
+    def split_response(self, data: bytearray) -> bytes | None: ...
 
 
 @dataclasses.dataclass
@@ -264,7 +279,9 @@ class Connection(asyncio.Protocol):
             self.submit(request_id, msg.OPCODE, reply_by, deadline,
                         lambda: worker.sign(msg.key_id, auth, scheme, hash_alg, msg.digest,
                                             deadline),
-                        self._signed)
+                        self._signed,
+                        lambda: worker.begin_fast_sign(msg.key_id, auth, scheme, hash_alg,
+                                                       msg.digest))
         elif isinstance(msg, p.Load):
             source = _enum(p.KeySource, msg.source, "key source")
 
@@ -299,12 +316,13 @@ class Connection(asyncio.Protocol):
         return p.SignResult(signature)
 
     def submit(self, request_id: int, opcode: int, reply_by: float, deadline: float,
-               run: Callable[[], Any], finish: Callable[[Any], p.Message]) -> None:
+               run: Callable[[], Any], finish: Callable[[Any], p.Message],
+               fast: Callable[[], Any] | None = None) -> None:
         pending = Pending(self, request_id, opcode, finish)
-        pending.job = Job(self.id, deadline, run, pending)
+        pending.job = Job(self.id, deadline, run, pending, fast)
         pending.timer = self.server.loop.call_at(reply_by, self.expire, pending)
         self.pending.add(pending)
-        self.server.queue.put(pending.job)
+        self.server.enqueue(pending.job)
 
     def expire(self, pending: Pending) -> None:
         if pending not in self.pending:
@@ -330,6 +348,17 @@ class Connection(asyncio.Protocol):
             self.fail(pending.request_id, pending.opcode, error)
 
 
+@dataclasses.dataclass
+class Lane:
+    """The one signature the event loop has out on the TPM socket."""
+
+    job: Job
+    fast: Any  # the worker's prepared command (FastSign)
+    sock: socket.socket
+    timer: asyncio.TimerHandle
+    received: bytearray = dataclasses.field(default_factory=bytearray)
+
+
 class BrokerServer:
     def __init__(self, config: ServerConfig, worker: Worker) -> None:
         self.config = config
@@ -337,12 +366,20 @@ class BrokerServer:
         self.queue = FairQueue()
         self.stats = Stats()
         self.connections: dict[int, Connection] = {}
+        self.lane_signatures = 0
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_uid = os.geteuid()
-        # Results cross from the worker thread in batches: one wake-up of the loop
-        # for however many requests finished while it was busy.
+        # The TPM does one thing at a time: a job on the worker thread or the lane's.
+        self._busy = False
+        self._lane: Lane | None = None
+        # The TPM socket stays registered with the loop between lane signatures (adding
+        # and removing a reader costs a fifth of one); never while the worker thread may
+        # close it or reconnect.
+        self._lane_reader: socket.socket | None = None
+        self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # Results cross back from the worker thread through a deque and one wake-up.
         self._done: collections.deque[tuple[Any, Any, BaseException | None]] = (
             collections.deque())
         self._wakeup_pending = False
@@ -352,19 +389,131 @@ class BrokerServer:
         assert self._loop is not None, "server not started"
         return self._loop
 
-    # --- worker thread -------------------------------------------------------------------
+    # --- taking turns at the TPM (event loop) ---------------------------------------------
 
-    def _worker_main(self) -> None:
-        while True:
-            job = self.queue.next()
+    def enqueue(self, job: Job) -> None:
+        self.queue.put(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start the next job if the TPM is free: on the lane if it can, else on the
+        worker thread."""
+        while not self._busy:
+            job = self.queue.pop()
             if job is None:
                 return
             if job.cancelled:
                 continue
             if time.monotonic() >= job.deadline:
-                self._finished(job, None, DeadlineError("deadline passed while queued for "
-                                                        "the TPM"))
+                job.done(None, DeadlineError("deadline passed while queued for the TPM"))
                 continue
+            if job.fast is not None and self._start_lane(job):
+                return
+            self._release_lane_reader()
+            self._busy = True
+            self._handoff.put(job)
+
+    def _start_lane(self, job: Job) -> bool:
+        sock = self.worker.lane_socket()
+        if sock is None:
+            return False
+        try:
+            assert job.fast is not None
+            fast = job.fast()
+        except Exception:  # anything unusual: the worker thread's path says what
+            return False
+        if fast is None:
+            return False
+        try:
+            sent = sock.send(fast.command)
+        except OSError:
+            sent = -1
+        if sent != len(fast.command):
+            self._abort_lane(fast)
+            return False  # the worker thread reconnects and serves it
+        timer = self.loop.call_at(max(job.deadline, time.monotonic()) + LANE_GRACE,
+                                  self._lane_stuck)
+        self._lane = Lane(job, fast, sock, timer)
+        self._busy = True
+        if self._lane_reader is not sock:
+            self._release_lane_reader()
+            self.loop.add_reader(sock.fileno(), self._lane_readable)
+            self._lane_reader = sock
+        return True
+
+    def _release_lane_reader(self) -> None:
+        if self._lane_reader is not None:
+            self.loop.remove_reader(self._lane_reader.fileno())
+            self._lane_reader = None
+
+    def _abort_lane(self, fast: Any) -> None:
+        """The TPM connection is in an unknown state: let the worker drop it."""
+        self._release_lane_reader()
+        self.worker.abort_fast_sign(fast)
+
+    def _end_lane(self) -> Lane:
+        lane = self._lane
+        assert lane is not None
+        lane.timer.cancel()
+        self._lane = None
+        self._busy = False
+        return lane
+
+    def _lane_readable(self) -> None:
+        lane = self._lane
+        if lane is None:  # the TPM spoke unasked: it closed, or the framing is lost
+            self._abort_lane(None)
+            return
+        response = None
+        try:
+            data = lane.sock.recv(65536)
+            if data:
+                lane.received += data
+                response = self.worker.split_response(lane.received)
+                if response is None:
+                    return  # more to come
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end_lane()
+        job = lane.job
+        if response is None:  # the connection broke: its fate is unknown
+            self._abort_lane(lane.fast)
+            self._take_the_long_way(job)
+        else:
+            try:
+                signature = self.worker.finish_fast_sign(lane.fast, response)
+            except TakeTheLongWay:
+                self._take_the_long_way(job)
+            except Exception as exc:
+                job.done(None, exc)
+            else:
+                self.lane_signatures += 1
+                job.done(signature, None)
+        self._pump()
+
+    def _lane_stuck(self) -> None:
+        if self._lane is None:
+            return
+        lane = self._end_lane()
+        log.warning("the TPM did not answer a signature for %.0f s; reconnecting",
+                    LANE_GRACE)
+        self._abort_lane(lane.fast)
+        lane.job.done(None, TpmUnavailableError("the TPM did not answer"))
+        self._pump()
+
+    def _take_the_long_way(self, job: Job) -> None:
+        job.fast = None
+        self.queue.put(job)
+
+    # --- the worker thread -------------------------------------------------------------------
+
+    def _worker_main(self) -> None:
+        while True:
+            job = self._handoff.get()
+            if job is None:
+                return
             try:
                 result = job.run()
             except BaseException as exc:
@@ -382,7 +531,9 @@ class BrokerServer:
         self._wakeup_pending = False  # before draining: a later append wakes us again
         while self._done:
             done, result, error = self._done.popleft()
+            self._busy = False  # the worker thread runs one job at a time
             done(result, error)
+        self._pump()
 
     async def call(self, deadline: float, run: Callable[[], Any]) -> Any:
         """Run one worker call outside any connection (start-up, shut-down)."""
@@ -396,7 +547,7 @@ class BrokerServer:
             else:
                 future.set_result(result)
 
-        self.queue.put(Job(0, deadline, run, settle))
+        self.enqueue(Job(0, deadline, run, settle))
         return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()) + 1.0)
 
     # --- connections -----------------------------------------------------------------
@@ -417,6 +568,7 @@ class BrokerServer:
             "connections": len(self.connections),
             "connections_total": self.stats.connections_total,
             "signatures": self.stats.signatures,
+            "signatures_on_event_loop": self.lane_signatures,
             "errors": self.stats.errors,
             "errors_by_status": dict(self.stats.by_status),
             "refused_peers": self.stats.refused_peers,
@@ -471,10 +623,14 @@ class BrokerServer:
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._lane is not None:  # its answer would find no one to give it to
+            self._abort_lane(self._end_lane().fast)
+        self._release_lane_reader()
         with contextlib.suppress(Exception):
             await self.call(time.monotonic() + 10, self.worker.close)
         for job in self.queue.close():
             job.cancelled = True
+        self._handoff.put(None)
         if self._thread is not None:
             await self.loop.run_in_executor(None, self._thread.join, 10)
         with contextlib.suppress(FileNotFoundError):

@@ -94,8 +94,8 @@ def markdown_table(results: Results) -> str:
     refs = reference_rates(results.points)
     lines = [
         "| system | key | clients | signatures/s | x direct | p50 ms | p99 ms | failures "
-        "| max TPM sessions | TPM utilization |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max TPM sessions | TPM utilization | broker CPU µs/sig | min/max per signer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for pt in results.points:
         ref = refs.get(pt.key)
@@ -108,9 +108,11 @@ def markdown_table(results: Results) -> str:
         util = "-" if pt.tpm_utilization is None else f"{100 * pt.tpm_utilization:.0f} %"
         row = (f"| {pt.system} | {pt.key} | {pt.clients} | {pt.rate:.0f} | {ratio} "
                f"| {pt.p50_ms:.2f} | {pt.p99_ms:.2f} | {failures} "
-               f"| {_fmt(pt.max_active_sessions, 'd')} | {util} |")
+               f"| {_fmt(pt.max_active_sessions, 'd')} | {util} "
+               f"| {_fmt(pt.broker_cpu_us, '.0f')} | {_fmt(pt.fairness, '.2f')} |")
         if pt.note:
-            row = f"| {pt.system} | {pt.key} | {pt.clients} | not run (1) | - | - | - | - | - | - |"
+            row = (f"| {pt.system} | {pt.key} | {pt.clients} | not run (1) "
+                   "| - | - | - | - | - | - | - | - |")
         lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -140,6 +142,11 @@ def write_markdown(results: Results, path: Path) -> None:
         "\nx direct: signatures/s over direct-password's (one client, same key)."
         + (" (1) see below." if any(pt.note for pt in results.points) else "") + "\n",
     ]
+    idle = meta.get("idle_connections")
+    if idle:
+        parts.append(f"\nBroker memory with {idle['connections']} idle client connections: "
+                     f"{idle['rss_mib_idle']} MiB resident ({idle['rss_mib_before']} MiB "
+                     "before they connected).\n")
     errors = _errors_section(results)
     if errors:
         parts.append("\nFailures and errors:\n\n" + errors + "\n")

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from ..load import LoadReport
 from . import systems as s
-from .services import Abrmd, BrokerProcess, CpuMeter, DbusDaemon
+from .services import Abrmd, BrokerProcess, CpuMeter, DbusDaemon, process_rss_mib
 
 KEYS = ("ec:P-256", "rsa:2048")
 
@@ -42,6 +42,7 @@ class Options:
     sessions: int = 2
     max_processes: int = 32
     command: str = ""
+    idle_connections: int = 1000
 
 
 @dataclasses.dataclass
@@ -60,6 +61,8 @@ class Point:
     tpm_utilization: float | None
     errors: dict[str, int]
     note: str = ""
+    broker_cpu_us: float | None = None  # broker process CPU per signature
+    fairness: float | None = None  # slowest signer's count over the fastest's
 
 
 @dataclasses.dataclass
@@ -181,7 +184,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def _point(system: str, key: str, clients: int, report: LoadReport | None,
-           utilization: float | None, sessions_known: bool, note: str = "") -> Point:
+           utilization: float | None, sessions_known: bool, note: str = "",
+           broker_cpu: float | None = None) -> Point:
     if report is None:
         return Point(system, key, clients, 0.0, 0, 0.0, 0.0, 0.0, 0, 0, None, utilization,
                      {}, note)
@@ -191,7 +195,10 @@ def _point(system: str, key: str, clients: int, report: LoadReport | None,
                  report.failures, report.bad_signatures,
                  report.max_active_sessions if sessions_known else None,
                  None if utilization is None else round(utilization, 3),
-                 dict(sorted(report.errors.items(), key=lambda kv: -kv[1])[:8]), note)
+                 dict(sorted(report.errors.items(), key=lambda kv: -kv[1])[:8]), note,
+                 None if broker_cpu is None or not report.signatures
+                 else round(broker_cpu / report.signatures * 1e6, 1),
+                 round(report.fairness, 3) if len(report.per_client) > 1 else None)
 
 
 def _tpm2_openssl_available() -> str | None:
@@ -224,6 +231,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
                 pool_sessions=options.sessions, tcti=options.tcti or "swtpm (own)",
                 descriptions={k: v for k, v in s.DESCRIPTIONS.items() if k in options.systems})
     saved_env = {k: os.environ.get(k) for k in ("TPMBROKER_SOCKET", "DBUS_SESSION_BUS_ADDRESS")}
+    idle: dict[int, dict[str, float]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="tpmbroker-bench-"))
     try:
         with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
@@ -231,7 +239,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
             if stream is sys.stderr:  # survives _quiet_stderr()
                 stream = stack.enter_context(open(os.dup(2), "w", buffering=1))
             progress = stack.enter_context(Progress(len(todo), stream))
-            _run_all(options, todo, points, workdir, stack, progress)
+            _run_all(options, todo, points, workdir, stack, progress, idle)
     finally:
         for name, value in saved_env.items():
             if value is None:
@@ -239,6 +247,8 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
             else:
                 os.environ[name] = value
     meta["loadavg_after"] = _loadavg()
+    if idle:
+        meta["idle_connections"] = next(iter(idle.values()))
     return Results(meta, points)
 
 
@@ -275,8 +285,36 @@ def _restart_abrmd(abrmd: Abrmd, phase: contextlib.ExitStack) -> Any:
     return probe
 
 
+def idle_connections_rss(broker: BrokerProcess, count: int) -> dict[str, float]:
+    """The broker's resident memory before and while `count` idle clients are connected."""
+    import resource
+    import socket
+
+    from ..client import Client
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 64 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, hard))
+    assert broker.proc is not None
+    before = process_rss_mib(broker.proc.pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.connect(broker.socket)
+        with Client(broker.socket, timeout=10) as client:  # it still answers
+            connections = int(str(client.status()["connections"]))
+        during = process_rss_mib(broker.proc.pid)
+    finally:
+        for sock in socks:
+            sock.close()
+    return {"connections": connections, "rss_mib_before": before, "rss_mib_idle": during}
+
+
 def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Point],
-             workdir: Path, stack: contextlib.ExitStack, progress: Progress) -> None:
+             workdir: Path, stack: contextlib.ExitStack, progress: Progress,
+             idle: dict[int, dict[str, float]]) -> None:
     from ..simulator import Swtpm
 
     swtpm: Swtpm | None = None
@@ -338,6 +376,8 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 progress.message(f"{', '.join(group)}: setup failed: {exc}")
                 continue
             meter = phase.enter_context(CpuMeter(swtpm.pid if swtpm is not None else None))
+            broker_meter = phase.enter_context(CpuMeter(
+                broker.proc.pid if broker is not None and broker.proc is not None else None))
             for system, key_name, clients in group_todo:
                 key = keys[key_name]
                 progress.point(f"{system} {key_name} {clients} client"
@@ -382,8 +422,15 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     start = end - report.seconds
                 time.sleep(0.1)  # let the meter take a sample past the window's end
                 utilization = meter.utilization(start, end) if report is not None else None
+                broker_share = (broker_meter.utilization(start, end)
+                                if report is not None else None)
                 points.append(_point(system, key_name, clients, report, utilization,
-                                     sessions_known=True, note=note))
+                                     sessions_known=True, note=note,
+                                     broker_cpu=None if broker_share is None
+                                     else broker_share * (end - start)))
                 if note:
                     progress.message(f"{system} {key_name} {clients}: {note}")
                 progress.advance()
+            if broker is not None and options.idle_connections:
+                progress.message(f"{options.idle_connections} idle connections to the broker")
+                idle[options.sessions] = idle_connections_rss(broker, options.idle_connections)

@@ -168,6 +168,17 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (VmRSS), 0.0 when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
 class CpuMeter:
     """Samples a process's CPU time in the background so any window can be measured later."""
 

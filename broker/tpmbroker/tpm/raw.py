@@ -63,6 +63,7 @@ MAX_RESENDS = 10
 SIGN_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT
 
 _HEADER = struct.Struct(">HII")
+HEADER_SIZE = _HEADER.size  # a response of just this much carries only a response code
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _ALG_ECDSA = int(TPM2_ALG.ECDSA)

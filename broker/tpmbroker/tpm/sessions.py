@@ -109,6 +109,10 @@ class SessionPool:
             self._sleep(min(delay, remaining))
             delay = min(delay * 2, BACKOFF_MAX)
             self.fill(ectx, salt_key)
+        return self.next_session()
+
+    def next_session(self) -> Any:
+        """The next session in turn (the pool must not be empty); starts none."""
         session = self._sessions[self._next % len(self._sessions)]
         self._next = (self._next + 1) % len(self._sessions)
         return session

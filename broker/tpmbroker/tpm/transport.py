@@ -31,6 +31,26 @@ def io_error() -> TSS2_Exception:
     return TSS2_Exception(int(TSS2_RC.TCTI_RC_IO_ERROR))
 
 
+def frame_command(command: bytes, locality: int = 0) -> bytes:
+    """A command as swtpm's command port takes it: TPM_SEND_COMMAND, locality, length."""
+    return _SEND_HEADER.pack(TPM_SEND_COMMAND, locality, len(command)) + command
+
+
+def split_response(data: bytes | bytearray) -> bytes | None:
+    """The response in `data` (u32 length, response, u32 acknowledgement 0), or None
+    while incomplete. OSError when the bytes cannot be a response."""
+    if len(data) < 4:
+        return None
+    (size,) = _U32.unpack_from(data)
+    if size > MAX_RESPONSE:
+        raise OSError(f"response of {size} bytes")
+    if len(data) < size + 8:
+        return None
+    if len(data) != size + 8 or data[size + 4:] != b"\0\0\0\0":
+        raise OSError("unexpected bytes after the response")
+    return bytes(data[4:size + 4])
+
+
 class SwtpmSocket:
     """One persistent TCP connection to swtpm's (or the MS simulator's) command port.
 
@@ -50,8 +70,7 @@ class SwtpmSocket:
         with self._lock:
             try:
                 sock = self._sock or self._connect()
-                sock.sendall(_SEND_HEADER.pack(TPM_SEND_COMMAND, self.locality, len(command))
-                             + command)
+                sock.sendall(frame_command(command, self.locality))
                 response = self._read_response(sock)
             except OSError as exc:
                 self._drop()
@@ -75,22 +94,26 @@ class SwtpmSocket:
 
     @staticmethod
     def _read_response(sock: socket.socket) -> bytes:
-        """u32 length, the response, u32 acknowledgement (0)."""
         data = b""
         while True:
             chunk = sock.recv(MAX_RESPONSE + 8 - len(data))
             if not chunk:
                 raise OSError("connection closed by the TPM")
             data += chunk
-            if len(data) >= 4:
-                (size,) = _U32.unpack_from(data)
-                if size > MAX_RESPONSE:
-                    raise OSError(f"response of {size} bytes")
-                if len(data) >= size + 8:
-                    break
-        if len(data) != size + 8 or data[size + 4:] != b"\0\0\0\0":
-            raise OSError("unexpected bytes after the response")
-        return data[4:size + 4]
+            response = split_response(data)
+            if response is not None:
+                return response
+
+    @property
+    def connected_socket(self) -> socket.socket | None:
+        """The open connection, for a caller that drives one command itself (the
+        server's event loop); None when not connected."""
+        return self._sock
+
+    def drop(self) -> None:
+        """Close the connection after a command whose outcome is unknown."""
+        with self._lock:
+            self._drop()
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None

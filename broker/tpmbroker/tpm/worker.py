@@ -16,6 +16,7 @@ everything else. `fast_path=False` keeps the whole ESAPI path (for comparison).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ from ..errors import (
     BadDigestError,
     BadKeyError,
     DeadlineError,
+    TakeTheLongWay,
     TpmBrokerError,
     TpmUnavailableError,
     UnknownKeyError,
@@ -56,6 +58,16 @@ MAX_AUTH = 32
 CONNECT_BACKOFF_FIRST = 0.01
 CONNECT_BACKOFF_MAX = 0.5
 _RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
+
+
+@dataclasses.dataclass
+class FastSign:
+    """A TPM2_Sign prepared for a caller that sends it and reads the answer itself."""
+
+    command: bytes  # framed for the link (SwtpmSocket framing)
+    pending: raw.PendingCommand
+    session: Any  # ESYS_TR of the pool session it uses
+    entry: CachedKey
 
 
 class TpmWorker:
@@ -180,6 +192,88 @@ class TpmWorker:
             # The TPM may drop leading zero bytes; the wire wants the modulus length.
             return signature.rjust((entry.info.bits + 7) // 8, b"\0")
         return signature
+
+    # --- signing without this object's thread -----------------------------------------
+    # The common case — key resident, pool session ready, persistent swtpm socket — needs
+    # no TPM command but the Sign itself, so the server's event loop can send it and read
+    # the answer without handing the request to another thread and back (two thread
+    # switches and the GIL handed over each time cost more CPU than the signature).
+    # Anything else returns None and goes the ordinary way, with recovery.
+
+    def lane_socket(self) -> Any:
+        """The open persistent socket to the TPM, or None."""
+        link = self._link
+        if not self.fast_path or not isinstance(link, transport.SwtpmSocket):
+            return None
+        return link.connected_socket
+
+    def begin_fast_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash_alg: HashAlg,
+                        digest: bytes) -> FastSign | None:
+        """The framed command for a signature that needs nothing else, else None.
+
+        Never talks to the TPM. The session stays unusable until finish_fast_sign (or
+        abort_fast_sign) says how the command went.
+        """
+        entry = self._keys.get(key_id)
+        if (entry is None or entry.handle is None or self._ectx is None
+                or self._pool.count < self._pool.size or len(auth) > MAX_AUTH
+                or len(digest) != hash_alg.digest_size):
+            return None
+        try:
+            scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
+        except TpmBrokerError:
+            return None
+        known = self._tpm_handles.get(int(entry.handle))
+        if (entry.info.key_id, scheme_alg, hash_alg) not in self._schemes_checked or not known:
+            return None
+        session = self._pool.next_session()
+        state = self._raw_sessions.get(int(session))
+        if state is None or not state.usable:
+            return None
+        pending = raw.prepare_sign(state, known[0], known[1], auth, digest, scheme_alg,
+                                   hash_alg)
+        state.usable = False  # until the answer says otherwise (as raw.execute does)
+        return FastSign(transport.frame_command(pending.command), pending, session, entry)
+
+    def finish_fast_sign(self, fast: FastSign, response: bytes) -> bytes:
+        """The signature from the TPM's answer.
+
+        A wrong password or a forged answer is final (TpmBrokerError: never retried, it
+        would count toward the lockout again); any other refusal raises TakeTheLongWay,
+        and the ordinary path, with its recovery, serves the request.
+        """
+        state = fast.pending.session
+        if len(response) == raw.HEADER_SIZE and raw.response_code(response) in raw.RESEND_CODES:
+            state.usable = True  # the TPM did not start the command
+            raise TakeTheLongWay("the TPM asked for the command again")
+        try:
+            _, parameters = raw.finish(fast.pending, response)
+        except raw.ResponseAuthError as exc:
+            self._discard_session(fast.session)
+            raise to_error(exc, "signing") from None
+        except TSS2_Exception as exc:
+            if int(exc.rc) & int(TSS2_RC.RC_LAYER_MASK) == 0:
+                state.usable = True  # the TPM refused; its nonce did not move
+            if classify(exc) in (Kind.AUTH, Kind.LOCKOUT):
+                raise to_error(exc, "signing") from None
+            raise TakeTheLongWay(str(exc)) from exc
+        state.usable = True
+        self._keys.touch(fast.entry.info.key_id)
+        signature = raw.signature_bytes(parameters)
+        if fast.entry.info.key_type is KeyType.RSA:
+            return signature.rjust((fast.entry.info.bits + 7) // 8, b"\0")
+        return signature
+
+    @staticmethod
+    def split_response(data: bytearray) -> bytes | None:
+        """The TPM's answer once `data` holds all of it (lane_socket's framing)."""
+        return transport.split_response(data)
+
+    def abort_fast_sign(self, fast: FastSign | None) -> None:
+        """The command's fate is unknown (link broke, no answer): drop the link so the
+        next command reconnects; the session stays unusable and is replaced."""
+        if isinstance(self._link, transport.SwtpmSocket):
+            self._link.drop()
 
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
                      deadline: float) -> tuple[bytes, bytes]:

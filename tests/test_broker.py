@@ -285,3 +285,28 @@ def test_status_reports_the_pool(broker: Broker, ec_key: Path) -> None:
 def test_socket_is_not_open_to_everyone(broker: Broker) -> None:
     mode = os.stat(broker.socket).st_mode & 0o777
     assert mode & 0o007 == 0
+
+
+def test_signatures_on_the_event_loop_count_a_wrong_password_once(
+        broker: Broker, tmp_path: Path) -> None:
+    """The common signature is served on the broker's event loop; a wrong password there
+    is answered, not retried (each try would count toward the TPM's lockout)."""
+    pw = tmp_path / "pw"
+    pw.write_text("right\n")
+    key = tmp_path / "k.pem"
+    cli(broker, "keygen", "--alg", "ec:P-256", "--password-file", str(pw), "-o", str(key))
+    with Client(broker.socket) as client:
+        right = client.load_key(key, "right")
+        for _ in range(5):
+            assert client.sign(right, bytes(32))
+        before = client.status()
+        assert int(str(before["signatures_on_event_loop"])) >= 4
+        wrong = client.load_key(key, "wrong")
+        for _ in range(2):
+            with pytest.raises(AuthFailedError):
+                client.sign(wrong, bytes(32))
+        after = client.status()
+        assert after["tpm_lockout_counter"] == int(str(before["tpm_lockout_counter"])) + 2
+        assert int(str(after["signatures_on_event_loop"])) == int(
+            str(before["signatures_on_event_loop"]))
+        assert client.sign(right, bytes(32))

@@ -58,7 +58,8 @@ class _Connection:
     def __init__(self, path: str, deadline: float) -> None:
         self.sock = self._connect(path, deadline)
         self.reader = p.FrameReader()
-        self.loaded: set[bytes] = set()
+        # key id -> the password it was loaded with here: the broker signs with that one
+        self.loaded: dict[bytes, bytes] = {}
         self.next_id = 1
 
     @staticmethod
@@ -208,7 +209,7 @@ class Client:
         for attempt in range(2):
             try:
                 with self._connection(deadline) as conn:
-                    if key is not None and key.key_id not in conn.loaded:
+                    if key is not None and conn.loaded.get(key.key_id) != key.spec.auth:
                         self._load_on(conn, key.spec, deadline)
                     try:
                         return conn.round_trip(msg, deadline)
@@ -231,7 +232,7 @@ class Client:
     def _load_on(conn: _Connection, spec: KeySpec, deadline: float) -> p.LoadResult:
         result = conn.round_trip(spec.load_request(), deadline)
         assert isinstance(result, p.LoadResult)
-        conn.loaded.add(result.key_id)
+        conn.loaded[result.key_id] = spec.auth
         return result
 
     def hello(self) -> p.HelloResult:

@@ -50,6 +50,17 @@ class FairQueue:
             self._depth += 1
             self._cond.notify()
 
+    def push_front(self, job: Job) -> None:
+        """Put back a job that was taken out but not served: it is next again."""
+        with self._cond:
+            queue = self._queues.get(job.owner)
+            if queue is None:
+                queue = self._queues[job.owner] = collections.deque()
+            queue.appendleft(job)
+            self._queues.move_to_end(job.owner, last=False)
+            self._depth += 1
+            self._cond.notify()
+
     def pop(self) -> Job | None:
         """The next job, taking owners in turn; None when there is none."""
         return self.next(timeout=0)

@@ -77,6 +77,7 @@ class Worker(Protocol):
                         hash_alg: p.HashAlg, digest: bytes) -> Any: ...
     def finish_fast_sign(self, fast: Any, response: bytes) -> bytes: ...
     def abort_fast_sign(self, fast: Any | None) -> None: ...
+    def cancel_fast_sign(self, fast: Any) -> None: ...
     def split_response(self, data: bytearray) -> bytes | None: ...
 
 
@@ -374,6 +375,10 @@ class BrokerServer:
         # The TPM does one thing at a time: a job on the worker thread or the lane's.
         self._busy = False
         self._lane: Lane | None = None
+        # With two pool sessions, the next signature is prepared (HMAC, encryption) on
+        # the other one while the TPM works on the current one, and sent the moment its
+        # answer arrives: the TPM does not wait for the broker's arithmetic.
+        self._ahead: tuple[Job, Any] | None = None
         # The TPM socket stays registered with the loop between lane signatures (adding
         # and removing a reader costs a fifth of one); never while the worker thread may
         # close it or reconnect.
@@ -407,22 +412,64 @@ class BrokerServer:
             if time.monotonic() >= job.deadline:
                 job.done(None, DeadlineError("deadline passed while queued for the TPM"))
                 continue
-            if job.fast is not None and self._start_lane(job):
-                return
+            if job.fast is not None:
+                fast = self._prepare(job)
+                if fast is not None and self._send_lane(job, fast):
+                    break
             self._release_lane_reader()
             self._busy = True
             self._handoff.put(job)
+        if self._lane is not None:
+            self._prepare_ahead()
 
-    def _start_lane(self, job: Job) -> bool:
-        sock = self.worker.lane_socket()
-        if sock is None:
-            return False
+    @staticmethod
+    def _prepare(job: Job) -> Any:
+        """The worker's prepared command for `job`, or None (it takes the long way)."""
         try:
             assert job.fast is not None
-            fast = job.fast()
+            return job.fast()
         except Exception:  # anything unusual: the worker thread's path says what
-            return False
-        if fast is None:
+            return None
+
+    def _prepare_ahead(self) -> None:
+        if self._ahead is not None or self._lane is None:
+            return
+        while (job := self.queue.pop()) is not None:
+            if job.cancelled:
+                continue
+            if time.monotonic() >= job.deadline:
+                job.done(None, DeadlineError("deadline passed while queued for the TPM"))
+                continue
+            fast = self._prepare(job) if job.fast is not None else None
+            if fast is None:
+                self.queue.push_front(job)  # its turn comes when the TPM is free
+            else:
+                self._ahead = (job, fast)
+            return
+
+    def _send_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        job, fast = ahead
+        if job.cancelled or time.monotonic() >= job.deadline:
+            self.worker.cancel_fast_sign(fast)
+            if not job.cancelled:
+                job.done(None, DeadlineError("deadline passed while queued for the TPM"))
+        elif not self._send_lane(job, fast):
+            self._take_the_long_way(job)
+
+    def _drop_ahead(self) -> None:
+        """The TPM link is in doubt: the prepared command goes back, unsent."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self.worker.cancel_fast_sign(ahead[1])
+            self._take_the_long_way(ahead[0])
+
+    def _send_lane(self, job: Job, fast: Any) -> bool:
+        sock = self.worker.lane_socket()
+        if sock is None:
+            self.worker.cancel_fast_sign(fast)
             return False
         try:
             sent = sock.send(fast.command)
@@ -479,9 +526,11 @@ class BrokerServer:
         self._end_lane()
         job = lane.job
         if response is None:  # the connection broke: its fate is unknown
+            self._drop_ahead()
             self._abort_lane(lane.fast)
             self._take_the_long_way(job)
         else:
+            self._send_ahead()  # the TPM starts on the next one while we finish this
             try:
                 signature = self.worker.finish_fast_sign(lane.fast, response)
             except TakeTheLongWay:
@@ -499,13 +548,14 @@ class BrokerServer:
         lane = self._end_lane()
         log.warning("the TPM did not answer a signature for %.0f s; reconnecting",
                     LANE_GRACE)
+        self._drop_ahead()
         self._abort_lane(lane.fast)
         lane.job.done(None, TpmUnavailableError("the TPM did not answer"))
         self._pump()
 
     def _take_the_long_way(self, job: Job) -> None:
         job.fast = None
-        self.queue.put(job)
+        self.queue.push_front(job)  # it was its turn
 
     # --- the worker thread -------------------------------------------------------------------
 
@@ -623,6 +673,7 @@ class BrokerServer:
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.abort()
+        self._drop_ahead()
         if self._lane is not None:  # its answer would find no one to give it to
             self._abort_lane(self._end_lane().fast)
         self._release_lane_reader()

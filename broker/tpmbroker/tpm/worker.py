@@ -265,6 +265,11 @@ class TpmWorker:
         return signature
 
     @staticmethod
+    def cancel_fast_sign(fast: FastSign) -> None:
+        """A prepared command that was never sent: its session is as it was."""
+        fast.pending.session.usable = True
+
+    @staticmethod
     def split_response(data: bytearray) -> bytes | None:
         """The TPM's answer once `data` holds all of it (lane_socket's framing)."""
         return transport.split_response(data)
@@ -321,6 +326,8 @@ class TpmWorker:
             "loaded_keys": len(self._keys),
             "resident_keys": sum(1 for _ in self._keys.resident()),
             "tpm_restarts_recovered": self._restarts_recovered,
+            # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
+            "tpm_lockout_counter": self._property(TPM2_PT.LOCKOUT_COUNTER),
             "tcti": self.tcti,
         }
 

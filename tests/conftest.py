@@ -10,7 +10,7 @@ import pytest
 
 from tpmbroker.simulator import Swtpm
 
-from .tpmfixtures import Abrmd, Broker, SessionBus, running_swtpm
+from .tpmfixtures import Abrmd, Broker, DbusDaemon, running_swtpm
 
 # The suite must never load the provider into its own process through a system-wide config,
 # nor talk to a broker of the machine's.
@@ -27,9 +27,9 @@ def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
 
 
 @pytest.fixture(scope="session")
-def session_bus() -> Iterator[SessionBus]:
+def session_bus() -> Iterator[DbusDaemon]:
     """One private D-Bus for the run; this process and its children talk to it."""
-    bus = SessionBus()
+    bus = DbusDaemon()
     os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
     try:
         yield bus
@@ -38,9 +38,9 @@ def session_bus() -> Iterator[SessionBus]:
 
 
 @pytest.fixture
-def abrmd(swtpm: Swtpm, session_bus: SessionBus, tmp_path: Path) -> Iterator[Abrmd]:
+def abrmd(swtpm: Swtpm, session_bus: DbusDaemon, tmp_path: Path) -> Iterator[Abrmd]:
     """tpm2-abrmd in front of the test's swtpm (generous limits: several TPM users)."""
-    rm = Abrmd(swtpm, tmp_path / "abrmd", session_bus, max_connections=100)
+    rm = Abrmd(swtpm.tcti, tmp_path / "abrmd", session_bus, max_connections=100)
     rm.start()
     try:
         yield rm

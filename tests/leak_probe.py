@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tpmbroker.simulator import Swtpm
+
 from .tpmfixtures import Abrmd, Broker
 
 
@@ -19,6 +21,7 @@ def broker_on_abrmd(abrmd: Abrmd, tmp_path: Path) -> Iterator[Broker]:
         broker.stop()
 
 
-def test_starts_everything_then_fails(abrmd: Abrmd, broker_on_abrmd: Broker) -> None:
-    assert broker_on_abrmd.alive and abrmd.proc is not None and abrmd.tpm.proc is not None
+def test_starts_everything_then_fails(swtpm: Swtpm, abrmd: Abrmd,
+                                      broker_on_abrmd: Broker) -> None:
+    assert broker_on_abrmd.alive and abrmd.proc is not None and swtpm.proc is not None
     raise AssertionError("deliberate failure: teardown must still stop everything")

@@ -25,8 +25,9 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ..load import LoadReport
+from ..processes import Abrmd, BrokerProcess, DbusDaemon
 from . import systems as s
-from .services import Abrmd, BrokerProcess, CpuMeter, DbusDaemon, process_rss_mib
+from .services import CpuMeter, process_rss_mib
 
 KEYS = ("ec:P-256", "rsa:2048")
 

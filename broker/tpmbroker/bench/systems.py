@@ -425,7 +425,7 @@ def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
         if sampler is not None:
             report.max_active_sessions = sampler.max_active
     finally:
-        from .services import kill_group
+        from ..processes import kill_group
 
         for proc in procs:
             kill_group(proc, timeout=2)

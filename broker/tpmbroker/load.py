@@ -29,6 +29,20 @@ class LoadReport:
     per_client: list[int] = dataclasses.field(default_factory=list, repr=False)
     max_active_sessions: int = 0
     pool_size: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
+                                              compare=False)
+
+    def add_signer(self, index: int, done: int, failed: int, bad: int,
+                   latencies: list[float], errors: dict[str, int]) -> None:
+        """Add one signer's tally (signers call this from their own threads)."""
+        with self._lock:
+            self.signatures += done
+            self.failures += failed
+            self.bad_signatures += bad
+            self.latencies_ms.extend(latencies)
+            self.per_client[index] = done
+            for name, count in errors.items():
+                self.errors[name] = self.errors.get(name, 0) + count
 
     @property
     def rate(self) -> float:
@@ -104,7 +118,6 @@ def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
     """`clients` threads sign distinct digests through one shared Client for `seconds`."""
     scheme = scheme or (p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1)
     report = LoadReport(clients, seconds, per_client=[0] * clients)
-    lock = threading.Lock()
     stop = threading.Event()
     start = threading.Barrier(clients + 1)
 
@@ -128,14 +141,7 @@ def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
                                                       digest, hash_alg, scheme):
                 bad += 1
             done += 1
-        with lock:
-            report.signatures += done
-            report.failures += failed
-            report.bad_signatures += bad
-            report.latencies_ms.extend(latencies)
-            report.per_client[index] = done
-            for name, count in errors.items():
-                report.errors[name] = report.errors.get(name, 0) + count
+        report.add_signer(index, done, failed, bad, latencies, errors)
 
     threads = [threading.Thread(target=signer, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:

@@ -55,7 +55,6 @@ def run(tcti: str, key_der: bytes, threads: int, seconds: float,
         sessions_per_sign: int = 3) -> LoadReport:
     """Sign from `threads` threads, each opening its own sessions per signature."""
     report = LoadReport(threads, seconds, per_client=[0] * threads)
-    lock = threading.Lock()
     stop = threading.Event()
     ready = threading.Barrier(threads + 1)
 
@@ -69,9 +68,7 @@ def run(tcti: str, key_der: bytes, threads: int, seconds: float,
             salt_key = _storage_primary(ectx)
         except Exception as exc:
             ready.wait()
-            with lock:
-                report.failures += 1
-                report.errors[f"setup: {exc}"] = report.errors.get(f"setup: {exc}", 0) + 1
+            report.add_signer(index, 0, 1, 0, [], {f"setup: {exc}": 1})
             return
         ready.wait()
         scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
@@ -97,13 +94,7 @@ def run(tcti: str, key_der: bytes, threads: int, seconds: float,
                     with contextlib.suppress(TSS2_Exception):
                         ectx.flush_context(session)
         ectx.close()
-        with lock:
-            report.signatures += done
-            report.failures += failed
-            report.latencies_ms.extend(latencies)
-            report.per_client[index] = done
-            for name, count in errors.items():
-                report.errors[name] = report.errors.get(name, 0) + count
+        report.add_signer(index, done, failed, 0, latencies, errors)
 
     pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
     for t in pool:

@@ -133,18 +133,6 @@ def _verify_digest(key: Key, signature: bytes, digest: bytes) -> bool:
     return verify_digest(key.public, key_type, signature, digest, p.HashAlg.SHA256, scheme)
 
 
-def _merge(report: LoadReport, lock: threading.Lock, done: int, failed: int, bad: int,
-           latencies: list[float], errors: dict[str, int], index: int) -> None:
-    with lock:
-        report.signatures += done
-        report.failures += failed
-        report.bad_signatures += bad
-        report.latencies_ms.extend(latencies)
-        report.per_client[index] = done
-        for name, count in errors.items():
-            report.errors[name] = report.errors.get(name, 0) + count
-
-
 class SessionSampler:
     """Records the most TPM sessions seen active (TPM2_PT_HR_ACTIVE) while a load runs."""
 
@@ -251,7 +239,7 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
                     ectx.flush_context(session)
             with contextlib.suppress(TSS2_Exception):
                 ectx.flush_context(handle)
-    _merge(report, threading.Lock(), done, failed, bad, latencies, errors, 0)
+    report.add_signer(0, done, failed, bad, latencies, errors)
     return report
 
 
@@ -275,7 +263,6 @@ def run_libcrypto_threads(crypto: Libcrypto, pkey: Any, public: bytes, clients: 
                           seconds: float) -> LoadReport:
     """`clients` threads, each with its own EVP_MD_CTX, EVP_DigestSign on one shared key."""
     report = LoadReport(clients, seconds, per_client=[0] * clients)
-    lock = threading.Lock()
     stop = threading.Event()
     start = threading.Barrier(clients + 1)
 
@@ -301,7 +288,7 @@ def run_libcrypto_threads(crypto: Libcrypto, pkey: Any, public: bytes, clients: 
             if done % CHECK_EVERY == 0 and not verify(public, signature, message):
                 bad += 1
             done += 1
-        _merge(report, lock, done, failed, bad, latencies, errors, index)
+        report.add_signer(index, done, failed, bad, latencies, errors)
 
     threads = [threading.Thread(target=signer, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:

@@ -1,22 +1,20 @@
 """A fair queue in front of the TPM.
 
 Connections take turns (round robin), so one client with a thousand queued
-signatures cannot starve another with one. The server's event loop puts jobs in,
-takes the next one out whenever the TPM is free (pop) and drops a connection's
-queue when it closes.
+signatures cannot starve another with one. Only the server's event loop uses it:
+it puts jobs in, takes the next one out whenever the TPM is free (pop), and drops
+a connection's queue when it closes. No locks: one thread.
 """
 
 from __future__ import annotations
 
 import collections
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 
 class Job:
-    """One request for the TPM worker; `run` is called on the worker thread."""
+    """One request for the TPM."""
 
     __slots__ = ("cancelled", "deadline", "done", "fast", "owner", "run")
 
@@ -33,74 +31,60 @@ class Job:
 
 class FairQueue:
     def __init__(self) -> None:
+        # owner -> its jobs; the dict's order is the turn order
         self._queues: collections.OrderedDict[int, collections.deque[Job]] = (
             collections.OrderedDict())
-        self._cond = threading.Condition()
         self._closed = False
         self._depth = 0
 
     def put(self, job: Job) -> None:
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("queue closed")
-            queue = self._queues.get(job.owner)
-            if queue is None:
-                queue = self._queues[job.owner] = collections.deque()
-            queue.append(job)
-            self._depth += 1
-            self._cond.notify()
+        if self._closed:
+            raise RuntimeError("queue closed")
+        queue = self._queues.get(job.owner)
+        if queue is None:
+            queue = self._queues[job.owner] = collections.deque()
+        queue.append(job)
+        self._depth += 1
 
     def push_front(self, job: Job) -> None:
         """Put back a job that was taken out but not served: it is next again."""
-        with self._cond:
-            queue = self._queues.get(job.owner)
-            if queue is None:
-                queue = self._queues[job.owner] = collections.deque()
-            queue.appendleft(job)
-            self._queues.move_to_end(job.owner, last=False)
-            self._depth += 1
-            self._cond.notify()
+        if self._closed:
+            return
+        queue = self._queues.get(job.owner)
+        if queue is None:
+            queue = self._queues[job.owner] = collections.deque()
+        queue.appendleft(job)
+        self._queues.move_to_end(job.owner, last=False)
+        self._depth += 1
 
     def pop(self) -> Job | None:
         """The next job, taking owners in turn; None when there is none."""
-        return self.next(timeout=0)
-
-    def next(self, timeout: float | None = None) -> Job | None:
-        """The next job, taking owners in turn; None when closed (or on timeout)."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not self._queues:
-                if self._closed:
-                    return None
-                remaining = None if end is None else end - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            owner, queue = next(iter(self._queues.items()))
-            job = queue.popleft()
-            self._depth -= 1
+        if not self._queues:
+            return None
+        owner, queue = next(iter(self._queues.items()))
+        job = queue.popleft()
+        self._depth -= 1
+        if queue:
+            self._queues.move_to_end(owner)  # back of the line
+        else:
             del self._queues[owner]
-            if queue:
-                self._queues[owner] = queue  # back of the line
-            return job
+        return job
 
     def drop_owner(self, owner: int) -> list[Job]:
         """Remove and return every queued job of a closed connection."""
-        with self._cond:
-            queue = self._queues.pop(owner, None)
-            if not queue:
-                return []
-            self._depth -= len(queue)
-            return list(queue)
+        queue = self._queues.pop(owner, None)
+        if not queue:
+            return []
+        self._depth -= len(queue)
+        return list(queue)
 
     def close(self) -> list[Job]:
-        with self._cond:
-            self._closed = True
-            pending = [job for queue in self._queues.values() for job in queue]
-            self._queues.clear()
-            self._depth = 0
-            self._cond.notify_all()
-            return pending
+        """Refuse new jobs; return the ones still waiting."""
+        self._closed = True
+        pending = [job for queue in self._queues.values() for job in queue]
+        self._queues.clear()
+        self._depth = 0
+        return pending
 
     @property
     def depth(self) -> int:

@@ -401,13 +401,15 @@ static int conn_exchange(struct tpmb_client *c, struct conn *cn, size_t framelen
     }
     wire_reader_init(body, cn->rbuf + WIRE_HEADER_SIZE, bodylen);
     if (resp.request_id == 0 && req.request_id != 0) {
-        /* the broker could not frame our request and is closing the stream */
+        /* an error about the whole connection: the broker is closing the stream */
         uint32_t rc;
         WIRE_BYTES msg;
         int st = wire_response_status(body, &rc, &msg);
 
-        set_err(err, st > 0 ? st : CLIENT_E_PROTOCOL, rc, "tpmbroker at %s rejected a frame: %.*s",
-                c->path, (int)msg.len, msg.p != NULL ? (const char *)msg.p : "");
+        set_err(err, st > 0 ? st : CLIENT_E_PROTOCOL, rc, "tpmbroker at %s %s: %.*s", c->path,
+                st == WIRE_PERMISSION_DENIED ? "does not admit this process (see its "
+                "--allow-uid/--allow-gid)" : "rejected a frame",
+                (int)msg.len, msg.p != NULL ? (const char *)msg.p : "");
         goto fail;
     }
     if (resp.request_id != req.request_id || resp.opcode != (req.opcode | WIRE_RESPONSE_BIT)) {

@@ -195,9 +195,13 @@ def test_bad_frames_get_clear_errors_and_the_broker_keeps_serving(
         s.sendall(struct.pack(">I", len(sign) - 4 - 3) + sign[4:-3])
         _, result = _read_frame(s)
         assert isinstance(result, p.ErrorResult) and result.status == Status.MALFORMED
+        s.sendall(p.encode_request(10, p.Hello(0, "too old")))
+        _, result = _read_frame(s)
+        assert isinstance(result, p.ErrorResult)
+        assert result.status == Status.UNSUPPORTED_VERSION
         s.sendall(p.encode_request(10, p.Hello(1, "still here")))
         _, result = _read_frame(s)
-        assert isinstance(result, p.HelloResult)
+        assert isinstance(result, p.HelloResult) and result.version == 1
     # A client that sends half a frame and goes away.
     with _raw(broker) as s:
         s.sendall(p.encode_request(11, p.StatusRequest())[:7])

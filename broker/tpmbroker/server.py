@@ -45,6 +45,7 @@ from .errors import (
     TpmUnavailableError,
     UnknownKeyError,
     UnsupportedError,
+    UnsupportedVersionError,
 )
 from .scheduler import FairQueue, Job
 
@@ -304,6 +305,9 @@ class Connection(asyncio.Protocol):
                         lambda tpm: p.StatusResult(json.dumps(server.status(tpm),
                                                               sort_keys=True)))
         elif isinstance(msg, p.Hello):
+            if msg.max_version < p.VERSION:
+                raise UnsupportedVersionError(f"client speaks up to version {msg.max_version}; "
+                                              f"this broker speaks {p.VERSION}")
             self.send(request_id, msg.OPCODE,
                       p.HelloResult(p.VERSION, f"tpmbroker/{__version__}", p.MAX_FRAME))
         elif isinstance(msg, p.Unload):

@@ -109,7 +109,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
 
     async def run(tcti: str) -> None:
-        server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions))
+        server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions,
+                                                pss_padding=args.pss_padding))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -323,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="user (name or number) allowed to connect; repeatable")
     sp.add_argument("--allow-gid", action="append", default=[], metavar="GID",
                     help="group (name or number) allowed to connect; repeatable")
+    sp.add_argument("--pss-padding", choices=["auto", "tpm", "broker"], default="auto",
+                    help="RSA-PSS: the TPM's own (tpm), padded by the broker with salt = "
+                    "digest length and a raw RSA operation in the TPM (broker), or the "
+                    "TPM's own unless its first signature shows another salt (auto)")
     sp.add_argument("--socket-mode", default="660", help="octal permissions (default 660)")
     sp.add_argument("--socket-group", help="group owning the socket")
     sp.add_argument("--state-dir", default=str(default_state_dir()),

@@ -180,11 +180,16 @@ def generation_template(key_type: KeyType, param: int) -> Any:
     """TPMT_PUBLIC for a new signing key.
 
     Attributes follow tpm2-openssl's key templates (no noda: a wrong password counts
-    toward the TPM's dictionary-attack lockout) minus decrypt, which signing does not need.
-    Scheme NULL leaves the scheme and hash to each signature.
+    toward the TPM's dictionary-attack lockout); EC keys without decrypt, which ECDSA does
+    not need. Scheme NULL leaves the scheme and hash to each signature.
     """
     attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
                   | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN)
+    if key_type is KeyType.RSA:
+        # As tpm2-openssl does: with decrypt, the broker can pad RSA-PSS itself and use
+        # the TPM for the raw RSA operation, on TPMs whose own PSS salt TLS 1.3 rejects.
+        # The broker offers no decryption to its clients.
+        attributes |= TPMA_OBJECT.DECRYPT
     if key_type is KeyType.EC:
         if param not in (Curve.P256, Curve.P384):
             raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}; "
@@ -225,6 +230,19 @@ class CachedKey:
     blob: Tss2Key | None = None
     persistent_handle: int = 0
     handle: Any = None  # ESYS_TR in the current ESAPI context, None when not loaded
+    # RSA-PSS: None until the first PSS signature shows whether the TPM's own salt is
+    # the digest length (False) or the broker must pad (True); see tpm/pss.py.
+    pss_by_broker: bool | None = None
+
+    @property
+    def can_decrypt(self) -> bool:
+        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.DECRYPT))
+
+    @property
+    def rsa_public_numbers(self) -> tuple[int, int]:
+        """(modulus, exponent) of an RSA key."""
+        modulus = int.from_bytes(bytes(self.public.unique.rsa), "big")
+        return modulus, int(self.public.parameters.rsaDetail.exponent) or 65537
 
     @property
     def is_transient(self) -> bool:

@@ -47,6 +47,7 @@ CC_SIGN = 0x0000015D
 CC_FLUSH_CONTEXT = 0x00000165
 CC_READ_CLOCK = 0x00000181
 CC_CREATE = 0x00000153
+CC_RSA_DECRYPT = 0x00000159
 SE_HMAC = 0x00
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -382,6 +383,27 @@ def sign(transport: Transport, session: sc.SessionState, key_handle: int, key_na
     pending = prepare_sign(session, key_handle, key_name, auth, digest, scheme_alg, hash_alg)
     _, parameters = execute(transport, pending)
     return signature_bytes(parameters)
+
+
+# --- TPM2_RSA_Decrypt as the raw RSA private operation ----------------------------------
+
+_RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL = _U16.pack(0x0010) + _U16.pack(0)  # TPM_ALG_NULL, ""
+
+
+def rsa_private(transport: Transport, session: sc.SessionState, key_handle: int,
+                key_name: bytes, auth: bytes, block: bytes) -> bytes:
+    """m^d mod n of a modulus-long `block` (TPM2_RSA_Decrypt with scheme NULL), for PSS
+    that the broker padded. `session` authorizes it and encrypts the block on its way."""
+    pending = prepare(session, CC_RSA_DECRYPT, (key_handle,), (key_name,), auth, block,
+                      _RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL, SIGN_ATTRIBUTES)
+    _, parameters = execute(transport, pending)
+    try:
+        (size,) = _U16.unpack_from(parameters)
+    except struct.error:
+        raise malformed() from None
+    if 2 + size != len(parameters):
+        raise malformed()
+    return parameters[2:]
 
 
 # --- TPM2_Create ----------------------------------------------------------------------

@@ -22,13 +22,24 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TPM2_SU, TSS2_RC
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_PT,
+    TPM2_PT_HR,
+    TPM2_SU,
+    TSS2_RC,
+)
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.tsskey import TSSPrivKey, _parent_ecc_template, _parent_rsa_template
 from tpm2_pytss.types import (
+    TPM2B_DATA,
     TPM2B_DIGEST,
     TPM2B_PUBLIC,
+    TPM2B_PUBLIC_KEY_RSA,
     TPM2B_SENSITIVE_CREATE,
+    TPMT_RSA_DECRYPT,
     TPMT_SIG_SCHEME,
 )
 
@@ -45,7 +56,7 @@ from ..errors import (
 )
 from ..protocol import STORAGE_PRIMARY, HashAlg, KeySource, KeyType, Scheme, key_id_for
 from . import keys as keymod
-from . import raw, transport
+from . import pss, raw, transport
 from .keys import CachedKey, KeyCache, KeyInfo
 from .rc import Kind, classify, to_error, tpm_code
 from .session_crypto import SessionState
@@ -58,6 +69,7 @@ MAX_AUTH = 32
 CONNECT_BACKOFF_FIRST = 0.01
 CONNECT_BACKOFF_MAX = 0.5
 _RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
+PSS_PADDINGS = ("auto", "tpm", "broker")
 
 
 @dataclasses.dataclass
@@ -71,11 +83,18 @@ class FastSign:
 
 
 class TpmWorker:
-    def __init__(self, tcti: str, sessions: int = 2, fast_path: bool = True) -> None:
+    def __init__(self, tcti: str, sessions: int = 2, fast_path: bool = True,
+                 pss_padding: str = "auto") -> None:
         if not 1 <= sessions <= 3:
             raise ValueError(f"sessions must be 1 to 3, not {sessions}")
+        if pss_padding not in PSS_PADDINGS:
+            raise ValueError(f"pss_padding must be one of {', '.join(PSS_PADDINGS)}")
         self.tcti = tcti
         self.fast_path = fast_path
+        # RSA-PSS: "tpm" takes the TPM's salt, "broker" always pads in the broker, "auto"
+        # checks the TPM's first PSS signature per key and pads in the broker from then
+        # on if its salt is not the digest length (see tpm/pss.py).
+        self.pss_padding = pss_padding
         self._ectx: Any = None  # ESAPI, None while disconnected
         # Fast path: the raw link ESAPI shares, and the session state behind each pool
         # ESYS_TR (ESAPI only names and flushes those sessions).
@@ -179,7 +198,10 @@ class TpmWorker:
         if len(auth) > MAX_AUTH:
             # No key can have such a password; asking the TPM would only count a failure.
             raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
-        if self.fast_path:
+        if scheme is Scheme.PSS and self._pss_by_broker(entry):
+            signature = self._run(deadline, "signing", lambda: self._sign_pss_in_broker(
+                entry, auth, hash_alg, digest, deadline))
+        elif self.fast_path:
             signature = self._run(deadline, "signing", lambda: self._sign_fast(
                 entry, auth, scheme_alg, hash_alg, digest, deadline))
         else:
@@ -187,11 +209,64 @@ class TpmWorker:
             in_scheme.details.any.hashAlg = hash_alg
             signature = self._run(deadline, "signing", lambda: self._sign_once(
                 entry, auth, in_scheme, digest, deadline))
+        if scheme is Scheme.PSS and entry.pss_by_broker is None:
+            signature = self._check_tpm_pss_salt(entry, auth, hash_alg, digest, signature,
+                                                 deadline)
         self._keys.touch(key_id)
         if entry.info.key_type is KeyType.RSA:
             # The TPM may drop leading zero bytes; the wire wants the modulus length.
             return signature.rjust((entry.info.bits + 7) // 8, b"\0")
         return signature
+
+    # --- RSA-PSS padded by the broker ------------------------------------------------------
+
+    def _pss_by_broker(self, entry: CachedKey) -> bool:
+        if self.pss_padding == "tpm":
+            entry.pss_by_broker = False
+        elif self.pss_padding == "broker":
+            entry.pss_by_broker = True
+        if entry.pss_by_broker and not entry.can_decrypt:
+            raise UnsupportedError(
+                "this TPM signs RSA-PSS with a salt longer than the digest, which TLS 1.3 "
+                "verifiers reject, and the key lacks the decrypt attribute the broker needs "
+                "to pad PSS itself; make the key with `tpmbroker keygen` (RSA keys get "
+                "sign|decrypt) or sign with PKCS#1 v1.5")
+        return bool(entry.pss_by_broker)
+
+    def _check_tpm_pss_salt(self, entry: CachedKey, auth: bytes, hash_alg: HashAlg,
+                            digest: bytes, signature: bytes, deadline: float) -> bytes:
+        """The first PSS signature of a key, made by the TPM: is its salt the digest
+        length? If not, this and every later PSS signature of the key is padded here."""
+        modulus, exponent = entry.rsa_public_numbers
+        salt = pss.salt_length(signature, modulus, exponent, digest, hash_alg.hashlib_name)
+        entry.pss_by_broker = salt != hash_alg.digest_size
+        if not entry.pss_by_broker:
+            return signature
+        self._pss_by_broker(entry)  # raises if the key cannot be used that way
+        return self._run(deadline, "signing", lambda: self._sign_pss_in_broker(
+            entry, auth, hash_alg, digest, deadline))
+
+    def _sign_pss_in_broker(self, entry: CachedKey, auth: bytes, hash_alg: HashAlg,
+                            digest: bytes, deadline: float) -> bytes:
+        modulus, _ = entry.rsa_public_numbers
+        block = pss.encode(digest, hash_alg.hashlib_name, modulus.bit_length())
+        handle = self._resident(entry, deadline)
+        if not self.fast_path:
+            session = self._session(deadline)
+            self._check_deadline(deadline)
+            self._ectx.tr_set_auth(handle, auth)
+            message = self._ectx.rsa_decrypt(
+                handle, TPM2B_PUBLIC_KEY_RSA(block), TPMT_RSA_DECRYPT(scheme=TPM2_ALG.NULL),
+                TPM2B_DATA(), session1=session)
+            return bytes(message)
+        session, state = self._raw_session(deadline)
+        self._check_deadline(deadline)
+        key_handle, key_name = self._tpm_handle(handle)
+        try:
+            return raw.rsa_private(self._raw_link(), state, key_handle, key_name, auth, block)
+        except raw.ResponseAuthError:
+            self._discard_session(session)
+            raise
 
     # --- signing without this object's thread -----------------------------------------
     # The common case — key resident, pool session ready, persistent swtpm socket — needs
@@ -219,6 +294,8 @@ class TpmWorker:
                 or self._pool.count < self._pool.size or len(auth) > MAX_AUTH
                 or len(digest) != hash_alg.digest_size):
             return None
+        if scheme is Scheme.PSS and entry.pss_by_broker is not False:
+            return None  # the TPM's own PSS is not known to be what the client wants
         try:
             scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
         except TpmBrokerError:

@@ -106,6 +106,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_uids=_ids(args.allow_uid, "user"),
         allow_gids=_ids(args.allow_gid, "group"),
         default_timeout=args.timeout,
+        max_keys_per_connection=args.max_keys_per_connection,
     )
 
     async def run(tcti: str) -> None:
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the embedded simulator keeps its state")
     sp.add_argument("--timeout", type=float, default=30.0,
                     help="default request deadline in seconds")
+    sp.add_argument("--max-keys-per-connection", type=int, default=1024,
+                    help="keys one client connection may have loaded at once (default 1024)")
     sp.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     sp.set_defaults(func=_cmd_serve)

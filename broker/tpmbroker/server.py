@@ -37,6 +37,7 @@ from .errors import (
     BadDigestError,
     DeadlineError,
     InternalError,
+    OverloadedError,
     PermissionDeniedError,
     ProtocolError,
     Status,
@@ -90,6 +91,7 @@ class ServerConfig:
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
     default_timeout: float = DEFAULT_TIMEOUT
+    max_keys_per_connection: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +288,10 @@ class Connection(asyncio.Protocol):
                                                        msg.digest))
         elif isinstance(msg, p.Load):
             source = _enum(p.KeySource, msg.source, "key source")
+            limit = server.config.max_keys_per_connection
+            if len(self.keys) >= limit and p.key_id_for(source, msg.key) not in self.keys:
+                raise OverloadedError(f"{limit} keys are loaded on this connection already; "
+                                      "UNLOAD some first")
 
             def loaded(info: Any) -> p.Message:
                 self.keys[info.key_id] = msg.auth

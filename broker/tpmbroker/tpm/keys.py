@@ -267,6 +267,10 @@ class KeyCache:
     def touch(self, key_id: bytes) -> None:
         self._keys.move_to_end(key_id)
 
+    def pop_oldest(self) -> CachedKey:
+        """Forget the least recently used key (and return it)."""
+        return self._keys.popitem(last=False)[1]
+
     def resident(self) -> Iterator[CachedKey]:
         """Keys with a handle in the TPM now, least recently used first."""
         return (key for key in list(self._keys.values()) if key.handle is not None)

@@ -70,6 +70,7 @@ CONNECT_BACKOFF_FIRST = 0.01
 CONNECT_BACKOFF_MAX = 0.5
 _RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
 PSS_PADDINGS = ("auto", "tpm", "broker")
+MAX_CACHED_KEYS = 4096
 
 
 @dataclasses.dataclass
@@ -95,6 +96,7 @@ class TpmWorker:
         # checks the TPM's first PSS signature per key and pads in the broker from then
         # on if its salt is not the digest length (see tpm/pss.py).
         self.pss_padding = pss_padding
+        self.max_cached_keys = MAX_CACHED_KEYS
         self._ectx: Any = None  # ESAPI, None while disconnected
         # Fast path: the raw link ESAPI shares, and the session state behind each pool
         # ESYS_TR (ESAPI only names and flushes those sessions).
@@ -168,6 +170,12 @@ class TpmWorker:
                               lambda: self._describe_persistent(key_id, key))
         self._run(deadline, "loading the key", lambda: self._resident(entry, deadline))
         self._keys.add(entry)
+        while len(self._keys) > self.max_cached_keys:
+            # Every client may LOAD any blob: memory stays bounded, and a key dropped
+            # here is loaded again when its connection next signs (UNKNOWN_KEY, reload).
+            oldest = self._keys.pop_oldest()
+            if self._ectx is not None:
+                self._unload(oldest)
         return entry.info
 
     def unload_key(self, key_id: bytes) -> None:

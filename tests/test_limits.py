@@ -1,0 +1,75 @@
+"""Bounded memory whatever clients load: per-connection and broker-wide key limits."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tpmbroker import protocol as p
+from tpmbroker.client import Client
+from tpmbroker.errors import Status, UnknownKeyError
+from tpmbroker.simulator import Swtpm
+from tpmbroker.tpm import TpmWorker
+
+from .tpmfixtures import Broker
+
+
+def _round_trip(sock: socket.socket, request_id: int, msg: p.Message,
+                ) -> p.Message | p.ErrorResult:
+    sock.sendall(p.encode_request(request_id, msg))
+    reader = p.FrameReader()
+    while True:
+        data = sock.recv(65536)
+        assert data
+        for header, body in reader.feed(data):
+            assert header.request_id == request_id
+            return p.decode_response(header, body)
+
+
+def test_a_connection_may_hold_only_so_many_keys(swtpm: Swtpm, tmp_path: Path) -> None:
+    broker = Broker(swtpm.tcti, tmp_path / "b",
+                    extra_args=("--max-keys-per-connection", "2")).start()
+    try:
+        with Client(broker.socket) as client:
+            keys = [client.generate_key(p.KeyType.EC, p.Curve.P256)[0] for _ in range(3)]
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(broker.socket)
+            loads = [p.Load(p.KeySource.TSS2_DER, der) for der in keys]
+            first = _round_trip(sock, 1, loads[0])
+            assert isinstance(first, p.LoadResult)
+            assert isinstance(_round_trip(sock, 2, loads[1]), p.LoadResult)
+            refused = _round_trip(sock, 3, loads[2])
+            assert isinstance(refused, p.ErrorResult) and refused.status == Status.OVERLOADED
+            assert "UNLOAD" in refused.message
+            assert isinstance(_round_trip(sock, 4, loads[0]), p.LoadResult)  # already there
+            assert isinstance(_round_trip(sock, 5, p.Unload(first.key_id)), p.UnloadResult)
+            assert isinstance(_round_trip(sock, 6, loads[2]), p.LoadResult)
+    finally:
+        broker.stop()
+
+
+def test_the_worker_forgets_its_oldest_keys_beyond_its_limit(swtpm: Swtpm) -> None:
+    worker = TpmWorker(swtpm.tcti)
+    worker.max_cached_keys = 2
+    deadline = time.monotonic() + 60
+    worker.open(deadline)
+    try:
+        ders = [worker.generate_key(p.KeyType.EC, p.Curve.P256, b"", 0, deadline)[0]
+                for _ in range(3)]
+        infos = [worker.load_key(p.KeySource.TSS2_DER, der, deadline) for der in ders]
+        assert worker.status()["loaded_keys"] == 2
+        with pytest.raises(UnknownKeyError):  # the oldest was forgotten
+            worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32),
+                        deadline)
+        for info in infos[1:]:
+            assert worker.sign(info.key_id, b"", p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32),
+                               deadline)
+        worker.load_key(p.KeySource.TSS2_DER, ders[0], deadline)  # loads again on demand
+        assert worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32),
+                           deadline)
+    finally:
+        worker.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,12 @@ import pytest
 
 from tpmbroker.client import Client
 from tpmbroker.keyfile import der_to_pem
-from tpmbroker.protocol import Curve, KeyType
+from tpmbroker.load import verify
+from tpmbroker.paths import provider_path
+from tpmbroker.protocol import Curve, HashAlg, KeyType, Scheme
+from tpmbroker.simulator import Swtpm
+
+from .tpmfixtures import Broker
 
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
 
@@ -98,3 +104,30 @@ def test_simulator_command_runs_a_tpm(tmp_path: Path) -> None:
 def test_sessions_out_of_range_is_refused(tmp_path: Path) -> None:
     out = run("serve", "--sessions", "4", "--socket", str(tmp_path / "s"), "--tcti", "x")
     assert out.returncode == 2 and "--sessions" in out.stderr
+
+
+def test_serve_ignores_an_openssl_conf_that_loads_tpmbroker(swtpm: Swtpm, tmp_path: Path) -> None:
+    """A system-wide OPENSSL_CONF activating the provider must not make the broker load
+    itself (its own libcrypto, and cryptography's, read OPENSSL_CONF)."""
+    sock = str(tmp_path / "b.sock")
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(
+        "openssl_conf = openssl_init\n[openssl_init]\nproviders = provider_sect\n"
+        "[provider_sect]\ndefault = default_sect\ntpmbroker = tpmbroker_sect\n"
+        "[default_sect]\nactivate = 1\n"
+        f"[tpmbroker_sect]\nmodule = {provider_path()}\nsocket = {sock}\nactivate = 1\n")
+    env = dict(os.environ, OPENSSL_CONF=str(conf))
+    broker = Broker(swtpm.tcti, tmp_path / "b", env=env)
+    broker.socket = sock
+    broker.start()
+    try:
+        with Client(sock) as client:
+            der, spki = client.generate_key(KeyType.RSA, 2048)
+            key = client.load_key(der)
+            digest = hashlib.sha256(b"no recursion").digest()
+            assert verify(spki, KeyType.RSA, client.sign(key, digest, "sha256", Scheme.PSS),
+                          digest, HashAlg.SHA256, Scheme.PSS)
+        maps = Path(f"/proc/{broker.proc.pid}/maps").read_text() if broker.proc else ""
+        assert "tpmbroker.so" not in maps
+    finally:
+        broker.stop()

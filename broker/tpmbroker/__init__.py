@@ -1,16 +1,26 @@
-"""tpmbroker: TPM 2.0 keys for OpenSSL and Python through one session broker."""
+"""tpmbroker: TPM 2.0 keys for OpenSSL and Python through one session broker.
+
+The names below are imported on first use, not with the package: `tpmbroker serve` must
+neutralise OPENSSL_CONF before anything loads an OpenSSL (cryptography's reads it at
+import), or a configuration that activates the tpmbroker provider would load it into
+the broker itself.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .client import Client, LoadedKey
-from .crypto import (
-    TpmEllipticCurvePrivateKey,
-    TpmRSAPrivateKey,
-    load_private_key,
-)
-from .errors import TpmBrokerError
+_EXPORTS = {
+    "Client": "client",
+    "LoadedKey": "client",
+    "TpmBrokerError": "errors",
+    "TpmEllipticCurvePrivateKey": "crypto",
+    "TpmRSAPrivateKey": "crypto",
+    "load_private_key": "crypto",
+}
 
 __all__ = [
     "Client",
@@ -21,3 +31,18 @@ __all__ = [
     "__version__",
     "load_private_key",
 ]
+
+if TYPE_CHECKING:
+    from .client import Client as Client
+    from .client import LoadedKey as LoadedKey
+    from .crypto import TpmEllipticCurvePrivateKey as TpmEllipticCurvePrivateKey
+    from .crypto import TpmRSAPrivateKey as TpmRSAPrivateKey
+    from .crypto import load_private_key as load_private_key
+    from .errors import TpmBrokerError as TpmBrokerError
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tpmbroker' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

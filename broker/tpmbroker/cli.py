@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import grp
-import hashlib
 import json
 import os
 import pwd
@@ -22,7 +21,8 @@ ALGS = {"ec:P-256": (1, 0x0003), "ec:P-384": (1, 0x0004), "rsa:2048": (2, 2048),
 
 
 def _neutral_openssl_conf() -> None:
-    """The broker's own libcrypto must never load the tpmbroker provider: it would call us."""
+    """The broker's own libcrypto must never load the tpmbroker provider (it would call the
+    broker), nor may the benchmark's (it loads providers into private library contexts)."""
     os.environ["OPENSSL_CONF"] = os.devnull
 
 
@@ -85,7 +85,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    _neutral_openssl_conf()
     if args.log_level != "debug":
         # tss2 logs expected failures (slots full, object memory) as errors on stderr;
         # the broker handles those and logs what matters itself.
@@ -204,6 +203,8 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
+    import hashlib
+
     from . import protocol as p
 
     hash_alg = p.HashAlg.from_name(args.hash)
@@ -259,7 +260,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import KEYS, Options, run
     from .bench.systems import SYSTEMS
 
-    _neutral_openssl_conf()  # the benchmark loads providers into private library contexts
     os.environ.setdefault("TSS2_LOG", "all+none")  # expected failures are counted, not logged
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     keys = [x.strip() for x in args.keys.split(",") if x.strip()]
@@ -414,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "bench"):
+        # Before anything loads an OpenSSL (hashlib, ssl via asyncio, cryptography,
+        # tss2-esys all read OPENSSL_CONF once, when they first start OpenSSL).
+        _neutral_openssl_conf()
     from .errors import TpmBrokerError
 
     try:

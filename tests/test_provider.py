@@ -113,7 +113,9 @@ def test_loading_the_provider_does_no_io(tmp_path: Path) -> None:
     res = subprocess.run([OPENSSL, "list", "-providers", *PROV], capture_output=True,
                          text=True, env=env, timeout=30)
     assert res.returncode == 0, res.stderr
-    assert "tpmbroker" in res.stdout and "status: active" in res.stdout
+    block = res.stdout.split("\n  tpmbroker\n", 1)[1].split("\n  default", 1)[0]
+    assert "name: tpmbroker" in block and "version: 0.1.0" in block
+    assert "status: active" in block
 
 
 # --- signing with every key type -------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tpmbroker.client import Client
+from tpmbroker.errors import TpmBrokerError
 from tpmbroker.keyfile import der_to_pem
 from tpmbroker.load import verify
 from tpmbroker.paths import provider_path
@@ -70,12 +71,41 @@ def test_embedded_simulator_is_the_default_and_keeps_its_keys(tmp_path: Path) ->
     assert (state / "tpm" / "tpm2-00.permall").exists()
     proc = start()  # same state: the key made before still loads and signs
     try:
-        with Client(sock) as client:
+        with Client(sock, timeout=20) as client:
             key = client.load_key(der_to_pem(der))
             assert client.sign(key, bytes(32))
+            # The embedded TPM dies: the broker starts it again and keeps serving.
+            (swtpm_pid,) = swtpm_pids(state)
+            os.kill(swtpm_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    assert client.sign(key, bytes(32))
+                    break
+                except TpmBrokerError:
+                    assert time.monotonic() < deadline, "no signature after the restart"
+                    time.sleep(0.2)
+            assert swtpm_pids(state) != [swtpm_pid]
+            assert int(str(client.status()["tpm_restarts_recovered"])) >= 1
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+    assert swtpm_pids(state) == []
+
+
+def swtpm_pids(state: Path) -> list[int]:
+    """swtpm processes running on this state directory."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"swtpm") and any(
+                    str(state).encode() in arg for arg in cmdline):
+                pids.append(int(entry.name))
+    return pids
 
 
 def test_client_commands_name_the_socket_when_the_broker_is_down(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pwd
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .paths import default_socket, default_state_dir, provider_path
@@ -55,9 +56,10 @@ def _ids(values: list[str], lookup: str) -> frozenset[int]:
 
 
 @contextlib.contextmanager
-def _tpm(tcti: str | None, state_dir: Path) -> Iterator[str]:
+def _tpm(tcti: str | None, state_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(TCTI, the embedded Swtpm or None)."""
     if tcti is not None:
-        yield tcti
+        yield tcti, None
         return
     from .simulator import Swtpm
 
@@ -65,9 +67,25 @@ def _tpm(tcti: str | None, state_dir: Path) -> Iterator[str]:
     print(f"tpmbroker: no TPM device; embedded simulator at {tpm.tcti}, state in {state_dir}",
           file=sys.stderr)
     try:
-        yield tpm.tcti
+        yield tpm.tcti, tpm
     finally:
         tpm.stop()
+
+
+async def _keep_simulator_running(tpm: Any, log: Any) -> None:
+    """The embedded TPM is the broker's to keep: if swtpm dies, start it again on the same
+    ports and state (to the worker, a TPM reset it recovers from)."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(0.5)
+        if tpm.proc is not None and tpm.proc.poll() is None:
+            continue
+        log.warning("the embedded swtpm exited; starting it again")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, tpm.restart)
+        except Exception as exc:  # try again at the next tick
+            log.error("could not restart the embedded swtpm: %s", exc)
 
 
 def _raise_fd_limit() -> None:
@@ -108,7 +126,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_keys_per_connection=args.max_keys_per_connection,
     )
 
-    async def run(tcti: str) -> None:
+    async def run(tcti: str, simulator: Any) -> None:
         server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions,
                                                 pss_padding=args.pss_padding))
         stop = asyncio.Event()
@@ -116,18 +134,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await server.start()
+        watchdog = None
+        if simulator is not None:
+            watchdog = loop.create_task(
+                _keep_simulator_running(simulator, logging.getLogger("tpmbroker.simulator")))
         print(f"tpmbroker: serving on {config.socket_path} ({tcti}, {args.sessions} sessions)",
               file=sys.stderr, flush=True)
         try:
             await stop.wait()
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             await server.stop()
 
     from .errors import TpmBrokerError
 
     try:
-        with _tpm(resolve_tcti(args.tcti), Path(args.state_dir)) as tcti:
-            asyncio.run(run(tcti))
+        with _tpm(resolve_tcti(args.tcti), Path(args.state_dir)) as (tcti, simulator):
+            asyncio.run(run(tcti, simulator))
     except (TpmBrokerError, OSError) as exc:
         print(f"tpmbroker: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,8 @@ def _round_trip(sock: socket.socket, request_id: int, msg: p.Message,
             return p.decode_response(header, body)
 
 
-def test_a_connection_may_hold_only_so_many_keys(swtpm: Swtpm, tmp_path: Path) -> None:
+def test_a_connection_forgets_its_least_recently_used_keys(swtpm: Swtpm,
+                                                         tmp_path: Path) -> None:
     broker = Broker(swtpm.tcti, tmp_path / "b",
                     extra_args=("--max-keys-per-connection", "2")).start()
     try:
@@ -38,16 +39,28 @@ def test_a_connection_may_hold_only_so_many_keys(swtpm: Swtpm, tmp_path: Path) -
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(30)
             sock.connect(broker.socket)
-            loads = [p.Load(p.KeySource.TSS2_DER, der) for der in keys]
-            first = _round_trip(sock, 1, loads[0])
-            assert isinstance(first, p.LoadResult)
-            assert isinstance(_round_trip(sock, 2, loads[1]), p.LoadResult)
-            refused = _round_trip(sock, 3, loads[2])
-            assert isinstance(refused, p.ErrorResult) and refused.status == Status.OVERLOADED
-            assert "UNLOAD" in refused.message
-            assert isinstance(_round_trip(sock, 4, loads[0]), p.LoadResult)  # already there
-            assert isinstance(_round_trip(sock, 5, p.Unload(first.key_id)), p.UnloadResult)
-            assert isinstance(_round_trip(sock, 6, loads[2]), p.LoadResult)
+            ids = []
+            for rid, der in enumerate(keys[:2], 1):
+                result = _round_trip(sock, rid, p.Load(p.KeySource.TSS2_DER, der))
+                assert isinstance(result, p.LoadResult)
+                ids.append(result.key_id)
+
+            def sign(rid: int, key_id: bytes) -> p.Message | p.ErrorResult:
+                return _round_trip(sock, rid, p.Sign(key_id, p.Scheme.ECDSA,
+                                                     p.HashAlg.SHA256, bytes(32)))
+
+            assert isinstance(sign(10, ids[0]), p.SignResult)  # key 0 is now the fresher
+            third = _round_trip(sock, 11, p.Load(p.KeySource.TSS2_DER, keys[2]))
+            assert isinstance(third, p.LoadResult)
+            forgotten = sign(12, ids[1])
+            assert isinstance(forgotten, p.ErrorResult)
+            assert forgotten.status == Status.UNKNOWN_KEY
+            assert isinstance(sign(13, ids[0]), p.SignResult)
+            assert isinstance(sign(14, third.key_id), p.SignResult)
+        with Client(broker.socket) as client:  # the client library reloads by itself
+            loaded = [client.load_key(der) for der in keys]
+            for key in loaded + loaded:
+                assert client.sign(key, bytes(32))
     finally:
         broker.stop()
 

@@ -37,7 +37,6 @@ from .errors import (
     BadDigestError,
     DeadlineError,
     InternalError,
-    OverloadedError,
     PermissionDeniedError,
     ProtocolError,
     Status,
@@ -272,9 +271,10 @@ class Connection(asyncio.Protocol):
         server = self.server
         worker = server.worker
         if isinstance(msg, p.Sign):
-            auth = self.keys.get(msg.key_id)
+            auth = self.keys.pop(msg.key_id, None)
             if auth is None:
                 raise UnknownKeyError("key not loaded on this connection; send LOAD first")
+            self.keys[msg.key_id] = auth  # most recently used last
             scheme = _enum(p.Scheme, msg.scheme, "signature scheme")
             hash_alg = _enum(p.HashAlg, msg.hash, "hash algorithm")
             if len(msg.digest) != hash_alg.digest_size:
@@ -288,13 +288,14 @@ class Connection(asyncio.Protocol):
                                                        msg.digest))
         elif isinstance(msg, p.Load):
             source = _enum(p.KeySource, msg.source, "key source")
-            limit = server.config.max_keys_per_connection
-            if len(self.keys) >= limit and p.key_id_for(source, msg.key) not in self.keys:
-                raise OverloadedError(f"{limit} keys are loaded on this connection already; "
-                                      "UNLOAD some first")
 
             def loaded(info: Any) -> p.Message:
+                self.keys.pop(info.key_id, None)
                 self.keys[info.key_id] = msg.auth
+                while len(self.keys) > server.config.max_keys_per_connection:
+                    # Forget the connection's least recently used key: memory stays bounded
+                    # and a client that uses it again gets UNKNOWN_KEY and loads it again.
+                    del self.keys[next(iter(self.keys))]
                 return p.LoadResult(info.key_id, info.key_type, info.bits, info.curve,
                                     info.public_key)
 

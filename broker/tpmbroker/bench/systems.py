@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR, TPM2_SE, TPMA_SESSION
 from tpm2_pytss.tsskey import TSSPrivKey
@@ -35,7 +36,7 @@ from tpm2_pytss.types import (
 
 from .. import protocol as p
 from ..load import LoadReport, sample_sessions
-from .libcrypto import Libcrypto, LibcryptoError, Signer, verify
+from ..paths import provider_path
 
 SYSTEMS = ("direct-password", "direct-hmac", "provider", "client", "tpm2-openssl",
            "engine-style")
@@ -245,91 +246,71 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
 
 # --- 3: the tpmbroker provider in libcrypto ---------------------------------------------------
 
-def provider_config(path: Path, socket: str, timeout: float = 30.0) -> Path:
-    """An OpenSSL config that loads default, then tpmbroker (order matters, see FACTS)."""
-    from ..paths import provider_path
-
-    path.write_text(
-        "openssl_conf = openssl_init\n\n"
-        "[openssl_init]\nproviders = provider_sect\n\n"
-        "[provider_sect]\ndefault = default_sect\ntpmbroker = tpmbroker_sect\n\n"
-        "[default_sect]\nactivate = 1\n\n"
-        f"[tpmbroker_sect]\nmodule = {provider_path()}\nactivate = 1\n"
-        f"socket = {socket}\ntimeout = {timeout:g}\n")
-    return path
+LOADGEN_SOURCE = Path(__file__).with_name("loadgen.c")
 
 
-def run_libcrypto_threads(crypto: Libcrypto, pkey: Any, public: bytes, clients: int,
-                          seconds: float) -> LoadReport:
-    """`clients` threads, each with its own EVP_MD_CTX, EVP_DigestSign on one shared key."""
+def build_loadgen(workdir: Path) -> Path:
+    """The C load generator, compiled against the system libcrypto (once per run)."""
+    exe = workdir / "loadgen"
+    if not exe.exists():
+        out = subprocess.run(["cc", "-O2", "-o", str(exe), str(LOADGEN_SOURCE), "-lcrypto",
+                              "-lpthread"], capture_output=True, text=True, timeout=120,
+                             check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"cannot build the load generator: {out.stderr[-500:]}")
+    return exe
+
+
+def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
+    """The report of `loadgen timed`: a line per thread, then every latency."""
     report = LoadReport(clients, seconds, per_client=[0] * clients)
-    stop = threading.Event()
-    start = threading.Barrier(clients + 1)
-
-    def signer(index: int) -> None:
-        done = failed = bad = 0
-        errors: dict[str, int] = {}
-        latencies: list[float] = []
-        try:
-            sign = Signer(crypto, pkey).sign
-        finally:
-            start.wait()
-        while not stop.is_set():
-            message = f"{index}:{done}:{failed}".encode()
-            t0 = time.perf_counter()
-            try:
-                signature = sign(message)
-            except LibcryptoError as exc:
-                failed += 1
-                text = str(exc)[:160]
-                errors[text] = errors.get(text, 0) + 1
-                continue
-            latencies.append((time.perf_counter() - t0) * 1000)
-            if done % CHECK_EVERY == 0 and not verify(public, signature, message):
-                bad += 1
-            done += 1
-        report.add_signer(index, done, failed, bad, latencies, errors)
-
-    threads = [threading.Thread(target=signer, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.monotonic()
-    try:
-        time.sleep(seconds)
-    finally:
-        stop.set()
-    for t in threads:
-        t.join()
-    report.seconds = time.monotonic() - t0
+    latencies: list[float] = []
+    for line in output.splitlines():
+        words = line.split()
+        if words[:1] == ["thread"] and len(words) == 8:
+            index, done, failed, bad = int(words[1]), int(words[3]), int(words[5]), int(words[7])
+            errors = {"signing failed": failed} if failed else {}
+            report.add_signer(index, done, failed, bad, [], errors)
+        elif words[:1] == ["latencies_us"]:
+            latencies = [int(w) / 1000 for w in words[1:]]
+    report.latencies_ms = latencies
     return report
 
 
 def run_provider(socket: str, workdir: Path, key: Key, clients: int,
                  seconds: float) -> LoadReport:
+    """C threads of one process calling EVP_DigestSign through the provider."""
     from ..client import Client
 
-    config = provider_config(workdir / "openssl-tpmbroker.cnf", socket)
-    os.environ["TPMBROKER_SOCKET"] = socket  # the provider prefers it to the config
-    crypto = Libcrypto(config=config)
-    try:
-        pkey = crypto.load_pem_key(key.pem)
-        with Client(socket, timeout=10) as status_client:
-            stop = threading.Event()
-            holder = LoadReport(clients, seconds)
-            sampler = threading.Thread(target=sample_sessions,
-                                       args=(status_client, stop, holder, 0.1), daemon=True)
-            sampler.start()
-            try:
-                report = run_libcrypto_threads(crypto, pkey, key.public, clients, seconds)
-            finally:
-                stop.set()
-                sampler.join()
-        report.max_active_sessions = holder.max_active_sessions
-        report.pool_size = holder.pool_size
-        del pkey
-    finally:
-        crypto.close()
+    exe = build_loadgen(workdir)
+    key_path = workdir / "provider-key.pem"
+    key_path.write_bytes(key.pem)
+    pub_path = workdir / "provider-key.pub"
+    public = serialization.load_der_public_key(key.public)
+    pub_path.write_bytes(public.public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    env = dict(os.environ, TPMBROKER_SOCKET=socket, OPENSSL_CONF=os.devnull)
+    with Client(socket, timeout=10) as status_client:
+        stop = threading.Event()
+        holder = LoadReport(clients, seconds)
+        sampler = threading.Thread(target=sample_sessions,
+                                   args=(status_client, stop, holder, 0.1), daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        try:
+            out = subprocess.run([str(exe), "timed", str(provider_path().parent),
+                                  str(key_path), str(pub_path), str(clients), f"{seconds:g}"],
+                                 env=env, capture_output=True, text=True,
+                                 timeout=seconds + 120, check=False)
+        finally:
+            stop.set()
+            sampler.join()
+    report = parse_loadgen(out.stdout, clients, time.monotonic() - t0)
+    if not report.signatures and out.returncode:
+        report.errors[f"load generator: {out.stderr.strip()[-200:]}"] = 1
+        report.failures += 1
+    report.max_active_sessions = holder.max_active_sessions
+    report.pool_size = holder.pool_size
     return report
 
 

@@ -1,13 +1,19 @@
 /*
- * Load generator for the tpmbroker provider, driven by tests/test_provider.py.
+ * Load generator for the tpmbroker provider: C threads calling EVP_DigestSign on one
+ * EVP_PKEY, as nginx workers or any libcrypto program would. Used by tests/test_provider.py
+ * and by `tpmbroker bench` (compiled on the spot with cc against the system libcrypto).
  *
- *   provider_loadgen stress MODDIR KEY PUB THREADS ITERS CHILDREN CHILD_THREADS
+ *   loadgen stress MODDIR KEY PUB THREADS ITERS CHILDREN CHILD_THREADS
  *       loads KEY once, signs once, forks CHILDREN processes, then every process signs
  *       with THREADS (children: CHILD_THREADS) threads ITERS times each through the one
  *       EVP_PKEY; every signature is verified with PUB by the default provider.
- *   provider_loadgen outage MODDIR KEY PUB
+ *   loadgen outage MODDIR KEY PUB
  *       signs, waits for a line on stdin (the broker is stopped meanwhile), signs again
  *       (must fail fast), waits for another line (broker restarted), signs again.
+ *   loadgen timed MODDIR KEY PUB THREADS SECONDS
+ *       THREADS threads sign for SECONDS, verifying one signature in 50; prints a line per
+ *       thread ("thread I signed N failed F bad B") and one "latencies_us" line with every
+ *       signature's latency.
  *
  * Exit status 0 only when every signature that should work did and verified.
  */
@@ -51,12 +57,33 @@ static void errors_line(char *out, size_t cap)
     BIO_free(b);
 }
 
-/* 1 signed and verified, 0 signing failed, -1 signature did not verify */
-static int sign_verify(unsigned long tag, char *err, size_t errcap)
+/* timed mode: each thread's counts and latencies, written only by that thread */
+typedef struct {
+    long signed_ok, failed, bad;
+    long *lat_us;
+    size_t n_lat, cap_lat;
+} THREAD_TALLY;
+
+static THREAD_TALLY *tallies;
+static int64_t stop_at_us;
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/*
+ * 1 signed (and, when `check`, verified), 0 signing failed, -1 did not verify. A signing
+ * error goes to `err` when given, else to stderr unless `quiet`.
+ */
+static int sign_once(unsigned long tag, int check, char *err, size_t errcap, int quiet)
 {
     unsigned char msg[64], sig[1024];
     size_t siglen = sizeof(sig), msglen;
-    EVP_MD_CTX *s = EVP_MD_CTX_new(), *v = EVP_MD_CTX_new();
+    EVP_MD_CTX *s = EVP_MD_CTX_new();
     int rc = 0;
 
     msglen = (size_t)snprintf((char *)msg, sizeof(msg), "message %d/%lu", (int)getpid(), tag);
@@ -64,21 +91,94 @@ static int sign_verify(unsigned long tag, char *err, size_t errcap)
         || EVP_DigestSign(s, sig, &siglen, msg, msglen) != 1) {
         if (err != NULL)
             errors_line(err, errcap);
-        else
+        else if (!quiet)
             ERR_print_errors_fp(stderr);
         goto end;
     }
-    rc = -1;
-    if (EVP_DigestVerifyInit_ex(v, NULL, mdname, NULL, NULL, pub, NULL) == 1
-        && EVP_DigestVerify(v, sig, siglen, msg, msglen) == 1)
-        rc = 1;
-    else
-        ERR_print_errors_fp(stderr);
+    rc = 1;
+    if (check) {
+        EVP_MD_CTX *v = EVP_MD_CTX_new();
+
+        if (EVP_DigestVerifyInit_ex(v, NULL, mdname, NULL, NULL, pub, NULL) != 1
+            || EVP_DigestVerify(v, sig, siglen, msg, msglen) != 1) {
+            rc = -1;
+            ERR_print_errors_fp(stderr);
+        }
+        EVP_MD_CTX_free(v);
+    }
 end:
     ERR_clear_error();
     EVP_MD_CTX_free(s);
-    EVP_MD_CTX_free(v);
     return rc;
+}
+
+static int sign_verify(unsigned long tag, char *err, size_t errcap)
+{
+    return sign_once(tag, 1, err, errcap, 0);
+}
+
+static void *timed_worker(void *arg)
+{
+    THREAD_TALLY *t = &tallies[(size_t)arg];
+    unsigned long n = 0;
+
+    while (now_us() < stop_at_us) {
+        int64_t t0 = now_us();
+        int r = sign_once((unsigned long)(size_t)arg * 100000000ul + n, n % 50 == 0,
+                          NULL, 0, 1);
+
+        n++;
+        if (r == 0) {
+            t->failed++;
+            continue;
+        }
+        if (r < 0)
+            t->bad++;
+        t->signed_ok++;
+        if (t->n_lat == t->cap_lat) {
+            size_t cap = t->cap_lat ? t->cap_lat * 2 : 4096;
+            long *grown = realloc(t->lat_us, cap * sizeof(*grown));
+
+            if (grown == NULL)
+                continue;
+            t->lat_us = grown;
+            t->cap_lat = cap;
+        }
+        t->lat_us[t->n_lat++] = (long)(now_us() - t0);
+    }
+    return NULL;
+}
+
+static int timed(int n, double seconds)
+{
+    pthread_t *th = calloc((size_t)n, sizeof(*th));
+    int i, ok = 1;
+    size_t j;
+
+    tallies = calloc((size_t)n, sizeof(*tallies));
+    if (th == NULL || tallies == NULL)
+        return 1;
+    stop_at_us = now_us() + (int64_t)(seconds * 1e6);
+    for (i = 0; i < n; i++)
+        if (pthread_create(&th[i], NULL, timed_worker, (void *)(size_t)i) != 0)
+            return 1;
+    for (i = 0; i < n; i++)
+        pthread_join(th[i], NULL);
+    for (i = 0; i < n; i++) {
+        printf("thread %d signed %ld failed %ld bad %ld\n", i, tallies[i].signed_ok,
+               tallies[i].failed, tallies[i].bad);
+        ok = ok && tallies[i].failed == 0 && tallies[i].bad == 0;
+    }
+    printf("latencies_us");
+    for (i = 0; i < n; i++)
+        for (j = 0; j < tallies[i].n_lat; j++)
+            printf(" %ld", tallies[i].lat_us[j]);
+    printf("\n");
+    for (i = 0; i < n; i++)
+        free(tallies[i].lat_us);
+    free(tallies);
+    free(th);
+    return ok ? 0 : 1;
 }
 
 static void *worker(void *arg)
@@ -131,14 +231,6 @@ static EVP_PKEY *read_key(const char *path, int private)
     return k;
 }
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static int wait_line(void)
 {
     char line[64];
@@ -160,9 +252,9 @@ static int outage(void)
     printf("stop the broker\n");
     if (!wait_line())
         return 1;
-    t0 = now_ms();
+    t0 = now_us();
     r = sign_verify(2, err, sizeof(err));
-    printf("down %s %lld ms: %s\n", r == 1 ? "ok" : "fail", (long long)(now_ms() - t0), err);
+    printf("down %s %lld ms: %s\n", r == 1 ? "ok" : "fail", (long long)((now_us() - t0) / 1000), err);
     printf("start the broker\n");
     if (!wait_line())
         return 1;
@@ -198,6 +290,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "outage") == 0)
         return outage();
+    if (strcmp(argv[1], "timed") == 0 && argc == 7)
+        return timed(atoi(argv[5]), atof(argv[6]));
     if (strcmp(argv[1], "stress") != 0 || argc != 9)
         return 2;
     iters = atoi(argv[6]);

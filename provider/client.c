@@ -51,11 +51,22 @@ struct conn {
     uint8_t *rbuf;        /* response buffer, WIRE_MAX_FRAME bytes */
 };
 
+/*
+ * A thread waiting for a connection. A released connection is handed to the longest
+ * waiter directly: a thread that releases and at once asks again must not overtake
+ * threads already waiting (with 64 threads on 16 connections, some would starve).
+ */
+struct waiter {
+    pthread_cond_t handed;
+    struct conn *given;
+    struct waiter *next;
+};
+
 struct tpmb_client {
     char *path;
     unsigned int timeout_ms;
     pthread_mutex_t lock;
-    pthread_cond_t freed;
+    struct waiter *first, *last; /* FIFO of waiting threads */
     pid_t pid;
     struct conn conns[POOL_MAX];
     struct tpmb_client *next; /* all clients, for the fork handlers */
@@ -111,6 +122,7 @@ static void client_drop_inherited(struct tpmb_client *c)
         conn_close(&c->conns[i]);
         c->conns[i].busy = 0;
     }
+    c->first = c->last = NULL; /* its waiters stayed in the parent */
     c->pid = getpid();
 }
 
@@ -139,8 +151,6 @@ static void atfork_child(void)
 
     for (c = clients; c != NULL; c = c->next) {
         client_drop_inherited(c);
-        pthread_cond_destroy(&c->freed);
-        pthread_cond_init(&c->freed, NULL); /* its waiters stayed in the parent */
         pthread_mutex_unlock(&c->lock);
     }
     pthread_mutex_unlock(&clients_lock);
@@ -166,7 +176,6 @@ TPMB_CLIENT *client_new(const char *socket_path, unsigned int timeout_ms)
     }
     c->timeout_ms = timeout_ms;
     pthread_mutex_init(&c->lock, NULL);
-    pthread_cond_init(&c->freed, NULL);
     c->pid = getpid();
     for (i = 0; i < POOL_MAX; i++)
         c->conns[i].fd = -1;
@@ -199,7 +208,6 @@ void client_free(TPMB_CLIENT *c)
         free(c->conns[i].rbuf);
     }
     pthread_mutex_destroy(&c->lock);
-    pthread_cond_destroy(&c->freed);
     free(c->path);
     free(c);
 }
@@ -209,35 +217,68 @@ const char *client_socket_path(const TPMB_CLIENT *c)
     return c->path;
 }
 
-/* Takes a free connection, waiting for one until the deadline. */
+static void conn_release(struct tpmb_client *c, struct conn *cn);
+
+static void waiter_remove(struct tpmb_client *c, struct waiter *w)
+{
+    struct waiter **pp;
+
+    for (pp = &c->first; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == w) {
+            *pp = w->next;
+            break;
+        }
+    }
+    if (c->last == w) {
+        struct waiter *p;
+
+        c->last = NULL;
+        for (p = c->first; p != NULL; p = p->next)
+            c->last = p;
+    }
+}
+
+/* Caller holds the lock: an idle connection, preferring one that is open. */
+static struct conn *conn_idle(struct tpmb_client *c)
+{
+    size_t i;
+
+    for (i = 0; i < POOL_MAX; i++)
+        if (!c->conns[i].busy && c->conns[i].fd >= 0)
+            return &c->conns[i];
+    for (i = 0; i < POOL_MAX; i++)
+        if (!c->conns[i].busy)
+            return &c->conns[i];
+    return NULL;
+}
+
+/* Takes a free connection, waiting in turn for one until the deadline. */
 static struct conn *conn_acquire(struct tpmb_client *c, int64_t deadline, CLIENT_ERR *err)
 {
     struct conn *cn = NULL;
-    size_t i;
 
     pthread_mutex_lock(&c->lock);
     if (c->pid != getpid())
         client_drop_inherited(c); /* forked without the fork handlers (raw clone) */
-    for (;;) {
-        /* prefer an open idle connection, then any idle slot */
-        for (i = 0; i < POOL_MAX && cn == NULL; i++)
-            if (!c->conns[i].busy && c->conns[i].fd >= 0)
-                cn = &c->conns[i];
-        for (i = 0; i < POOL_MAX && cn == NULL; i++)
-            if (!c->conns[i].busy)
-                cn = &c->conns[i];
-        if (cn != NULL)
-            break;
-        {
+    if (c->first == NULL)
+        cn = conn_idle(c);
+    if (cn != NULL) {
+        cn->busy = 1;
+    } else {
+        struct waiter w = { .given = NULL, .next = NULL };
+
+        pthread_cond_init(&w.handed, NULL);
+        if (c->last != NULL)
+            c->last->next = &w;
+        else
+            c->first = &w;
+        c->last = &w;
+        while (w.given == NULL) {
             int64_t left = deadline - now_ms();
             struct timespec ts;
 
-            if (left <= 0) {
-                pthread_mutex_unlock(&c->lock);
-                set_err(err, CLIENT_E_TIMEOUT, 0,
-                        "no connection to tpmbroker at %s became free in time", c->path);
-                return NULL;
-            }
+            if (left <= 0)
+                break;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_sec += left / 1000;
             ts.tv_nsec += (left % 1000) * 1000000;
@@ -245,31 +286,48 @@ static struct conn *conn_acquire(struct tpmb_client *c, int64_t deadline, CLIENT
                 ts.tv_sec++;
                 ts.tv_nsec -= 1000000000;
             }
-            pthread_cond_timedwait(&c->freed, &c->lock, &ts);
+            pthread_cond_timedwait(&w.handed, &c->lock, &ts);
+        }
+        cn = w.given; /* handed over busy; the releaser took us off the list */
+        if (cn == NULL)
+            waiter_remove(c, &w);
+        pthread_cond_destroy(&w.handed);
+        if (cn == NULL) {
+            pthread_mutex_unlock(&c->lock);
+            set_err(err, CLIENT_E_TIMEOUT, 0,
+                    "no connection to tpmbroker at %s became free in time", c->path);
+            return NULL;
         }
     }
-    cn->busy = 1;
     pthread_mutex_unlock(&c->lock);
     if (cn->w == NULL)
         cn->w = malloc(sizeof(*cn->w));
     if (cn->rbuf == NULL)
         cn->rbuf = malloc(WIRE_MAX_FRAME);
     if (cn->w == NULL || cn->rbuf == NULL) {
-        pthread_mutex_lock(&c->lock);
-        cn->busy = 0;
-        pthread_cond_signal(&c->freed);
-        pthread_mutex_unlock(&c->lock);
+        conn_release(c, cn);
         set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
         return NULL;
     }
     return cn;
 }
 
+/* Hands the connection to the longest waiter, or makes it idle. */
 static void conn_release(struct tpmb_client *c, struct conn *cn)
 {
+    struct waiter *w;
+
     pthread_mutex_lock(&c->lock);
-    cn->busy = 0;
-    pthread_cond_signal(&c->freed);
+    w = c->first;
+    if (w != NULL) {
+        c->first = w->next;
+        if (c->first == NULL)
+            c->last = NULL;
+        w->given = cn; /* stays busy: it changes hands */
+        pthread_cond_signal(&w->handed);
+    } else {
+        cn->busy = 0;
+    }
     pthread_mutex_unlock(&c->lock);
 }
 
@@ -381,10 +439,20 @@ static int conn_exchange(struct tpmb_client *c, struct conn *cn, size_t framelen
     size_t bodylen;
 
     wire_parse_header(cn->w->buf, &req);
-    if (!send_all(c, cn->fd, cn->w->buf, framelen, deadline, err))
+    if (!send_all(c, cn->fd, cn->w->buf, framelen, deadline, err)) {
+        /* The broker may have said why before it closed (a process it does not admit):
+         * that answer is already here to read. Otherwise the send error stands. */
+        CLIENT_ERR send_err = *err;
+        int64_t grace = now_ms() + 200;
+
+        if (!recv_all(c, cn->fd, cn->rbuf, WIRE_HEADER_SIZE,
+                      grace < deadline ? grace : deadline, err)) {
+            *err = send_err;
+            goto fail;
+        }
+    } else if (!recv_all(c, cn->fd, cn->rbuf, WIRE_HEADER_SIZE, deadline, err)) {
         goto fail;
-    if (!recv_all(c, cn->fd, cn->rbuf, WIRE_HEADER_SIZE, deadline, err))
-        goto fail;
+    }
     if (!wire_parse_header(cn->rbuf, &resp)) {
         set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a frame of bad length %u",
                 c->path, resp.length);

@@ -94,7 +94,13 @@ class _Connection:
         self.next_id = (self.next_id % 0xFFFFFFFF) + 1
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
         self._settimeout(deadline)
-        self.sock.sendall(p.encode_request(request_id, msg, remaining_ms))
+        try:
+            self.sock.sendall(p.encode_request(request_id, msg, remaining_ms))
+        except (BrokenPipeError, ConnectionResetError):
+            # The broker may have said why before it closed (a process it does not
+            # admit): that answer is already here to read.
+            self._raise_connection_error(min(deadline, time.monotonic() + 0.2))
+            raise
         while True:
             self._settimeout(deadline)
             data = self.sock.recv(65536)
@@ -109,6 +115,20 @@ class _Connection:
                 if isinstance(result, p.ErrorResult):
                     raise error_for_status(result.status, result.message, result.tpm_rc)
                 return result
+
+    def _raise_connection_error(self, deadline: float) -> None:
+        try:
+            while time.monotonic() < deadline:
+                self._settimeout(deadline)
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+                for header, body in self.reader.feed(data):
+                    result = p.decode_response(header, body)
+                    if header.request_id == 0 and isinstance(result, p.ErrorResult):
+                        raise error_for_status(result.status, result.message, result.tpm_rc)
+        except (OSError, TimeoutError, ProtocolError):
+            return
 
     def _settimeout(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()

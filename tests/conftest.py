@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +59,25 @@ def broker(swtpm: Swtpm, tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def abrmd_broker(abrmd: Abrmd, tmp_path: Path) -> Iterator[Broker]:
+    """The real broker on the test's tpm2-abrmd, so other TPM users can share the TPM."""
+    b = Broker(abrmd.tcti, tmp_path / "broker", env=abrmd.env())
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory www-data can traverse (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="tpmbroker-world-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

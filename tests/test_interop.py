@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from tpmbroker.keyfile import der_to_pem
 from tpmbroker.load import verify
 
 from .tpmfixtures import Abrmd, Broker
-
-
-@pytest.fixture
-def shared_broker(abrmd: Abrmd, tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(abrmd.tcti, tmp_path / "broker", env=abrmd.env()).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def tpm2_openssl(abrmd: Abrmd, *args: str) -> subprocess.CompletedProcess[str]:
@@ -44,14 +34,14 @@ def tpm2_openssl(abrmd: Abrmd, *args: str) -> subprocess.CompletedProcess[str]:
     ("RSA", ["-pkeyopt", "bits:2048"], None),
 ])
 def test_tpm2_openssl_keys_sign_through_the_broker(
-        abrmd: Abrmd, shared_broker: Broker, tmp_path: Path, algorithm: str,
+        abrmd: Abrmd, abrmd_broker: Broker, tmp_path: Path, algorithm: str,
         opts: list[str], password: str | None) -> None:
     key = tmp_path / "key.pem"
     out = tpm2_openssl(abrmd, "genpkey", "-provider", "tpm2", "-provider", "base",
                        "-algorithm", algorithm, *opts, "-out", str(key))
     assert out.returncode == 0, out.stderr
     assert key.read_text().startswith("-----BEGIN TSS2 PRIVATE KEY-----")
-    with Client(shared_broker.socket) as client:
+    with Client(abrmd_broker.socket) as client:
         loaded = client.load_key(key, password)
         digest = hashlib.sha256(b"interop").digest()
         schemes = [p.Scheme.ECDSA] if algorithm == "EC" else [p.Scheme.PKCS1, p.Scheme.PSS]
@@ -69,11 +59,11 @@ def test_tpm2_openssl_keys_sign_through_the_broker(
 
 
 @pytest.mark.parametrize("alg", ["ec:P-256", "rsa:2048"])
-def test_tpmbroker_keys_sign_in_tpm2_openssl(abrmd: Abrmd, shared_broker: Broker,
+def test_tpmbroker_keys_sign_in_tpm2_openssl(abrmd: Abrmd, abrmd_broker: Broker,
                                              tmp_path: Path, alg: str) -> None:
     key_type, param = {"ec:P-256": (p.KeyType.EC, p.Curve.P256),
                        "rsa:2048": (p.KeyType.RSA, 2048)}[alg]
-    with Client(shared_broker.socket) as client:
+    with Client(abrmd_broker.socket) as client:
         der, spki = client.generate_key(key_type, param)
     key = tmp_path / "key.pem"
     key.write_bytes(der_to_pem(der))

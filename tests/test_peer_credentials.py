@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,16 +23,6 @@ from .tpmfixtures import Broker
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
                                 reason="needs root to run a client as www-data")
-
-
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="tpmbroker-peer-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def sign_as_www_data(broker: Broker, key: Path, data: Path) -> subprocess.CompletedProcess[str]:

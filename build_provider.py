@@ -1,9 +1,10 @@
 """Compile provider/*.c into tpmbroker.so, and act as the package's build backend.
 
 Run as a script, it compiles the provider into broker/tpmbroker/tpmbroker.so (or
-the path given with -o). Used as a PEP 517 backend (pyproject.toml names it), it
-compiles first and then hands over to setuptools, so every wheel and every
-editable install carries the module.
+the path given with -o) and the broker's C session arithmetic into
+broker/tpmbroker/tpm/_authorize*.so. Used as a PEP 517 backend (pyproject.toml
+names it), it compiles first and then hands over to setuptools, so every wheel and
+every editable install carries both.
 
 The module is plain C: cffi's build machinery (ffiplatform over setuptools'
 build_ext) does the compiling and linking, but nothing Python is linked in. A
@@ -26,6 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 PROVIDER_DIR = ROOT / "provider"
 DEFAULT_OUTPUT = ROOT / "broker" / "tpmbroker" / "tpmbroker.so"
+TPM_DIR = ROOT / "broker" / "tpmbroker" / "tpm"
+AUTHORIZE_MODULE = "tpmbroker.tpm._authorize"
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 
 
@@ -78,6 +81,38 @@ def build(output: Path = DEFAULT_OUTPUT, verbose: bool = False) -> Path:
     return output
 
 
+def build_authorize(verbose: bool = False) -> Path:
+    """Compile tpm/authorize.c into the Python extension tpmbroker.tpm._authorize.
+
+    Unlike the provider this one is for the broker process only, so it is an ordinary
+    cffi API-mode extension; its cdef is authorize.h without preprocessor lines.
+    """
+    from cffi import FFI
+
+    header = TPM_DIR / "authorize.h"
+    cdef = "\n".join(line for line in header.read_text().splitlines()
+                     if not line.startswith(("#ifndef", "#endif", "#include"))
+                     and line.split()[:2] != ["#define", "TPMBROKER_AUTHORIZE_H"])
+    ffi = FFI()
+    ffi.cdef(cdef)
+    ffi.set_source(
+        AUTHORIZE_MODULE,
+        '#include "authorize.h"',
+        sources=[str(TPM_DIR / "authorize.c")],
+        include_dirs=[str(TPM_DIR)],
+        depends=[str(header)],
+        extra_compile_args=[*_pkg_config("--cflags"), *WARNINGS, "-std=gnu11"],
+        extra_link_args=_pkg_config("--libs") or ["-lcrypto"],
+    )
+    with tempfile.TemporaryDirectory(prefix="tpmbroker-build-") as tmp:
+        built = Path(ffi.compile(tmpdir=tmp, verbose=verbose))
+        output = TPM_DIR / built.name
+        tmp_out = output.with_suffix(".so.tmp")
+        shutil.copyfile(built, tmp_out)
+        os.replace(tmp_out, output)
+    return output
+
+
 def _check_symbols(path: Path) -> None:
     try:
         undefined = subprocess.run(
@@ -110,6 +145,7 @@ def build_wheel(
     metadata_directory: str | None = None,
 ) -> str:
     build()
+    build_authorize()
     return str(_setuptools().build_wheel(wheel_directory, config_settings, metadata_directory))
 
 
@@ -119,6 +155,7 @@ def build_editable(
     metadata_directory: str | None = None,
 ) -> str:
     build()
+    build_authorize()
     return str(_setuptools().build_editable(wheel_directory, config_settings, metadata_directory))
 
 
@@ -137,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     print(build(args.output, args.verbose))
+    print(build_authorize(args.verbose))
     return 0
 
 

@@ -98,6 +98,16 @@ class Tpm:
         self.esapi.close()
 
 
+@pytest.fixture(autouse=True, params=["c", "python"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the C session arithmetic and with the Python reference."""
+    if request.param == "python":
+        monkeypatch.setattr(raw, "_authorize", None)
+    else:
+        assert raw.c_implementation()
+    return str(request.param)
+
+
 @pytest.fixture
 def tpm(swtpm: Swtpm) -> Iterator[Tpm]:
     t = Tpm(swtpm)

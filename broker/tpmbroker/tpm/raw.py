@@ -9,14 +9,21 @@ code when the transport broke), so callers classify them exactly like ESAPI erro
 A session whose last command has an unknown outcome (transport error, malformed or
 forged response) is marked unusable: sending its next HMAC could fail authorization
 and count toward the TPM's dictionary-attack lockout.
+
+The arithmetic of prepare() and finish() runs in C (tpm/authorize.c, built with the
+package) when that extension is present: about 5 µs a command against about 45 µs
+here. The Python code stays as the reference the tests hold the C code to, and as the
+fallback for a source tree nobody compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
+import importlib
 import os
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -39,6 +46,17 @@ from tpm2_pytss.types import (
 )
 
 from . import session_crypto as sc
+
+_authorize: Any
+try:
+    _authorize = importlib.import_module(f"{__package__}._authorize")
+except ImportError:  # an uncompiled source tree
+    _authorize = None
+
+
+def c_implementation() -> bool:
+    """Whether the C session arithmetic is in use."""
+    return _authorize is not None
 
 ST_NO_SESSIONS = 0x8001
 ST_SESSIONS = 0x8002
@@ -203,22 +221,37 @@ class PendingCommand:
     nonce_caller: bytes
     attributes: int
     response_handles: int
+    c_pending: Any = None  # the C implementation's tb_pending, when it prepared this
 
 
 def prepare(session: sc.SessionState, command_code: int, handles: Sequence[int],
             names: Sequence[bytes], auth: bytes, first_parameter: bytes | None,
             other_parameters: bytes, attributes: int, response_handles: int = 0,
-            random: Callable[[int], bytes] = os.urandom) -> PendingCommand:
+            nonce_caller: bytes | None = None) -> PendingCommand:
     """Frame a command whose one authorized handle uses `session`.
 
     `first_parameter` is the contents of the command's first parameter when it is a
     sized buffer; with DECRYPT in `attributes` it is encrypted. `auth` is the authValue
     of the entity the session authorizes (the session is unbound, so it always counts).
+    `nonce_caller` is fresh and random unless a test fixes it.
     """
     if not session.usable:
         raise TSS2_Exception(int(TSS2_RC.ESYS_RC_BAD_SEQUENCE))
+    if _authorize is not None:
+        return _c_prepare(session, command_code, handles, names, auth, first_parameter,
+                          other_parameters, attributes, response_handles, nonce_caller)
+    return prepare_reference(session, command_code, handles, names, auth, first_parameter,
+                             other_parameters, attributes, response_handles, nonce_caller)
+
+
+def prepare_reference(session: sc.SessionState, command_code: int, handles: Sequence[int],
+                      names: Sequence[bytes], auth: bytes, first_parameter: bytes | None,
+                      other_parameters: bytes, attributes: int, response_handles: int = 0,
+                      nonce_caller: bytes | None = None) -> PendingCommand:
+    """prepare() in Python, from session_crypto."""
     name = session.hash
-    nonce_caller = random(session.nonce_size)
+    if nonce_caller is None:
+        nonce_caller = os.urandom(session.nonce_size)
     key = session.session_key + sc.strip_auth(auth)
     if first_parameter is None:
         parameters = other_parameters
@@ -244,6 +277,13 @@ def finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
     Raises TSS2_Exception with the TPM's code when it refused the command (the session's
     nonceTPM then stays as it was), ResponseAuthError when the HMAC does not match.
     """
+    if pending.c_pending is not None:
+        return _c_finish(pending, response)
+    return finish_reference(pending, response)
+
+
+def finish_reference(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
+    """finish() in Python, from session_crypto."""
     session = pending.session
     rc = response_code(response)
     if rc != RC_SUCCESS:
@@ -292,6 +332,97 @@ def _decrypt_first(name: str, pending: PendingCommand, nonce_tpm: bytes,
     clear = sc.cfb_decrypt(name, pending.hmac_key, nonce_tpm, pending.nonce_caller,
                            parameters[2:2 + size])
     return parameters[:2] + clear + parameters[2 + size:]
+
+
+# --- the same in C -----------------------------------------------------------------------
+
+MAX_COMMAND = 4096
+_C_ERRORS: dict[int, Callable[[], TSS2_Exception]] = {}
+if _authorize is not None:
+    _C_ERRORS = {
+        _authorize.lib.TB_MALFORMED: malformed,
+        _authorize.lib.TB_AUTH_FAILED: ResponseAuthError,
+        _authorize.lib.TB_BAD_ARGUMENT: lambda: TSS2_Exception(
+            int(TSS2_RC.ESYS_RC_BAD_VALUE)),
+        _authorize.lib.TB_CRYPTO_ERROR: lambda: TSS2_Exception(
+            int(TSS2_RC.ESYS_RC_GENERAL_FAILURE)),
+    }
+
+
+class _Scratch(threading.local):
+    """One thread's libcrypto contexts and output buffers for the C code."""
+
+    def __init__(self) -> None:
+        assert _authorize is not None
+        ffi, lib = _authorize.ffi, _authorize.lib
+        ctx = lib.tb_ctx_new()
+        if ctx == ffi.NULL:
+            raise MemoryError("libcrypto could not set up the session contexts")
+        self.ctx = ffi.gc(ctx, lib.tb_ctx_free)
+        self.command = ffi.new("uint8_t[]", MAX_COMMAND)
+        self.command_len = ffi.new("size_t *")
+        self.result = ffi.new("tb_result *")
+        self.signature = ffi.new("uint8_t[]", 1024)
+
+
+_scratch: _Scratch | None = None
+
+
+def _c_scratch() -> _Scratch:
+    global _scratch
+    if _scratch is None:
+        _scratch = _Scratch()
+    return _scratch
+
+
+def _c_prepare(session: sc.SessionState, command_code: int, handles: Sequence[int],
+               names: Sequence[bytes], auth: bytes, first_parameter: bytes | None,
+               other_parameters: bytes, attributes: int, response_handles: int,
+               nonce_caller: bytes | None) -> PendingCommand:
+    assert _authorize is not None
+    ffi, lib = _authorize.ffi, _authorize.lib
+    scratch = _c_scratch()
+    c_pending = ffi.new("tb_pending *")
+    nonce_tpm = session.nonce_tpm
+    if nonce_caller is not None and len(nonce_caller) != len(nonce_tpm):
+        raise ValueError("nonceCaller must be as long as the session's nonces")
+    status = lib.tb_prepare(
+        scratch.ctx, session.hash_alg, session.handle, session.session_key,
+        len(session.session_key), nonce_tpm, len(nonce_tpm),
+        ffi.NULL if nonce_caller is None else nonce_caller, command_code,
+        handles, len(handles), b"".join(names), sum(map(len, names)), auth, len(auth),
+        first_parameter is not None, first_parameter or b"", len(first_parameter or b""),
+        other_parameters, len(other_parameters), attributes, response_handles, c_pending,
+        scratch.command, MAX_COMMAND, scratch.command_len)
+    if status != lib.TB_OK:
+        raise _C_ERRORS[status]()
+    return PendingCommand(session, command_code,
+                          ffi.buffer(scratch.command, scratch.command_len[0])[:],
+                          b"", b"", attributes, response_handles, c_pending)
+
+
+def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
+    assert _authorize is not None
+    ffi, lib = _authorize.ffi, _authorize.lib
+    scratch = _c_scratch()
+    result = scratch.result
+    status = lib.tb_finish(scratch.ctx, pending.c_pending, response, len(response), result)
+    if status == lib.TB_TPM_ERROR:
+        raise TSS2_Exception(result.rc)
+    if status != lib.TB_OK:
+        raise _C_ERRORS[status]()
+    handles = [_U32.unpack_from(response, _HEADER.size + 4 * i)[0]
+               for i in range(pending.response_handles)]
+    start = result.params_offset
+    parameters = response[start:start + result.params_len]
+    nonce_tpm = ffi.buffer(result.nonce_tpm, result.nonce_tpm_len)[:]
+    pending.session.nonce_tpm = nonce_tpm
+    if result.attributes & sc.ENCRYPT:
+        c = pending.c_pending
+        pending.hmac_key = ffi.buffer(c.hmac_key, c.hmac_key_len)[:]
+        pending.nonce_caller = ffi.buffer(c.nonce_caller, c.nonce_caller_len)[:]
+        parameters = _decrypt_first(pending.session.hash, pending, nonce_tpm, parameters)
+    return handles, parameters
 
 
 def execute(transport: Transport, pending: PendingCommand) -> tuple[list[int], bytes]:
@@ -348,9 +479,23 @@ def sign_result(parameters: bytes) -> Any:
     return signature
 
 
-def signature_bytes(parameters: bytes) -> bytes:
+def signature_bytes(parameters: bytes, rsa_bytes: int = 0) -> bytes:
     """The signature in a TPM2_Sign response: DER Ecdsa-Sig-Value for ECDSA, the raw
-    signature for RSA; what bytes(TPMT_SIGNATURE) gives.
+    signature for RSA (left-padded to `rsa_bytes`); what bytes(TPMT_SIGNATURE) gives.
+    """
+    if _authorize is not None:
+        scratch = _c_scratch()
+        length = _authorize.lib.tb_signature_bytes(parameters, len(parameters), rsa_bytes,
+                                                   scratch.signature, 1024)
+        if length > 0:
+            return bytes(_authorize.ffi.buffer(scratch.signature, length))
+        if length < 0:
+            raise malformed()
+    return signature_bytes_reference(parameters).rjust(rsa_bytes, b"\0")
+
+
+def signature_bytes_reference(parameters: bytes) -> bytes:
+    """signature_bytes() in Python (without the padding).
 
     The hot path reads the three layouts it produces directly: through tpm2-pytss's
     attribute access the same costs about 75 µs per ECDSA signature, here about 2 µs.

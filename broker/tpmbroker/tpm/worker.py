@@ -344,10 +344,9 @@ class TpmWorker:
             raise TakeTheLongWay(str(exc)) from exc
         state.usable = True
         self._keys.touch(fast.entry.info.key_id)
-        signature = raw.signature_bytes(parameters)
-        if fast.entry.info.key_type is KeyType.RSA:
-            return signature.rjust((fast.entry.info.bits + 7) // 8, b"\0")
-        return signature
+        info = fast.entry.info
+        return raw.signature_bytes(
+            parameters, (info.bits + 7) // 8 if info.key_type is KeyType.RSA else 0)
 
     @staticmethod
     def cancel_fast_sign(fast: FastSign) -> None:

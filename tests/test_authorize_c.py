@@ -1,0 +1,181 @@
+"""The C session arithmetic (tpm/authorize.c) against the Python reference in raw.py and
+session_crypto.py, byte for byte. tests/test_fast_path.py runs both against a TPM."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+from tpmbroker.tpm import raw
+from tpmbroker.tpm import session_crypto as sc
+
+HASHES = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}
+ATTRIBUTES = (sc.CONTINUE_SESSION, sc.CONTINUE_SESSION | sc.DECRYPT, sc.DECRYPT)
+
+
+def test_the_package_carries_the_c_code() -> None:
+    # Without it everything still works, at ten times the CPU per signature.
+    assert raw.c_implementation()
+
+
+def session(hash_alg: int, key: bytes, nonce_tpm: bytes) -> sc.SessionState:
+    return sc.SessionState(0x02000000, hash_alg, key, nonce_tpm)
+
+
+@st.composite
+def commands(draw: st.DrawFn) -> tuple[sc.SessionState, bytes, dict[str, object]]:
+    hash_alg = draw(st.sampled_from(sorted(HASHES)))
+    size = HASHES[hash_alg]
+    key = draw(st.sampled_from([b"", b"\x07" * size]))
+    nonce_tpm = draw(st.binary(min_size=size, max_size=size))
+    nonce_caller = draw(st.binary(min_size=size, max_size=size))
+    handles = draw(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3))
+    args: dict[str, object] = {
+        "command_code": draw(st.sampled_from([raw.CC_SIGN, raw.CC_RSA_DECRYPT, raw.CC_CREATE])),
+        "handles": handles,
+        "names": [draw(st.binary(min_size=4, max_size=66)) for _ in handles],
+        # Trailing zeros included: both must drop them.
+        "auth": draw(st.binary(max_size=40)) + draw(st.sampled_from([b"", b"\0\0"])),
+        "first_parameter": draw(st.none() | st.binary(max_size=600)),
+        "other_parameters": draw(st.binary(max_size=64)),
+        "attributes": draw(st.sampled_from(ATTRIBUTES)),
+        "response_handles": draw(st.integers(0, 1)),
+    }
+    return session(hash_alg, key, nonce_tpm), nonce_caller, args
+
+
+@settings(max_examples=300, deadline=None)
+@given(commands())
+def test_prepare_is_byte_identical(case: tuple[sc.SessionState, bytes, dict[str, object]],
+                                   ) -> None:
+    state, nonce_caller, args = case
+    c = raw.prepare(state, nonce_caller=nonce_caller, **args)  # type: ignore[arg-type]
+    ref = raw.prepare_reference(state, nonce_caller=nonce_caller, **args)  # type: ignore[arg-type]
+    assert c.c_pending is not None and ref.c_pending is None
+    assert c.command == ref.command
+
+
+def tpm_response(pending: raw.PendingCommand, parameters: bytes, nonce_tpm: bytes,
+                 attributes: int = sc.CONTINUE_SESSION, handles: tuple[int, ...] = ()) -> bytes:
+    """What a TPM answers to `pending`, its HMAC computed by the reference code."""
+    state = pending.session
+    name = state.hash
+    key = state.session_key + sc.strip_auth(b"pw\0")
+    mac = sc.session_hmac(name, key, sc.rp_hash(name, 0, pending.command_code, parameters),
+                          nonce_tpm, NONCE_CALLER[: state.nonce_size], attributes)
+    body = (b"".join(struct.pack(">I", h) for h in handles)
+            + struct.pack(">I", len(parameters)) + parameters
+            + raw.tpm2b(nonce_tpm) + bytes((attributes,)) + raw.tpm2b(mac))
+    return struct.pack(">HII", raw.ST_SESSIONS, 10 + len(body), 0) + body
+
+
+NONCE_CALLER = bytes(range(64))
+
+
+def both_prepared(hash_alg: int = 0x000B, response_handles: int = 0,
+                  ) -> tuple[raw.PendingCommand, raw.PendingCommand]:
+    size = HASHES[hash_alg]
+    made = []
+    for prepare in (raw.prepare, raw.prepare_reference):
+        made.append(prepare(session(hash_alg, b"\x05" * size, b"\x09" * size), raw.CC_SIGN,
+                            [0x80000001], [b"name"], b"pw\0", b"d" * size, b"rest",
+                            sc.CONTINUE_SESSION | sc.DECRYPT, response_handles,
+                            nonce_caller=NONCE_CALLER[:size]))
+    return made[0], made[1]
+
+
+@pytest.mark.parametrize("hash_alg", sorted(HASHES))
+def test_finish_accepts_what_the_reference_accepts(hash_alg: int) -> None:
+    size = HASHES[hash_alg]
+    new_nonce = b"\x0b" * size
+    for pending in both_prepared(hash_alg, response_handles=1):
+        response = tpm_response(pending, b"\x00\x18params", new_nonce, handles=(0x80000002,))
+        assert raw.finish(pending, response) == ([0x80000002], b"\x00\x18params")
+        assert pending.session.nonce_tpm == new_nonce
+
+
+def test_finish_decrypts_an_encrypted_response_parameter() -> None:
+    results = []
+    for pending in both_prepared():
+        clear = b"secret bytes"
+        state = pending.session
+        new_nonce = b"\x0c" * 32
+        key = state.session_key + b"pw"
+        sealed = sc.cfb_encrypt("sha256", key, new_nonce, NONCE_CALLER[:32], clear)
+        response = tpm_response(pending, raw.tpm2b(sealed) + b"tail", new_nonce,
+                                sc.CONTINUE_SESSION | sc.ENCRYPT)
+        results.append(raw.finish(pending, response))
+    assert results[0] == results[1] == ([], raw.tpm2b(b"secret bytes") + b"tail")
+
+
+@pytest.mark.parametrize("flip", range(10, 60, 7))
+def test_any_altered_byte_is_refused_by_both(flip: int) -> None:
+    for pending in both_prepared():
+        response = bytearray(tpm_response(pending, b"\x00\x18params", b"\x0b" * 32))
+        response[flip] ^= 0x40
+        nonce_before = pending.session.nonce_tpm
+        with pytest.raises(TSS2_Exception) as caught:
+            raw.finish(pending, bytes(response))
+        # Either the layout no longer adds up or the HMAC does not match.
+        assert caught.value.rc in (raw.malformed().rc, raw.ResponseAuthError().rc)
+        assert pending.session.nonce_tpm == nonce_before
+
+
+@pytest.mark.parametrize("response", [
+    b"", b"\x80\x01", struct.pack(">HII", 0x8001, 11, 0) + b"x",
+    struct.pack(">HII", 0x8002, 14, 0) + b"\xff\xff\xff\xff",
+    struct.pack(">HII", 0x8001, 12, 0x9A2) + b"xx"])
+def test_malformed_responses_are_refused_by_both(response: bytes) -> None:
+    for pending in both_prepared():
+        with pytest.raises(TSS2_Exception) as caught:
+            raw.finish(pending, response)
+        assert caught.value.rc == raw.malformed().rc
+
+
+def test_a_refusal_carries_the_tpm_code_in_both() -> None:
+    for pending in both_prepared():
+        with pytest.raises(TSS2_Exception) as caught:
+            raw.finish(pending, struct.pack(">HII", 0x8001, 10, 0x98E))
+        assert caught.value.rc == 0x98E
+
+
+def test_prepare_refuses_what_it_cannot_frame() -> None:
+    state = session(0x000B, b"", b"\0" * 32)
+    with pytest.raises(TSS2_Exception):
+        raw.prepare(state, raw.CC_SIGN, [1], [b"n"], b"a" * 65, b"", b"", sc.DECRYPT)
+    with pytest.raises(TSS2_Exception):
+        raw.prepare(state, raw.CC_SIGN, [1], [b"n"], b"", b"x" * 5000, b"", sc.DECRYPT)
+    with pytest.raises(ValueError, match="nonceCaller"):
+        raw.prepare(state, raw.CC_SIGN, [1], [b"n"], b"", b"", b"", sc.DECRYPT,
+                    nonce_caller=b"short")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=66), st.binary(max_size=66))
+def test_ecdsa_signature_is_the_same_der(r: bytes, s: bytes) -> None:
+    parameters = struct.pack(">HHH", 0x0018, 0x000B, len(r)) + r + raw.tpm2b(s)
+    expected = encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+    assert raw.signature_bytes(parameters) == expected
+    assert raw.signature_bytes_reference(parameters) == expected
+
+
+@pytest.mark.parametrize("scheme", [0x0014, 0x0016])
+def test_rsa_signature_is_padded_to_the_modulus(scheme: int) -> None:
+    parameters = struct.pack(">HHH", scheme, 0x000B, 255) + b"\x01" * 255
+    assert raw.signature_bytes(parameters, 256) == b"\0" + b"\x01" * 255
+    assert raw.signature_bytes(parameters) == raw.signature_bytes_reference(parameters)
+
+
+@pytest.mark.parametrize("parameters", [
+    b"\x00\x18", struct.pack(">HHH", 0x0018, 0x000B, 40) + b"r",
+    struct.pack(">HHH", 0x0014, 0x000B, 3) + b"toolong"])
+def test_malformed_signatures_are_refused(parameters: bytes) -> None:
+    with pytest.raises(TSS2_Exception):
+        raw.signature_bytes(parameters)
+    with pytest.raises(TSS2_Exception):
+        raw.signature_bytes_reference(parameters)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -21,11 +22,14 @@ from tpmbroker.errors import (
     BadDigestError,
     BadKeyError,
     BrokerUnavailableError,
+    DeadlineError,
     Status,
+    TpmBrokerError,
     UnknownKeyError,
 )
 from tpmbroker.keyfile import der_to_pem
 from tpmbroker.load import run_threads, verify
+from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Broker
 
@@ -274,6 +278,40 @@ def test_broker_down_is_a_clear_error_and_recovery_needs_no_new_client(
     assert time.monotonic() - t0 < 2
     broker.start()
     assert client.sign(loaded, bytes(32))  # reconnects and reloads the key by itself
+    client.close()
+
+
+def test_a_tpm_that_stops_answering_costs_deadlines_not_the_broker(
+        broker: Broker, swtpm: Swtpm, ec_key: Path) -> None:
+    """swtpm frozen mid-service: each request gets DEADLINE within its own time, the
+    broker gives the stuck command up, and signing resumes once the TPM answers again."""
+    client = Client(broker.socket, timeout=1.5)
+    loaded = client.load_key(ec_key)
+    assert client.sign(loaded, bytes(32))
+    os.kill(swtpm.pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineError) as caught:
+                client.sign(loaded, bytes(32))
+            assert time.monotonic() - t0 < 1.5
+            assert "broker did not answer" not in str(caught.value)  # the broker's answer
+        with _raw(broker) as s:  # a newcomer is still greeted
+            s.sendall(p.encode_request(1, p.Hello(1, "meanwhile")))
+            _, result = _read_frame(s)
+            assert isinstance(result, p.HelloResult)
+    finally:
+        os.kill(swtpm.pid, signal.SIGCONT)
+    give_up = time.monotonic() + 120
+    while True:
+        try:
+            signature = client.sign(loaded, b"\x01" * 32)
+            break
+        except TpmBrokerError:
+            assert time.monotonic() < give_up, "signing did not resume"
+            time.sleep(0.5)
+    assert verify(loaded.public_key, loaded.key_type, signature, b"\x01" * 32,
+                  p.HashAlg.SHA256, p.Scheme.ECDSA)
     client.close()
 
 

@@ -154,3 +154,38 @@ def test_sign_round_trips(kid: bytes, scheme: p.Scheme, hash_alg: p.HashAlg, dig
     ((header, body),) = p.FrameReader().feed(frame)
     assert header.request_id == request_id
     assert p.decode_request(header, body) == msg
+
+
+def _generic_sign(body: bytes) -> object:
+    try:
+        return p._decode_fields(p.Sign, memoryview(body), 0)
+    except ProtocolError as exc:
+        return type(exc)
+
+
+def _fast_sign(body: bytes) -> object:
+    try:
+        return p.decode_request(p.Header(p.VERSION, p.Opcode.SIGN, 0, 1, 0), body)
+    except ProtocolError as exc:
+        return type(exc)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=80) | st.builds(
+    lambda key, scheme, h, digest, cut: (
+        struct.pack(">H", len(key)) + key + struct.pack(">BHH", scheme, h, len(digest))
+        + digest)[:cut],
+    st.binary(max_size=20), st.integers(0, 255), st.integers(0, 0xFFFF),
+    st.binary(max_size=70), st.integers(0, 120)))
+def test_sign_fast_decoder_agrees_with_the_general_one(body: bytes) -> None:
+    assert _fast_sign(body) == _generic_sign(body)
+
+
+@given(st.binary(max_size=600), st.integers(0, 2**32 - 1))
+def test_sign_result_fast_encoder_agrees_with_the_general_one(signature: bytes,
+                                                              request_id: int) -> None:
+    body = bytearray()
+    p._put(body, "u16", Status.OK)
+    p._encode_fields(p.SignResult(signature), body)
+    general = p._frame(p.Opcode.SIGN | p.RESPONSE_BIT, request_id, 0, body)
+    assert p.encode_response(request_id, p.Opcode.SIGN, p.SignResult(signature)) == general

@@ -79,7 +79,7 @@ class Worker(Protocol):
     def finish_fast_sign(self, fast: Any, response: bytes) -> bytes: ...
     def abort_fast_sign(self, fast: Any | None) -> None: ...
     def cancel_fast_sign(self, fast: Any) -> None: ...
-    def split_response(self, data: bytearray) -> bytes | None: ...
+    def split_response(self, data: bytes | bytearray) -> bytes | None: ...
 
 
 @dataclasses.dataclass
@@ -261,8 +261,13 @@ class Connection(asyncio.Protocol):
                 return
             timeout = (min(header.timeout_ms / 1000, MAX_TIMEOUT) if header.timeout_ms
                        else self.server.config.default_timeout)
-            reply_by = time.monotonic() + timeout
-            self.execute(request_id, msg, reply_by, reply_by - _answer_margin(timeout))
+            client_deadline = time.monotonic() + timeout
+            margin = _answer_margin(timeout)
+            # The worker's deadline comes first, so that its errors (no sessions, TPM
+            # unreachable) are the answer; the broker's own DEADLINE answer still comes
+            # before the client stops waiting.
+            self.execute(request_id, msg, client_deadline - margin / 2,
+                         client_deadline - margin)
         except Exception as exc:
             self.fail(request_id, opcode, exc)
 
@@ -360,15 +365,17 @@ class Connection(asyncio.Protocol):
             self.fail(pending.request_id, pending.opcode, error)
 
 
-@dataclasses.dataclass
 class Lane:
     """The one signature the event loop has out on the TPM socket."""
 
-    job: Job
-    fast: Any  # the worker's prepared command (FastSign)
-    sock: socket.socket
-    timer: asyncio.TimerHandle
-    received: bytearray = dataclasses.field(default_factory=bytearray)
+    __slots__ = ("fast", "give_up_at", "job", "received", "sock")
+
+    def __init__(self, job: Job, fast: Any, sock: socket.socket, give_up_at: float) -> None:
+        self.job = job
+        self.fast = fast  # the worker's prepared command (FastSign)
+        self.sock = sock
+        self.give_up_at = give_up_at  # loop time after which the TPM counts as stuck
+        self.received = b""
 
 
 class BrokerServer:
@@ -394,6 +401,9 @@ class BrokerServer:
         # and removing a reader costs a fifth of one); never while the worker thread may
         # close it or reconnect.
         self._lane_reader: socket.socket | None = None
+        # One watchdog for the lane, re-armed only when it fires: a timer per signature
+        # (call_at and cancel) cost more than the rest of the lane's bookkeeping.
+        self._lane_watchdog: asyncio.TimerHandle | None = None
         self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         # Results cross back from the worker thread through a deque and one wake-up.
         self._done: collections.deque[tuple[Any, Any, BaseException | None]] = (
@@ -489,10 +499,11 @@ class BrokerServer:
         if sent != len(fast.command):
             self._abort_lane(fast)
             return False  # the worker thread reconnects and serves it
-        timer = self.loop.call_at(max(job.deadline, time.monotonic()) + LANE_GRACE,
-                                  self._lane_stuck)
-        self._lane = Lane(job, fast, sock, timer)
+        give_up_at = max(job.deadline, time.monotonic()) + LANE_GRACE
+        self._lane = Lane(job, fast, sock, give_up_at)
         self._busy = True
+        if self._lane_watchdog is None:
+            self._lane_watchdog = self.loop.call_at(give_up_at, self._watch_lane)
         if self._lane_reader is not sock:
             self._release_lane_reader()
             self.loop.add_reader(sock.fileno(), self._lane_readable)
@@ -512,7 +523,6 @@ class BrokerServer:
     def _end_lane(self) -> Lane:
         lane = self._lane
         assert lane is not None
-        lane.timer.cancel()
         self._lane = None
         self._busy = False
         return lane
@@ -526,9 +536,10 @@ class BrokerServer:
         try:
             data = lane.sock.recv(65536)
             if data:
-                lane.received += data
-                response = self.worker.split_response(lane.received)
+                received = lane.received + data if lane.received else data
+                response = self.worker.split_response(received)
                 if response is None:
+                    lane.received = received
                     return  # more to come
         except (BlockingIOError, InterruptedError):
             return
@@ -552,6 +563,16 @@ class BrokerServer:
                 self.lane_signatures += 1
                 job.done(signature, None)
         self._pump()
+
+    def _watch_lane(self) -> None:
+        self._lane_watchdog = None
+        lane = self._lane
+        if lane is None:
+            return  # re-armed by the next signature sent
+        if time.monotonic() < lane.give_up_at:
+            self._lane_watchdog = self.loop.call_at(lane.give_up_at, self._watch_lane)
+            return
+        self._lane_stuck()
 
     def _lane_stuck(self) -> None:
         if self._lane is None:
@@ -687,6 +708,9 @@ class BrokerServer:
         self._drop_ahead()
         if self._lane is not None:  # its answer would find no one to give it to
             self._abort_lane(self._end_lane().fast)
+        if self._lane_watchdog is not None:
+            self._lane_watchdog.cancel()
+            self._lane_watchdog = None
         self._release_lane_reader()
         with contextlib.suppress(Exception):
             await self.call(time.monotonic() + 10, self.worker.close)

@@ -354,7 +354,7 @@ class TpmWorker:
         fast.pending.session.usable = True
 
     @staticmethod
-    def split_response(data: bytearray) -> bytes | None:
+    def split_response(data: bytes | bytearray) -> bytes | None:
         """The TPM's answer once `data` holds all of it (lane_socket's framing)."""
         return transport.split_response(data)
 

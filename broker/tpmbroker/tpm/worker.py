@@ -413,6 +413,8 @@ class TpmWorker:
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
             "tpm_lockout_counter": self._property(TPM2_PT.LOCKOUT_COUNTER),
             "tcti": self.tcti,
+            # "python" means the C extension was not built: about ten times the CPU.
+            "session_code": "c" if raw.c_implementation() else "python",
         }
 
     # --- one request, with recovery -----------------------------------------------------

@@ -49,8 +49,8 @@ DESCRIPTIONS = {
                        "loaded once, straight to the TPM (no resource manager): the reference",
     "direct-hmac": "as direct-password, through one reused salted HMAC session with "
                    "parameter encryption (tss2-esys computes the HMACs)",
-    "provider": "tpmbroker through its OpenSSL provider: N threads of this process call "
-                "EVP_DigestSign in the system libcrypto (cffi, GIL released)",
+    "provider": "tpmbroker through its OpenSSL provider: N C threads of one process (the "
+                "load generator bench/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
     "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
               "share one Client",
     "tpm2-openssl": "tpm2-openssl 1.1.1 through tpm2-abrmd: N processes (it is not "

@@ -82,7 +82,11 @@ def reference_rates(points: list[Point]) -> dict[str, float]:
 
 
 def write_json(results: Results, path: Path) -> None:
-    data = {"meta": results.meta, "points": [dataclasses.asdict(pt) for pt in results.points]}
+    from . import targets
+
+    data = {"meta": results.meta, "points": [dataclasses.asdict(pt) for pt in results.points],
+            "targets": [dataclasses.asdict(c)
+                        for c in targets.check(results.points, results.meta)]}
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -150,6 +154,11 @@ def write_markdown(results: Results, path: Path) -> None:
     errors = _errors_section(results)
     if errors:
         parts.append("\nFailures and errors:\n\n" + errors + "\n")
+    from . import targets
+
+    checks = targets.check(results.points, results.meta)
+    if checks:
+        parts.append("\nAgainst the targets:\n\n" + targets.markdown(checks))
     path.write_text("\n".join(part for part in parts if part))
 
 

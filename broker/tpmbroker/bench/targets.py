@@ -1,0 +1,121 @@
+"""The project's performance targets, checked against one benchmark run.
+
+Pure: points and the run's metadata in, rows out. Each row says what was compared
+with what, so the results page can quote the bench's own verdict instead of a hand
+count. A target whose points were not run is left out, not passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import Point
+
+REFERENCE = "direct-password"
+PEER = "tpm2-openssl"
+BROKER_SYSTEMS = ("provider", "client")
+
+MIN_UTILIZATION = 0.90  # swtpm CPU over wall time, 8 signers and more
+MIN_RATE_OVER_DIRECT = 1.0
+MIN_RATE_OVER_PEER = 2.0
+MAX_EXTRA_P50_MS = 0.150  # one signer, over the direct loop's median
+FAIRNESS_CLIENTS = 64
+MIN_FAIRNESS = 0.7  # slowest signer over fastest
+MAX_P99_OVER_FAIR_SHARE = 1.5
+MAX_BROKER_CPU_US = 100.0
+MAX_IDLE_RSS_MIB = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    target: str
+    subject: str  # the system and key, or what was measured
+    measured: str
+    met: bool
+
+
+def _useful(points: Iterable[Point]) -> list[Point]:
+    return [pt for pt in points if not pt.note and pt.signatures > 0]
+
+
+def check(points: list[Point], meta: dict[str, Any]) -> list[Check]:
+    pts = _useful(points)
+    refs = {pt.key: pt for pt in pts if pt.system == REFERENCE and pt.clients == 1}
+    keys = list(dict.fromkeys(pt.key for pt in pts))
+    out: list[Check] = []
+    for key in keys:
+        broker = [pt for pt in pts if pt.key == key and pt.system in BROKER_SYSTEMS]
+        busy = [pt for pt in broker if pt.clients >= 8 and pt.system == "provider"]
+        if busy and all(pt.tpm_utilization is not None for pt in busy):
+            low = min(busy, key=lambda pt: pt.tpm_utilization or 0.0)
+            out.append(Check(
+                "TPM utilization >= 90 %, 8 signers and more", f"provider {key}",
+                _range([100 * (pt.tpm_utilization or 0.0) for pt in busy], "{:.0f} %")
+                + f" (lowest at {low.clients})",
+                all((pt.tpm_utilization or 0.0) >= MIN_UTILIZATION for pt in busy)))
+        ref = refs.get(key)
+        if ref is not None:
+            many = [pt for pt in broker if pt.clients >= 8]
+            for system in BROKER_SYSTEMS:
+                ratios = [pt.rate / ref.rate for pt in many if pt.system == system]
+                if ratios:
+                    out.append(Check("at least the direct loop's rate, 8 signers and more",
+                                     f"{system} {key}", _range(ratios, "{:.2f}x"),
+                                     min(ratios) >= MIN_RATE_OVER_DIRECT))
+            for pt in broker:
+                if pt.clients == 1:
+                    extra = pt.p50_ms - ref.p50_ms
+                    out.append(Check("one signer: p50 at most 150 µs over the direct loop's",
+                                     f"{pt.system} {key}", f"{1000 * extra:+.0f} µs",
+                                     extra <= MAX_EXTRA_P50_MS))
+        peers = {pt.clients: pt for pt in pts if pt.key == key and pt.system == PEER}
+        for pt in broker:
+            peer = peers.get(pt.clients)
+            if pt.system == "provider" and peer is not None:
+                ratio = pt.rate / peer.rate
+                out.append(Check(f"2x {PEER} at equal concurrency",
+                                 f"provider {key}, {_signers(pt.clients)}",
+                                 f"{ratio:.2f}x ({pt.rate:.0f} vs {peer.rate:.0f}/s)",
+                                 ratio >= MIN_RATE_OVER_PEER))
+        for pt in broker:
+            if pt.clients != FAIRNESS_CLIENTS:
+                continue
+            if pt.fairness is not None:
+                out.append(Check("64 signers: min/max per signer >= 0.7",
+                                 f"{pt.system} {key}", f"{pt.fairness:.2f}",
+                                 pt.fairness >= MIN_FAIRNESS))
+            fair_share_ms = 1000 * pt.clients / pt.rate  # clients x mean service time
+            limit = MAX_P99_OVER_FAIR_SHARE * fair_share_ms
+            out.append(Check("64 signers: p99 <= 1.5x fair share", f"{pt.system} {key}",
+                             f"{pt.p99_ms:.1f} ms (limit {limit:.1f})", pt.p99_ms <= limit))
+        cpu = [pt.broker_cpu_us for pt in broker if pt.broker_cpu_us is not None]
+        if cpu:
+            out.append(Check("broker CPU <= 100 µs per signature", f"provider, client {key}",
+                             _range(cpu, "{:.0f} µs"), max(cpu) <= MAX_BROKER_CPU_US))
+    idle = meta.get("idle_connections")
+    if idle:
+        out.append(Check(f"broker RSS <= 100 MB with {idle['connections']} idle connections",
+                         "broker", f"{idle['rss_mib_idle']} MiB",
+                         idle["rss_mib_idle"] <= MAX_IDLE_RSS_MIB))
+    return out
+
+
+def _signers(count: int) -> str:
+    return f"{count} signer" if count == 1 else f"{count} signers"
+
+
+def _range(values: list[float], spec: str) -> str:
+    low, high = min(values), max(values)
+    if spec.format(low) == spec.format(high):
+        return spec.format(low)
+    return f"{spec.format(low)} - {spec.format(high)}"
+
+
+def markdown(checks: list[Check]) -> str:
+    lines = ["| target | where | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {c.target} | {c.subject} | {c.measured} | {'yes' if c.met else 'no'} |"
+              for c in checks]
+    return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -283,19 +284,29 @@ def test_broker_down_is_a_clear_error_and_recovery_needs_no_new_client(
 
 def test_a_tpm_that_stops_answering_costs_deadlines_not_the_broker(
         broker: Broker, swtpm: Swtpm, ec_key: Path) -> None:
-    """swtpm frozen mid-service: each request gets DEADLINE within its own time, the
-    broker gives the stuck command up, and signing resumes once the TPM answers again."""
-    client = Client(broker.socket, timeout=1.5)
+    """swtpm frozen mid-service: each of 16 signers' requests gets DEADLINE from the broker
+    within its own time, the broker gives the stuck command up, and signing resumes once
+    the TPM answers again."""
+    client = Client(broker.socket, timeout=3.0)
     loaded = client.load_key(ec_key)
     assert client.sign(loaded, bytes(32))
+
+    def frozen_sign(_: int) -> tuple[float, str]:
+        t0 = time.monotonic()
+        try:
+            client.sign(loaded, bytes(32))
+        except DeadlineError as exc:
+            return time.monotonic() - t0, str(exc)
+        return time.monotonic() - t0, "signed"
+
     os.kill(swtpm.pid, signal.SIGSTOP)
     try:
-        for _ in range(3):
-            t0 = time.monotonic()
-            with pytest.raises(DeadlineError) as caught:
-                client.sign(loaded, bytes(32))
-            assert time.monotonic() - t0 < 1.5
-            assert "broker did not answer" not in str(caught.value)  # the broker's answer
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(frozen_sign, range(32)))
+        for elapsed, message in outcomes:
+            assert elapsed < 3.0
+            # The broker's answer, not the client giving up, and not a signature.
+            assert "broker did not answer" not in message and message != "signed"
         with _raw(broker) as s:  # a newcomer is still greeted
             s.sendall(p.encode_request(1, p.Hello(1, "meanwhile")))
             _, result = _read_frame(s)

@@ -53,23 +53,15 @@ def abrmd(swtpm: Swtpm, session_bus: DbusDaemon, tmp_path: Path) -> Iterator[Abr
 @pytest.fixture
 def broker(swtpm: Swtpm, tmp_path: Path) -> Iterator[Broker]:
     """The real broker, as a subprocess, on the test's swtpm and a private socket."""
-    b = Broker(swtpm.tcti, tmp_path / "broker")
-    b.start()
-    try:
+    with Broker(swtpm.tcti, tmp_path / "broker") as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture
 def abrmd_broker(abrmd: Abrmd, tmp_path: Path) -> Iterator[Broker]:
     """The real broker on the test's tpm2-abrmd, so other TPM users can share the TPM."""
-    b = Broker(abrmd.tcti, tmp_path / "broker", env=abrmd.env())
-    b.start()
-    try:
+    with Broker(abrmd.tcti, tmp_path / "broker", env=abrmd.env()) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture

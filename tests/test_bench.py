@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tpmbroker.bench.systems import BROKER as BROKER_SYSTEMS
 from tpmbroker.bench.systems import SYSTEMS
-
-BROKER_SYSTEMS = ("provider", "client")
 
 
 def test_bench_smoke(tmp_path: Path) -> None:

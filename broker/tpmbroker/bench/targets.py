@@ -11,12 +11,13 @@ import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .report import REFERENCE
+from .systems import BROKER as BROKER_SYSTEMS
+
 if TYPE_CHECKING:
     from .runner import Point
 
-REFERENCE = "direct-password"
 PEER = "tpm2-openssl"
-BROKER_SYSTEMS = ("provider", "client")
 
 MIN_UTILIZATION = 0.90  # swtpm CPU over wall time, 8 signers and more
 MIN_RATE_OVER_DIRECT = 1.0

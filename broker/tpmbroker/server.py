@@ -572,12 +572,7 @@ class BrokerServer:
         if time.monotonic() < lane.give_up_at:
             self._lane_watchdog = self.loop.call_at(lane.give_up_at, self._watch_lane)
             return
-        self._lane_stuck()
-
-    def _lane_stuck(self) -> None:
-        if self._lane is None:
-            return
-        lane = self._end_lane()
+        self._end_lane()
         log.warning("the TPM did not answer a signature for %.0f s; reconnecting",
                     LANE_GRACE)
         self._drop_ahead()

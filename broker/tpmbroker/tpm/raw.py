@@ -386,12 +386,14 @@ def _c_prepare(session: sc.SessionState, command_code: int, handles: Sequence[in
     nonce_tpm = session.nonce_tpm
     if nonce_caller is not None and len(nonce_caller) != len(nonce_tpm):
         raise ValueError("nonceCaller must be as long as the session's nonces")
+    joined_names = b"".join(names)
+    first = first_parameter or b""
     status = lib.tb_prepare(
         scratch.ctx, session.hash_alg, session.handle, session.session_key,
         len(session.session_key), nonce_tpm, len(nonce_tpm),
         ffi.NULL if nonce_caller is None else nonce_caller, command_code,
-        handles, len(handles), b"".join(names), sum(map(len, names)), auth, len(auth),
-        first_parameter is not None, first_parameter or b"", len(first_parameter or b""),
+        handles, len(handles), joined_names, len(joined_names), auth, len(auth),
+        first_parameter is not None, first, len(first),
         other_parameters, len(other_parameters), attributes, response_handles, c_pending,
         scratch.command, MAX_COMMAND, scratch.command_len)
     if status != lib.TB_OK:

@@ -16,6 +16,7 @@ RTLD_GLOBAL, so one such symbol would make the module unloadable in nginx.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parent
 PROVIDER_DIR = ROOT / "provider"
 DEFAULT_OUTPUT = ROOT / "broker" / "tpmbroker" / "tpmbroker.so"
 TPM_DIR = ROOT / "broker" / "tpmbroker" / "tpm"
+DEFINITIONS = ROOT / "broker" / "tpmbroker" / "definitions.py"
+DEFINITIONS_HEADER = PROVIDER_DIR / "definitions.h"
 AUTHORIZE_MODULE = "tpmbroker.tpm._authorize"
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 
@@ -42,10 +45,30 @@ def _pkg_config(*args: str) -> list[str]:
     return out.split()
 
 
+def write_definitions_header() -> Path:
+    """provider/definitions.h from broker/tpmbroker/definitions.py, the one place the
+    shared numbers are written. The module is loaded by path: a build backend cannot
+    import the package it is building."""
+    spec = importlib.util.spec_from_file_location("_tpmbroker_definitions", DEFINITIONS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclass and enum machinery look the module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    text = module.c_header()
+    if not DEFINITIONS_HEADER.exists() or DEFINITIONS_HEADER.read_text() != text:
+        DEFINITIONS_HEADER.write_text(text)  # unchanged: keep the mtime, no rebuild
+    return DEFINITIONS_HEADER
+
+
 def build(output: Path = DEFAULT_OUTPUT, verbose: bool = False) -> Path:
     """Compile the provider and return the path of the .so written."""
     from cffi import ffiplatform
-    from cffi._shimmed_dist_utils import Extension
+    from setuptools import Extension
+
+    write_definitions_header()
 
     sources = sorted(str(p.relative_to(ROOT)) for p in PROVIDER_DIR.glob("*.c"))
     if not sources:

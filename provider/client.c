@@ -35,7 +35,7 @@
 
 /* A key this connection has LOADed, with the password it was loaded with. */
 struct loaded_key {
-    uint8_t key_id[WIRE_KEY_ID_LEN];
+    uint8_t key_id[WIRE_KEY_ID_SIZE];
     uint8_t auth[AUTH_CACHE_MAX];
     size_t authlen;
 };
@@ -475,7 +475,7 @@ static int conn_exchange(struct tpmb_client *c, struct conn *cn, size_t framelen
         int st = wire_response_status(body, &rc, &msg);
 
         set_err(err, st > 0 ? st : CLIENT_E_PROTOCOL, rc, "tpmbroker at %s %s: %.*s", c->path,
-                st == WIRE_PERMISSION_DENIED ? "does not admit this process (see its "
+                st == WIRE_STATUS_PERMISSION_DENIED ? "does not admit this process (see its "
                 "--allow-uid/--allow-gid)" : "rejected a frame",
                 (int)msg.len, msg.p != NULL ? (const char *)msg.p : "");
         goto fail;
@@ -503,7 +503,7 @@ static int response_ok(struct tpmb_client *c, struct conn *cn, WIRE_READER *body
     WIRE_BYTES msg;
     int st = wire_response_status(body, &rc, &msg);
 
-    if (st == WIRE_OK)
+    if (st == WIRE_STATUS_OK)
         return 1;
     if (st < 0) {
         set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed %s response",
@@ -595,7 +595,7 @@ static struct loaded_key *conn_find_key(struct conn *cn, const CLIENT_KEY *key)
     for (i = 0; i < cn->nloaded; i++) {
         struct loaded_key *lk = &cn->loaded[i];
 
-        if (memcmp(lk->key_id, key->key_id, WIRE_KEY_ID_LEN) == 0)
+        if (memcmp(lk->key_id, key->key_id, WIRE_KEY_ID_SIZE) == 0)
             return lk;
     }
     return NULL;
@@ -624,7 +624,7 @@ static void conn_note_key(struct conn *cn, const CLIENT_KEY *key)
             cn->next_slot = (cn->next_slot + 1) % LOADED_MAX;
         }
     }
-    memcpy(lk->key_id, key->key_id, WIRE_KEY_ID_LEN);
+    memcpy(lk->key_id, key->key_id, WIRE_KEY_ID_SIZE);
     OPENSSL_cleanse(lk->auth, sizeof(lk->auth));
     memcpy(lk->auth, key->auth, key->authlen);
     lk->authlen = key->authlen;
@@ -668,20 +668,20 @@ static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *k
     bits = wire_get_u16(&body);
     curve = wire_get_u16(&body);
     spki = wire_get_bytes(&body);
-    if (!wire_reader_done(&body) || id.len != WIRE_KEY_ID_LEN) {
+    if (!wire_reader_done(&body) || id.len != WIRE_KEY_ID_SIZE) {
         set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed LOAD response",
                 c->path);
         conn_close(cn);
         return 0;
     }
-    if (memcmp(id.p, key->key_id, WIRE_KEY_ID_LEN) != 0) {
+    if (memcmp(id.p, key->key_id, WIRE_KEY_ID_SIZE) != 0) {
         set_err(err, CLIENT_E_PROTOCOL, 0,
                 "tpmbroker at %s computed another key id than this provider", c->path);
         return 0;
     }
     conn_note_key(cn, key);
     if (out != NULL) {
-        memcpy(out->key_id, id.p, WIRE_KEY_ID_LEN);
+        memcpy(out->key_id, id.p, WIRE_KEY_ID_SIZE);
         out->key_type = type;
         out->bits = bits;
         out->curve = curve;
@@ -726,7 +726,7 @@ static int run(struct tpmb_client *c, unsigned int timeout_ms, conn_op op, void 
             break;
         if (err->status == CLIENT_E_IO && !fresh)
             continue; /* stale connection: cn was closed, reconnect */
-        if (err->status == WIRE_UNKNOWN_KEY && !reloaded) {
+        if (err->status == WIRE_STATUS_UNKNOWN_KEY && !reloaded) {
             reloaded = 1;
             continue; /* op dropped the key from the cache: it LOADs again */
         }
@@ -777,7 +777,7 @@ static int op_sign(struct tpmb_client *c, struct conn *cn, int64_t deadline, voi
 
     if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
         return 0;
-    n = wire_sign(cn->w, next_id(cn), remaining(deadline), a->key->key_id, WIRE_KEY_ID_LEN,
+    n = wire_sign(cn->w, next_id(cn), remaining(deadline), a->key->key_id, WIRE_KEY_ID_SIZE,
                   a->scheme, a->hash, a->digest, a->digestlen);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "digest too large");
@@ -786,7 +786,7 @@ static int op_sign(struct tpmb_client *c, struct conn *cn, int64_t deadline, voi
     if (!conn_exchange(c, cn, n, deadline, &body, err))
         return 0;
     if (!response_ok(c, cn, &body, "SIGN", err)) {
-        if (err->status == WIRE_UNKNOWN_KEY)
+        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
             conn_drop_key(cn, a->key);
         return 0;
     }

@@ -27,7 +27,7 @@ typedef struct client_err {
 
 /* Everything needed to (re)LOAD a key on any connection. */
 typedef struct client_key {
-    uint8_t key_id[WIRE_KEY_ID_LEN];
+    uint8_t key_id[WIRE_KEY_ID_SIZE];
     uint8_t source;
     const uint8_t *blob;
     size_t bloblen;
@@ -36,7 +36,7 @@ typedef struct client_key {
 } CLIENT_KEY;
 
 typedef struct client_load_result {
-    uint8_t key_id[WIRE_KEY_ID_LEN];
+    uint8_t key_id[WIRE_KEY_ID_SIZE];
     uint8_t key_type;
     uint16_t bits;
     uint16_t curve;

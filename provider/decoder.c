@@ -153,14 +153,14 @@ static int der_decode(TPMBROKER_CTX *prov, int expected, OSSL_CORE_BIO *cin, int
 static int ec_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBACK *object_cb,
                      void *object_cbarg, OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
 {
-    return der_decode(vctx, WIRE_KEY_EC, cin, selection, object_cb, object_cbarg, pw_cb,
+    return der_decode(vctx, WIRE_KEY_TYPE_EC, cin, selection, object_cb, object_cbarg, pw_cb,
                       pw_cbarg);
 }
 
 static int rsa_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBACK *object_cb,
                       void *object_cbarg, OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
 {
-    return der_decode(vctx, WIRE_KEY_RSA, cin, selection, object_cb, object_cbarg, pw_cb,
+    return der_decode(vctx, WIRE_KEY_TYPE_RSA, cin, selection, object_cb, object_cbarg, pw_cb,
                       pw_cbarg);
 }
 

@@ -36,7 +36,7 @@ static int encode(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw, int sele
 
     if (key == NULL || (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) == 0)
         return 0;
-    if (key->blob == NULL || key->source != WIRE_SOURCE_TSS2_DER) {
+    if (key->blob == NULL || key->source != WIRE_KEY_SOURCE_TSS2_DER) {
         TPMB_RAISE(prov, TPMB_R_UNSUPPORTED,
                    "this TPM key has no key file to write (persistent handle or public only)");
         return 0;
@@ -91,7 +91,7 @@ static int encode_text(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,
     if (bio == NULL)
         return 0;
     if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) && key->blob != NULL) {
-        if (key->source == WIRE_SOURCE_HANDLE)
+        if (key->source == WIRE_KEY_SOURCE_PERSISTENT_HANDLE)
             ok = BIO_printf(bio, "TPM %s-%d key at persistent handle 0x%02x%02x%02x%02x; "
                             "the private part stays in the TPM\n",
                             tpmb_key_type_name(key->type), key->bits, key->blob[0],

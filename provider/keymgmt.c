@@ -21,7 +21,7 @@
 
 const char *tpmb_key_type_name(int type)
 {
-    return type == WIRE_KEY_EC ? "EC" : "RSA";
+    return type == WIRE_KEY_TYPE_EC ? "EC" : "RSA";
 }
 
 TPMB_KEY *tpmb_key_new(TPMBROKER_CTX *prov, int type)
@@ -52,7 +52,7 @@ void tpmb_key_free(TPMB_KEY *key)
 
 void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref)
 {
-    memcpy(ref->key_id, key->key_id, WIRE_KEY_ID_LEN);
+    memcpy(ref->key_id, key->key_id, WIRE_KEY_ID_SIZE);
     ref->source = key->source;
     ref->blob = key->blob;
     ref->bloblen = key->bloblen;
@@ -61,7 +61,7 @@ void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref)
 }
 
 static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
-                      uint8_t out[WIRE_KEY_ID_LEN])
+                      uint8_t out[WIRE_KEY_ID_SIZE])
 {
     EVP_MD *md = EVP_MD_fetch(prov->libctx, "SHA256", NULL);
     EVP_MD_CTX *mctx = EVP_MD_CTX_new();
@@ -70,7 +70,7 @@ static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, 
 
     ok = md != NULL && mctx != NULL && EVP_DigestInit_ex(mctx, md, NULL)
          && EVP_DigestUpdate(mctx, &source, 1) && EVP_DigestUpdate(mctx, blob, len)
-         && EVP_DigestFinal_ex(mctx, out, &n) && n == WIRE_KEY_ID_LEN;
+         && EVP_DigestFinal_ex(mctx, out, &n) && n == WIRE_KEY_ID_SIZE;
     EVP_MD_CTX_free(mctx);
     EVP_MD_free(md);
     return ok;
@@ -130,10 +130,10 @@ TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob
         TPMB_RAISE(prov, TPMB_R_BROKER_PROTOCOL, "tpmbroker returned an unreadable public key");
         goto fail;
     }
-    if (res.key_type == WIRE_KEY_EC && EVP_PKEY_is_a(key->pub, "EC")) {
-        key->type = WIRE_KEY_EC;
-    } else if (res.key_type == WIRE_KEY_RSA && EVP_PKEY_is_a(key->pub, "RSA")) {
-        key->type = WIRE_KEY_RSA;
+    if (res.key_type == WIRE_KEY_TYPE_EC && EVP_PKEY_is_a(key->pub, "EC")) {
+        key->type = WIRE_KEY_TYPE_EC;
+    } else if (res.key_type == WIRE_KEY_TYPE_RSA && EVP_PKEY_is_a(key->pub, "RSA")) {
+        key->type = WIRE_KEY_TYPE_RSA;
     } else {
         TPMB_RAISE(prov, TPMB_R_UNSUPPORTED, "TPM key of unsupported type %u", res.key_type);
         goto fail;
@@ -160,7 +160,7 @@ static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
 
     if (bld == NULL)
         goto end;
-    if (info->type == WIRE_KEY_RSA) {
+    if (info->type == WIRE_KEY_TYPE_RSA) {
         n = BN_bin2bn(info->n, (int)info->nlen, NULL);
         e = BN_new();
         if (n == NULL || e == NULL || !BN_set_word(e, info->exponent)
@@ -201,7 +201,7 @@ end:
 TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len,
                              const TSS2_INFO *info, const uint8_t *auth, size_t authlen)
 {
-    TPMB_KEY *key = key_with_blob(prov, WIRE_SOURCE_TSS2_DER, der, len, auth, authlen);
+    TPMB_KEY *key = key_with_blob(prov, WIRE_KEY_SOURCE_TSS2_DER, der, len, auth, authlen);
 
     if (key == NULL)
         return NULL;
@@ -221,12 +221,12 @@ TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len
 
 static void *key_new_ec(void *provctx)
 {
-    return tpmb_key_new(provctx, WIRE_KEY_EC);
+    return tpmb_key_new(provctx, WIRE_KEY_TYPE_EC);
 }
 
 static void *key_new_rsa(void *provctx)
 {
-    return tpmb_key_new(provctx, WIRE_KEY_RSA);
+    return tpmb_key_new(provctx, WIRE_KEY_TYPE_RSA);
 }
 
 static void key_free(void *keydata)
@@ -257,7 +257,7 @@ static void *key_dup(const void *keydata_from, int selection)
     key->auth_missing = from->auth_missing;
     key->bits = from->bits;
     key->curve = from->curve;
-    memcpy(key->key_id, from->key_id, WIRE_KEY_ID_LEN);
+    memcpy(key->key_id, from->key_id, WIRE_KEY_ID_SIZE);
     if (from->blob != NULL && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY)) {
         key->blob = malloc(from->bloblen);
         key->auth = malloc(from->authlen > 0 ? from->authlen : 1);
@@ -395,7 +395,7 @@ static int key_get_params(void *keydata, OSSL_PARAM params[])
     if (!EVP_PKEY_get_params(key->pub, params))
         return 0;
     p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_DEFAULT_DIGEST);
-    if (p != NULL && !OSSL_PARAM_set_utf8_string(p, key->bits > 256 && key->type == WIRE_KEY_EC
+    if (p != NULL && !OSSL_PARAM_set_utf8_string(p, key->bits > 256 && key->type == WIRE_KEY_TYPE_EC
                                                         ? "SHA384" : "SHA256"))
         return 0;
     return 1;
@@ -503,12 +503,12 @@ static void *gen_init(void *provctx, int type, int selection, const OSSL_PARAM p
 
 static void *ec_gen_init(void *provctx, int selection, const OSSL_PARAM params[])
 {
-    return gen_init(provctx, WIRE_KEY_EC, selection, params);
+    return gen_init(provctx, WIRE_KEY_TYPE_EC, selection, params);
 }
 
 static void *rsa_gen_init(void *provctx, int selection, const OSSL_PARAM params[])
 {
-    return gen_init(provctx, WIRE_KEY_RSA, selection, params);
+    return gen_init(provctx, WIRE_KEY_TYPE_RSA, selection, params);
 }
 
 static int gen_set_params(void *genctx, const OSSL_PARAM params[])
@@ -519,7 +519,7 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
     if (params == NULL)
         return 1;
     p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_GROUP_NAME);
-    if (p != NULL && g->type == WIRE_KEY_EC) {
+    if (p != NULL && g->type == WIRE_KEY_TYPE_EC) {
         const char *name;
 
         if (!OSSL_PARAM_get_utf8_string_ptr(p, &name))
@@ -532,7 +532,7 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
         }
     }
     p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_BITS);
-    if (p != NULL && g->type == WIRE_KEY_RSA) {
+    if (p != NULL && g->type == WIRE_KEY_TYPE_RSA) {
         if (!OSSL_PARAM_get_uint(p, &g->bits))
             return 0;
         if (g->bits != 2048 && g->bits != 3072) {
@@ -542,7 +542,7 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
         }
     }
     p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_E);
-    if (p != NULL && g->type == WIRE_KEY_RSA) {
+    if (p != NULL && g->type == WIRE_KEY_TYPE_RSA) {
         BIGNUM *e = NULL;
         int ok = OSSL_PARAM_get_BN(p, &e) && BN_is_word(e, 65537);
 
@@ -647,7 +647,7 @@ static int gen_set_template(void *genctx, void *templ)
     TPMB_KEY *t = templ;
     char name[64];
 
-    if (g->type != WIRE_KEY_EC || t == NULL || t->pub == NULL)
+    if (g->type != WIRE_KEY_TYPE_EC || t == NULL || t->pub == NULL)
         return 1;
     if (!EVP_PKEY_get_utf8_string_param(t->pub, OSSL_PKEY_PARAM_GROUP_NAME, name, sizeof(name),
                                         NULL))
@@ -665,7 +665,7 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
 {
     GEN_CTX *g = genctx;
     size_t authlen = g->auth != NULL ? strlen(g->auth) : 0;
-    uint16_t param = g->type == WIRE_KEY_EC ? g->curve : (uint16_t)g->bits;
+    uint16_t param = g->type == WIRE_KEY_TYPE_EC ? g->curve : (uint16_t)g->bits;
     uint8_t *blob = NULL;
     size_t bloblen = 0;
     CLIENT_ERR err;

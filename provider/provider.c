@@ -79,15 +79,15 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
         reason = TPMB_R_BROKER_UNREACHABLE;
         break;
     case CLIENT_E_TIMEOUT:
-    case WIRE_DEADLINE:
+    case WIRE_STATUS_DEADLINE:
         reason = TPMB_R_BROKER_TIMEOUT;
         break;
     case CLIENT_E_IO:
     case CLIENT_E_PROTOCOL:
-    case WIRE_MALFORMED:
-    case WIRE_UNSUPPORTED_VERSION:
-    case WIRE_UNKNOWN_OPCODE:
-    case WIRE_TOO_LARGE:
+    case WIRE_STATUS_MALFORMED:
+    case WIRE_STATUS_UNSUPPORTED_VERSION:
+    case WIRE_STATUS_UNKNOWN_OPCODE:
+    case WIRE_STATUS_TOO_LARGE:
         reason = TPMB_R_BROKER_PROTOCOL;
         break;
     case CLIENT_E_NOMEM:
@@ -96,29 +96,29 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
     case CLIENT_E_ARG:
         reason = TPMB_R_INVALID_ARGUMENT;
         break;
-    case WIRE_AUTH_FAILED:
+    case WIRE_STATUS_AUTH_FAILED:
         reason = TPMB_R_AUTH_FAILED;
         hint = "; give the key's password with -passin/-pass (wrong tries count toward the "
                "TPM's lockout)";
         break;
-    case WIRE_BAD_KEY:
+    case WIRE_STATUS_BAD_KEY:
         reason = TPMB_R_BAD_KEY;
         hint = "; was the key made on this TPM, under this parent?";
         break;
-    case WIRE_UNSUPPORTED:
-    case WIRE_BAD_DIGEST:
+    case WIRE_STATUS_UNSUPPORTED:
+    case WIRE_STATUS_BAD_DIGEST:
         reason = TPMB_R_UNSUPPORTED;
         break;
-    case WIRE_NO_SESSIONS:
-    case WIRE_OVERLOADED:
-    case WIRE_TPM_UNAVAILABLE:
+    case WIRE_STATUS_NO_SESSIONS:
+    case WIRE_STATUS_OVERLOADED:
+    case WIRE_STATUS_TPM_UNAVAILABLE:
         reason = TPMB_R_TPM_BUSY;
         break;
-    case WIRE_LOCKOUT:
+    case WIRE_STATUS_LOCKOUT:
         reason = TPMB_R_LOCKOUT;
         hint = "; wait for the lockout to expire or reset it (tpm2_dictionarylockout)";
         break;
-    case WIRE_PERMISSION_DENIED:
+    case WIRE_STATUS_PERMISSION_DENIED:
         reason = TPMB_R_BROKER_REFUSED;
         hint = "; ask the broker's administrator to allow this user (--allow-uid/--allow-gid)";
         break;

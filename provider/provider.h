@@ -53,14 +53,14 @@ enum tpmb_reason {
  */
 typedef struct tpmb_key {
     TPMBROKER_CTX *prov;
-    int type;              /* WIRE_KEY_EC or WIRE_KEY_RSA */
+    int type;              /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
     uint8_t source;        /* WIRE_SOURCE_* */
     uint8_t *blob;
     size_t bloblen;
     uint8_t *auth;
     size_t authlen;
     int auth_missing;      /* a password is needed but none was given when decoding */
-    uint8_t key_id[WIRE_KEY_ID_LEN];
+    uint8_t key_id[WIRE_KEY_ID_SIZE];
     EVP_PKEY *pub;
     int bits;
     uint16_t curve;
@@ -80,7 +80,7 @@ void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* tss2.c: the TSS2 PRIVATE KEY file format; pointers point into the DER given. */
 typedef struct tss2_info {
-    int type;        /* WIRE_KEY_EC or WIRE_KEY_RSA */
+    int type;        /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
     int empty_auth;  /* 1: no password; 0: emptyAuth false or absent, a password is needed */
     unsigned int bits;
     uint32_t exponent;

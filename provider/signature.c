@@ -161,7 +161,7 @@ static size_t max_sig_size(const SIG_CTX *ctx)
 /* Checks the RSA parameters against what the TPM does; returns the wire scheme or 0. */
 static uint8_t scheme_for(SIG_CTX *ctx)
 {
-    if (ctx->key->type == WIRE_KEY_EC)
+    if (ctx->key->type == WIRE_KEY_TYPE_EC)
         return WIRE_SCHEME_ECDSA;
     if (ctx->pad == RSA_PKCS1_PADDING)
         return WIRE_SCHEME_PKCS1;
@@ -195,7 +195,7 @@ static int do_sign(SIG_CTX *ctx, unsigned char *sig, size_t *siglen, size_t sigs
         static const size_t lens[] = { 20, 32, 48, 64 };
         size_t i;
 
-        if (ctx->key->type == WIRE_KEY_RSA) {
+        if (ctx->key->type == WIRE_KEY_TYPE_RSA) {
             TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT,
                        "RSA signing with a TPM key needs the digest named "
                        "(e.g. -pkeyopt digest:sha256)");
@@ -256,7 +256,7 @@ static int do_verify(SIG_CTX *ctx, const unsigned char *sig, size_t siglen,
         goto end;
     if (ctx->md != NULL && EVP_PKEY_CTX_set_signature_md(pctx, ctx->md) <= 0)
         goto end;
-    if (ctx->key->type == WIRE_KEY_RSA) {
+    if (ctx->key->type == WIRE_KEY_TYPE_RSA) {
         if (EVP_PKEY_CTX_set_rsa_padding(pctx, ctx->pad) <= 0)
             goto end;
         if (ctx->pad == RSA_PKCS1_PSS_PADDING) {
@@ -286,7 +286,7 @@ static int digest_init(SIG_CTX *ctx, const char *mdname, void *keydata,
         return 0;
     if (mdname == NULL || *mdname == '\0')
         mdname = ctx->md != NULL ? EVP_MD_get0_name(ctx->md)
-                 : ctx->key->type == WIRE_KEY_EC && ctx->key->bits > 256 ? "SHA2-384"
+                 : ctx->key->type == WIRE_KEY_TYPE_EC && ctx->key->bits > 256 ? "SHA2-384"
                                                                          : "SHA2-256";
     if (!set_md(ctx, mdname))
         return 0;
@@ -387,7 +387,7 @@ static int algorithm_id(const SIG_CTX *ctx, unsigned char *out, size_t *outlen)
     default:
         return 0;
     }
-    if (ctx->key->type == WIRE_KEY_EC) {
+    if (ctx->key->type == WIRE_KEY_TYPE_EC) {
         if (nist == 0) {
             memcpy(out, ecdsa_sha1, sizeof(ecdsa_sha1));
             *outlen = sizeof(ecdsa_sha1);

@@ -74,7 +74,7 @@ static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
     be[1] = (uint8_t)(ctx->handle >> 16);
     be[2] = (uint8_t)(ctx->handle >> 8);
     be[3] = (uint8_t)ctx->handle;
-    key = tpmb_key_load(ctx->prov, WIRE_SOURCE_HANDLE, be, sizeof(be), (const uint8_t *)pw,
+    key = tpmb_key_load(ctx->prov, WIRE_KEY_SOURCE_PERSISTENT_HANDLE, be, sizeof(be), (const uint8_t *)pw,
                         pwlen);
     OPENSSL_cleanse(pw, sizeof(pw));
     if (key == NULL)

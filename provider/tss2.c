@@ -125,7 +125,7 @@ static int parse_public(const uint8_t *p, size_t len, TSS2_INFO *info)
     if (type == TPM2_ALG_RSA) {
         if (alg != TPM2_ALG_NULL && alg != TPM2_ALG_RSAES)
             (void)rd16(&r);
-        info->type = WIRE_KEY_RSA;
+        info->type = WIRE_KEY_TYPE_RSA;
         info->bits = rd16(&r);
         info->exponent = rd32(&r);
         if (info->exponent == 0)
@@ -137,7 +137,7 @@ static int parse_public(const uint8_t *p, size_t len, TSS2_INFO *info)
             if (alg == TPM2_ALG_ECDAA)
                 (void)rd16(&r);
         }
-        info->type = WIRE_KEY_EC;
+        info->type = WIRE_KEY_TYPE_EC;
         info->curve = rd16(&r);
         alg = rd16(&r); /* kdf */
         if (alg != TPM2_ALG_NULL)

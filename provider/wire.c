@@ -76,7 +76,7 @@ size_t wire_finish(WIRE_WRITER *w)
 
 size_t wire_hello(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const char *client)
 {
-    wire_begin(w, WIRE_OP_HELLO, id, timeout_ms);
+    wire_begin(w, WIRE_OPCODE_HELLO, id, timeout_ms);
     wire_put_u8(w, WIRE_VERSION);
     wire_put_str(w, client);
     return wire_finish(w);
@@ -85,7 +85,7 @@ size_t wire_hello(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const char *
 size_t wire_load(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t source,
                  const uint8_t *key, size_t keylen, const uint8_t *auth, size_t authlen)
 {
-    wire_begin(w, WIRE_OP_LOAD, id, timeout_ms);
+    wire_begin(w, WIRE_OPCODE_LOAD, id, timeout_ms);
     wire_put_u8(w, source);
     wire_put_bytes(w, key, keylen);
     wire_put_bytes(w, auth, authlen);
@@ -96,7 +96,7 @@ size_t wire_sign(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t
                  size_t key_id_len, uint8_t scheme, uint16_t hash, const uint8_t *digest,
                  size_t digestlen)
 {
-    wire_begin(w, WIRE_OP_SIGN, id, timeout_ms);
+    wire_begin(w, WIRE_OPCODE_SIGN, id, timeout_ms);
     wire_put_bytes(w, key_id, key_id_len);
     wire_put_u8(w, scheme);
     wire_put_u16(w, hash);
@@ -107,7 +107,7 @@ size_t wire_sign(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t
 size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
                      uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent)
 {
-    wire_begin(w, WIRE_OP_GENERATE, id, timeout_ms);
+    wire_begin(w, WIRE_OPCODE_GENERATE, id, timeout_ms);
     wire_put_u8(w, key_type);
     wire_put_u16(w, param);
     wire_put_bytes(w, auth, authlen);
@@ -117,14 +117,14 @@ size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t k
 
 size_t wire_status(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms)
 {
-    wire_begin(w, WIRE_OP_STATUS, id, timeout_ms);
+    wire_begin(w, WIRE_OPCODE_STATUS, id, timeout_ms);
     return wire_finish(w);
 }
 
 size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                    size_t key_id_len)
 {
-    wire_begin(w, WIRE_OP_UNLOAD, id, timeout_ms);
+    wire_begin(w, WIRE_OPCODE_UNLOAD, id, timeout_ms);
     wire_put_bytes(w, key_id, key_id_len);
     return wire_finish(w);
 }
@@ -214,8 +214,8 @@ int wire_response_status(WIRE_READER *r, uint32_t *tpm_rc, WIRE_BYTES *message)
     message->len = 0;
     if (r->err)
         return -1;
-    if (status == WIRE_OK)
-        return WIRE_OK;
+    if (status == WIRE_STATUS_OK)
+        return WIRE_STATUS_OK;
     *tpm_rc = wire_get_u32(r);
     *message = wire_get_bytes(r);
     if (!wire_reader_done(r))
@@ -225,14 +225,11 @@ int wire_response_status(WIRE_READER *r, uint32_t *tpm_rc, WIRE_BYTES *message)
 
 const char *wire_status_name(int status)
 {
-    static const char *const names[] = {
-        "OK", "MALFORMED", "UNSUPPORTED_VERSION", "UNKNOWN_OPCODE", "TOO_LARGE",
-        "UNKNOWN_KEY", "BAD_KEY", "AUTH_FAILED", "BAD_DIGEST", "UNSUPPORTED", "DEADLINE",
-        "NO_SESSIONS", "TPM_ERROR", "TPM_UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL",
-        "OVERLOADED", "LOCKOUT",
-    };
+#define WIRE_STATUS_NAME(name, value) [value] = #name,
+    static const char *const names[] = { WIRE_STATUS_LIST(WIRE_STATUS_NAME) };
+#undef WIRE_STATUS_NAME
 
-    if (status < 0 || (size_t)status >= sizeof(names) / sizeof(names[0]))
+    if (status < 0 || (size_t)status >= sizeof(names) / sizeof(names[0]) || names[status] == NULL)
         return "UNKNOWN_STATUS";
     return names[status];
 }

@@ -5,57 +5,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define WIRE_VERSION 1
-#define WIRE_MAX_FRAME 65536
-#define WIRE_HEADER_SIZE 16
+#include "definitions.h" /* opcodes, statuses and every other shared number */
+
 #define WIRE_MIN_LENGTH (WIRE_HEADER_SIZE - 4)
 #define WIRE_MAX_LENGTH (WIRE_MAX_FRAME - 4)
-#define WIRE_RESPONSE_BIT 0x80
-#define WIRE_MAX_FIELD 0xFFFF
-#define WIRE_KEY_ID_LEN 32
-
-enum wire_opcode {
-    WIRE_OP_HELLO = 0x01,
-    WIRE_OP_LOAD = 0x02,
-    WIRE_OP_SIGN = 0x03,
-    WIRE_OP_GENERATE = 0x04,
-    WIRE_OP_STATUS = 0x05,
-    WIRE_OP_UNLOAD = 0x06,
-};
-
-enum wire_source { WIRE_SOURCE_TSS2_DER = 1, WIRE_SOURCE_HANDLE = 2 };
-enum wire_key_type { WIRE_KEY_EC = 1, WIRE_KEY_RSA = 2 };
-enum wire_scheme { WIRE_SCHEME_ECDSA = 1, WIRE_SCHEME_PKCS1 = 2, WIRE_SCHEME_PSS = 3 };
-enum wire_hash {
-    WIRE_HASH_SHA1 = 0x0004,
-    WIRE_HASH_SHA256 = 0x000B,
-    WIRE_HASH_SHA384 = 0x000C,
-    WIRE_HASH_SHA512 = 0x000D,
-};
-enum wire_curve { WIRE_CURVE_NONE = 0, WIRE_CURVE_P256 = 0x0003, WIRE_CURVE_P384 = 0x0004 };
-
-#define WIRE_STORAGE_PRIMARY 0x40000001u
-
-enum wire_status {
-    WIRE_OK = 0,
-    WIRE_MALFORMED = 1,
-    WIRE_UNSUPPORTED_VERSION = 2,
-    WIRE_UNKNOWN_OPCODE = 3,
-    WIRE_TOO_LARGE = 4,
-    WIRE_UNKNOWN_KEY = 5,
-    WIRE_BAD_KEY = 6,
-    WIRE_AUTH_FAILED = 7,
-    WIRE_BAD_DIGEST = 8,
-    WIRE_UNSUPPORTED = 9,
-    WIRE_DEADLINE = 10,
-    WIRE_NO_SESSIONS = 11,
-    WIRE_TPM_ERROR = 12,
-    WIRE_TPM_UNAVAILABLE = 13,
-    WIRE_PERMISSION_DENIED = 14,
-    WIRE_INTERNAL = 15,
-    WIRE_OVERLOADED = 16,
-    WIRE_LOCKOUT = 17,
-};
 
 /* A frame under construction; everything goes into one fixed buffer. */
 typedef struct wire_writer {

@@ -45,15 +45,15 @@ static int encode(void)
         kid[i] = (uint8_t)i;
     memset(aa, 0xaa, sizeof(aa));
     hex("hello_request", w.buf, wire_hello(&w, 1, 5000, "tpmbroker-provider/0.1.0"));
-    hex("load_request", w.buf, wire_load(&w, 2, 30000, WIRE_SOURCE_TSS2_DER, key, sizeof(key),
+    hex("load_request", w.buf, wire_load(&w, 2, 30000, WIRE_KEY_SOURCE_TSS2_DER, key, sizeof(key),
                                          (const uint8_t *)"pw", 2));
     hex("load_handle_request", w.buf,
-        wire_load(&w, 3, 0, WIRE_SOURCE_HANDLE, handle, sizeof(handle), NULL, 0));
+        wire_load(&w, 3, 0, WIRE_KEY_SOURCE_PERSISTENT_HANDLE, handle, sizeof(handle), NULL, 0));
     hex("sign_request", w.buf, wire_sign(&w, 4, 1000, kid, 32, WIRE_SCHEME_ECDSA,
                                          WIRE_HASH_SHA256, zero, 32));
     hex("sign_pss_request", w.buf, wire_sign(&w, 0xFFFFFFFEu, 0, kid, 32, WIRE_SCHEME_PSS,
                                              WIRE_HASH_SHA384, aa, 48));
-    hex("generate_request", w.buf, wire_generate(&w, 6, 60000, WIRE_KEY_RSA, 2048, NULL, 0,
+    hex("generate_request", w.buf, wire_generate(&w, 6, 60000, WIRE_KEY_TYPE_RSA, 2048, NULL, 0,
                                                  WIRE_STORAGE_PRIMARY));
     hex("status_request", w.buf, wire_status(&w, 7, 0));
     hex("unload_request", w.buf, wire_unload(&w, 8, 0, kid, 32));
@@ -78,7 +78,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
     WIRE_BYTES a, b;
 
     switch (op & ~WIRE_RESPONSE_BIT) {
-    case WIRE_OP_HELLO: {
+    case WIRE_OPCODE_HELLO: {
         unsigned v = wire_get_u8(r);
 
         a = wire_get_bytes(r);
@@ -87,7 +87,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
         printf(" %u", wire_get_u32(r));
         break;
     }
-    case WIRE_OP_LOAD: {
+    case WIRE_OPCODE_LOAD: {
         unsigned t, bits, curve;
 
         a = wire_get_bytes(r);
@@ -101,13 +101,13 @@ static int print_result(uint8_t op, WIRE_READER *r)
         put_hex(b.p, b.len);
         break;
     }
-    case WIRE_OP_SIGN:
-    case WIRE_OP_STATUS:
+    case WIRE_OPCODE_SIGN:
+    case WIRE_OPCODE_STATUS:
         a = wire_get_bytes(r);
         printf(" ");
         put_hex(a.p, a.len);
         break;
-    case WIRE_OP_GENERATE:
+    case WIRE_OPCODE_GENERATE:
         a = wire_get_bytes(r);
         b = wire_get_bytes(r);
         printf(" ");
@@ -115,7 +115,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
         printf(" ");
         put_hex(b.p, b.len);
         break;
-    case WIRE_OP_UNLOAD:
+    case WIRE_OPCODE_UNLOAD:
         break;
     default:
         return 0;

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import (
@@ -77,7 +78,7 @@ def test_every_key_type_and_scheme_verifies_with_openssl_and_cryptography(
                     ["openssl", "dgst", f"-{hash_name}", "-verify", str(pub), *sigopts,
                      "-signature", str(sig), str(data)], capture_output=True, text=True)
                 assert out.returncode == 0 and "Verified OK" in out.stdout, out.stderr
-                hash_alg = p.HashAlg.from_name(hash_name)
+                hash_alg = p.Hash.from_name(hash_name)
                 digest = hashlib.new(hash_name, data.read_bytes()).digest()
                 scheme_id = {"ecdsa": p.Scheme.ECDSA, "pkcs1": p.Scheme.PKCS1,
                              "pss": p.Scheme.PSS}[scheme]
@@ -184,32 +185,32 @@ def test_bad_frames_get_clear_errors_and_the_broker_keeps_serving(
         assert isinstance(result, p.ErrorResult) and result.status == Status.MALFORMED
     # Unknown opcode, bad version, truncated body: answered, connection stays usable.
     with _raw(broker) as s:
-        frame = bytearray(p.encode_request(7, p.StatusRequest()))
+        frame = bytearray(p.encode_request(7, ops.StatusRequest()))
         frame[5] = 0x6F
         s.sendall(frame)
         header, result = _read_frame(s)
         assert header.request_id == 7
         assert isinstance(result, p.ErrorResult) and result.status == Status.UNKNOWN_OPCODE
-        frame = bytearray(p.encode_request(8, p.StatusRequest()))
+        frame = bytearray(p.encode_request(8, ops.StatusRequest()))
         frame[4] = 9
         s.sendall(frame)
         _, result = _read_frame(s)
         assert isinstance(result, p.ErrorResult)
         assert result.status == Status.UNSUPPORTED_VERSION
-        sign = p.encode_request(9, p.Sign(bytes(32), 1, 0x0B, bytes(32)))
+        sign = p.encode_request(9, ops.Sign(bytes(32), 1, 0x0B, bytes(32)))
         s.sendall(struct.pack(">I", len(sign) - 4 - 3) + sign[4:-3])
         _, result = _read_frame(s)
         assert isinstance(result, p.ErrorResult) and result.status == Status.MALFORMED
-        s.sendall(p.encode_request(10, p.Hello(0, "too old")))
+        s.sendall(p.encode_request(10, ops.Hello(0, "too old")))
         _, result = _read_frame(s)
         assert isinstance(result, p.ErrorResult)
         assert result.status == Status.UNSUPPORTED_VERSION
-        s.sendall(p.encode_request(10, p.Hello(1, "still here")))
+        s.sendall(p.encode_request(10, ops.Hello(1, "still here")))
         _, result = _read_frame(s)
-        assert isinstance(result, p.HelloResult) and result.version == 1
+        assert isinstance(result, ops.HelloResult) and result.version == 1
     # A client that sends half a frame and goes away.
     with _raw(broker) as s:
-        s.sendall(p.encode_request(11, p.StatusRequest())[:7])
+        s.sendall(p.encode_request(11, ops.StatusRequest())[:7])
     _assert_still_serving(broker, ec_key)
 
 
@@ -217,7 +218,7 @@ def test_key_ids_are_not_bearer_tokens(broker: Broker, ec_key: Path) -> None:
     with Client(broker.socket) as owner:
         loaded = owner.load_key(ec_key)
         with _raw(broker) as s:  # another connection presenting the owner's key id
-            s.sendall(p.encode_request(1, p.Sign(loaded.key_id, 1, 0x0B, bytes(32))))
+            s.sendall(p.encode_request(1, ops.Sign(loaded.key_id, 1, 0x0B, bytes(32))))
             _, result = _read_frame(s)
             assert isinstance(result, p.ErrorResult) and result.status == Status.UNKNOWN_KEY
         assert owner.sign(loaded, bytes(32))
@@ -235,11 +236,11 @@ def test_bad_keys_digests_and_ids(broker: Broker, ec_key: Path, tmp_path: Path) 
         with pytest.raises(BadDigestError):
             client.sign(loaded, bytes(20), "sha256")
         with _raw(broker) as s:
-            s.sendall(p.encode_request(1, p.Sign(os.urandom(32), 1, 0x0B, bytes(32))))
+            s.sendall(p.encode_request(1, ops.Sign(os.urandom(32), 1, 0x0B, bytes(32))))
             _, result = _read_frame(s)
             assert isinstance(result, p.ErrorResult) and result.status == Status.UNKNOWN_KEY
         with pytest.raises(UnknownKeyError):
-            client._call(p.Sign(os.urandom(32), 1, 0x0B, bytes(32)))
+            client._call(ops.Sign(os.urandom(32), 1, 0x0B, bytes(32)))
     _assert_still_serving(broker, ec_key)
 
 
@@ -249,9 +250,9 @@ def test_pipelined_requests_on_one_connection(broker: Broker, ec_key: Path) -> N
     with _raw(broker) as s:
         s.sendall(p.encode_request(1, loaded.spec.load_request()))
         _, result = _read_frame(s)
-        assert isinstance(result, p.LoadResult)
+        assert isinstance(result, ops.LoadResult)
         digests = {rid: hashlib.sha256(str(rid).encode()).digest() for rid in range(100, 132)}
-        s.sendall(b"".join(p.encode_request(rid, p.Sign(loaded.key_id, 1, 0x0B, d))
+        s.sendall(b"".join(p.encode_request(rid, ops.Sign(loaded.key_id, 1, 0x0B, d))
                            for rid, d in digests.items()))
         reader = p.FrameReader()
         seen: dict[int, bytes] = {}
@@ -260,10 +261,10 @@ def test_pipelined_requests_on_one_connection(broker: Broker, ec_key: Path) -> N
             assert data
             for header, body in reader.feed(data):
                 result = p.decode_response(header, body)
-                assert isinstance(result, p.SignResult)
+                assert isinstance(result, ops.SignResult)
                 seen[header.request_id] = result.signature
     for rid, sig in seen.items():
-        assert verify(loaded.public_key, loaded.key_type, sig, digests[rid], p.HashAlg.SHA256,
+        assert verify(loaded.public_key, loaded.key_type, sig, digests[rid], p.Hash.SHA256,
                       p.Scheme.ECDSA)
 
 
@@ -308,9 +309,9 @@ def test_a_tpm_that_stops_answering_costs_deadlines_not_the_broker(
             # The broker's answer, not the client giving up, and not a signature.
             assert "broker did not answer" not in message and message != "signed"
         with _raw(broker) as s:  # a newcomer is still greeted
-            s.sendall(p.encode_request(1, p.Hello(1, "meanwhile")))
+            s.sendall(p.encode_request(1, ops.Hello(1, "meanwhile")))
             _, result = _read_frame(s)
-            assert isinstance(result, p.HelloResult)
+            assert isinstance(result, ops.HelloResult)
     finally:
         os.kill(swtpm.pid, signal.SIGCONT)
     give_up = time.monotonic() + 120
@@ -322,7 +323,7 @@ def test_a_tpm_that_stops_answering_costs_deadlines_not_the_broker(
             assert time.monotonic() < give_up, "signing did not resume"
             time.sleep(0.5)
     assert verify(loaded.public_key, loaded.key_type, signature, b"\x01" * 32,
-                  p.HashAlg.SHA256, p.Scheme.ECDSA)
+                  p.Hash.SHA256, p.Scheme.ECDSA)
     client.close()
 
 
@@ -353,13 +354,13 @@ def test_signatures_on_the_event_loop_count_a_wrong_password_once(
         for _ in range(5):
             assert client.sign(right, bytes(32))
         before = client.status()
-        assert int(str(before["signatures_on_event_loop"])) >= 4
+        assert int(str(before["lane_signatures"])) >= 4
         wrong = client.load_key(key, "wrong")
         for _ in range(2):
             with pytest.raises(AuthFailedError):
                 client.sign(wrong, bytes(32))
         after = client.status()
         assert after["tpm_lockout_counter"] == int(str(before["tpm_lockout_counter"])) + 2
-        assert int(str(after["signatures_on_event_loop"])) == int(
-            str(before["signatures_on_event_loop"]))
+        assert int(str(after["lane_signatures"])) == int(
+            str(before["lane_signatures"]))
         assert client.sign(right, bytes(32))

@@ -17,7 +17,7 @@ from tpmbroker.errors import TpmBrokerError
 from tpmbroker.keyfile import der_to_pem
 from tpmbroker.load import verify
 from tpmbroker.paths import provider_path
-from tpmbroker.protocol import Curve, HashAlg, KeyType, Scheme
+from tpmbroker.protocol import Curve, Hash, KeyType, Scheme
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Broker
@@ -157,7 +157,7 @@ def test_serve_ignores_an_openssl_conf_that_loads_tpmbroker(swtpm: Swtpm, tmp_pa
             key = client.load_key(der)
             digest = hashlib.sha256(b"no recursion").digest()
             assert verify(spki, KeyType.RSA, client.sign(key, digest, "sha256", Scheme.PSS),
-                          digest, HashAlg.SHA256, Scheme.PSS)
+                          digest, Hash.SHA256, Scheme.PSS)
         maps = Path(f"/proc/{broker.proc.pid}/maps").read_text() if broker.proc else ""
         assert "tpmbroker.so" not in maps
     finally:

@@ -30,7 +30,7 @@ from tpm2_pytss.types import (
 )
 
 from tpmbroker.errors import AuthFailedError, TpmError
-from tpmbroker.protocol import Curve, HashAlg, KeySource, KeyType, Scheme
+from tpmbroker.protocol import Curve, Hash, KeySource, KeyType, Scheme
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import KeyInfo, TpmWorker, raw, transport
 from tpmbroker.tpm import session_crypto as sc
@@ -365,7 +365,7 @@ def opened_worker(tcti: str, fast_path: bool) -> TpmWorker:
 
 def worker_sign(worker: TpmWorker, info: KeyInfo, digest: bytes, auth: bytes = b"",
                 scheme: Scheme = Scheme.ECDSA) -> bytes:
-    return worker.sign(info.key_id, auth, scheme, HashAlg.SHA256, digest, soon())
+    return worker.sign(info.key_id, auth, scheme, Hash.SHA256, digest, soon())
 
 
 def verify_spki(spki: bytes, signature: bytes, digest: bytes,

@@ -46,8 +46,8 @@ def test_tpm2_openssl_keys_sign_through_the_broker(
         digest = hashlib.sha256(b"interop").digest()
         schemes = [p.Scheme.ECDSA] if algorithm == "EC" else [p.Scheme.PKCS1, p.Scheme.PSS]
         for scheme in schemes:
-            sig = client.sign(loaded, digest, p.HashAlg.SHA256, scheme)
-            assert verify(loaded.public_key, loaded.key_type, sig, digest, p.HashAlg.SHA256,
+            sig = client.sign(loaded, digest, p.Hash.SHA256, scheme)
+            assert verify(loaded.public_key, loaded.key_type, sig, digest, p.Hash.SHA256,
                           scheme)
     # The public key the broker reports is the one tpm2-openssl wrote.
     pub_path = tmp_path / "pub.der"
@@ -78,4 +78,4 @@ def test_tpmbroker_keys_sign_in_tpm2_openssl(abrmd: Abrmd, abrmd_broker: Broker,
     assert out.returncode == 0, out.stderr
     digest = hashlib.sha256(data.read_bytes()).digest()
     scheme = p.Scheme.ECDSA if key_type == p.KeyType.EC else p.Scheme.PKCS1
-    assert verify(spki, key_type, sig.read_bytes(), digest, p.HashAlg.SHA256, scheme)
+    assert verify(spki, key_type, sig.read_bytes(), digest, p.Hash.SHA256, scheme)

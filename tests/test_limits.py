@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import Status, UnknownKeyError
@@ -41,22 +42,22 @@ def test_a_connection_forgets_its_least_recently_used_keys(swtpm: Swtpm,
             sock.connect(broker.socket)
             ids = []
             for rid, der in enumerate(keys[:2], 1):
-                result = _round_trip(sock, rid, p.Load(p.KeySource.TSS2_DER, der))
-                assert isinstance(result, p.LoadResult)
+                result = _round_trip(sock, rid, ops.Load(p.KeySource.TSS2_DER, der))
+                assert isinstance(result, ops.LoadResult)
                 ids.append(result.key_id)
 
             def sign(rid: int, key_id: bytes) -> p.Message | p.ErrorResult:
-                return _round_trip(sock, rid, p.Sign(key_id, p.Scheme.ECDSA,
-                                                     p.HashAlg.SHA256, bytes(32)))
+                return _round_trip(sock, rid, ops.Sign(key_id, p.Scheme.ECDSA,
+                                                     p.Hash.SHA256, bytes(32)))
 
-            assert isinstance(sign(10, ids[0]), p.SignResult)  # key 0 is now the fresher
-            third = _round_trip(sock, 11, p.Load(p.KeySource.TSS2_DER, keys[2]))
-            assert isinstance(third, p.LoadResult)
+            assert isinstance(sign(10, ids[0]), ops.SignResult)  # key 0 is now the fresher
+            third = _round_trip(sock, 11, ops.Load(p.KeySource.TSS2_DER, keys[2]))
+            assert isinstance(third, ops.LoadResult)
             forgotten = sign(12, ids[1])
             assert isinstance(forgotten, p.ErrorResult)
             assert forgotten.status == Status.UNKNOWN_KEY
-            assert isinstance(sign(13, ids[0]), p.SignResult)
-            assert isinstance(sign(14, third.key_id), p.SignResult)
+            assert isinstance(sign(13, ids[0]), ops.SignResult)
+            assert isinstance(sign(14, third.key_id), ops.SignResult)
         with Client(broker.socket) as client:  # the client library reloads by itself
             loaded = [client.load_key(der) for der in keys]
             for key in loaded + loaded:
@@ -76,13 +77,13 @@ def test_the_worker_forgets_its_oldest_keys_beyond_its_limit(swtpm: Swtpm) -> No
         infos = [worker.load_key(p.KeySource.TSS2_DER, der, deadline) for der in ders]
         assert worker.status()["loaded_keys"] == 2
         with pytest.raises(UnknownKeyError):  # the oldest was forgotten
-            worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32),
+            worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
                         deadline)
         for info in infos[1:]:
-            assert worker.sign(info.key_id, b"", p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32),
+            assert worker.sign(info.key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
                                deadline)
         worker.load_key(p.KeySource.TSS2_DER, ders[0], deadline)  # loads again on demand
-        assert worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32),
+        assert worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
                            deadline)
     finally:
         worker.close()

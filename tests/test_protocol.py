@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.errors import (
     FrameTooLargeError,
@@ -29,24 +30,24 @@ GOLDEN = {
 KID = bytes(range(32))
 
 EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
-    "hello_request": (1, p.Hello(1, "tpmbroker-provider/0.1.0"), 5000),
-    "load_request": (2, p.Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"), b"pw"), 30000),
-    "load_handle_request": (3, p.Load(p.KeySource.PERSISTENT_HANDLE, b"\x81\x00\x00\x01"), 0),
-    "sign_request": (4, p.Sign(KID, p.Scheme.ECDSA, p.HashAlg.SHA256, bytes(32)), 1000),
-    "sign_pss_request": (0xFFFFFFFE, p.Sign(KID, p.Scheme.PSS, p.HashAlg.SHA384, b"\xaa" * 48), 0),
-    "generate_request": (6, p.Generate(p.KeyType.RSA, 2048, b"", 0x40000001), 60000),
-    "status_request": (7, p.StatusRequest(), 0),
-    "unload_request": (8, p.Unload(KID), 0),
-    "hello_response": (1, p.HelloResult(1, "tpmbroker/0.1.0", 65536), 0),
-    "load_response": (2, p.LoadResult(KID, p.KeyType.EC, 256, p.Curve.P256,
+    "hello_request": (1, ops.Hello(1, "tpmbroker-provider/0.1.0"), 5000),
+    "load_request": (2, ops.Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"), b"pw"), 30000),
+    "load_handle_request": (3, ops.Load(p.KeySource.PERSISTENT_HANDLE, b"\x81\x00\x00\x01"), 0),
+    "sign_request": (4, ops.Sign(KID, p.Scheme.ECDSA, p.Hash.SHA256, bytes(32)), 1000),
+    "sign_pss_request": (0xFFFFFFFE, ops.Sign(KID, p.Scheme.PSS, p.Hash.SHA384, b"\xaa" * 48), 0),
+    "generate_request": (6, ops.Generate(p.KeyType.RSA, 2048, b"", 0x40000001), 60000),
+    "status_request": (7, ops.StatusRequest(), 0),
+    "unload_request": (8, ops.Unload(KID), 0),
+    "hello_response": (1, ops.HelloResult(1, "tpmbroker/0.1.0", 65536), 0),
+    "load_response": (2, ops.LoadResult(KID, p.KeyType.EC, 256, p.Curve.P256,
                                       bytes.fromhex("3059")), 0),
-    "sign_response": (4, p.SignResult(bytes.fromhex("3006020101020102")), 0),
+    "sign_response": (4, ops.SignResult(bytes.fromhex("3006020101020102")), 0),
     "error_unknown_key": (4, p.ErrorResult(Status.UNKNOWN_KEY,
                                            "key not loaded on this connection"), 0),
     "error_tpm": (5, p.ErrorResult(Status.AUTH_FAILED, "wrong password", 0x98E), 0),
-    "generate_response": (6, p.GenerateResult(b"\x30\x00", b"\x30\x01"), 0),
-    "status_response": (7, p.StatusResult('{"pool_size":2}'), 0),
-    "unload_response": (8, p.UnloadResult(), 0),
+    "generate_response": (6, ops.GenerateResult(b"\x30\x00", b"\x30\x01"), 0),
+    "status_response": (7, ops.StatusResult('{"pool_size":2}'), 0),
+    "unload_response": (8, ops.UnloadResult(), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN}
 
@@ -114,22 +115,22 @@ def test_truncated_and_trailing_bodies_are_malformed() -> None:
 
 def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
     with pytest.raises(ProtocolError):
-        p.encode_request(1, p.Sign(KID, 1, 0x0B, bytes(70000)))
+        p.encode_request(1, ops.Sign(KID, 1, 0x0B, bytes(70000)))
     with pytest.raises(FrameTooLargeError):
-        p.encode_request(1, p.Load(1, bytes(40000), bytes(40000)))
+        p.encode_request(1, ops.Load(1, bytes(40000), bytes(40000)))
 
 
 def test_passwords_never_appear_in_reprs() -> None:
-    assert "secret" not in repr(p.Load(1, b"k", b"secret"))
-    assert "secret" not in repr(p.Generate(1, 3, b"secret"))
+    assert "secret" not in repr(ops.Load(1, b"k", b"secret"))
+    assert "secret" not in repr(ops.Generate(1, 3, b"secret"))
 
 
 def test_hash_names_as_openssl_spells_them() -> None:
-    assert p.HashAlg.from_name("SHA2-256") is p.HashAlg.SHA256
-    assert p.HashAlg.from_name("sha384") is p.HashAlg.SHA384
-    assert p.HashAlg.from_name("SHA-512") is p.HashAlg.SHA512
+    assert p.Hash.from_name("SHA2-256") is p.Hash.SHA256
+    assert p.Hash.from_name("sha384") is p.Hash.SHA384
+    assert p.Hash.from_name("SHA-512") is p.Hash.SHA512
     with pytest.raises(ValueError):
-        p.HashAlg.from_name("md5")
+        p.Hash.from_name("md5")
 
 
 @settings(max_examples=300, deadline=None)
@@ -146,10 +147,10 @@ def test_garbage_bodies_never_crash_the_decoder(body: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=32, max_size=32), st.sampled_from(list(p.Scheme)),
-       st.sampled_from(list(p.HashAlg)), st.binary(max_size=64), st.integers(0, 2**32 - 1))
-def test_sign_round_trips(kid: bytes, scheme: p.Scheme, hash_alg: p.HashAlg, digest: bytes,
+       st.sampled_from(list(p.Hash)), st.binary(max_size=64), st.integers(0, 2**32 - 1))
+def test_sign_round_trips(kid: bytes, scheme: p.Scheme, hash_alg: p.Hash, digest: bytes,
                           request_id: int) -> None:
-    msg = p.Sign(kid, scheme, hash_alg, digest)
+    msg = ops.Sign(kid, scheme, hash_alg, digest)
     frame = p.encode_request(request_id, msg, 7)
     ((header, body),) = p.FrameReader().feed(frame)
     assert header.request_id == request_id
@@ -158,7 +159,8 @@ def test_sign_round_trips(kid: bytes, scheme: p.Scheme, hash_alg: p.HashAlg, dig
 
 def _generic_sign(body: bytes) -> object:
     try:
-        return p._decode_fields(p.Sign, memoryview(body), 0)
+        # The general decoder every message inherits, past Sign's unrolled one.
+        return super(ops.Sign, ops.Sign).decode_body(memoryview(body), 0)
     except ProtocolError as exc:
         return type(exc)
 
@@ -179,13 +181,3 @@ def _fast_sign(body: bytes) -> object:
     st.binary(max_size=70), st.integers(0, 120)))
 def test_sign_fast_decoder_agrees_with_the_general_one(body: bytes) -> None:
     assert _fast_sign(body) == _generic_sign(body)
-
-
-@given(st.binary(max_size=600), st.integers(0, 2**32 - 1))
-def test_sign_result_fast_encoder_agrees_with_the_general_one(signature: bytes,
-                                                              request_id: int) -> None:
-    body = bytearray()
-    p._put(body, "u16", Status.OK)
-    p._encode_fields(p.SignResult(signature), body)
-    general = p._frame(p.Opcode.SIGN | p.RESPONSE_BIT, request_id, 0, body)
-    assert p.encode_response(request_id, p.Opcode.SIGN, p.SignResult(signature)) == general

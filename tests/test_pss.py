@@ -26,15 +26,15 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmbroker.errors import UnsupportedError
 from tpmbroker.paths import provider_path
-from tpmbroker.protocol import HashAlg, KeySource, KeyType, Scheme, key_id_for
+from tpmbroker.protocol import Hash, KeySource, KeyType, Scheme, key_id_for
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import TpmWorker, pss
 
 from .tpmfixtures import Broker
 
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
-HASHES = {HashAlg.SHA256: hashes.SHA256(), HashAlg.SHA384: hashes.SHA384(),
-          HashAlg.SHA512: hashes.SHA512()}
+HASHES = {Hash.SHA256: hashes.SHA256(), Hash.SHA384: hashes.SHA384(),
+          Hash.SHA512: hashes.SHA512()}
 
 
 # --- the encoding itself --------------------------------------------------------------------
@@ -74,7 +74,7 @@ def test_salt_length_reads_what_a_signer_chose() -> None:
 
 # --- through the TPM --------------------------------------------------------------------------
 
-def _verify(public_der: bytes, signature: bytes, digest: bytes, hash_alg: HashAlg) -> None:
+def _verify(public_der: bytes, signature: bytes, digest: bytes, hash_alg: Hash) -> None:
     public = serialization.load_der_public_key(public_der)
     assert isinstance(public, rsa.RSAPublicKey)
     algorithm = HASHES[hash_alg]
@@ -98,7 +98,7 @@ def test_worker_pads_pss_itself(swtpm: Swtpm, fast_path: bool) -> None:
             _verify(spki, sig, digest, hash_alg)
         # PKCS#1 still goes to the TPM as it is
         digest = hashlib.sha256(b"pkcs1").digest()
-        sig = worker.sign(info.key_id, b"pw", Scheme.PKCS1, HashAlg.SHA256, digest, deadline)
+        sig = worker.sign(info.key_id, b"pw", Scheme.PKCS1, Hash.SHA256, digest, deadline)
         public = serialization.load_der_public_key(spki)
         assert isinstance(public, rsa.RSAPublicKey)
         public.verify(sig, digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
@@ -115,11 +115,11 @@ def test_auto_keeps_the_tpms_pss_when_its_salt_is_right(swtpm: Swtpm) -> None:
         info = worker.load_key(KeySource.TSS2_DER, der, deadline)
         for _ in range(3):
             digest = os.urandom(32)
-            _verify(spki, worker.sign(info.key_id, b"", Scheme.PSS, HashAlg.SHA256, digest,
-                                      deadline), digest, HashAlg.SHA256)
+            _verify(spki, worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, digest,
+                                      deadline), digest, Hash.SHA256)
         # swtpm's own PSS salt is the digest length: the TPM keeps signing PSS itself,
         # so the event loop may serve the next PSS signatures too.
-        assert worker.begin_fast_sign(info.key_id, b"", Scheme.PSS, HashAlg.SHA256,
+        assert worker.lane_sign(info.key_id, b"", Scheme.PSS, Hash.SHA256,
                                       bytes(32)) is not None
     finally:
         worker.close()
@@ -138,8 +138,8 @@ def test_a_sign_only_key_cannot_be_padded_by_the_broker(swtpm: Swtpm) -> None:
         info = worker.load_key(KeySource.TSS2_DER, der, deadline)
         assert info.key_id == key_id_for(KeySource.TSS2_DER, der)
         with pytest.raises(UnsupportedError, match="decrypt attribute"):
-            worker.sign(info.key_id, b"", Scheme.PSS, HashAlg.SHA256, bytes(32), deadline)
-        assert worker.sign(info.key_id, b"", Scheme.PKCS1, HashAlg.SHA256, bytes(32), deadline)
+            worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, bytes(32), deadline)
+        assert worker.sign(info.key_id, b"", Scheme.PKCS1, Hash.SHA256, bytes(32), deadline)
     finally:
         worker.close()
 

@@ -43,15 +43,15 @@ from tpmbroker.errors import (
     UnknownKeyError,
     UnsupportedError,
 )
-from tpmbroker.protocol import Curve, HashAlg, KeySource, KeyType, Scheme, key_id_for
+from tpmbroker.protocol import Curve, Hash, KeySource, KeyType, Scheme, key_id_for
 from tpmbroker.simulator import Swtpm, free_port_pair
 from tpmbroker.tpm import KeyInfo, TpmWorker
 from tpmbroker.tpm import sessions as sessions_module
 
 from .tpmfixtures import Abrmd, running_swtpm
 
-HASHES: dict[HashAlg, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
-    HashAlg.SHA256: hashes.SHA256, HashAlg.SHA384: hashes.SHA384, HashAlg.SHA512: hashes.SHA512}
+HASHES: dict[Hash, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    Hash.SHA256: hashes.SHA256, Hash.SHA384: hashes.SHA384, Hash.SHA512: hashes.SHA512}
 KEY_KINDS = {"ec-p256": (KeyType.EC, Curve.P256), "ec-p384": (KeyType.EC, Curve.P384),
              "rsa-2048": (KeyType.RSA, 2048), "rsa-3072": (KeyType.RSA, 3072)}
 AUTH_FAIL = 0x08E
@@ -62,12 +62,12 @@ def soon(seconds: float = 30.0) -> float:
     return time.monotonic() + seconds
 
 
-def digest_of(data: bytes, hash_alg: HashAlg) -> bytes:
+def digest_of(data: bytes, hash_alg: Hash) -> bytes:
     return hashlib.new(hash_alg.hashlib_name, data).digest()
 
 
 def verify(public_der: bytes, signature: bytes, digest: bytes, scheme: Scheme,
-           hash_alg: HashAlg) -> None:
+           hash_alg: Hash) -> None:
     public = load_der_public_key(public_der)
     algorithm = HASHES[hash_alg]()
     prehashed = utils.Prehashed(algorithm)
@@ -141,7 +141,7 @@ SIGN_CASES = [(kind, scheme, hash_alg)
 @pytest.mark.parametrize(("kind", "scheme", "hash_alg"), SIGN_CASES,
                          ids=[f"{k}-{s.name}-{h.name}" for k, s, h in SIGN_CASES])
 def test_signs_and_verifies(shared: Shared, kind: str, scheme: Scheme,
-                            hash_alg: HashAlg) -> None:
+                            hash_alg: Hash) -> None:
     _, spki, info = shared.keys[kind]
     digest = digest_of(f"{kind} {scheme} {hash_alg}".encode(), hash_alg)
     signature = shared.worker.sign(info.key_id, b"", scheme, hash_alg, digest, soon())
@@ -173,10 +173,10 @@ def test_generated_key_is_a_tss2_key_that_loads_again(shared: Shared) -> None:
 
     info = shared.worker.load_key(KeySource.TSS2_DER, der, soon())
     assert shared.worker.load_key(KeySource.TSS2_DER, der, soon()) == info
-    digest = digest_of(b"reloaded", HashAlg.SHA256)
-    signature = shared.worker.sign(info.key_id, b"secret", Scheme.ECDSA, HashAlg.SHA256,
+    digest = digest_of(b"reloaded", Hash.SHA256)
+    signature = shared.worker.sign(info.key_id, b"secret", Scheme.ECDSA, Hash.SHA256,
                                    digest, soon())
-    verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+    verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
 
 
 def test_key_file_without_empty_auth_needs_the_password(shared: Shared) -> None:
@@ -190,10 +190,10 @@ def test_key_file_without_empty_auth_needs_the_password(shared: Shared) -> None:
         _der(0x04, tss.private.marshal()),
     ])
     info = shared.worker.load_key(KeySource.TSS2_DER, without, soon())
-    digest = digest_of(b"no emptyAuth", HashAlg.SHA256)
-    signature = shared.worker.sign(info.key_id, b"pw", Scheme.ECDSA, HashAlg.SHA256, digest,
+    digest = digest_of(b"no emptyAuth", Hash.SHA256)
+    signature = shared.worker.sign(info.key_id, b"pw", Scheme.ECDSA, Hash.SHA256, digest,
                                    soon())
-    verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+    verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
 
 
 def _der(tag: int, content: bytes) -> bytes:
@@ -213,9 +213,9 @@ def _der_sequence(items: list[bytes]) -> bytes:
 
 def test_pool_sessions_are_the_only_sessions(shared: Shared) -> None:
     _, _, info = shared.keys["ec-p256"]
-    digest = digest_of(b"count", HashAlg.SHA256)
+    digest = digest_of(b"count", Hash.SHA256)
     for _ in range(20):
-        shared.worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        shared.worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
     status = shared.worker.status()
     assert status["pool_size"] == status["pool_sessions"] == 2
     assert status["tpm_active_sessions"] == 2
@@ -227,19 +227,19 @@ def test_bad_requests(shared: Shared) -> None:
     worker = shared.worker
     _, _, info = shared.keys["ec-p256"]
     _, _, rsa_info = shared.keys["rsa-2048"]
-    digest = digest_of(b"x", HashAlg.SHA256)
+    digest = digest_of(b"x", Hash.SHA256)
     with pytest.raises(UnknownKeyError):
-        worker.sign(b"\0" * 32, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        worker.sign(b"\0" * 32, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
     with pytest.raises(BadDigestError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA384, digest, soon())
+        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA384, digest, soon())
     with pytest.raises(BadDigestError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest[:-1], soon())
+        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest[:-1], soon())
     with pytest.raises(UnsupportedError):
-        worker.sign(info.key_id, b"", Scheme.PSS, HashAlg.SHA256, digest, soon())
+        worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, digest, soon())
     with pytest.raises(UnsupportedError):
-        worker.sign(rsa_info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        worker.sign(rsa_info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
     with pytest.raises(DeadlineError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest,
+        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                     time.monotonic() - 1)
     with pytest.raises(UnsupportedError):
         worker.generate_key(KeyType.EC, 0x0005, b"", 0, soon())
@@ -304,7 +304,7 @@ def test_pool_size_sessions_and_no_more(swtpm: Swtpm, pool_size: int) -> None:
         der, _ = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
         info = worker.load_key(KeySource.TSS2_DER, der, soon())
         for _ in range(7):
-            worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, b"\1" * 32, soon())
+            worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, b"\1" * 32, soon())
         assert worker.status()["tpm_active_sessions"] == pool_size
     finally:
         worker.close()
@@ -321,18 +321,18 @@ def test_wrong_password_then_lockout(swtpm: Swtpm) -> None:
     worker = opened(swtpm.tcti)
     der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"right", 0, soon())
     info = worker.load_key(KeySource.TSS2_DER, der, soon())
-    digest = digest_of(b"pw", HashAlg.SHA256)
-    worker.sign(info.key_id, b"right", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+    digest = digest_of(b"pw", Hash.SHA256)
+    worker.sign(info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest, soon())
     with pytest.raises(AuthFailedError) as caught:
-        worker.sign(info.key_id, b"wrong", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        worker.sign(info.key_id, b"wrong", Scheme.ECDSA, Hash.SHA256, digest, soon())
     assert caught.value.tpm_rc == AUTH_FAIL  # session number masked off
     with pytest.raises(AuthFailedError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
     # swtpm locks out after 3 failures (TPM2_PT_MAX_AUTH_FAIL).
     with pytest.raises((AuthFailedError, LockoutError)):
-        worker.sign(info.key_id, b"wrong", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        worker.sign(info.key_id, b"wrong", Scheme.ECDSA, Hash.SHA256, digest, soon())
     with pytest.raises(LockoutError):
-        worker.sign(info.key_id, b"right", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        worker.sign(info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest, soon())
     assert worker.status()["tpm_restarts_recovered"] == 0
     worker.close()
 
@@ -341,9 +341,9 @@ def test_wrong_password_then_lockout(swtpm: Swtpm) -> None:
     worker = opened(swtpm.tcti)
     try:
         info = worker.load_key(KeySource.TSS2_DER, der, soon())
-        signature = worker.sign(info.key_id, b"right", Scheme.ECDSA, HashAlg.SHA256, digest,
+        signature = worker.sign(info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest,
                                 soon())
-        verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+        verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
     finally:
         worker.close()
 
@@ -356,12 +356,12 @@ def test_least_recently_used_keys_make_room(swtpm: Swtpm) -> None:
         for _ in range(5):
             der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
             keys.append((worker.load_key(KeySource.TSS2_DER, der, soon()), spki))
-        digest = digest_of(b"lru", HashAlg.SHA256)
+        digest = digest_of(b"lru", Hash.SHA256)
         for _ in range(2):
             for info, spki in keys:
-                signature = worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256,
+                signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256,
                                         digest, soon())
-                verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+                verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         status = worker.status()
         assert status["loaded_keys"] == 5
         assert status["resident_keys"] in (1, 2)
@@ -387,16 +387,16 @@ def test_persistent_key_and_persistent_parent(swtpm: Swtpm) -> None:
         info = worker.load_key(KeySource.PERSISTENT_HANDLE, key_handle.to_bytes(4, "big"),
                                soon())
         assert info.public_key == tss.public.publicArea.to_der()
-        digest = digest_of(b"persistent", HashAlg.SHA384)
-        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA384, digest, soon())
-        verify(info.public_key, signature, digest, Scheme.ECDSA, HashAlg.SHA384)
+        digest = digest_of(b"persistent", Hash.SHA384)
+        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA384, digest, soon())
+        verify(info.public_key, signature, digest, Scheme.ECDSA, Hash.SHA384)
 
         der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", parent_handle, soon())
         assert TSSPrivKey.from_der(der).parent == parent_handle
         child = worker.load_key(KeySource.TSS2_DER, der, soon())
-        digest = digest_of(b"child", HashAlg.SHA256)
-        signature = worker.sign(child.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
-        verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+        digest = digest_of(b"child", Hash.SHA256)
+        signature = worker.sign(child.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         with pytest.raises(BadKeyError):  # no such persistent parent
             worker.load_key(KeySource.TSS2_DER, der.replace(
                 parent_handle.to_bytes(4, "big"), (0x81000077).to_bytes(4, "big")), soon())
@@ -415,12 +415,12 @@ def test_tpm_restart_is_recovered(swtpm: Swtpm) -> None:
     worker = opened(swtpm.tcti)
     try:
         info, spki = _signing_key(worker)
-        digest = digest_of(b"restart", HashAlg.SHA256)
-        worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+        digest = digest_of(b"restart", Hash.SHA256)
+        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
         swtpm.restart()  # TPM Reset: sessions and transient objects are gone
-        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest,
+        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                                 soon())
-        verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+        verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         status = worker.status()
         assert status["tpm_restarts_recovered"] == 1
         assert status["pool_sessions"] == status["tpm_active_sessions"] == 2
@@ -434,13 +434,13 @@ def test_restart_without_volatile_state_is_recovered(swtpm: Swtpm) -> None:
     try:
         old, old_spki = _signing_key(worker)
         swtpm.restart(reset_state=True)
-        digest = digest_of(b"restarted", HashAlg.SHA256)
-        signature = worker.sign(old.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
-        verify(old_spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+        digest = digest_of(b"restarted", Hash.SHA256)
+        signature = worker.sign(old.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        verify(old_spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         assert worker.status()["tpm_restarts_recovered"] == 1
         new, spki = _signing_key(worker)
-        signature = worker.sign(new.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
-        verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+        signature = worker.sign(new.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         assert worker.status()["tpm_active_sessions"] == 2
     finally:
         worker.close()
@@ -452,12 +452,12 @@ def test_cleared_tpm_refuses_old_keys(swtpm: Swtpm) -> None:
     try:
         old, _ = _signing_key(worker)
         worker._ectx.clear(ESYS_TR.RH_LOCKOUT)  # as another TPM user would
-        digest = digest_of(b"cleared", HashAlg.SHA256)
+        digest = digest_of(b"cleared", Hash.SHA256)
         with pytest.raises(BadKeyError):
-            worker.sign(old.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
+            worker.sign(old.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
         new, spki = _signing_key(worker)
-        signature = worker.sign(new.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest, soon())
-        verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+        signature = worker.sign(new.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         assert worker.status()["tpm_active_sessions"] == 2
     finally:
         worker.close()
@@ -480,10 +480,10 @@ def test_session_flushed_behind_our_back(swtpm: Swtpm) -> None:
         for session in worker._pool.sessions:
             _flush_raw(ectx, int(ectx.tr_get_tpm_handle(session)))
         lockout_before = tpm_property(ectx, TPM2_PT.LOCKOUT_COUNTER)
-        digest = digest_of(b"flushed", HashAlg.SHA256)
-        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest,
+        digest = digest_of(b"flushed", Hash.SHA256)
+        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                                 soon())
-        verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+        verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         assert tpm_property(worker._ectx, TPM2_PT.LOCKOUT_COUNTER) == lockout_before
         status = worker.status()
         assert status["pool_sessions"] == status["tpm_active_sessions"] == 2
@@ -554,12 +554,12 @@ def test_other_users_holding_session_slots(abrmd: Abrmd, hog: SessionHog,
     try:
         der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
         info = worker.load_key(KeySource.TSS2_DER, der, soon())
-        digest = digest_of(b"crowded", HashAlg.SHA256)
+        digest = digest_of(b"crowded", Hash.SHA256)
 
         def sign(deadline: float) -> None:
-            signature = worker.sign(info.key_id, b"", Scheme.ECDSA, HashAlg.SHA256, digest,
+            signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                                     deadline)
-            verify(spki, signature, digest, Scheme.ECDSA, HashAlg.SHA256)
+            verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
 
         # Every other slot taken: the pool keeps serving with its own sessions.
         assert hog.take_all() == 62
@@ -635,10 +635,10 @@ def test_tpm2_openssl_keys_sign_through_the_worker(swtpm: Swtpm, tmp_path: Path)
             info = worker.load_key(KeySource.TSS2_DER, der, soon())
             assert info.public_key == pubout
             scheme = Scheme.ECDSA if info.key_type is KeyType.EC else Scheme.PSS
-            digest = digest_of(name.encode(), HashAlg.SHA256)
-            signature = worker.sign(info.key_id, cases[name][1], scheme, HashAlg.SHA256,
+            digest = digest_of(name.encode(), Hash.SHA256)
+            signature = worker.sign(info.key_id, cases[name][1], scheme, Hash.SHA256,
                                     digest, soon())
-            verify(pubout, signature, digest, scheme, HashAlg.SHA256)
+            verify(pubout, signature, digest, scheme, Hash.SHA256)
     finally:
         worker.close()
 
@@ -651,7 +651,7 @@ def test_worker_keys_sign_with_tpm2_openssl(swtpm: Swtpm, tmp_path: Path) -> Non
                 "rsa": worker.generate_key(KeyType.RSA, 2048, b"", 0, soon(60))}
     finally:
         worker.close()
-    digest = digest_of(b"signed by tpm2-openssl", HashAlg.SHA256)
+    digest = digest_of(b"signed by tpm2-openssl", Hash.SHA256)
     digest_file = tmp_path / "digest"
     digest_file.write_bytes(digest)
     for name, (der, spki) in made.items():
@@ -664,4 +664,4 @@ def test_worker_keys_sign_with_tpm2_openssl(swtpm: Swtpm, tmp_path: Path) -> Non
                  "-inkey", str(key), "-passin", "pass:pw", "-pkeyopt", "digest:sha256",
                  "-in", str(digest_file), "-out", str(signature))
         verify(spki, signature.read_bytes(), digest,
-               Scheme.ECDSA if name.startswith("ec") else Scheme.PKCS1, HashAlg.SHA256)
+               Scheme.ECDSA if name.startswith("ec") else Scheme.PKCS1, Hash.SHA256)

@@ -235,7 +235,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
     from . import protocol as p
 
-    hash_alg = p.HashAlg.from_name(args.hash)
+    hash_alg = p.Hash.from_name(args.hash)
     data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
     digest = hashlib.new(hash_alg.hashlib_name, data).digest()
     with _client(args) as client:
@@ -268,7 +268,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
         key = client.load_key(args.key, _password(args))
         scheme = p.Scheme(SCHEMES[args.scheme]) if args.scheme else None
         report = run_threads(client, key, args.clients, args.seconds,
-                             p.HashAlg.from_name(args.hash), scheme)
+                             p.Hash.from_name(args.hash), scheme)
     if args.json:
         print(json.dumps({
             "clients": report.clients, "seconds": round(report.seconds, 3),

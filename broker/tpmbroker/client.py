@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from . import __version__
+from . import __version__, ops
 from . import protocol as p
 from .errors import (
     BrokerUnavailableError,
@@ -249,15 +249,15 @@ class Client:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _load_on(conn: _Connection, spec: KeySpec, deadline: float) -> p.LoadResult:
+    def _load_on(conn: _Connection, spec: KeySpec, deadline: float) -> ops.LoadResult:
         result = conn.round_trip(spec.load_request(), deadline)
-        assert isinstance(result, p.LoadResult)
+        assert isinstance(result, ops.LoadResult)
         conn.loaded[result.key_id] = spec.auth
         return result
 
-    def hello(self) -> p.HelloResult:
-        result = self._call(p.Hello(p.VERSION, f"tpmbroker-python/{__version__}"))
-        assert isinstance(result, p.HelloResult)
+    def hello(self) -> ops.HelloResult:
+        result = self._call(ops.Hello(p.VERSION, f"tpmbroker-python/{__version__}"))
+        assert isinstance(result, ops.HelloResult)
         return result
 
     def load_key(self, key: KeySpec | bytes | str | os.PathLike[str] | int,
@@ -282,14 +282,14 @@ class Client:
                     ) from None
         raise AssertionError("unreachable")
 
-    def sign(self, key: LoadedKey, digest: bytes, hash_alg: p.HashAlg | str = p.HashAlg.SHA256,
+    def sign(self, key: LoadedKey, digest: bytes, hash_alg: p.Hash | str = p.Hash.SHA256,
              scheme: p.Scheme | None = None, timeout: float | None = None) -> bytes:
         """Sign a digest. ECDSA gives DER; RSA the big-endian signature."""
-        hash_alg = hash_alg if isinstance(hash_alg, p.HashAlg) else p.HashAlg.from_name(hash_alg)
+        hash_alg = hash_alg if isinstance(hash_alg, p.Hash) else p.Hash.from_name(hash_alg)
         if scheme is None:
             scheme = p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1
-        result = self._call(p.Sign(key.key_id, scheme, hash_alg, digest), timeout, key)
-        assert isinstance(result, p.SignResult)
+        result = self._call(ops.Sign(key.key_id, scheme, hash_alg, digest), timeout, key)
+        assert isinstance(result, ops.SignResult)
         return result.signature
 
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
@@ -297,14 +297,14 @@ class Client:
                      timeout: float | None = None) -> tuple[bytes, bytes]:
         """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER)."""
         auth = password.encode() if isinstance(password, str) else (password or b"")
-        result = self._call(p.Generate(key_type, param, auth, parent),
+        result = self._call(ops.Generate(key_type, param, auth, parent),
                             timeout if timeout is not None else max(self.timeout, 120.0))
-        assert isinstance(result, p.GenerateResult)
+        assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key
 
     def status(self, timeout: float | None = None) -> dict[str, object]:
-        result = self._call(p.StatusRequest(), timeout)
-        assert isinstance(result, p.StatusResult)
+        result = self._call(ops.StatusRequest(), timeout)
+        assert isinstance(result, ops.StatusResult)
         data: dict[str, object] = json.loads(result.json)
         return data
 

@@ -45,15 +45,15 @@ def _shared_client(socket: str | os.PathLike[str] | None, timeout: float) -> Cli
         return client
 
 
-def _hash_alg(algorithm: hashes.HashAlgorithm) -> p.HashAlg:
+def _hash_alg(algorithm: hashes.HashAlgorithm) -> p.Hash:
     try:
-        return p.HashAlg.from_name(algorithm.name)
+        return p.Hash.from_name(algorithm.name)
     except ValueError:
         raise UnsupportedError(f"the TPM does not sign {algorithm.name} digests") from None
 
 
 def _digest(data: Buffer, algorithm: hashes.HashAlgorithm | utils.Prehashed,
-            ) -> tuple[bytes, p.HashAlg]:
+            ) -> tuple[bytes, p.Hash]:
     if isinstance(algorithm, utils.Prehashed):
         inner = algorithm._algorithm
         if len(data) != inner.digest_size:
@@ -77,7 +77,7 @@ class _BrokerKey:
     def loaded_key(self) -> LoadedKey:
         return self._loaded
 
-    def _sign_digest(self, digest: bytes, hash_alg: p.HashAlg, scheme: p.Scheme) -> bytes:
+    def _sign_digest(self, digest: bytes, hash_alg: p.Hash, scheme: p.Scheme) -> bytes:
         return self._client.sign(self._loaded, digest, hash_alg, scheme)
 
     def private_bytes(self, encoding: serialization.Encoding,
@@ -145,7 +145,7 @@ class TpmRSAPrivateKey(_BrokerKey, rsa.RSAPrivateKey):
         raise UnsupportedError("the private key lives in the TPM; its numbers are not known")
 
 
-def _rsa_scheme(pad: padding.AsymmetricPadding, hash_alg: p.HashAlg) -> p.Scheme:
+def _rsa_scheme(pad: padding.AsymmetricPadding, hash_alg: p.Hash) -> p.Scheme:
     if isinstance(pad, padding.PKCS1v15):
         return p.Scheme.PKCS1
     if not isinstance(pad, padding.PSS):

@@ -2,30 +2,7 @@
 
 from __future__ import annotations
 
-import enum
-
-
-class Status(enum.IntEnum):
-    """Wire status codes (docs/protocol.md). Stable: never renumbered."""
-
-    OK = 0
-    MALFORMED = 1
-    UNSUPPORTED_VERSION = 2
-    UNKNOWN_OPCODE = 3
-    TOO_LARGE = 4
-    UNKNOWN_KEY = 5
-    BAD_KEY = 6
-    AUTH_FAILED = 7
-    BAD_DIGEST = 8
-    UNSUPPORTED = 9
-    DEADLINE = 10
-    NO_SESSIONS = 11
-    TPM_ERROR = 12
-    TPM_UNAVAILABLE = 13
-    PERMISSION_DENIED = 14
-    INTERNAL = 15
-    OVERLOADED = 16
-    LOCKOUT = 17
+from .definitions import Status as Status  # re-exported: errors carry it
 
 
 class TpmBrokerError(Exception):
@@ -118,7 +95,7 @@ class BrokerUnavailableError(TpmBrokerError):
     status = Status.INTERNAL
 
 
-class TakeTheLongWay(Exception):
+class NotForLane(Exception):
     """Inside the broker: the event loop could not serve a request by itself; the
     worker thread will, with everything (reconnection, recovery) that may take."""
 

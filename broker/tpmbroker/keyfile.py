@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from . import ops
 from . import protocol as p
 from .errors import BadKeyError
 
@@ -50,8 +51,8 @@ class KeySpec:
     def key_id(self) -> bytes:
         return p.key_id_for(self.source, self.key)
 
-    def load_request(self) -> p.Load:
-        return p.Load(self.source, self.key, self.auth)
+    def load_request(self) -> ops.Load:
+        return ops.Load(self.source, self.key, self.auth)
 
     @classmethod
     def from_handle(cls, handle: int, password: bytes | str | None = None) -> KeySpec:

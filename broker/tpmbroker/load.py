@@ -71,7 +71,7 @@ class LoadReport:
 
 
 def verify(public_key_der: bytes, key_type: p.KeyType, signature: bytes, digest: bytes,
-           hash_alg: p.HashAlg, scheme: p.Scheme) -> bool:
+           hash_alg: p.Hash, scheme: p.Scheme) -> bool:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
@@ -113,7 +113,7 @@ def sample_sessions(client: Client, stop: threading.Event, report: LoadReport,
 
 
 def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
-                hash_alg: p.HashAlg = p.HashAlg.SHA256, scheme: p.Scheme | None = None,
+                hash_alg: p.Hash = p.Hash.SHA256, scheme: p.Scheme | None = None,
                 check_every: int = 1, sample: bool = True) -> LoadReport:
     """`clients` threads sign distinct digests through one shared Client for `seconds`."""
     scheme = scheme or (p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1)

@@ -1,17 +1,35 @@
 """The wire protocol (docs/protocol.md): pure encode and decode, no I/O.
 
 Every message is a frozen dataclass whose ``FIELDS`` list its wire layout; one
-generic encoder and decoder serve them all, so the layout is written once.
+generic encoder and decoder serve them all, so the layout is written once. The
+messages themselves live with their operation (tpmbroker.ops.*); this module frames
+them and knows them through the registry their definition fills.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
+import importlib
 import struct
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar
 
+from .definitions import (
+    CONNECTION_ERROR,
+    HEADER_SIZE,
+    KEY_ID_SIZE,
+    MAX_FIELD,
+    MAX_FRAME,
+    RESPONSE_BIT,
+    STORAGE_PRIMARY,
+    VERSION,
+    Curve,
+    Hash,
+    KeySource,
+    KeyType,
+    Opcode,
+    Scheme,
+)
 from .errors import (
     FrameTooLargeError,
     ProtocolError,
@@ -20,81 +38,46 @@ from .errors import (
     UnsupportedVersionError,
 )
 
-VERSION = 1
-MAX_FRAME = 65536
+# The shared numbers are re-exported: codec users find them here.
+__all__ = [
+    "CONNECTION_ERROR",
+    "HEADER",
+    "HEADER_SIZE",
+    "KEY_ID_SIZE",
+    "MAX_FIELD",
+    "MAX_FRAME",
+    "MAX_LENGTH",
+    "MIN_LENGTH",
+    "REQUESTS",
+    "RESPONSE_BIT",
+    "RESULTS",
+    "STORAGE_PRIMARY",
+    "VERSION",
+    "Curve",
+    "ErrorResult",
+    "FrameReader",
+    "Hash",
+    "Header",
+    "KeySource",
+    "KeyType",
+    "Message",
+    "Opcode",
+    "Result",
+    "Scheme",
+    "Status",
+    "check_header",
+    "decode_header",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "key_id_for",
+]
+
 HEADER = struct.Struct(">IBBHII")  # length, version, opcode, flags, request_id, timeout_ms
-HEADER_SIZE = HEADER.size
+assert HEADER.size == HEADER_SIZE
 MIN_LENGTH = HEADER_SIZE - 4
 MAX_LENGTH = MAX_FRAME - 4
-RESPONSE_BIT = 0x80
-CONNECTION_ERROR = 0x00  # opcode of an error about the whole connection
-MAX_FIELD = 0xFFFF
-
-
-class Opcode(enum.IntEnum):
-    HELLO = 0x01
-    LOAD = 0x02
-    SIGN = 0x03
-    GENERATE = 0x04
-    STATUS = 0x05
-    UNLOAD = 0x06
-
-
-class KeySource(enum.IntEnum):
-    TSS2_DER = 1
-    PERSISTENT_HANDLE = 2
-
-
-class KeyType(enum.IntEnum):
-    EC = 1
-    RSA = 2
-
-
-class Scheme(enum.IntEnum):
-    ECDSA = 1
-    PKCS1 = 2
-    PSS = 3
-
-
-class HashAlg(enum.IntEnum):
-    """TPM2_ALG ids, so the broker passes them straight to the TPM."""
-
-    SHA1 = 0x0004
-    SHA256 = 0x000B
-    SHA384 = 0x000C
-    SHA512 = 0x000D
-
-    @property
-    def digest_size(self) -> int:
-        return _DIGEST_SIZES[self]
-
-    @property
-    def hashlib_name(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def from_name(cls, name: str) -> HashAlg:
-        """Accepts 'sha256', 'SHA2-256', 'SHA-256' and the like."""
-        key = name.upper().replace("-", "").replace("_", "")
-        key = {"SHA2256": "SHA256", "SHA2384": "SHA384", "SHA2512": "SHA512"}.get(key, key)
-        try:
-            return cls[key]
-        except KeyError:
-            raise ValueError(f"unsupported hash {name!r}") from None
-
-
-_DIGEST_SIZES = {HashAlg.SHA1: 20, HashAlg.SHA256: 32, HashAlg.SHA384: 48, HashAlg.SHA512: 64}
-
-
-class Curve(enum.IntEnum):
-    """TPM2_ECC_CURVE ids."""
-
-    NONE = 0x0000
-    P256 = 0x0003
-    P384 = 0x0004
-
-
-STORAGE_PRIMARY = 0x40000001
 
 
 def key_id_for(source: KeySource, key: bytes) -> bytes:
@@ -104,115 +87,42 @@ def key_id_for(source: KeySource, key: bytes) -> bytes:
 
 # --- messages -------------------------------------------------------------------
 
+REQUESTS: dict[int, type[Message]] = {}
+RESULTS: dict[int, type[Message]] = {}
+
+
 class Message:
-    """A request or a successful response body. Subclasses are frozen dataclasses."""
+    """A request or a successful response body. Subclasses are frozen dataclasses,
+    one pair per operation, each in its module under tpmbroker.ops; defining one
+    registers it with the codec."""
 
     OPCODE: ClassVar[Opcode]
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    IS_RESULT: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "OPCODE" not in cls.__dict__:
+            return  # an abstract kind of message (Result)
+        registry = RESULTS if cls.IS_RESULT else REQUESTS
+        if cls.OPCODE in registry:
+            raise TypeError(f"two {'results' if cls.IS_RESULT else 'requests'} for "
+                            f"{cls.OPCODE!r}: {registry[cls.OPCODE].__name__}, {cls.__name__}")
+        registry[cls.OPCODE] = cls
+
+    def encode_body(self, out: bytearray) -> None:
+        for name, kind in self.FIELDS:
+            _put(out, kind, getattr(self, name))
+
+    @classmethod
+    def decode_body(cls, body: memoryview, pos: int) -> Message:
+        return _decode_fields(cls, body, pos)
 
 
-@dataclasses.dataclass(frozen=True)
-class Hello(Message):
-    OPCODE = Opcode.HELLO
-    FIELDS = (("max_version", "u8"), ("client", "str"))
-    max_version: int = VERSION
-    client: str = ""
+class Result(Message):
+    """A successful response body."""
 
-
-@dataclasses.dataclass(frozen=True)
-class Load(Message):
-    OPCODE = Opcode.LOAD
-    FIELDS = (("source", "u8"), ("key", "bytes"), ("auth", "bytes"))
-    source: int
-    key: bytes
-    auth: bytes = b""
-
-    def __repr__(self) -> str:  # never print passwords
-        return f"Load(source={self.source}, key=<{len(self.key)} bytes>, auth=<hidden>)"
-
-
-@dataclasses.dataclass(frozen=True)
-class Sign(Message):
-    OPCODE = Opcode.SIGN
-    FIELDS = (("key_id", "bytes"), ("scheme", "u8"), ("hash", "u16"), ("digest", "bytes"))
-    key_id: bytes
-    scheme: int
-    hash: int
-    digest: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class Generate(Message):
-    OPCODE = Opcode.GENERATE
-    FIELDS = (("key_type", "u8"), ("param", "u16"), ("auth", "bytes"), ("parent", "u32"))
-    key_type: int
-    param: int
-    auth: bytes = b""
-    parent: int = 0
-
-    def __repr__(self) -> str:
-        return (f"Generate(key_type={self.key_type}, param={self.param}, auth=<hidden>, "
-                f"parent=0x{self.parent:08x})")
-
-
-@dataclasses.dataclass(frozen=True)
-class StatusRequest(Message):
-    OPCODE = Opcode.STATUS
-
-
-@dataclasses.dataclass(frozen=True)
-class Unload(Message):
-    OPCODE = Opcode.UNLOAD
-    FIELDS = (("key_id", "bytes"),)
-    key_id: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class HelloResult(Message):
-    OPCODE = Opcode.HELLO
-    FIELDS = (("version", "u8"), ("server", "str"), ("max_frame", "u32"))
-    version: int
-    server: str
-    max_frame: int
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadResult(Message):
-    OPCODE = Opcode.LOAD
-    FIELDS = (("key_id", "bytes"), ("key_type", "u8"), ("bits", "u16"), ("curve", "u16"),
-              ("public_key", "bytes"))
-    key_id: bytes
-    key_type: int
-    bits: int
-    curve: int
-    public_key: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class SignResult(Message):
-    OPCODE = Opcode.SIGN
-    FIELDS = (("signature", "bytes"),)
-    signature: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateResult(Message):
-    OPCODE = Opcode.GENERATE
-    FIELDS = (("key", "bytes"), ("public_key", "bytes"))
-    key: bytes
-    public_key: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class StatusResult(Message):
-    OPCODE = Opcode.STATUS
-    FIELDS = (("json", "str"),)
-    json: str
-
-
-@dataclasses.dataclass(frozen=True)
-class UnloadResult(Message):
-    OPCODE = Opcode.UNLOAD
+    IS_RESULT = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,18 +134,10 @@ class ErrorResult:
     tpm_rc: int = 0
 
 
-Request: TypeAlias = Hello | Load | Sign | Generate | StatusRequest | Unload
-Result: TypeAlias = (
-    HelloResult | LoadResult | SignResult | GenerateResult | StatusResult | UnloadResult
-)
-
-REQUESTS: dict[int, type[Message]] = {
-    cls.OPCODE: cls for cls in (Hello, Load, Sign, Generate, StatusRequest, Unload)
-}
-RESULTS: dict[int, type[Message]] = {
-    cls.OPCODE: cls
-    for cls in (HelloResult, LoadResult, SignResult, GenerateResult, StatusResult, UnloadResult)
-}
+def _registered() -> None:
+    """Every operation's messages are registered once tpmbroker.ops is imported."""
+    if not REQUESTS:
+        importlib.import_module(f"{__package__}.ops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,11 +194,6 @@ def _take(body: memoryview, pos: int, kind: str) -> tuple[Any, int]:
     return raw, pos + n
 
 
-def _encode_fields(msg: Message, out: bytearray) -> None:
-    for name, kind in msg.FIELDS:
-        _put(out, kind, getattr(msg, name))
-
-
 def _decode_fields(cls: type[Message], body: memoryview, pos: int) -> Message:
     values: dict[str, Any] = {}
     for name, kind in cls.FIELDS:
@@ -317,16 +214,11 @@ def _frame(opcode: int, request_id: int, timeout_ms: int, body: bytes | bytearra
 
 def encode_request(request_id: int, msg: Message, timeout_ms: int = 0) -> bytes:
     body = bytearray()
-    _encode_fields(msg, body)
+    msg.encode_body(body)
     return _frame(msg.OPCODE, request_id, timeout_ms, body)
 
 
 def encode_response(request_id: int, opcode: int, result: Message | ErrorResult) -> bytes:
-    if type(result) is SignResult and len(result.signature) <= MAX_FIELD:
-        signature = result.signature  # the common answer, in one pack
-        return _SIGN_RESULT_HEAD.pack(
-            _SIGN_RESULT_HEAD.size - 4 + len(signature), VERSION, opcode | RESPONSE_BIT, 0,
-            request_id, 0, Status.OK, len(signature)) + signature
     body = bytearray()
     if isinstance(result, ErrorResult):
         _put(body, "u16", result.status)
@@ -334,7 +226,7 @@ def encode_response(request_id: int, opcode: int, result: Message | ErrorResult)
         _put(body, "str", result.message[:1024])
     else:
         _put(body, "u16", Status.OK)
-        _encode_fields(result, body)
+        result.encode_body(body)
     return _frame(opcode | RESPONSE_BIT, request_id, 0, body)
 
 
@@ -356,35 +248,13 @@ def check_header(header: Header) -> None:
         raise ProtocolError(f"unknown flags 0x{header.flags:04x}")
 
 
-_U16 = _INTS["u16"]
-_SIGN_MIDDLE = struct.Struct(">BHH")  # scheme, hash, digest length
-_SIGN_RESULT_HEAD = struct.Struct(">IBBHIIHH")  # header, status, signature length
-
-
 def decode_request(header: Header, body: bytes | memoryview) -> Message:
     check_header(header)
-    if header.opcode == Opcode.SIGN:
-        sign = _decode_sign(body)
-        if sign is not None:
-            return sign
+    _registered()
     cls = REQUESTS.get(header.opcode)
     if cls is None:
         raise UnknownOpcodeError(f"unknown opcode 0x{header.opcode:02x}")
-    return _decode_fields(cls, memoryview(body), 0)
-
-
-def _decode_sign(body: bytes | memoryview) -> Sign | None:
-    """SIGN, the request that comes thousands of times a second, unrolled; None when
-    anything is off, and the general decoder says what."""
-    try:
-        (key_len,) = _U16.unpack_from(body, 0)
-        scheme, hash_alg, digest_len = _SIGN_MIDDLE.unpack_from(body, 2 + key_len)
-    except struct.error:
-        return None
-    start = 7 + key_len
-    if start + digest_len != len(body):
-        return None
-    return Sign(bytes(body[2:2 + key_len]), scheme, hash_alg, bytes(body[start:]))
+    return cls.decode_body(memoryview(body), 0)
 
 
 def decode_response(header: Header, body: bytes | memoryview) -> Message | ErrorResult:
@@ -395,10 +265,11 @@ def decode_response(header: Header, body: bytes | memoryview) -> Message | Error
     status, pos = _take(view, 0, "u16")
     if status == Status.OK:
         # An error may answer any opcode, even one this side does not know; a result not.
+        _registered()
         cls = RESULTS.get(header.opcode & ~RESPONSE_BIT)
         if cls is None:
             raise UnknownOpcodeError(f"unexpected response opcode 0x{header.opcode:02x}")
-        return _decode_fields(cls, view, pos)
+        return cls.decode_body(view, pos)
     tpm_rc, pos = _take(view, pos, "u32")
     message, pos = _take(view, pos, "str")
     if pos != len(view):

@@ -16,16 +16,16 @@ from typing import Any
 class Job:
     """One request for the TPM."""
 
-    __slots__ = ("cancelled", "deadline", "done", "fast", "owner", "run")
+    __slots__ = ("cancelled", "deadline", "done", "lane", "owner", "run")
 
     def __init__(self, owner: int, deadline: float, run: Callable[[], Any],
                  done: Callable[[Any, BaseException | None], None],
-                 fast: Callable[[], Any] | None = None) -> None:
+                 lane: Callable[[], Any] | None = None) -> None:
         self.owner = owner
         self.deadline = deadline
         self.run = run  # on the worker thread
         self.done = done  # the server calls it on the event loop with (result, error)
-        self.fast = fast  # a way to serve it from the event loop, tried first
+        self.lane = lane  # prepares its command for the lane (tpmbroker.server), tried first
         self.cancelled = False
 
 

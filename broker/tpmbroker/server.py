@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import grp
 import itertools
-import json
 import logging
 import os
 import queue
@@ -31,21 +30,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__
+from . import __version__, ops
 from . import protocol as p
 from .errors import (
-    BadDigestError,
     DeadlineError,
-    InternalError,
+    NotForLane,
     PermissionDeniedError,
     ProtocolError,
     Status,
-    TakeTheLongWay,
     TpmBrokerError,
     TpmUnavailableError,
     UnknownKeyError,
-    UnsupportedError,
-    UnsupportedVersionError,
 )
 from .scheduler import FairQueue, Job
 
@@ -61,24 +56,16 @@ LISTEN_BACKLOG = 1024
 LANE_GRACE = 5.0
 
 
-class Worker(Protocol):
-    """What the server needs of the TPM worker (tpmbroker.tpm.TpmWorker)."""
+class Worker(ops.Worker, Protocol):
+    """What the server needs of the TPM worker (tpmbroker.tpm.TpmWorker) beyond what the
+    operations use: its life, and the lane's access to the TPM link."""
 
     def open(self, deadline: float) -> None: ...
     def close(self) -> None: ...
-    def load_key(self, source: p.KeySource, key: bytes, deadline: float) -> Any: ...
-    def sign(self, key_id: bytes, auth: bytes, scheme: p.Scheme, hash_alg: p.HashAlg,
-             digest: bytes, deadline: float) -> bytes: ...
-    def generate_key(self, key_type: p.KeyType, param: int, auth: bytes, parent: int,
-                     deadline: float) -> tuple[bytes, bytes]: ...
-    def status(self) -> dict[str, object]: ...
-    # The lane (see TpmWorker.begin_fast_sign).
     def lane_socket(self) -> Any: ...
-    def begin_fast_sign(self, key_id: bytes, auth: bytes, scheme: p.Scheme,
-                        hash_alg: p.HashAlg, digest: bytes) -> Any: ...
-    def finish_fast_sign(self, fast: Any, response: bytes) -> bytes: ...
-    def abort_fast_sign(self, fast: Any | None) -> None: ...
-    def cancel_fast_sign(self, fast: Any) -> None: ...
+    def lane_finish(self, command: Any, response: bytes) -> bytes: ...
+    def lane_abort(self, command: Any | None) -> None: ...
+    def lane_cancel(self, command: Any) -> None: ...
     def split_response(self, data: bytes | bytearray) -> bytes | None: ...
 
 
@@ -126,17 +113,10 @@ def _answer_margin(timeout: float) -> float:
     return min(0.25, max(0.0, timeout) * 0.1)
 
 
-def _enum(cls: Any, value: int, what: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        raise UnsupportedError(f"unknown {what} {value}") from None
-
-
 class Stats:
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.signatures = 0
+        self.served: collections.Counter[str] = collections.Counter()  # by what (ops)
         self.errors = 0
         self.by_status: collections.Counter[str] = collections.Counter()
         self.connections_total = 0
@@ -266,77 +246,32 @@ class Connection(asyncio.Protocol):
             # The worker's deadline comes first, so that its errors (no sessions, TPM
             # unreachable) are the answer; the broker's own DEADLINE answer still comes
             # before the client stops waiting.
-            self.execute(request_id, msg, client_deadline - margin / 2,
-                         client_deadline - margin)
+            request = Incoming(self, request_id, opcode, client_deadline - margin / 2,
+                               client_deadline - margin)
+            ops.OPERATIONS[msg.OPCODE].serve(request, msg)
         except Exception as exc:
             self.fail(request_id, opcode, exc)
 
-    def execute(self, request_id: int, msg: p.Message, reply_by: float, deadline: float,
-                ) -> None:
-        server = self.server
-        worker = server.worker
-        if isinstance(msg, p.Sign):
-            auth = self.keys.pop(msg.key_id, None)
-            if auth is None:
-                raise UnknownKeyError("key not loaded on this connection; send LOAD first")
-            self.keys[msg.key_id] = auth  # most recently used last
-            scheme = _enum(p.Scheme, msg.scheme, "signature scheme")
-            hash_alg = _enum(p.HashAlg, msg.hash, "hash algorithm")
-            if len(msg.digest) != hash_alg.digest_size:
-                raise BadDigestError(f"digest of {len(msg.digest)} bytes for {hash_alg.name}, "
-                                     f"which needs {hash_alg.digest_size}")
-            self.submit(request_id, msg.OPCODE, reply_by, deadline,
-                        lambda: worker.sign(msg.key_id, auth, scheme, hash_alg, msg.digest,
-                                            deadline),
-                        self._signed,
-                        lambda: worker.begin_fast_sign(msg.key_id, auth, scheme, hash_alg,
-                                                       msg.digest))
-        elif isinstance(msg, p.Load):
-            source = _enum(p.KeySource, msg.source, "key source")
+    def key_auth(self, key_id: bytes) -> bytes:
+        auth = self.keys.pop(key_id, None)
+        if auth is None:
+            raise UnknownKeyError("key not loaded on this connection; send LOAD first")
+        self.keys[key_id] = auth  # most recently used last
+        return auth
 
-            def loaded(info: Any) -> p.Message:
-                self.keys.pop(info.key_id, None)
-                self.keys[info.key_id] = msg.auth
-                while len(self.keys) > server.config.max_keys_per_connection:
-                    # Forget the connection's least recently used key: memory stays bounded
-                    # and a client that uses it again gets UNKNOWN_KEY and loads it again.
-                    del self.keys[next(iter(self.keys))]
-                return p.LoadResult(info.key_id, info.key_type, info.bits, info.curve,
-                                    info.public_key)
-
-            self.submit(request_id, msg.OPCODE, reply_by, deadline,
-                        lambda: worker.load_key(source, msg.key, deadline), loaded)
-        elif isinstance(msg, p.Generate):
-            key_type = _enum(p.KeyType, msg.key_type, "key type")
-            self.submit(request_id, msg.OPCODE, reply_by, deadline,
-                        lambda: worker.generate_key(key_type, msg.param, msg.auth,
-                                                    msg.parent, deadline),
-                        lambda keys: p.GenerateResult(*keys))
-        elif isinstance(msg, p.StatusRequest):
-            self.submit(request_id, msg.OPCODE, reply_by, deadline, worker.status,
-                        lambda tpm: p.StatusResult(json.dumps(server.status(tpm),
-                                                              sort_keys=True)))
-        elif isinstance(msg, p.Hello):
-            if msg.max_version < p.VERSION:
-                raise UnsupportedVersionError(f"client speaks up to version {msg.max_version}; "
-                                              f"this broker speaks {p.VERSION}")
-            self.send(request_id, msg.OPCODE,
-                      p.HelloResult(p.VERSION, f"tpmbroker/{__version__}", p.MAX_FRAME))
-        elif isinstance(msg, p.Unload):
-            self.keys.pop(msg.key_id, None)
-            self.send(request_id, msg.OPCODE, p.UnloadResult())
-        else:
-            raise InternalError(f"no handler for {type(msg).__name__}")
-
-    def _signed(self, signature: bytes) -> p.Message:
-        self.server.stats.signatures += 1
-        return p.SignResult(signature)
+    def remember_key(self, key_id: bytes, auth: bytes) -> None:
+        self.keys.pop(key_id, None)
+        self.keys[key_id] = auth
+        while len(self.keys) > self.server.config.max_keys_per_connection:
+            # Forget the connection's least recently used key: memory stays bounded and
+            # a client that uses it again gets UNKNOWN_KEY and loads it again.
+            del self.keys[next(iter(self.keys))]
 
     def submit(self, request_id: int, opcode: int, reply_by: float, deadline: float,
                run: Callable[[], Any], finish: Callable[[Any], p.Message],
-               fast: Callable[[], Any] | None = None) -> None:
+               lane: Callable[[], Any] | None = None) -> None:
         pending = Pending(self, request_id, opcode, finish)
-        pending.job = Job(self.id, deadline, run, pending, fast)
+        pending.job = Job(self.id, deadline, run, pending, lane)
         pending.timer = self.server.loop.call_at(reply_by, self.expire, pending)
         self.pending.add(pending)
         self.server.enqueue(pending.job)
@@ -365,14 +300,55 @@ class Connection(asyncio.Protocol):
             self.fail(pending.request_id, pending.opcode, error)
 
 
+class Incoming:
+    """One decoded request, as its operation sees it (tpmbroker.ops.Request)."""
+
+    __slots__ = ("conn", "deadline", "opcode", "reply_by", "request_id")
+
+    def __init__(self, conn: Connection, request_id: int, opcode: int, reply_by: float,
+                 deadline: float) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self.opcode = opcode
+        self.reply_by = reply_by  # the broker's own DEADLINE answer goes out then
+        self.deadline = deadline  # the TPM work must be done by then
+
+    @property
+    def worker(self) -> ops.Worker:
+        return self.conn.server.worker
+
+    def reply(self, result: p.Message) -> None:
+        self.conn.send(self.request_id, self.opcode, result)
+
+    def submit(self, run: Callable[[], Any], finish: Callable[[Any], p.Message],
+               lane: Callable[[], Any] | None = None) -> None:
+        self.conn.submit(self.request_id, self.opcode, self.reply_by, self.deadline, run,
+                         finish, lane)
+
+    def key_auth(self, key_id: bytes) -> bytes:
+        return self.conn.key_auth(key_id)
+
+    def remember_key(self, key_id: bytes, auth: bytes) -> None:
+        self.conn.remember_key(key_id, auth)
+
+    def forget_key(self, key_id: bytes) -> None:
+        self.conn.keys.pop(key_id, None)
+
+    def broker_status(self, tpm: dict[str, object]) -> dict[str, object]:
+        return self.conn.server.status(tpm)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.conn.server.stats.served[what] += n
+
+
 class Lane:
     """The one signature the event loop has out on the TPM socket."""
 
-    __slots__ = ("fast", "give_up_at", "job", "received", "sock")
+    __slots__ = ("command", "give_up_at", "job", "received", "sock")
 
-    def __init__(self, job: Job, fast: Any, sock: socket.socket, give_up_at: float) -> None:
+    def __init__(self, job: Job, command: Any, sock: socket.socket, give_up_at: float) -> None:
         self.job = job
-        self.fast = fast  # the worker's prepared command (FastSign)
+        self.command = command  # the worker's prepared command (LaneCommand)
         self.sock = sock
         self.give_up_at = give_up_at  # loop time after which the TPM counts as stuck
         self.received = b""
@@ -396,7 +372,7 @@ class BrokerServer:
         # With two pool sessions, the next signature is prepared (HMAC, encryption) on
         # the other one while the TPM works on the current one, and sent the moment its
         # answer arrives: the TPM does not wait for the broker's arithmetic.
-        self._ahead: tuple[Job, Any] | None = None
+        self._lane_next: tuple[Job, Any] | None = None
         # The TPM socket stays registered with the loop between lane signatures (adding
         # and removing a reader costs a fifth of one); never while the worker thread may
         # close it or reconnect.
@@ -433,27 +409,27 @@ class BrokerServer:
             if time.monotonic() >= job.deadline:
                 job.done(None, DeadlineError("deadline passed while queued for the TPM"))
                 continue
-            if job.fast is not None:
-                fast = self._prepare(job)
-                if fast is not None and self._send_lane(job, fast):
+            if job.lane is not None:
+                command = self._prepare(job)
+                if command is not None and self._send_lane(job, command):
                     break
             self._release_lane_reader()
             self._busy = True
             self._handoff.put(job)
         if self._lane is not None:
-            self._prepare_ahead()
+            self._prepare_next()
 
     @staticmethod
     def _prepare(job: Job) -> Any:
         """The worker's prepared command for `job`, or None (it takes the long way)."""
         try:
-            assert job.fast is not None
-            return job.fast()
+            assert job.lane is not None
+            return job.lane()
         except Exception:  # anything unusual: the worker thread's path says what
             return None
 
-    def _prepare_ahead(self) -> None:
-        if self._ahead is not None or self._lane is None:
+    def _prepare_next(self) -> None:
+        if self._lane_next is not None or self._lane is None:
             return
         while (job := self.queue.pop()) is not None:
             if job.cancelled:
@@ -461,46 +437,46 @@ class BrokerServer:
             if time.monotonic() >= job.deadline:
                 job.done(None, DeadlineError("deadline passed while queued for the TPM"))
                 continue
-            fast = self._prepare(job) if job.fast is not None else None
-            if fast is None:
+            command = self._prepare(job) if job.lane is not None else None
+            if command is None:
                 self.queue.push_front(job)  # its turn comes when the TPM is free
             else:
-                self._ahead = (job, fast)
+                self._lane_next = (job, command)
             return
 
-    def _send_ahead(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
+    def _send_next(self) -> None:
+        queued, self._lane_next = self._lane_next, None
+        if queued is None:
             return
-        job, fast = ahead
+        job, command = queued
         if job.cancelled or time.monotonic() >= job.deadline:
-            self.worker.cancel_fast_sign(fast)
+            self.worker.lane_cancel(command)
             if not job.cancelled:
                 job.done(None, DeadlineError("deadline passed while queued for the TPM"))
-        elif not self._send_lane(job, fast):
-            self._take_the_long_way(job)
+        elif not self._send_lane(job, command):
+            self._to_worker(job)
 
-    def _drop_ahead(self) -> None:
+    def _drop_next(self) -> None:
         """The TPM link is in doubt: the prepared command goes back, unsent."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            self.worker.cancel_fast_sign(ahead[1])
-            self._take_the_long_way(ahead[0])
+        queued, self._lane_next = self._lane_next, None
+        if queued is not None:
+            self.worker.lane_cancel(queued[1])
+            self._to_worker(queued[0])
 
-    def _send_lane(self, job: Job, fast: Any) -> bool:
+    def _send_lane(self, job: Job, command: Any) -> bool:
         sock = self.worker.lane_socket()
         if sock is None:
-            self.worker.cancel_fast_sign(fast)
+            self.worker.lane_cancel(command)
             return False
         try:
-            sent = sock.send(fast.command)
+            sent = sock.send(command.command)
         except OSError:
             sent = -1
-        if sent != len(fast.command):
-            self._abort_lane(fast)
+        if sent != len(command.command):
+            self._abort_lane(command)
             return False  # the worker thread reconnects and serves it
         give_up_at = max(job.deadline, time.monotonic()) + LANE_GRACE
-        self._lane = Lane(job, fast, sock, give_up_at)
+        self._lane = Lane(job, command, sock, give_up_at)
         self._busy = True
         if self._lane_watchdog is None:
             self._lane_watchdog = self.loop.call_at(give_up_at, self._watch_lane)
@@ -515,10 +491,10 @@ class BrokerServer:
             self.loop.remove_reader(self._lane_reader.fileno())
             self._lane_reader = None
 
-    def _abort_lane(self, fast: Any) -> None:
+    def _abort_lane(self, command: Any) -> None:
         """The TPM connection is in an unknown state: let the worker drop it."""
         self._release_lane_reader()
-        self.worker.abort_fast_sign(fast)
+        self.worker.lane_abort(command)
 
     def _end_lane(self) -> Lane:
         lane = self._lane
@@ -548,15 +524,15 @@ class BrokerServer:
         self._end_lane()
         job = lane.job
         if response is None:  # the connection broke: its fate is unknown
-            self._drop_ahead()
-            self._abort_lane(lane.fast)
-            self._take_the_long_way(job)
+            self._drop_next()
+            self._abort_lane(lane.command)
+            self._to_worker(job)
         else:
-            self._send_ahead()  # the TPM starts on the next one while we finish this
+            self._send_next()  # the TPM starts on the next one while we finish this
             try:
-                signature = self.worker.finish_fast_sign(lane.fast, response)
-            except TakeTheLongWay:
-                self._take_the_long_way(job)
+                signature = self.worker.lane_finish(lane.command, response)
+            except NotForLane:
+                self._to_worker(job)
             except Exception as exc:
                 job.done(None, exc)
             else:
@@ -575,13 +551,13 @@ class BrokerServer:
         self._end_lane()
         log.warning("the TPM did not answer a signature for %.0f s; reconnecting",
                     LANE_GRACE)
-        self._drop_ahead()
-        self._abort_lane(lane.fast)
+        self._drop_next()
+        self._abort_lane(lane.command)
         lane.job.done(None, TpmUnavailableError("the TPM did not answer"))
         self._pump()
 
-    def _take_the_long_way(self, job: Job) -> None:
-        job.fast = None
+    def _to_worker(self, job: Job) -> None:
+        job.lane = None
         self.queue.push_front(job)  # it was its turn
 
     # --- the worker thread -------------------------------------------------------------------
@@ -644,8 +620,9 @@ class BrokerServer:
             "queue_depth": self.queue.depth,
             "connections": len(self.connections),
             "connections_total": self.stats.connections_total,
-            "signatures": self.stats.signatures,
-            "signatures_on_event_loop": self.lane_signatures,
+            "signatures": 0,
+            **self.stats.served,
+            "lane_signatures": self.lane_signatures,
             "errors": self.stats.errors,
             "errors_by_status": dict(self.stats.by_status),
             "refused_peers": self.stats.refused_peers,
@@ -700,9 +677,9 @@ class BrokerServer:
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.abort()
-        self._drop_ahead()
+        self._drop_next()
         if self._lane is not None:  # its answer would find no one to give it to
-            self._abort_lane(self._end_lane().fast)
+            self._abort_lane(self._end_lane().command)
         if self._lane_watchdog is not None:
             self._lane_watchdog.cancel()
             self._lane_watchdog = None

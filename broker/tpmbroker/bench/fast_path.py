@@ -34,7 +34,7 @@ from tpm2_pytss.types import (
     TPMT_SIG_SCHEME,
 )
 
-from ..protocol import Curve, HashAlg, KeySource, KeyType, Scheme
+from ..protocol import Curve, Hash, KeySource, KeyType, Scheme
 from ..simulator import Swtpm
 from ..tpm import TpmWorker, raw, transport
 from ..tpm import session_crypto as sc
@@ -207,7 +207,7 @@ def worker_loop(tpm: Swtpm, key_alg: str, seconds: float, fast_path: bool) -> Re
         scheme = Scheme.PKCS1 if rsa_key else Scheme.ECDSA
 
         def sign() -> None:
-            worker.sign(info.key_id, b"", scheme, HashAlg.SHA256, DIGEST,
+            worker.sign(info.key_id, b"", scheme, Hash.SHA256, DIGEST,
                         time.monotonic() + 30)
 
         sign()

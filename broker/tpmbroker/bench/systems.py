@@ -131,7 +131,7 @@ def _verify_digest(key: Key, signature: bytes, digest: bytes) -> bool:
 
     key_type = p.KeyType.EC if key.is_ec else p.KeyType.RSA
     scheme = p.Scheme.ECDSA if key.is_ec else p.Scheme.PKCS1
-    return verify_digest(key.public, key_type, signature, digest, p.HashAlg.SHA256, scheme)
+    return verify_digest(key.public, key_type, signature, digest, p.Hash.SHA256, scheme)
 
 
 class SessionSampler:

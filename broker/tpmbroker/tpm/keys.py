@@ -26,7 +26,7 @@ from tpm2_pytss.types import (
 )
 
 from ..errors import BadKeyError, UnsupportedError
-from ..protocol import STORAGE_PRIMARY, Curve, HashAlg, KeyType, Scheme
+from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme
 
 PERSISTENT_FIRST = 0x81000000
 PERSISTENT_LAST = 0x81FFFFFF
@@ -165,7 +165,7 @@ def signature_scheme_alg(key_type: KeyType, scheme: Scheme) -> int:
     raise UnsupportedError(f"scheme {scheme.name} does not fit a {key_type.name} key")
 
 
-def check_key_scheme(public: Any, scheme_alg: int, hash_alg: HashAlg) -> None:
+def check_key_scheme(public: Any, scheme_alg: int, hash_alg: Hash) -> None:
     """A key created with a fixed scheme signs only with that scheme and hash."""
     fixed = public.parameters.asymDetail.scheme
     if fixed.scheme == TPM2_ALG.NULL:

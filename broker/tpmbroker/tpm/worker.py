@@ -48,13 +48,13 @@ from ..errors import (
     BadDigestError,
     BadKeyError,
     DeadlineError,
-    TakeTheLongWay,
+    NotForLane,
     TpmBrokerError,
     TpmUnavailableError,
     UnknownKeyError,
     UnsupportedError,
 )
-from ..protocol import STORAGE_PRIMARY, HashAlg, KeySource, KeyType, Scheme, key_id_for
+from ..protocol import STORAGE_PRIMARY, Hash, KeySource, KeyType, Scheme, key_id_for
 from . import keys as keymod
 from . import pss, raw, transport
 from .keys import CachedKey, KeyCache, KeyInfo
@@ -74,7 +74,7 @@ MAX_CACHED_KEYS = 4096
 
 
 @dataclasses.dataclass
-class FastSign:
+class LaneCommand:
     """A TPM2_Sign prepared for a caller that sends it and reads the answer itself."""
 
     command: bytes  # framed for the link (SwtpmSocket framing)
@@ -184,14 +184,14 @@ class TpmWorker:
         if entry is not None and self._ectx is not None:
             self._unload(entry)
 
-    def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash_alg: HashAlg,
+    def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash_alg: Hash,
              digest: bytes, deadline: float) -> bytes:
         entry = self._keys.get(key_id)
         if entry is None:
             raise UnknownKeyError("unknown key id; send LOAD first")
         try:
             scheme = Scheme(scheme)
-            hash_alg = HashAlg(hash_alg)
+            hash_alg = Hash(hash_alg)
         except ValueError as exc:
             raise UnsupportedError(str(exc)) from None
         scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
@@ -241,7 +241,7 @@ class TpmWorker:
                 "sign|decrypt) or sign with PKCS#1 v1.5")
         return bool(entry.pss_by_broker)
 
-    def _check_tpm_pss_salt(self, entry: CachedKey, auth: bytes, hash_alg: HashAlg,
+    def _check_tpm_pss_salt(self, entry: CachedKey, auth: bytes, hash_alg: Hash,
                             digest: bytes, signature: bytes, deadline: float) -> bytes:
         """The first PSS signature of a key, made by the TPM: is its salt the digest
         length? If not, this and every later PSS signature of the key is padded here."""
@@ -254,7 +254,7 @@ class TpmWorker:
         return self._run(deadline, "signing", lambda: self._sign_pss_in_broker(
             entry, auth, hash_alg, digest, deadline))
 
-    def _sign_pss_in_broker(self, entry: CachedKey, auth: bytes, hash_alg: HashAlg,
+    def _sign_pss_in_broker(self, entry: CachedKey, auth: bytes, hash_alg: Hash,
                             digest: bytes, deadline: float) -> bytes:
         modulus, _ = entry.rsa_public_numbers
         block = pss.encode(digest, hash_alg.hashlib_name, modulus.bit_length())
@@ -290,12 +290,12 @@ class TpmWorker:
             return None
         return link.connected_socket
 
-    def begin_fast_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash_alg: HashAlg,
-                        digest: bytes) -> FastSign | None:
+    def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash_alg: Hash,
+                        digest: bytes) -> LaneCommand | None:
         """The framed command for a signature that needs nothing else, else None.
 
-        Never talks to the TPM. The session stays unusable until finish_fast_sign (or
-        abort_fast_sign) says how the command went.
+        Never talks to the TPM. The session stays unusable until lane_finish (or
+        lane_abort) says how the command went.
         """
         entry = self._keys.get(key_id)
         if (entry is None or entry.handle is None or self._ectx is None
@@ -318,19 +318,19 @@ class TpmWorker:
         pending = raw.prepare_sign(state, known[0], known[1], auth, digest, scheme_alg,
                                    hash_alg)
         state.usable = False  # until the answer says otherwise (as raw.execute does)
-        return FastSign(transport.frame_command(pending.command), pending, session, entry)
+        return LaneCommand(transport.frame_command(pending.command), pending, session, entry)
 
-    def finish_fast_sign(self, fast: FastSign, response: bytes) -> bytes:
+    def lane_finish(self, fast: LaneCommand, response: bytes) -> bytes:
         """The signature from the TPM's answer.
 
         A wrong password or a forged answer is final (TpmBrokerError: never retried, it
-        would count toward the lockout again); any other refusal raises TakeTheLongWay,
+        would count toward the lockout again); any other refusal raises NotForLane,
         and the ordinary path, with its recovery, serves the request.
         """
         state = fast.pending.session
         if len(response) == raw.HEADER_SIZE and raw.response_code(response) in raw.RESEND_CODES:
             state.usable = True  # the TPM did not start the command
-            raise TakeTheLongWay("the TPM asked for the command again")
+            raise NotForLane("the TPM asked for the command again")
         try:
             _, parameters = raw.finish(fast.pending, response)
         except raw.ResponseAuthError as exc:
@@ -341,7 +341,7 @@ class TpmWorker:
                 state.usable = True  # the TPM refused; its nonce did not move
             if classify(exc) in (Kind.AUTH, Kind.LOCKOUT):
                 raise to_error(exc, "signing") from None
-            raise TakeTheLongWay(str(exc)) from exc
+            raise NotForLane(str(exc)) from exc
         state.usable = True
         self._keys.touch(fast.entry.info.key_id)
         info = fast.entry.info
@@ -349,7 +349,7 @@ class TpmWorker:
             parameters, (info.bits + 7) // 8 if info.key_type is KeyType.RSA else 0)
 
     @staticmethod
-    def cancel_fast_sign(fast: FastSign) -> None:
+    def lane_cancel(fast: LaneCommand) -> None:
         """A prepared command that was never sent: its session is as it was."""
         fast.pending.session.usable = True
 
@@ -358,7 +358,7 @@ class TpmWorker:
         """The TPM's answer once `data` holds all of it (lane_socket's framing)."""
         return transport.split_response(data)
 
-    def abort_fast_sign(self, fast: FastSign | None) -> None:
+    def lane_abort(self, fast: LaneCommand | None) -> None:
         """The command's fate is unknown (link broke, no answer): drop the link so the
         next command reconnects; the session stays unusable and is replaced."""
         if isinstance(self._link, transport.SwtpmSocket):

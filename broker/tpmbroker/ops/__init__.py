@@ -1,0 +1,46 @@
+"""The wire operations, one module each, and the opcode table the server dispatches by.
+
+Adding an operation: a module here with its request and result messages and `serve`,
+its opcode in tpmbroker/definitions.py, a row below; on the C side a builder in
+provider/wire.c and a call in provider/client.c. docs/architecture.md has the checklist.
+"""
+
+from __future__ import annotations
+
+from ..definitions import Opcode
+from . import generate, hello, load, sign, status, unload
+from .base import Operation, Request, Worker
+from .generate import Generate, GenerateResult
+from .hello import Hello, HelloResult
+from .load import Load, LoadResult
+from .sign import Sign, SignResult
+from .status import StatusRequest, StatusResult
+from .unload import Unload, UnloadResult
+
+OPERATIONS: dict[Opcode, Operation] = {
+    Opcode.HELLO: Operation(Hello, HelloResult, hello.serve),
+    Opcode.LOAD: Operation(Load, LoadResult, load.serve),
+    Opcode.SIGN: Operation(Sign, SignResult, sign.serve),
+    Opcode.GENERATE: Operation(Generate, GenerateResult, generate.serve),
+    Opcode.STATUS: Operation(StatusRequest, StatusResult, status.serve),
+    Opcode.UNLOAD: Operation(Unload, UnloadResult, unload.serve),
+}
+
+__all__ = [
+    "OPERATIONS",
+    "Generate",
+    "GenerateResult",
+    "Hello",
+    "HelloResult",
+    "Load",
+    "LoadResult",
+    "Operation",
+    "Request",
+    "Sign",
+    "SignResult",
+    "StatusRequest",
+    "StatusResult",
+    "Unload",
+    "UnloadResult",
+    "Worker",
+]

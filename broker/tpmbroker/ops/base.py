@@ -1,0 +1,76 @@
+"""What an operation's server half sees of the broker: one request, and the TPM worker.
+
+Each module in tpmbroker.ops defines its wire messages, checks them, and says which TPM
+work answers them. The server gives every request a `Request` and dispatches it to the
+operation's `serve` through the table in tpmbroker.ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..definitions import Hash, KeySource, KeyType, Scheme
+from ..errors import UnsupportedError
+from ..protocol import Message
+
+
+class Worker(Protocol):
+    """The TPM worker as operations use it (tpmbroker.tpm.TpmWorker). Its methods run on
+    the worker thread, one at a time; `deadline` is a time.monotonic() value."""
+
+    def load_key(self, source: KeySource, key: bytes, deadline: float) -> Any: ...
+    def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash, digest: bytes,
+             deadline: float) -> bytes: ...
+    def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
+                     deadline: float) -> tuple[bytes, bytes]: ...
+    def status(self) -> dict[str, object]: ...
+    def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
+                  digest: bytes) -> Any:
+        """The TPM2_Sign for the lane, ready to send, or None: the worker thread serves it."""
+
+
+class Request(Protocol):
+    """One request on one connection, as the server hands it to an operation."""
+
+    @property
+    def worker(self) -> Worker: ...
+
+    @property
+    def deadline(self) -> float: ...
+
+    def reply(self, result: Message) -> None:
+        """Answer now, on the event loop."""
+
+    def submit(self, run: Callable[[], Any], finish: Callable[[Any], Message],
+               lane: Callable[[], Any] | None = None) -> None:
+        """Queue `run` for the TPM (worker thread, fair queue, deadline); `finish` turns
+        its result into the answer on the event loop. `lane`, if given, prepares the
+        same TPM command for the event loop to send itself (tpmbroker.server)."""
+
+    def key_auth(self, key_id: bytes) -> bytes:
+        """The password this connection loaded `key_id` with; UnknownKeyError if none."""
+
+    def remember_key(self, key_id: bytes, auth: bytes) -> None: ...
+    def forget_key(self, key_id: bytes) -> None: ...
+    def broker_status(self, tpm: dict[str, object]) -> dict[str, object]: ...
+    def count(self, what: str, n: int = 1) -> None:
+        """Add to one of the broker's counters (status)."""
+
+
+def member(cls: Any, value: int, what: str) -> Any:
+    """`cls(value)`, or UNSUPPORTED naming what was not understood."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise UnsupportedError(f"unknown {what} {value}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """One row of the opcode table."""
+
+    request: type[Message]
+    result: type[Message]
+    serve: Callable[[Request, Any], None]

@@ -1,0 +1,26 @@
+"""UNLOAD: this connection forgets a key; the TPM keeps it while others use it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..definitions import Opcode
+from ..protocol import Message, Result
+from .base import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class Unload(Message):
+    OPCODE = Opcode.UNLOAD
+    FIELDS = (("key_id", "bytes"),)
+    key_id: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class UnloadResult(Result):
+    OPCODE = Opcode.UNLOAD
+
+
+def serve(request: Request, msg: Unload) -> None:
+    request.forget_key(msg.key_id)
+    request.reply(UnloadResult())

@@ -49,7 +49,27 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "status_response": (7, ops.StatusResult('{"pool_size":2}'), 0),
     "unload_response": (8, ops.UnloadResult(), 0),
 }
-OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN}
+OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
+                      "error_connection": p.CONNECTION_ERROR}
+# Every other status, answering STATUS (request id 100 + status).
+for _status in Status:
+    if _status in (Status.OK, Status.UNKNOWN_KEY, Status.AUTH_FAILED):
+        continue  # OK is in every result; the other two have frames of their own above
+    _name = f"error_{_status.name.lower()}"
+    EXPECTED[_name] = (100 + _status, p.ErrorResult(
+        _status, _status.name.lower().replace("_", " "),
+        0x100 + _status if _status is Status.TPM_ERROR else 0), 0)
+    OPCODE_OF_RESPONSE[_name] = p.Opcode.STATUS
+EXPECTED["error_connection"] = (0, p.ErrorResult(
+    Status.PERMISSION_DENIED, "uid 1000 is not allowed to use this broker"), 0)
+
+
+def test_golden_frames_cover_every_opcode_and_status() -> None:
+    opcodes = {p.decode_header(frame).opcode & ~p.RESPONSE_BIT for frame in GOLDEN.values()}
+    assert set(p.Opcode) <= opcodes
+    statuses = {Status.OK} | {msg.status for _, msg, _ in EXPECTED.values()
+                              if isinstance(msg, p.ErrorResult)}
+    assert statuses == set(Status)
 
 
 def test_every_golden_frame_is_covered() -> None:
@@ -65,7 +85,8 @@ def test_golden_frames_encode_and_decode(name: str) -> None:
     assert header.request_id == request_id
     assert header.timeout_ms == timeout_ms
     if header.is_response:
-        opcode = OPCODE_OF_RESPONSE.get(name) or msg.OPCODE  # type: ignore[union-attr]
+        opcode = (OPCODE_OF_RESPONSE[name] if isinstance(msg, p.ErrorResult)
+                  else msg.OPCODE)
         assert p.encode_response(request_id, opcode, msg) == frame
         assert p.decode_response(header, body) == msg
     else:

@@ -1,0 +1,44 @@
+/* Prints every shared number as the C side sees it (provider/definitions.h through wire.h),
+ * one "GROUP NAME value" line each, and each status with wire_status_name(). */
+#include <stdio.h>
+
+#include "wire.h"
+
+#define PRINT(group) \
+    static void print_##group(const char *name, unsigned long value) \
+    { \
+        printf(#group " %s %lu\n", name, value); \
+    }
+PRINT(OPCODE)
+PRINT(STATUS)
+PRINT(KEY_SOURCE)
+PRINT(KEY_TYPE)
+PRINT(SCHEME)
+PRINT(HASH)
+PRINT(CURVE)
+
+int main(void)
+{
+#define X_OPCODE(n, v) print_OPCODE(#n, v);
+#define X_STATUS(n, v) print_STATUS(#n, v);
+#define X_KEY_SOURCE(n, v) print_KEY_SOURCE(#n, v);
+#define X_KEY_TYPE(n, v) print_KEY_TYPE(#n, v);
+#define X_SCHEME(n, v) print_SCHEME(#n, v);
+#define X_HASH(n, v) print_HASH(#n, v);
+#define X_CURVE(n, v) print_CURVE(#n, v);
+#define X_STATUS_NAME(n, v) printf("NAME %d %s\n", v, wire_status_name(WIRE_STATUS_##n));
+    WIRE_OPCODE_LIST(X_OPCODE)
+    WIRE_STATUS_LIST(X_STATUS)
+    WIRE_KEY_SOURCE_LIST(X_KEY_SOURCE)
+    WIRE_KEY_TYPE_LIST(X_KEY_TYPE)
+    WIRE_SCHEME_LIST(X_SCHEME)
+    WIRE_HASH_LIST(X_HASH)
+    WIRE_CURVE_LIST(X_CURVE)
+    WIRE_STATUS_LIST(X_STATUS_NAME)
+    printf("CONST VERSION %u\nCONST MAX_FRAME %u\nCONST HEADER_SIZE %u\nCONST KEY_ID_SIZE %u\n"
+           "CONST STORAGE_PRIMARY %u\nCONST RESPONSE_BIT %u\nCONST MAX_FIELD %u\n"
+           "CONST CONNECTION_ERROR %u\n",
+           WIRE_VERSION, WIRE_MAX_FRAME, WIRE_HEADER_SIZE, WIRE_KEY_ID_SIZE,
+           WIRE_STORAGE_PRIMARY, WIRE_RESPONSE_BIT, WIRE_MAX_FIELD, WIRE_CONNECTION_ERROR);
+    return 0;
+}

@@ -1,9 +1,11 @@
-"""The C session arithmetic (tpm/authorize.c) against the Python reference in raw.py and
-session_crypto.py, byte for byte. tests/test_fast_path.py runs both against a TPM."""
+"""The C session arithmetic (tpm/authorize.c, through tpm/command.py) against the Python
+oracle in tpm/reference.py and session_crypto.py, byte for byte. tests/test_command.py runs
+both against a TPM."""
 
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
-from tpmbroker.tpm import raw
+from tpmbroker.tpm import command, reference
 from tpmbroker.tpm import session_crypto as sc
 
 HASHES = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}
@@ -19,8 +21,15 @@ ATTRIBUTES = (sc.CONTINUE_SESSION, sc.CONTINUE_SESSION | sc.DECRYPT, sc.DECRYPT)
 
 
 def test_the_package_carries_the_c_code() -> None:
-    # Without it everything still works, at ten times the CPU per signature.
-    assert raw.c_implementation()
+    # command.py does not import without it: the broker has no slower fallback.
+    assert Path(command._authorize.__file__).parent == Path(command.__file__).parent
+
+
+def finish(pending: command.PendingCommand, response: bytes) -> tuple[list[int], bytes]:
+    """Each implementation checks the responses to the commands it prepared."""
+    if pending.c_pending is not None:
+        return command.finish(pending, response)
+    return reference.finish(pending, response)
 
 
 def session(hash_alg: int, key: bytes, nonce_tpm: bytes) -> sc.SessionState:
@@ -36,7 +45,8 @@ def commands(draw: st.DrawFn) -> tuple[sc.SessionState, bytes, dict[str, object]
     nonce_caller = draw(st.binary(min_size=size, max_size=size))
     handles = draw(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3))
     args: dict[str, object] = {
-        "command_code": draw(st.sampled_from([raw.CC_SIGN, raw.CC_RSA_DECRYPT, raw.CC_CREATE])),
+        "command_code": draw(st.sampled_from([command.CC_SIGN, command.CC_RSA_DECRYPT,
+                                              command.CC_CREATE])),
         "handles": handles,
         "names": [draw(st.binary(min_size=4, max_size=66)) for _ in handles],
         # Trailing zeros included: both must drop them.
@@ -54,13 +64,13 @@ def commands(draw: st.DrawFn) -> tuple[sc.SessionState, bytes, dict[str, object]
 def test_prepare_is_byte_identical(case: tuple[sc.SessionState, bytes, dict[str, object]],
                                    ) -> None:
     state, nonce_caller, args = case
-    c = raw.prepare(state, nonce_caller=nonce_caller, **args)  # type: ignore[arg-type]
-    ref = raw.prepare_reference(state, nonce_caller=nonce_caller, **args)  # type: ignore[arg-type]
+    c = command.prepare(state, nonce_caller=nonce_caller, **args)  # type: ignore[arg-type]
+    ref = reference.prepare(state, nonce_caller=nonce_caller, **args)  # type: ignore[arg-type]
     assert c.c_pending is not None and ref.c_pending is None
     assert c.command == ref.command
 
 
-def tpm_response(pending: raw.PendingCommand, parameters: bytes, nonce_tpm: bytes,
+def tpm_response(pending: command.PendingCommand, parameters: bytes, nonce_tpm: bytes,
                  attributes: int = sc.CONTINUE_SESSION, handles: tuple[int, ...] = ()) -> bytes:
     """What a TPM answers to `pending`, its HMAC computed by the reference code."""
     state = pending.session
@@ -70,19 +80,19 @@ def tpm_response(pending: raw.PendingCommand, parameters: bytes, nonce_tpm: byte
                           nonce_tpm, NONCE_CALLER[: state.nonce_size], attributes)
     body = (b"".join(struct.pack(">I", h) for h in handles)
             + struct.pack(">I", len(parameters)) + parameters
-            + raw.tpm2b(nonce_tpm) + bytes((attributes,)) + raw.tpm2b(mac))
-    return struct.pack(">HII", raw.ST_SESSIONS, 10 + len(body), 0) + body
+            + command.tpm2b(nonce_tpm) + bytes((attributes,)) + command.tpm2b(mac))
+    return struct.pack(">HII", command.ST_SESSIONS, 10 + len(body), 0) + body
 
 
 NONCE_CALLER = bytes(range(64))
 
 
 def both_prepared(hash_alg: int = 0x000B, response_handles: int = 0,
-                  ) -> tuple[raw.PendingCommand, raw.PendingCommand]:
+                  ) -> tuple[command.PendingCommand, command.PendingCommand]:
     size = HASHES[hash_alg]
     made = []
-    for prepare in (raw.prepare, raw.prepare_reference):
-        made.append(prepare(session(hash_alg, b"\x05" * size, b"\x09" * size), raw.CC_SIGN,
+    for prepare in (command.prepare, reference.prepare):
+        made.append(prepare(session(hash_alg, b"\x05" * size, b"\x09" * size), command.CC_SIGN,
                             [0x80000001], [b"name"], b"pw\0", b"d" * size, b"rest",
                             sc.CONTINUE_SESSION | sc.DECRYPT, response_handles,
                             nonce_caller=NONCE_CALLER[:size]))
@@ -95,7 +105,7 @@ def test_finish_accepts_what_the_reference_accepts(hash_alg: int) -> None:
     new_nonce = b"\x0b" * size
     for pending in both_prepared(hash_alg, response_handles=1):
         response = tpm_response(pending, b"\x00\x18params", new_nonce, handles=(0x80000002,))
-        assert raw.finish(pending, response) == ([0x80000002], b"\x00\x18params")
+        assert finish(pending, response) == ([0x80000002], b"\x00\x18params")
         assert pending.session.nonce_tpm == new_nonce
 
 
@@ -107,10 +117,10 @@ def test_finish_decrypts_an_encrypted_response_parameter() -> None:
         new_nonce = b"\x0c" * 32
         key = state.session_key + b"pw"
         sealed = sc.cfb_encrypt("sha256", key, new_nonce, NONCE_CALLER[:32], clear)
-        response = tpm_response(pending, raw.tpm2b(sealed) + b"tail", new_nonce,
+        response = tpm_response(pending, command.tpm2b(sealed) + b"tail", new_nonce,
                                 sc.CONTINUE_SESSION | sc.ENCRYPT)
-        results.append(raw.finish(pending, response))
-    assert results[0] == results[1] == ([], raw.tpm2b(b"secret bytes") + b"tail")
+        results.append(finish(pending, response))
+    assert results[0] == results[1] == ([], command.tpm2b(b"secret bytes") + b"tail")
 
 
 @pytest.mark.parametrize("flip", range(10, 60, 7))
@@ -120,9 +130,9 @@ def test_any_altered_byte_is_refused_by_both(flip: int) -> None:
         response[flip] ^= 0x40
         nonce_before = pending.session.nonce_tpm
         with pytest.raises(TSS2_Exception) as caught:
-            raw.finish(pending, bytes(response))
+            finish(pending, bytes(response))
         # Either the layout no longer adds up or the HMAC does not match.
-        assert caught.value.rc in (raw.malformed().rc, raw.ResponseAuthError().rc)
+        assert caught.value.rc in (command.malformed().rc, command.ResponseAuthError().rc)
         assert pending.session.nonce_tpm == nonce_before
 
 
@@ -133,42 +143,42 @@ def test_any_altered_byte_is_refused_by_both(flip: int) -> None:
 def test_malformed_responses_are_refused_by_both(response: bytes) -> None:
     for pending in both_prepared():
         with pytest.raises(TSS2_Exception) as caught:
-            raw.finish(pending, response)
-        assert caught.value.rc == raw.malformed().rc
+            finish(pending, response)
+        assert caught.value.rc == command.malformed().rc
 
 
 def test_a_refusal_carries_the_tpm_code_in_both() -> None:
     for pending in both_prepared():
         with pytest.raises(TSS2_Exception) as caught:
-            raw.finish(pending, struct.pack(">HII", 0x8001, 10, 0x98E))
+            finish(pending, struct.pack(">HII", 0x8001, 10, 0x98E))
         assert caught.value.rc == 0x98E
 
 
 def test_prepare_refuses_what_it_cannot_frame() -> None:
     state = session(0x000B, b"", b"\0" * 32)
     with pytest.raises(TSS2_Exception):
-        raw.prepare(state, raw.CC_SIGN, [1], [b"n"], b"a" * 65, b"", b"", sc.DECRYPT)
+        command.prepare(state, command.CC_SIGN, [1], [b"n"], b"a" * 65, b"", b"", sc.DECRYPT)
     with pytest.raises(TSS2_Exception):
-        raw.prepare(state, raw.CC_SIGN, [1], [b"n"], b"", b"x" * 5000, b"", sc.DECRYPT)
+        command.prepare(state, command.CC_SIGN, [1], [b"n"], b"", b"x" * 5000, b"", sc.DECRYPT)
     with pytest.raises(ValueError, match="nonceCaller"):
-        raw.prepare(state, raw.CC_SIGN, [1], [b"n"], b"", b"", b"", sc.DECRYPT,
+        command.prepare(state, command.CC_SIGN, [1], [b"n"], b"", b"", b"", sc.DECRYPT,
                     nonce_caller=b"short")
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=66), st.binary(max_size=66))
 def test_ecdsa_signature_is_the_same_der(r: bytes, s: bytes) -> None:
-    parameters = struct.pack(">HHH", 0x0018, 0x000B, len(r)) + r + raw.tpm2b(s)
+    parameters = struct.pack(">HHH", 0x0018, 0x000B, len(r)) + r + command.tpm2b(s)
     expected = encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big"))
-    assert raw.signature_bytes(parameters) == expected
-    assert raw.signature_bytes_reference(parameters) == expected
+    assert command.signature_bytes(parameters) == expected
+    assert reference.signature_bytes(parameters) == expected
 
 
 @pytest.mark.parametrize("scheme", [0x0014, 0x0016])
 def test_rsa_signature_is_padded_to_the_modulus(scheme: int) -> None:
     parameters = struct.pack(">HHH", scheme, 0x000B, 255) + b"\x01" * 255
-    assert raw.signature_bytes(parameters, 256) == b"\0" + b"\x01" * 255
-    assert raw.signature_bytes(parameters) == raw.signature_bytes_reference(parameters)
+    assert command.signature_bytes(parameters, 256) == b"\0" + b"\x01" * 255
+    assert command.signature_bytes(parameters) == reference.signature_bytes(parameters)
 
 
 @pytest.mark.parametrize("parameters", [
@@ -176,6 +186,6 @@ def test_rsa_signature_is_padded_to_the_modulus(scheme: int) -> None:
     struct.pack(">HHH", 0x0014, 0x000B, 3) + b"toolong"])
 def test_malformed_signatures_are_refused(parameters: bytes) -> None:
     with pytest.raises(TSS2_Exception):
-        raw.signature_bytes(parameters)
+        command.signature_bytes(parameters)
     with pytest.raises(TSS2_Exception):
-        raw.signature_bytes_reference(parameters)
+        reference.signature_bytes(parameters)

@@ -65,7 +65,6 @@ def test_embedded_simulator_is_the_default_and_keeps_its_keys(tmp_path: Path) ->
             der, _ = client.generate_key(KeyType.EC, Curve.P256)
             status = client.status()
             assert str(status["tcti"]).startswith("swtpm:host=127.0.0.1")
-            assert status["session_code"] == "c"  # the package carries its C extension
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

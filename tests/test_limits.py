@@ -68,7 +68,7 @@ def test_a_connection_forgets_its_least_recently_used_keys(swtpm: Swtpm,
 
 def test_the_worker_forgets_its_oldest_keys_beyond_its_limit(swtpm: Swtpm) -> None:
     worker = TpmWorker(swtpm.tcti)
-    worker.max_cached_keys = 2
+    worker.objects.max_keys = 2
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:

@@ -1,5 +1,5 @@
 """Session crypto against known vectors and independent implementations (no TPM here;
-tests/test_fast_path.py checks the same code against a real TPM)."""
+tests/test_command.py checks the same code against a real TPM)."""
 
 from __future__ import annotations
 

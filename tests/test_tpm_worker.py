@@ -451,7 +451,7 @@ def test_cleared_tpm_refuses_old_keys(swtpm: Swtpm) -> None:
     worker = opened(swtpm.tcti)
     try:
         old, _ = _signing_key(worker)
-        worker._ectx.clear(ESYS_TR.RH_LOCKOUT)  # as another TPM user would
+        worker.link.ectx.clear(ESYS_TR.RH_LOCKOUT)  # as another TPM user would
         digest = digest_of(b"cleared", Hash.SHA256)
         with pytest.raises(BadKeyError):
             worker.sign(old.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
@@ -476,19 +476,19 @@ def test_session_flushed_behind_our_back(swtpm: Swtpm) -> None:
     worker = opened(swtpm.tcti)
     try:
         info, spki = _signing_key(worker)
-        ectx = worker._ectx
-        for session in worker._pool.sessions:
-            _flush_raw(ectx, int(ectx.tr_get_tpm_handle(session)))
+        ectx = worker.link.ectx
+        for session in worker.pool.sessions:
+            _flush_raw(ectx, session.handle)
         lockout_before = tpm_property(ectx, TPM2_PT.LOCKOUT_COUNTER)
         digest = digest_of(b"flushed", Hash.SHA256)
         signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                                 soon())
         verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
-        assert tpm_property(worker._ectx, TPM2_PT.LOCKOUT_COUNTER) == lockout_before
+        assert tpm_property(worker.link.ectx, TPM2_PT.LOCKOUT_COUNTER) == lockout_before
         status = worker.status()
         assert status["pool_sessions"] == status["tpm_active_sessions"] == 2
         # Same TPM life: the old primary and key were flushed, not leaked.
-        _, data = worker._ectx.get_capability(TPM2_CAP.HANDLES, 0x80000000, 16)
+        _, data = worker.link.ectx.get_capability(TPM2_CAP.HANDLES, 0x80000000, 16)
         assert len(data.data.handles) == 2
     finally:
         worker.close()

@@ -108,7 +108,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # the broker handles those and logs what matters itself.
         os.environ.setdefault("TSS2_LOG", "all+none")
     from .server import BrokerServer, ServerConfig
-    from .tpm import TpmWorker, raw
+    from .tpm import TpmWorker
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,10 +140,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 _keep_simulator_running(simulator, logging.getLogger("tpmbroker.simulator")))
         print(f"tpmbroker: serving on {config.socket_path} ({tcti}, {args.sessions} sessions)",
               file=sys.stderr, flush=True)
-        if not raw.c_implementation():
-            logging.getLogger("tpmbroker").warning(
-                "tpmbroker.tpm._authorize is not built: session HMACs are computed in "
-                "Python, at several times the CPU per signature (build_provider.py builds it)")
         try:
             await stop.wait()
         finally:

@@ -469,10 +469,10 @@ class BrokerServer:
             self.worker.lane_cancel(command)
             return False
         try:
-            sent = sock.send(command.command)
+            sent = sock.send(command.frame)
         except OSError:
             sent = -1
-        if sent != len(command.command):
+        if sent != len(command.frame):
             self._abort_lane(command)
             return False  # the worker thread reconnects and serves it
         give_up_at = max(job.deadline, time.monotonic()) + LANE_GRACE

@@ -1,4 +1,4 @@
-"""The TPM worker: the only part of tpmbroker that talks to the TPM (through tpm2-pytss)."""
+"""The TPM worker and its layers: the only part of tpmbroker that talks to the TPM."""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Byte transports to the TPM for raw commands, and a TCTI over ours for ESAPI.
+"""The link to the TPM: the connection, its recovery and a clean start.
+
+`Link` is the one connection the worker talks through: raw commands (tpm/command.py)
+and, for the rare setup commands where tpm2-pytss's ESAPI stays simpler (CreatePrimary,
+Load, ReadPublic, GetCapability), an ESAPI context over the same bytes.
+
+Byte transports:
 
 tss2's swtpm TCTI opens a new TCP connection for every command (about 130 µs and a
 TIME_WAIT socket each); `SwtpmSocket` keeps one connection open and speaks the MS
@@ -14,14 +20,21 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
-from tpm2_pytss.constants import TSS2_RC
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import TPM2_SU, TSS2_RC
 from tpm2_pytss.TCTI import PyTCTI
 from tpm2_pytss.TCTILdr import TCTILdr
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
+from ..errors import TpmUnavailableError
+from .rc import Kind, classify
+
 MAX_RESPONSE = 4096
+CONNECT_BACKOFF_FIRST = 0.01
+CONNECT_BACKOFF_MAX = 0.5
 TPM_SEND_COMMAND = 8
 _SEND_HEADER = struct.Struct(">IBI")  # command, locality, length
 _U32 = struct.Struct(">I")
@@ -205,3 +218,97 @@ def close_tcti(tcti: Any) -> None:
             tcti.transport.close()
         elif isinstance(tcti, TCTILdr):
             tcti.close()
+
+
+class Link:
+    """One connection to the TPM shared by raw commands and ESAPI; None of either while
+    down. Only the worker thread calls it, except `lane_socket` (tpmbroker.lane)."""
+
+    def __init__(self, tcti: str) -> None:
+        self.tcti = tcti
+        self.ectx: Any = None  # ESAPI over the same connection
+        self.transport: Transport | None = None
+        self._tcti_object: Any = None
+
+    @property
+    def up(self) -> bool:
+        return self.ectx is not None
+
+    def connect(self, deadline: float) -> tuple[int, int]:
+        """Connect, retrying with backoff until `deadline`; start the TPM up if nobody
+        did. Returns (resetCount, restartCount): the caller compares them with the last
+        ones to tell whether the TPM kept what it held."""
+        delay = CONNECT_BACKOFF_FIRST
+        while True:
+            try:
+                self._open()
+                break
+            except (TSS2_Exception, RuntimeError) as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TpmUnavailableError(
+                        f"cannot reach the TPM through {self.tcti!r}: {exc}") from exc
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+        return self._clock_counts()
+
+    def _open(self) -> None:
+        # swtpm serves one connection at a time and a resource manager keeps sessions per
+        # connection: ESAPI and raw commands must share one.
+        transport, tcti = open_transport(self.tcti)
+        try:
+            transport.open()
+            ectx = ESAPI(tcti)
+        except BaseException:
+            close_tcti(tcti)
+            raise
+        self.transport, self._tcti_object, self.ectx = transport, tcti, ectx
+
+    def _clock_counts(self) -> tuple[int, int]:
+        try:
+            info = self.ectx.read_clock()
+        except TSS2_Exception as exc:
+            if classify(exc) is not Kind.NEEDS_STARTUP:
+                raise
+            # Powered up without TPM2_Startup (no resource manager did it for us).
+            self.ectx.startup(TPM2_SU.CLEAR)
+            info = self.ectx.read_clock()
+        return int(info.clockInfo.resetCount), int(info.clockInfo.restartCount)
+
+    def require(self) -> Transport:
+        """The transport for a raw command; a TCTI error (recoverable) while down."""
+        if self.transport is None:
+            raise TSS2_Exception(int(TSS2_RC.TCTI_RC_NO_CONNECTION))
+        return self.transport
+
+    def flush(self, handle: int) -> None:
+        """Flush a TPM handle; nothing if it is gone (or, under a resource manager, never
+        ours)."""
+        try:
+            tr = self.ectx.tr_from_tpmpublic(handle)
+            self.ectx.flush_context(tr)
+        except TSS2_Exception:
+            pass
+
+    def lane_socket(self) -> socket.socket | None:
+        """The open swtpm connection, for the event loop to drive one command itself;
+        None when the link is down or is not a socket of ours."""
+        transport = self.transport
+        if not isinstance(transport, SwtpmSocket):
+            return None
+        return transport.connected_socket
+
+    def drop_connection(self) -> None:
+        """A command's fate is unknown: the next command reconnects."""
+        if isinstance(self.transport, SwtpmSocket):
+            self.transport.drop()
+
+    def close(self) -> None:
+        """Finalize ESAPI and the connection. Idempotent."""
+        ectx, self.ectx = self.ectx, None
+        if ectx is not None:
+            with contextlib.suppress(TSS2_Exception):
+                ectx.close()
+        tcti, self.transport, self._tcti_object = self._tcti_object, None, None
+        if tcti is not None:
+            close_tcti(tcti)

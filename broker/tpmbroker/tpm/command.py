@@ -1,8 +1,9 @@
-"""Raw TPM commands with the broker's own HMAC sessions (the signing fast path).
+"""Authorized commands: every TPM command the broker sends with a pool session.
 
 Commands are framed here (Part 3 command/response layout, the authorization area) and
-sent through a `Transport`; the structures inside them are tpm2-pytss types and their
-marshal()/unmarshal(). Session HMACs and parameter encryption come from session_crypto.
+sent through the link (tpm/link.py); the structures inside them are tpm2-pytss types and
+their marshal()/unmarshal(). One path, prepare() then finish(), computes the session
+HMAC and parameter encryption and checks the response, for every operation.
 
 Failures raise tpm2-pytss's TSS2_Exception with the TPM's response code (or a TCTI
 code when the transport broke), so callers classify them exactly like ESAPI errors.
@@ -11,15 +12,13 @@ forged response) is marked unusable: sending its next HMAC could fail authorizat
 and count toward the TPM's dictionary-attack lockout.
 
 The arithmetic of prepare() and finish() runs in C (tpm/authorize.c, built with the
-package) when that extension is present: about 5 µs a command against about 45 µs
-here. The Python code stays as the reference the tests hold the C code to, and as the
-fallback for a source tree nobody compiled.
+package): about 5 µs a command. tpm/reference.py does the same in Python from
+session_crypto, as the oracle the tests hold the C code to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import importlib
 import os
 import struct
@@ -27,7 +26,6 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss.constants import TPM2_ALG, TPM2_RH, TPM2_ST, TSS2_RC
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
@@ -47,16 +45,11 @@ from tpm2_pytss.types import (
 
 from . import session_crypto as sc
 
-_authorize: Any
 try:
-    _authorize = importlib.import_module(f"{__package__}._authorize")
-except ImportError:  # an uncompiled source tree
-    _authorize = None
-
-
-def c_implementation() -> bool:
-    """Whether the C session arithmetic is in use."""
-    return _authorize is not None
+    _authorize: Any = importlib.import_module(f"{__package__}._authorize")
+except ImportError as exc:  # a source tree nobody compiled
+    raise ImportError("tpmbroker.tpm._authorize is not built: run `python build_provider.py` "
+                      "or install the package (it compiles it)") from exc
 
 ST_NO_SESSIONS = 0x8001
 ST_SESSIONS = 0x8002
@@ -81,12 +74,12 @@ MAX_RESENDS = 10
 # (the TPM answers TPM_RC_ATTRIBUTES if asked to).
 SIGN_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT
 
-_HEADER = struct.Struct(">HII")
-HEADER_SIZE = _HEADER.size  # a response of just this much carries only a response code
-_U32 = struct.Struct(">I")
-_U16 = struct.Struct(">H")
-_ALG_ECDSA = int(TPM2_ALG.ECDSA)
-_ALG_RSA_SIGNATURES = (int(TPM2_ALG.RSASSA), int(TPM2_ALG.RSAPSS))
+HEADER = struct.Struct(">HII")
+HEADER_SIZE = HEADER.size  # a response of just this much carries only a response code
+U32 = struct.Struct(">I")
+U16 = struct.Struct(">H")
+ALG_ECDSA = int(TPM2_ALG.ECDSA)
+ALG_RSA_SIGNATURES = (int(TPM2_ALG.RSASSA), int(TPM2_ALG.RSAPSS))
 _NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL).marshal()
 
 
@@ -110,20 +103,20 @@ def malformed() -> TSS2_Exception:
 # --- framing --------------------------------------------------------------------------
 
 def command(tag: int, command_code: int, handles: Sequence[int], body: bytes) -> bytes:
-    handle_area = b"".join(_U32.pack(h) for h in handles)
-    size = _HEADER.size + len(handle_area) + len(body)
-    return _HEADER.pack(tag, size, command_code) + handle_area + body
+    handle_area = b"".join(U32.pack(h) for h in handles)
+    size = HEADER.size + len(handle_area) + len(body)
+    return HEADER.pack(tag, size, command_code) + handle_area + body
 
 
 def tpm2b(data: bytes) -> bytes:
-    return _U16.pack(len(data)) + data
+    return U16.pack(len(data)) + data
 
 
 def response_code(response: bytes) -> int:
     """The response's code after a sanity check of its header."""
-    if len(response) < _HEADER.size:
+    if len(response) < HEADER.size:
         raise malformed()
-    _tag, size, rc = _HEADER.unpack_from(response)
+    _tag, size, rc = HEADER.unpack_from(response)
     if size != len(response):
         raise malformed()
     return int(rc)
@@ -133,7 +126,7 @@ def transact(transport: Transport, command_bytes: bytes) -> bytes:
     """Send a command, again while the TPM answers that it did not start it."""
     for _ in range(MAX_RESENDS):
         response = transport.transact(command_bytes)
-        if len(response) != _HEADER.size or _HEADER.unpack(response)[2] not in RESEND_CODES:
+        if len(response) != HEADER.size or HEADER.unpack(response)[2] not in RESEND_CODES:
             break
     return response
 
@@ -145,7 +138,7 @@ def plain_command(command_code: int, handles: Sequence[int], parameters: bytes,
     rc = response_code(response)
     if rc != RC_SUCCESS:
         raise TSS2_Exception(rc)
-    return response[_HEADER.size:]
+    return response[HEADER.size:]
 
 
 # --- commands without authorization ---------------------------------------------------
@@ -161,7 +154,7 @@ def read_clock(transport: Transport) -> tuple[int, int]:
 
 
 def flush_context(transport: Transport, handle: int) -> None:
-    plain_command(CC_FLUSH_CONTEXT, (), _U32.pack(handle), transport)
+    plain_command(CC_FLUSH_CONTEXT, (), U32.pack(handle), transport)
 
 
 def salt_key_of(public: Any) -> sc.SaltKey:
@@ -195,13 +188,13 @@ def start_salted_session(transport: Transport, salt_handle: int, salt_public: An
         TPM2B_ENCRYPTED_SECRET(encrypted_salt).marshal(),
         bytes((SE_HMAC,)),
         aes128_cfb().marshal(),
-        _U16.pack(hash_alg),
+        U16.pack(hash_alg),
     ))
     body = plain_command(CC_START_AUTH_SESSION, (salt_handle, int(TPM2_RH.NULL)), parameters,
                          transport)
     if len(body) < 4:
         raise malformed()
-    (handle,) = _U32.unpack_from(body)
+    (handle,) = U32.unpack_from(body)
     nonce_tpm, _ = TPM2B_NONCE.unmarshal(body[4:])
     nonce_tpm = bytes(nonce_tpm)
     key = sc.session_key(name, b"", salt, nonce_tpm, nonce_caller)
@@ -237,38 +230,8 @@ def prepare(session: sc.SessionState, command_code: int, handles: Sequence[int],
     """
     if not session.usable:
         raise TSS2_Exception(int(TSS2_RC.ESYS_RC_BAD_SEQUENCE))
-    if _authorize is not None:
-        return _c_prepare(session, command_code, handles, names, auth, first_parameter,
-                          other_parameters, attributes, response_handles, nonce_caller)
-    return prepare_reference(session, command_code, handles, names, auth, first_parameter,
-                             other_parameters, attributes, response_handles, nonce_caller)
-
-
-def prepare_reference(session: sc.SessionState, command_code: int, handles: Sequence[int],
-                      names: Sequence[bytes], auth: bytes, first_parameter: bytes | None,
-                      other_parameters: bytes, attributes: int, response_handles: int = 0,
-                      nonce_caller: bytes | None = None) -> PendingCommand:
-    """prepare() in Python, from session_crypto."""
-    name = session.hash
-    if nonce_caller is None:
-        nonce_caller = os.urandom(session.nonce_size)
-    key = session.session_key + sc.strip_auth(auth)
-    if first_parameter is None:
-        parameters = other_parameters
-    else:
-        if attributes & sc.DECRYPT:
-            first_parameter = sc.cfb_encrypt(name, key, nonce_caller, session.nonce_tpm,
-                                             first_parameter)
-        parameters = tpm2b(first_parameter) + other_parameters
-    digest = sc.cp_hash(name, command_code, names, parameters)
-    command_hmac = sc.session_hmac(name, key, digest, nonce_caller, session.nonce_tpm,
-                                   attributes)
-    auth_area = b"".join((_U32.pack(session.handle), tpm2b(nonce_caller), bytes((attributes,)),
-                          tpm2b(command_hmac)))
-    body = _U32.pack(len(auth_area)) + auth_area + parameters
-    return PendingCommand(session, command_code,
-                          command(ST_SESSIONS, command_code, handles, body), key, nonce_caller,
-                          attributes, response_handles)
+    return _c_prepare(session, command_code, handles, names, auth, first_parameter,
+                      other_parameters, attributes, response_handles, nonce_caller)
 
 
 def finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
@@ -277,83 +240,33 @@ def finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
     Raises TSS2_Exception with the TPM's code when it refused the command (the session's
     nonceTPM then stays as it was), ResponseAuthError when the HMAC does not match.
     """
-    if pending.c_pending is not None:
-        return _c_finish(pending, response)
-    return finish_reference(pending, response)
+    return _c_finish(pending, response)
 
 
-def finish_reference(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
-    """finish() in Python, from session_crypto."""
-    session = pending.session
-    rc = response_code(response)
-    if rc != RC_SUCCESS:
-        if len(response) != _HEADER.size:
-            raise malformed()
-        raise TSS2_Exception(rc)
-    try:
-        offset = _HEADER.size
-        handles = [_U32.unpack_from(response, offset + 4 * i)[0]
-                   for i in range(pending.response_handles)]
-        offset += 4 * pending.response_handles
-        (parameter_size,) = _U32.unpack_from(response, offset)
-        offset += 4
-        parameters = response[offset:offset + parameter_size]
-        offset += parameter_size
-        (nonce_size,) = _U16.unpack_from(response, offset)
-        offset += 2
-        nonce_tpm = response[offset:offset + nonce_size]
-        offset += nonce_size
-        attributes = response[offset]
-        offset += 1
-        (hmac_size,) = _U16.unpack_from(response, offset)
-        offset += 2
-        response_hmac = response[offset:offset + hmac_size]
-        offset += hmac_size
-    except (struct.error, IndexError):
-        raise malformed() from None
-    if (offset != len(response) or len(parameters) != parameter_size
-            or len(nonce_tpm) != session.nonce_size):
-        raise malformed()
-    name = session.hash
-    expected = sc.session_hmac(name, pending.hmac_key,
-                               sc.rp_hash(name, rc, pending.command_code, parameters),
-                               nonce_tpm, pending.nonce_caller, attributes)
-    if not hmac.compare_digest(expected, response_hmac):
-        raise ResponseAuthError()
-    session.nonce_tpm = nonce_tpm
-    if attributes & sc.ENCRYPT:
-        parameters = _decrypt_first(name, pending, nonce_tpm, parameters)
-    return handles, parameters
-
-
-def _decrypt_first(name: str, pending: PendingCommand, nonce_tpm: bytes,
+def decrypt_first(name: str, pending: PendingCommand, nonce_tpm: bytes,
                    parameters: bytes) -> bytes:
-    (size,) = _U16.unpack_from(parameters)
+    (size,) = U16.unpack_from(parameters)
     clear = sc.cfb_decrypt(name, pending.hmac_key, nonce_tpm, pending.nonce_caller,
                            parameters[2:2 + size])
     return parameters[:2] + clear + parameters[2 + size:]
 
 
-# --- the same in C -----------------------------------------------------------------------
+# --- the arithmetic, in C -----------------------------------------------------------------------
 
 MAX_COMMAND = 4096
-_C_ERRORS: dict[int, Callable[[], TSS2_Exception]] = {}
-if _authorize is not None:
-    _C_ERRORS = {
-        _authorize.lib.TB_MALFORMED: malformed,
-        _authorize.lib.TB_AUTH_FAILED: ResponseAuthError,
-        _authorize.lib.TB_BAD_ARGUMENT: lambda: TSS2_Exception(
-            int(TSS2_RC.ESYS_RC_BAD_VALUE)),
-        _authorize.lib.TB_CRYPTO_ERROR: lambda: TSS2_Exception(
-            int(TSS2_RC.ESYS_RC_GENERAL_FAILURE)),
-    }
+_C_ERRORS: dict[int, Callable[[], TSS2_Exception]] = {
+    _authorize.lib.TB_MALFORMED: malformed,
+    _authorize.lib.TB_AUTH_FAILED: ResponseAuthError,
+    _authorize.lib.TB_BAD_ARGUMENT: lambda: TSS2_Exception(int(TSS2_RC.ESYS_RC_BAD_VALUE)),
+    _authorize.lib.TB_CRYPTO_ERROR: lambda: TSS2_Exception(
+        int(TSS2_RC.ESYS_RC_GENERAL_FAILURE)),
+}
 
 
 class _Scratch(threading.local):
     """One thread's libcrypto contexts and output buffers for the C code."""
 
     def __init__(self) -> None:
-        assert _authorize is not None
         ffi, lib = _authorize.ffi, _authorize.lib
         ctx = lib.tb_ctx_new()
         if ctx == ffi.NULL:
@@ -379,7 +292,6 @@ def _c_prepare(session: sc.SessionState, command_code: int, handles: Sequence[in
                names: Sequence[bytes], auth: bytes, first_parameter: bytes | None,
                other_parameters: bytes, attributes: int, response_handles: int,
                nonce_caller: bytes | None) -> PendingCommand:
-    assert _authorize is not None
     ffi, lib = _authorize.ffi, _authorize.lib
     scratch = _c_scratch()
     c_pending = ffi.new("tb_pending *")
@@ -404,7 +316,6 @@ def _c_prepare(session: sc.SessionState, command_code: int, handles: Sequence[in
 
 
 def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
-    assert _authorize is not None
     ffi, lib = _authorize.ffi, _authorize.lib
     scratch = _c_scratch()
     result = scratch.result
@@ -413,7 +324,7 @@ def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], byte
         raise TSS2_Exception(result.rc)
     if status != lib.TB_OK:
         raise _C_ERRORS[status]()
-    handles = [_U32.unpack_from(response, _HEADER.size + 4 * i)[0]
+    handles = [U32.unpack_from(response, HEADER.size + 4 * i)[0]
                for i in range(pending.response_handles)]
     start = result.params_offset
     parameters = response[start:start + result.params_len]
@@ -423,7 +334,7 @@ def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], byte
         c = pending.c_pending
         pending.hmac_key = ffi.buffer(c.hmac_key, c.hmac_key_len)[:]
         pending.nonce_caller = ffi.buffer(c.nonce_caller, c.nonce_caller_len)[:]
-        parameters = _decrypt_first(pending.session.hash, pending, nonce_tpm, parameters)
+        parameters = decrypt_first(pending.session.hash, pending, nonce_tpm, parameters)
     return handles, parameters
 
 
@@ -485,42 +396,14 @@ def signature_bytes(parameters: bytes, rsa_bytes: int = 0) -> bytes:
     """The signature in a TPM2_Sign response: DER Ecdsa-Sig-Value for ECDSA, the raw
     signature for RSA (left-padded to `rsa_bytes`); what bytes(TPMT_SIGNATURE) gives.
     """
-    if _authorize is not None:
-        scratch = _c_scratch()
-        length = _authorize.lib.tb_signature_bytes(parameters, len(parameters), rsa_bytes,
-                                                   scratch.signature, 1024)
-        if length > 0:
-            return bytes(_authorize.ffi.buffer(scratch.signature, length))
-        if length < 0:
-            raise malformed()
-    return signature_bytes_reference(parameters).rjust(rsa_bytes, b"\0")
-
-
-def signature_bytes_reference(parameters: bytes) -> bytes:
-    """signature_bytes() in Python (without the padding).
-
-    The hot path reads the three layouts it produces directly: through tpm2-pytss's
-    attribute access the same costs about 75 µs per ECDSA signature, here about 2 µs.
-    Anything else goes through tpm2-pytss.
-    """
-    try:
-        sig_alg, _hash = struct.unpack_from(">HH", parameters)
-        if sig_alg == _ALG_ECDSA:
-            (r_size,) = _U16.unpack_from(parameters, 4)
-            r = parameters[6:6 + r_size]
-            (s_size,) = _U16.unpack_from(parameters, 6 + r_size)
-            s = parameters[8 + r_size:8 + r_size + s_size]
-            if len(s) != s_size or 8 + r_size + s_size != len(parameters):
-                raise malformed()
-            return encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big"))
-        if sig_alg in _ALG_RSA_SIGNATURES:
-            (size,) = _U16.unpack_from(parameters, 4)
-            if 6 + size != len(parameters):
-                raise malformed()
-            return parameters[6:]
-    except struct.error:
-        raise malformed() from None
-    return bytes(sign_result(parameters))
+    scratch = _c_scratch()
+    length = _authorize.lib.tb_signature_bytes(parameters, len(parameters), rsa_bytes,
+                                               scratch.signature, 1024)
+    if length > 0:
+        return bytes(_authorize.ffi.buffer(scratch.signature, length))
+    if length < 0:
+        raise malformed()
+    return bytes(sign_result(parameters)).rjust(rsa_bytes, b"\0")  # another layout
 
 
 def sign(transport: Transport, session: sc.SessionState, key_handle: int, key_name: bytes,
@@ -534,18 +417,20 @@ def sign(transport: Transport, session: sc.SessionState, key_handle: int, key_na
 
 # --- TPM2_RSA_Decrypt as the raw RSA private operation ----------------------------------
 
-_RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL = _U16.pack(0x0010) + _U16.pack(0)  # TPM_ALG_NULL, ""
+_RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL = U16.pack(0x0010) + U16.pack(0)  # TPM_ALG_NULL, ""
 
 
-def rsa_private(transport: Transport, session: sc.SessionState, key_handle: int,
-                key_name: bytes, auth: bytes, block: bytes) -> bytes:
+def prepare_rsa_private(session: sc.SessionState, key_handle: int, key_name: bytes,
+                        auth: bytes, block: bytes) -> PendingCommand:
     """m^d mod n of a modulus-long `block` (TPM2_RSA_Decrypt with scheme NULL), for PSS
     that the broker padded. `session` authorizes it and encrypts the block on its way."""
-    pending = prepare(session, CC_RSA_DECRYPT, (key_handle,), (key_name,), auth, block,
-                      _RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL, SIGN_ATTRIBUTES)
-    _, parameters = execute(transport, pending)
+    return prepare(session, CC_RSA_DECRYPT, (key_handle,), (key_name,), auth, block,
+                   _RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL, SIGN_ATTRIBUTES)
+
+
+def rsa_private_result(parameters: bytes) -> bytes:
     try:
-        (size,) = _U16.unpack_from(parameters)
+        (size,) = U16.unpack_from(parameters)
     except struct.error:
         raise malformed() from None
     if 2 + size != len(parameters):
@@ -555,17 +440,19 @@ def rsa_private(transport: Transport, session: sc.SessionState, key_handle: int,
 
 # --- TPM2_Create ----------------------------------------------------------------------
 
-def create(transport: Transport, session: sc.SessionState, parent_handle: int,
-           parent_name: bytes, parent_auth: bytes, sensitive: Any, public: Any,
-           ) -> tuple[Any, Any]:
+def prepare_create(session: sc.SessionState, parent_handle: int, parent_name: bytes,
+                   parent_auth: bytes, sensitive: Any, public: Any) -> PendingCommand:
     """TPM2_Create under `parent_handle`, authorized by `session`, which also encrypts
     inSensitive (the new key's password). `sensitive` is a TPM2B_SENSITIVE_CREATE,
-    `public` a TPM2B_PUBLIC; returns (TPM2B_PRIVATE, TPM2B_PUBLIC)."""
+    `public` a TPM2B_PUBLIC."""
     in_sensitive = sensitive.marshal()[2:]  # the sized buffer's contents get encrypted
     rest = public.marshal() + TPM2B_DATA().marshal() + TPML_PCR_SELECTION().marshal()
-    pending = prepare(session, CC_CREATE, (parent_handle,), (parent_name,), parent_auth,
-                      in_sensitive, rest, sc.CONTINUE_SESSION | sc.DECRYPT)
-    _, parameters = execute(transport, pending)
+    return prepare(session, CC_CREATE, (parent_handle,), (parent_name,), parent_auth,
+                   in_sensitive, rest, sc.CONTINUE_SESSION | sc.DECRYPT)
+
+
+def create_result(parameters: bytes) -> tuple[Any, Any]:
+    """(TPM2B_PRIVATE, TPM2B_PUBLIC) of a TPM2_Create response."""
     try:
         private, used = TPM2B_PRIVATE.unmarshal(parameters)
         out_public, _ = TPM2B_PUBLIC.unmarshal(parameters[used:])

@@ -1,0 +1,214 @@
+"""Object residency: the storage primaries, the keys and persistent handles in the TPM.
+
+A TPM holds few transient objects at once (swtpm three, a resource manager's connection
+a few more). Keys are loaded on first use and stay resident; when the TPM is out of
+object memory, the least recently used key is unloaded (and loaded again when next
+needed), then storage primaries the command at hand does not use. Primaries come back
+from their template. Everything here is tied to the link's ESAPI context: `forget()`
+drops it all when the link goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from tpm2_pytss.constants import ESYS_TR
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.tsskey import _parent_ecc_template, _parent_rsa_template
+from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+
+from ..definitions import STORAGE_PRIMARY
+from ..errors import BadKeyError
+from . import keys as keymod
+from .keys import CachedKey, KeyCache
+from .link import Link
+from .rc import Kind, classify, tpm_code
+
+T = TypeVar("T")
+MAX_CACHED_KEYS = 4096
+# Failures that mean the TPM lost our state or the link broke: the worker recovers.
+RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
+
+
+class Objects:
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.keys = KeyCache()
+        self.max_keys = MAX_CACHED_KEYS
+        self.rsa_only = False  # the TPM lacks ECC: the H-1 RSA primary is the default
+        self._primaries: dict[bool, Any] = {}  # rsa? -> ESYS_TR of the storage primary
+        self._primary_publics: dict[bool, Any] = {}  # rsa? -> its TPMT_PUBLIC (salt key)
+        self._persistent: dict[int, Any] = {}  # TPM handle -> ESYS_TR (parents, keys)
+        self._names: dict[int, tuple[int, bytes]] = {}  # ESYS_TR -> (TPM handle, Name)
+
+    @property
+    def _ectx(self) -> Any:
+        return self.link.ectx
+
+    # --- primaries and parents -----------------------------------------------------------
+
+    def storage_primary(self, rsa: bool | None = None) -> Any:
+        """The storage primary for parent 0x40000001, created once per TPM life."""
+        rsa = self.rsa_only if rsa is None else rsa
+        primary = self._primaries.get(rsa)
+        if primary is None:
+            template = _parent_rsa_template if rsa else _parent_ecc_template
+            primary, public, *_ = self.with_room(None, lambda: self._ectx.create_primary(
+                TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template),
+                ESYS_TR.RH_OWNER))
+            self._primaries[rsa] = primary
+            self._primary_publics[rsa] = public.publicArea
+        return primary
+
+    def salt_key(self) -> tuple[int, Any]:
+        """TPM handle and TPMT_PUBLIC of the key pool sessions are salted to."""
+        primary = self.storage_primary()
+        return self.handle_and_name(primary)[0], self._primary_publics[self.rsa_only]
+
+    def parent(self, parent: int, rsa_parent: bool = False) -> Any:
+        if parent == STORAGE_PRIMARY:
+            return self.storage_primary(rsa=rsa_parent or self.rsa_only)
+        return self.persistent(parent, "parent")
+
+    def persistent(self, handle: int, role: str) -> Any:
+        tr = self._persistent.get(handle)
+        if tr is None:
+            try:
+                # Reading a persistent object's public area needs a free slot too.
+                tr = self.with_room(None, lambda: self._ectx.tr_from_tpmpublic(handle))
+            except TSS2_Exception as exc:
+                if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                    raise BadKeyError(f"no persistent {role} at 0x{handle:08x}",
+                                      tpm_rc=int(exc.rc)) from None
+                raise
+            self._persistent[handle] = tr
+        return tr
+
+    def describe_persistent(self, key_id: bytes, key: bytes) -> CachedKey:
+        if len(key) != 4:
+            raise BadKeyError(f"a persistent handle is 4 bytes, not {len(key)}")
+        handle = int.from_bytes(key, "big")
+        if not keymod.is_persistent(handle):
+            raise BadKeyError(f"0x{handle:08x} is not a persistent handle (0x81xxxxxx)")
+        tr = self.persistent(handle, "key")
+        public, _, _ = self._ectx.read_public(tr)
+        keymod.check_signing_key(public.publicArea)
+        return CachedKey(keymod.key_info(key_id, public.publicArea), public.publicArea,
+                         persistent_handle=handle)
+
+    def handle_and_name(self, tr: Any) -> tuple[int, bytes]:
+        """TPM handle and Name of an object ESAPI knows (cached: ESAPI calls cost)."""
+        known = self._names.get(int(tr))
+        if known is None:
+            name = self._ectx.tr_get_name(tr)
+            known = (int(self._ectx.tr_get_tpm_handle(tr)), bytes(name.name))
+            self._names[int(tr)] = known
+        return known
+
+    def known_name(self, tr: Any) -> tuple[int, bytes] | None:
+        """handle_and_name without an ESAPI call: None unless already known."""
+        return self._names.get(int(tr))
+
+    # --- keys --------------------------------------------------------------------------
+
+    def add_key(self, entry: CachedKey) -> None:
+        self.keys.add(entry)
+        while len(self.keys) > self.max_keys:
+            # Every client may LOAD any blob: memory stays bounded, and a key dropped
+            # here is loaded again when its connection next signs (UNKNOWN_KEY, reload).
+            oldest = self.keys.pop_oldest()
+            if self.link.up:
+                self.unload(oldest)
+
+    def resident(self, entry: CachedKey) -> Any:
+        """The key's handle in the TPM, loading it (evicting others if needed)."""
+        if entry.handle is not None:
+            return entry.handle
+        if entry.blob is None:
+            assert entry.persistent_handle is not None
+            entry.handle = self.persistent(entry.persistent_handle, "key")
+            return entry.handle
+        blob = entry.blob
+        parent = self.parent(blob.parent, blob.rsa_parent)
+        try:
+            # Password auth is enough: the parent's auth is empty and the private blob is
+            # already encrypted to the parent.
+            entry.handle = self.with_room(
+                entry, lambda: self._ectx.load(parent, blob.private, blob.public), parent)
+        except TSS2_Exception as exc:
+            if classify(exc) in (*RECOVERABLE, Kind.OBJECT_MEMORY):
+                raise
+            raise BadKeyError("the TPM refused to load the key (made by another TPM, or "
+                              f"the TPM was cleared?): {exc}", tpm_rc=int(exc.rc)) from None
+        return entry.handle
+
+    def unload(self, key: CachedKey) -> None:
+        handle, key.handle = key.handle, None
+        if handle is None or not key.is_transient:
+            return  # persistent keys stay in the TPM; their ESYS_TR is shared
+        self._names.pop(int(handle), None)
+        with contextlib.suppress(TSS2_Exception):
+            self._ectx.flush_context(handle)
+
+    def with_room(self, keep: CachedKey | None, command: Callable[[], T],
+                  parent: Any = None) -> T:
+        """Run `command`; while the TPM is out of object slots, unload the LRU key, then
+        storage primaries the command does not use (`parent` stays)."""
+        while True:
+            try:
+                return command()
+            except TSS2_Exception as exc:
+                if classify(exc) is not Kind.OBJECT_MEMORY or not self._evict_one(keep, parent):
+                    raise
+
+    def _evict_one(self, keep: CachedKey | None, parent: Any = None) -> bool:
+        for key in self.keys.resident():
+            if key is not keep and key.is_transient:
+                self.unload(key)
+                return True
+        # Then a primary: loading under a persistent parent, for one, needs two free
+        # slots (the TPM brings the parent in too), and swtpm has three. A primary comes
+        # back from its template when needed; full session pools do not need it.
+        for rsa, primary in list(self._primaries.items()):
+            if primary != parent:
+                del self._primaries[rsa]
+                self._names.pop(int(primary), None)
+                with contextlib.suppress(TSS2_Exception):
+                    self._ectx.flush_context(primary)
+                return True
+        return False
+
+    # --- the link's life -----------------------------------------------------------------
+
+    def held_handles(self) -> list[int]:
+        """TPM handles of the transient objects we hold (no TPM command)."""
+        handles = []
+        for tr in [*self._primaries.values(),
+                   *(k.handle for k in self.keys.resident() if k.is_transient)]:
+            try:
+                handles.append(int(self._ectx.tr_get_tpm_handle(tr)))
+            except TSS2_Exception:
+                continue
+        return handles
+
+    def flush_all(self) -> None:
+        """Unload keys and primaries (an orderly close)."""
+        for key in list(self.keys.resident()):
+            self.unload(key)
+        for primary in self._primaries.values():
+            with contextlib.suppress(TSS2_Exception):
+                self._ectx.flush_context(primary)
+        self._primaries.clear()
+
+    def forget(self) -> None:
+        """Forget every handle (the link's ESAPI context is gone); keys stay known."""
+        self.keys.forget_handles()
+        self._primaries.clear()
+        self._primary_publics.clear()
+        self._persistent.clear()
+        self._names.clear()
+
+    def resident_keys(self) -> Iterator[CachedKey]:
+        return self.keys.resident()

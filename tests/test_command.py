@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_SE, TPMA_SESSION
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.tsskey import _parent_ecc_template, _parent_rsa_template
 from tpm2_pytss.types import (
     TPM2B_AUTH,
     TPM2B_DIGEST,
@@ -36,6 +35,7 @@ from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import KeyInfo, TpmWorker, command, reference
 from tpmbroker.tpm import link as tpm_link
 from tpmbroker.tpm import session_crypto as sc
+from tpmbroker.tpm.keys import storage_parent_template
 from tpmbroker.tpm.rc import Kind, classify
 
 AUTH_FAIL_SESSION_1 = 0x98E
@@ -70,7 +70,7 @@ class Tpm:
     def __init__(self, swtpm: Swtpm, rsa_primary: bool = False) -> None:
         self.transport, tcti = tpm_link.open_transport(swtpm.tcti)
         self.esapi = ESAPI(tcti)
-        template = _parent_rsa_template if rsa_primary else _parent_ecc_template
+        template = storage_parent_template(rsa=rsa_primary)
         self.primary, public, *_ = self.esapi.create_primary(
             TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template), ESYS_TR.RH_OWNER)
         self.primary_public = public.publicArea
@@ -328,7 +328,7 @@ def test_tss2_tcti_transport_works_too(swtpm: Swtpm) -> None:
     esapi = ESAPI(tcti)
     try:
         primary, public, *_ = esapi.create_primary(
-            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=_parent_ecc_template),
+            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=storage_parent_template(rsa=False)),
             ESYS_TR.RH_OWNER)
         private, key_public, *_ = esapi.create(
             primary, TPM2B_SENSITIVE_CREATE(),

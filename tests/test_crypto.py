@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import NameOID
@@ -16,7 +18,8 @@ from cryptography.x509.oid import NameOID
 import tpmbroker
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
-from tpmbroker.errors import UnsupportedError
+from tpmbroker.crypto import _references, _rsa_scheme
+from tpmbroker.errors import TpmBrokerError
 from tpmbroker.keyfile import der_to_pem
 
 from .tpmfixtures import Broker
@@ -67,15 +70,33 @@ def test_key_classes_are_cryptography_keys(ec_key: ec.EllipticCurvePrivateKey,
     assert isinstance(ec_key.curve, ec.SECP256R1) and ec_key.key_size == 256
     assert isinstance(rsa_key, rsa.RSAPrivateKey) and rsa_key.key_size == 2048
     for key in (ec_key, rsa_key):
-        with pytest.raises(UnsupportedError, match="TPM"):
+        with pytest.raises(UnsupportedAlgorithm, match="TPM"):
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption())
-        with pytest.raises(UnsupportedError):
+        with pytest.raises(UnsupportedAlgorithm):
             key.private_numbers()
-    with pytest.raises(UnsupportedError):
+    with pytest.raises(UnsupportedAlgorithm):
         rsa_key.decrypt(b"x", padding.PKCS1v15())
-    with pytest.raises(UnsupportedError):
+    with pytest.raises(UnsupportedAlgorithm):
         ec_key.exchange(ec.ECDH(), ec.generate_private_key(ec.SECP256R1()).public_key())
+
+
+def test_refusals_are_cryptography_exceptions(ec_key: ec.EllipticCurvePrivateKey,
+                                              rsa_key: rsa.RSAPrivateKey) -> None:
+    """What the TPM cannot do raises UnsupportedAlgorithm, not a broker error."""
+    refusals: list[Callable[[], object]] = [
+        lambda: ec_key.sign(b"x", ec.ECDSA(hashes.SHA3_256())),
+        lambda: ec_key.sign(bytes(32), ec.ECDSA(utils.Prehashed(hashes.SHA3_256()))),
+        lambda: rsa_key.sign(b"x", padding.PKCS1v15(), hashes.SHA512_256()),
+        lambda: rsa_key.sign(bytes(32), padding.PKCS1v15(), utils.Prehashed(hashes.SM3())),
+        lambda: rsa_key.sign(b"x", padding.PKCS1v15(), utils.NoDigestInfo()),
+        lambda: rsa_key.sign(b"x", padding.OAEP(padding.MGF1(hashes.SHA256()),
+                                                hashes.SHA256(), None), hashes.SHA256()),
+    ]
+    for refuse in refusals:
+        with pytest.raises(UnsupportedAlgorithm) as info:
+            refuse()
+        assert not isinstance(info.value, TpmBrokerError)
 
 
 def test_csr_and_self_signed_certificates_verify(ec_key: ec.EllipticCurvePrivateKey,
@@ -112,15 +133,55 @@ def test_rsa_padding_rules(rsa_key: rsa.RSAPrivateKey) -> None:
         sig = rsa_key.sign(data, pad, hashes.SHA256())
         public.verify(sig, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
                       hashes.SHA256())
-    with pytest.raises(UnsupportedError, match="MAX_LENGTH"):
+    with pytest.raises(UnsupportedAlgorithm, match="MAX_LENGTH"):
         rsa_key.sign(data, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH),
                      hashes.SHA256())
-    with pytest.raises(UnsupportedError, match="salt"):
+    with pytest.raises(UnsupportedAlgorithm, match="salt"):
         rsa_key.sign(data, padding.PSS(padding.MGF1(hashes.SHA256()), 20), hashes.SHA256())
-    with pytest.raises(UnsupportedError, match="MGF1"):
+    with pytest.raises(UnsupportedAlgorithm, match="MGF1"):
         rsa_key.sign(data, padding.PSS(padding.MGF1(hashes.SHA1()), 32), hashes.SHA256())
     sig = rsa_key.sign(data, padding.PKCS1v15(), hashes.SHA512())
     public.verify(sig, data, padding.PKCS1v15(), hashes.SHA512())
+    digest = hashes.Hash(hashes.SHA384())
+    digest.update(data)
+    pss = padding.PSS(padding.MGF1(hashes.SHA384()), padding.PSS.DIGEST_LENGTH)
+    sig = rsa_key.sign(digest.finalize(), pss, utils.Prehashed(hashes.SHA384()))
+    public.verify(sig, data, padding.PSS(padding.MGF1(hashes.SHA384()), 48), hashes.SHA384())
+
+
+_TPM_HASHES = {p.Hash.SHA1: hashes.SHA1(), p.Hash.SHA256: hashes.SHA256(),
+               p.Hash.SHA384: hashes.SHA384(), p.Hash.SHA512: hashes.SHA512()}
+
+
+@pytest.mark.parametrize("hash_alg", list(p.Hash))
+def test_pss_paddings_and_prehashed_read_through_public_api(hash_alg: p.Hash) -> None:
+    """No TPM: which PSS paddings and Prehashed objects map to what the TPM signs.
+
+    cryptography exposes neither the salt length nor the MGF1 hash of a padding nor the
+    hash in a Prehashed; crypto.py finds them by signing and verifying with a software key.
+    """
+    algorithm = _TPM_HASHES[hash_alg]
+    assert _references.prehashed_alg(utils.Prehashed(algorithm)) is hash_alg
+    mgf = padding.MGF1(algorithm)
+    for salt in (padding.PSS.DIGEST_LENGTH, padding.PSS.AUTO, hash_alg.digest_size):
+        assert _rsa_scheme(padding.PSS(mgf, salt), hash_alg) is p.Scheme.PSS
+    assert _rsa_scheme(padding.PKCS1v15(), hash_alg) is p.Scheme.PKCS1
+    for wrong_salt in (padding.PSS.MAX_LENGTH, 0, hash_alg.digest_size + 1, 10_000):
+        with pytest.raises(UnsupportedAlgorithm, match="salt"):
+            _rsa_scheme(padding.PSS(mgf, wrong_salt), hash_alg)
+    other = hashes.SHA3_256() if hash_alg is not p.Hash.SHA256 else hashes.SHA384()
+    for any_salt in (padding.PSS.DIGEST_LENGTH, padding.PSS.AUTO):
+        with pytest.raises(UnsupportedAlgorithm, match="MGF1"):
+            _rsa_scheme(padding.PSS(padding.MGF1(other), any_salt), hash_alg)
+
+
+@pytest.mark.parametrize("algorithm", [hashes.SHA3_256(), hashes.SHA512_256(), hashes.SM3(),
+                                       hashes.SHA3_384(), hashes.SHA3_512(),
+                                       hashes.BLAKE2b(64), hashes.SHA224()])
+def test_prehashed_of_other_hashes_is_refused(algorithm: hashes.HashAlgorithm) -> None:
+    """Same digest size as a TPM hash is not enough: the PKCS#1 DigestInfo names the hash."""
+    with pytest.raises(UnsupportedAlgorithm):
+        _references.prehashed_alg(utils.Prehashed(algorithm))
 
 
 def test_prehashed_digests(ec_key: ec.EllipticCurvePrivateKey,

@@ -47,6 +47,7 @@ from tpmbroker.protocol import Curve, Hash, KeySource, KeyType, Scheme, key_id_f
 from tpmbroker.simulator import Swtpm, free_port_pair
 from tpmbroker.tpm import KeyInfo, TpmWorker
 from tpmbroker.tpm import sessions as sessions_module
+from tpmbroker.tpm.keys import storage_parent_template
 
 from .tpmfixtures import Abrmd, running_swtpm
 
@@ -376,7 +377,7 @@ def test_persistent_key_and_persistent_parent(swtpm: Swtpm) -> None:
         loaded = tss.load(ectx)
         ectx.evict_control(ESYS_TR.RH_OWNER, loaded, persistent_handle=key_handle)
         ectx.flush_context(loaded)
-        template = TSSPrivKey._getparenttemplate(ectx)
+        template = storage_parent_template(rsa=False)  # swtpm has ECC
         primary = ectx.create_primary(TPM2B_SENSITIVE_CREATE(),
                                       TPM2B_PUBLIC(publicArea=template), ESYS_TR.RH_OWNER)[0]
         ectx.evict_control(ESYS_TR.RH_OWNER, primary, persistent_handle=parent_handle)

@@ -6,12 +6,21 @@
 The objects are `ec.EllipticCurvePrivateKey` / `rsa.RSAPrivateKey`, so cryptography's
 CSR and certificate builders take them. Data is hashed here and only the digest goes
 to the broker. The private half never leaves the TPM: private_bytes, private_numbers,
-exchange and decrypt raise.
+exchange and decrypt raise cryptography's UnsupportedAlgorithm, as do hashes, paddings
+and signature algorithms the TPM cannot sign with. Failures of the broker or the TPM
+raise tpmbroker's own errors (tpmbroker.errors).
 
-RSA-PSS: the TPM signs with a salt as long as the digest. PSS.DIGEST_LENGTH, PSS.AUTO
-and an explicit salt length equal to the digest size all get exactly that;
-PSS.MAX_LENGTH and any other length raise UnsupportedError rather than silently sign
-with a salt the caller did not ask for. The MGF1 hash must be the signing hash.
+RSA-PSS: the TPM signs with a salt as long as the digest and MGF1 over the signing
+hash. PSS.DIGEST_LENGTH, PSS.AUTO and an explicit salt length equal to the digest
+size are taken; PSS.MAX_LENGTH and any other length raise rather than silently sign
+with a salt the caller did not ask for.
+
+Only cryptography's public API is used. It offers no accessor for the hash inside a
+`Prehashed`, the hash of an `MGF1` or the salt length of a `PSS` (and compares none of
+them by value before 50), so those are asked of cryptography itself with a small
+software RSA key made once per process (_References): a Prehashed signature costs an
+RSA public-key operation more, a PSS signature a 1088-bit RSA signature (about
+0.2 ms) more.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import os
 import threading
 import typing
 
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
@@ -28,7 +38,6 @@ if typing.TYPE_CHECKING:
 
 from . import protocol as p
 from .client import Client, LoadedKey
-from .errors import UnsupportedError
 
 _clients: dict[tuple[str, float], Client] = {}
 _clients_lock = threading.Lock()
@@ -45,24 +54,124 @@ def _shared_client(socket: str | os.PathLike[str] | None, timeout: float) -> Cli
         return client
 
 
+_HASHES: dict[p.Hash, type[hashes.HashAlgorithm]] = {
+    p.Hash.SHA1: hashes.SHA1, p.Hash.SHA256: hashes.SHA256,
+    p.Hash.SHA384: hashes.SHA384, p.Hash.SHA512: hashes.SHA512,
+}
+
+
 def _hash_alg(algorithm: hashes.HashAlgorithm) -> p.Hash:
     try:
         return p.Hash.from_name(algorithm.name)
     except ValueError:
-        raise UnsupportedError(f"the TPM does not sign {algorithm.name} digests") from None
+        raise UnsupportedAlgorithm(f"the TPM does not sign {algorithm.name} digests") from None
+
+
+class _References:
+    """A software RSA key that asks cryptography what a caller's object stands for.
+
+    Verifying a signature shaped as the TPM makes it with a caller's Prehashed tells
+    whether its DigestInfo is that of a TPM hash; signing with a caller's PSS padding
+    shows the MGF1 hash and salt length it would use. cryptography exposes none of
+    these. The key is 1088 bits: room for SHA-512 with a 64-byte salt, and a maximum
+    salt length that is never the digest length of a TPM hash.
+    """
+
+    _DATA = b"tpmbroker reference"
+    _KEY_BITS = 1088
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: rsa.RSAPrivateKey | None = None
+        self._pkcs1: dict[p.Hash, bytes | None] = {}
+        self._pss: dict[p.Hash, bytes | None] = {}
+
+    def _private_key(self) -> rsa.RSAPrivateKey:
+        with self._lock:
+            if self._key is None:
+                self._key = rsa.generate_private_key(public_exponent=65537,
+                                                     key_size=self._KEY_BITS)
+            return self._key
+
+    @staticmethod
+    def _tpm_pss(hash_alg: p.Hash) -> padding.PSS:
+        return padding.PSS(padding.MGF1(_HASHES[hash_alg]()), hash_alg.digest_size)
+
+    def _reference(self, cache: dict[p.Hash, bytes | None], hash_alg: p.Hash,
+                   ) -> bytes | None:
+        if hash_alg not in cache:
+            key = self._private_key()
+            algorithm = _HASHES[hash_alg]()
+            try:
+                if cache is self._pkcs1:
+                    sig: bytes | None = key.sign(bytes(hash_alg.digest_size),
+                                                 padding.PKCS1v15(),
+                                                 utils.Prehashed(algorithm))
+                else:
+                    sig = key.sign(self._DATA, self._tpm_pss(hash_alg), algorithm)
+            except (UnsupportedAlgorithm, ValueError):
+                sig = None  # this OpenSSL refuses the hash (SHA-1 under some policies)
+            cache[hash_alg] = sig  # the same value whichever thread stores it
+        return cache[hash_alg]
+
+    def _verifies(self, signature: bytes | None, data: bytes, pad: padding.AsymmetricPadding,
+                  algorithm: hashes.HashAlgorithm | utils.Prehashed) -> bool:
+        if signature is None:
+            return False
+        try:
+            self._private_key().public_key().verify(signature, data, pad, algorithm)
+        except (InvalidSignature, UnsupportedAlgorithm, ValueError, InternalError):
+            return False  # InternalError: OpenSSL refuses e.g. MGF1 over BLAKE2
+        return True
+
+    def prehashed_alg(self, algorithm: utils.Prehashed) -> p.Hash:
+        """The TPM hash a Prehashed stands for; its DigestInfo must match (RSA needs it)."""
+        for hash_alg in p.Hash:
+            if hash_alg.digest_size != algorithm.digest_size:
+                continue
+            if self._verifies(self._reference(self._pkcs1, hash_alg),
+                              bytes(hash_alg.digest_size), padding.PKCS1v15(), algorithm):
+                return hash_alg
+        raise UnsupportedAlgorithm(f"the TPM signs SHA-1, SHA-256, SHA-384 and SHA-512 "
+                                   f"digests; this {algorithm.digest_size}-byte Prehashed "
+                                   "digest is of another hash")
+
+    def pss_is_tpm_pss(self, pad: padding.PSS, hash_alg: p.Hash) -> bool:
+        """Whether `pad` asks for MGF1 over the signing hash and a digest-length salt.
+
+        PSS.AUTO cannot sign (cryptography raises ValueError); it is taken when
+        verifying with it accepts a TPM-style signature, which checks the MGF1 hash.
+        """
+        algorithm = _HASHES[hash_alg]()
+        try:
+            sig = self._private_key().sign(self._DATA, pad, algorithm)
+        except (UnsupportedAlgorithm, InternalError):
+            return False
+        except ValueError:  # AUTO, or a salt too long for any key of this size
+            return self._verifies(self._reference(self._pss, hash_alg), self._DATA, pad,
+                                  algorithm)
+        return self._verifies(sig, self._DATA, self._tpm_pss(hash_alg), algorithm)
+
+    def mgf1_is_signing_hash(self, mgf: padding.MGF, hash_alg: p.Hash) -> bool:
+        """Verifying with AUTO does not check the salt: only the MGF1 hash decides."""
+        return self._verifies(self._reference(self._pss, hash_alg), self._DATA,
+                              padding.PSS(mgf, padding.PSS.AUTO), _HASHES[hash_alg]())
+
+
+_references = _References()
 
 
 def _digest(data: Buffer, algorithm: hashes.HashAlgorithm | utils.Prehashed,
             ) -> tuple[bytes, p.Hash]:
     if isinstance(algorithm, utils.Prehashed):
-        inner = algorithm._algorithm
-        if len(data) != inner.digest_size:
-            raise ValueError(f"prehashed data must be {inner.digest_size} bytes for "
-                             f"{inner.name}, got {len(data)}")
-        return bytes(data), _hash_alg(inner)
+        if len(data) != algorithm.digest_size:
+            raise ValueError(f"prehashed data must be {algorithm.digest_size} bytes, "
+                             f"got {len(data)}")
+        return bytes(data), _references.prehashed_alg(algorithm)
+    hash_alg = _hash_alg(algorithm)
     hasher = hashes.Hash(algorithm)
     hasher.update(data)
-    return hasher.finalize(), _hash_alg(algorithm)
+    return hasher.finalize(), hash_alg
 
 
 class _BrokerKey:
@@ -83,8 +192,8 @@ class _BrokerKey:
     def private_bytes(self, encoding: serialization.Encoding,
                       format: serialization.PrivateFormat,
                       encryption_algorithm: serialization.KeySerializationEncryption) -> bytes:
-        raise UnsupportedError("the private key lives in the TPM and cannot be exported; "
-                               "keep using the TSS2 PRIVATE KEY file")
+        raise UnsupportedAlgorithm("the private key lives in the TPM and cannot be exported; "
+                                   "keep using the TSS2 PRIVATE KEY file")
 
     def __copy__(self) -> typing.Self:
         return self  # immutable: the TPM key does not change
@@ -108,17 +217,19 @@ class TpmEllipticCurvePrivateKey(_BrokerKey, ec.EllipticCurvePrivateKey):
     def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
              ) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
-            raise UnsupportedError("only ECDSA signatures are supported")
+            raise UnsupportedAlgorithm("only ECDSA signatures are supported")
         if signature_algorithm.deterministic_signing:
-            raise UnsupportedError("the TPM does not sign deterministically (RFC 6979)")
+            raise UnsupportedAlgorithm("the TPM does not sign deterministically (RFC 6979)")
         digest, hash_alg = _digest(data, signature_algorithm.algorithm)
         return self._sign_digest(digest, hash_alg, p.Scheme.ECDSA)
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        raise UnsupportedError("ECDH with TPM keys is not supported; the keys are for signing")
+        raise UnsupportedAlgorithm("ECDH with TPM keys is not supported; the keys are for "
+                                   "signing")
 
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        raise UnsupportedError("the private key lives in the TPM; its numbers are not known")
+        raise UnsupportedAlgorithm("the private key lives in the TPM; its numbers are not "
+                                   "known")
 
 
 class TpmRSAPrivateKey(_BrokerKey, rsa.RSAPrivateKey):
@@ -133,34 +244,34 @@ class TpmRSAPrivateKey(_BrokerKey, rsa.RSAPrivateKey):
              algorithm: hashes.HashAlgorithm | utils.Prehashed | utils.NoDigestInfo,
              ) -> bytes:
         if not isinstance(algorithm, (hashes.HashAlgorithm, utils.Prehashed)):
-            raise UnsupportedError("the TPM signs PKCS#1 with a DigestInfo; NoDigestInfo "
-                                   "is not supported")
+            raise UnsupportedAlgorithm("the TPM signs PKCS#1 with a DigestInfo; NoDigestInfo "
+                                       "is not supported")
         digest, hash_alg = _digest(data, algorithm)
         return self._sign_digest(digest, hash_alg, _rsa_scheme(padding, hash_alg))
 
     def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
-        raise UnsupportedError("decryption with TPM keys is not supported; they are for signing")
+        raise UnsupportedAlgorithm("decryption with TPM keys is not supported; they are for "
+                                   "signing")
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        raise UnsupportedError("the private key lives in the TPM; its numbers are not known")
+        raise UnsupportedAlgorithm("the private key lives in the TPM; its numbers are not "
+                                   "known")
 
 
 def _rsa_scheme(pad: padding.AsymmetricPadding, hash_alg: p.Hash) -> p.Scheme:
     if isinstance(pad, padding.PKCS1v15):
         return p.Scheme.PKCS1
     if not isinstance(pad, padding.PSS):
-        raise UnsupportedError(f"unsupported RSA padding {pad.name}")
-    mgf = pad._mgf
-    if not isinstance(mgf, padding.MGF1) or _hash_alg(mgf._algorithm) != hash_alg:
-        raise UnsupportedError("PSS needs MGF1 with the signing hash")
-    salt = pad._salt_length
-    if isinstance(salt, padding._MaxLength):
-        raise UnsupportedError("the TPM signs PSS with salt = digest length; use "
-                               "PSS.DIGEST_LENGTH (or PSS.AUTO) instead of PSS.MAX_LENGTH")
-    if isinstance(salt, int) and salt != hash_alg.digest_size:
-        raise UnsupportedError(f"the TPM signs PSS with a {hash_alg.digest_size}-byte salt; "
-                               f"{salt} was asked for")
-    return p.Scheme.PSS
+        raise UnsupportedAlgorithm(f"the TPM does not sign with RSA padding {pad.name}")
+    if not isinstance(pad.mgf, padding.MGF1):
+        raise UnsupportedAlgorithm("PSS needs MGF1 with the signing hash")
+    if _references.pss_is_tpm_pss(pad, hash_alg):
+        return p.Scheme.PSS
+    if not _references.mgf1_is_signing_hash(pad.mgf, hash_alg):
+        raise UnsupportedAlgorithm("PSS needs MGF1 with the signing hash")
+    raise UnsupportedAlgorithm(f"the TPM signs PSS with a salt as long as the digest "
+                               f"({hash_alg.digest_size} bytes); use PSS.DIGEST_LENGTH "
+                               "(PSS.MAX_LENGTH and other salt lengths are not supported)")
 
 
 def load_private_key(key: str | bytes | os.PathLike[str] | int,

@@ -23,6 +23,8 @@ from tpm2_pytss.types import (
     TPMT_RSA_SCHEME,
     TPMT_SYM_DEF_OBJECT,
     TPMU_PUBLIC_PARMS,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
 )
 
 from ..errors import BadKeyError, UnsupportedError
@@ -174,6 +176,35 @@ def check_key_scheme(public: Any, scheme_alg: int, hash_alg: Hash) -> None:
         raise UnsupportedError(
             f"the key only signs with {TPM2_ALG.to_string(fixed.scheme)}/"
             f"{TPM2_ALG.to_string(fixed.details.anySig.hashAlg)}")
+
+
+def storage_parent_template(rsa: bool) -> Any:
+    """TPMT_PUBLIC of the storage primary that parents keys under 0x40000001.
+
+    The TCG EK/SRK-style templates tpm2-pytss (TSSPrivKey) creates that parent from,
+    so a key either library made loads under the other's primary: H-2 (ECC P-256), or
+    H-1 (RSA-2048) for a TPM without ECC or a key file asking for the RSA parent.
+    AES-128-CFB for the children's protection, SHA-256 name, no policy, and an empty
+    unique, as tpm2-pytss leaves it. tests/test_keys.py holds them to tpm2-pytss's.
+    """
+    attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
+                  | TPMA_OBJECT.NODA | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+                  | TPMA_OBJECT.SENSITIVEDATAORIGIN)
+    symmetric = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.AES,
+                                    keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                                    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB))
+    if rsa:
+        parameters = TPMU_PUBLIC_PARMS(rsaDetail=TPMS_RSA_PARMS(
+            symmetric=symmetric, scheme=TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL),
+            keyBits=2048, exponent=0))
+        return TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=TPM2_ALG.SHA256,
+                           objectAttributes=attributes, authPolicy=b"",
+                           parameters=parameters)
+    parameters = TPMU_PUBLIC_PARMS(eccDetail=TPMS_ECC_PARMS(
+        symmetric=symmetric, scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
+        curveID=TPM2_ECC.NIST_P256, kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL)))
+    return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
+                       objectAttributes=attributes, authPolicy=b"", parameters=parameters)
 
 
 def generation_template(key_type: KeyType, param: int) -> Any:

@@ -27,7 +27,7 @@ from tpm2_pytss.types import (
     TPMT_TK_HASHCHECK,
 )
 
-from ..load import LoadReport
+from tpmbroker.load import LoadReport
 
 SESSION_EXHAUSTION = {int(TPM2_RC.SESSION_HANDLES), int(TPM2_RC.SESSION_MEMORY)}
 

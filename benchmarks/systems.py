@@ -34,15 +34,9 @@ from tpm2_pytss.types import (
     TPMT_TK_HASHCHECK,
 )
 
-from .. import protocol as p
-from ..load import LoadReport, sample_sessions
-from ..paths import provider_path
-
-SYSTEMS = ("direct-password", "direct-hmac", "provider", "client", "tpm2-openssl",
-           "engine-style")
-DIRECT = ("direct-password", "direct-hmac")
-BROKER = ("provider", "client")
-ABRMD = ("tpm2-openssl", "engine-style")
+from tpmbroker import protocol as p
+from tpmbroker.load import LoadReport, sample_sessions
+from tpmbroker.paths import provider_path
 
 DESCRIPTIONS = {
     "direct-password": "tpm2-pytss ESAPI loop in the benchmark process, password auth, key "
@@ -50,7 +44,7 @@ DESCRIPTIONS = {
     "direct-hmac": "as direct-password, through one reused salted HMAC session with "
                    "parameter encryption (tss2-esys computes the HMACs)",
     "provider": "tpmbroker through its OpenSSL provider: N C threads of one process (the "
-                "load generator bench/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
+                "load generator benchmarks/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
     "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
               "share one Client",
     "tpm2-openssl": "tpm2-openssl 1.1.1 through tpm2-abrmd: N processes (it is not "
@@ -60,6 +54,7 @@ DESCRIPTIONS = {
 }
 
 CHECK_EVERY = 50  # verify one signature in this many
+CHECKOUT = Path(__file__).resolve().parents[1]  # the directory holding benchmarks/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +72,6 @@ class Key:
 
 
 def make_key(tcti: str, name: str) -> Key:
-    from ..keyfile import der_to_pem
-
     with ESAPI(TCTILdr.parse(tcti)) as ectx:
         if name == "ec:P-256":
             tss = TSSPrivKey.create_ecc(ectx)
@@ -87,8 +80,9 @@ def make_key(tcti: str, name: str) -> Key:
         else:
             raise ValueError(f"unsupported key type {name} (ec:P-256, rsa:2048)")
     der: bytes = tss.to_der()
+    pem: bytes = tss.to_pem()
     public: bytes = tss.public.to_der()
-    return Key(name, der, der_to_pem(der), public)
+    return Key(name, der, pem, public)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -127,7 +121,7 @@ def _tpm_signature_der(key: Key, signature: Any) -> bytes:
 
 
 def _verify_digest(key: Key, signature: bytes, digest: bytes) -> bool:
-    from ..load import verify as verify_digest
+    from tpmbroker.load import verify as verify_digest
 
     key_type = p.KeyType.EC if key.is_ec else p.KeyType.RSA
     scheme = p.Scheme.ECDSA if key.is_ec else p.Scheme.PKCS1
@@ -280,7 +274,7 @@ def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
 def run_provider(socket: str, workdir: Path, key: Key, clients: int,
                  seconds: float) -> LoadReport:
     """C threads of one process calling EVP_DigestSign through the provider."""
-    from ..client import Client
+    from tpmbroker.client import Client
 
     exe = build_loadgen(workdir)
     key_path = workdir / "provider-key.pem"
@@ -317,8 +311,8 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
 # --- 4: the Python client ---------------------------------------------------------------------
 
 def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadReport:
-    from ..client import Client
-    from ..load import run_threads
+    from tpmbroker.client import Client
+    from tpmbroker.load import run_threads
 
     with Client(socket, timeout=30, max_connections=clients + 1) as client:
         loaded = client.load_key(key.der)
@@ -339,7 +333,10 @@ def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
     t0 = time.monotonic()
     child_env = dict(env, TPM2OPENSSL_TCTI=tcti, TSS2_LOG="all+none")
     child_env.pop("OPENSSL_CONF", None)
-    cmd = [sys.executable, "-m", "tpmbroker.bench.libcrypto", "--providers", providers,
+    # The harness is not installed: the children find it where this process did.
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(CHECKOUT), *filter(None, [child_env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "benchmarks.libcrypto", "--providers", providers,
            "--key", str(key_path), "--seconds", str(seconds), "--mode", "digest-sign",
            "--verify-every", str(CHECK_EVERY)]
     procs: list[subprocess.Popen[str]] = []
@@ -393,7 +390,7 @@ def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
         if sampler is not None:
             report.max_active_sessions = sampler.max_active
     finally:
-        from ..processes import kill_group
+        from tpmbroker.processes import kill_group
 
         for proc in procs:
             kill_group(proc, timeout=2)

@@ -22,21 +22,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR, TPM2_SE, TPMA_SESSION
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR
 from tpm2_pytss.tsskey import TSSPrivKey
-from tpm2_pytss.types import (
-    TPM2B_DATA,
-    TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
-    TPML_PCR_SELECTION,
-    TPMT_SIG_SCHEME,
-    TPMT_SYM_DEF,
-    TPMT_TK_HASHCHECK,
-)
+from tpm2_pytss.types import TPMT_SIG_SCHEME
 
 from tpmbroker import protocol as p
 from tpmbroker.load import LoadReport, sample_sessions
 from tpmbroker.paths import provider_path
+
+from .tss import null_ticket, salted_session, storage_primary
 
 DESCRIPTIONS = {
     "direct-password": "tpm2-pytss ESAPI loop in the benchmark process, password auth, key "
@@ -91,15 +85,6 @@ def _sig_scheme(key: Key) -> TPMT_SIG_SCHEME:
     scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA if key.is_ec else TPM2_ALG.RSASSA)
     scheme.details.any.hashAlg = TPM2_ALG.SHA256
     return scheme
-
-
-def _storage_primary(ectx: ESAPI) -> ESYS_TR:
-    template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", nameAlg="sha256",
-                                  objectAttributes="restricted|decrypt|fixedtpm|fixedparent|"
-                                  "sensitivedataorigin|userwithauth|noda")
-    handle, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_OWNER,
-                                     TPM2B_DATA(), TPML_PCR_SELECTION())
-    return handle
 
 
 def _active_sessions(ectx: ESAPI) -> int:
@@ -184,20 +169,14 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
     report = LoadReport(1, seconds, per_client=[0])
     with ESAPI(TCTILdr.parse(tcti)) as ectx:
         tss = TSSPrivKey.from_der(key.der)
-        parent = _storage_primary(ectx)
+        parent = storage_primary(ectx)
         handle = ectx.load(parent, tss.private, tss.public)
         session = ESYS_TR.PASSWORD
         if hmac:
-            sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
-            sym.keyBits.aes = 128
-            sym.mode.aes = TPM2_ALG.CFB
-            session = ectx.start_auth_session(parent, ESYS_TR.NONE, TPM2_SE.HMAC, sym,
-                                              TPM2_ALG.SHA256)
-            ectx.trsess_set_attributes(session,
-                                       TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT)
+            session = salted_session(ectx, parent)
         ectx.flush_context(parent)
         scheme = _sig_scheme(key)
-        ticket = TPMT_TK_HASHCHECK(tag=0x8024, hierarchy=0x40000007)  # ST_HASHCHECK, null
+        ticket = null_ticket()
         done = failed = bad = 0
         errors: dict[str, int] = {}
         latencies: list[float] = []

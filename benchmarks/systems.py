@@ -26,7 +26,6 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_SIG_SCHEME
 
-from tpmbroker import protocol as p
 from tpmbroker.load import LoadReport, sample_sessions
 from tpmbroker.paths import provider_path
 
@@ -106,11 +105,23 @@ def _tpm_signature_der(key: Key, signature: Any) -> bytes:
 
 
 def _verify_digest(key: Key, signature: bytes, digest: bytes) -> bool:
-    from tpmbroker.load import verify as verify_digest
+    """ECDSA (DER) or RSASSA-PKCS1-v1_5 over a SHA-256 digest, by cryptography alone."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-    key_type = p.KeyType.EC if key.is_ec else p.KeyType.RSA
-    scheme = p.Scheme.ECDSA if key.is_ec else p.Scheme.PKCS1
-    return verify_digest(key.public, key_type, signature, digest, p.HashAlg.SHA256, scheme)
+    public = serialization.load_der_public_key(key.public)
+    prehashed = utils.Prehashed(hashes.SHA256())
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, digest, ec.ECDSA(prehashed))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, digest, padding.PKCS1v15(), prehashed)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 class SessionSampler:

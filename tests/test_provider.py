@@ -505,7 +505,7 @@ def test_password_protected_key(env: Env, how: str) -> None:
 def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exe = tmp_path_factory.mktemp("loadgen") / "provider_loadgen"
     subprocess.run(["gcc", "-O1", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
-                    str(ROOT / "broker" / "tpmbroker" / "bench" / "loadgen.c"), "-lcrypto",
+                    str(ROOT / "benchmarks" / "loadgen.c"), "-lcrypto",
                     "-lpthread"],
                    check=True, capture_output=True)
     return exe

@@ -15,8 +15,8 @@ from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR, TPM2_SE
 from tpm2_pytss.types import TPMT_SYM_DEF
 
+from benchmarks import engine_style
 from tpmbroker import protocol as p
-from tpmbroker.bench import engine_style
 from tpmbroker.client import Client
 from tpmbroker.errors import NoSessionsError
 from tpmbroker.load import run_threads

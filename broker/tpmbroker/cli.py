@@ -23,7 +23,7 @@ ALGS = {"ec:P-256": (1, 0x0003), "ec:P-384": (1, 0x0004), "rsa:2048": (2, 2048),
 
 def _neutral_openssl_conf() -> None:
     """The broker's own libcrypto must never load the tpmbroker provider (it would call the
-    broker), nor may the benchmark's (it loads providers into private library contexts)."""
+    broker)."""
     os.environ["OPENSSL_CONF"] = os.devnull
 
 
@@ -279,45 +279,6 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0 if report.failures == 0 and report.bad_signatures == 0 else 1
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.report import write_all
-    from .bench.runner import KEYS, Options, run
-    from .bench.systems import SYSTEMS
-
-    os.environ.setdefault("TSS2_LOG", "all+none")  # expected failures are counted, not logged
-    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    keys = [x.strip() for x in args.keys.split(",") if x.strip()]
-    try:
-        clients = sorted({int(x) for x in args.clients.split(",") if x.strip()})
-    except ValueError:
-        clients = []
-    unknown = [x for x in systems if x not in SYSTEMS] + [x for x in keys if x not in KEYS]
-    if unknown or not systems or not keys or not clients or min(clients) < 1:
-        print(f"tpmbroker bench: systems from {', '.join(SYSTEMS)}; keys from "
-              f"{', '.join(KEYS)}; clients a list of positive integers"
-              + (f" (unknown: {', '.join(unknown)})" if unknown else ""), file=sys.stderr)
-        return 2
-    if args.tcti is None and os.environ.get("TPMBROKER_TCTI"):
-        print("tpmbroker bench: ignoring TPMBROKER_TCTI; the benchmark runs on a swtpm of its "
-              "own unless --tcti is given", file=sys.stderr)
-    command = "tpmbroker bench " + " ".join(
-        [f"--systems {','.join(systems)}", f"--keys {','.join(keys)}",
-         f"--clients {','.join(map(str, clients))}", f"--seconds {args.seconds:g}",
-         f"--sessions {args.sessions}", f"--max-processes {args.max_processes}",
-         f"--idle-connections {args.idle_connections}",
-         f"--out {args.out}"] + ([f"--tcti {args.tcti}"] if args.tcti else []))
-    options = Options(systems=systems, keys=keys, clients=clients, seconds=args.seconds,
-                      out=Path(args.out), tcti=args.tcti, sessions=args.sessions,
-                      max_processes=args.max_processes, command=command,
-                      idle_connections=args.idle_connections)
-    results = run(options)
-    paths = write_all(results, options.out)
-    print(Path(paths["markdown"]).read_text())
-    for kind, path in paths.items():
-        print(f"{kind}: {path}", file=sys.stderr)
-    return 0
-
-
 def _cmd_provider_path(args: argparse.Namespace) -> int:
     path = provider_path()
     if not path.exists():
@@ -412,25 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=0, help="command port (control: port+1)")
     sp.set_defaults(func=_cmd_simulator)
 
-    sp = sub.add_parser("bench", help="signatures/s, latency and TPM sessions of tpmbroker "
-                        "beside its peers, on a simulated TPM of its own")
-    sp.add_argument("--systems", default="direct-password,direct-hmac,provider,client,"
-                    "tpm2-openssl,engine-style", help="comma-separated (default: all)")
-    sp.add_argument("--keys", default="ec:P-256,rsa:2048", help="comma-separated key types")
-    sp.add_argument("--clients", default="1,8,64,256",
-                    help="concurrency levels, comma-separated (default 1,8,64,256)")
-    sp.add_argument("--seconds", type=float, default=5.0, help="seconds per point (default 5)")
-    sp.add_argument("--sessions", type=int, default=2, help="the broker's pool (default 2)")
-    sp.add_argument("--max-processes", type=int, default=32,
-                    help="cap on tpm2-openssl processes (default 32)")
-    sp.add_argument("--out", default="bench-results",
-                    help="directory for bench.json, bench.md, bench.png")
-    sp.add_argument("--tcti", help="run against this TPM instead of a swtpm of the "
-                    "benchmark's own (never the machine's TPM unless given here)")
-    sp.add_argument("--idle-connections", type=int, default=1000,
-                    help="broker memory with this many idle clients (default 1000, 0: skip)")
-    sp.set_defaults(func=_cmd_bench)
-
     sp = sub.add_parser("provider-path", help="print the path of the OpenSSL provider module")
     sp.set_defaults(func=_cmd_provider_path)
     return parser
@@ -438,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "bench"):
+    if args.command == "serve":
         # Before anything loads an OpenSSL (hashlib, ssl via asyncio, cryptography,
         # tss2-esys all read OPENSSL_CONF once, when they first start OpenSSL).
         _neutral_openssl_conf()

@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.tsskey import _parent_ecc_template, _parent_rsa_template
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from ..definitions import STORAGE_PRIMARY
@@ -54,7 +53,7 @@ class Objects:
         rsa = self.rsa_only if rsa is None else rsa
         primary = self._primaries.get(rsa)
         if primary is None:
-            template = _parent_rsa_template if rsa else _parent_ecc_template
+            template = keymod.storage_parent_template(rsa)
             primary, public, *_ = self.with_room(None, lambda: self._ectx.create_primary(
                 TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template),
                 ESYS_TR.RH_OWNER))

@@ -1,7 +1,8 @@
 /*
  * Load generator for the tpmbroker provider: C threads calling EVP_DigestSign on one
  * EVP_PKEY, as nginx workers or any libcrypto program would. Used by tests/test_provider.py
- * and by `tpmbroker bench` (compiled on the spot with cc against the system libcrypto).
+ * and by the benchmark, `python -m benchmarks` (both compile it on the spot with cc
+ * against the system libcrypto; the tpmbroker package neither ships nor needs it).
  *
  *   loadgen stress MODDIR KEY PUB THREADS ITERS CHILDREN CHILD_THREADS
  *       loads KEY once, signs once, forks CHILDREN processes, then every process signs

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .report import REFERENCE
-from .systems import BROKER as BROKER_SYSTEMS
-
-if TYPE_CHECKING:
-    from .runner import Point
-
-PEER = "tpm2-openssl"
+from .results import BROKER as BROKER_SYSTEMS
+from .results import PEER, REFERENCE, Point
 
 MIN_UTILIZATION = 0.90  # swtpm CPU over wall time, 8 signers and more
 MIN_RATE_OVER_DIRECT = 1.0

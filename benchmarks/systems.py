@@ -22,27 +22,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR, TPM2_SE, TPMA_SESSION
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR
 from tpm2_pytss.tsskey import TSSPrivKey
-from tpm2_pytss.types import (
-    TPM2B_DATA,
-    TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
-    TPML_PCR_SELECTION,
-    TPMT_SIG_SCHEME,
-    TPMT_SYM_DEF,
-    TPMT_TK_HASHCHECK,
-)
+from tpm2_pytss.types import TPMT_SIG_SCHEME
 
-from .. import protocol as p
-from ..load import LoadReport, sample_sessions
-from ..paths import provider_path
+from tpmbroker.load import LoadReport, sample_sessions
+from tpmbroker.paths import provider_path
 
-SYSTEMS = ("direct-password", "direct-hmac", "provider", "client", "tpm2-openssl",
-           "engine-style")
-DIRECT = ("direct-password", "direct-hmac")
-BROKER = ("provider", "client")
-ABRMD = ("tpm2-openssl", "engine-style")
+from .tss import null_ticket, salted_session, storage_primary
 
 DESCRIPTIONS = {
     "direct-password": "tpm2-pytss ESAPI loop in the benchmark process, password auth, key "
@@ -50,7 +37,7 @@ DESCRIPTIONS = {
     "direct-hmac": "as direct-password, through one reused salted HMAC session with "
                    "parameter encryption (tss2-esys computes the HMACs)",
     "provider": "tpmbroker through its OpenSSL provider: N C threads of one process (the "
-                "load generator bench/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
+                "load generator benchmarks/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
     "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
               "share one Client",
     "tpm2-openssl": "tpm2-openssl 1.1.1 through tpm2-abrmd: N processes (it is not "
@@ -60,6 +47,7 @@ DESCRIPTIONS = {
 }
 
 CHECK_EVERY = 50  # verify one signature in this many
+CHECKOUT = Path(__file__).resolve().parents[1]  # the directory holding benchmarks/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +65,6 @@ class Key:
 
 
 def make_key(tcti: str, name: str) -> Key:
-    from ..keyfile import der_to_pem
-
     with ESAPI(TCTILdr.parse(tcti)) as ectx:
         if name == "ec:P-256":
             tss = TSSPrivKey.create_ecc(ectx)
@@ -87,8 +73,9 @@ def make_key(tcti: str, name: str) -> Key:
         else:
             raise ValueError(f"unsupported key type {name} (ec:P-256, rsa:2048)")
     der: bytes = tss.to_der()
+    pem: bytes = tss.to_pem()
     public: bytes = tss.public.to_der()
-    return Key(name, der, der_to_pem(der), public)
+    return Key(name, der, pem, public)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -97,15 +84,6 @@ def _sig_scheme(key: Key) -> TPMT_SIG_SCHEME:
     scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA if key.is_ec else TPM2_ALG.RSASSA)
     scheme.details.any.hashAlg = TPM2_ALG.SHA256
     return scheme
-
-
-def _storage_primary(ectx: ESAPI) -> ESYS_TR:
-    template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", nameAlg="sha256",
-                                  objectAttributes="restricted|decrypt|fixedtpm|fixedparent|"
-                                  "sensitivedataorigin|userwithauth|noda")
-    handle, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_OWNER,
-                                     TPM2B_DATA(), TPML_PCR_SELECTION())
-    return handle
 
 
 def _active_sessions(ectx: ESAPI) -> int:
@@ -127,11 +105,23 @@ def _tpm_signature_der(key: Key, signature: Any) -> bytes:
 
 
 def _verify_digest(key: Key, signature: bytes, digest: bytes) -> bool:
-    from ..load import verify as verify_digest
+    """ECDSA (DER) or RSASSA-PKCS1-v1_5 over a SHA-256 digest, by cryptography alone."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-    key_type = p.KeyType.EC if key.is_ec else p.KeyType.RSA
-    scheme = p.Scheme.ECDSA if key.is_ec else p.Scheme.PKCS1
-    return verify_digest(key.public, key_type, signature, digest, p.Hash.SHA256, scheme)
+    public = serialization.load_der_public_key(key.public)
+    prehashed = utils.Prehashed(hashes.SHA256())
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, digest, ec.ECDSA(prehashed))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, digest, padding.PKCS1v15(), prehashed)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 class SessionSampler:
@@ -190,20 +180,14 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
     report = LoadReport(1, seconds, per_client=[0])
     with ESAPI(TCTILdr.parse(tcti)) as ectx:
         tss = TSSPrivKey.from_der(key.der)
-        parent = _storage_primary(ectx)
+        parent = storage_primary(ectx)
         handle = ectx.load(parent, tss.private, tss.public)
         session = ESYS_TR.PASSWORD
         if hmac:
-            sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
-            sym.keyBits.aes = 128
-            sym.mode.aes = TPM2_ALG.CFB
-            session = ectx.start_auth_session(parent, ESYS_TR.NONE, TPM2_SE.HMAC, sym,
-                                              TPM2_ALG.SHA256)
-            ectx.trsess_set_attributes(session,
-                                       TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT)
+            session = salted_session(ectx, parent)
         ectx.flush_context(parent)
         scheme = _sig_scheme(key)
-        ticket = TPMT_TK_HASHCHECK(tag=0x8024, hierarchy=0x40000007)  # ST_HASHCHECK, null
+        ticket = null_ticket()
         done = failed = bad = 0
         errors: dict[str, int] = {}
         latencies: list[float] = []
@@ -280,7 +264,7 @@ def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
 def run_provider(socket: str, workdir: Path, key: Key, clients: int,
                  seconds: float) -> LoadReport:
     """C threads of one process calling EVP_DigestSign through the provider."""
-    from ..client import Client
+    from tpmbroker.client import Client
 
     exe = build_loadgen(workdir)
     key_path = workdir / "provider-key.pem"
@@ -317,8 +301,8 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
 # --- 4: the Python client ---------------------------------------------------------------------
 
 def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadReport:
-    from ..client import Client
-    from ..load import run_threads
+    from tpmbroker.client import Client
+    from tpmbroker.load import run_threads
 
     with Client(socket, timeout=30, max_connections=clients + 1) as client:
         loaded = client.load_key(key.der)
@@ -339,7 +323,10 @@ def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
     t0 = time.monotonic()
     child_env = dict(env, TPM2OPENSSL_TCTI=tcti, TSS2_LOG="all+none")
     child_env.pop("OPENSSL_CONF", None)
-    cmd = [sys.executable, "-m", "tpmbroker.bench.libcrypto", "--providers", providers,
+    # The harness is not installed: the children find it where this process did.
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(CHECKOUT), *filter(None, [child_env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "benchmarks.libcrypto", "--providers", providers,
            "--key", str(key_path), "--seconds", str(seconds), "--mode", "digest-sign",
            "--verify-every", str(CHECK_EVERY)]
     procs: list[subprocess.Popen[str]] = []
@@ -393,7 +380,7 @@ def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
         if sampler is not None:
             report.max_active_sessions = sampler.max_active
     finally:
-        from ..processes import kill_group
+        from tpmbroker.processes import kill_group
 
         for proc in procs:
             kill_group(proc, timeout=2)

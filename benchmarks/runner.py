@@ -1,4 +1,4 @@
-"""`tpmbroker bench`: every system side by side on one TPM in one run.
+"""A benchmark run: every system side by side on one TPM.
 
 The run owns everything it uses: a swtpm on free loopback ports (unless --tcti names a TPM),
 a private D-Bus with tpm2-abrmd for the systems that need a resource manager, and the
@@ -24,12 +24,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from ..load import LoadReport
-from ..processes import Abrmd, BrokerProcess, DbusDaemon
-from . import systems as s
-from .services import CpuMeter, process_rss_mib
+from tpmbroker.load import LoadReport
+from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
-KEYS = ("ec:P-256", "rsa:2048")
+from . import systems as s
+from .machine import machine_description
+from .results import ABRMD, BROKER, DIRECT, Point, Results
+from .services import CpuMeter, process_rss_mib
 
 
 @dataclasses.dataclass
@@ -46,41 +47,15 @@ class Options:
     idle_connections: int = 1000
 
 
-@dataclasses.dataclass
-class Point:
-    system: str
-    key: str
-    clients: int
-    seconds: float
-    signatures: int
-    rate: float
-    p50_ms: float
-    p99_ms: float
-    failures: int
-    bad_signatures: int
-    max_active_sessions: int | None
-    tpm_utilization: float | None
-    errors: dict[str, int]
-    note: str = ""
-    broker_cpu_us: float | None = None  # broker process CPU per signature
-    fairness: float | None = None  # slowest signer's count over the fastest's
-
-
-@dataclasses.dataclass
-class Results:
-    meta: dict[str, Any]
-    points: list[Point]
-
-
 def plan(options: Options) -> list[tuple[str, str, int]]:
     """(system, key, clients) in run order: grouped by what each system needs running."""
     out: list[tuple[str, str, int]] = []
-    for group in (s.DIRECT, s.BROKER, s.ABRMD):
+    for group in (DIRECT, BROKER, ABRMD):
         for system in group:
             if system not in options.systems:
                 continue
             for key in options.keys:
-                if system in s.DIRECT:
+                if system in DIRECT:
                     levels = [1]  # a raw TPM: one connection, three object slots
                 elif system == "tpm2-openssl":
                     levels = sorted({min(c, options.max_processes) for c in options.clients})
@@ -222,8 +197,6 @@ def _tpm2_openssl_available() -> str | None:
 
 
 def run(options: Options, stream: TextIO = sys.stderr) -> Results:
-    from .report import machine_description
-
     todo = plan(options)
     points: list[Point] = []
     meta = machine_description()
@@ -291,7 +264,7 @@ def idle_connections_rss(broker: BrokerProcess, count: int) -> dict[str, float]:
     import resource
     import socket
 
-    from ..client import Client
+    from tpmbroker.client import Client
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < count + 64 <= hard:
@@ -316,7 +289,7 @@ def idle_connections_rss(broker: BrokerProcess, count: int) -> dict[str, float]:
 def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Point],
              workdir: Path, stack: contextlib.ExitStack, progress: Progress,
              idle: dict[int, dict[str, float]]) -> None:
-    from ..simulator import Swtpm
+    from tpmbroker.simulator import Swtpm
 
     swtpm: Swtpm | None = None
     if options.tcti:
@@ -334,7 +307,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
         (workdir / f"{name.replace(':', '-')}.pem").write_bytes(keys[name].pem)
 
     bus: DbusDaemon | None = None
-    if any(system in s.ABRMD for system, _, _ in todo) and not tcti.startswith("tabrmd"):
+    if any(system in ABRMD for system, _, _ in todo) and not tcti.startswith("tabrmd"):
         bus = DbusDaemon()
         stack.callback(bus.stop)
         os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
@@ -342,7 +315,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
     tpm2_openssl_missing = (_tpm2_openssl_available()
                             if any(x[0] == "tpm2-openssl" for x in todo) else None)
 
-    for group in (s.DIRECT, s.BROKER, s.ABRMD):
+    for group in (DIRECT, BROKER, ABRMD):
         group_todo = [x for x in todo if x[0] in group]
         if not group_todo:
             continue
@@ -355,11 +328,11 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
             probe = None
             abrmd: Abrmd | None = None
             try:
-                if group is s.BROKER:
+                if group is BROKER:
                     broker = BrokerProcess(tcti, workdir / "broker", sessions=options.sessions)
                     phase.callback(broker.stop)
                     broker.start()
-                elif group is s.ABRMD:
+                elif group is ABRMD:
                     if bus is not None:
                         # tpm2-abrmd admits at most 100 connections
                         abrmd = Abrmd(tcti, workdir / "abrmd", bus, max_connections=100)
@@ -393,7 +366,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 try:
                     if system == "tpm2-openssl" and tpm2_openssl_missing:
                         note = tpm2_openssl_missing
-                    elif system in s.DIRECT:
+                    elif system in DIRECT:
                         report = s.run_direct(target, key, options.seconds,
                                               hmac=system == "direct-hmac")
                     elif system == "provider":

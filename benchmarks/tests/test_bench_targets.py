@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from tpmbroker.bench import targets
-from tpmbroker.bench.runner import Point
+from benchmarks import targets
+from benchmarks.results import Point
 
 KEY = "ec:P-256"
 

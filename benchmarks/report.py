@@ -1,78 +1,13 @@
-"""Benchmark results as JSON, a Markdown table and a PNG plot; the machine they came from."""
+"""Benchmark results as JSON, a Markdown table and a PNG plot."""
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .runner import Point, Results
-
-REFERENCE = "direct-password"
-
-
-def _run(*cmd: str, cwd: str | None = None) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd,
-                             check=False)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return (out.stdout or out.stderr).strip()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _memory_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
-
-
-def _package_version(name: str) -> str:
-    return _run("dpkg-query", "-W", "-f", "${Version}", name)
-
-
-def machine_description() -> dict[str, Any]:
-    from .. import __version__
-
-    src = str(Path(__file__).resolve().parents[3])
-    commit = _run("git", "rev-parse", "HEAD", cwd=src)
-    dirty = bool(_run("git", "status", "--porcelain", "--untracked-files=no", cwd=src))
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "tpmbroker": __version__,
-        "commit": commit if len(commit) == 40 else "",
-        "tree_modified": dirty,
-        "cpu": _cpu_model(),
-        "cpus": os.cpu_count(),
-        "memory_gib": _memory_gib(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "openssl": _run("openssl", "version"),
-        "swtpm": _package_version("swtpm"),
-        "tss2_esys": _package_version("libtss2-esys-3.0.2-0"),
-        "tpm2_abrmd": _package_version("tpm2-abrmd"),
-        "tpm2_openssl": _package_version("tpm2-openssl"),
-        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-    }
+from . import targets
+from .results import REFERENCE, Point, Results
 
 
 def reference_rates(points: list[Point]) -> dict[str, float]:
@@ -82,8 +17,6 @@ def reference_rates(points: list[Point]) -> dict[str, float]:
 
 
 def write_json(results: Results, path: Path) -> None:
-    from . import targets
-
     data = {"meta": results.meta, "points": [dataclasses.asdict(pt) for pt in results.points],
             "targets": [dataclasses.asdict(c)
                         for c in targets.check(results.points, results.meta)]}
@@ -135,7 +68,7 @@ def _errors_section(results: Results) -> str:
 def write_markdown(results: Results, path: Path) -> None:
     meta = results.meta
     parts = [
-        "# tpmbroker bench\n",
+        "# tpmbroker benchmark\n",
         f"`{meta.get('command', '')}`\n" if meta.get("command") else "",
         f"{meta['date']}; commit {meta.get('commit') or '?'}"
         f"{' (with uncommitted changes)' if meta.get('tree_modified') else ''}; "
@@ -154,8 +87,6 @@ def write_markdown(results: Results, path: Path) -> None:
     errors = _errors_section(results)
     if errors:
         parts.append("\nFailures and errors:\n\n" + errors + "\n")
-    from . import targets
-
     checks = targets.check(results.points, results.meta)
     if checks:
         parts.append("\nAgainst the targets:\n\n" + targets.markdown(checks))
@@ -213,7 +144,7 @@ def write_png(results: Results, path: Path) -> bool:
         bottom.minorticks_on()
         top.legend(fontsize=8)
     meta = results.meta
-    fig.suptitle(f"tpmbroker bench, swtpm, {meta['cpus']} CPUs, {meta['date']}, "
+    fig.suptitle(f"tpmbroker benchmark, swtpm, {meta['cpus']} CPUs, {meta['date']}, "
                  f"commit {(meta.get('commit') or '?')[:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -15,40 +15,15 @@ import threading
 import time
 
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_SE, TPMA_SESSION
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC
 from tpm2_pytss.tsskey import TSSPrivKey
-from tpm2_pytss.types import (
-    TPM2B_DATA,
-    TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
-    TPML_PCR_SELECTION,
-    TPMT_SIG_SCHEME,
-    TPMT_SYM_DEF,
-    TPMT_TK_HASHCHECK,
-)
+from tpm2_pytss.types import TPMT_SIG_SCHEME
 
-from ..load import LoadReport
+from tpmbroker.load import LoadReport
+
+from .tss import null_ticket, salted_session, storage_primary
 
 SESSION_EXHAUSTION = {int(TPM2_RC.SESSION_HANDLES), int(TPM2_RC.SESSION_MEMORY)}
-
-
-def _storage_primary(ectx: ESAPI) -> ESYS_TR:
-    template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", nameAlg="sha256",
-                                  objectAttributes="restricted|decrypt|fixedtpm|fixedparent|"
-                                  "sensitivedataorigin|userwithauth|noda")
-    handle, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_OWNER,
-                                     TPM2B_DATA(), TPML_PCR_SELECTION())
-    return handle
-
-
-def _salted_session(ectx: ESAPI, salt_key: ESYS_TR) -> ESYS_TR:
-    sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
-    sym.keyBits.aes = 128
-    sym.mode.aes = TPM2_ALG.CFB
-    session = ectx.start_auth_session(salt_key, ESYS_TR.NONE, TPM2_SE.HMAC, sym,
-                                      TPM2_ALG.SHA256)
-    ectx.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT)
-    return session
 
 
 def run(tcti: str, key_der: bytes, threads: int, seconds: float,
@@ -65,7 +40,7 @@ def run(tcti: str, key_der: bytes, threads: int, seconds: float,
         try:
             ectx = ESAPI(TCTILdr.parse(tcti))
             key = TSSPrivKey.from_der(key_der).load(ectx)
-            salt_key = _storage_primary(ectx)
+            salt_key = storage_primary(ectx)
         except Exception as exc:
             ready.wait()
             report.add_signer(index, 0, 1, 0, [], {f"setup: {exc}": 1})
@@ -73,14 +48,14 @@ def run(tcti: str, key_der: bytes, threads: int, seconds: float,
         ready.wait()
         scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
         scheme.details.any.hashAlg = TPM2_ALG.SHA256
-        ticket = TPMT_TK_HASHCHECK(tag=0x8024, hierarchy=0x40000007)  # TPM2_ST_HASHCHECK, null
+        ticket = null_ticket()
         while not stop.is_set():
             digest = hashlib.sha256(f"{index}:{done}:{failed}".encode()).digest()
             sessions: list[ESYS_TR] = []
             t0 = time.perf_counter()
             try:
                 for _ in range(sessions_per_sign):
-                    sessions.append(_salted_session(ectx, salt_key))
+                    sessions.append(salted_session(ectx, salt_key))
                 ectx.sign(key, digest, scheme, ticket, session1=sessions[0])
                 done += 1
                 latencies.append((time.perf_counter() - t0) * 1000)

@@ -1,4 +1,4 @@
-"""`tpmbroker bench` end to end, briefly: every system runs and every output is written."""
+"""`python -m benchmarks` end to end, briefly: every system runs and every output is written."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tpmbroker.bench.systems import BROKER as BROKER_SYSTEMS
-from tpmbroker.bench.systems import SYSTEMS
+from benchmarks.results import BROKER as BROKER_SYSTEMS
+from benchmarks.results import SYSTEMS
+
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -18,15 +20,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
            if k not in ("OPENSSL_CONF", "TPMBROKER_SOCKET", "TPMBROKER_TCTI",
                         "DBUS_SESSION_BUS_ADDRESS")}
     run = subprocess.run(
-        [sys.executable, "-m", "tpmbroker.cli", "bench", "--keys", "ec:P-256",
+        [sys.executable, "-m", "benchmarks", "--keys", "ec:P-256",
          "--clients", "1,4", "--seconds", "0.5", "--max-processes", "2", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300)
+        cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
     data = json.loads((out / "bench.json").read_text())
     points = data["points"]
     assert {pt["system"] for pt in points} == set(SYSTEMS)
-    assert data["meta"]["command"].startswith("tpmbroker bench ")
+    assert data["meta"]["command"].startswith("python -m benchmarks ")
     for pt in points:
         if pt["system"] in BROKER_SYSTEMS:
             assert pt["signatures"] > 0 and pt["failures"] == 0, pt

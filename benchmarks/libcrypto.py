@@ -6,7 +6,7 @@ process-wide OpenSSL configuration. cffi releases the GIL for the duration of ev
 so Python threads calling `Signer.sign` are a real multi-threaded libcrypto load.
 
 Run as a module it is the load process used for providers that are not thread-safe:
-`python -m tpmbroker.bench.libcrypto --providers tpm2,base --key KEY --seconds S` loads the
+`python -m benchmarks.libcrypto --providers tpm2,base --key KEY --seconds S` loads the
 key, prints `ready`, waits for a line on stdin, signs in a loop for S seconds and prints a
 JSON summary.
 """
@@ -242,7 +242,7 @@ def verify(public_der: bytes, signature: bytes, message: bytes) -> bool:
 # --- load process ---------------------------------------------------------------------------
 
 def _worker(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tpmbroker.bench.libcrypto")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.libcrypto")
     ap.add_argument("--providers", required=True, help="comma-separated, in load order")
     ap.add_argument("--key", required=True)
     ap.add_argument("--seconds", type=float, required=True)

@@ -1,0 +1,93 @@
+"""`python -m benchmarks`: every system side by side on one TPM; JSON, Markdown and PNG out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .results import KEYS, SYSTEMS  # plain data: loads no OpenSSL
+
+PROG = "python -m benchmarks"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="signatures/s, latency and TPM sessions of tpmbroker beside "
+        "its peers, on a simulated TPM of its own")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="comma-separated (default: all)")
+    parser.add_argument("--keys", default=",".join(KEYS),
+                        help="comma-separated key types")
+    parser.add_argument("--clients", default="1,8,64,256",
+                        help="concurrency levels, comma-separated (default 1,8,64,256)")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="seconds per point (default 5)")
+    parser.add_argument("--sessions", type=int, default=2, help="the broker's pool (default 2)")
+    parser.add_argument("--max-processes", type=int, default=32,
+                        help="cap on tpm2-openssl processes (default 32)")
+    parser.add_argument("--out", default="bench-results",
+                        help="directory for bench.json, bench.md, bench.png")
+    parser.add_argument("--tcti", help="run against this TPM instead of a swtpm of the "
+                        "benchmark's own (never the machine's TPM unless given here)")
+    parser.add_argument("--idle-connections", type=int, default=1000,
+                        help="broker memory with this many idle clients (default 1000, 0: skip)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Before anything loads an OpenSSL (hashlib, cryptography and tss2-esys read
+    # OPENSSL_CONF once): this process loads providers into private library contexts
+    # only, never through a configuration that might name the tpmbroker provider.
+    os.environ["OPENSSL_CONF"] = os.devnull
+    os.environ.setdefault("TSS2_LOG", "all+none")  # expected failures are counted, not logged
+
+    from tpmbroker import TpmBrokerError
+
+    from .report import write_all
+    from .runner import Options, run
+
+    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    keys = [x.strip() for x in args.keys.split(",") if x.strip()]
+    try:
+        clients = sorted({int(x) for x in args.clients.split(",") if x.strip()})
+    except ValueError:
+        clients = []
+    unknown = [x for x in systems if x not in SYSTEMS] + [x for x in keys if x not in KEYS]
+    if unknown or not systems or not keys or not clients or min(clients) < 1:
+        print(f"{PROG}: systems from {', '.join(SYSTEMS)}; keys from "
+              f"{', '.join(KEYS)}; clients a list of positive integers"
+              + (f" (unknown: {', '.join(unknown)})" if unknown else ""), file=sys.stderr)
+        return 2
+    if args.tcti is None and os.environ.get("TPMBROKER_TCTI"):
+        print(f"{PROG}: ignoring TPMBROKER_TCTI; the benchmark runs on a swtpm of its "
+              "own unless --tcti is given", file=sys.stderr)
+    command = f"{PROG} " + " ".join(
+        [f"--systems {','.join(systems)}", f"--keys {','.join(keys)}",
+         f"--clients {','.join(map(str, clients))}", f"--seconds {args.seconds:g}",
+         f"--sessions {args.sessions}", f"--max-processes {args.max_processes}",
+         f"--idle-connections {args.idle_connections}",
+         f"--out {args.out}"] + ([f"--tcti {args.tcti}"] if args.tcti else []))
+    options = Options(systems=systems, keys=keys, clients=clients, seconds=args.seconds,
+                      out=Path(args.out), tcti=args.tcti, sessions=args.sessions,
+                      max_processes=args.max_processes, command=command,
+                      idle_connections=args.idle_connections)
+    try:
+        results = run(options)
+    except TpmBrokerError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    paths = write_all(results, options.out)
+    print(Path(paths["markdown"]).read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""What a benchmark run produces, and the names of the systems it can contain.
+
+The data types every other module of the harness shares: the runner makes Points, the
+report writes them, the targets judge them. This module imports none of those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SYSTEMS = ("direct-password", "direct-hmac", "provider", "client", "tpm2-openssl",
+           "engine-style")
+DIRECT = ("direct-password", "direct-hmac")  # straight to the TPM, one signer
+BROKER = ("provider", "client")  # through tpmbroker
+ABRMD = ("tpm2-openssl", "engine-style")  # through tpm2-abrmd
+
+REFERENCE = "direct-password"  # the rate the others are compared with
+PEER = "tpm2-openssl"
+
+KEYS = ("ec:P-256", "rsa:2048")
+
+
+@dataclasses.dataclass
+class Point:
+    """One system, one key, one concurrency level: what was measured."""
+
+    system: str
+    key: str
+    clients: int
+    seconds: float
+    signatures: int
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    failures: int
+    bad_signatures: int
+    max_active_sessions: int | None
+    tpm_utilization: float | None
+    errors: dict[str, int]
+    note: str = ""
+    broker_cpu_us: float | None = None  # broker process CPU per signature
+    fairness: float | None = None  # slowest signer's count over the fastest's
+
+
+@dataclasses.dataclass
+class Results:
+    meta: dict[str, Any]
+    points: list[Point]

@@ -1,1 +1,0 @@
-"""Benchmarks and the comparison systems tpmbroker is measured against."""

@@ -21,7 +21,11 @@ enum wire_opcode {
     WIRE_OP_GENERATE = 0x04,
     WIRE_OP_STATUS = 0x05,
     WIRE_OP_UNLOAD = 0x06,
+    WIRE_OP_RANDOM = 0x07,
 };
+
+/* RANDOM: the broker serves at most this many bytes per request */
+#define WIRE_MAX_RANDOM 1024
 
 enum wire_source { WIRE_SOURCE_TSS2_DER = 1, WIRE_SOURCE_HANDLE = 2 };
 enum wire_key_type { WIRE_KEY_EC = 1, WIRE_KEY_RSA = 2 };
@@ -108,6 +112,7 @@ size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t k
 size_t wire_status(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms);
 size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                    size_t key_id_len);
+size_t wire_random(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint16_t count);
 
 /* Parses the 16 header bytes. Returns 0 when the length breaks framing, else 1. */
 int wire_parse_header(const uint8_t hdr[WIRE_HEADER_SIZE], WIRE_HEADER *h);

@@ -47,8 +47,15 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "generate_response": (6, p.GenerateResult(b"\x30\x00", b"\x30\x01"), 0),
     "status_response": (7, p.StatusResult('{"pool_size":2}'), 0),
     "unload_response": (8, p.UnloadResult(), 0),
+    "random_request": (9, p.Random(48), 2000),
+    "random_max_request": (10, p.Random(p.MAX_RANDOM), 0),
+    "random_response": (9, p.RandomResult(bytes(range(48))), 0),
+    "random_empty_response": (10, p.RandomResult(b""), 0),
+    "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
+                                                "at most 1024 random bytes per request"), 0),
 }
-OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN}
+OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
+                      "error_random_too_many": p.Opcode.RANDOM}
 
 
 def test_every_golden_frame_is_covered() -> None:
@@ -117,6 +124,10 @@ def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
         p.encode_request(1, p.Sign(KID, 1, 0x0B, bytes(70000)))
     with pytest.raises(FrameTooLargeError):
         p.encode_request(1, p.Load(1, bytes(40000), bytes(40000)))
+
+
+def test_random_bytes_never_appear_in_reprs() -> None:
+    assert "abcdef" not in repr(p.RandomResult(bytes.fromhex("abcdef")))
 
 
 def test_passwords_never_appear_in_reprs() -> None:

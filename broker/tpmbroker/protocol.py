@@ -38,6 +38,7 @@ class Opcode(enum.IntEnum):
     GENERATE = 0x04
     STATUS = 0x05
     UNLOAD = 0x06
+    RANDOM = 0x07
 
 
 class KeySource(enum.IntEnum):
@@ -167,6 +168,28 @@ class Unload(Message):
     key_id: bytes
 
 
+# --- RANDOM: bytes from the TPM's random number generator ---------------------------
+
+MAX_RANDOM = 1024  # bytes per RANDOM request; a larger count is UNSUPPORTED
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(Message):
+    OPCODE = Opcode.RANDOM
+    FIELDS = (("count", "u16"),)
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResult(Message):
+    OPCODE = Opcode.RANDOM
+    FIELDS = (("random", "bytes"),)
+    random: bytes
+
+    def __repr__(self) -> str:  # random bytes may become keys: never print them
+        return f"RandomResult(random=<{len(self.random)} bytes>)"
+
+
 @dataclasses.dataclass(frozen=True)
 class HelloResult(Message):
     OPCODE = Opcode.HELLO
@@ -224,17 +247,19 @@ class ErrorResult:
     tpm_rc: int = 0
 
 
-Request: TypeAlias = Hello | Load | Sign | Generate | StatusRequest | Unload
+Request: TypeAlias = Hello | Load | Sign | Generate | StatusRequest | Unload | Random
 Result: TypeAlias = (
     HelloResult | LoadResult | SignResult | GenerateResult | StatusResult | UnloadResult
+    | RandomResult
 )
 
 REQUESTS: dict[int, type[Message]] = {
-    cls.OPCODE: cls for cls in (Hello, Load, Sign, Generate, StatusRequest, Unload)
+    cls.OPCODE: cls for cls in (Hello, Load, Sign, Generate, StatusRequest, Unload, Random)
 }
 RESULTS: dict[int, type[Message]] = {
     cls.OPCODE: cls
-    for cls in (HelloResult, LoadResult, SignResult, GenerateResult, StatusResult, UnloadResult)
+    for cls in (HelloResult, LoadResult, SignResult, GenerateResult, StatusResult, UnloadResult,
+                RandomResult)
 }
 
 

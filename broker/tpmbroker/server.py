@@ -72,6 +72,7 @@ class Worker(Protocol):
     def generate_key(self, key_type: p.KeyType, param: int, auth: bytes, parent: int,
                      deadline: float) -> tuple[bytes, bytes]: ...
     def status(self) -> dict[str, object]: ...
+    def random(self, count: int, deadline: float) -> bytes: ...
     # The lane (see TpmWorker.begin_fast_sign).
     def lane_socket(self) -> Any: ...
     def begin_fast_sign(self, key_id: bytes, auth: bytes, scheme: p.Scheme,
@@ -141,6 +142,7 @@ class Stats:
         self.by_status: collections.Counter[str] = collections.Counter()
         self.connections_total = 0
         self.refused_peers = 0
+        self.random_bytes = 0  # served by RANDOM
 
     def error(self, status: int) -> None:
         self.errors += 1
@@ -325,8 +327,27 @@ class Connection(asyncio.Protocol):
         elif isinstance(msg, p.Unload):
             self.keys.pop(msg.key_id, None)
             self.send(request_id, msg.OPCODE, p.UnloadResult())
+        elif isinstance(msg, p.Random):
+            self._random(request_id, msg, reply_by, deadline)
         else:
             raise InternalError(f"no handler for {type(msg).__name__}")
+
+    # RANDOM: no per-connection state; the worker reads the TPM through a pool session.
+    def _random(self, request_id: int, msg: p.Random, reply_by: float, deadline: float,
+                ) -> None:
+        if msg.count > p.MAX_RANDOM:
+            raise UnsupportedError(f"at most {p.MAX_RANDOM} random bytes per request, "
+                                   f"not {msg.count}; ask several times")
+        if msg.count == 0:
+            self.send(request_id, msg.OPCODE, p.RandomResult(b""))
+            return
+        worker = self.server.worker
+        self.submit(request_id, msg.OPCODE, reply_by, deadline,
+                    lambda: worker.random(msg.count, deadline), self._random_served)
+
+    def _random_served(self, random: bytes) -> p.Message:
+        self.server.stats.random_bytes += len(random)
+        return p.RandomResult(random)
 
     def _signed(self, signature: bytes) -> p.Message:
         self.server.stats.signatures += 1
@@ -649,6 +670,7 @@ class BrokerServer:
             "errors": self.stats.errors,
             "errors_by_status": dict(self.stats.by_status),
             "refused_peers": self.stats.refused_peers,
+            "random_bytes": self.stats.random_bytes,
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
 

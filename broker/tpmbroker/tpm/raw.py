@@ -440,12 +440,12 @@ def _c_decrypt_first(pending: PendingCommand, nonce_tpm: bytes, parameters: byte
         raise malformed() from None
     if 2 + size > len(parameters):
         raise malformed()
-    data = ffi.from_buffer(bytearray(parameters[2:2 + size]))
+    clear = bytearray(parameters[2:2 + size])
     status = lib.tb_decrypt_response(_c_scratch().ctx, pending.c_pending, nonce_tpm,
-                                     len(nonce_tpm), data, size)
+                                     len(nonce_tpm), ffi.from_buffer(clear), size)
     if status != lib.TB_OK:
         raise _C_ERRORS[status]()
-    return parameters[:2] + ffi.buffer(data)[:] + parameters[2 + size:]
+    return parameters[:2] + bytes(clear) + parameters[2 + size:]
 
 
 def execute(transport: Transport, pending: PendingCommand) -> tuple[list[int], bytes]:

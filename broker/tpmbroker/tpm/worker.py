@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -50,11 +51,20 @@ from ..errors import (
     DeadlineError,
     TakeTheLongWay,
     TpmBrokerError,
+    TpmError,
     TpmUnavailableError,
     UnknownKeyError,
     UnsupportedError,
 )
-from ..protocol import STORAGE_PRIMARY, HashAlg, KeySource, KeyType, Scheme, key_id_for
+from ..protocol import (
+    MAX_RANDOM,
+    STORAGE_PRIMARY,
+    HashAlg,
+    KeySource,
+    KeyType,
+    Scheme,
+    key_id_for,
+)
 from . import keys as keymod
 from . import pss, raw, transport
 from .keys import CachedKey, KeyCache, KeyInfo
@@ -400,6 +410,41 @@ class TpmWorker:
         private, public = self._run(deadline, "creating the key", create)
         key = keymod.tss2_key_der(private, public, empty_auth=not auth, parent=parent)
         return key, bytes(public.publicArea.to_der())
+
+    # --- random bytes (RANDOM) ------------------------------------------------------------
+
+    def random(self, count: int, deadline: float) -> bytes:
+        """`count` bytes from the TPM's random number generator.
+
+        Each TPM2_GetRandom goes through a pool session with ENCRYPT, so the bytes cross
+        the TPM link encrypted; the TPM gives at most one digest's worth per command
+        (TPM2_PT_MAX_DIGEST), so larger counts take several.
+        """
+        if not 0 <= count <= MAX_RANDOM:
+            raise UnsupportedError(f"at most {MAX_RANDOM} random bytes per request, "
+                                   f"not {count}")
+        out = bytearray()
+        while len(out) < count:
+            chunk = self._run(deadline, "reading random bytes",
+                              functools.partial(self._random_once, count - len(out),
+                                                deadline))
+            if not chunk:
+                raise TpmError("the TPM returned no random bytes")
+            out += chunk
+        return bytes(out)
+
+    def _random_once(self, count: int, deadline: float) -> bytes:
+        if not self.fast_path:
+            session = self._session(deadline)
+            self._check_deadline(deadline)
+            return bytes(self._ectx.get_random(count, session1=session))[:count]
+        session, state = self._raw_session(deadline)
+        self._check_deadline(deadline)
+        try:
+            return raw.get_random(self._raw_link(), state, count)
+        except raw.ResponseAuthError:
+            self._discard_session(session)  # not to be trusted with another HMAC
+            raise
 
     def status(self) -> dict[str, object]:
         return {

@@ -872,3 +872,49 @@ int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint
 
     return run(c, timeout_ms, op_generate, &a, err);
 }
+
+/* --- RANDOM ----------------------------------------------------------------------------- */
+
+struct random_arg {
+    uint8_t *out;
+    size_t n;
+    size_t done; /* kept across a retry on a fresh connection */
+};
+
+static int op_random(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                     CLIENT_ERR *err)
+{
+    struct random_arg *a = arg;
+
+    while (a->done < a->n) {
+        size_t want = a->n - a->done, n;
+        WIRE_READER body;
+        WIRE_BYTES got;
+
+        if (want > WIRE_MAX_RANDOM)
+            want = WIRE_MAX_RANDOM;
+        n = wire_random(cn->w, next_id(cn), remaining(deadline), (uint16_t)want);
+        if (!conn_exchange(c, cn, n, deadline, &body, err))
+            return 0;
+        if (!response_ok(c, cn, &body, "RANDOM", err))
+            return 0;
+        got = wire_get_bytes(&body);
+        if (!wire_reader_done(&body) || got.len != want) {
+            set_err(err, CLIENT_E_PROTOCOL, 0,
+                    "tpmbroker at %s sent a malformed RANDOM response", c->path);
+            conn_close(cn);
+            return 0;
+        }
+        memcpy(a->out + a->done, got.p, got.len);
+        OPENSSL_cleanse(cn->rbuf, WIRE_HEADER_SIZE + body.len);
+        a->done += got.len;
+    }
+    return 1;
+}
+
+int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err)
+{
+    struct random_arg a = { out, n, 0 };
+
+    return run(c, c->timeout_ms, op_random, &a, err);
+}

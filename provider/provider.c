@@ -222,6 +222,12 @@ static const OSSL_ALGORITHM store_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+/* rand.c: "CTR-DRBG" is the name OpenSSL fetches for its DRBGs (see rand.c) */
+static const OSSL_ALGORITHM rand_algs[] = {
+    { "CTR-DRBG", TPMBROKER_PROPS, tpmb_rand_functions, "random bytes from the TPM" },
+    { NULL, NULL, NULL, NULL },
+};
+
 static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int *no_cache)
 {
     (void)provctx;
@@ -239,6 +245,8 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
         return encoder_algs;
     case OSSL_OP_STORE:
         return store_algs;
+    case OSSL_OP_RAND:
+        return rand_algs;
     default:
         return NULL;
     }

@@ -129,6 +129,13 @@ size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8
     return wire_finish(w);
 }
 
+size_t wire_random(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint16_t count)
+{
+    wire_begin(w, WIRE_OPCODE_RANDOM, id, timeout_ms);
+    wire_put_u16(w, count);
+    return wire_finish(w);
+}
+
 static uint32_t be32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];

@@ -57,6 +57,8 @@ static int encode(void)
                                                  WIRE_STORAGE_PRIMARY));
     hex("status_request", w.buf, wire_status(&w, 7, 0));
     hex("unload_request", w.buf, wire_unload(&w, 8, 0, kid, 32));
+    hex("random_request", w.buf, wire_random(&w, 9, 2000, 48));
+    hex("random_max_request", w.buf, wire_random(&w, 10, 0, WIRE_MAX_RANDOM));
     return 0;
 }
 
@@ -103,6 +105,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
     }
     case WIRE_OPCODE_SIGN:
     case WIRE_OPCODE_STATUS:
+    case WIRE_OPCODE_RANDOM:
         a = wire_get_bytes(r);
         printf(" ");
         put_hex(a.p, a.len);

@@ -17,7 +17,8 @@ from tpmbroker.tpm import command, reference
 from tpmbroker.tpm import session_crypto as sc
 
 HASHES = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}
-ATTRIBUTES = (sc.CONTINUE_SESSION, sc.CONTINUE_SESSION | sc.DECRYPT, sc.DECRYPT)
+ATTRIBUTES = (sc.CONTINUE_SESSION, sc.CONTINUE_SESSION | sc.DECRYPT, sc.DECRYPT,
+              sc.CONTINUE_SESSION | sc.ENCRYPT)
 
 
 def test_the_package_carries_the_c_code() -> None:
@@ -43,7 +44,7 @@ def commands(draw: st.DrawFn) -> tuple[sc.SessionState, bytes, dict[str, object]
     key = draw(st.sampled_from([b"", b"\x07" * size]))
     nonce_tpm = draw(st.binary(min_size=size, max_size=size))
     nonce_caller = draw(st.binary(min_size=size, max_size=size))
-    handles = draw(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3))
+    handles = draw(st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=3))
     args: dict[str, object] = {
         "command_code": draw(st.sampled_from([command.CC_SIGN, command.CC_RSA_DECRYPT,
                                               command.CC_CREATE])),
@@ -189,3 +190,70 @@ def test_malformed_signatures_are_refused(parameters: bytes) -> None:
         command.signature_bytes(parameters)
     with pytest.raises(TSS2_Exception):
         reference.signature_bytes(parameters)
+
+
+# --- TPM2_GetRandom: no handles, the session only encrypts the answer ---------------------
+
+@pytest.mark.parametrize("hash_alg", sorted(HASHES))
+def test_get_random_is_byte_identical_and_both_decrypt_its_answer(hash_alg: int) -> None:
+    size = HASHES[hash_alg]
+    name = sc.hash_name(hash_alg)
+    key = b"\x05" * size
+    nonce_caller, new_nonce = NONCE_CALLER[:size], b"\x0d" * size
+    clear = bytes(range(100, 100 + size))  # what the TPM drew: one digest's worth
+    commands, results = [], []
+    for prepare in (command.prepare, reference.prepare):
+        state = session(hash_alg, key, b"\x09" * size)
+        pending = prepare(state, command.CC_GET_RANDOM, (), (), b"", None, struct.pack(">H", 48),
+                          command.RANDOM_ATTRIBUTES, nonce_caller=nonce_caller)
+        commands.append(pending.command)
+        # The TPM's side: randomBytes encrypted with the sessionKey alone (no entity is
+        # authorized, so no authValue), HMAC over the encrypted parameter.
+        sealed = command.tpm2b(sc.cfb_encrypt(name, key, new_nonce, nonce_caller, clear))
+        attributes = command.RANDOM_ATTRIBUTES
+        mac = sc.session_hmac(name, key, sc.rp_hash(name, 0, command.CC_GET_RANDOM, sealed),
+                              new_nonce, nonce_caller, attributes)
+        body = (struct.pack(">I", len(sealed)) + sealed + command.tpm2b(new_nonce)
+                + bytes((attributes,)) + command.tpm2b(mac))
+        response = struct.pack(">HII", command.ST_SESSIONS, 10 + len(body), 0) + body
+        results.append(finish(pending, response))
+        assert state.nonce_tpm == new_nonce
+    assert commands[0] == commands[1]
+    # Header, no handle area, the auth area, then bytesRequested alone.
+    assert struct.unpack_from(">HII", commands[0]) == (command.ST_SESSIONS, len(commands[0]),
+                                                      command.CC_GET_RANDOM)
+    assert commands[0].endswith(b"\x00\x30")
+    assert results[0] == results[1] == ([], command.tpm2b(clear))
+    assert command.get_random_result(results[0][1]) == clear
+
+
+def test_get_random_key_is_the_session_key_alone() -> None:
+    # The HMAC of a session that authorizes no handle is keyed by sessionKey only: the
+    # same command with an authValue differs, so an extra one would show.
+    state = session(0x000B, b"\x05" * 32, b"\x09" * 32)
+    plain = command.prepare_get_random(state, 32, nonce_caller=NONCE_CALLER[:32])
+    with_auth = reference.prepare(state, command.CC_GET_RANDOM, (), (), b"pw", None,
+                                      b"\x00\x20", command.RANDOM_ATTRIBUTES,
+                                      nonce_caller=NONCE_CALLER[:32])
+    expected = sc.session_hmac("sha256", b"\x05" * 32,
+                               sc.cp_hash("sha256", command.CC_GET_RANDOM, [], b"\x00\x20"),
+                               NONCE_CALLER[:32], b"\x09" * 32, command.RANDOM_ATTRIBUTES)
+    assert plain.command.endswith(command.tpm2b(expected) + b"\x00\x20")
+    assert plain.command != with_auth.command
+
+
+@pytest.mark.parametrize("parameters", [b"", b"\x00", b"\x00\x05abc"])
+def test_truncated_encrypted_parameter_is_malformed_in_both(parameters: bytes) -> None:
+    for prepare in (command.prepare, reference.prepare):
+        state = session(0x000B, b"\x05" * 32, b"\x09" * 32)
+        pending = prepare(state, command.CC_GET_RANDOM, (), (), b"", None, b"\x00\x20",
+                          command.RANDOM_ATTRIBUTES, nonce_caller=NONCE_CALLER[:32])
+        mac = sc.session_hmac("sha256", b"\x05" * 32,
+                              sc.rp_hash("sha256", 0, command.CC_GET_RANDOM, parameters),
+                              b"\x0d" * 32, NONCE_CALLER[:32], command.RANDOM_ATTRIBUTES)
+        body = (struct.pack(">I", len(parameters)) + parameters + command.tpm2b(b"\x0d" * 32)
+                + bytes((command.RANDOM_ATTRIBUTES,)) + command.tpm2b(mac))
+        response = struct.pack(">HII", command.ST_SESSIONS, 10 + len(body), 0) + body
+        with pytest.raises(TSS2_Exception) as caught:
+            finish(pending, response)
+        assert caught.value.rc == command.malformed().rc

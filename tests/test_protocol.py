@@ -48,9 +48,16 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "generate_response": (6, ops.GenerateResult(b"\x30\x00", b"\x30\x01"), 0),
     "status_response": (7, ops.StatusResult('{"pool_size":2}'), 0),
     "unload_response": (8, ops.UnloadResult(), 0),
+    "random_request": (9, ops.Random(48), 2000),
+    "random_max_request": (10, ops.Random(p.MAX_RANDOM), 0),
+    "random_response": (9, ops.RandomResult(bytes(range(48))), 0),
+    "random_empty_response": (10, ops.RandomResult(b""), 0),
+    "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
+                                                "at most 1024 random bytes per request"), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
-                      "error_connection": p.CONNECTION_ERROR}
+                      "error_connection": p.CONNECTION_ERROR,
+                      "error_random_too_many": p.Opcode.RANDOM}
 # Every other status, answering STATUS (request id 100 + status).
 for _status in Status:
     if _status in (Status.OK, Status.UNKNOWN_KEY, Status.AUTH_FAILED):
@@ -139,6 +146,10 @@ def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
         p.encode_request(1, ops.Sign(KID, 1, 0x0B, bytes(70000)))
     with pytest.raises(FrameTooLargeError):
         p.encode_request(1, ops.Load(1, bytes(40000), bytes(40000)))
+
+
+def test_random_bytes_never_appear_in_reprs() -> None:
+    assert "abcdef" not in repr(ops.RandomResult(bytes.fromhex("abcdef")))
 
 
 def test_passwords_never_appear_in_reprs() -> None:

@@ -243,6 +243,18 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_random(args: argparse.Namespace) -> int:
+    if args.count < 0:
+        print("tpmbroker random: the count must not be negative", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        data = client.random(args.count)
+    if args.hex:
+        data = data.hex().encode() + b"\n"
+    _write(args.output, data)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.status()
@@ -351,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", dest="output", required=True, help="signature file, - for stdout")
     client_opts(sp)
     sp.set_defaults(func=_cmd_sign)
+
+    sp = sub.add_parser("random", help="random bytes from the TPM (read encrypted)")
+    sp.add_argument("count", type=int, help="how many bytes")
+    sp.add_argument("--hex", action="store_true", help="print them as hex")
+    sp.add_argument("-o", "--output", default="-", help="file (default: stdout)")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_random)
 
     sp = sub.add_parser("status", help="pool, TPM sessions, queue and counters")
     sp.add_argument("--json", action="store_true")

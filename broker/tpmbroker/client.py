@@ -302,6 +302,22 @@ class Client:
         assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key
 
+    def random(self, count: int, timeout: float | None = None) -> bytes:
+        """`count` bytes from the TPM's random number generator, asked for in requests of
+        at most protocol.MAX_RANDOM bytes; `timeout` applies to each request."""
+        if count < 0:
+            raise ValueError("count must not be negative")
+        out = bytearray()
+        while len(out) < count:
+            wanted = min(count - len(out), p.MAX_RANDOM)
+            result = self._call(ops.Random(wanted), timeout)
+            assert isinstance(result, ops.RandomResult)
+            if len(result.random) != wanted:
+                raise ProtocolError(f"the broker sent {len(result.random)} random bytes "
+                                    f"for {wanted}")
+            out += result.random
+        return bytes(out)
+
     def status(self, timeout: float | None = None) -> dict[str, object]:
         result = self._call(ops.StatusRequest(), timeout)
         assert isinstance(result, ops.StatusResult)

@@ -21,6 +21,7 @@ CONNECTION_ERROR = 0x00  # opcode of an error about the whole connection
 MAX_FIELD = 0xFFFF
 KEY_ID_SIZE = 32  # SHA-256 over key source and key
 STORAGE_PRIMARY = 0x40000001  # parent: the storage primary made from the TCG template
+MAX_RANDOM = 1024  # bytes one RANDOM request may ask for
 
 
 class Opcode(enum.IntEnum):
@@ -32,6 +33,7 @@ class Opcode(enum.IntEnum):
     GENERATE = 0x04
     STATUS = 0x05
     UNLOAD = 0x06
+    RANDOM = 0x07
 
 
 class Status(enum.IntEnum):
@@ -135,6 +137,7 @@ SHARED_CONSTANTS: tuple[tuple[str, int], ...] = (
     ("MAX_FIELD", MAX_FIELD),
     ("KEY_ID_SIZE", KEY_ID_SIZE),
     ("STORAGE_PRIMARY", STORAGE_PRIMARY),
+    ("MAX_RANDOM", MAX_RANDOM),
 )
 
 
@@ -148,6 +151,9 @@ def c_header() -> str:
     ]
     for name, value in SHARED_CONSTANTS:
         lines.append(f"#define WIRE_{name} {value:#x}u")
+    lines += ["/* X(NAME) for every constant above. */", "#define WIRE_CONSTANT_LIST(X) \\"]
+    lines += [f"    X({name}) \\" for name, _ in SHARED_CONSTANTS]
+    lines.append("")
     for prefix, members in SHARED_ENUMS:
         lower = prefix.lower()
         lines += ["", f"enum wire_{lower} {{"]

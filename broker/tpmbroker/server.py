@@ -620,7 +620,7 @@ class BrokerServer:
             "queue_depth": self.queue.depth,
             "connections": len(self.connections),
             "connections_total": self.stats.connections_total,
-            "signatures": 0,
+            **dict.fromkeys(ops.COUNTERS, 0),
             **self.stats.served,
             "lane_signatures": self.lane_signatures,
             "errors": self.stats.errors,

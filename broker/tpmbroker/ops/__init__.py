@@ -8,11 +8,12 @@ provider/wire.c and a call in provider/client.c. docs/architecture.md has the ch
 from __future__ import annotations
 
 from ..definitions import Opcode
-from . import generate, hello, load, sign, status, unload
+from . import generate, hello, load, random, sign, status, unload
 from .base import Operation, Request, Worker
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
 from .load import Load, LoadResult
+from .random import Random, RandomResult
 from .sign import Sign, SignResult
 from .status import StatusRequest, StatusResult
 from .unload import Unload, UnloadResult
@@ -24,9 +25,14 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.GENERATE: Operation(Generate, GenerateResult, generate.serve),
     Opcode.STATUS: Operation(StatusRequest, StatusResult, status.serve),
     Opcode.UNLOAD: Operation(Unload, UnloadResult, unload.serve),
+    Opcode.RANDOM: Operation(Random, RandomResult, random.serve),
 }
 
+# What operations count (Request.count), shown by STATUS from zero.
+COUNTERS = ("signatures", "random_bytes")
+
 __all__ = [
+    "COUNTERS",
     "OPERATIONS",
     "Generate",
     "GenerateResult",
@@ -35,6 +41,8 @@ __all__ = [
     "Load",
     "LoadResult",
     "Operation",
+    "Random",
+    "RandomResult",
     "Request",
     "Sign",
     "SignResult",

@@ -211,8 +211,9 @@ int tb_prepare(tb_ctx *ctx, uint16_t hash_alg, uint32_t session_handle,
     size_t nonce_len = nonce_tpm_len, md_size, auth_area, params_len, size;
     uint8_t *cmd, *p, *params, cp_hash[MAX_DIGEST], cc[4], attrs = attributes;
 
+    /* handle_count 0: a command without handles, the session used for encryption only */
     if (h < 0 || nonce_len == 0 || nonce_len > sizeof(pending->nonce_caller)
-        || handle_count == 0 || handle_count > MAX_HANDLES || auth_len > MAX_AUTH
+        || handle_count > MAX_HANDLES || auth_len > MAX_AUTH
         || session_key_len + auth_len > sizeof(pending->hmac_key) || first_len > 0xFFFF)
         return TB_BAD_ARGUMENT;
     md_size = (size_t)EVP_MD_get_size(ctx->md[h]);
@@ -345,6 +346,19 @@ int tb_finish(tb_ctx *ctx, const tb_pending *pending, const uint8_t *response,
     memcpy(result->nonce_tpm, nonce_tpm, nlen);
     result->nonce_tpm_len = nlen;
     return TB_OK;
+}
+
+int tb_decrypt_response(tb_ctx *ctx, const tb_pending *pending, const uint8_t *nonce_tpm,
+                        size_t nonce_tpm_len, uint8_t *data, size_t len)
+{
+    int h = hash_index(pending->hash_alg);
+
+    if (h < 0 || nonce_tpm_len != pending->nonce_caller_len || len > 0xFFFF)
+        return TB_BAD_ARGUMENT;
+    if (len == 0)
+        return TB_OK;
+    return cfb(ctx, h, 0, pending->hmac_key, pending->hmac_key_len, nonce_tpm,
+               pending->nonce_caller, nonce_tpm_len, data, len) ? TB_OK : TB_CRYPTO_ERROR;
 }
 
 /* --- signatures ---------------------------------------------------------------------- */

@@ -38,6 +38,8 @@ void tb_ctx_free(tb_ctx *ctx);
 
 /* Frame command `command_code` on `handles`, its first handle authorized by the session
  * (`session_handle`, `session_key`, its last `nonce_tpm`) with `auth` as authValue.
+ * With no handles (TPM2_GetRandom) the session authorizes nothing and only encrypts:
+ * `auth` is then empty, and the HMAC key is the sessionKey alone.
  * `names` are the handles' Names, concatenated. `first`, unless has_first is 0, is the
  * contents of the first parameter (a sized buffer), encrypted when `attributes` asks
  * for DECRYPT; `rest` the other parameters, marshalled. `nonce_caller` of the session's
@@ -66,6 +68,12 @@ typedef struct {
 /* Check `response` against `pending`; on TB_OK all of `result` is filled in. */
 int tb_finish(tb_ctx *ctx, const tb_pending *pending, const uint8_t *response,
               size_t response_len, tb_result *result);
+
+/* Decrypt, in place, the contents of a response's first parameter (a sized buffer) that
+ * the TPM encrypted because the command asked for ENCRYPT: AES-128-CFB keyed by
+ * KDFa(hmac key, "CFB", nonceTPM (the response's), nonceCaller). */
+int tb_decrypt_response(tb_ctx *ctx, const tb_pending *pending, const uint8_t *nonce_tpm,
+                        size_t nonce_tpm_len, uint8_t *data, size_t len);
 
 /* A TPM2_Sign response's TPMT_SIGNATURE as the bytes users expect: DER Ecdsa-Sig-Value
  * for ECDSA, the signature left-padded to at least `rsa_bytes` for RSASSA/RSAPSS. Returns the

@@ -59,6 +59,7 @@ CC_FLUSH_CONTEXT = 0x00000165
 CC_READ_CLOCK = 0x00000181
 CC_CREATE = 0x00000153
 CC_RSA_DECRYPT = 0x00000159
+CC_GET_RANDOM = 0x0000017B
 SE_HMAC = 0x00
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -243,14 +244,6 @@ def finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
     return _c_finish(pending, response)
 
 
-def decrypt_first(name: str, pending: PendingCommand, nonce_tpm: bytes,
-                   parameters: bytes) -> bytes:
-    (size,) = U16.unpack_from(parameters)
-    clear = sc.cfb_decrypt(name, pending.hmac_key, nonce_tpm, pending.nonce_caller,
-                           parameters[2:2 + size])
-    return parameters[:2] + clear + parameters[2 + size:]
-
-
 # --- the arithmetic, in C -----------------------------------------------------------------------
 
 MAX_COMMAND = 4096
@@ -331,11 +324,25 @@ def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], byte
     nonce_tpm = ffi.buffer(result.nonce_tpm, result.nonce_tpm_len)[:]
     pending.session.nonce_tpm = nonce_tpm
     if result.attributes & sc.ENCRYPT:
-        c = pending.c_pending
-        pending.hmac_key = ffi.buffer(c.hmac_key, c.hmac_key_len)[:]
-        pending.nonce_caller = ffi.buffer(c.nonce_caller, c.nonce_caller_len)[:]
-        parameters = decrypt_first(pending.session.hash, pending, nonce_tpm, parameters)
+        parameters = _c_decrypt_first(pending, nonce_tpm, parameters)
     return handles, parameters
+
+
+def _c_decrypt_first(pending: PendingCommand, nonce_tpm: bytes, parameters: bytes) -> bytes:
+    """The response's first parameter decrypted (tb_decrypt_response)."""
+    ffi, lib = _authorize.ffi, _authorize.lib
+    try:
+        (size,) = U16.unpack_from(parameters)
+    except struct.error:
+        raise malformed() from None
+    if 2 + size > len(parameters):
+        raise malformed()
+    clear = bytearray(parameters[2:2 + size])
+    status = lib.tb_decrypt_response(_c_scratch().ctx, pending.c_pending, nonce_tpm,
+                                     len(nonce_tpm), ffi.from_buffer(clear), size)
+    if status != lib.TB_OK:
+        raise _C_ERRORS[status]()
+    return parameters[:2] + bytes(clear) + parameters[2 + size:]
 
 
 def execute(transport: Transport, pending: PendingCommand) -> tuple[list[int], bytes]:
@@ -459,3 +466,29 @@ def create_result(parameters: bytes) -> tuple[Any, Any]:
     except (TSS2_Exception, ValueError):
         raise malformed() from None
     return private, out_public
+
+
+# --- TPM2_GetRandom, its answer encrypted -------------------------------------------------
+
+# GetRandom has no handle, so the session authorizes nothing: it is there to encrypt the
+# response's randomBytes (ENCRYPT) and to make the answer authentic (its HMAC, keyed by
+# the sessionKey alone). Without it the random bytes would cross the link in the clear.
+RANDOM_ATTRIBUTES = sc.CONTINUE_SESSION | sc.ENCRYPT
+
+
+def prepare_get_random(session: sc.SessionState, count: int,
+                       nonce_caller: bytes | None = None) -> PendingCommand:
+    """TPM2_GetRandom(bytesRequested=count) through `session`, answer encrypted."""
+    return prepare(session, CC_GET_RANDOM, (), (), b"", None, U16.pack(count),
+                   RANDOM_ATTRIBUTES, nonce_caller=nonce_caller)
+
+
+def get_random_result(parameters: bytes) -> bytes:
+    """The randomBytes (TPM2B_DIGEST) of a GetRandom response, already decrypted."""
+    try:
+        (size,) = U16.unpack_from(parameters)
+    except struct.error:
+        raise malformed() from None
+    if 2 + size != len(parameters):
+        raise malformed()
+    return parameters[2:]

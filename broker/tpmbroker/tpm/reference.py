@@ -28,7 +28,6 @@ from .command import (
     PendingCommand,
     ResponseAuthError,
     command,
-    decrypt_first,
     malformed,
     response_code,
     sign_result,
@@ -105,6 +104,19 @@ def finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
     if attributes & sc.ENCRYPT:
         parameters = decrypt_first(name, pending, nonce_tpm, parameters)
     return handles, parameters
+
+
+def decrypt_first(name: str, pending: PendingCommand, nonce_tpm: bytes,
+                  parameters: bytes) -> bytes:
+    try:
+        (size,) = U16.unpack_from(parameters)
+    except struct.error:
+        raise malformed() from None
+    if 2 + size > len(parameters):
+        raise malformed()
+    clear = sc.cfb_decrypt(name, pending.hmac_key, nonce_tpm, pending.nonce_caller,
+                           parameters[2:2 + size])
+    return parameters[:2] + clear + parameters[2 + size:]
 
 
 def signature_bytes(parameters: bytes, rsa_bytes: int = 0) -> bytes:

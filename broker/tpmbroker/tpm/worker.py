@@ -16,6 +16,7 @@ stale, so recovery never costs dictionary-attack failures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,13 +25,14 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TSS2_R
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
-from ..definitions import STORAGE_PRIMARY, Hash, KeySource, KeyType, Scheme
+from ..definitions import MAX_RANDOM, STORAGE_PRIMARY, Hash, KeySource, KeyType, Scheme
 from ..errors import (
     AuthFailedError,
     BadDigestError,
     DeadlineError,
     NotForLane,
     TpmBrokerError,
+    TpmError,
     TpmUnavailableError,
     UnknownKeyError,
     UnsupportedError,
@@ -202,6 +204,30 @@ class TpmWorker:
         private, public = self._run(deadline, "creating the key", create)
         key = keymod.tss2_key_der(private, public, empty_auth=not auth, parent=parent)
         return key, bytes(public.publicArea.to_der())
+
+    def random(self, count: int, deadline: float) -> bytes:
+        """`count` bytes from the TPM's random number generator.
+
+        Each TPM2_GetRandom goes through a pool session with ENCRYPT, so the bytes cross
+        the TPM's bus encrypted; the TPM gives at most one digest's worth per command
+        (TPM2_PT_MAX_DIGEST), so larger counts take several.
+        """
+        if not 0 <= count <= MAX_RANDOM:
+            raise UnsupportedError(f"at most {MAX_RANDOM} random bytes per request, "
+                                   f"not {count}")
+        out = bytearray()
+        while len(out) < count:
+            want = count - len(out)
+            chunk = self._run(deadline, "reading random bytes",
+                              functools.partial(self._random_once, want, deadline))
+            if not chunk or len(chunk) > want:
+                raise TpmError(f"the TPM returned {len(chunk)} random bytes for {want}")
+            out += chunk
+        return bytes(out)
+
+    def _random_once(self, want: int, deadline: float) -> bytes:
+        return self._execute(deadline, lambda session: command.prepare_get_random(
+            session, want), command.get_random_result)
 
     def status(self) -> dict[str, object]:
         return {

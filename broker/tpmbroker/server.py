@@ -1,12 +1,10 @@
 """The broker daemon: Unix socket server in front of the TPM.
 
-asyncio handles connections and framing; every TPM operation goes through the
-fair queue, one at a time. The event loop serves the common signature itself —
-key resident, pool session ready — by sending the worker's prepared command on
-the TPM socket and reading the answer when it comes (the "lane"); everything else
-(loading, key generation, status, recovery) is handed to the worker thread. Two
-thread switches per signature, with the GIL handed over each time, cost more CPU
-than the signature. Connections are asyncio Protocols (no stream or task per
+asyncio handles connections and framing, and dispatches each request to its
+operation (tpmbroker.ops) through the opcode table. Every TPM job goes through the
+fair queue, one at a time: on the lane (tpmbroker.lane) when its operation can
+prepare the command on the event loop, else on the worker thread (tpmbroker.tpm),
+which has recovery. Connections are asyncio Protocols (no stream or task per
 request) and each request's deadline is a loop timer.
 """
 
@@ -34,14 +32,13 @@ from . import __version__, ops
 from . import protocol as p
 from .errors import (
     DeadlineError,
-    NotForLane,
     PermissionDeniedError,
     ProtocolError,
     Status,
     TpmBrokerError,
-    TpmUnavailableError,
     UnknownKeyError,
 )
+from .lane import Lane, LaneWorker
 from .scheduler import FairQueue, Job
 
 log = logging.getLogger("tpmbroker.server")
@@ -51,22 +48,14 @@ MAX_TIMEOUT = 300.0
 MAX_IN_FLIGHT = 64
 # Hundreds of clients connect at once when a service starts; asyncio's default is 100.
 LISTEN_BACKLOG = 1024
-# How long past its request's deadline a command on the lane may stay unanswered before
-# the TPM connection is given up (the worker then reconnects and recovers).
-LANE_GRACE = 5.0
 
 
-class Worker(ops.Worker, Protocol):
-    """What the server needs of the TPM worker (tpmbroker.tpm.TpmWorker) beyond what the
-    operations use: its life, and the lane's access to the TPM link."""
+class Worker(ops.Worker, LaneWorker, Protocol):
+    """What the server needs of the TPM worker (tpmbroker.tpm.TpmWorker): what the
+    operations and the lane use, and its life."""
 
     def open(self, deadline: float) -> None: ...
     def close(self) -> None: ...
-    def lane_socket(self) -> Any: ...
-    def lane_finish(self, command: Any, response: bytes) -> bytes: ...
-    def lane_abort(self, command: Any | None) -> None: ...
-    def lane_cancel(self, command: Any) -> None: ...
-    def split_response(self, data: bytes | bytearray) -> bytes | None: ...
 
 
 @dataclasses.dataclass
@@ -341,19 +330,6 @@ class Incoming:
         self.conn.server.stats.served[what] += n
 
 
-class Lane:
-    """The one signature the event loop has out on the TPM socket."""
-
-    __slots__ = ("command", "give_up_at", "job", "received", "sock")
-
-    def __init__(self, job: Job, command: Any, sock: socket.socket, give_up_at: float) -> None:
-        self.job = job
-        self.command = command  # the worker's prepared command (LaneCommand)
-        self.sock = sock
-        self.give_up_at = give_up_at  # loop time after which the TPM counts as stuck
-        self.received = b""
-
-
 class BrokerServer:
     def __init__(self, config: ServerConfig, worker: Worker) -> None:
         self.config = config
@@ -361,25 +337,14 @@ class BrokerServer:
         self.queue = FairQueue()
         self.stats = Stats()
         self.connections: dict[int, Connection] = {}
-        self.lane_signatures = 0
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_uid = os.geteuid()
-        # The TPM does one thing at a time: a job on the worker thread or the lane's.
-        self._busy = False
-        self._lane: Lane | None = None
-        # With two pool sessions, the next signature is prepared (HMAC, encryption) on
-        # the other one while the TPM works on the current one, and sent the moment its
-        # answer arrives: the TPM does not wait for the broker's arithmetic.
-        self._lane_next: tuple[Job, Any] | None = None
-        # The TPM socket stays registered with the loop between lane signatures (adding
-        # and removing a reader costs a fifth of one); never while the worker thread may
-        # close it or reconnect.
-        self._lane_reader: socket.socket | None = None
-        # One watchdog for the lane, re-armed only when it fires: a timer per signature
-        # (call_at and cancel) cost more than the rest of the lane's bookkeeping.
-        self._lane_watchdog: asyncio.TimerHandle | None = None
+        # The TPM does one thing at a time: a job on the worker thread, or the lane's
+        # command; the link belongs to whichever of the two has the TPM.
+        self._worker_busy = False
+        self.lane = Lane(worker, self.queue, self._to_worker, self._pump)
         self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         # Results cross back from the worker thread through a deque and one wake-up.
         self._done: collections.deque[tuple[Any, Any, BaseException | None]] = (
@@ -400,7 +365,7 @@ class BrokerServer:
     def _pump(self) -> None:
         """Start the next job if the TPM is free: on the lane if it can, else on the
         worker thread."""
-        while not self._busy:
+        while not (self._worker_busy or self.lane.busy):
             job = self.queue.pop()
             if job is None:
                 return
@@ -409,152 +374,13 @@ class BrokerServer:
             if time.monotonic() >= job.deadline:
                 job.done(None, DeadlineError("deadline passed while queued for the TPM"))
                 continue
-            if job.lane is not None:
-                command = self._prepare(job)
-                if command is not None and self._send_lane(job, command):
-                    break
-            self._release_lane_reader()
-            self._busy = True
+            if job.lane is not None and self.lane.start(job):
+                break
+            self.lane.release()  # the worker thread may reconnect or close the link
+            self._worker_busy = True
             self._handoff.put(job)
-        if self._lane is not None:
-            self._prepare_next()
-
-    @staticmethod
-    def _prepare(job: Job) -> Any:
-        """The worker's prepared command for `job`, or None (it takes the long way)."""
-        try:
-            assert job.lane is not None
-            return job.lane()
-        except Exception:  # anything unusual: the worker thread's path says what
-            return None
-
-    def _prepare_next(self) -> None:
-        if self._lane_next is not None or self._lane is None:
-            return
-        while (job := self.queue.pop()) is not None:
-            if job.cancelled:
-                continue
-            if time.monotonic() >= job.deadline:
-                job.done(None, DeadlineError("deadline passed while queued for the TPM"))
-                continue
-            command = self._prepare(job) if job.lane is not None else None
-            if command is None:
-                self.queue.push_front(job)  # its turn comes when the TPM is free
-            else:
-                self._lane_next = (job, command)
-            return
-
-    def _send_next(self) -> None:
-        queued, self._lane_next = self._lane_next, None
-        if queued is None:
-            return
-        job, command = queued
-        if job.cancelled or time.monotonic() >= job.deadline:
-            self.worker.lane_cancel(command)
-            if not job.cancelled:
-                job.done(None, DeadlineError("deadline passed while queued for the TPM"))
-        elif not self._send_lane(job, command):
-            self._to_worker(job)
-
-    def _drop_next(self) -> None:
-        """The TPM link is in doubt: the prepared command goes back, unsent."""
-        queued, self._lane_next = self._lane_next, None
-        if queued is not None:
-            self.worker.lane_cancel(queued[1])
-            self._to_worker(queued[0])
-
-    def _send_lane(self, job: Job, command: Any) -> bool:
-        sock = self.worker.lane_socket()
-        if sock is None:
-            self.worker.lane_cancel(command)
-            return False
-        try:
-            sent = sock.send(command.frame)
-        except OSError:
-            sent = -1
-        if sent != len(command.frame):
-            self._abort_lane(command)
-            return False  # the worker thread reconnects and serves it
-        give_up_at = max(job.deadline, time.monotonic()) + LANE_GRACE
-        self._lane = Lane(job, command, sock, give_up_at)
-        self._busy = True
-        if self._lane_watchdog is None:
-            self._lane_watchdog = self.loop.call_at(give_up_at, self._watch_lane)
-        if self._lane_reader is not sock:
-            self._release_lane_reader()
-            self.loop.add_reader(sock.fileno(), self._lane_readable)
-            self._lane_reader = sock
-        return True
-
-    def _release_lane_reader(self) -> None:
-        if self._lane_reader is not None:
-            self.loop.remove_reader(self._lane_reader.fileno())
-            self._lane_reader = None
-
-    def _abort_lane(self, command: Any) -> None:
-        """The TPM connection is in an unknown state: let the worker drop it."""
-        self._release_lane_reader()
-        self.worker.lane_abort(command)
-
-    def _end_lane(self) -> Lane:
-        lane = self._lane
-        assert lane is not None
-        self._lane = None
-        self._busy = False
-        return lane
-
-    def _lane_readable(self) -> None:
-        lane = self._lane
-        if lane is None:  # the TPM spoke unasked: it closed, or the framing is lost
-            self._abort_lane(None)
-            return
-        response = None
-        try:
-            data = lane.sock.recv(65536)
-            if data:
-                received = lane.received + data if lane.received else data
-                response = self.worker.split_response(received)
-                if response is None:
-                    lane.received = received
-                    return  # more to come
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass
-        self._end_lane()
-        job = lane.job
-        if response is None:  # the connection broke: its fate is unknown
-            self._drop_next()
-            self._abort_lane(lane.command)
-            self._to_worker(job)
-        else:
-            self._send_next()  # the TPM starts on the next one while we finish this
-            try:
-                signature = self.worker.lane_finish(lane.command, response)
-            except NotForLane:
-                self._to_worker(job)
-            except Exception as exc:
-                job.done(None, exc)
-            else:
-                self.lane_signatures += 1
-                job.done(signature, None)
-        self._pump()
-
-    def _watch_lane(self) -> None:
-        self._lane_watchdog = None
-        lane = self._lane
-        if lane is None:
-            return  # re-armed by the next signature sent
-        if time.monotonic() < lane.give_up_at:
-            self._lane_watchdog = self.loop.call_at(lane.give_up_at, self._watch_lane)
-            return
-        self._end_lane()
-        log.warning("the TPM did not answer a signature for %.0f s; reconnecting",
-                    LANE_GRACE)
-        self._drop_next()
-        self._abort_lane(lane.command)
-        lane.job.done(None, TpmUnavailableError("the TPM did not answer"))
-        self._pump()
+        if self.lane.busy:
+            self.lane.prepare_next()
 
     def _to_worker(self, job: Job) -> None:
         job.lane = None
@@ -584,7 +410,7 @@ class BrokerServer:
         self._wakeup_pending = False  # before draining: a later append wakes us again
         while self._done:
             done, result, error = self._done.popleft()
-            self._busy = False  # the worker thread runs one job at a time
+            self._worker_busy = False  # the worker thread runs one job at a time
             done(result, error)
         self._pump()
 
@@ -622,7 +448,7 @@ class BrokerServer:
             "connections_total": self.stats.connections_total,
             **dict.fromkeys(ops.COUNTERS, 0),
             **self.stats.served,
-            "lane_signatures": self.lane_signatures,
+            "lane_signatures": self.lane.served,
             "errors": self.stats.errors,
             "errors_by_status": dict(self.stats.by_status),
             "refused_peers": self.stats.refused_peers,
@@ -660,6 +486,7 @@ class BrokerServer:
 
     async def start(self, open_timeout: float = 30.0) -> None:
         self._loop = asyncio.get_running_loop()
+        self.lane.loop = self._loop
         self._thread = threading.Thread(target=self._worker_main, name="tpm-worker",
                                         daemon=True)
         self._thread.start()
@@ -677,13 +504,7 @@ class BrokerServer:
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.abort()
-        self._drop_next()
-        if self._lane is not None:  # its answer would find no one to give it to
-            self._abort_lane(self._end_lane().command)
-        if self._lane_watchdog is not None:
-            self._lane_watchdog.cancel()
-            self._lane_watchdog = None
-        self._release_lane_reader()
+        self.lane.stop()
         with contextlib.suppress(Exception):
             await self.call(time.monotonic() + 10, self.worker.close)
         for job in self.queue.close():

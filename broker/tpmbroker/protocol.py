@@ -159,6 +159,7 @@ class Header:
 
 _INTS = {"u8": struct.Struct(">B"), "u16": struct.Struct(">H"), "u32": struct.Struct(">I")}
 _LEN = _INTS["u16"]
+_OK = _LEN.pack(Status.OK)
 
 
 def _put(out: bytearray, kind: str, value: Any) -> None:
@@ -209,7 +210,7 @@ def _frame(opcode: int, request_id: int, timeout_ms: int, body: bytes | bytearra
     length = HEADER_SIZE - 4 + len(body)
     if length > MAX_LENGTH:
         raise FrameTooLargeError(f"frame of {length + 4} bytes exceeds {MAX_FRAME}")
-    return HEADER.pack(length, VERSION, opcode, 0, request_id, timeout_ms) + bytes(body)
+    return HEADER.pack(length, VERSION, opcode, 0, request_id, timeout_ms) + body
 
 
 # --- frames -------------------------------------------------------------------------
@@ -221,13 +222,13 @@ def encode_request(request_id: int, msg: Message, timeout_ms: int = 0) -> bytes:
 
 
 def encode_response(request_id: int, opcode: int, result: Message | ErrorResult) -> bytes:
-    body = bytearray()
     if isinstance(result, ErrorResult):
+        body = bytearray()
         _put(body, "u16", result.status)
         _put(body, "u32", result.tpm_rc)
         _put(body, "str", result.message[:1024])
     else:
-        _put(body, "u16", Status.OK)
+        body = bytearray(_OK)
         result.encode_body(body)
     return _frame(opcode | RESPONSE_BIT, request_id, 0, body)
 

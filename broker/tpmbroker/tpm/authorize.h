@@ -1,7 +1,7 @@
 /* Commands authorized by one HMAC session, and their responses checked, in C.
  *
- * The same arithmetic as session_crypto.py and raw.py (which stay the reference and
- * the fallback); here it costs a few microseconds per signature instead of tens.
+ * The same arithmetic as session_crypto.py and reference.py (the oracle the tests hold
+ * this code to); here it costs a few microseconds per signature instead of tens.
  * Pure: no I/O. build_provider.py compiles it into tpmbroker.tpm._authorize with
  * cffi (API mode) and reads this header, minus its # lines, as the cffi cdef.
  */

@@ -117,8 +117,14 @@ class Message:
             _put(out, kind, getattr(self, name))
 
     @classmethod
-    def decode_body(cls, body: memoryview, pos: int) -> Message:
-        return _decode_fields(cls, body, pos)
+    def decode_body(cls, body: bytes | memoryview, pos: int) -> Message:
+        return _decode_fields(cls, memoryview(body), pos)
+
+    def encode_frame(self, request_id: int, opcode: int) -> bytes:
+        """The whole response frame for this result (status OK)."""
+        body = bytearray(_OK)
+        self.encode_body(body)
+        return _frame(opcode | RESPONSE_BIT, request_id, 0, body)
 
 
 class Result(Message):
@@ -136,10 +142,11 @@ class ErrorResult:
     tpm_rc: int = 0
 
 
-def _registered() -> None:
+def _registered() -> bool:
     """Every operation's messages are registered once tpmbroker.ops is imported."""
     if not REQUESTS:
         importlib.import_module(f"{__package__}.ops")
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,10 +234,8 @@ def encode_response(request_id: int, opcode: int, result: Message | ErrorResult)
         _put(body, "u16", result.status)
         _put(body, "u32", result.tpm_rc)
         _put(body, "str", result.message[:1024])
-    else:
-        body = bytearray(_OK)
-        result.encode_body(body)
-    return _frame(opcode | RESPONSE_BIT, request_id, 0, body)
+        return _frame(opcode | RESPONSE_BIT, request_id, 0, body)
+    return result.encode_frame(request_id, opcode)
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
@@ -253,11 +258,10 @@ def check_header(header: Header) -> None:
 
 def decode_request(header: Header, body: bytes | memoryview) -> Message:
     check_header(header)
-    _registered()
-    cls = REQUESTS.get(header.opcode)
-    if cls is None:
+    cls = REQUESTS.get(header.opcode) or (_registered() and REQUESTS.get(header.opcode))
+    if not cls:
         raise UnknownOpcodeError(f"unknown opcode 0x{header.opcode:02x}")
-    return cls.decode_body(memoryview(body), 0)
+    return cls.decode_body(body, 0)
 
 
 def decode_response(header: Header, body: bytes | memoryview) -> Message | ErrorResult:

@@ -50,6 +50,10 @@ MAX_IN_FLIGHT = 64
 LISTEN_BACKLOG = 1024
 
 
+# The opcode table, reduced to what dispatch needs on every request.
+_SERVE = {opcode: operation.serve for opcode, operation in ops.OPERATIONS.items()}
+
+
 class Worker(ops.Worker, LaneWorker, Protocol):
     """What the server needs of the TPM worker (tpmbroker.tpm.TpmWorker): what the
     operations and the lane use, and its life."""
@@ -105,7 +109,8 @@ def _answer_margin(timeout: float) -> float:
 class Stats:
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.served: collections.Counter[str] = collections.Counter()  # by what (ops)
+        self.served: collections.Counter[str] = collections.Counter()  # ops' own counters
+        self.answered: collections.Counter[int] = collections.Counter()  # successes by opcode
         self.errors = 0
         self.by_status: collections.Counter[str] = collections.Counter()
         self.connections_total = 0
@@ -237,16 +242,9 @@ class Connection(asyncio.Protocol):
             # before the client stops waiting.
             request = Incoming(self, request_id, opcode, client_deadline - margin / 2,
                                client_deadline - margin)
-            ops.OPERATIONS[msg.OPCODE].serve(request, msg)
+            _SERVE[msg.OPCODE](request, msg)
         except Exception as exc:
             self.fail(request_id, opcode, exc)
-
-    def key_auth(self, key_id: bytes) -> bytes:
-        auth = self.keys.pop(key_id, None)
-        if auth is None:
-            raise UnknownKeyError("key not loaded on this connection; send LOAD first")
-        self.keys[key_id] = auth  # most recently used last
-        return auth
 
     def remember_key(self, key_id: bytes, auth: bytes) -> None:
         self.keys.pop(key_id, None)
@@ -255,15 +253,6 @@ class Connection(asyncio.Protocol):
             # Forget the connection's least recently used key: memory stays bounded and
             # a client that uses it again gets UNKNOWN_KEY and loads it again.
             del self.keys[next(iter(self.keys))]
-
-    def submit(self, request_id: int, opcode: int, reply_by: float, deadline: float,
-               run: Callable[[], Any], finish: Callable[[Any], p.Message],
-               lane: Callable[[], Any] | None = None) -> None:
-        pending = Pending(self, request_id, opcode, finish)
-        pending.job = Job(self.id, deadline, run, pending, lane)
-        pending.timer = self.server.loop.call_at(reply_by, self.expire, pending)
-        self.pending.add(pending)
-        self.server.enqueue(pending.job)
 
     def expire(self, pending: Pending) -> None:
         if pending not in self.pending:
@@ -285,6 +274,8 @@ class Connection(asyncio.Protocol):
                 self.send(pending.request_id, pending.opcode, pending.finish(result))
             except Exception as exc:
                 self.fail(pending.request_id, pending.opcode, exc)
+            else:
+                self.server.stats.answered[pending.opcode] += 1
         else:
             self.fail(pending.request_id, pending.opcode, error)
 
@@ -292,7 +283,7 @@ class Connection(asyncio.Protocol):
 class Incoming:
     """One decoded request, as its operation sees it (tpmbroker.ops.Request)."""
 
-    __slots__ = ("conn", "deadline", "opcode", "reply_by", "request_id")
+    __slots__ = ("conn", "deadline", "opcode", "reply_by", "request_id", "worker")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int, reply_by: float,
                  deadline: float) -> None:
@@ -301,21 +292,28 @@ class Incoming:
         self.opcode = opcode
         self.reply_by = reply_by  # the broker's own DEADLINE answer goes out then
         self.deadline = deadline  # the TPM work must be done by then
-
-    @property
-    def worker(self) -> ops.Worker:
-        return self.conn.server.worker
+        self.worker: ops.Worker = conn.server.worker
 
     def reply(self, result: p.Message) -> None:
         self.conn.send(self.request_id, self.opcode, result)
 
     def submit(self, run: Callable[[], Any], finish: Callable[[Any], p.Message],
                lane: Callable[[], Any] | None = None) -> None:
-        self.conn.submit(self.request_id, self.opcode, self.reply_by, self.deadline, run,
-                         finish, lane)
+        conn = self.conn
+        server = conn.server
+        pending = Pending(conn, self.request_id, self.opcode, finish)
+        pending.job = Job(conn.id, self.deadline, run, pending, lane)
+        pending.timer = server.loop.call_at(self.reply_by, conn.expire, pending)
+        conn.pending.add(pending)
+        server.enqueue(pending.job)
 
     def key_auth(self, key_id: bytes) -> bytes:
-        return self.conn.key_auth(key_id)
+        keys = self.conn.keys
+        auth = keys.pop(key_id, None)
+        if auth is None:
+            raise UnknownKeyError("key not loaded on this connection; send LOAD first")
+        keys[key_id] = auth  # most recently used last
+        return auth
 
     def remember_key(self, key_id: bytes, auth: bytes) -> None:
         self.conn.remember_key(key_id, auth)
@@ -446,6 +444,7 @@ class BrokerServer:
             "queue_depth": self.queue.depth,
             "connections": len(self.connections),
             "connections_total": self.stats.connections_total,
+            "signatures": self.stats.answered[p.Opcode.SIGN],
             **dict.fromkeys(ops.COUNTERS, 0),
             **self.stats.served,
             "lane_signatures": self.lane.served,

@@ -224,7 +224,7 @@ def test_get_random_is_byte_identical_and_both_decrypt_its_answer(hash_alg: int)
                                                       command.CC_GET_RANDOM)
     assert commands[0].endswith(b"\x00\x30")
     assert results[0] == results[1] == ([], command.tpm2b(clear))
-    assert command.get_random_result(results[0][1]) == clear
+    assert command.sized_result(results[0][1]) == clear
 
 
 def test_get_random_key_is_the_session_key_alone() -> None:

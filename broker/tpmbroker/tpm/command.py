@@ -113,6 +113,17 @@ def tpm2b(data: bytes) -> bytes:
     return U16.pack(len(data)) + data
 
 
+def first_sized_length(parameters: bytes) -> int:
+    """The size of the sized buffer (TPM2B) that starts `parameters`, checked to fit."""
+    try:
+        (size,) = U16.unpack_from(parameters)
+    except struct.error:
+        raise malformed() from None
+    if 2 + size > len(parameters):
+        raise malformed()
+    return int(size)
+
+
 def response_code(response: bytes) -> int:
     """The response's code after a sanity check of its header."""
     if len(response) < HEADER.size:
@@ -331,12 +342,7 @@ def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], byte
 def _c_decrypt_first(pending: PendingCommand, nonce_tpm: bytes, parameters: bytes) -> bytes:
     """The response's first parameter decrypted (tb_decrypt_response)."""
     ffi, lib = _authorize.ffi, _authorize.lib
-    try:
-        (size,) = U16.unpack_from(parameters)
-    except struct.error:
-        raise malformed() from None
-    if 2 + size > len(parameters):
-        raise malformed()
+    size = first_sized_length(parameters)
     clear = bytearray(parameters[2:2 + size])
     status = lib.tb_decrypt_response(_c_scratch().ctx, pending.c_pending, nonce_tpm,
                                      len(nonce_tpm), ffi.from_buffer(clear), size)
@@ -435,12 +441,10 @@ def prepare_rsa_private(session: sc.SessionState, key_handle: int, key_name: byt
                    _RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL, SIGN_ATTRIBUTES)
 
 
-def rsa_private_result(parameters: bytes) -> bytes:
-    try:
-        (size,) = U16.unpack_from(parameters)
-    except struct.error:
-        raise malformed() from None
-    if 2 + size != len(parameters):
+def sized_result(parameters: bytes) -> bytes:
+    """The contents of a response whose one parameter is a sized buffer (TPM2B):
+    RSA_Decrypt's message, GetRandom's randomBytes."""
+    if first_sized_length(parameters) + 2 != len(parameters):
         raise malformed()
     return parameters[2:]
 
@@ -481,14 +485,3 @@ def prepare_get_random(session: sc.SessionState, count: int,
     """TPM2_GetRandom(bytesRequested=count) through `session`, answer encrypted."""
     return prepare(session, CC_GET_RANDOM, (), (), b"", None, U16.pack(count),
                    RANDOM_ATTRIBUTES, nonce_caller=nonce_caller)
-
-
-def get_random_result(parameters: bytes) -> bytes:
-    """The randomBytes (TPM2B_DIGEST) of a GetRandom response, already decrypted."""
-    try:
-        (size,) = U16.unpack_from(parameters)
-    except struct.error:
-        raise malformed() from None
-    if 2 + size != len(parameters):
-        raise malformed()
-    return parameters[2:]

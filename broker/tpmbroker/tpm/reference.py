@@ -28,6 +28,7 @@ from .command import (
     PendingCommand,
     ResponseAuthError,
     command,
+    first_sized_length,
     malformed,
     response_code,
     sign_result,
@@ -108,12 +109,7 @@ def finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
 
 def decrypt_first(name: str, pending: PendingCommand, nonce_tpm: bytes,
                   parameters: bytes) -> bytes:
-    try:
-        (size,) = U16.unpack_from(parameters)
-    except struct.error:
-        raise malformed() from None
-    if 2 + size > len(parameters):
-        raise malformed()
+    size = first_sized_length(parameters)
     clear = sc.cfb_decrypt(name, pending.hmac_key, nonce_tpm, pending.nonce_caller,
                            parameters[2:2 + size])
     return parameters[:2] + clear + parameters[2 + size:]

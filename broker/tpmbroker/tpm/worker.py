@@ -227,7 +227,7 @@ class TpmWorker:
 
     def _random_once(self, want: int, deadline: float) -> bytes:
         return self._execute(deadline, lambda session: command.prepare_get_random(
-            session, want), command.get_random_result)
+            session, want), command.sized_result)
 
     def status(self) -> dict[str, object]:
         return {
@@ -277,7 +277,7 @@ class TpmWorker:
         block = pss.encode(digest, hash.hashlib_name, modulus.bit_length())
         return self._authorized(
             entry, auth, deadline, lambda session, handle, name: command.prepare_rsa_private(
-                session, handle, name, auth, block), command.rsa_private_result)
+                session, handle, name, auth, block), command.sized_result)
 
     # --- the authorized-command path ----------------------------------------------------------
 

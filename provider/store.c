@@ -1,7 +1,15 @@
 /*
- * Store loader for persistent TPM keys: `handle:0x81000001`, or `handle:0x81000001?pass`
- * when the key has a password (asked through the passphrase callback, as tpm2-openssl does).
+ * Store loader for persistent TPM keys, by the URIs tpm2-openssl users know:
+ *   handle:0x81000001        the persistent handle itself;
+ *   object:PATH              a file tpm2-tools wrote with `tpm2_evictcontrol -o`: a
+ *                            serialized ESYS_TR, whose first field is the TPM handle;
+ * either with `?pass` when the key has a password (asked through the passphrase callback).
+ *
+ * A URI of ours that cannot be used still opens, and its load raises the reason: OpenSSL
+ * tries its file loader on the same URI first and keeps that loader's errors unless a
+ * loader opens, so refusing at open would bury our message under unrelated file errors.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,37 +20,108 @@
 
 #include "provider.h"
 
+#define PERSISTENT_FIRST 0x81000000ul
+#define PERSISTENT_LAST 0x81fffffful
+#define MAX_OBJECT_FILE 4096 /* a serialized ESYS_TR with its public area is far smaller */
+
 typedef struct store_ctx {
     TPMBROKER_CTX *prov;
     uint32_t handle;
     int need_pass;
     int done;
+    char error[512]; /* set: the URI cannot be used; raised at load (paths cut at 400) */
 } STORE_CTX;
+
+static int is_persistent(unsigned long h)
+{
+    return h >= PERSISTENT_FIRST && h <= PERSISTENT_LAST;
+}
+
+/* Splits a trailing "?pass" off `rest` into `path` (of `size` bytes); -1 if too long. */
+static int take_pass(const char *rest, char *path, size_t size)
+{
+    size_t n = strlen(rest);
+    int pass = n >= 5 && strcmp(rest + n - 5, "?pass") == 0;
+
+    if (pass)
+        n -= 5;
+    if (n >= size)
+        return -1;
+    memcpy(path, rest, n);
+    path[n] = '\0';
+    return pass;
+}
+
+static void open_handle(STORE_CTX *ctx, const char *uri, const char *rest)
+{
+    char text[64];
+    char *end;
+    unsigned long h;
+    int pass = take_pass(rest, text, sizeof(text));
+
+    h = pass < 0 ? 0 : strtoul(text, &end, 0);
+    if (pass < 0 || end == text || *end != '\0' || !is_persistent(h)) {
+        snprintf(ctx->error, sizeof(ctx->error), "%.400s: give a persistent handle, e.g. "
+                 "handle:0x81000001 (add ?pass if the key has a password)", uri);
+        return;
+    }
+    ctx->handle = (uint32_t)h;
+    ctx->need_pass = pass;
+}
+
+static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
+{
+    char path[4096];
+    uint8_t buf[MAX_OBJECT_FILE + 1];
+    size_t n;
+    FILE *f;
+    unsigned long h;
+    int pass = take_pass(rest, path, sizeof(path));
+
+    if (pass < 0 || path[0] == '\0') {
+        snprintf(ctx->error, sizeof(ctx->error), "%.400s: give the file tpm2_evictcontrol -o "
+                 "wrote, e.g. object:key.tr (add ?pass if the key has a password)", uri);
+        return;
+    }
+    f = fopen(path, "rb");
+    if (f == NULL) {
+        snprintf(ctx->error, sizeof(ctx->error), "Could not open %.400s for reading", path);
+        return;
+    }
+    n = fread(buf, 1, sizeof(buf), f);
+    fclose(f);
+    if (n < 4 || n > MAX_OBJECT_FILE) {
+        snprintf(ctx->error, sizeof(ctx->error), "Could not read %.400s: not a serialized TPM "
+                 "object (%zu bytes)", path, n);
+        return;
+    }
+    /* Esys_TR_Serialize writes the TPM handle first, big-endian. */
+    h = (unsigned long)buf[0] << 24 | (unsigned long)buf[1] << 16
+        | (unsigned long)buf[2] << 8 | buf[3];
+    if (!is_persistent(h)) {
+        snprintf(ctx->error, sizeof(ctx->error), "Could not read %.400s: it names TPM handle "
+                 "0x%08lx, not a persistent key (0x81xxxxxx)", path, h);
+        return;
+    }
+    ctx->handle = (uint32_t)h;
+    ctx->need_pass = pass;
+}
 
 static void *store_open(void *provctx, const char *uri)
 {
     STORE_CTX *ctx;
-    const char *p;
-    char *end;
-    unsigned long h;
 
-    if (OPENSSL_strncasecmp(uri, "handle:", 7) != 0)
+    if (OPENSSL_strncasecmp(uri, "handle:", 7) != 0
+        && OPENSSL_strncasecmp(uri, "object:", 7) != 0)
         return NULL;
-    p = uri + 7;
-    h = strtoul(p, &end, 0);
-    if (end == p || (*end != '\0' && strcmp(end, "?pass") != 0)
-        || (h & 0xff000000ul) != 0x81000000ul || h > 0xfffffffful) {
-        TPMB_RAISE(provctx, TPMB_R_INVALID_ARGUMENT,
-                   "%s: give a persistent handle, e.g. handle:0x81000001 (add ?pass if the "
-                   "key has a password)", uri);
-        return NULL;
-    }
     ctx = calloc(1, sizeof(*ctx));
     if (ctx == NULL)
         return NULL;
     ctx->prov = provctx;
-    ctx->handle = (uint32_t)h;
-    ctx->need_pass = *end != '\0';
+    if (OPENSSL_strncasecmp(uri, "handle:", 7) == 0)
+        open_handle(ctx, uri, uri + 7);
+    else
+        open_object(ctx, uri, uri + 7);
     return ctx;
 }
 
@@ -58,6 +137,10 @@ static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
     OSSL_PARAM params[4];
 
     ctx->done = 1;
+    if (ctx->error[0] != '\0') {
+        TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT, "%s", ctx->error);
+        return 0;
+    }
     if (ctx->need_pass) {
         OSSL_PARAM info[] = {
             OSSL_PARAM_utf8_string(OSSL_PASSPHRASE_PARAM_INFO, (char *)"TPM key", 0),

@@ -670,7 +670,7 @@ def test_persistent_key_by_handle_uri(swtpm: Swtpm, tmp_path: Path) -> None:
     tools("tpm2_createprimary", "-C", "o", "-c", "prim.ctx", "-Q")
     tools("tpm2_create", "-C", "prim.ctx", "-G", "ecc256", "-u", "k.pub", "-r", "k.priv", "-Q")
     tools("tpm2_load", "-C", "prim.ctx", "-u", "k.pub", "-r", "k.priv", "-c", "k.ctx", "-Q")
-    tools("tpm2_evictcontrol", "-C", "o", "-c", "k.ctx", "0x81000010")
+    tools("tpm2_evictcontrol", "-C", "o", "-c", "k.ctx", "0x81000010", "-o", "k.tr")
     broker = Broker(swtpm.tcti, tmp_path / "broker").start()
     try:
         penv = dict(os.environ, TPMBROKER_SOCKET=broker.socket)
@@ -689,12 +689,27 @@ def test_persistent_key_by_handle_uri(swtpm: Swtpm, tmp_path: Path) -> None:
             assert res.returncode == 0, res.stderr + broker.log().encode()
             assert b"Verified OK" in run("dgst", f"-{md}", "-verify", str(pub), "-signature",
                                          str(tmp_path / "s"), str(data)).stdout
+        # tpm2-openssl's object: URI, a file tpm2_evictcontrol -o wrote
+        res = run("dgst", "-sha256", *PROV, "-sign", f"object:{tmp_path / 'k.tr'}", "-out",
+                  str(tmp_path / "s"), str(data))
+        assert res.returncode == 0, res.stderr
+        assert b"Verified OK" in run("dgst", "-sha256", "-verify", str(pub), "-signature",
+                                     str(tmp_path / "s"), str(data)).stdout
         res = run("dgst", "-sha256", *PROV, "-sign", "handle:0x81000099", "-out",
                   str(tmp_path / "s"), str(data))
         assert res.returncode != 0
-        res = run("dgst", "-sha256", *PROV, "-sign", "handle:bogus", "-out",
-                  str(tmp_path / "s"), str(data))
-        assert res.returncode != 0
+        assert b"0x81000099" in res.stderr
+        # A URI of ours that cannot be used says why, and nothing about files first.
+        for uri, why in (("handle:bogus", b"give a persistent handle"),
+                         ("handle:0x80000001", b"give a persistent handle"),
+                         (f"object:{tmp_path / 'none.tr'}", b"Could not open"),
+                         (f"object:{tmp_path / 'd'}", b"not a persistent key")):
+            res = run("dgst", "-sha256", *PROV, "-sign", uri, "-out", str(tmp_path / "s"),
+                      str(data))
+            assert res.returncode != 0
+            errors = [line for line in res.stderr.splitlines() if b":error:" in line]
+            assert errors and why in errors[0], res.stderr
+            assert b"No such file" not in res.stderr and b"scheme=file" not in res.stderr
     finally:
         broker.stop()
 

@@ -918,3 +918,46 @@ int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err)
 
     return run(c, c->timeout_ms, op_random, &a, err);
 }
+
+struct nv_read_arg {
+    uint32_t index;
+    uint8_t **data;
+    size_t *len;
+};
+
+static int op_nv_read(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                      CLIENT_ERR *err)
+{
+    struct nv_read_arg *a = arg;
+    WIRE_READER body;
+    WIRE_BYTES got;
+    size_t n = wire_nv_read(cn->w, next_id(cn), remaining(deadline), a->index);
+
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "NV_READ", err))
+        return 0;
+    got = wire_get_bytes(&body);
+    if (!wire_reader_done(&body)) {
+        set_err(err, CLIENT_E_PROTOCOL, 0,
+                "tpmbroker at %s sent a malformed NV_READ response", c->path);
+        conn_close(cn);
+        return 0;
+    }
+    *a->data = malloc(got.len > 0 ? got.len : 1);
+    if (*a->data == NULL) {
+        set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
+        return 0;
+    }
+    memcpy(*a->data, got.p, got.len);
+    *a->len = got.len;
+    return 1;
+}
+
+int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
+                   CLIENT_ERR *err)
+{
+    struct nv_read_arg a = { index, data, len };
+
+    return run(c, c->timeout_ms, op_nv_read, &a, err);
+}

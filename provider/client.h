@@ -60,5 +60,8 @@ int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint
 /* RANDOM: fills out[0..n) with bytes from the TPM's generator, in requests of at most
  * WIRE_MAX_RANDOM bytes, all within one deadline. */
 int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err);
+/* NV_READ: the contents of NV index `index`, malloc'd into *data (the caller frees). */
+int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
+                   CLIENT_ERR *err);
 
 #endif

@@ -218,7 +218,8 @@ static const OSSL_ALGORITHM encoder_algs[] = {
 };
 
 static const OSSL_ALGORITHM store_algs[] = {
-    { "handle", TPMBROKER_PROPS, tpmb_store_functions, "persistent TPM keys: handle:0x81xxxxxx" },
+    { "handle", TPMBROKER_PROPS, tpmb_store_functions,
+      "persistent TPM keys: handle:0x81xxxxxx; certificates in NV: handle:0x01xxxxxx" },
     { "object", TPMBROKER_PROPS, tpmb_store_functions,
       "persistent TPM keys by tpm2-tools' serialized handle: object:FILE" },
     { NULL, NULL, NULL, NULL },

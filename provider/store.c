@@ -1,6 +1,7 @@
 /*
  * Store loader for persistent TPM keys, by the URIs tpm2-openssl users know:
  *   handle:0x81000001        the persistent handle itself;
+ *   handle:0x01000010        an NV index holding a DER certificate (x509 -in, s_server -cert);
  *   object:PATH              a file tpm2-tools wrote with `tpm2_evictcontrol -o`: a
  *                            serialized ESYS_TR, whose first field is the TPM handle;
  * either with `?pass` when the key has a password (asked through the passphrase callback).
@@ -22,12 +23,15 @@
 
 #define PERSISTENT_FIRST 0x81000000ul
 #define PERSISTENT_LAST 0x81fffffful
+#define NV_FIRST 0x01000000ul
+#define NV_LAST 0x01fffffful
 #define MAX_OBJECT_FILE 4096 /* a serialized ESYS_TR with its public area is far smaller */
 
 typedef struct store_ctx {
     TPMBROKER_CTX *prov;
     uint32_t handle;
     int need_pass;
+    int nv;          /* an NV index: its contents are a certificate */
     int done;
     char error[512]; /* set: the URI cannot be used; raised at load (paths cut at 400) */
 } STORE_CTX;
@@ -60,13 +64,16 @@ static void open_handle(STORE_CTX *ctx, const char *uri, const char *rest)
     int pass = take_pass(rest, text, sizeof(text));
 
     h = pass < 0 ? 0 : strtoul(text, &end, 0);
-    if (pass < 0 || end == text || *end != '\0' || !is_persistent(h)) {
-        snprintf(ctx->error, sizeof(ctx->error), "%.400s: give a persistent handle, e.g. "
-                 "handle:0x81000001 (add ?pass if the key has a password)", uri);
+    if (pass < 0 || end == text || *end != '\0'
+        || !(is_persistent(h) || (h >= NV_FIRST && h <= NV_LAST && !pass))) {
+        snprintf(ctx->error, sizeof(ctx->error), "%.300s: give a persistent handle, e.g. "
+                 "handle:0x81000001 (add ?pass if the key has a password), or an NV index "
+                 "holding a certificate, e.g. handle:0x01000010", uri);
         return;
     }
     ctx->handle = (uint32_t)h;
     ctx->need_pass = pass;
+    ctx->nv = !is_persistent(h);
 }
 
 static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
@@ -125,6 +132,29 @@ static void *store_open(void *provctx, const char *uri)
     return ctx;
 }
 
+/* An NV index's contents, handed to OpenSSL as a DER certificate. */
+static int load_certificate(STORE_CTX *ctx, OSSL_CALLBACK *object_cb, void *object_cbarg)
+{
+    CLIENT_ERR err;
+    uint8_t *der = NULL;
+    size_t len = 0;
+    int object_type = OSSL_OBJECT_CERT, ok;
+    OSSL_PARAM params[3];
+    char what[64];
+
+    snprintf(what, sizeof(what), "reading NV index 0x%08x", (unsigned int)ctx->handle);
+    if (!client_nv_read(ctx->prov->client, ctx->handle, &der, &len, &err)) {
+        TPMB_RAISE_CLIENT(ctx->prov, what, &err);
+        return 0;
+    }
+    params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type);
+    params[1] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, der, len);
+    params[2] = OSSL_PARAM_construct_end();
+    ok = object_cb(params, object_cbarg);
+    free(der);
+    return ok;
+}
+
 static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
                       OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
 {
@@ -141,6 +171,8 @@ static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
         TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT, "%s", ctx->error);
         return 0;
     }
+    if (ctx->nv)
+        return load_certificate(ctx, object_cb, object_cbarg);
     if (ctx->need_pass) {
         OSSL_PARAM info[] = {
             OSSL_PARAM_utf8_string(OSSL_PASSPHRASE_PARAM_INFO, (char *)"TPM key", 0),

@@ -136,6 +136,13 @@ size_t wire_random(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint16_t co
     return wire_finish(w);
 }
 
+size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t index)
+{
+    wire_begin(w, WIRE_OPCODE_NV_READ, id, timeout_ms);
+    wire_put_u32(w, index);
+    return wire_finish(w);
+}
+
 static uint32_t be32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];

@@ -59,6 +59,7 @@ static int encode(void)
     hex("unload_request", w.buf, wire_unload(&w, 8, 0, kid, 32));
     hex("random_request", w.buf, wire_random(&w, 9, 2000, 48));
     hex("random_max_request", w.buf, wire_random(&w, 10, 0, WIRE_MAX_RANDOM));
+    hex("nv_read_request", w.buf, wire_nv_read(&w, 12, 5000, 0x01000010));
     return 0;
 }
 
@@ -106,6 +107,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
     case WIRE_OPCODE_SIGN:
     case WIRE_OPCODE_STATUS:
     case WIRE_OPCODE_RANDOM:
+    case WIRE_OPCODE_NV_READ:
         a = wire_get_bytes(r);
         printf(" ");
         put_hex(a.p, a.len);

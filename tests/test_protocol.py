@@ -52,6 +52,8 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "random_max_request": (10, ops.Random(p.MAX_RANDOM), 0),
     "random_response": (9, ops.RandomResult(bytes(range(48))), 0),
     "random_empty_response": (10, ops.RandomResult(b""), 0),
+    "nv_read_request": (12, ops.NvRead(0x01000010), 5000),
+    "nv_read_response": (12, ops.NvReadResult(bytes.fromhex("3082000130")), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
 }

@@ -318,6 +318,12 @@ class Client:
             out += result.random
         return bytes(out)
 
+    def nv_read(self, index: int, timeout: float | None = None) -> bytes:
+        """The contents of NV index `index` (0x01xxxxxx), e.g. a certificate."""
+        result = self._call(ops.NvRead(index), timeout)
+        assert isinstance(result, ops.NvReadResult)
+        return result.data
+
     def status(self, timeout: float | None = None) -> dict[str, object]:
         result = self._call(ops.StatusRequest(), timeout)
         assert isinstance(result, ops.StatusResult)

@@ -34,6 +34,7 @@ class Opcode(enum.IntEnum):
     STATUS = 0x05
     UNLOAD = 0x06
     RANDOM = 0x07
+    NV_READ = 0x08
 
 
 class Status(enum.IntEnum):

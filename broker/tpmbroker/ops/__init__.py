@@ -8,11 +8,12 @@ provider/wire.c and a call in provider/client.c. docs/architecture.md has the ch
 from __future__ import annotations
 
 from ..definitions import Opcode
-from . import generate, hello, load, random, sign, status, unload
+from . import generate, hello, load, nv_read, random, sign, status, unload
 from .base import Operation, Request, Worker
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
 from .load import Load, LoadResult
+from .nv_read import NvRead, NvReadResult
 from .random import Random, RandomResult
 from .sign import Sign, SignResult
 from .status import StatusRequest, StatusResult
@@ -26,6 +27,7 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.STATUS: Operation(StatusRequest, StatusResult, status.serve),
     Opcode.UNLOAD: Operation(Unload, UnloadResult, unload.serve),
     Opcode.RANDOM: Operation(Random, RandomResult, random.serve),
+    Opcode.NV_READ: Operation(NvRead, NvReadResult, nv_read.serve),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
@@ -41,6 +43,8 @@ __all__ = [
     "HelloResult",
     "Load",
     "LoadResult",
+    "NvRead",
+    "NvReadResult",
     "Operation",
     "Random",
     "RandomResult",

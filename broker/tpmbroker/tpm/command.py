@@ -31,7 +31,9 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_DATA,
     TPM2B_ENCRYPTED_SECRET,
+    TPM2B_NAME,
     TPM2B_NONCE,
+    TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPML_PCR_SELECTION,
@@ -60,6 +62,8 @@ CC_READ_CLOCK = 0x00000181
 CC_CREATE = 0x00000153
 CC_RSA_DECRYPT = 0x00000159
 CC_GET_RANDOM = 0x0000017B
+CC_NV_READ = 0x0000014E
+CC_NV_READ_PUBLIC = 0x00000169
 SE_HMAC = 0x00
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -485,3 +489,32 @@ def prepare_get_random(session: sc.SessionState, count: int,
     """TPM2_GetRandom(bytesRequested=count) through `session`, answer encrypted."""
     return prepare(session, CC_GET_RANDOM, (), (), b"", None, U16.pack(count),
                    RANDOM_ATTRIBUTES, nonce_caller=nonce_caller)
+
+
+# --- TPM2_NV_ReadPublic and TPM2_NV_Read ---------------------------------------------------
+
+def nv_read_public(transport: Transport, index: int) -> tuple[Any, bytes]:
+    """(TPMS_NV_PUBLIC, Name) of an NV index; needs no authorization."""
+    body = plain_command(CC_NV_READ_PUBLIC, (index,), b"", transport)
+    try:
+        public, used = TPM2B_NV_PUBLIC.unmarshal(body)
+        name, used2 = TPM2B_NAME.unmarshal(body[used:])
+    except (TSS2_Exception, ValueError):
+        raise malformed() from None
+    if used + used2 != len(body):
+        raise malformed()
+    return public.nvPublic, bytes(name)
+
+
+# The data read is the response's first parameter: it crosses the bus encrypted.
+NV_READ_ATTRIBUTES = sc.CONTINUE_SESSION | sc.ENCRYPT
+
+
+def prepare_nv_read(session: sc.SessionState, auth_handle: int, auth_name: bytes,
+                    index: int, index_name: bytes, size: int, offset: int,
+                    ) -> PendingCommand:
+    """TPM2_NV_Read of `size` bytes at `offset`, authorized by `auth_handle` (the index
+    itself or the owner hierarchy) with an empty authValue."""
+    return prepare(session, CC_NV_READ, (auth_handle, index), (auth_name, index_name), b"",
+                   None, U16.pack(size) + U16.pack(offset), NV_READ_ATTRIBUTES)
+

@@ -21,7 +21,16 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TSS2_RC
+from tpm2_pytss.constants import (
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_PT,
+    TPM2_PT_HR,
+    TPM2_PT_NV,
+    TPM2_RH,
+    TPMA_NV,
+    TSS2_RC,
+)
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
@@ -29,6 +38,7 @@ from ..definitions import MAX_RANDOM, STORAGE_PRIMARY, Hash, KeySource, KeyType,
 from ..errors import (
     AuthFailedError,
     BadDigestError,
+    BadKeyError,
     DeadlineError,
     NotForLane,
     TpmBrokerError,
@@ -43,7 +53,7 @@ from . import keys as keymod
 from .keys import CachedKey, KeyInfo
 from .link import Link, frame_command, split_response
 from .objects import RECOVERABLE, Objects
-from .rc import Kind, classify, to_error
+from .rc import Kind, classify, to_error, tpm_code
 from .session_crypto import SessionState
 from .sessions import SessionPool
 
@@ -228,6 +238,51 @@ class TpmWorker:
     def _random_once(self, want: int, deadline: float) -> bytes:
         return self._execute(deadline, lambda session: command.prepare_get_random(
             session, want), command.sized_result)
+
+    def nv_read(self, index: int, deadline: float) -> bytes:
+        """The whole contents of NV index `index`, read through a pool session that
+        encrypts each chunk on its way back.
+
+        Authorization is the index's own empty authValue when the index allows that and
+        counts no dictionary-attack failures (as certificate indexes do), else the owner
+        hierarchy's empty authValue; an index that needs a password is refused without
+        trying, so nothing here can cost a lockout count.
+        """
+        return self._run(deadline, "reading the NV index",
+                         functools.partial(self._nv_read_once, index, deadline))
+
+    def _nv_read_once(self, index: int, deadline: float) -> bytes:
+        transport = self.link.require()
+        try:
+            public, name = command.nv_read_public(transport, index)
+        except TSS2_Exception as exc:
+            if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                raise BadKeyError(f"no NV index at 0x{index:08x}",
+                                  tpm_rc=int(exc.rc)) from None
+            raise
+        attributes = int(public.attributes)
+        if attributes & TPMA_NV.AUTHREAD and attributes & TPMA_NV.NO_DA:
+            auth_handle, auth_name = index, name
+        elif attributes & TPMA_NV.OWNERREAD:
+            auth_handle = int(TPM2_RH.OWNER)
+            auth_name = auth_handle.to_bytes(4, "big")  # a hierarchy's Name is its handle
+        else:
+            raise UnsupportedError(
+                f"NV index 0x{index:08x} is readable only with its password or by the "
+                "platform: the broker reads indexes the owner may read, or whose empty "
+                "authValue counts no dictionary-attack failures")
+        if not attributes & TPMA_NV.WRITTEN:
+            raise BadKeyError(f"NV index 0x{index:08x} was never written")
+        size = int(public.dataSize)
+        chunk = self._property(TPM2_PT_NV.BUFFER_MAX) or 512
+        data = bytearray()
+        while len(data) < size:
+            want = min(chunk, size - len(data))
+            offset = len(data)
+            data += self._execute(deadline, functools.partial(
+                command.prepare_nv_read, auth_handle=auth_handle, auth_name=auth_name,
+                index=index, index_name=name, size=want, offset=offset), command.sized_result)
+        return bytes(data)
 
     def status(self) -> dict[str, object]:
         return {

@@ -73,6 +73,43 @@ static int encode_der(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,
 }
 
 /* `openssl pkey -text`: what the key is, then its public half as libcrypto prints it. */
+/* TPMA_OBJECT bits, in the spelling tpm2-tools uses. */
+static const struct {
+    uint32_t bit;
+    const char *name;
+} object_attributes[] = {
+    { 0x00000002, "fixedtpm" }, { 0x00000004, "stclear" }, { 0x00000010, "fixedparent" },
+    { 0x00000020, "sensitivedataorigin" }, { 0x00000040, "userwithauth" },
+    { 0x00000080, "adminwithpolicy" }, { 0x00000400, "noda" },
+    { 0x00000800, "encryptedduplication" }, { 0x00010000, "restricted" },
+    { 0x00020000, "decrypt" }, { 0x00040000, "sign" },
+};
+
+/* What the key file says about the key inside the TPM: parent, attributes, password. */
+static int print_tpm_details(BIO *bio, const TPMB_KEY *key)
+{
+    const char *sep = "";
+    size_t i;
+
+    if (BIO_printf(bio, "TPM parent: 0x%08x%s\n", (unsigned int)key->parent,
+                   key->parent == WIRE_STORAGE_PRIMARY
+                   ? " (the storage primary from the TCG template)" : "") <= 0
+        || BIO_printf(bio, "TPM attributes: 0x%08x ", (unsigned int)key->attributes) <= 0)
+        return 0;
+    for (i = 0; i < sizeof(object_attributes) / sizeof(object_attributes[0]); i++) {
+        if (key->attributes & object_attributes[i].bit) {
+            if (BIO_printf(bio, "%s%s", sep, object_attributes[i].name) <= 0)
+                return 0;
+            sep = "|";
+        }
+    }
+    return BIO_printf(bio, "\nTPM password: %s\n",
+                      key->empty_auth ? "none (emptyAuth)"
+                      : (key->attributes & 0x00000400)
+                      ? "needed; failures are not counted (noda)"
+                      : "needed; each wrong one counts toward the TPM's lockout") > 0;
+}
+
 static int encode_text(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,
                        const OSSL_PARAM obj_abstract[], int selection,
                        OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg)
@@ -100,7 +137,8 @@ static int encode_text(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,
             ok = BIO_printf(bio, "TPM %s-%d key (TSS2 PRIVATE KEY%s); the private part "
                             "stays in the TPM\n", tpmb_key_type_name(key->type), key->bits,
                             key->auth_missing || key->authlen > 0 ? ", with a password"
-                                                                  : "") > 0;
+                                                                  : "") > 0
+                 && print_tpm_details(bio, key);
     }
     ok = ok && EVP_PKEY_print_public(bio, key->pub, 0, NULL) > 0;
     BIO_free(bio);

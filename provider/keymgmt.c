@@ -216,6 +216,9 @@ TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len
     }
     key->bits = EVP_PKEY_get_bits(key->pub);
     key->curve = info->curve;
+    key->parent = info->parent;
+    key->attributes = info->attributes;
+    key->empty_auth = info->empty_auth;
     return key;
 }
 
@@ -257,6 +260,9 @@ static void *key_dup(const void *keydata_from, int selection)
     key->auth_missing = from->auth_missing;
     key->bits = from->bits;
     key->curve = from->curve;
+    key->parent = from->parent;
+    key->attributes = from->attributes;
+    key->empty_auth = from->empty_auth;
     memcpy(key->key_id, from->key_id, WIRE_KEY_ID_SIZE);
     if (from->blob != NULL && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY)) {
         key->blob = malloc(from->bloblen);

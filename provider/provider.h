@@ -54,7 +54,7 @@ enum tpmb_reason {
 typedef struct tpmb_key {
     TPMBROKER_CTX *prov;
     int type;              /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
-    uint8_t source;        /* WIRE_SOURCE_* */
+    uint8_t source;        /* WIRE_KEY_SOURCE_* */
     uint8_t *blob;
     size_t bloblen;
     uint8_t *auth;
@@ -64,6 +64,10 @@ typedef struct tpmb_key {
     EVP_PKEY *pub;
     int bits;
     uint16_t curve;
+    /* From a TSS2 PRIVATE KEY file (0 for handle: keys), for -text. */
+    uint32_t parent;
+    uint32_t attributes;   /* TPMA_OBJECT */
+    int empty_auth;        /* the file says the key has no password */
 } TPMB_KEY;
 
 void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,
@@ -82,6 +86,8 @@ void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 typedef struct tss2_info {
     int type;        /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
     int empty_auth;  /* 1: no password; 0: emptyAuth false or absent, a password is needed */
+    uint32_t parent; /* 0x40000001: the storage primary from the TCG template */
+    uint32_t attributes; /* TPMA_OBJECT */
     unsigned int bits;
     uint32_t exponent;
     const uint8_t *n;

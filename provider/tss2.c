@@ -114,7 +114,7 @@ static int parse_public(const uint8_t *p, size_t len, TSS2_INFO *info)
 
     type = rd16(&r);
     (void)rd16(&r);   /* nameAlg */
-    (void)rd32(&r);   /* objectAttributes */
+    info->attributes = rd32(&r);
     (void)rd2b(&r, &n); /* authPolicy */
     alg = rd16(&r);   /* symmetric */
     if (alg != TPM2_ALG_NULL) {
@@ -155,6 +155,7 @@ int tss2_parse(const uint8_t *der, size_t len, TSS2_INFO *info)
     const uint8_t *p = der, *end = der + len, *q, *qend;
     struct tlv seq, t;
     uint16_t size;
+    size_t i;
 
     memset(info, 0, sizeof(*info));
     if (!read_tlv(&p, end, &seq) || seq.tag != 0x30)
@@ -178,8 +179,10 @@ int tss2_parse(const uint8_t *der, size_t len, TSS2_INFO *info)
             info->empty_auth = bo.val[0] != 0;
         }
     }
-    if (t.tag != 0x02) /* parent */
-        return 0;
+    if (t.tag != 0x02 || t.len == 0 || t.len > 5 || (t.len == 5 && t.val[0] != 0))
+        return 0; /* parent: a non-negative INTEGER that fits a TPM handle */
+    for (i = 0; i < t.len; i++)
+        info->parent = info->parent << 8 | t.val[i];
     if (!read_tlv(&q, qend, &t) || t.tag != 0x04 || t.len < 4) /* TPM2B_PUBLIC */
         return 0;
     size = (uint16_t)(t.val[0] << 8 | t.val[1]);

@@ -210,6 +210,22 @@ def test_key_file_round_trips_and_prints(env: Env, name: str) -> None:
     text = env.openssl("pkey", *PROV, "-in", str(env.keys[name]), "-text", "-noout").stdout
     assert b"the private part stays in the TPM" in text
     assert (b"Modulus:" if is_rsa(name) else b"pub:") in text
+    assert b"TPM parent: 0x40000001 (the storage primary from the TCG template)" in text
+    attributes = next(line for line in text.splitlines() if line.startswith(b"TPM attributes:"))
+    assert set(attributes.split()[-1].split(b"|")) >= {
+        b"fixedtpm", b"fixedparent", b"sensitivedataorigin", b"userwithauth", b"sign"}
+    assert (b"decrypt" in attributes) == is_rsa(name)  # keygen: RSA keys may pad PSS
+    assert b"TPM password: none (emptyAuth)" in text
+
+
+def test_text_says_a_key_needs_its_password(env: Env) -> None:
+    (env.dir / "text-pw.txt").write_text("pw\n")
+    key = keygen(env.broker, "ec:P-256", env.dir / "text-pw.pem", "--password-file",
+                 str(env.dir / "text-pw.txt"))
+    text = env.openssl("pkey", *PROV, "-in", str(key), "-passin", "pass:pw", "-text",
+                       "-noout").stdout
+    assert b"TPM password: needed; each wrong one counts toward the TPM's lockout" in text
+    assert b"noda" not in text
 
 
 def test_key_file_decodes_without_the_broker(env: Env, tmp_path: Path) -> None:

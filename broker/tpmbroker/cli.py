@@ -63,7 +63,7 @@ def _tpm(tcti: str | None, state_dir: Path) -> Iterator[tuple[str, Any]]:
         return
     from .simulator import Swtpm
 
-    tpm = Swtpm(state_dir / "tpm").start()
+    tpm = Swtpm(state_dir / "tpm", die_with_parent=True).start()
     print(f"tpmbroker: no TPM device; embedded simulator at {tpm.tcti}, state in {state_dir}",
           file=sys.stderr)
     try:
@@ -165,7 +165,7 @@ def _cmd_simulator(args: argparse.Namespace) -> int:
 
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    tpm = Swtpm(Path(args.state_dir) / "tpm", port=args.port).start()
+    tpm = Swtpm(Path(args.state_dir) / "tpm", port=args.port, die_with_parent=True).start()
     print(tpm.tcti, flush=True)
     try:
         signal.sigwait(stop_signals)

@@ -145,7 +145,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            await server.stop()
+            await server.stop(drain=args.drain_timeout)
 
     from .errors import TpmBrokerError
 
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the embedded simulator keeps its state")
     sp.add_argument("--timeout", type=float, default=30.0,
                     help="default request deadline in seconds")
+    sp.add_argument("--drain-timeout", type=float, default=5.0,
+                    help="on SIGTERM/SIGINT, seconds to serve requests already received "
+                    "before answering the rest SHUTTING_DOWN (default 5)")
     sp.add_argument("--max-keys-per-connection", type=int, default=1024,
                     help="keys one client connection may have loaded at once (default 1024)")
     sp.add_argument("--log-level", default="info",

@@ -11,6 +11,7 @@ is someone's TPM, and is left alone with a clear error.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -219,7 +220,7 @@ def holder(state_dir: Path) -> int | None:
 
 def _command_port(pid: int) -> int | None:
     args = _cmdline(pid)
-    for flag, value in zip(args, args[1:], strict=False):
+    for flag, value in itertools.pairwise(args):
         if flag == "--server":
             for part in value.split(","):
                 key, _, port = part.partition("=")

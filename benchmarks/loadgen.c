@@ -11,6 +11,10 @@
  *   loadgen outage MODDIR KEY PUB
  *       signs, waits for a line on stdin (the broker is stopped meanwhile), signs again
  *       (must fail fast), waits for another line (broker restarted), signs again.
+ *   loadgen watch MODDIR KEY PUB
+ *       signs and verifies every 10 ms until stdin closes, printing "ok|fail|bad T" per
+ *       signature, T being CLOCK_MONOTONIC seconds: a long-lived signer across broker
+ *       crashes and restarts (tests/test_lifecycle.py).
  *   loadgen timed MODDIR KEY PUB THREADS SECONDS
  *       THREADS threads sign for SECONDS, verifying one signature in 50; prints a line per
  *       thread ("thread I signed N failed F bad B") and one "latencies_us" line with every
@@ -22,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/select.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -266,6 +271,29 @@ static int outage(void)
     return r == 1 ? 0 : 1;
 }
 
+static int watch(void)
+{
+    unsigned long n = 0;
+    struct timespec ts, pause = { 0, 10 * 1000 * 1000 };
+    int r;
+
+    for (;;) {
+        struct timeval tv = { 0, 0 };
+        fd_set in;
+
+        FD_ZERO(&in);
+        FD_SET(0, &in);
+        if (select(1, &in, NULL, NULL, &tv) > 0) /* stdin readable: closed, or a line */
+            return 0;
+        r = sign_once(++n, 1, NULL, 0, 1);
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        printf("%s %lld.%06ld\n", r == 1 ? "ok" : r == 0 ? "fail" : "bad", (long long)ts.tv_sec,
+               ts.tv_nsec / 1000);
+        fflush(stdout);
+        nanosleep(&pause, NULL);
+    }
+}
+
 int main(int argc, char **argv)
 {
     int children, i, ok;
@@ -291,6 +319,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "outage") == 0)
         return outage();
+    if (strcmp(argv[1], "watch") == 0)
+        return watch();
     if (strcmp(argv[1], "timed") == 0 && argc == 7)
         return timed(atoi(argv[5]), atof(argv[6]));
     if (strcmp(argv[1], "stress") != 0 || argc != 9)

@@ -512,6 +512,8 @@ static int response_ok(struct tpmb_client *c, struct conn *cn, WIRE_READER *body
         return 0;
     }
     set_err(err, st, rc, "%.*s", (int)msg.len, (const char *)msg.p);
+    if (st == WIRE_STATUS_SHUTTING_DOWN)
+        conn_close(cn); /* this broker is going: the next request connects to its successor */
     return 0;
 }
 

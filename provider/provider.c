@@ -76,6 +76,7 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
 
     switch (err->status) {
     case CLIENT_E_CONNECT:
+    case WIRE_STATUS_SHUTTING_DOWN: /* a stopping broker: the next request reconnects */
         reason = TPMB_R_BROKER_UNREACHABLE;
         break;
     case CLIENT_E_TIMEOUT:

@@ -31,3 +31,14 @@ def test_unit_admits_nginx_users_and_neutralises_openssl_conf() -> None:
     unit = (ROOT / "contrib" / "systemd" / "tpmbroker.service").read_text()
     assert "--allow-uid root --allow-uid www-data" in unit
     assert "Environment=OPENSSL_CONF=/dev/null" in unit
+
+
+def test_unit_stop_timeout_fits_the_brokers_orderly_stop() -> None:
+    from tpmbroker import server
+
+    unit = (ROOT / "contrib" / "systemd" / "tpmbroker.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    bound = server.DRAIN_SECONDS + server.FLUSH_SECONDS + server.CLOSE_SECONDS + server.JOIN_SECONDS
+    assert float(settings["TimeoutStopSec"]) >= bound + 5
+    assert settings["KillMode"] == "mixed"  # SIGTERM reaches the broker, not its swtpm first

@@ -63,7 +63,7 @@ def _tpm(tcti: str | None, state_dir: Path) -> Iterator[tuple[str, Any]]:
         return
     from .simulator import Swtpm
 
-    tpm = Swtpm(state_dir / "tpm").start()
+    tpm = Swtpm(state_dir / "tpm", die_with_parent=True).start()
     print(f"tpmbroker: no TPM device; embedded simulator at {tpm.tcti}, state in {state_dir}",
           file=sys.stderr)
     try:
@@ -145,7 +145,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            await server.stop()
+            await server.stop(drain=args.drain_timeout)
 
     from .errors import TpmBrokerError
 
@@ -165,7 +165,7 @@ def _cmd_simulator(args: argparse.Namespace) -> int:
 
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    tpm = Swtpm(Path(args.state_dir) / "tpm", port=args.port).start()
+    tpm = Swtpm(Path(args.state_dir) / "tpm", port=args.port, die_with_parent=True).start()
     print(tpm.tcti, flush=True)
     try:
         signal.sigwait(stop_signals)
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the embedded simulator keeps its state")
     sp.add_argument("--timeout", type=float, default=30.0,
                     help="default request deadline in seconds")
+    sp.add_argument("--drain-timeout", type=float, default=5.0,
+                    help="on SIGTERM/SIGINT, seconds to serve requests already received "
+                    "before answering the rest SHUTTING_DOWN (default 5)")
     sp.add_argument("--max-keys-per-connection", type=int, default=1024,
                     help="keys one client connection may have loaded at once (default 1024)")
     sp.add_argument("--log-level", default="info",

@@ -28,6 +28,7 @@ from .errors import (
     BrokerUnavailableError,
     DeadlineError,
     ProtocolError,
+    ShuttingDownError,
     TpmBrokerError,
     UnknownKeyError,
     error_for_status,
@@ -188,7 +189,10 @@ class Client:
             yield conn
             healthy = True
         except TpmBrokerError as exc:
-            healthy = not isinstance(exc, (ProtocolError, BrokerUnavailableError))
+            # A stopping broker's connection is of no further use: the next request
+            # connects afresh, to its successor.
+            healthy = not isinstance(exc, (ProtocolError, BrokerUnavailableError,
+                                           ShuttingDownError))
             raise
         finally:
             self._release(conn if healthy else None)

@@ -58,6 +58,7 @@ class Status(enum.IntEnum):
     INTERNAL = 15
     OVERLOADED = 16
     LOCKOUT = 17
+    SHUTTING_DOWN = 18  # the broker is stopping; another may take its place
 
 
 class KeySource(enum.IntEnum):

@@ -89,6 +89,12 @@ class LockoutError(TpmBrokerError):
     status = Status.LOCKOUT
 
 
+class ShuttingDownError(TpmBrokerError):
+    """The broker is stopping: the request was received but will not be served."""
+
+    status = Status.SHUTTING_DOWN
+
+
 class BrokerUnavailableError(TpmBrokerError):
     """Client side: the broker's socket cannot be reached (never sent on the wire)."""
 
@@ -106,7 +112,7 @@ _BY_STATUS: dict[Status, type[TpmBrokerError]] = {
         ProtocolError, UnsupportedVersionError, UnknownOpcodeError, FrameTooLargeError,
         UnknownKeyError, BadKeyError, AuthFailedError, BadDigestError, UnsupportedError,
         DeadlineError, NoSessionsError, TpmError, TpmUnavailableError, PermissionDeniedError,
-        InternalError, OverloadedError, LockoutError,
+        InternalError, OverloadedError, LockoutError, ShuttingDownError,
     )
 }
 

@@ -34,6 +34,7 @@ from .errors import (
     DeadlineError,
     PermissionDeniedError,
     ProtocolError,
+    ShuttingDownError,
     Status,
     TpmBrokerError,
     UnknownKeyError,
@@ -48,6 +49,15 @@ MAX_TIMEOUT = 300.0
 MAX_IN_FLIGHT = 64
 # Hundreds of clients connect at once when a service starts; asyncio's default is 100.
 LISTEN_BACKLOG = 1024
+# An orderly stop (SIGTERM, SIGINT): requests already received have this long to be
+# served before the rest are answered SHUTTING_DOWN; then answers have FLUSH_SECONDS to
+# leave, and the worker CLOSE_SECONDS to flush the TPM and send TPM2_Shutdown(STATE).
+# All of it must fit in systemd's TimeoutStopSec (contrib/systemd/tpmbroker.service).
+DRAIN_SECONDS = 5.0
+READ_GRACE_SECONDS = 0.05
+FLUSH_SECONDS = 1.0
+CLOSE_SECONDS = 8.0
+JOIN_SECONDS = 3.0
 
 
 # The opcode table, reduced to what dispatch needs on every request.
@@ -227,6 +237,10 @@ class Connection(asyncio.Protocol):
     def dispatch(self, header: p.Header, body: bytes) -> None:
         opcode = header.opcode & ~p.RESPONSE_BIT
         request_id = header.request_id
+        if self.server.stopping:
+            self.fail(request_id, opcode, ShuttingDownError(
+                "the broker is shutting down; connect again to its successor"))
+            return
         try:
             msg = p.decode_request(header, body)
             if len(self.pending) >= MAX_IN_FLIGHT:
@@ -253,6 +267,21 @@ class Connection(asyncio.Protocol):
             # Forget the connection's least recently used key: memory stays bounded and
             # a client that uses it again gets UNKNOWN_KEY and loads it again.
             del self.keys[next(iter(self.keys))]
+
+    def shut_down(self) -> int:
+        """The broker is stopping: answer every request still pending SHUTTING_DOWN, then
+        close once the answers are written. Returns how many were answered so."""
+        pending, self.pending = self.pending, set()
+        for item in pending:
+            if item.timer is not None:
+                item.timer.cancel()
+            if item.job is not None:
+                item.job.cancelled = True
+            self.fail(item.request_id, item.opcode, ShuttingDownError(
+                "the broker is shutting down before it could serve the request"))
+        if self.transport is not None:
+            self.transport.close()
+        return len(pending)
 
     def expire(self, pending: Pending) -> None:
         if pending not in self.pending:
@@ -348,6 +377,8 @@ class BrokerServer:
         self._done: collections.deque[tuple[Any, Any, BaseException | None]] = (
             collections.deque())
         self._wakeup_pending = False
+        self.stopping = False
+        self._socket_inode: int | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -479,6 +510,7 @@ class BrokerServer:
             gid = grp.getgrnam(self.config.socket_group).gr_gid
             os.chown(path, -1, gid)
         os.chmod(path, self.config.socket_mode)
+        self._socket_inode = path.lstat().st_ino
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         return sock
@@ -497,19 +529,47 @@ class BrokerServer:
             lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = DRAIN_SECONDS) -> None:
+        """An orderly stop: accept no more; serve what was received within `drain`
+        seconds and answer the rest SHUTTING_DOWN; flush the TPM and end with
+        TPM2_Shutdown(STATE) where the broker owns it alone; remove the socket."""
+        self.stopping = True
         if self._server is not None:
             self._server.close()
+        # Frames already in the connections' sockets are read (and queued, or answered
+        # SHUTTING_DOWN) before anything is closed.
+        await asyncio.sleep(READ_GRACE_SECONDS)
+        in_flight = sum(len(conn.pending) for conn in self.connections.values())
+        log.info("stopping: %d requests in flight on %d connections", in_flight,
+                 len(self.connections))
+        end = time.monotonic() + drain
+        while (time.monotonic() < end and self._loop is not None
+               and any(conn.pending for conn in self.connections.values())):
+            await asyncio.sleep(0.01)
+        refused = sum(conn.shut_down() for conn in list(self.connections.values()))
+        if refused:
+            log.warning("stopping: %d requests not served within %.0f s answered "
+                        "SHUTTING_DOWN", refused, drain)
+        end = time.monotonic() + FLUSH_SECONDS
+        while self.connections and time.monotonic() < end:
+            await asyncio.sleep(0.01)  # closing connections write their last answers
         for conn in list(self.connections.values()):
             if conn.transport is not None:
-                conn.transport.abort()
+                conn.transport.abort()  # a client that does not read its answers
         self.lane.stop()
-        with contextlib.suppress(Exception):
-            await self.call(time.monotonic() + 10, self.worker.close)
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                await self.call(time.monotonic() + CLOSE_SECONDS, self.worker.close)
         for job in self.queue.close():
             job.cancelled = True
         self._handoff.put(None)
         if self._thread is not None:
-            await self.loop.run_in_executor(None, self._thread.join, 10)
+            await self.loop.run_in_executor(None, self._thread.join, JOIN_SECONDS)
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        """Unlink the socket, unless a successor has bound its own there already."""
+        path = Path(self.config.socket_path)
         with contextlib.suppress(FileNotFoundError):
-            Path(self.config.socket_path).unlink()
+            if self._socket_inode is None or path.lstat().st_ino == self._socket_inode:
+                path.unlink()

@@ -1,19 +1,37 @@
-"""The embedded TPM: a swtpm process on loopback, owned by whoever starts it."""
+"""The embedded TPM: a swtpm process on loopback, owned by whoever starts it.
+
+The broker's embedded swtpm dies with the broker (`die_with_parent`: the kernel sends it
+SIGTERM when its parent goes, even by SIGKILL) and writes its pid next to its state. A
+swtpm still holding the state directory when a new one starts (an orphan: its broker is
+gone) is ended first, after a TPM2_Shutdown(STATE) so that the end is orderly and does
+not count toward the TPM's dictionary-attack lockout. One that still has a live parent
+is someone's TPM, and is left alone with a clear error.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import os
 import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 
 from .errors import TpmUnavailableError
+
+log = logging.getLogger("tpmbroker.simulator")
+
+# TPM2_Shutdown(TPM_SU_STATE) as swtpm's command port takes it (TPM_SEND_COMMAND,
+# locality 0, length, then the command).
+_SHUTDOWN_STATE = bytes.fromhex("80010000000c000001450001")
+_SHUTDOWN_FRAME = struct.pack(">IBI", 8, 0, len(_SHUTDOWN_STATE)) + _SHUTDOWN_STATE
 
 
 def free_port_pair(host: str = "127.0.0.1") -> int:
@@ -53,12 +71,14 @@ class Swtpm:
     """
 
     def __init__(self, state_dir: Path | str, port: int | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", die_with_parent: bool = False) -> None:
         self.state_dir = Path(state_dir)
         self.host = host
         self.port = port or 0
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "swtpm.log"
+        self.pid_path = self.state_dir / "swtpm.pid"
 
     @property
     def tcti(self) -> str:
@@ -75,15 +95,24 @@ class Swtpm:
         if binary is None:
             raise TpmUnavailableError("swtpm is not installed (Debian package: swtpm)")
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        end_orphan(self.state_dir)
+        prefix: list[str] = []
+        if self.die_with_parent:
+            setpriv = shutil.which("setpriv")  # util-linux; no preexec_fn in a threaded process
+            if setpriv is None:
+                raise TpmUnavailableError("setpriv (util-linux) is needed to tie the embedded "
+                                          "swtpm's life to the broker's")
+            prefix = [setpriv, "--pdeathsig", "TERM", "--"]
         last_error = ""
         for _attempt in range(5):
             port = self.port or free_port_pair(self.host)
             cmd = [
-                binary, "socket", "--tpm2",
+                *prefix, binary, "socket", "--tpm2",
                 "--tpmstate", f"dir={self.state_dir}",
                 "--server", f"type=tcp,port={port},bindaddr={self.host}",
                 "--ctrl", f"type=tcp,port={port + 1},bindaddr={self.host}",
                 "--flags", "not-need-init,startup-clear",
+                "--pid", f"file={self.pid_path}",
                 "--log", f"file={self.log_path},level=1",
             ]
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -128,6 +157,8 @@ class Swtpm:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
         self._reap()
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path.unlink()
 
     def restart(self, reset_state: bool = False) -> None:
         """Kill and start again on the same ports: a TPM Reset (Startup CLEAR).
@@ -148,3 +179,100 @@ class Swtpm:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+# --- orphans ------------------------------------------------------------------------------
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+
+
+def _holds(pid: int, state_dir: Path) -> bool:
+    """Whether `pid` is a swtpm on `state_dir` (not another process that got its pid)."""
+    args = _cmdline(pid)
+    return (any(os.path.basename(a) == "swtpm" for a in args[:4])
+            and f"dir={state_dir}" in args)
+
+
+def holder(state_dir: Path) -> int | None:
+    """The pid of a live swtpm on `state_dir`: from its pid file, else from /proc."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((state_dir / "swtpm.pid").read_text().split()[0])
+        if _holds(pid, state_dir):
+            return pid
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _holds(int(entry.name), state_dir):
+            return int(entry.name)
+    return None
+
+
+def _command_port(pid: int) -> int | None:
+    args = _cmdline(pid)
+    for flag, value in itertools.pairwise(args):
+        if flag == "--server":
+            for part in value.split(","):
+                key, _, port = part.partition("=")
+                if key == "port" and port.isdigit():
+                    return int(port)
+    return None
+
+
+def _shutdown_state(host: str, port: int) -> bool:
+    """TPM2_Shutdown(STATE) to an swtpm's command port; False if it did not answer OK."""
+    try:
+        with socket.create_connection((host, port), timeout=2.0) as sock:
+            sock.sendall(_SHUTDOWN_FRAME)
+            data = b""
+            while len(data) < 4 + 10 + 4:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return False
+    return len(data) >= 14 and data[10:14] == b"\0\0\0\0"
+
+
+def end_orphan(state_dir: Path, host: str = "127.0.0.1", timeout: float = 5.0) -> bool:
+    """End a swtpm left on `state_dir` by a broker that is gone; True if there was one.
+
+    It is sent TPM2_Shutdown(STATE) first, so that ending it is an orderly TPM stop.
+    A swtpm whose parent still lives is not an orphan: TpmUnavailableError.
+    """
+    pid = holder(state_dir)
+    if pid is None:
+        return False
+    parent = _parent(pid)
+    if parent not in (0, 1, os.getpid()) and any(
+            "tpmbroker" in arg for arg in _cmdline(parent)):
+        raise TpmUnavailableError(f"the TPM state in {state_dir} is in use by swtpm pid {pid} "
+                                  f"of tpmbroker pid {parent}")
+    port = _command_port(pid)
+    orderly = port is not None and _shutdown_state(host, port)
+    log.warning("ending swtpm pid %d left on %s by a broker that is gone (%s)", pid, state_dir,
+                "after TPM2_Shutdown(STATE)" if orderly else "not orderly: it did not answer")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and _holds(pid, state_dir):
+        time.sleep(0.02)
+    if _holds(pid, state_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _holds(pid, state_dir) and time.monotonic() < end + timeout:
+            time.sleep(0.02)
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / "swtpm.pid").unlink()
+    return True

@@ -12,6 +12,16 @@ simulator framing swtpm's command port expects. swtpm serves one connection at a
 so ESAPI must then share that connection: `TransportTcti` gives it one. Commands cannot
 be queued ahead on the connection: swtpm reads greedily and takes a second command's
 bytes as part of the first (TPM_RC_COMMAND_SIZE).
+
+A clean start: a TPM without a resource manager in front (swtpm or mssim over TCP,
+/dev/tpm0) keeps whatever transient objects and sessions a client that died left behind,
+and with them its few slots full (every Load then fails with TPM_RC_OBJECT_MEMORY). On
+such a TPM the broker is the only client, so at each connect it flushes every transient
+object and session it finds, as tpm2-abrmd's --flush-all does. Behind a resource manager
+(/dev/tpmrm0, tpm2-abrmd) the handles it lists may be other users', and it touches none.
+When the broker stops, it ends with TPM2_Shutdown(STATE) on a TPM it owns alone: the next
+TPM2_Startup is then orderly, and a restart does not count toward the dictionary-attack
+lockout (docs/broker.md, "Starts and stops").
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import time
 from typing import Any
 
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import TPM2_SU, TSS2_RC
+from tpm2_pytss.constants import TPM2_CAP, TPM2_HT, TPM2_SU, TSS2_RC
 from tpm2_pytss.TCTI import PyTCTI
 from tpm2_pytss.TCTILdr import TCTILdr
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
@@ -36,6 +46,12 @@ MAX_RESPONSE = 4096
 CONNECT_BACKOFF_FIRST = 0.01
 CONNECT_BACKOFF_MAX = 0.5
 TPM_SEND_COMMAND = 8
+CC_FLUSH_CONTEXT = 0x00000165
+ST_NO_SESSIONS = 0x8001
+# Handle ranges a client leaves behind: transient objects, loaded and saved sessions.
+LEFTOVER_RANGES = (int(TPM2_HT.TRANSIENT) << 24, int(TPM2_HT.LOADED_SESSION) << 24,
+                   int(TPM2_HT.SAVED_SESSION) << 24)
+_FLUSH = struct.Struct(">HIII")  # tag, size, command code, flushHandle
 _SEND_HEADER = struct.Struct(">IBI")  # command, locality, length
 _U32 = struct.Struct(">I")
 
@@ -193,6 +209,19 @@ def parse_tcti(tcti: str) -> tuple[str, dict[str, str], str]:
 Transport = SwtpmSocket | TctiTransport
 
 
+def owns_tpm_alone(tcti: str) -> bool:
+    """Whether the broker is the TPM's only client through `tcti`: no resource manager
+    between them (swtpm and mssim over TCP, a /dev/tpmN device). tabrmd, /dev/tpmrm*
+    and anything unknown count as shared."""
+    name, options, config = parse_tcti(tcti)
+    if name in ("swtpm", "mssim"):
+        return True
+    if name == "device":
+        path = options.get("path", config if config and "=" not in config else "")
+        return path.startswith("/dev/tpm") and not path.startswith("/dev/tpmrm")
+    return False
+
+
 def open_transport(tcti: str, persistent: bool = True) -> tuple[Transport, Any]:
     """A transport for `tcti` and the TCTI object ESAPI should use alongside it.
 
@@ -229,6 +258,8 @@ class Link:
         self.ectx: Any = None  # ESAPI over the same connection
         self.transport: Transport | None = None
         self._tcti_object: Any = None
+        # No resource manager in front: leftovers are flushed, and stops are orderly.
+        self.owns_tpm = owns_tpm_alone(tcti)
 
     @property
     def up(self) -> bool:
@@ -274,6 +305,54 @@ class Link:
             self.ectx.startup(TPM2_SU.CLEAR)
             info = self.ectx.read_clock()
         return int(info.clockInfo.resetCount), int(info.clockInfo.restartCount)
+
+    def leftover_handles(self) -> list[int]:
+        """Every transient object and session the TPM holds now (TPM2_GetCapability
+        HANDLES), whoever made them."""
+        found: dict[int, None] = {}
+        for first in LEFTOVER_RANGES:
+            start = first
+            while True:
+                more, data = self.ectx.get_capability(TPM2_CAP.HANDLES, start, 64)
+                handles = [int(h) for h in data.data.handles]
+                # Saved sessions are listed under 0x03000000 with their 0x02 handles.
+                found.update(dict.fromkeys(handles))
+                if not more or not handles:
+                    break
+                start = first | ((handles[-1] & 0xFFFFFF) + 1)
+        return list(found)
+
+    def flush_leftovers(self) -> tuple[int, int]:
+        """A clean start on a TPM the broker owns alone: flush every transient object
+        and session in it. Returns how many (objects, sessions) were flushed; none
+        behind a resource manager, where they may belong to others."""
+        if not self.owns_tpm:
+            return 0, 0
+        transport = self.require()
+        objects = sessions = 0
+        for handle in self.leftover_handles():
+            # Raw, so that sessions (which ESAPI cannot name without their context) and
+            # saved sessions flush like objects.
+            response = transport.transact(_FLUSH.pack(ST_NO_SESSIONS, _FLUSH.size,
+                                                      CC_FLUSH_CONTEXT, handle))
+            if len(response) >= 10 and _U32.unpack_from(response, 6)[0] == 0:
+                if handle >> 24 == TPM2_HT.TRANSIENT:
+                    objects += 1
+                else:
+                    sessions += 1
+        return objects, sessions
+
+    def shutdown_state(self) -> bool:
+        """TPM2_Shutdown(STATE) as the last command to a TPM the broker owns alone, so
+        that its next Startup is orderly (a non-orderly one after a DA-protected key was
+        used adds a failure to the lockout counter). False if not sent or refused."""
+        if not self.owns_tpm or self.ectx is None:
+            return False
+        try:
+            self.ectx.shutdown(TPM2_SU.STATE)
+        except TSS2_Exception:
+            return False
+        return True
 
     def require(self) -> Transport:
         """The transport for a raw command; a TCTI error (recoverable) while down."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -58,6 +59,7 @@ from .session_crypto import SessionState
 from .sessions import SessionPool
 
 T = TypeVar("T")
+log = logging.getLogger("tpmbroker.tpm")
 
 # A TPM2B_AUTH holds at most the name hash's digest (SHA-256 for every key we make).
 MAX_AUTH = 32
@@ -115,12 +117,16 @@ class TpmWorker:
         self._opened = True
 
     def close(self) -> None:
-        """Flush the pool, the keys and the primaries; close the link. Idempotent."""
+        """Flush the pool, the keys and the primaries; on a TPM the broker owns alone,
+        end with TPM2_Shutdown(STATE) so the next start is orderly; close the link.
+        Idempotent."""
         self._opened = False
         if not self.link.up:
             return
         self.pool.flush()
         self.objects.flush_all()
+        if self.link.shutdown_state():
+            log.info("sent TPM2_Shutdown(STATE): the next TPM start is orderly")
         self._drop_link()
 
     # --- operations -----------------------------------------------------------------------
@@ -484,9 +490,17 @@ class TpmWorker:
 
     def _build(self, deadline: float, stale_handles: list[int]) -> None:
         counts = self.link.connect(deadline)
-        # Sessions and objects survive unless the TPM went through Reset or Restart.
-        # TPM2_Clear zeroes both counters but leaves sessions alone.
-        if counts == self._counts or counts == (0, 0):
+        if self.link.owns_tpm:
+            # No resource manager: whatever a dead client (a killed broker) left in the
+            # TPM fills its slots until someone flushes it; ours were forgotten anyway.
+            objects, sessions = self.link.flush_leftovers()
+            if objects or sessions:
+                log.info("clean start: flushed %d transient objects and %d sessions "
+                         "left in the TPM", objects, sessions)
+        elif counts == self._counts or counts == (0, 0):
+            # Sessions and objects survive unless the TPM went through Reset or Restart
+            # (TPM2_Clear zeroes both counters but leaves sessions alone). Behind a
+            # resource manager only our own are flushed.
             for handle in stale_handles:
                 self.link.flush(handle)
         self._counts = counts

@@ -180,7 +180,7 @@ class TpmWorker:
             key_type = KeyType(key_type)
         except ValueError:
             raise UnsupportedError(f"unsupported key type {key_type}") from None
-        template = keymod.generation_template(key_type, param)
+        template = keymod.generation_template(key_type, param, password=bool(auth))
         parent = parent or STORAGE_PRIMARY
         if not (parent == STORAGE_PRIMARY or keymod.is_persistent(parent)):
             raise UnsupportedError(f"parent 0x{parent:08x} is neither the storage primary "

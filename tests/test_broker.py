@@ -344,7 +344,8 @@ def test_socket_is_not_open_to_everyone(broker: Broker) -> None:
 def test_signatures_on_the_event_loop_count_a_wrong_password_once(
         broker: Broker, tmp_path: Path) -> None:
     """The common signature is served on the broker's event loop; a wrong password there
-    is answered, not retried (each try would count toward the TPM's lockout)."""
+    is answered, not retried (each try would count toward the TPM's lockout), and the
+    same wrong password again is refused without asking the TPM."""
     pw = tmp_path / "pw"
     pw.write_text("right\n")
     key = tmp_path / "k.pem"
@@ -360,7 +361,9 @@ def test_signatures_on_the_event_loop_count_a_wrong_password_once(
             with pytest.raises(AuthFailedError):
                 client.sign(wrong, bytes(32))
         after = client.status()
-        assert after["tpm_lockout_counter"] == int(str(before["tpm_lockout_counter"])) + 2
+        assert after["tpm_lockout_counter"] == int(str(before["tpm_lockout_counter"])) + 1
+        refusals = after["da_refusals"]
+        assert isinstance(refusals, dict) and refusals["repeated_password"] == 1
         assert int(str(after["lane_signatures"])) == int(
             str(before["lane_signatures"]))
         assert client.sign(right, bytes(32))

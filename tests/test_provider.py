@@ -23,7 +23,7 @@ import pytest
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 
-from .tpmfixtures import Broker, running_swtpm
+from .tpmfixtures import Broker, raise_max_tries, running_swtpm
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = provider_path()
@@ -78,6 +78,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """One TPM and one broker for the module; keys made once by `tpmbroker keygen`."""
     base = tmp_path_factory.mktemp("provider")
     with running_swtpm(base / "tpm") as tpm:
+        raise_max_tries(tpm)  # the password tests try two wrong ones
         broker = Broker(tpm.tcti, base / "broker").start()
         try:
             e = Env(tpm, broker, base)

@@ -103,8 +103,8 @@ def tpm_property(ectx: Any, prop: int) -> int:
     return int(data.data.tpmProperties[0].value)
 
 
-def opened(tcti: str, sessions: int = 2) -> TpmWorker:
-    worker = TpmWorker(tcti, sessions)
+def opened(tcti: str, sessions: int = 2, da_reserve: int | None = 1) -> TpmWorker:
+    worker = TpmWorker(tcti, sessions, da_reserve=da_reserve)
     worker.open(soon())
     return worker
 
@@ -319,7 +319,8 @@ def test_pool_size_sessions_and_no_more(swtpm: Swtpm, pool_size: int) -> None:
 
 
 def test_wrong_password_then_lockout(swtpm: Swtpm) -> None:
-    worker = opened(swtpm.tcti)
+    """The TPM's own lockout, as a worker without the shield (tpm/lockout.py) meets it."""
+    worker = opened(swtpm.tcti, da_reserve=None)
     der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"right", 0, soon())
     info = worker.load_key(KeySource.TSS2_DER, der, soon())
     digest = digest_of(b"pw", Hash.SHA256)

@@ -12,7 +12,7 @@ from tpmbroker.processes import Abrmd, DbusDaemon
 from tpmbroker.processes import BrokerProcess as Broker
 from tpmbroker.simulator import Swtpm
 
-__all__ = ["Abrmd", "Broker", "DbusDaemon", "have", "running_swtpm"]
+__all__ = ["Abrmd", "Broker", "DbusDaemon", "have", "raise_max_tries", "running_swtpm"]
 
 
 @contextlib.contextmanager
@@ -27,3 +27,14 @@ def running_swtpm(state_dir: Path) -> Iterator[Swtpm]:
 
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None
+
+
+def raise_max_tries(tpm: Swtpm, max_tries: int = 32) -> None:
+    """Give swtpm more dictionary-attack tries than its 3, for tests that are about
+    something else than the lockout yet try a wrong password or two: with 3, the broker's
+    shield (tpm/lockout.py) lets no untried password through after one wrong one.
+    swtpm's lockout authorization is empty; the broker must not be running yet."""
+    from tpm2_pytss import ESAPI
+
+    with ESAPI(tpm.tcti) as ectx:
+        ectx.dictionary_attack_parameters(max_tries, 1000, 1000)

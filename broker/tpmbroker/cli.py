@@ -128,7 +128,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     async def run(tcti: str, simulator: Any) -> None:
         server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions,
-                                                pss_padding=args.pss_padding))
+                                                pss_padding=args.pss_padding,
+                                                da_reserve=args.da_reserve))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -322,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="user (name or number) allowed to connect; repeatable")
     sp.add_argument("--allow-gid", action="append", default=[], metavar="GID",
                     help="group (name or number) allowed to connect; repeatable")
+    sp.add_argument("--da-reserve", type=int, default=1, metavar="N",
+                    help="dictionary-attack counts the broker keeps unused below the TPM's "
+                         "maxTries: password attempts on DA-protected keys are refused "
+                         "when one more failure would leave fewer (default 1; docs/broker.md)")
     sp.add_argument("--pss-padding", choices=["auto", "tpm", "broker"], default="auto",
                     help="RSA-PSS: the TPM's own (tpm), padded by the broker with salt = "
                     "digest length and a raw RSA operation in the TPM (broker), or the "

@@ -323,6 +323,10 @@ class Incoming:
         self.deadline = deadline  # the TPM work must be done by then
         self.worker: ops.Worker = conn.server.worker
 
+    @property
+    def peer_uid(self) -> int:
+        return self.conn.peer.uid
+
     def reply(self, result: p.Message) -> None:
         self.conn.send(self.request_id, self.opcode, result)
 

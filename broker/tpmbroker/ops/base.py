@@ -22,14 +22,16 @@ class Worker(Protocol):
 
     def load_key(self, source: KeySource, key: bytes, deadline: float) -> Any: ...
     def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash, digest: bytes,
-             deadline: float) -> bytes: ...
+             deadline: float, peer: int = -1) -> bytes: ...
+    def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
+        """On the event loop, no TPM: raise if the dictionary-attack shield refuses."""
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
                      deadline: float) -> tuple[bytes, bytes]: ...
     def status(self) -> dict[str, object]: ...
     def random(self, count: int, deadline: float) -> bytes: ...
     def nv_read(self, index: int, deadline: float) -> bytes: ...
     def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
-                  digest: bytes) -> Any:
+                  digest: bytes, peer: int = -1) -> Any:
         """The TPM2_Sign for the lane, ready to send, or None: the worker thread serves it."""
 
 
@@ -41,6 +43,10 @@ class Request(Protocol):
 
     @property
     def deadline(self) -> float: ...
+
+    @property
+    def peer_uid(self) -> int:
+        """The client's uid (SO_PEERCRED)."""
 
     def reply(self, result: Message) -> None:
         """Answer now, on the event loop."""

@@ -68,7 +68,11 @@ def serve(request: Request, msg: Sign) -> None:
     if len(digest) != hash.digest_size:
         raise BadDigestError(f"digest of {len(digest)} bytes for {hash.name}, "
                              f"which needs {hash.digest_size}")
-    worker, deadline = request.worker, request.deadline
-    request.submit(lambda: worker.sign(key_id, auth, scheme, hash, digest, deadline),
+    worker, deadline, peer = request.worker, request.deadline, request.peer_uid
+    # Password attempts the dictionary-attack shield refuses are answered now, unqueued.
+    worker.check_password(key_id, auth, peer)
+    request.submit(lambda: worker.sign(key_id, auth, scheme, hash, digest, deadline,
+                                       peer=peer),
                    SignResult,
-                   lane=lambda: worker.lane_sign(key_id, auth, scheme, hash, digest))
+                   lane=lambda: worker.lane_sign(key_id, auth, scheme, hash, digest,
+                                                 peer=peer))

@@ -207,15 +207,19 @@ def storage_parent_template(rsa: bool) -> Any:
                        objectAttributes=attributes, authPolicy=b"", parameters=parameters)
 
 
-def generation_template(key_type: KeyType, param: int) -> Any:
+def generation_template(key_type: KeyType, param: int, password: bool = False) -> Any:
     """TPMT_PUBLIC for a new signing key.
 
-    Attributes follow tpm2-openssl's key templates (no noda: a wrong password counts
-    toward the TPM's dictionary-attack lockout); EC keys without decrypt, which ECDSA does
-    not need. Scheme NULL leaves the scheme and hash to each signature.
+    Attributes follow tpm2-openssl's key templates; EC keys without decrypt, which ECDSA
+    does not need. Scheme NULL leaves the scheme and hash to each signature. A key
+    without a password gets noDA: there is nothing to guess, and a DA-protected key
+    makes every TPM crash after its use count toward the lockout. A key with a password
+    stays DA-protected, so that guessing it is throttled by the TPM.
     """
     attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
                   | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN)
+    if not password:
+        attributes |= TPMA_OBJECT.NODA
     if key_type is KeyType.RSA:
         # As tpm2-openssl does: with decrypt, the broker can pad RSA-PSS itself and use
         # the TPM for the raw RSA operation, on TPMs whose own PSS salt TLS 1.3 rejects.
@@ -264,6 +268,11 @@ class CachedKey:
     # RSA-PSS: None until the first PSS signature shows whether the TPM's own salt is
     # the digest length (False) or the broker must pad (True); see tpm/pss.py.
     pss_by_broker: bool | None = None
+    # Without noDA, a failed authorization counts toward the TPM's lockout.
+    da_protected: bool = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
 
     @property
     def can_decrypt(self) -> bool:

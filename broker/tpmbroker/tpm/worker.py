@@ -41,6 +41,7 @@ from ..errors import (
     BadDigestError,
     BadKeyError,
     DeadlineError,
+    LockoutError,
     NotForLane,
     TpmBrokerError,
     TpmError,
@@ -53,6 +54,7 @@ from . import command, pss
 from . import keys as keymod
 from .keys import CachedKey, KeyInfo
 from .link import Link, frame_command, split_response
+from .lockout import DEFAULT_RESERVE, DaParameters, Shield
 from .objects import RECOVERABLE, Objects
 from .rc import Kind, classify, to_error, tpm_code
 from .session_crypto import SessionState
@@ -73,10 +75,13 @@ class LaneCommand:
     frame: bytes  # the command, framed for the link (swtpm's command port)
     pending: command.PendingCommand
     entry: CachedKey
+    peer: int = -1  # uid of the client, for the dictionary-attack shield
+    auth: bytes = b""
 
 
 class TpmWorker:
-    def __init__(self, tcti: str, sessions: int = 2, pss_padding: str = "auto") -> None:
+    def __init__(self, tcti: str, sessions: int = 2, pss_padding: str = "auto",
+                 da_reserve: int | None = DEFAULT_RESERVE) -> None:
         if not 1 <= sessions <= 3:
             raise ValueError(f"sessions must be 1 to 3, not {sessions}")
         if pss_padding not in PSS_PADDINGS:
@@ -95,6 +100,9 @@ class TpmWorker:
         self._active_sessions_max = 0
         self._restarts_recovered = 0
         self._opened = False
+        # Password attempts on DA-protected keys go through the shield (tpm/lockout.py);
+        # None turns it off (tests of the TPM's own lockout).
+        self.shield = Shield(da_reserve) if da_reserve is not None else None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -152,7 +160,8 @@ class TpmWorker:
         return entry.info
 
     def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
-             digest: bytes, deadline: float) -> bytes:
+             digest: bytes, deadline: float, peer: int = -1) -> bytes:
+        """Sign `digest`; `peer` (the client's uid) is who the shield holds to account."""
         entry = self.objects.keys.get(key_id)
         if entry is None:
             raise UnknownKeyError("unknown key id; send LOAD first")
@@ -173,6 +182,34 @@ class TpmWorker:
         if len(auth) > MAX_AUTH:
             # No key can have such a password; asking the TPM would only count a failure.
             raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
+        shield = self.shield if entry.da_protected else None
+        if shield is None:
+            return self._sign(entry, auth, scheme, scheme_alg, hash, digest, deadline)
+        if not shield.known_good(key_id, auth):
+            # A fresh reading first: the counter decays, and other TPM users add to it.
+            self._run(deadline, "reading the lockout counter", self._read_lockout)
+            shield.check(peer, key_id, auth)
+        try:
+            signature = self._sign(entry, auth, scheme, scheme_alg, hash, digest, deadline)
+        except AuthFailedError:
+            shield.failed(peer, key_id, auth)
+            raise
+        except LockoutError:
+            shield.tpm_locked_out()
+            raise
+        shield.succeeded(key_id, auth)
+        return signature
+
+    def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
+        """The shield's refusals that need no TPM, for the event loop before it queues a
+        signature: a password refused before, a throttled peer, the reserve reached."""
+        entry = self.objects.keys.get(key_id)
+        if self.shield is not None and entry is not None and entry.da_protected:
+            self.shield.check(peer, key_id, auth, fresh=False)
+
+    def _sign(self, entry: CachedKey, auth: bytes, scheme: Scheme, scheme_alg: int,
+              hash: Hash, digest: bytes, deadline: float) -> bytes:
+        key_id = entry.info.key_id
         if scheme is Scheme.PSS and self._pss_by_broker(entry):
             signature = self._run(deadline, "signing", lambda: self._sign_pss_in_broker(
                 entry, auth, hash, digest, deadline))
@@ -196,7 +233,7 @@ class TpmWorker:
             key_type = KeyType(key_type)
         except ValueError:
             raise UnsupportedError(f"unsupported key type {key_type}") from None
-        template = keymod.generation_template(key_type, param)
+        template = keymod.generation_template(key_type, param, password=bool(auth))
         parent = parent or STORAGE_PRIMARY
         if not (parent == STORAGE_PRIMARY or keymod.is_persistent(parent)):
             raise UnsupportedError(f"parent 0x{parent:08x} is neither the storage primary "
@@ -300,8 +337,9 @@ class TpmWorker:
             "resident_keys": sum(1 for _ in self.objects.resident_keys()),
             "tpm_restarts_recovered": self._restarts_recovered,
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
-            "tpm_lockout_counter": self._property(TPM2_PT.LOCKOUT_COUNTER),
+            "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
+            **(self.shield.status() if self.shield is not None else {}),
         }
 
     # --- RSA-PSS padded by the broker ------------------------------------------------------
@@ -374,7 +412,7 @@ class TpmWorker:
         return self.link.lane_socket()
 
     def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
-                  digest: bytes) -> LaneCommand | None:
+                  digest: bytes, peer: int = -1) -> LaneCommand | None:
         """The framed TPM2_Sign for a signature that needs nothing else, else None.
 
         Never talks to the TPM. The session stays unusable until lane_finish (or
@@ -387,6 +425,9 @@ class TpmWorker:
             return None
         if scheme is Scheme.PSS and entry.pss_by_broker is not False:
             return None  # the TPM's own PSS is not known to be what the client wants
+        if (entry.da_protected and self.shield is not None
+                and not self.shield.known_good(key_id, auth)):
+            return None  # a password attempt: the worker thread asks the shield
         try:
             scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
         except TpmBrokerError:
@@ -400,7 +441,7 @@ class TpmWorker:
         pending = command.prepare_sign(session, known[0], known[1], auth, digest, scheme_alg,
                                        hash)
         session.usable = False  # until the answer says otherwise (as command.execute does)
-        return LaneCommand(frame_command(pending.command), pending, entry)
+        return LaneCommand(frame_command(pending.command), pending, entry, peer, auth)
 
     def lane_finish(self, lane: LaneCommand, response: bytes) -> bytes:
         """The signature from the TPM's answer.
@@ -422,7 +463,13 @@ class TpmWorker:
         except TSS2_Exception as exc:
             if int(exc.rc) & int(TSS2_RC.RC_LAYER_MASK) == 0:
                 session.usable = True  # the TPM refused; its nonce did not move
-            if classify(exc) in (Kind.AUTH, Kind.LOCKOUT):
+            kind = classify(exc)
+            if kind in (Kind.AUTH, Kind.LOCKOUT):
+                if self.shield is not None and lane.entry.da_protected:
+                    if kind is Kind.AUTH:
+                        self.shield.failed(lane.peer, lane.entry.info.key_id, lane.auth)
+                    else:
+                        self.shield.tpm_locked_out()
                 raise to_error(exc, "signing") from None
             raise NotForLane(str(exc)) from exc
         session.usable = True
@@ -509,6 +556,7 @@ class TpmWorker:
             self._rsa_only = not self._has_algorithm(TPM2_ALG.ECC)
         self.objects.rsa_only = self._rsa_only
         self._active_sessions_max = self._property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
+        self._lockout_counter()
         self.pool.fill()
 
     def _drop_link(self) -> None:
@@ -537,6 +585,31 @@ class TpmWorker:
             if entry.property == prop:
                 return int(entry.value)
         return None
+
+    def _lockout_counter(self) -> int | None:
+        try:
+            return self._read_lockout()
+        except TSS2_Exception:
+            return None
+
+    def _read_lockout(self) -> int | None:
+        """The TPM's lockout counter and dictionary-attack settings (one command), given
+        to the shield; the counter, or None if the TPM cannot say."""
+        if not self.link.up:
+            return None
+        first = int(TPM2_PT.LOCKOUT_COUNTER)  # then MAX_AUTH_FAIL, LOCKOUT_INTERVAL, _RECOVERY
+        _, data = self.link.ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, first, 4)
+        values = {int(entry.property): int(entry.value) for entry in data.data.tpmProperties}
+        counter = values.get(first)
+        if counter is None:
+            return None
+        if self.shield is not None and all(
+                int(prop) in values for prop in (TPM2_PT.MAX_AUTH_FAIL, TPM2_PT.LOCKOUT_INTERVAL,
+                                                 TPM2_PT.LOCKOUT_RECOVERY)):
+            self.shield.observe(counter, DaParameters(
+                values[int(TPM2_PT.MAX_AUTH_FAIL)], values[int(TPM2_PT.LOCKOUT_INTERVAL)],
+                values[int(TPM2_PT.LOCKOUT_RECOVERY)]))
+        return counter
 
     def _has_algorithm(self, alg: int) -> bool:
         _, data = self.link.ectx.get_capability(TPM2_CAP.ALGS, alg, 1)

@@ -124,6 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_gids=_ids(args.allow_gid, "group"),
         default_timeout=args.timeout,
         max_keys_per_connection=args.max_keys_per_connection,
+        frame_timeout=args.frame_timeout,
     )
 
     async def run(tcti: str, simulator: Any) -> None:
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default request deadline in seconds")
     sp.add_argument("--max-keys-per-connection", type=int, default=1024,
                     help="keys one client connection may have loaded at once (default 1024)")
+    sp.add_argument("--frame-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="close a connection whose frame stays incomplete this long "
+                         "(default 5)")
     sp.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     sp.set_defaults(func=_cmd_serve)

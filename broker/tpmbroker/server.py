@@ -39,6 +39,7 @@ from .errors import (
     UnknownKeyError,
 )
 from .lane import Lane, LaneWorker
+from .listener import Listener
 from .scheduler import FairQueue, Job
 
 log = logging.getLogger("tpmbroker.server")
@@ -46,6 +47,7 @@ log = logging.getLogger("tpmbroker.server")
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0
 MAX_IN_FLIGHT = 64
+FRAME_TIMEOUT = 5.0
 # Hundreds of clients connect at once when a service starts; asyncio's default is 100.
 LISTEN_BACKLOG = 1024
 
@@ -71,6 +73,8 @@ class ServerConfig:
     allow_gids: frozenset[int] = frozenset()
     default_timeout: float = DEFAULT_TIMEOUT
     max_keys_per_connection: int = 1024
+    # An incomplete frame older than this closes its connection (slowloris).
+    frame_timeout: float = FRAME_TIMEOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +157,8 @@ class Connection(asyncio.Protocol):
         self.frames = p.FrameReader()
         self.keys: dict[bytes, bytes] = {}  # key id -> auth this connection presented
         self.pending: set[Pending] = set()
+        self.eof = False  # the client half-closed: answer what it sent, then close
+        self._frame_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------
 
@@ -185,8 +191,46 @@ class Connection(asyncio.Protocol):
             return
         for header, body in batch:
             self.dispatch(header, body)
+        if batch or self._frame_timer is None or not self.frames.pending:
+            self._watch_frame()  # a frame started (or none is left): its clock starts
+
+    def _watch_frame(self) -> None:
+        """Time the incomplete frame in the buffer, if any, from now on."""
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+        if self.frames.pending and self.transport is not None:
+            self._frame_timer = self.server.loop.call_later(
+                self.server.config.frame_timeout, self._frame_too_slow)
+
+    def _frame_too_slow(self) -> None:
+        self._frame_timer = None
+        timeout = self.server.config.frame_timeout
+        log.warning("conn %d (uid %d): incomplete frame (%d bytes) for %.0f s; closing",
+                    self.id, self.peer.uid, self.frames.pending, timeout)
+        err = DeadlineError(f"incomplete frame ({self.frames.pending} bytes) for more than "
+                            f"{timeout:g} s")
+        self.send(0, p.CONNECTION_ERROR, p.ErrorResult(err.status, str(err)))
+        assert self.transport is not None
+        self.transport.close()
+
+    def eof_received(self) -> bool:
+        # shutdown(SHUT_WR) after the requests: they are still answered, then we close.
+        self.eof = True
+        if self.frames.pending:
+            self.send(0, p.CONNECTION_ERROR, p.ErrorResult(
+                Status.MALFORMED, f"connection half-closed inside a frame "
+                                  f"({self.frames.pending} bytes)"))
+        self._close_if_done()
+        return True  # keep the write side open for the answers
+
+    def _close_if_done(self) -> None:
+        if self.eof and not self.pending and self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
         self.server.connections.pop(self.id, None)
         for job in self.server.queue.drop_owner(self.id):
             job.cancelled = True
@@ -200,13 +244,18 @@ class Connection(asyncio.Protocol):
         log.debug("conn %d closed", self.id)
 
     # A client that sends but does not read: stop reading it until its answers drain.
+    # Not reading is then the broker's choice: the incomplete frame's clock stops.
     def pause_writing(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
 
     def resume_writing(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+            self._watch_frame()
 
     # --- requests ------------------------------------------------------------------------
 
@@ -262,6 +311,7 @@ class Connection(asyncio.Protocol):
         pending.job.cancelled = True
         self.fail(pending.request_id, pending.opcode,
                   DeadlineError("deadline passed before the TPM could serve the request"))
+        self._close_if_done()
 
     def complete(self, pending: Pending, result: Any, error: BaseException | None) -> None:
         if pending not in self.pending:
@@ -278,6 +328,7 @@ class Connection(asyncio.Protocol):
                 self.server.stats.answered[pending.opcode] += 1
         else:
             self.fail(pending.request_id, pending.opcode, error)
+        self._close_if_done()
 
 
 class Incoming:
@@ -336,7 +387,7 @@ class BrokerServer:
         self.stats = Stats()
         self.connections: dict[int, Connection] = {}
         self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_uid = os.geteuid()
         # The TPM does one thing at a time: a job on the worker thread, or the lane's
@@ -493,8 +544,7 @@ class BrokerServer:
         # The TPM context lives on the worker thread from the first command on.
         await self.call(deadline, lambda: self.worker.open(deadline))
         sock = self._bind()
-        self._server = await self.loop.create_unix_server(
-            lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
+        self._server = Listener(self.loop, sock, lambda: Connection(self))
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
 
     async def stop(self) -> None:

@@ -125,7 +125,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_timeout=args.timeout,
         max_keys_per_connection=args.max_keys_per_connection,
         frame_timeout=args.frame_timeout,
+        usage_interval=args.usage_interval,
     )
+    if args.policy is not None:
+        from .policy import PolicyError, load_policy
+
+        try:
+            config.policy = load_policy(args.policy)
+        except PolicyError as exc:
+            print(f"tpmbroker: policy: {exc}", file=sys.stderr)
+            return 2
+        logging.getLogger("tpmbroker.server").info(
+            "key policy %s: %d key(s), default %s", args.policy, len(config.policy.rules),
+            config.policy.default_name)
 
     async def run(tcti: str, simulator: Any) -> None:
         server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions,
@@ -338,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--frame-timeout", type=float, default=5.0, metavar="SECONDS",
                     help="close a connection whose frame stays incomplete this long "
                          "(default 5)")
+    sp.add_argument("--policy", metavar="FILE",
+                    help="per-key access control, TOML (docs/security.md)")
+    sp.add_argument("--usage-interval", type=float, default=3600.0, metavar="SECONDS",
+                    help="how often the audit log sums up who signed with which key "
+                         "(default 3600)")
     sp.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     sp.set_defaults(func=_cmd_serve)

@@ -30,7 +30,9 @@ from typing import Any, Protocol
 
 from . import __version__, ops
 from . import protocol as p
+from .audit import Usage, audit
 from .errors import (
+    AuthFailedError,
     DeadlineError,
     PermissionDeniedError,
     ProtocolError,
@@ -40,6 +42,7 @@ from .errors import (
 )
 from .lane import Lane, LaneWorker
 from .listener import Listener
+from .policy import KeyPolicy, Peer
 from .scheduler import FairQueue, Job
 
 log = logging.getLogger("tpmbroker.server")
@@ -75,6 +78,8 @@ class ServerConfig:
     max_keys_per_connection: int = 1024
     # An incomplete frame older than this closes its connection (slowloris).
     frame_timeout: float = FRAME_TIMEOUT
+    policy: KeyPolicy | None = None  # per-key access control (tpmbroker.policy)
+    usage_interval: float = 3600.0  # seconds between audit usage summaries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +124,7 @@ class Stats:
         self.by_status: collections.Counter[str] = collections.Counter()
         self.connections_total = 0
         self.refused_peers = 0
+        self.refused_keys = 0
 
     def error(self, status: int) -> None:
         self.errors += 1
@@ -129,7 +135,7 @@ class Stats:
 class Pending:
     """A request handed to the worker, until it is answered (by result or deadline)."""
 
-    __slots__ = ("conn", "finish", "job", "opcode", "request_id", "timer")
+    __slots__ = ("conn", "finish", "job", "key_id", "opcode", "request_id", "timer")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int,
                  finish: Callable[[Any], p.Message]) -> None:
@@ -139,6 +145,7 @@ class Pending:
         self.finish = finish  # worker result -> response, run on the loop thread
         self.job: Job | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.key_id: bytes | None = None  # the key a SIGN used (audit, usage)
 
     def __call__(self, result: Any, error: BaseException | None) -> None:
         self.conn.complete(self, result, error)
@@ -158,6 +165,8 @@ class Connection(asyncio.Protocol):
         self.keys: dict[bytes, bytes] = {}  # key id -> auth this connection presented
         self.pending: set[Pending] = set()
         self.eof = False  # the client half-closed: answer what it sent, then close
+        self.key_names: dict[bytes, tuple[str, bytes]] = {}  # key id -> (name, public key)
+        self._who: Peer | None = None
         self._frame_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------
@@ -169,6 +178,8 @@ class Connection(asyncio.Protocol):
         server = self.server
         if not server.allowed(self.peer):
             server.stats.refused_peers += 1
+            audit("peer_refused", pid=self.peer.pid, uid=self.peer.uid, gid=self.peer.gid,
+                  exe=self.who.exe)
             log.warning("refused pid %d uid %d gid %d: not in the allowed uids/gids",
                         self.peer.pid, self.peer.uid, self.peer.gid)
             err = PermissionDeniedError(f"uid {self.peer.uid} is not allowed to use this broker")
@@ -301,7 +312,45 @@ class Connection(asyncio.Protocol):
         while len(self.keys) > self.server.config.max_keys_per_connection:
             # Forget the connection's least recently used key: memory stays bounded and
             # a client that uses it again gets UNKNOWN_KEY and loads it again.
-            del self.keys[next(iter(self.keys))]
+            oldest = next(iter(self.keys))
+            del self.keys[oldest]
+            self.key_names.pop(oldest, None)
+
+    @property
+    def who(self) -> Peer:
+        """The peer as the key policy sees it (groups, executable), read once."""
+        if self._who is None:
+            self._who = Peer.of(self.peer.pid, self.peer.uid, self.peer.gid)
+        return self._who
+
+    def check_key(self, key_id: bytes, public_key: bytes) -> None:
+        """PermissionDeniedError unless the key policy lets this peer use the key."""
+        policy = self.server.config.policy
+        if policy is None:
+            self.key_names[key_id] = (key_id.hex()[:16], b"")
+            return
+        decision = policy.decide(self.who, key_id, public_key)
+        if not decision.allowed:
+            self.server.stats.refused_keys += 1
+            audit("key_refused", pid=self.peer.pid, uid=self.peer.uid, exe=self.who.exe,
+                  key=decision.key, reason=decision.reason)
+            self.keys.pop(key_id, None)
+            self.key_names.pop(key_id, None)
+            raise PermissionDeniedError(f"key {decision.key}: {decision.reason}")
+        self.key_names[key_id] = (decision.key, public_key)
+
+    def key_name(self, key_id: bytes) -> str:
+        known = self.key_names.get(key_id)
+        return known[0] if known is not None else key_id.hex()[:16]
+
+    def signed(self, pending: Pending, error: BaseException | None) -> None:
+        """Audit trail of one SIGN: usage, or an auth failure."""
+        assert pending.key_id is not None
+        if error is None:
+            self.server.usage.add(self.peer.uid, self.who.exe, self.key_name(pending.key_id))
+        elif isinstance(error, AuthFailedError):
+            audit("auth_failure", pid=self.peer.pid, uid=self.peer.uid, exe=self.who.exe,
+                  key=self.key_name(pending.key_id), tpm_rc=f"0x{error.tpm_rc:x}")
 
     def expire(self, pending: Pending) -> None:
         if pending not in self.pending:
@@ -319,6 +368,8 @@ class Connection(asyncio.Protocol):
         self.pending.remove(pending)
         if pending.timer is not None:
             pending.timer.cancel()
+        if pending.key_id is not None:
+            self.signed(pending, error)
         if error is None:
             try:
                 self.send(pending.request_id, pending.opcode, pending.finish(result))
@@ -334,7 +385,7 @@ class Connection(asyncio.Protocol):
 class Incoming:
     """One decoded request, as its operation sees it (tpmbroker.ops.Request)."""
 
-    __slots__ = ("conn", "deadline", "opcode", "reply_by", "request_id", "worker")
+    __slots__ = ("conn", "deadline", "key_id", "opcode", "reply_by", "request_id", "worker")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int, reply_by: float,
                  deadline: float) -> None:
@@ -344,6 +395,7 @@ class Incoming:
         self.reply_by = reply_by  # the broker's own DEADLINE answer goes out then
         self.deadline = deadline  # the TPM work must be done by then
         self.worker: ops.Worker = conn.server.worker
+        self.key_id: bytes | None = None  # the loaded key this request uses, if any
 
     def reply(self, result: p.Message) -> None:
         self.conn.send(self.request_id, self.opcode, result)
@@ -353,6 +405,7 @@ class Incoming:
         conn = self.conn
         server = conn.server
         pending = Pending(conn, self.request_id, self.opcode, finish)
+        pending.key_id = self.key_id
         pending.job = Job(conn.id, self.deadline, run, pending, lane)
         pending.timer = server.loop.call_at(self.reply_by, conn.expire, pending)
         conn.pending.add(pending)
@@ -364,13 +417,20 @@ class Incoming:
         if auth is None:
             raise UnknownKeyError("key not loaded on this connection; send LOAD first")
         keys[key_id] = auth  # most recently used last
+        if self.conn.server.config.policy is not None:  # refused since it was loaded?
+            self.conn.check_key(key_id, self.conn.key_names.get(key_id, ("", b""))[1])
+        self.key_id = key_id
         return auth
+
+    def check_key(self, key_id: bytes, public_key: bytes) -> None:
+        self.conn.check_key(key_id, public_key)
 
     def remember_key(self, key_id: bytes, auth: bytes) -> None:
         self.conn.remember_key(key_id, auth)
 
     def forget_key(self, key_id: bytes) -> None:
         self.conn.keys.pop(key_id, None)
+        self.conn.key_names.pop(key_id, None)
 
     def broker_status(self, tpm: dict[str, object]) -> dict[str, object]:
         return self.conn.server.status(tpm)
@@ -386,6 +446,8 @@ class BrokerServer:
         self.queue = FairQueue()
         self.stats = Stats()
         self.connections: dict[int, Connection] = {}
+        self.usage = Usage()
+        self._usage_timer: asyncio.TimerHandle | None = None
         self._thread: threading.Thread | None = None
         self._server: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -502,6 +564,7 @@ class BrokerServer:
             "errors": self.stats.errors,
             "errors_by_status": dict(self.stats.by_status),
             "refused_peers": self.stats.refused_peers,
+            "refused_keys": self.stats.refused_keys,
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
 
@@ -545,9 +608,17 @@ class BrokerServer:
         await self.call(deadline, lambda: self.worker.open(deadline))
         sock = self._bind()
         self._server = Listener(self.loop, sock, lambda: Connection(self))
+        self._usage_timer = self.loop.call_later(self.config.usage_interval, self._usage)
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
 
+    def _usage(self) -> None:
+        self.usage.summary()
+        self._usage_timer = self.loop.call_later(self.config.usage_interval, self._usage)
+
     async def stop(self) -> None:
+        if self._usage_timer is not None:
+            self._usage_timer.cancel()
+            self.usage.summary()  # the last interval's signatures
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections.values()):

@@ -103,10 +103,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    if args.log_level != "debug":
-        # tss2 logs expected failures (slots full, object memory) as errors on stderr;
-        # the broker handles those and logs what matters itself.
-        os.environ.setdefault("TSS2_LOG", "all+none")
+    # tss2 logs expected failures (slots full, object memory, a key the TPM refuses) as
+    # errors on stderr; the broker handles those and logs what matters itself. Its lines
+    # go through our logger at debug (tss2log), and are not even formatted otherwise.
+    os.environ.setdefault("TSS2_LOG", "all+warning" if args.log_level == "debug" else "all+none")
+    from .tss2log import capture_stderr
+
+    capture_stderr()
     from .server import BrokerServer, ServerConfig
     from .tpm import TpmWorker
 

@@ -20,7 +20,7 @@ from tpmbroker.errors import PermissionDeniedError
 from tpmbroker.keyfile import der_to_pem, pem_to_der
 from tpmbroker.paths import provider_path
 from tpmbroker.policy import Peer, PolicyError, load_policy
-from tpmbroker.protocol import Curve, KeyType, key_id_for
+from tpmbroker.protocol import Curve, KeySource, KeyType, key_id_for
 from tpmbroker.simulator import Swtpm
 
 from .test_audit import events, full_log
@@ -114,7 +114,7 @@ executables = ["{OPENSSL}"]
         assert int(str(status["refused_keys"])) >= 6
         time.sleep(0.8)  # a usage summary
         log = full_log(broker)
-        other = key_id_for(1, pem_to_der(keys["other"].read_bytes())).hex()[:16]
+        other = key_id_for(KeySource.TSS2_DER, pem_to_der(keys["other"].read_bytes())).hex()[:16]
         refused = {(r["uid"], r["key"]) for r in events(log, "key_refused")}
         assert refused == {("33", "ca"), ("33", other), ("0", "web"), ("0", "tool"),
                            ("0", other)}
@@ -143,7 +143,7 @@ def test_policy_file_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_policy_by_handle_and_key_id(tmp_path: Path) -> None:
-    handle_id = key_id_for(2, (0x81000010).to_bytes(4, "big"))
+    handle_id = key_id_for(KeySource.PERSISTENT_HANDLE, (0x81000010).to_bytes(4, "big"))
     other_id = bytes(range(32))
     policy = tmp_path / "p.toml"
     policy.write_text(f"""

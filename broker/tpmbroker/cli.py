@@ -103,10 +103,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    if args.log_level != "debug":
-        # tss2 logs expected failures (slots full, object memory) as errors on stderr;
-        # the broker handles those and logs what matters itself.
-        os.environ.setdefault("TSS2_LOG", "all+none")
+    # tss2 logs expected failures (slots full, object memory, a key the TPM refuses) as
+    # errors on stderr; the broker handles those and logs what matters itself. Its lines
+    # go through our logger at debug (tss2log), and are not even formatted otherwise.
+    os.environ.setdefault("TSS2_LOG", "all+warning" if args.log_level == "debug" else "all+none")
+    from .tss2log import capture_stderr
+
+    capture_stderr()
     from .server import BrokerServer, ServerConfig
     from .tpm import TpmWorker
 
@@ -124,7 +127,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_gids=_ids(args.allow_gid, "group"),
         default_timeout=args.timeout,
         max_keys_per_connection=args.max_keys_per_connection,
+        frame_timeout=args.frame_timeout,
+        usage_interval=args.usage_interval,
     )
+    if args.policy is not None:
+        from .policy import PolicyError, load_policy
+
+        try:
+            config.policy = load_policy(args.policy)
+        except PolicyError as exc:
+            print(f"tpmbroker: policy: {exc}", file=sys.stderr)
+            return 2
+        logging.getLogger("tpmbroker.server").info(
+            "key policy %s: %d key(s), default %s", args.policy, len(config.policy.rules),
+            config.policy.default_name)
 
     async def run(tcti: str, simulator: Any) -> None:
         server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions,
@@ -342,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "before answering the rest SHUTTING_DOWN (default 5)")
     sp.add_argument("--max-keys-per-connection", type=int, default=1024,
                     help="keys one client connection may have loaded at once (default 1024)")
+    sp.add_argument("--frame-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="close a connection whose frame stays incomplete this long "
+                         "(default 5)")
+    sp.add_argument("--policy", metavar="FILE",
+                    help="per-key access control, TOML (docs/security.md)")
+    sp.add_argument("--usage-interval", type=float, default=3600.0, metavar="SECONDS",
+                    help="how often the audit log sums up who signed with which key "
+                         "(default 3600)")
     sp.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     sp.set_defaults(func=_cmd_serve)

@@ -30,7 +30,9 @@ from typing import Any, Protocol
 
 from . import __version__, ops
 from . import protocol as p
+from .audit import Usage, audit
 from .errors import (
+    AuthFailedError,
     DeadlineError,
     PermissionDeniedError,
     ProtocolError,
@@ -40,6 +42,8 @@ from .errors import (
     UnknownKeyError,
 )
 from .lane import Lane, LaneWorker
+from .listener import Listener
+from .policy import KeyPolicy, Peer
 from .scheduler import FairQueue, Job
 
 log = logging.getLogger("tpmbroker.server")
@@ -47,6 +51,7 @@ log = logging.getLogger("tpmbroker.server")
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0
 MAX_IN_FLIGHT = 64
+FRAME_TIMEOUT = 5.0
 # Hundreds of clients connect at once when a service starts; asyncio's default is 100.
 LISTEN_BACKLOG = 1024
 # An orderly stop (SIGTERM, SIGINT): requests already received have this long to be
@@ -81,6 +86,10 @@ class ServerConfig:
     allow_gids: frozenset[int] = frozenset()
     default_timeout: float = DEFAULT_TIMEOUT
     max_keys_per_connection: int = 1024
+    # An incomplete frame older than this closes its connection (slowloris).
+    frame_timeout: float = FRAME_TIMEOUT
+    policy: KeyPolicy | None = None  # per-key access control (tpmbroker.policy)
+    usage_interval: float = 3600.0  # seconds between audit usage summaries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +134,7 @@ class Stats:
         self.by_status: collections.Counter[str] = collections.Counter()
         self.connections_total = 0
         self.refused_peers = 0
+        self.refused_keys = 0
 
     def error(self, status: int) -> None:
         self.errors += 1
@@ -135,7 +145,7 @@ class Stats:
 class Pending:
     """A request handed to the worker, until it is answered (by result or deadline)."""
 
-    __slots__ = ("conn", "finish", "job", "opcode", "request_id", "timer")
+    __slots__ = ("conn", "finish", "job", "key_id", "opcode", "request_id", "timer")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int,
                  finish: Callable[[Any], p.Message]) -> None:
@@ -145,6 +155,7 @@ class Pending:
         self.finish = finish  # worker result -> response, run on the loop thread
         self.job: Job | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.key_id: bytes | None = None  # the key a SIGN used (audit, usage)
 
     def __call__(self, result: Any, error: BaseException | None) -> None:
         self.conn.complete(self, result, error)
@@ -163,6 +174,10 @@ class Connection(asyncio.Protocol):
         self.frames = p.FrameReader()
         self.keys: dict[bytes, bytes] = {}  # key id -> auth this connection presented
         self.pending: set[Pending] = set()
+        self.eof = False  # the client half-closed: answer what it sent, then close
+        self.key_names: dict[bytes, tuple[str, bytes]] = {}  # key id -> (name, public key)
+        self._who: Peer | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------
 
@@ -173,6 +188,8 @@ class Connection(asyncio.Protocol):
         server = self.server
         if not server.allowed(self.peer):
             server.stats.refused_peers += 1
+            audit("peer_refused", pid=self.peer.pid, uid=self.peer.uid, gid=self.peer.gid,
+                  exe=self.who.exe)
             log.warning("refused pid %d uid %d gid %d: not in the allowed uids/gids",
                         self.peer.pid, self.peer.uid, self.peer.gid)
             err = PermissionDeniedError(f"uid {self.peer.uid} is not allowed to use this broker")
@@ -195,8 +212,46 @@ class Connection(asyncio.Protocol):
             return
         for header, body in batch:
             self.dispatch(header, body)
+        if batch or self._frame_timer is None or not self.frames.pending:
+            self._watch_frame()  # a frame started (or none is left): its clock starts
+
+    def _watch_frame(self) -> None:
+        """Time the incomplete frame in the buffer, if any, from now on."""
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+        if self.frames.pending and self.transport is not None:
+            self._frame_timer = self.server.loop.call_later(
+                self.server.config.frame_timeout, self._frame_too_slow)
+
+    def _frame_too_slow(self) -> None:
+        self._frame_timer = None
+        timeout = self.server.config.frame_timeout
+        log.warning("conn %d (uid %d): incomplete frame (%d bytes) for %.0f s; closing",
+                    self.id, self.peer.uid, self.frames.pending, timeout)
+        err = DeadlineError(f"incomplete frame ({self.frames.pending} bytes) for more than "
+                            f"{timeout:g} s")
+        self.send(0, p.CONNECTION_ERROR, p.ErrorResult(err.status, str(err)))
+        assert self.transport is not None
+        self.transport.close()
+
+    def eof_received(self) -> bool:
+        # shutdown(SHUT_WR) after the requests: they are still answered, then we close.
+        self.eof = True
+        if self.frames.pending:
+            self.send(0, p.CONNECTION_ERROR, p.ErrorResult(
+                Status.MALFORMED, f"connection half-closed inside a frame "
+                                  f"({self.frames.pending} bytes)"))
+        self._close_if_done()
+        return True  # keep the write side open for the answers
+
+    def _close_if_done(self) -> None:
+        if self.eof and not self.pending and self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
         self.server.connections.pop(self.id, None)
         for job in self.server.queue.drop_owner(self.id):
             job.cancelled = True
@@ -210,13 +265,18 @@ class Connection(asyncio.Protocol):
         log.debug("conn %d closed", self.id)
 
     # A client that sends but does not read: stop reading it until its answers drain.
+    # Not reading is then the broker's choice: the incomplete frame's clock stops.
     def pause_writing(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
 
     def resume_writing(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+            self._watch_frame()
 
     # --- requests ------------------------------------------------------------------------
 
@@ -266,7 +326,45 @@ class Connection(asyncio.Protocol):
         while len(self.keys) > self.server.config.max_keys_per_connection:
             # Forget the connection's least recently used key: memory stays bounded and
             # a client that uses it again gets UNKNOWN_KEY and loads it again.
-            del self.keys[next(iter(self.keys))]
+            oldest = next(iter(self.keys))
+            del self.keys[oldest]
+            self.key_names.pop(oldest, None)
+
+    @property
+    def who(self) -> Peer:
+        """The peer as the key policy sees it (groups, executable), read once."""
+        if self._who is None:
+            self._who = Peer.of(self.peer.pid, self.peer.uid, self.peer.gid)
+        return self._who
+
+    def check_key(self, key_id: bytes, public_key: bytes) -> None:
+        """PermissionDeniedError unless the key policy lets this peer use the key."""
+        policy = self.server.config.policy
+        if policy is None:
+            self.key_names[key_id] = (key_id.hex()[:16], b"")
+            return
+        decision = policy.decide(self.who, key_id, public_key)
+        if not decision.allowed:
+            self.server.stats.refused_keys += 1
+            audit("key_refused", pid=self.peer.pid, uid=self.peer.uid, exe=self.who.exe,
+                  key=decision.key, reason=decision.reason)
+            self.keys.pop(key_id, None)
+            self.key_names.pop(key_id, None)
+            raise PermissionDeniedError(f"key {decision.key}: {decision.reason}")
+        self.key_names[key_id] = (decision.key, public_key)
+
+    def key_name(self, key_id: bytes) -> str:
+        known = self.key_names.get(key_id)
+        return known[0] if known is not None else key_id.hex()[:16]
+
+    def signed(self, pending: Pending, error: BaseException | None) -> None:
+        """Audit trail of one SIGN: usage, or an auth failure."""
+        assert pending.key_id is not None
+        if error is None:
+            self.server.usage.add(self.peer.uid, self.who.exe, self.key_name(pending.key_id))
+        elif isinstance(error, AuthFailedError):
+            audit("auth_failure", pid=self.peer.pid, uid=self.peer.uid, exe=self.who.exe,
+                  key=self.key_name(pending.key_id), tpm_rc=f"0x{error.tpm_rc:x}")
 
     def shut_down(self) -> int:
         """The broker is stopping: answer every request still pending SHUTTING_DOWN, then
@@ -291,6 +389,7 @@ class Connection(asyncio.Protocol):
         pending.job.cancelled = True
         self.fail(pending.request_id, pending.opcode,
                   DeadlineError("deadline passed before the TPM could serve the request"))
+        self._close_if_done()
 
     def complete(self, pending: Pending, result: Any, error: BaseException | None) -> None:
         if pending not in self.pending:
@@ -298,6 +397,8 @@ class Connection(asyncio.Protocol):
         self.pending.remove(pending)
         if pending.timer is not None:
             pending.timer.cancel()
+        if pending.key_id is not None:
+            self.signed(pending, error)
         if error is None:
             try:
                 self.send(pending.request_id, pending.opcode, pending.finish(result))
@@ -307,12 +408,13 @@ class Connection(asyncio.Protocol):
                 self.server.stats.answered[pending.opcode] += 1
         else:
             self.fail(pending.request_id, pending.opcode, error)
+        self._close_if_done()
 
 
 class Incoming:
     """One decoded request, as its operation sees it (tpmbroker.ops.Request)."""
 
-    __slots__ = ("conn", "deadline", "opcode", "reply_by", "request_id", "worker")
+    __slots__ = ("conn", "deadline", "key_id", "opcode", "reply_by", "request_id", "worker")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int, reply_by: float,
                  deadline: float) -> None:
@@ -322,6 +424,7 @@ class Incoming:
         self.reply_by = reply_by  # the broker's own DEADLINE answer goes out then
         self.deadline = deadline  # the TPM work must be done by then
         self.worker: ops.Worker = conn.server.worker
+        self.key_id: bytes | None = None  # the loaded key this request uses, if any
 
     @property
     def peer_uid(self) -> int:
@@ -335,6 +438,7 @@ class Incoming:
         conn = self.conn
         server = conn.server
         pending = Pending(conn, self.request_id, self.opcode, finish)
+        pending.key_id = self.key_id
         pending.job = Job(conn.id, self.deadline, run, pending, lane)
         pending.timer = server.loop.call_at(self.reply_by, conn.expire, pending)
         conn.pending.add(pending)
@@ -346,13 +450,20 @@ class Incoming:
         if auth is None:
             raise UnknownKeyError("key not loaded on this connection; send LOAD first")
         keys[key_id] = auth  # most recently used last
+        if self.conn.server.config.policy is not None:  # refused since it was loaded?
+            self.conn.check_key(key_id, self.conn.key_names.get(key_id, ("", b""))[1])
+        self.key_id = key_id
         return auth
+
+    def check_key(self, key_id: bytes, public_key: bytes) -> None:
+        self.conn.check_key(key_id, public_key)
 
     def remember_key(self, key_id: bytes, auth: bytes) -> None:
         self.conn.remember_key(key_id, auth)
 
     def forget_key(self, key_id: bytes) -> None:
         self.conn.keys.pop(key_id, None)
+        self.conn.key_names.pop(key_id, None)
 
     def broker_status(self, tpm: dict[str, object]) -> dict[str, object]:
         return self.conn.server.status(tpm)
@@ -368,8 +479,10 @@ class BrokerServer:
         self.queue = FairQueue()
         self.stats = Stats()
         self.connections: dict[int, Connection] = {}
+        self.usage = Usage()
+        self._usage_timer: asyncio.TimerHandle | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_uid = os.geteuid()
         # The TPM does one thing at a time: a job on the worker thread, or the lane's
@@ -486,6 +599,7 @@ class BrokerServer:
             "errors": self.stats.errors,
             "errors_by_status": dict(self.stats.by_status),
             "refused_peers": self.stats.refused_peers,
+            "refused_keys": self.stats.refused_keys,
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
         }
 
@@ -529,14 +643,21 @@ class BrokerServer:
         # The TPM context lives on the worker thread from the first command on.
         await self.call(deadline, lambda: self.worker.open(deadline))
         sock = self._bind()
-        self._server = await self.loop.create_unix_server(
-            lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
+        self._server = Listener(self.loop, sock, lambda: Connection(self))
+        self._usage_timer = self.loop.call_later(self.config.usage_interval, self._usage)
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
+
+    def _usage(self) -> None:
+        self.usage.summary()
+        self._usage_timer = self.loop.call_later(self.config.usage_interval, self._usage)
 
     async def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """An orderly stop: accept no more; serve what was received within `drain`
         seconds and answer the rest SHUTTING_DOWN; flush the TPM and end with
         TPM2_Shutdown(STATE) where the broker owns it alone; remove the socket."""
+        if self._usage_timer is not None:
+            self._usage_timer.cancel()
+            self.usage.summary()  # the last interval's signatures
         self.stopping = True
         if self._server is not None:
             self._server.close()

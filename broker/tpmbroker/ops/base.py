@@ -60,6 +60,9 @@ class Request(Protocol):
     def key_auth(self, key_id: bytes) -> bytes:
         """The password this connection loaded `key_id` with; UnknownKeyError if none."""
 
+    def check_key(self, key_id: bytes, public_key: bytes) -> None:
+        """PermissionDeniedError unless the key policy lets this peer use the key."""
+
     def remember_key(self, key_id: bytes, auth: bytes) -> None: ...
     def forget_key(self, key_id: bytes) -> None: ...
     def broker_status(self, tpm: dict[str, object]) -> dict[str, object]: ...

@@ -39,6 +39,7 @@ def serve(request: Request, msg: Load) -> None:
     worker, deadline = request.worker, request.deadline
 
     def loaded(info: Any) -> LoadResult:
+        request.check_key(info.key_id, info.public_key)  # the key policy
         request.remember_key(info.key_id, msg.auth)
         return LoadResult(info.key_id, info.key_type, info.bits, info.curve, info.public_key)
 

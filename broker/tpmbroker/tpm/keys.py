@@ -34,6 +34,7 @@ PERSISTENT_FIRST = 0x81000000
 PERSISTENT_LAST = 0x81FFFFFF
 
 _TSS2_KEY_OID = ObjectIdentifier("2.23.133.10.1.3")
+_TSS2_OID_DER = bytes.fromhex("06066781050a0103")
 _CURVE_BITS = {Curve.P256: 256, Curve.P384: 384}
 _RSA_GENERATE_BITS = (2048, 3072)
 
@@ -52,12 +53,12 @@ class KeyInfo:
 
 
 @asn1.sequence
-class _TolerantTss2Key:
-    """TSS2 PRIVATE KEY with the fields TSSPrivKey.from_der does not accept.
+class _Tss2KeyAsn1:
+    """TSS2 PRIVATE KEY (TPM 2.0 Key File spec), decoded as strict DER.
 
     emptyAuth may be absent (then the key needs a password), and the newer format's
     optional secret [2], description [4] and rsaParent [5] may appear. Keys carrying a
-    policy [1] or authPolicy [3] still fail to parse: the broker cannot satisfy policies.
+    policy [1] or authPolicy [3] fail to parse: the broker cannot satisfy policies.
     """
 
     object_type: ObjectIdentifier
@@ -91,30 +92,59 @@ class Tss2Key:
 
 
 def parse_tss2_key(der: bytes) -> Tss2Key:
-    """Parse a DER TSS2 PRIVATE KEY; BadKeyError or UnsupportedError if it cannot be used."""
+    """Parse a DER TSS2 PRIVATE KEY; BadKeyError or UnsupportedError if it cannot be used.
+
+    Strict: DER only (no BER lengths, booleans or trailing bytes), and the public and
+    private TPM2B blobs must fill their OCTET STRINGs exactly and re-marshal to the same
+    bytes. Whatever does not parse is BAD_KEY, never a broker error.
+    """
     try:
-        key = Tss2Key(TSSPrivKey.from_der(der), rsa_parent=False)
-    except (ValueError, TypeError, TSS2_Exception):
-        key = _parse_tolerant(der)
+        seq = asn1.decode_der(_Tss2KeyAsn1, _tolerate_true_01(der))
+    except (ValueError, TypeError) as exc:
+        raise BadKeyError(f"not a DER TSS2 PRIVATE KEY: {exc}") from None
+    if seq.object_type != _TSS2_KEY_OID:
+        raise BadKeyError(f"not a loadable TSS2 key (OID {seq.object_type.dotted_string})")
+    if not 0 <= seq.parent <= 0xFFFFFFFF:
+        raise BadKeyError(f"key parent {seq.parent} is not a TPM handle")
+    public = _tpm2b(TPM2B_PUBLIC, seq.public, "public")
+    private = _tpm2b(TPM2B_PRIVATE, seq.private, "private")
+    # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
+    tss = TSSPrivKey(private, public, empty_auth=bool(seq.empty_auth), parent=seq.parent)
+    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent))
     if not (key.parent == STORAGE_PRIMARY or is_persistent(key.parent)):
         raise UnsupportedError(f"key parent 0x{key.parent:08x} is neither the storage "
                                "primary (0x40000001) nor a persistent handle")
-    check_signing_key(key.public.publicArea)
+    try:
+        check_signing_key(key.public.publicArea)
+    except (ValueError, TypeError, TSS2_Exception) as exc:
+        raise BadKeyError(f"cannot read the key's public area: {exc}") from None
     return key
 
 
-def _parse_tolerant(der: bytes) -> Tss2Key:
+def _tolerate_true_01(der: bytes) -> bytes:
+    """The one BER form accepted: tpm2-openssl writes emptyAuth TRUE as 0x01, not DER's
+    0xff. Only that byte, only there, only 0x01; everything else stays strict."""
+    if len(der) < 2 or der[0] != 0x30:
+        return der
+    header = 2 + (der[1] - 0x80 if der[1] & 0x80 else 0)
+    at = header + len(_TSS2_OID_DER)
+    if (der[header:at] == _TSS2_OID_DER and der[at:at + 4] == b"\xa0\x03\x01\x01"
+            and der[at + 4:at + 5] == b"\x01"):
+        return der[:at + 4] + b"\xff" + der[at + 5:]
+    return der
+
+
+def _tpm2b(kind: Any, raw: bytes, what: str) -> Any:
+    """Unmarshal a TPM2B that must fill `raw` exactly, in canonical form."""
     try:
-        seq = asn1.decode_der(_TolerantTss2Key, der)
-        if seq.object_type != _TSS2_KEY_OID:
-            raise BadKeyError(f"not a loadable TSS2 key (OID {seq.object_type.dotted_string})")
-        public, _ = TPM2B_PUBLIC.unmarshal(seq.public)
-        private, _ = TPM2B_PRIVATE.unmarshal(seq.private)
+        value, used = kind.unmarshal(raw)
+        if used != len(raw) or int.from_bytes(raw[:2], "big") != len(raw) - 2:
+            raise ValueError(f"{len(raw) - used} bytes left over")
+        if bytes(value.marshal()) != raw:
+            raise ValueError("not in canonical form")
     except (ValueError, TypeError, TSS2_Exception) as exc:
-        raise BadKeyError(f"cannot parse the TSS2 PRIVATE KEY: {exc}") from None
-    # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
-    tss = TSSPrivKey(private, public, empty_auth=bool(seq.empty_auth), parent=seq.parent)
-    return Tss2Key(tss, rsa_parent=bool(seq.rsa_parent))
+        raise BadKeyError(f"cannot parse the key's {what} blob: {exc}") from None
+    return value
 
 
 def check_signing_key(public: Any) -> None:
@@ -140,7 +170,7 @@ def describe(public: Any) -> tuple[KeyType, int, Curve]:
         return KeyType.EC, _CURVE_BITS[curve], curve
     if public.type == TPM2_ALG.RSA:
         return KeyType.RSA, int(public.parameters.rsaDetail.keyBits), Curve.NONE
-    raise UnsupportedError(f"unsupported key type {TPM2_ALG.to_string(public.type)}")
+    raise UnsupportedError(f"unsupported key type 0x{int(public.type):04x}")
 
 
 def key_info(key_id: bytes, public: Any) -> KeyInfo:
@@ -174,8 +204,15 @@ def check_key_scheme(public: Any, scheme_alg: int, hash_alg: Hash) -> None:
         return
     if fixed.scheme != scheme_alg or fixed.details.anySig.hashAlg != hash_alg:
         raise UnsupportedError(
-            f"the key only signs with {TPM2_ALG.to_string(fixed.scheme)}/"
-            f"{TPM2_ALG.to_string(fixed.details.anySig.hashAlg)}")
+            f"the key only signs with {_alg_name(fixed.scheme)}/"
+            f"{_alg_name(fixed.details.anySig.hashAlg)}")
+
+
+def _alg_name(alg: Any) -> str:
+    try:
+        return str(TPM2_ALG.to_string(alg))
+    except ValueError:  # a corrupted or future algorithm id
+        return f"0x{int(alg):04x}"
 
 
 def storage_parent_template(rsa: bool) -> Any:

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..audit import audit
 from ..errors import AuthFailedError, LockoutError
 
 log = logging.getLogger("tpmbroker.lockout")
@@ -174,11 +175,11 @@ class Shield:
                 self.refusals["reserve"] += 1
                 if not self._in_reserve:
                     self._in_reserve = True
-                    log.warning("dictionary-attack reserve reached: lockout counter %d of "
-                                "%d, reserve %d; password attempts on DA-protected keys "
-                                "are refused until the TPM forgets a failure (%d s each)",
-                                counter, params.max_tries, self.reserve,
-                                params.recovery_time)
+                    # Password attempts on DA-protected keys are refused until the TPM
+                    # forgets a failure.
+                    audit("lockout_reserve", uid=peer, counter=counter,
+                          max_tries=params.max_tries, reserve=self.reserve,
+                          recovery_time=params.recovery_time)
                 raise LockoutError(
                     f"the broker refuses password attempts on this key: the TPM has "
                     f"counted {counter} wrong password(s) of {params.max_tries}, and the "

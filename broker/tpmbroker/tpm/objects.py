@@ -141,6 +141,8 @@ class Objects:
                 raise
             raise BadKeyError("the TPM refused to load the key (made by another TPM, or "
                               f"the TPM was cleared?): {exc}", tpm_rc=int(exc.rc)) from None
+        except (ValueError, TypeError) as exc:  # tpm2-pytss could not marshal the blob
+            raise BadKeyError(f"cannot load the key: {exc}") from None
         return entry.handle
 
     def unload(self, key: CachedKey) -> None:

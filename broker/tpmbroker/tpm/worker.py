@@ -35,6 +35,7 @@ from tpm2_pytss.constants import (
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
+from ..audit import audit
 from ..definitions import MAX_RANDOM, STORAGE_PRIMARY, Hash, KeySource, KeyType, Scheme
 from ..errors import (
     AuthFailedError,
@@ -522,6 +523,7 @@ class TpmWorker:
         TPM without a resource manager nobody else would free them.
         """
         stale: list[int] = []
+        counts_before = self._counts
         if self.link.up:
             stale = [*self.pool.tpm_handles(), *self.objects.held_handles()]
             self._drop_link()
@@ -534,6 +536,9 @@ class TpmWorker:
             self._drop_link()
             raise
         self._restarts_recovered += 1
+        if self._counts != counts_before and self._counts is not None:
+            audit("tpm_reset", reset_count=self._counts[0], restart_count=self._counts[1])
+        audit("recovery", level=logging.INFO, recoveries=self._restarts_recovered)
 
     def _build(self, deadline: float, stale_handles: list[int]) -> None:
         counts = self.link.connect(deadline)

@@ -1,0 +1,100 @@
+"""The broker's accept loop, with back-off when the process runs out of descriptors.
+
+asyncio's own loop (3.11) answers EMFILE by logging a traceback and scheduling a retry for
+every slot of the backlog it tried — a thousand tracebacks per burst and a busy loop. Here a
+failed accept stops accepting for a while (0.1 s, doubling to 2 s, back to the start after
+an accept succeeds), and says so in one line at most every 30 s. Clients that connect
+meanwhile wait in the kernel's backlog and are served when descriptors free up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("tpmbroker.server")
+
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+FIRST_PAUSE = 0.1
+MAX_PAUSE = 2.0
+LOG_EVERY = 30.0
+ACCEPTS_PER_WAKEUP = 64
+
+
+class Listener:
+    """Accepts on a listening socket and hands each connection to `factory`'s protocol."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], asyncio.Protocol]) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.factory = factory
+        self.pause = FIRST_PAUSE
+        self.paused_total = 0  # accept failures for want of descriptors
+        self._suppressed = 0
+        self._last_log = -LOG_EVERY
+        self._resume: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._tasks: set[asyncio.Task[object]] = set()
+        loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    log.warning("accept failed: %s", exc)
+                    return
+                self._back_off(exc)
+                return
+            self.pause = FIRST_PAUSE
+            conn.setblocking(False)
+            task = self.loop.create_task(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError as exc:
+            conn.close()
+            log.debug("could not set up an accepted connection: %s", exc)
+
+    def _back_off(self, exc: OSError) -> None:
+        self.paused_total += 1
+        self.loop.remove_reader(self.sock.fileno())
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY:
+            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+            log.warning("accept paused: %s; retrying in %.1f s%s", exc.strerror, self.pause, more)
+            self._last_log = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+        self._resume = self.loop.call_later(self.pause, self._restart)
+        self.pause = min(self.pause * 2, MAX_PAUSE)
+
+    def _restart(self) -> None:
+        self._resume = None
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._ready)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()

@@ -1,0 +1,217 @@
+"""Per-key access control: which peers may use which keys (`tpmbroker serve --policy`).
+
+The policy file is TOML:
+
+    default = "deny"                  # keys not named below: "allow" (the default) or "deny"
+
+    [keys.ca]                         # the name appears in the audit log
+    file = "/etc/tpmbroker/ca.pem"    # or key_id = "hex…" or handle = 0x81000001
+    uids = ["root", 1000]             # user names or numbers
+    gids = ["pki"]                    # groups, primary or supplementary
+    executables = ["/usr/bin/openssl"]
+
+A key entry names one key, by exactly one of `file`, `key_id` or `handle`. A peer may use
+the key if its uid is in `uids` or one of its groups in `gids` (any admitted peer when both
+are absent), and, when `executables` is given, its /proc/PID/exe is one of them. Root is
+not exempt. Several entries naming the same key each grant it. A key named by no entry is
+allowed or refused by `default`.
+
+Keys named by `file` are recognised by their public key, whatever the bytes a client sends
+(another encoding of the same key is the same key); `key_id` names exact LOAD bytes, and
+`handle` a persistent handle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import sys
+from pathlib import Path
+from typing import Any
+
+from .definitions import KeySource
+from .errors import TpmBrokerError
+from .protocol import key_id_for
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_ENTRY_FIELDS = {"file", "key_id", "handle", "uids", "gids", "executables"}
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be used; the message says where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """Who is asking: what the policy decides on."""
+
+    uid: int
+    gids: frozenset[int]
+    exe: str | None  # /proc/PID/exe when the broker may read it, else None
+
+    @classmethod
+    def of(cls, pid: int, uid: int, gid: int) -> Peer:
+        groups = {gid}
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+        except OSError:
+            pass
+        try:
+            exe: str | None = os.readlink(f"/proc/{pid}/exe")
+        except OSError:  # gone, or another user's process and the broker is not root
+            exe = None
+        return cls(uid, frozenset(groups), exe)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRule:
+    name: str
+    key_ids: frozenset[bytes]
+    public_keys: frozenset[bytes]  # SubjectPublicKeyInfo DER
+    uids: frozenset[int]
+    gids: frozenset[int]
+    executables: frozenset[str]
+
+    def names(self, key_id: bytes, public_key: bytes) -> bool:
+        return key_id in self.key_ids or public_key in self.public_keys
+
+    def admits(self, peer: Peer) -> bool:
+        if (self.uids or self.gids) and not (peer.uid in self.uids or peer.gids & self.gids):
+            return False
+        return not self.executables or peer.exe in self.executables
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    key: str  # the rule's name, or the key id in hex when no rule names the key
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPolicy:
+    rules: tuple[KeyRule, ...]
+    default_allow: bool = True
+    path: str = ""
+
+    def decide(self, peer: Peer, key_id: bytes, public_key: bytes) -> Decision:
+        matching = [rule for rule in self.rules if rule.names(key_id, public_key)]
+        if not matching:
+            return Decision(self.default_allow, key_id.hex()[:16],
+                            f"not named in the policy (default {self.default_name})")
+        for rule in matching:
+            if rule.admits(peer):
+                return Decision(True, rule.name, f"policy key {rule.name}")
+        names = ", ".join(rule.name for rule in matching)
+        return Decision(False, matching[0].name,
+                        f"policy key {names} does not admit uid {peer.uid}"
+                        + (f" ({peer.exe})" if peer.exe else ""))
+
+    def name_of(self, key_id: bytes, public_key: bytes) -> str:
+        for rule in self.rules:
+            if rule.names(key_id, public_key):
+                return rule.name
+        return key_id.hex()[:16]
+
+    @property
+    def default_name(self) -> str:
+        return "allow" if self.default_allow else "deny"
+
+
+def load_policy(path: str | os.PathLike[str]) -> KeyPolicy:
+    """Read and check a policy file; PolicyError says what is wrong and where."""
+    where = os.fspath(path)
+    try:
+        data = tomllib.loads(Path(where).read_text())
+    except OSError as exc:
+        raise PolicyError(f"{where}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+    unknown = set(data) - {"default", "keys"}
+    if unknown:
+        raise PolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    default = data.get("default", "allow")
+    if default not in ("allow", "deny"):
+        raise PolicyError(f"{where}: default must be \"allow\" or \"deny\", not {default!r}")
+    keys = data.get("keys", {})
+    if not isinstance(keys, dict):
+        raise PolicyError(f"{where}: keys must be tables ([keys.NAME])")
+    rules = tuple(_rule(where, name, entry) for name, entry in keys.items())
+    return KeyPolicy(rules, default_allow=default == "allow", path=where)
+
+
+def _rule(where: str, name: str, entry: Any) -> KeyRule:
+    at = f"{where}: [keys.{name}]"
+    if not isinstance(entry, dict):
+        raise PolicyError(f"{at} must be a table")
+    unknown = set(entry) - _ENTRY_FIELDS
+    if unknown:
+        raise PolicyError(f"{at}: unknown field(s) {', '.join(sorted(unknown))}")
+    named_by = [field for field in ("file", "key_id", "handle") if field in entry]
+    if len(named_by) != 1:
+        raise PolicyError(f"{at} needs exactly one of file, key_id, handle")
+    key_ids: set[bytes] = set()
+    public_keys: set[bytes] = set()
+    try:
+        if "file" in entry:
+            der, public_key = _key_file(str(entry["file"]))
+            key_ids.add(key_id_for(KeySource.TSS2_DER, der))
+            public_keys.add(public_key)
+        elif "key_id" in entry:
+            key_id = bytes.fromhex(str(entry["key_id"]))
+            if len(key_id) != 32:
+                raise ValueError("a key id is 32 bytes (64 hex digits)")
+            key_ids.add(key_id)
+        else:
+            handle = entry["handle"]
+            handle = int(handle, 0) if isinstance(handle, str) else int(handle)
+            if not 0x81000000 <= handle <= 0x81FFFFFF:
+                raise ValueError(f"0x{handle:08x} is not a persistent handle")
+            key_ids.add(key_id_for(KeySource.PERSISTENT_HANDLE, handle.to_bytes(4, "big")))
+        uids = frozenset(_ids(entry.get("uids", []), pwd.getpwnam, "pw_uid"))
+        gids = frozenset(_ids(entry.get("gids", []), grp.getgrnam, "gr_gid"))
+        exes = entry.get("executables", [])
+        if not isinstance(exes, list) or not all(isinstance(e, str) and e.startswith("/")
+                                                 for e in exes):
+            raise ValueError("executables must be a list of absolute paths")
+    except (ValueError, KeyError, TypeError, TpmBrokerError) as exc:
+        raise PolicyError(f"{at}: {exc}") from None
+    return KeyRule(name, frozenset(key_ids), frozenset(public_keys), uids, gids,
+                   frozenset(os.path.realpath(e) for e in exes))
+
+
+def _ids(values: Any, lookup: Any, attr: str) -> set[int]:
+    if not isinstance(values, list):
+        raise ValueError("uids and gids must be lists")
+    out = set()
+    for value in values:
+        if isinstance(value, int):
+            out.add(value)
+        elif isinstance(value, str):
+            out.add(int(getattr(lookup(value), attr)))
+        else:
+            raise ValueError(f"not a user or group: {value!r}")
+    return out
+
+
+def _key_file(path: str) -> tuple[bytes, bytes]:
+    """(DER, SubjectPublicKeyInfo DER) of a TSS2 PRIVATE KEY file."""
+    from .keyfile import pem_to_der
+    from .tpm import keys
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    der = pem_to_der(data) if b"-----BEGIN" in data else data
+    parsed = keys.parse_tss2_key(der)
+    info = keys.key_info(b"", parsed.public.publicArea)
+    return der, info.public_key

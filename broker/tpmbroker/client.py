@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from . import __version__, ops
 from . import protocol as p
 from .errors import (
+    BadKeyError,
     BrokerUnavailableError,
     DeadlineError,
     ProtocolError,
@@ -403,8 +404,12 @@ class Client:
 
 
 def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
-    """The LOAD answer, checked: known type and curve, a public key of that kind."""
+    """The LOAD answer, checked: known type and curve, a public key of that kind, and for
+    a key file the file's own public key (the broker's word is not taken for it)."""
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from .tss2public import public_key_der
 
     try:
         key_type, curve = p.KeyType(result.key_type), p.Curve(result.curve)
@@ -422,7 +427,17 @@ def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
     if not fits:
         raise ProtocolError(f"the broker answered LOAD with a public key that is not the "
                             f"{key_type.name} key of {result.bits} bits it claims")
-    return LoadedKey(spec, result.key_id, key_type, result.bits, curve, result.public_key)
+    spki = public.public_bytes(serialization.Encoding.DER,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    if spec.source == p.KeySource.TSS2_DER:
+        try:
+            in_file = public_key_der(spec.key)
+        except ValueError as exc:
+            raise BadKeyError(f"the key file's public key cannot be read: {exc}") from None
+        if in_file != spki:
+            raise ProtocolError("the broker answered LOAD with another public key than the "
+                                "key file's")
+    return LoadedKey(spec, result.key_id, key_type, result.bits, curve, spki)
 
 
 _CURVE_NAMES = {p.Curve.P256: "secp256r1", p.Curve.P384: "secp384r1"}

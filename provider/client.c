@@ -420,6 +420,18 @@ static int recv_all(struct tpmb_client *c, int fd, uint8_t *p, size_t n, int64_t
     return 1;
 }
 
+/*
+ * An idle connection is silent: one request at a time is in flight on it, and its answer
+ * was read. Anything readable now is a frame no request asked for, or the broker's close;
+ * either way the connection is not used again.
+ */
+static int conn_unsolicited(struct conn *cn)
+{
+    struct pollfd pfd = { .fd = cn->fd, .events = POLLIN, .revents = 0 };
+
+    return poll(&pfd, 1, 0) != 0;
+}
+
 static uint32_t remaining(int64_t deadline)
 {
     int64_t left = deadline - now_ms();
@@ -718,6 +730,11 @@ static int run(struct tpmb_client *c, unsigned int timeout_ms, conn_op op, void 
     for (attempt = 0; attempt < 3; attempt++) {
         int fresh = 0;
 
+        if (cn->fd >= 0 && conn_unsolicited(cn)) {
+            tpmb_debug("dropping a connection to %s that carries data no request asked for "
+                       "(or was closed)", c->path);
+            conn_close(cn);
+        }
         if (cn->fd < 0) {
             if (!conn_open(c, cn, deadline, err))
                 break;

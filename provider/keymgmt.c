@@ -138,7 +138,7 @@ TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob
         TPMB_RAISE(prov, TPMB_R_UNSUPPORTED, "TPM key of unsupported type %u", res.key_type);
         goto fail;
     }
-    key->bits = res.bits;
+    key->bits = EVP_PKEY_get_bits(key->pub); /* the key's own, not the broker's word */
     key->curve = res.curve;
     tpmb_debug("loaded %s-%d key", tpmb_key_type_name(key->type), key->bits);
     return key;

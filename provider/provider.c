@@ -306,6 +306,12 @@ static char *socket_path(const char *configured)
     return strdup("/run/tpmbroker/tpmbroker.sock");
 }
 
+static int is_off(const char *v)
+{
+    return strcmp(v, "0") == 0 || OPENSSL_strcasecmp(v, "no") == 0
+           || OPENSSL_strcasecmp(v, "off") == 0 || OPENSSL_strcasecmp(v, "false") == 0;
+}
+
 /* No I/O here: the broker is reached lazily, on the first operation that needs it. */
 __attribute__((visibility("default")))
 int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
@@ -314,7 +320,8 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
     OSSL_FUNC_core_get_params_fn *get_params = NULL;
     TPMBROKER_CTX *ctx;
     const OSSL_DISPATCH *d;
-    char *cfg_socket = NULL, *cfg_timeout = NULL, *cfg_debug = NULL;
+    char *cfg_socket = NULL, *cfg_timeout = NULL, *cfg_debug = NULL, *cfg_verify = NULL;
+    const char *env_verify = getenv("TPMBROKER_VERIFY");
     unsigned int timeout_ms = TPMBROKER_DEFAULT_TIMEOUT_MS;
     const char *env_debug = getenv("TPMBROKER_DEBUG");
     char *path;
@@ -346,6 +353,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
             OSSL_PARAM_utf8_ptr("socket", &cfg_socket, 0),
             OSSL_PARAM_utf8_ptr("timeout", &cfg_timeout, 0),
             OSSL_PARAM_utf8_ptr("debug", &cfg_debug, 0),
+            OSSL_PARAM_utf8_ptr("verify", &cfg_verify, 0),
             OSSL_PARAM_END,
         };
 
@@ -354,6 +362,12 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
     if ((env_debug != NULL && strcmp(env_debug, "0") != 0 && *env_debug != '\0')
         || (cfg_debug != NULL && strcmp(cfg_debug, "1") == 0))
         debug_enabled = 1;
+    /* verify: on unless turned off; the environment overrides the config file */
+    ctx->verify = 1;
+    if (env_verify != NULL && *env_verify != '\0')
+        ctx->verify = !is_off(env_verify);
+    else if (cfg_verify != NULL && *cfg_verify != '\0')
+        ctx->verify = !is_off(cfg_verify);
     if (cfg_timeout != NULL && *cfg_timeout != '\0') {
         /* seconds, as in the config file; fractions allowed */
         char *end;
@@ -374,7 +388,8 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
         return 0;
     }
     ctx->client = client_new(path, timeout_ms);
-    tpmb_debug("loaded; socket %s, timeout %u ms", path, timeout_ms);
+    tpmb_debug("loaded; socket %s, timeout %u ms, verify %s", path, timeout_ms,
+               ctx->verify ? "on" : "off");
     free(path);
     if (ctx->client == NULL) {
         OSSL_LIB_CTX_free(ctx->libctx);

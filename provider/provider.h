@@ -22,6 +22,7 @@ typedef struct tpmbroker_ctx {
     const OSSL_CORE_HANDLE *core;
     OSSL_LIB_CTX *libctx; /* private: hashing here never recurses into us */
     TPMB_CLIENT *client;
+    int verify;           /* verify every signature the broker returns (default 1) */
     OSSL_FUNC_core_new_error_fn *new_error;
     OSSL_FUNC_core_set_error_debug_fn *set_error_debug;
     OSSL_FUNC_core_vset_error_fn *vset_error;

@@ -4,13 +4,21 @@
  * Hashing happens here, with libcrypto's digests from the private libctx (the model is
  * OpenSSL's ecdsa_sig.c); only the digest travels to the broker in one SIGN request.
  * Verification uses the public key locally, so verify never needs the broker.
+ *
+ * The broker is not trusted with the signature it returns: it must have the key's shape
+ * (ECDSA: DER Ecdsa-Sig-Value with 0 < r, s < n of the key's curve; RSA: exactly the
+ * modulus long, below the modulus) and, unless `verify = 0`, verify with the public key
+ * over the digest that was sent, before OpenSSL sees it.
  */
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/ec.h>
 #include <openssl/evp.h>
+#include <openssl/objects.h>
 #include <openssl/params.h>
 #include <openssl/rsa.h>
 
@@ -182,6 +190,94 @@ static uint8_t scheme_for(SIG_CTX *ctx)
     return WIRE_SCHEME_PSS;
 }
 
+static int do_verify(SIG_CTX *ctx, const unsigned char *sig, size_t siglen,
+                     const unsigned char *tbs, size_t tbslen);
+
+/* ECDSA: strict DER (what we decode re-encodes to the same bytes), 0 < r, s < n. */
+static int ecdsa_shape_ok(const SIG_CTX *ctx, const unsigned char *sig, size_t siglen)
+{
+    const unsigned char *p = sig;
+    ECDSA_SIG *es = NULL;
+    EC_GROUP *group = NULL;
+    unsigned char *der = NULL;
+    char curve[64];
+    const BIGNUM *r, *s, *n;
+    int derlen, ok = 0;
+
+    if (siglen == 0 || siglen > 512)
+        return 0;
+    es = d2i_ECDSA_SIG(NULL, &p, (long)siglen);
+    if (es == NULL || p != sig + siglen)
+        goto end;
+    derlen = i2d_ECDSA_SIG(es, &der);
+    if (derlen < 0 || (size_t)derlen != siglen || memcmp(der, sig, siglen) != 0)
+        goto end;
+    if (!EVP_PKEY_get_utf8_string_param(ctx->key->pub, OSSL_PKEY_PARAM_GROUP_NAME, curve,
+                                        sizeof(curve), NULL))
+        goto end;
+    group = EC_GROUP_new_by_curve_name_ex(ctx->prov->libctx, NULL, OBJ_sn2nid(curve));
+    if (group == NULL)
+        goto end;
+    n = EC_GROUP_get0_order(group);
+    ECDSA_SIG_get0(es, &r, &s);
+    ok = !BN_is_zero(r) && !BN_is_negative(r) && BN_cmp(r, n) < 0
+         && !BN_is_zero(s) && !BN_is_negative(s) && BN_cmp(s, n) < 0;
+end:
+    OPENSSL_free(der);
+    EC_GROUP_free(group);
+    ECDSA_SIG_free(es);
+    return ok;
+}
+
+/* RSA: exactly the modulus long, and below the modulus. */
+static int rsa_shape_ok(const SIG_CTX *ctx, const unsigned char *sig, size_t siglen)
+{
+    BIGNUM *n = NULL, *v = NULL;
+    int ok = 0;
+
+    if (siglen != max_sig_size(ctx))
+        return 0;
+    if (!EVP_PKEY_get_bn_param(ctx->key->pub, OSSL_PKEY_PARAM_RSA_N, &n))
+        return 0;
+    v = BN_bin2bn(sig, (int)siglen, NULL);
+    ok = v != NULL && BN_cmp(v, n) < 0;
+    BN_free(v);
+    BN_free(n);
+    return ok;
+}
+
+/*
+ * What came back from the broker: the key's shape, always; a valid signature over this
+ * digest with the TPM's parameters (PSS: salt = digest length), unless verify is off.
+ */
+static int check_signature(SIG_CTX *ctx, const unsigned char *sig, size_t siglen,
+                           const unsigned char *tbs, size_t tbslen)
+{
+    int saltlen = ctx->saltlen, ok;
+
+    if (ctx->key->type == WIRE_KEY_TYPE_EC ? !ecdsa_shape_ok(ctx, sig, siglen)
+                                           : !rsa_shape_ok(ctx, sig, siglen)) {
+        TPMB_RAISE(ctx->prov, TPMB_R_BROKER_PROTOCOL,
+                   "tpmbroker returned %zu bytes that are not a %s signature of this key "
+                   "(no signature was returned)", siglen,
+                   ctx->key->type == WIRE_KEY_TYPE_EC ? "DER ECDSA" : "modulus-long RSA");
+        return 0;
+    }
+    if (!ctx->prov->verify)
+        return 1;
+    ctx->saltlen = RSA_PSS_SALTLEN_DIGEST; /* what the TPM signs with, nothing else */
+    ok = do_verify(ctx, sig, siglen, tbs, tbslen);
+    ctx->saltlen = saltlen;
+    if (!ok) {
+        TPMB_RAISE(ctx->prov, TPMB_R_BROKER_PROTOCOL,
+                   "tpmbroker returned a signature that does not verify with the key's "
+                   "public key over this digest (no signature was returned; `verify = 0` "
+                   "in the provider's section turns this check off)");
+        return 0;
+    }
+    return 1;
+}
+
 static int do_sign(SIG_CTX *ctx, unsigned char *sig, size_t *siglen, size_t sigsize,
                    const unsigned char *tbs, size_t tbslen)
 {
@@ -228,6 +324,11 @@ static int do_sign(SIG_CTX *ctx, unsigned char *sig, size_t *siglen, size_t sigs
     if (!client_sign(ctx->prov->client, &ref, scheme, ctx->hash, tbs, tbslen, sig, siglen,
                      &err)) {
         TPMB_RAISE_CLIENT(ctx->prov, "signing with the TPM key", &err);
+        return 0;
+    }
+    if (!check_signature(ctx, sig, *siglen, tbs, tbslen)) {
+        OPENSSL_cleanse(sig, sigsize);
+        *siglen = 0;
         return 0;
     }
     return 1;

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import select
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from . import __version__, ops
 from . import protocol as p
 from .errors import (
+    BadKeyError,
     BrokerUnavailableError,
     DeadlineError,
     ProtocolError,
@@ -36,7 +40,17 @@ from .errors import (
 from .keyfile import KeySpec
 from .paths import default_socket
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
 DEFAULT_TIMEOUT = 30.0
+
+# The order n of the curves the broker signs with (SEC 2, FIPS 186-4 D.1.2).
+_CURVE_ORDERS = {
+    p.Curve.P256: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    p.Curve.P384: int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+                      "581A0DB248B0A77AECEC196ACCC52973", 16),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +76,7 @@ class _Connection:
         # key id -> the password it was loaded with here: the broker signs with that one
         self.loaded: dict[bytes, bytes] = {}
         self.next_id = 1
+        self.broken = False  # never returned to the pool
 
     @staticmethod
     def _connect(path: str, deadline: float) -> socket.socket:
@@ -90,6 +105,17 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def carries_unsolicited(self) -> bool:
+        """Whether something arrived while no request was in flight: a frame nobody asked
+        for, or the broker's close. Either way the connection is not used again."""
+        if self.broken or self.reader.pending:
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def round_trip(self, msg: p.Message, deadline: float) -> p.Message:
         request_id = self.next_id
         self.next_id = (self.next_id % 0xFFFFFFFF) + 1
@@ -100,22 +126,48 @@ class _Connection:
         except (BrokenPipeError, ConnectionResetError):
             # The broker may have said why before it closed (a process it does not
             # admit): that answer is already here to read.
+            self.broken = True
             self._raise_connection_error(min(deadline, time.monotonic() + 0.2))
             raise
+        try:
+            return self._answer(msg, request_id, deadline)
+        except BaseException:
+            # A timeout, a frame that does not parse, a connection error: whatever the
+            # stream holds next cannot be trusted to belong to the next request.
+            self.broken = True
+            raise
+
+    def _answer(self, msg: p.Message, request_id: int, deadline: float) -> p.Message:
         while True:
             self._settimeout(deadline)
             data = self.sock.recv(65536)
             if not data:
                 raise ConnectionResetError("broker closed the connection")
-            for header, body in self.reader.feed(data):
+            frames = self.reader.feed(data)
+            if not frames:
+                continue
+            header, body = frames[0]
+            if header.request_id == 0:
+                # An error about the whole connection: the wait ends here, whether or
+                # not the broker closes the stream after it.
                 result = p.decode_response(header, body)
-                if header.request_id == 0 and isinstance(result, p.ErrorResult):
-                    raise error_for_status(result.status, result.message, result.tpm_rc)
-                if header.request_id != request_id:
-                    continue  # a late answer to a request we gave up on
                 if isinstance(result, p.ErrorResult):
                     raise error_for_status(result.status, result.message, result.tpm_rc)
-                return result
+                raise ProtocolError("the broker sent a result for request 0, which no "
+                                    "request uses")
+            if header.request_id != request_id:
+                raise ProtocolError(f"the broker answered request {header.request_id} "
+                                    f"while request {request_id} was the only one in "
+                                    "flight")
+            if header.opcode != msg.OPCODE | p.RESPONSE_BIT:
+                raise ProtocolError(f"the broker answered {msg.OPCODE.name} with opcode "
+                                    f"0x{header.opcode:02x}")
+            result = p.decode_response(header, body)
+            if len(frames) > 1 or self.reader.pending:
+                self.broken = True  # frames after the answer: nobody asked for them
+            if isinstance(result, p.ErrorResult):
+                raise error_for_status(result.status, result.message, result.tpm_rc)
+            return result
 
     def _raise_connection_error(self, deadline: float) -> None:
         try:
@@ -142,9 +194,13 @@ class Client:
     """A client of one broker. Share one instance between threads; it survives fork()."""
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, max_connections: int = 16) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_connections: int = 16,
+                 verify: bool = True) -> None:
+        """`verify`: check each signature against the key's public key before returning
+        it (about 0.1 ms for ECDSA P-256; docs/python.md). Its shape is checked anyway."""
         self.socket_path = str(socket_path) if socket_path else default_socket()
         self.timeout = timeout
+        self.verify = verify
         self.max_connections = max_connections
         self._reset()
         _live_clients.add(self)
@@ -178,6 +234,9 @@ class Client:
             else:
                 self._open += 1
                 conn = None
+        if conn is not None and conn.carries_unsolicited():
+            conn.close()  # the slot stays counted: a fresh connection takes it
+            conn = None
         if conn is None:
             try:
                 conn = _Connection(self.socket_path, deadline)
@@ -199,7 +258,7 @@ class Client:
 
     def _release(self, conn: _Connection | None) -> None:
         with self._available:
-            if conn is None or os.getpid() != self._pid:
+            if conn is None or conn.broken or os.getpid() != self._pid:
                 self._open -= 1
                 if conn is not None:
                     conn.close()
@@ -255,7 +314,10 @@ class Client:
     @staticmethod
     def _load_on(conn: _Connection, spec: KeySpec, deadline: float) -> ops.LoadResult:
         result = conn.round_trip(spec.load_request(), deadline)
-        assert isinstance(result, ops.LoadResult)
+        assert isinstance(result, ops.LoadResult)  # the opcode was checked
+        if result.key_id != spec.key_id:
+            conn.broken = True
+            raise ProtocolError("the broker answered LOAD with the id of another key")
         conn.loaded[result.key_id] = spec.auth
         return result
 
@@ -274,8 +336,7 @@ class Client:
             try:
                 with self._connection(deadline) as conn:
                     result = self._load_on(conn, spec, deadline)
-                    return LoadedKey(spec, result.key_id, p.KeyType(result.key_type),
-                                     result.bits, p.Curve(result.curve), result.public_key)
+                    return _loaded_key(spec, result)
             except TimeoutError:
                 raise DeadlineError("the broker did not answer before the deadline") from None
             except (ConnectionError, BrokenPipeError) as exc:
@@ -293,7 +354,9 @@ class Client:
         if scheme is None:
             scheme = p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1
         result = self._call(ops.Sign(key.key_id, scheme, hash_alg, digest), timeout, key)
-        assert isinstance(result, ops.SignResult)
+        assert isinstance(result, ops.SignResult)  # the opcode was checked
+        check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
+                        verify=self.verify)
         return result.signature
 
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
@@ -331,8 +394,120 @@ class Client:
     def status(self, timeout: float | None = None) -> dict[str, object]:
         result = self._call(ops.StatusRequest(), timeout)
         assert isinstance(result, ops.StatusResult)
-        data: dict[str, object] = json.loads(result.json)
+        try:
+            data = json.loads(result.json)
+        except ValueError:
+            raise ProtocolError("the broker's STATUS is not JSON") from None
+        if not isinstance(data, dict):
+            raise ProtocolError("the broker's STATUS is not a JSON object")
         return data
+
+
+def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
+    """The LOAD answer, checked: known type and curve, a public key of that kind, and for
+    a key file the file's own public key (the broker's word is not taken for it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from .tss2public import public_key_der
+
+    try:
+        key_type, curve = p.KeyType(result.key_type), p.Curve(result.curve)
+    except ValueError:
+        raise ProtocolError(f"the broker answered LOAD with key type {result.key_type} "
+                            f"and curve {result.curve}") from None
+    public = _public_key(result.public_key)
+    if key_type == p.KeyType.EC:
+        fits = (isinstance(public, ec.EllipticCurvePublicKey) and curve in _CURVE_ORDERS
+                and public.curve.name == _CURVE_NAMES[curve]
+                and result.bits == public.curve.key_size)
+    else:
+        fits = (isinstance(public, rsa.RSAPublicKey) and curve == p.Curve.NONE
+                and result.bits == public.key_size)
+    if not fits:
+        raise ProtocolError(f"the broker answered LOAD with a public key that is not the "
+                            f"{key_type.name} key of {result.bits} bits it claims")
+    spki = public.public_bytes(serialization.Encoding.DER,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    if spec.source == p.KeySource.TSS2_DER:
+        try:
+            in_file = public_key_der(spec.key)
+        except ValueError as exc:
+            raise BadKeyError(f"the key file's public key cannot be read: {exc}") from None
+        if in_file != spki:
+            raise ProtocolError("the broker answered LOAD with another public key than the "
+                                "key file's")
+    return LoadedKey(spec, result.key_id, key_type, result.bits, curve, spki)
+
+
+_CURVE_NAMES = {p.Curve.P256: "secp256r1", p.Curve.P384: "secp384r1"}
+
+
+@functools.lru_cache(maxsize=256)
+def _public_key(spki: bytes) -> PublicKeyTypes:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return serialization.load_der_public_key(spki)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"the broker sent a public key that does not parse: {exc}") \
+            from None
+
+
+def check_signature(key: LoadedKey, digest: bytes, hash_alg: p.Hash, scheme: p.Scheme,
+                    signature: bytes, verify: bool = True) -> None:
+    """Raises ProtocolError unless `signature` is one the key could have made over
+    `digest`: ECDSA DER with 0 < r, s < n, RSA exactly as long as the modulus (and below
+    it); with `verify`, the signature also verifies against the key's public key."""
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+
+    classes: dict[p.Hash, Callable[[], hashes.HashAlgorithm]] = {
+        p.Hash.SHA1: hashes.SHA1, p.Hash.SHA256: hashes.SHA256,
+        p.Hash.SHA384: hashes.SHA384, p.Hash.SHA512: hashes.SHA512}
+    hash_class = classes[hash_alg]
+
+    public = _public_key(key.public_key)
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if scheme != p.Scheme.ECDSA:
+            raise ProtocolError(f"scheme {scheme.name} for an EC key")
+        n = _CURVE_ORDERS[key.curve]
+        try:
+            r, s = utils.decode_dss_signature(signature)
+        except ValueError:
+            raise ProtocolError(f"the broker sent a {len(signature)}-byte ECDSA signature "
+                                "that is not DER") from None
+        if not (0 < r < n and 0 < s < n):
+            raise ProtocolError("the broker sent an ECDSA signature with r or s out of "
+                                f"range for {key.curve.name}")
+        if utils.encode_dss_signature(r, s) != signature:
+            raise ProtocolError("the broker sent an ECDSA signature in non-canonical DER")
+    elif isinstance(public, rsa.RSAPublicKey):
+        size = (public.key_size + 7) // 8
+        if len(signature) != size:
+            raise ProtocolError(f"the broker sent a {len(signature)}-byte signature for a "
+                                f"{public.key_size}-bit RSA key ({size} bytes)")
+        if int.from_bytes(signature, "big") >= public.public_numbers().n:
+            raise ProtocolError("the broker sent an RSA signature not below the modulus")
+    else:
+        raise ProtocolError("the key's public key is neither EC nor RSA")
+    if not verify:
+        return
+    algorithm = utils.Prehashed(hash_class())
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, digest, ec.ECDSA(algorithm))
+        elif scheme == p.Scheme.PSS:
+            public.verify(signature, digest,
+                          padding.PSS(padding.MGF1(hash_class()), hash_alg.digest_size),
+                          algorithm)
+        else:
+            public.verify(signature, digest, padding.PKCS1v15(), algorithm)
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError):
+        # ValueError: a digest of the wrong length, which the broker should have refused
+        raise ProtocolError(f"the broker sent a {scheme.name} signature that does not "
+                            "verify with the key's public key") from None
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()

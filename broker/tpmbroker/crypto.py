@@ -39,18 +39,19 @@ if typing.TYPE_CHECKING:
 from . import protocol as p
 from .client import Client, LoadedKey
 
-_clients: dict[tuple[str, float], Client] = {}
+_clients: dict[tuple[str, float, bool], Client] = {}
 _clients_lock = threading.Lock()
 
 
-def _shared_client(socket: str | os.PathLike[str] | None, timeout: float) -> Client:
+def _shared_client(socket: str | os.PathLike[str] | None, timeout: float,
+                   verify: bool = True) -> Client:
     from .paths import default_socket
 
-    key = (str(socket) if socket else default_socket(), timeout)
+    key = (str(socket) if socket else default_socket(), timeout, verify)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = Client(key[0], timeout=timeout)
+            client = _clients[key] = Client(key[0], timeout=timeout, verify=verify)
         return client
 
 
@@ -278,14 +279,19 @@ def load_private_key(key: str | bytes | os.PathLike[str] | int,
                      password: bytes | str | None = None,
                      socket: str | os.PathLike[str] | None = None,
                      timeout: float = 30.0,
+                     verify: bool = True,
                      ) -> TpmEllipticCurvePrivateKey | TpmRSAPrivateKey:
     """A TPM key (file path, PEM/DER bytes, persistent handle) as a cryptography key.
 
     The key is loaded in the broker now, so a bad file or an unreachable broker shows
     here, not at the first signature. A wrong password shows at the first signature: only
     the TPM knows it, and each wrong try counts toward its dictionary-attack lockout.
+
+    Every signature the broker returns is checked for its shape and, with `verify` (the
+    default), verified against the public key before sign() returns it; a bad one raises
+    tpmbroker.errors.ProtocolError.
     """
-    client = _shared_client(socket, timeout)
+    client = _shared_client(socket, timeout, verify)
     loaded = client.load_key(key, password)
     if loaded.key_type == p.KeyType.EC:
         return TpmEllipticCurvePrivateKey(client, loaded)

@@ -52,6 +52,13 @@ openssl req -new -x509 "${OSSL[@]}" -key "$WORK/ec.pem" -subj /CN=localhost \
 openssl x509 -in "$WORK/ec.crt" -noout -subject -issuer
 openssl verify -CAfile "$WORK/ec.crt" "$WORK/ec.crt"
 
+step "the key as openssl sees it: the TPM's attributes, parent and password (-text)"
+openssl pkey "${OSSL[@]}" -in "$WORK/ec.pem" -text -noout | head -4
+
+step "random numbers from the TPM, encrypted on the TPM's bus"
+"$BIN/tpmbroker" random 32 --hex
+openssl rand -provider-path "$PROVIDER_DIR" -provider tpmbroker -hex 16
+
 step "TLS 1.3 served by openssl s_server with the TPM key, fetched by curl"
 PORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 openssl s_server "${OSSL[@]}" -key "$WORK/ec.pem" -cert "$WORK/ec.crt" \

@@ -504,6 +504,15 @@ fail:
     return 0;
 }
 
+/* A result that does not parse: the connection's framing is in doubt, so it goes. */
+static int malformed(struct tpmb_client *c, struct conn *cn, const char *what, CLIENT_ERR *err)
+{
+    set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed %s response",
+            c->path, what);
+    conn_close(cn);
+    return 0;
+}
+
 /*
  * Reads the status of a response. Returns 1 for OK (reader at the result fields), 0 for a
  * broker refusal or a malformed body (err filled in).
@@ -517,16 +526,26 @@ static int response_ok(struct tpmb_client *c, struct conn *cn, WIRE_READER *body
 
     if (st == WIRE_STATUS_OK)
         return 1;
-    if (st < 0) {
-        set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed %s response",
-                c->path, what);
-        conn_close(cn);
-        return 0;
-    }
+    if (st < 0)
+        return malformed(c, cn, what, err);
     set_err(err, st, rc, "%.*s", (int)msg.len, (const char *)msg.p);
     if (st == WIRE_STATUS_SHUTTING_DOWN)
         conn_close(cn); /* this broker is going: the next request connects to its successor */
     return 0;
+}
+
+/* A byte field of a result, copied into a malloc'd buffer the caller frees. */
+static int copy_out(WIRE_BYTES b, uint8_t **out, size_t *outlen, CLIENT_ERR *err)
+{
+    *out = malloc(b.len > 0 ? b.len : 1);
+    if (*out == NULL) {
+        set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
+        return 0;
+    }
+    if (b.len > 0)
+        memcpy(*out, b.p, b.len);
+    *outlen = b.len;
+    return 1;
 }
 
 static uint32_t next_id(struct conn *cn)
@@ -682,12 +701,8 @@ static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *k
     bits = wire_get_u16(&body);
     curve = wire_get_u16(&body);
     spki = wire_get_bytes(&body);
-    if (!wire_reader_done(&body) || id.len != WIRE_KEY_ID_SIZE) {
-        set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed LOAD response",
-                c->path);
-        conn_close(cn);
-        return 0;
-    }
+    if (!wire_reader_done(&body) || id.len != WIRE_KEY_ID_SIZE)
+        return malformed(c, cn, "LOAD", err);
     if (memcmp(id.p, key->key_id, WIRE_KEY_ID_SIZE) != 0) {
         set_err(err, CLIENT_E_PROTOCOL, 0,
                 "tpmbroker at %s computed another key id than this provider", c->path);
@@ -810,12 +825,8 @@ static int op_sign(struct tpmb_client *c, struct conn *cn, int64_t deadline, voi
         return 0;
     }
     sig = wire_get_bytes(&body);
-    if (!wire_reader_done(&body)) {
-        set_err(err, CLIENT_E_PROTOCOL, 0, "tpmbroker at %s sent a malformed SIGN response",
-                c->path);
-        conn_close(cn);
-        return 0;
-    }
+    if (!wire_reader_done(&body))
+        return malformed(c, cn, "SIGN", err);
     if (sig.len > *a->siglen) {
         set_err(err, CLIENT_E_ARG, 0, "signature of %zu bytes exceeds the buffer of %zu",
                 sig.len, *a->siglen);
@@ -865,20 +876,9 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
         return 0;
     key = wire_get_bytes(&body);
     (void)wire_get_bytes(&body); /* the public key comes again with LOAD */
-    if (!wire_reader_done(&body) || key.len == 0) {
-        set_err(err, CLIENT_E_PROTOCOL, 0,
-                "tpmbroker at %s sent a malformed GENERATE response", c->path);
-        conn_close(cn);
-        return 0;
-    }
-    *a->key = malloc(key.len);
-    if (*a->key == NULL) {
-        set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
-        return 0;
-    }
-    memcpy(*a->key, key.p, key.len);
-    *a->keylen = key.len;
-    return 1;
+    if (!wire_reader_done(&body) || key.len == 0)
+        return malformed(c, cn, "GENERATE", err);
+    return copy_out(key, a->key, a->keylen, err);
 }
 
 int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
@@ -918,12 +918,8 @@ static int op_random(struct tpmb_client *c, struct conn *cn, int64_t deadline, v
         if (!response_ok(c, cn, &body, "RANDOM", err))
             return 0;
         got = wire_get_bytes(&body);
-        if (!wire_reader_done(&body) || got.len != want) {
-            set_err(err, CLIENT_E_PROTOCOL, 0,
-                    "tpmbroker at %s sent a malformed RANDOM response", c->path);
-            conn_close(cn);
-            return 0;
-        }
+        if (!wire_reader_done(&body) || got.len != want)
+            return malformed(c, cn, "RANDOM", err);
         memcpy(a->out + a->done, got.p, got.len);
         OPENSSL_cleanse(cn->rbuf, WIRE_HEADER_SIZE + body.len);
         a->done += got.len;
@@ -957,20 +953,9 @@ static int op_nv_read(struct tpmb_client *c, struct conn *cn, int64_t deadline, 
     if (!response_ok(c, cn, &body, "NV_READ", err))
         return 0;
     got = wire_get_bytes(&body);
-    if (!wire_reader_done(&body)) {
-        set_err(err, CLIENT_E_PROTOCOL, 0,
-                "tpmbroker at %s sent a malformed NV_READ response", c->path);
-        conn_close(cn);
-        return 0;
-    }
-    *a->data = malloc(got.len > 0 ? got.len : 1);
-    if (*a->data == NULL) {
-        set_err(err, CLIENT_E_NOMEM, 0, "out of memory");
-        return 0;
-    }
-    memcpy(*a->data, got.p, got.len);
-    *a->len = got.len;
-    return 1;
+    if (!wire_reader_done(&body))
+        return malformed(c, cn, "NV_READ", err);
+    return copy_out(got, a->data, a->len, err);
 }
 
 int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,

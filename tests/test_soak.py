@@ -38,6 +38,7 @@ def broker_usage(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.timeout(SECONDS + 300)  # the suite's 600 s limit is for ordinary tests
 def test_soak_256_mixed_signers(swtpm: Swtpm, tmp_path: Path) -> None:
     loadgen = tmp_path / "loadgen"
     subprocess.run(["gcc", "-O1", "-Wall", "-Wextra", "-Werror", "-o", str(loadgen),

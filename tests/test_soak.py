@@ -71,15 +71,24 @@ def test_soak_256_mixed_signers(swtpm: Swtpm, tmp_path: Path) -> None:
             [*TPMBROKER, "load", "--key", str(keys["rsa"]), "--clients", "32", "--scheme",
              "pss", "--seconds", seconds, "--json"],
         ]
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env) for cmd in signers]
+        # Files, not pipes: the load generator prints every latency at the end, more than
+        # a pipe holds, and nobody reads the pipes until all signers are done.
+        logs = [(tmp_path / f"signer{i}.out", tmp_path / f"signer{i}.err")
+                for i in range(len(signers))]
+        procs = []
+        for cmd, (out_path, err_path) in zip(signers, logs, strict=True):
+            with open(out_path, "w") as out_file, open(err_path, "w") as err_file:
+                procs.append(subprocess.Popen(cmd, stdout=out_file, stderr=err_file,
+                                              env=env))
         assert broker.proc is not None
         samples: list[tuple[float, int, int]] = []
         start = time.monotonic()
         while any(p.poll() is None for p in procs):
             samples.append((time.monotonic() - start, *broker_usage(broker.proc.pid)))
             time.sleep(SAMPLE_EVERY)
-        outputs = [p.communicate() for p in procs]
+        for proc in procs:
+            proc.wait()
+        outputs = [(o.read_text(), e.read_text()) for o, e in logs]
         status = json.loads(subprocess.run([*TPMBROKER, "status", "--json"], check=True,
                                            capture_output=True, env=env).stdout)
     finally:

@@ -731,6 +731,44 @@ def test_persistent_key_by_handle_uri(swtpm: Swtpm, tmp_path: Path) -> None:
         broker.stop()
 
 
+@pytest.mark.skipif(shutil.which("tpm2_evictcontrol") is None, reason="tpm2-tools not installed")
+def test_persistent_key_with_a_password_by_object_uri(swtpm: Swtpm, tmp_path: Path) -> None:
+    """object:FILE?pass, as tpm2-openssl users write it: the password comes from -passin."""
+    tenv = dict(os.environ, TPM2TOOLS_TCTI=swtpm.tcti)
+
+    def tools(*args: str) -> None:
+        subprocess.run(list(args), check=True, capture_output=True, env=tenv, cwd=tmp_path,
+                       timeout=60)
+        subprocess.run(["tpm2_flushcontext", "-t"], check=True, capture_output=True, env=tenv,
+                       timeout=60)
+
+    tools("tpm2_createprimary", "-C", "o", "-c", "prim.ctx", "-Q")
+    tools("tpm2_create", "-C", "prim.ctx", "-G", "ecc256", "-p", "objpw", "-u", "k.pub",
+          "-r", "k.priv", "-Q")
+    tools("tpm2_load", "-C", "prim.ctx", "-u", "k.pub", "-r", "k.priv", "-c", "k.ctx", "-Q")
+    tools("tpm2_evictcontrol", "-C", "o", "-c", "k.ctx", "0x81000011", "-o", "k.tr")
+    broker = Broker(swtpm.tcti, tmp_path / "broker").start()
+    try:
+        penv = dict(os.environ, TPMBROKER_SOCKET=broker.socket)
+
+        def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run([OPENSSL, *args], capture_output=True, env=penv, timeout=60)
+
+        data = tmp_path / "d"
+        data.write_bytes(b"object with a password")
+        uri = f"object:{tmp_path / 'k.tr'}?pass"
+        res = run("pkey", *PROV, "-in", uri, "-passin", "pass:objpw", "-pubout", "-out",
+                  str(tmp_path / "k.pem.pub"))
+        assert res.returncode == 0, res.stderr
+        res = run("dgst", "-sha256", *PROV, "-sign", uri, "-passin", "pass:objpw", "-out",
+                  str(tmp_path / "s"), str(data))
+        assert res.returncode == 0, res.stderr + broker.log().encode()
+        assert b"Verified OK" in run("dgst", "-sha256", "-verify", str(tmp_path / "k.pem.pub"),
+                                     "-signature", str(tmp_path / "s"), str(data)).stdout
+    finally:
+        broker.stop()
+
+
 # --- error paths -----------------------------------------------------------------------------
 
 def test_password_missing_is_a_clear_error_without_touching_the_tpm(env: Env) -> None:

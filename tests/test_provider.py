@@ -673,21 +673,29 @@ def test_persistent_parent_key_after_an_rsa_primary(swtpm: Swtpm, tmp_path: Path
 
 # --- persistent keys by handle ---------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("tpm2_evictcontrol") is None, reason="tpm2-tools not installed")
-def test_persistent_key_by_handle_uri(swtpm: Swtpm, tmp_path: Path) -> None:
-    # tpm2-tools make and persist a key before the broker owns the TPM (one swtpm client)
+def persist_with_tools(swtpm: Swtpm, workdir: Path, handle: str, *create: str) -> Path:
+    """tpm2-tools make an ECC key (`create`: extra tpm2_create options) and persist it at
+    `handle` before the broker owns the TPM (one swtpm client); returns the serialized
+    handle file `tpm2_evictcontrol -o` wrote."""
     tenv = dict(os.environ, TPM2TOOLS_TCTI=swtpm.tcti)
 
     def tools(*args: str) -> None:
-        subprocess.run(list(args), check=True, capture_output=True, env=tenv, cwd=tmp_path,
+        subprocess.run(list(args), check=True, capture_output=True, env=tenv, cwd=workdir,
                        timeout=60)
         subprocess.run(["tpm2_flushcontext", "-t"], check=True, capture_output=True, env=tenv,
                        timeout=60)  # no resource manager: free the transient slots
 
     tools("tpm2_createprimary", "-C", "o", "-c", "prim.ctx", "-Q")
-    tools("tpm2_create", "-C", "prim.ctx", "-G", "ecc256", "-u", "k.pub", "-r", "k.priv", "-Q")
+    tools("tpm2_create", "-C", "prim.ctx", "-G", "ecc256", *create, "-u", "k.pub",
+          "-r", "k.priv", "-Q")
     tools("tpm2_load", "-C", "prim.ctx", "-u", "k.pub", "-r", "k.priv", "-c", "k.ctx", "-Q")
-    tools("tpm2_evictcontrol", "-C", "o", "-c", "k.ctx", "0x81000010", "-o", "k.tr")
+    tools("tpm2_evictcontrol", "-C", "o", "-c", "k.ctx", handle, "-o", "k.tr")
+    return workdir / "k.tr"
+
+
+@pytest.mark.skipif(shutil.which("tpm2_evictcontrol") is None, reason="tpm2-tools not installed")
+def test_persistent_key_by_handle_uri(swtpm: Swtpm, tmp_path: Path) -> None:
+    persist_with_tools(swtpm, tmp_path, "0x81000010")
     broker = Broker(swtpm.tcti, tmp_path / "broker").start()
     try:
         penv = dict(os.environ, TPMBROKER_SOCKET=broker.socket)
@@ -734,19 +742,7 @@ def test_persistent_key_by_handle_uri(swtpm: Swtpm, tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("tpm2_evictcontrol") is None, reason="tpm2-tools not installed")
 def test_persistent_key_with_a_password_by_object_uri(swtpm: Swtpm, tmp_path: Path) -> None:
     """object:FILE?pass, as tpm2-openssl users write it: the password comes from -passin."""
-    tenv = dict(os.environ, TPM2TOOLS_TCTI=swtpm.tcti)
-
-    def tools(*args: str) -> None:
-        subprocess.run(list(args), check=True, capture_output=True, env=tenv, cwd=tmp_path,
-                       timeout=60)
-        subprocess.run(["tpm2_flushcontext", "-t"], check=True, capture_output=True, env=tenv,
-                       timeout=60)
-
-    tools("tpm2_createprimary", "-C", "o", "-c", "prim.ctx", "-Q")
-    tools("tpm2_create", "-C", "prim.ctx", "-G", "ecc256", "-p", "objpw", "-u", "k.pub",
-          "-r", "k.priv", "-Q")
-    tools("tpm2_load", "-C", "prim.ctx", "-u", "k.pub", "-r", "k.priv", "-c", "k.ctx", "-Q")
-    tools("tpm2_evictcontrol", "-C", "o", "-c", "k.ctx", "0x81000011", "-o", "k.tr")
+    persist_with_tools(swtpm, tmp_path, "0x81000011", "-p", "objpw")
     broker = Broker(swtpm.tcti, tmp_path / "broker").start()
     try:
         penv = dict(os.environ, TPMBROKER_SOCKET=broker.socket)

@@ -4,14 +4,11 @@ CLI); and proof that they cross the TPM link encrypted."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +22,8 @@ from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import BrokerUnavailableError, UnsupportedError
 from tpmbroker.paths import provider_path
-from tpmbroker.simulator import free_port_pair
 
+from .relay import Relay
 from .tpmfixtures import Broker, running_swtpm
 
 MODULE = provider_path()
@@ -243,70 +240,11 @@ def test_provider_rand_from_threads_and_a_forked_child(env: Env) -> None:
 
 # --- encrypted on the TPM link -----------------------------------------------------------------
 
-class Relay:
-    """TCP relays in front of swtpm's command and control ports; records what the TPM says."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.recorded = bytearray()
-        self._lock = threading.Lock()
-        self._listeners = self._listen_pair()
-        self.port = self._listeners[0].getsockname()[1]
-        for listener, target in zip(self._listeners, (port, port + 1), strict=True):
-            threading.Thread(target=self._accept, args=(listener, target), daemon=True).start()
-
-    @staticmethod
-    def _listen_pair() -> list[socket.socket]:
-        for _ in range(20):
-            port = free_port_pair()
-            pair = [socket.socket(), socket.socket()]
-            try:
-                for offset, s in enumerate(pair):
-                    s.bind(("127.0.0.1", port + offset))
-                    s.listen(8)
-            except OSError:
-                for s in pair:
-                    s.close()
-                continue
-            return pair
-        raise RuntimeError("no two consecutive free ports")
-
-    def _accept(self, listener: socket.socket, target: int) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", target))
-                threading.Thread(target=self._pump, args=(client, upstream, False),
-                                 daemon=True).start()
-                threading.Thread(target=self._pump, args=(upstream, client, True),
-                                 daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if record:
-                    with self._lock:
-                        self.recorded += data
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def seen(self, data: bytes, window: int = 8) -> bool:
-        """Whether any `window` consecutive bytes of `data` crossed from the TPM."""
-        with self._lock:
-            recorded = bytes(self.recorded)
-        return any(data[i:i + window] in recorded for i in range(len(data) - window + 1))
-
-    def close(self) -> None:
-        for listener in self._listeners:
-            listener.close()
-
-
 def test_random_bytes_cross_the_tpm_link_encrypted(tmp_path: Path) -> None:
     with running_swtpm(tmp_path / "tpm") as tpm:
         relay = Relay(tpm.port)
         try:
-            tcti = f"swtpm:host=127.0.0.1,port={relay.port}"
+            tcti = relay.tcti
             # Control: GetRandom without a session through the same relay shows up in the
             # recording in the clear, so the check below can fail.
             loaded = TCTILdr.parse(tcti)

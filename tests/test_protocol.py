@@ -54,6 +54,11 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "random_empty_response": (10, ops.RandomResult(b""), 0),
     "nv_read_request": (12, ops.NvRead(0x01000010), 5000),
     "nv_read_response": (12, ops.NvReadResult(bytes.fromhex("3082000130")), 0),
+    "decrypt_request": (13, ops.Decrypt(KID, p.Padding.PKCS1, p.DecryptFlag.IMPLICIT_REJECTION,
+                                        0, 0, b"", bytes(range(16))), 3000),
+    "decrypt_oaep_request": (14, ops.Decrypt(KID, p.Padding.OAEP, 0, p.Hash.SHA256, p.Hash.SHA1,
+                                             b"label", b"\xee" * 8), 0),
+    "decrypt_response": (13, ops.DecryptResult(b"secret"), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
 }
@@ -152,6 +157,10 @@ def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
 
 def test_random_bytes_never_appear_in_reprs() -> None:
     assert "abcdef" not in repr(ops.RandomResult(bytes.fromhex("abcdef")))
+
+
+def test_plaintexts_never_appear_in_reprs() -> None:
+    assert "secret" not in repr(ops.DecryptResult(b"secret"))
 
 
 def test_passwords_never_appear_in_reprs() -> None:

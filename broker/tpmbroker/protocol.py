@@ -25,10 +25,12 @@ from .definitions import (
     STORAGE_PRIMARY,
     VERSION,
     Curve,
+    DecryptFlag,
     Hash,
     KeySource,
     KeyType,
     Opcode,
+    Padding,
     Scheme,
 )
 from .errors import (
@@ -56,6 +58,7 @@ __all__ = [
     "STORAGE_PRIMARY",
     "VERSION",
     "Curve",
+    "DecryptFlag",
     "ErrorResult",
     "FrameReader",
     "Hash",
@@ -64,6 +67,7 @@ __all__ = [
     "KeyType",
     "Message",
     "Opcode",
+    "Padding",
     "Result",
     "Scheme",
     "Status",

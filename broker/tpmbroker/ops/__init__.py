@@ -8,8 +8,9 @@ provider/wire.c and a call in provider/client.c. docs/architecture.md has the ch
 from __future__ import annotations
 
 from ..definitions import Opcode
-from . import generate, hello, load, nv_read, random, sign, status, unload
+from . import decrypt, generate, hello, load, nv_read, random, sign, status, unload
 from .base import Operation, Request, Worker
+from .decrypt import Decrypt, DecryptResult
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
 from .load import Load, LoadResult
@@ -28,15 +29,18 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.UNLOAD: Operation(Unload, UnloadResult, unload.serve),
     Opcode.RANDOM: Operation(Random, RandomResult, random.serve),
     Opcode.NV_READ: Operation(NvRead, NvReadResult, nv_read.serve),
+    Opcode.DECRYPT: Operation(Decrypt, DecryptResult, decrypt.serve),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
 # the successful answers to SIGN as "signatures".
-COUNTERS = ("random_bytes",)
+COUNTERS = ("random_bytes", "decryptions")
 
 __all__ = [
     "COUNTERS",
     "OPERATIONS",
+    "Decrypt",
+    "DecryptResult",
     "Generate",
     "GenerateResult",
     "Hello",

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..definitions import Hash, KeySource, KeyType, Scheme
+from ..definitions import Hash, KeySource, KeyType, Padding, Scheme
 from ..errors import UnsupportedError
 from ..protocol import Message
 
@@ -30,6 +30,9 @@ class Worker(Protocol):
     def status(self) -> dict[str, object]: ...
     def random(self, count: int, deadline: float) -> bytes: ...
     def nv_read(self, index: int, deadline: float) -> bytes: ...
+    def decrypt(self, key_id: bytes, auth: bytes, padding: Padding, hash: Hash, mgf1: Hash,
+                label: bytes, ciphertext: bytes, implicit_rejection: bool, deadline: float,
+                peer: int = -1) -> bytes: ...
     def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
                   digest: bytes, peer: int = -1) -> Any:
         """The TPM2_Sign for the lane, ready to send, or None: the worker thread serves it."""

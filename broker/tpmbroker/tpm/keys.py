@@ -246,7 +246,7 @@ def decryption_scheme(public: Any, padding: Padding, hash: Hash, mgf1: Hash,
         return int(TPM2_ALG.NULL), 0, b""
     if fixed.scheme == TPM2_ALG.OAEP:
         key_hash = int(fixed.details.oaep.hashAlg)
-        name = _alg_name(key_hash).upper()
+        name = Hash(key_hash).name if key_hash in set(Hash) else _alg_name(key_hash)
         if padding is not Padding.OAEP or hash != key_hash or mgf1 != key_hash:
             raise UnsupportedError(f"the key's scheme is fixed to OAEP with {name} (and "
                                    f"MGF1-{name}); ask for exactly that")

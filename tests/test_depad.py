@@ -101,9 +101,10 @@ def test_synthetic_messages_depend_on_ciphertext_and_secret_and_vary_in_length()
 ])
 def test_oaep_decodes_as_cryptography_encoded_it(hash_alg: p.Hash, mgf1: p.Hash,
                                                  label: bytes) -> None:
-    algs = {p.Hash.SHA1: hashes.SHA1, p.Hash.SHA256: hashes.SHA256,
-            p.Hash.SHA384: hashes.SHA384, p.Hash.SHA512: hashes.SHA512}
-    pad = padding.OAEP(padding.MGF1(algs[mgf1]()), algs[hash_alg](), label or None)
+    algs: dict[p.Hash, hashes.HashAlgorithm] = {
+        p.Hash.SHA1: hashes.SHA1(), p.Hash.SHA256: hashes.SHA256(),
+        p.Hash.SHA384: hashes.SHA384(), p.Hash.SHA512: hashes.SHA512()}
+    pad = padding.OAEP(padding.MGF1(algs[mgf1]), algs[hash_alg], label or None)
     message = os.urandom(20)
     em = raw_decrypt(KEY.public_key().encrypt(message, pad))
     assert depad.oaep(em, label, hash_alg, mgf1) == message

@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +308,12 @@ def tools_keys(abrmd: Abrmd, workdir: Path, kinds: dict[str, tuple[str, str]]) -
         tools("tpm2_encodeobject", "-C", "0x81000001", "-u", f"{name}.pub", "-r",
               f"{name}.priv", "-o", f"{name}.pem")
         made[name] = workdir / f"{name}.pem"
+    # The first key also persistent at 0x81000020, for handle: and object: URIs.
+    first = next(iter(kinds))
+    tools("tpm2_load", "-C", "0x81000001", "-u", f"{first}.pub", "-r", f"{first}.priv",
+          "-c", "first.ctx", "-Q")
+    tools("tpm2_evictcontrol", "-C", "o", "-c", "first.ctx", "0x81000020", "-o", "first.tr")
+    tools("tpm2_flushcontext", "-t")
     return made
 
 
@@ -359,6 +367,13 @@ def test_tpm2_tools_keys(abrmd: Abrmd, abrmd_broker: Broker, tmp_path: Path) -> 
                           *nopass, "-in", str(ciphertext)], capture_output=True, env=penv,
                          timeout=60)
     assert res.returncode == 0 and res.stdout == PLAINTEXT, res.stderr
+    # The persistent copy of the NULL-scheme key, by handle: and object: URI.
+    ciphertext.write_bytes(_public_of(keys["null"], penv).encrypt(PLAINTEXT,
+                                                                  padding.PKCS1v15()))
+    for uri in ("handle:0x81000020", f"object:{tmp_path / 'first.tr'}"):
+        res = subprocess.run([OPENSSL, "pkeyutl", "-decrypt", *PROV, "-inkey", uri, "-in",
+                              str(ciphertext)], capture_output=True, env=penv, timeout=60)
+        assert res.returncode == 0 and res.stdout == PLAINTEXT, (uri, res.stderr)
     res = subprocess.run([OPENSSL, "pkeyutl", "-decrypt", *PROV, "-inkey",
                           str(keys["signonly"]), *nopass, "-in", str(ciphertext)],
                          capture_output=True,
@@ -376,6 +391,21 @@ def _public_of(key: Path, penv: dict[str, str]) -> rsa.RSAPublicKey:
 
 
 # --- passwords and the dictionary-attack counter ------------------------------------------------
+
+def test_a_key_with_a_password_decrypts_with_passin(env: Env) -> None:
+    pw = env.dir / "pw"
+    pw.write_text("sesame\n")
+    key = keygen(env.broker, "rsa:2048", env.dir / "pw.pem", "--password-file", str(pw))
+    env.keys["pw"] = key
+    pub = env.dir / "pw.pub"
+    env.openssl("pkey", *PROV, "-in", str(key), "-passin", "pass:sesame", "-pubout", "-out",
+                str(pub))
+    env.keys["pw"] = key
+    ciphertext = env.encrypt("pw", PLAINTEXT)
+    assert env.decrypt("pw", ciphertext, "-passin", "pass:sesame").stdout == PLAINTEXT
+    res = env.decrypt("pw", ciphertext, check=False)  # no password: refused before the TPM
+    assert res.returncode != 0 and b"needs its password" in res.stderr
+
 
 def test_a_wrong_password_costs_at_most_one_count(tmp_path: Path) -> None:
     """A wrong password is AUTH_FAILED once from the TPM, then refused by the broker
@@ -408,6 +438,54 @@ def _wrong_then_right(broker: Broker, tmp_path: Path) -> None:
         assert client.decrypt(right, ciphertext) == PLAINTEXT
         assert client.status()["tpm_lockout_counter"] == 1
 
+
+
+# --- concurrency --------------------------------------------------------------------------------
+
+def test_decryptions_and_signatures_at_once_stay_within_the_pool(env: Env) -> None:
+    """32 threads, half decrypting (PKCS#1 and OAEP), half signing, on one client: every
+    result right, and the TPM never holds more sessions than the pool."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tpmbroker.load import verify
+
+    with env.client() as client:
+        key = client.load_key(env.keys["rsa2048"])
+        pub = _public(key)
+        oaep = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
+
+        def work(i: int) -> bool:
+            message = os.urandom(32)
+            if i % 2:
+                digest = hashlib.sha256(message).digest()
+                sig = client.sign(key, digest, p.Hash.SHA256, p.Scheme.PKCS1)
+                return verify(key.public_key, key.key_type, sig, digest, p.Hash.SHA256,
+                              p.Scheme.PKCS1)
+            if i % 4:
+                return client.decrypt(key, pub.encrypt(message, oaep), p.Padding.OAEP) == message
+            return client.decrypt(key, pub.encrypt(message, padding.PKCS1v15())) == message
+
+        seen: list[object] = []
+        done = threading.Event()
+
+        def sample() -> None:  # the TPM's count of sessions, read while the load runs
+            with env.client() as watcher:
+                while not done.is_set():
+                    seen.append(watcher.status()["tpm_active_sessions"])
+                    time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with ThreadPoolExecutor(32) as pool:
+                results = list(pool.map(work, range(400)))
+        finally:
+            done.set()
+            sampler.join()
+        pool_size = client.status()["pool_size"]
+    assert all(results)
+    assert seen and all(isinstance(n, int) and n <= int(str(pool_size)) for n in seen), seen
 
 
 # --- the TPM link -------------------------------------------------------------------------------

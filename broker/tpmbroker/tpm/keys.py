@@ -308,9 +308,9 @@ def generation_template(key_type: KeyType, param: int, password: bool = False) -
     if not password:
         attributes |= TPMA_OBJECT.NODA
     if key_type is KeyType.RSA:
-        # As tpm2-openssl does: with decrypt, the broker can pad RSA-PSS itself and use
-        # the TPM for the raw RSA operation, on TPMs whose own PSS salt TLS 1.3 rejects.
-        # The broker offers no decryption to its clients.
+        # As tpm2-openssl does: with decrypt, the key decrypts for its clients (DECRYPT),
+        # and the broker can pad RSA-PSS itself and use the TPM for the raw RSA
+        # operation, on TPMs whose own PSS salt TLS 1.3 rejects.
         attributes |= TPMA_OBJECT.DECRYPT
     if key_type is KeyType.EC:
         if param not in (Curve.P256, Curve.P384):

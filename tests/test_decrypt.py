@@ -178,6 +178,23 @@ def test_a_bad_pkcs1_padding_gives_a_synthetic_message_not_an_error(env: Env) ->
     assert env.decrypt("rsa2048", good, "-pkeyopt", "implicit-rejection:0").stdout == PLAINTEXT
 
 
+def test_the_tpmbroker_command_decrypts(env: Env) -> None:
+    for pad, opts in (("pkcs1", []), ("oaep", ["--oaep-hash", "sha384", "--mgf1-hash", "sha1",
+                                               "--label-hex", "00ff00"])):
+        ciphertext = env.encrypt("rsa2048", PLAINTEXT,
+                                 *PADDINGS["pkcs1" if pad == "pkcs1"
+                                           else "oaep-sha384-mgf1-sha1-label"])
+        res = subprocess.run([TPMBROKER, "decrypt", "--key", str(env.keys["rsa2048"]),
+                              "--padding", pad, *opts, "--in", str(ciphertext), "--socket",
+                              env.broker.socket], capture_output=True, timeout=60)
+        assert res.returncode == 0 and res.stdout == PLAINTEXT, res.stderr
+    res = subprocess.run([TPMBROKER, "decrypt", "--key", str(env.keys["rsa2048"]), "--padding",
+                          "oaep", "--in", str(ciphertext), "--socket", env.broker.socket],
+                         capture_output=True, timeout=60)
+    assert res.returncode == 1 and res.stdout == b""
+    assert res.stderr == b"tpmbroker decrypt: decryption error\n"
+
+
 def test_an_ec_key_cannot_decrypt(env: Env) -> None:
     ciphertext = env.encrypt("rsa2048", PLAINTEXT)
     res = env.decrypt("ec", ciphertext, check=False)

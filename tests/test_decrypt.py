@@ -24,12 +24,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from tpmbroker import load_private_key
+from tpmbroker import load_private_key, ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client, LoadedKey
-from tpmbroker.errors import AuthFailedError, BadDigestError, UnsupportedError
+from tpmbroker.errors import AuthFailedError, BadDigestError, ProtocolError, UnsupportedError
 from tpmbroker.paths import provider_path
 
+from .malicious_broker import Action, FakeBroker
+from .malicious_broker import Request as FakeRequest
 from .relay import Relay
 from .tpmfixtures import Abrmd, Broker, raise_max_tries, running_swtpm
 
@@ -503,6 +505,43 @@ def test_decryptions_and_signatures_at_once_stay_within_the_pool(env: Env) -> No
         pool_size = client.status()["pool_size"]
     assert all(results)
     assert seen and all(isinstance(n, int) and n <= int(str(pool_size)) for n in seen), seen
+
+
+# --- a broker that lies -------------------------------------------------------------------------
+
+class _LyingDecrypter(FakeBroker):
+    """Answers DECRYPT with `lie`: a plaintext longer than any the key can hold, or a
+    result with a field too many."""
+
+    lie = "too-long"
+
+    def _answer(self, q: FakeRequest) -> list[Action]:
+        if isinstance(q.msg, ops.Decrypt):
+            if self.lie == "too-long":
+                return [q.ok(ops.DecryptResult(b"A" * 300))]
+            frame = bytearray(q.ok(ops.DecryptResult(PLAINTEXT)) + b"\0")
+            frame[0:4] = (len(frame) - 4).to_bytes(4, "big")
+            return [bytes(frame)]
+        return super()._answer(q)
+
+
+@pytest.mark.parametrize("lie", ["too-long", "trailing-byte"])
+def test_a_lying_broker_gets_no_plaintext_out(tmp_path: Path, lie: str) -> None:
+    path = str(tmp_path / "fake.sock")
+    with _LyingDecrypter(path, key=rsa.generate_private_key(65537, 2048)) as fake:
+        fake.lie = lie
+        keyfile = tmp_path / "k.pem"
+        keyfile.write_bytes(fake.key_pem())
+        ciphertext = tmp_path / "c.bin"
+        ciphertext.write_bytes(fake.key.public_key().encrypt(PLAINTEXT, padding.PKCS1v15()))
+        res = subprocess.run([OPENSSL, "pkeyutl", "-decrypt", *PROV, "-inkey", str(keyfile),
+                              "-in", str(ciphertext)], capture_output=True, timeout=60,
+                             env=dict(os.environ, TPMBROKER_SOCKET=path))
+        assert res.returncode != 0 and res.stdout == b""
+        assert (b"exceeds the buffer" if lie == "too-long" else b"malformed DECRYPT") \
+            in res.stderr, res.stderr
+        with Client(path) as client, pytest.raises(ProtocolError):
+            client.decrypt(client.load_key(keyfile), ciphertext.read_bytes())
 
 
 # --- the TPM link -------------------------------------------------------------------------------

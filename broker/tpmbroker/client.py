@@ -380,6 +380,9 @@ class Client:
         result = self._call(ops.Decrypt(key.key_id, padding, flags, hash_id, mgf1_id, label,
                                         ciphertext), timeout, key)
         assert isinstance(result, ops.DecryptResult)
+        if len(result.plaintext) > (key.bits + 7) // 8:  # no padding makes a message longer
+            raise ProtocolError(f"the broker sent a plaintext of {len(result.plaintext)} "
+                                f"bytes for a {key.bits}-bit key")
         return result.plaintext
 
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,

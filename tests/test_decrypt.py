@@ -528,12 +528,14 @@ class _LyingDecrypter(FakeBroker):
 @pytest.mark.parametrize("lie", ["too-long", "trailing-byte"])
 def test_a_lying_broker_gets_no_plaintext_out(tmp_path: Path, lie: str) -> None:
     path = str(tmp_path / "fake.sock")
-    with _LyingDecrypter(path, key=rsa.generate_private_key(65537, 2048)) as fake:
-        fake.lie = lie
+    key = rsa.generate_private_key(65537, 2048)
+    fake = _LyingDecrypter(path, key=key)
+    fake.lie = lie
+    with fake:
         keyfile = tmp_path / "k.pem"
         keyfile.write_bytes(fake.key_pem())
         ciphertext = tmp_path / "c.bin"
-        ciphertext.write_bytes(fake.key.public_key().encrypt(PLAINTEXT, padding.PKCS1v15()))
+        ciphertext.write_bytes(key.public_key().encrypt(PLAINTEXT, padding.PKCS1v15()))
         res = subprocess.run([OPENSSL, "pkeyutl", "-decrypt", *PROV, "-inkey", str(keyfile),
                               "-in", str(ciphertext)], capture_output=True, timeout=60,
                              env=dict(os.environ, TPMBROKER_SOCKET=path))

@@ -353,6 +353,11 @@ def test_tpm2_tools_keys(abrmd: Abrmd, abrmd_broker: Broker, tmp_path: Path) -> 
         assert client.decrypt(loaded, pub.encrypt(PLAINTEXT, oaep), p.Padding.OAEP) == PLAINTEXT
         with pytest.raises(UnsupportedError, match="cannot sign: it is a decryption key"):
             client.sign(loaded, bytes(32), p.Hash.SHA256, p.Scheme.PKCS1)
+        # Its persistent copy gives the same synthetic message for a bad padding: the
+        # secret comes from the TPM key, not from how it was named.
+        bad = _raw_encrypt(pub, b"\x00\x01" + os.urandom(254))
+        by_handle = client.load_key(0x81000020)
+        assert client.decrypt(loaded, bad) == client.decrypt(by_handle, bad)
         # Scheme fixed to RSAES: the TPM removes the PKCS#1 padding; OAEP is refused.
         loaded = client.load_key(keys["rsaes"])
         pub = _public(loaded)

@@ -380,7 +380,7 @@ class TpmWorker:
                         raise BadDigestError(depad.DECRYPTION_ERROR) from None
                     raise
             if padding is Padding.PKCS1 and entry.kdk_secret is None:
-                name = self.objects.handle_and_name(self.objects.resident(entry))[1]
+                name = bytes(entry.public.get_name())  # the same by file or by handle
                 entry.kdk_secret = depad.kdk_secret(
                     tpm_decrypt(depad.kdk_block(name, size), None).rjust(size, b"\0"))
             em = tpm_decrypt(ciphertext, None).rjust(size, b"\0")

@@ -116,7 +116,7 @@ class TpmWorker:
         self._restarts_recovered = 0
         self._opened = False
         self._input_buffer: int | None = None  # bytes TPM2_Hash and SequenceUpdate take
-        self.sequences_started = 0  # hash sequences, for the tests of their flushing
+        self._tpm_hashed = 0  # messages the TPM hashed for restricted keys
         # Password attempts on DA-protected keys go through the shield (tpm/lockout.py);
         # None turns it off (tests of the TPM's own lockout).
         self.shield = Shield(da_reserve) if da_reserve is not None else None
@@ -284,6 +284,7 @@ class TpmWorker:
         if self._input_buffer is None:
             self._input_buffer = min(self._property(TPM2_PT.INPUT_BUFFER) or 1024, 1024)
         chunk = self._input_buffer
+        self._tpm_hashed += 1
         if len(message) <= chunk:
             return self._execute(deadline, lambda session: command.prepare_hash(
                 session, message, hash), command.hash_result)
@@ -292,7 +293,6 @@ class TpmWorker:
         # the key that signs next.
         sequence = self.objects.with_room(
             entry, lambda: command.hash_sequence_start(transport, hash))
-        self.sequences_started += 1
         try:
             pieces = [message[i:i + chunk] for i in range(0, len(message), chunk)]
             for piece in pieces[:-1]:
@@ -444,6 +444,7 @@ class TpmWorker:
             "loaded_keys": len(self.objects.keys),
             "resident_keys": sum(1 for _ in self.objects.resident_keys()),
             "tpm_restarts_recovered": self._restarts_recovered,
+            "tpm_hashed_messages": self._tpm_hashed,
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import ESYS_TR, TPM2_CAP
@@ -26,7 +26,9 @@ from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
 
 import tpmbroker
+from tpmbroker import ops
 from tpmbroker import protocol as p
+from tpmbroker.client import Client, LoadedKey
 from tpmbroker.errors import DeadlineError, UnsupportedError
 from tpmbroker.protocol import Hash, KeySource, Scheme
 from tpmbroker.simulator import Swtpm
@@ -82,7 +84,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_bus: DbusDaemon) -> 
         rm.start()
         try:
             env = dict(rm.env(), TPM2TOOLS_TCTI=rm.tcti)
-            t = lambda *args: _tools(env, d, *args)  # noqa: E731
+
+            def t(*args: str) -> None:
+                _tools(env, d, *args)
+
             t("tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub")
             # Attestation keys as users make them: ECDSA/SHA-256 and RSA-PSS/SHA-256.
             t("tpm2_createak", "-C", "ek.ctx", "-c", "akec.ctx", "-G", "ecc", "-g", "sha256",
@@ -117,8 +122,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_bus: DbusDaemon) -> 
             rm.stop()
 
 
-def _client_key(world: World, name: str) -> tuple[tpmbroker.Client, object]:
-    client = tpmbroker.Client(world.broker.socket)
+def _client_key(world: World, name: str) -> tuple[Client, LoadedKey]:
+    client = Client(world.broker.socket)
     uri = world.keys[name]
     if uri.startswith(("handle:", "object:")):
         handle = int(uri[7:], 16) if uri.startswith("handle:") else int.from_bytes(
@@ -135,12 +140,13 @@ def test_python_client_signs_messages_of_every_size(world: World, name: str, siz
         message = os.urandom(size).replace(b"\xff", b"\x00")
         scheme = p.Scheme.PSS if name.startswith("rsa") else p.Scheme.ECDSA
         # The client checks the signature against the key's public key over the message.
-        signature = client.sign_message(key, message, "sha256", scheme)  # type: ignore[arg-type]
+        signature = client.sign_message(key, message, "sha256", scheme)
     public = serialization.load_pem_public_key(world.pubs[name].read_bytes())
     if isinstance(public, ec.EllipticCurvePublicKey):
         public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
     else:
-        public.verify(signature, message,  # type: ignore[union-attr]
+        assert isinstance(public, rsa.RSAPublicKey)
+        public.verify(signature, message,
                       padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.AUTO),
                       hashes.SHA256())
 
@@ -150,22 +156,21 @@ def test_refusals_name_why_and_spend_no_tpm_command(world: World) -> None:
     with client:
         before = client.status()
         # A digest: the TPM would refuse to sign it without a ticket.
-        with pytest.raises(UnsupportedError, match="restricted.*-rawin"):
-            client.sign(key, bytes(32), "sha256")  # type: ignore[arg-type]
+        with pytest.raises(UnsupportedError, match=r"restricted.*-rawin"):
+            client.sign(key, bytes(32), "sha256")
         # Over the limit: refused by the client, and by the broker for a client that sends it.
         with pytest.raises(UnsupportedError, match=f"at most {p.MAX_MESSAGE}"):
-            client.sign_message(key, bytes(p.MAX_MESSAGE + 1))  # type: ignore[arg-type]
-        with pytest.raises(UnsupportedError, match=f"at most {p.MAX_MESSAGE}.*MAX_MESSAGE"):
-            client._call(tpmbroker.ops.SignMessage(  # type: ignore[attr-defined]
-                key.key_id, p.Scheme.ECDSA, p.Hash.SHA256,  # type: ignore[attr-defined]
-                bytes(p.MAX_MESSAGE + 1)), None, key)
+            client.sign_message(key, bytes(p.MAX_MESSAGE + 1))
+        with pytest.raises(UnsupportedError, match=rf"at most {p.MAX_MESSAGE}.*MAX_MESSAGE"):
+            client._call(ops.SignMessage(key.key_id, p.Scheme.ECDSA, p.Hash.SHA256,
+                                         bytes(p.MAX_MESSAGE + 1)), None, key)
         # What could pass for an attestation the TPM made, short and long.
         for size in (4, 100, 5000):
             with pytest.raises(UnsupportedError, match="0xff544347"):
-                client.sign_message(key, TPM_GENERATED + bytes(size - 4))  # type: ignore[arg-type]
+                client.sign_message(key, TPM_GENERATED + bytes(size - 4))
         # The key's fixed scheme only (ECDSA with SHA-256).
         with pytest.raises(UnsupportedError, match="only signs with"):
-            client.sign_message(key, b"m", "sha384")  # type: ignore[arg-type]
+            client.sign_message(key, b"m", "sha384")
         after = client.status()
     # None of them reached the TPM: nothing was hashed there.
     assert after["tpm_hashed_messages"] == before["tpm_hashed_messages"]
@@ -227,8 +232,9 @@ def test_a_failed_hash_sequence_leaves_no_object_in_the_tpm(
         monkeypatch.undo()
         signature = worker.sign_message(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, message,
                                         time.monotonic() + 30)
-        load_der_public_key(info.public_key).verify(  # type: ignore[call-arg]
-            signature, message, ec.ECDSA(hashes.SHA256()))
+        public = load_der_public_key(info.public_key)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
         assert transient() == before  # a completed sequence is gone from the TPM too
     finally:
         worker.close()

@@ -8,8 +8,11 @@ with tpm2-tools is most of the time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -238,3 +241,140 @@ def test_a_failed_hash_sequence_leaves_no_object_in_the_tpm(
         assert transient() == before  # a completed sequence is gone from the TPM too
     finally:
         worker.close()
+
+
+# --- the openssl CLI, through the provider --------------------------------------------------
+
+KEYS = ["ec-file", "ec-handle", "ec-object", "rsa-handle", "rsa-object"]
+
+
+def _pss(name: str, flag: str) -> list[str]:
+    """The RSA attestation keys sign RSA-PSS only (their fixed scheme)."""
+    if not name.startswith("rsa"):
+        return []
+    return [flag, "rsa_padding_mode:pss", flag, "rsa_pss_saltlen:digest"]
+
+
+@pytest.mark.parametrize("name", KEYS)
+def test_pkeyutl_sign_rawin_verified_by_the_default_provider(world: World, name: str) -> None:
+    data = world.dir / f"rawin-{name}"
+    with Client(world.broker.socket) as client:
+        hashed = client.status()["tpm_hashed_messages"]
+    for size in (10, 3000):  # TPM2_Hash, then a hash sequence
+        data.write_bytes(os.urandom(size).replace(b"\xff", b"\x01"))
+        sig = world.dir / f"rawin-{name}.sig"
+        world.openssl("pkeyutl", "-sign", *PROV, "-rawin", "-digest", "sha256", "-inkey",
+                      world.keys[name], *_pss(name, "-pkeyopt"), "-in", str(data), "-out",
+                      str(sig))
+        res = world.openssl("pkeyutl", "-verify", "-rawin", "-digest", "sha256", "-pubin",
+                            "-inkey", str(world.pubs[name]), *_pss(name, "-pkeyopt"), "-in",
+                            str(data), "-sigfile", str(sig))
+        assert b"Signature Verified Successfully" in res.stdout
+    with Client(world.broker.socket) as client:  # the TPM hashed both messages
+        assert client.status()["tpm_hashed_messages"] == hashed + 2  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("name", ["ec-file", "ec-handle", "rsa-object"])
+def test_refusals_through_the_cli_say_why(world: World, name: str) -> None:
+    key = world.keys[name]
+    digest = world.dir / "digest"
+    digest.write_bytes(bytes(32))
+    # A bare digest: the TPM must hash the message itself.
+    res = world.openssl("pkeyutl", "-sign", *PROV, "-inkey", key, *_pss(name, "-pkeyopt"),
+                        "-pkeyopt", "digest:sha256", "-in", str(digest), check=False)
+    assert res.returncode != 0 and b"-rawin" in res.stderr, res.stderr
+    # A message over the limit, and one that could pass for a TPM attestation.
+    big = world.dir / "big"
+    big.write_bytes(bytes(p.MAX_MESSAGE + 1))
+    res = world.openssl("dgst", "-sha256", *PROV, "-sign", key, *_pss(name, "-sigopt"),
+                        "-out", str(world.dir / "s"), str(big), check=False)
+    assert res.returncode != 0 and str(p.MAX_MESSAGE).encode() in res.stderr, res.stderr
+    forged = world.dir / "forged"
+    forged.write_bytes(TPM_GENERATED + b"\x80\x17" + bytes(100))
+    res = world.openssl("dgst", "-sha256", *PROV, "-sign", key, *_pss(name, "-sigopt"),
+                        "-out", str(world.dir / "s"), str(forged), check=False)
+    assert res.returncode != 0 and b"0xff544347" in res.stderr, res.stderr
+
+
+def _ak_certificate(world: World, name: str) -> Path:
+    cert = world.dir / f"{name}.crt"
+    if not cert.exists():
+        world.openssl("req", *PROV, "-new", "-x509", "-key", world.keys[name],
+                      *_pss(name, "-sigopt"), "-sha256", "-subj", "/CN=localhost", "-addext",
+                      "subjectAltName=IP:127.0.0.1", "-days", "1", "-out", str(cert))
+    return cert
+
+
+@pytest.mark.parametrize("name", KEYS)
+def test_attestation_keys_sign_certificates(world: World, name: str) -> None:
+    """req -x509 self-signed by the AK; x509 -req signs another key's certificate with it."""
+    cert = _ak_certificate(world, name)
+    res = world.openssl("verify", "-CAfile", str(cert), str(cert))
+    assert b": OK" in res.stdout
+    other_key = world.dir / "other.key"
+    world.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                  "-out", str(other_key))
+    csr = world.dir / "other.csr"
+    world.openssl("req", "-new", "-key", str(other_key), "-subj", "/CN=other", "-out", str(csr))
+    other = world.dir / f"other-by-{name}.crt"
+    world.openssl("x509", *PROV, "-req", "-in", str(csr), "-CA", str(cert), "-CAkey",
+                  world.keys[name], *_pss(name, "-sigopt"), "-sha256", "-CAcreateserial",
+                  "-days", "1", "-out", str(other))
+    res = world.openssl("verify", "-CAfile", str(cert), str(other))
+    assert b": OK" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["ec-handle", "rsa-object", "ec-file"])
+def test_cms_sign_with_an_attestation_key(world: World, name: str) -> None:
+    cert = _ak_certificate(world, name)
+    msg = world.dir / "cms.txt"
+    msg.write_text("attested\n")
+    out = world.dir / f"cms-{name}.der"
+    world.openssl("cms", "-sign", *PROV, "-signer", str(cert), "-inkey", world.keys[name],
+                  *(["-keyopt", "rsa_padding_mode:pss", "-keyopt", "rsa_pss_saltlen:digest"]
+                    if name.startswith("rsa") else []),
+                  "-md", "sha256", "-in", str(msg), "-binary", "-nodetach", "-outform", "DER",
+                  "-out", str(out))
+    res = world.openssl("cms", "-verify", "-inform", "DER", "-in", str(out), "-binary",
+                        "-CAfile", str(cert), "-out", str(world.dir / "cms.out"))
+    assert (world.dir / "cms.out").read_bytes() == msg.read_bytes()
+    assert b"Verification successful" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["ec-handle", "rsa-handle", "ec-file"])
+def test_tls_server_with_an_attestation_key(world: World, name: str) -> None:
+    cert = _ak_certificate(world, name)
+    port = free_port()
+    log = world.dir / f"s_server-{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([OPENSSL, "s_server", *PROV, "-accept", f"127.0.0.1:{port}",
+                                 "-cert", str(cert), "-key", world.keys[name], "-www"],
+                                stdout=out, stderr=subprocess.STDOUT, env=world.penv,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+        # TLS 1.3 signs RSA-PSS or ECDSA: what attestation keys do. TLS 1.2 offers the
+        # EC key's ECDSA too.
+        for version in ("-tls1_3",) if name.startswith("rsa") else ("-tls1_3", "-tls1_2"):
+            res = subprocess.run(
+                [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", version, "-CAfile",
+                 str(cert), "-verify_return_error", "-verify_ip", "127.0.0.1"],
+                input=b"GET / HTTP/1.0\r\n\r\n", capture_output=True, timeout=30)
+            text = res.stdout.decode(errors="replace")
+            assert res.returncode == 0, text + res.stderr.decode() + log.read_text()
+            assert "Verify return code: 0 (ok)" in text
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

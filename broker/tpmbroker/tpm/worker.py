@@ -199,8 +199,9 @@ class TpmWorker:
         if entry.restricted:
             raise UnsupportedError(
                 "a restricted signing key (an attestation key) signs only a message the TPM "
-                "hashes itself, not a digest: send the message (SIGN_MESSAGE; with openssl, "
-                "pkeyutl -sign -rawin, or dgst, req, x509, cms, TLS)")
+                f"hashes itself, of at most {MAX_MESSAGE} bytes (MAX_MESSAGE), not a digest: "
+                "send the message (SIGN_MESSAGE; with openssl, pkeyutl -sign -rawin, or dgst, "
+                "req, x509, cms, TLS)")
         return self._shielded(entry, auth, peer, deadline, lambda: self._sign(
             entry, auth, scheme, scheme_alg, hash, digest, deadline))
 

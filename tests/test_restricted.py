@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import signal
 import socket
@@ -378,3 +379,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- Python: the cryptography key classes -----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ec-file", "ec-handle", "rsa-handle"])
+def test_cryptography_keys_sign_certificates_with_attestation_keys(world: World,
+                                                                   name: str) -> None:
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import utils
+    from cryptography.x509.oid import NameOID
+
+    uri = world.keys[name]
+    key = tpmbroker.load_private_key(int(uri[7:], 16) if uri.startswith("handle:") else uri,
+                                     socket=world.broker.socket)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+               .public_key(key.public_key()).serial_number(1)
+               .not_valid_before(datetime.datetime(2025, 1, 1))
+               .not_valid_after(datetime.datetime(2035, 1, 1)))
+    if isinstance(key, rsa.RSAPrivateKey):
+        cert = builder.sign(key, hashes.SHA256(), rsa_padding=pss)
+    else:
+        cert = builder.sign(key, hashes.SHA256())
+    cert.verify_directly_issued_by(cert)  # the TPM signed the whole to-be-signed part
+    digest = bytes(32)
+    if name == "ec-file":
+        # The file says restricted: refused here, naming why.
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        with pytest.raises(UnsupportedAlgorithm, match=r"restricted.*Prehashed"):
+            key.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        # A handle's attributes are the broker's to know: it refuses, naming why.
+        with pytest.raises(UnsupportedError, match="restricted"):
+            key.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))

@@ -54,6 +54,11 @@ int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, 
 int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
                 const uint8_t *digest, size_t digestlen, uint8_t *sig, size_t *siglen,
                 CLIENT_ERR *err);
+/* SIGN_MESSAGE: the message itself (at most WIRE_MAX_MESSAGE bytes), for restricted keys,
+ * whose message the TPM must hash, and keys whose attributes the provider does not know. */
+int client_sign_message(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
+                        const uint8_t *message, size_t messagelen, uint8_t *sig,
+                        size_t *siglen, CLIENT_ERR *err);
 int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
                     size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
                     CLIENT_ERR *err);

@@ -56,6 +56,10 @@ size_t wire_load(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t sourc
 size_t wire_sign(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                  size_t key_id_len, uint8_t scheme, uint16_t hash, const uint8_t *digest,
                  size_t digestlen);
+/* SIGN_MESSAGE: the message itself, at most WIRE_MAX_MESSAGE bytes (0 past that). */
+size_t wire_sign_message(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
+                         const uint8_t *key_id, size_t key_id_len, uint8_t scheme,
+                         uint16_t hash, const uint8_t *message, size_t messagelen);
 size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
                      uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent);
 size_t wire_status(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms);

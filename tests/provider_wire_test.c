@@ -60,6 +60,11 @@ static int encode(void)
     hex("random_request", w.buf, wire_random(&w, 9, 2000, 48));
     hex("random_max_request", w.buf, wire_random(&w, 10, 0, WIRE_MAX_RANDOM));
     hex("nv_read_request", w.buf, wire_nv_read(&w, 12, 5000, 0x01000010));
+    hex("sign_message_request", w.buf,
+        wire_sign_message(&w, 13, 3000, kid, 32, WIRE_SCHEME_ECDSA, WIRE_HASH_SHA256,
+                          (const uint8_t *)"hello, world", 12));
+    hex("sign_message_empty_request", w.buf,
+        wire_sign_message(&w, 14, 0, kid, 32, WIRE_SCHEME_PSS, WIRE_HASH_SHA384, NULL, 0));
     return 0;
 }
 
@@ -108,6 +113,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
     case WIRE_OPCODE_STATUS:
     case WIRE_OPCODE_RANDOM:
     case WIRE_OPCODE_NV_READ:
+    case WIRE_OPCODE_SIGN_MESSAGE:
         a = wire_get_bytes(r);
         printf(" ");
         put_hex(a.p, a.len);

@@ -153,8 +153,9 @@ def check_signing_key(public: Any) -> None:
     attributes = int(public.objectAttributes)
     if not attributes & TPMA_OBJECT.SIGN_ENCRYPT:
         raise UnsupportedError("the key is not a signing key (sign attribute clear)")
-    if attributes & TPMA_OBJECT.RESTRICTED:
-        raise UnsupportedError("restricted signing keys cannot sign outside digests")
+    if attributes & TPMA_OBJECT.RESTRICTED and public.parameters.asymDetail.scheme.scheme \
+            == TPM2_ALG.NULL:
+        raise BadKeyError("a restricted signing key without a fixed scheme")
 
 
 def describe(public: Any) -> tuple[KeyType, int, Curve]:
@@ -310,6 +311,11 @@ class CachedKey:
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+
+    @property
+    def restricted(self) -> bool:
+        """An attestation key: it signs only what the TPM hashed itself (SIGN_MESSAGE)."""
+        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.RESTRICTED))
 
     @property
     def can_decrypt(self) -> bool:

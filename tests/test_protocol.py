@@ -56,6 +56,8 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "nv_read_response": (12, ops.NvReadResult(bytes.fromhex("3082000130")), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
+    "derive_request": (13, ops.Derive(KID, b"\x04" + bytes(range(0x40, 0x80))), 3000),
+    "derive_response": (13, ops.DeriveResult(bytes(range(0x80, 0xA0))), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,
@@ -152,6 +154,10 @@ def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
 
 def test_random_bytes_never_appear_in_reprs() -> None:
     assert "abcdef" not in repr(ops.RandomResult(bytes.fromhex("abcdef")))
+
+
+def test_shared_secrets_never_appear_in_reprs() -> None:
+    assert "abcdef" not in repr(ops.DeriveResult(bytes.fromhex("abcdef")))
 
 
 def test_passwords_never_appear_in_reprs() -> None:

@@ -35,6 +35,7 @@ class Opcode(enum.IntEnum):
     UNLOAD = 0x06
     RANDOM = 0x07
     NV_READ = 0x08
+    DERIVE = 0x0A
 
 
 class Status(enum.IntEnum):

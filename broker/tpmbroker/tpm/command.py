@@ -64,6 +64,7 @@ CC_RSA_DECRYPT = 0x00000159
 CC_GET_RANDOM = 0x0000017B
 CC_NV_READ = 0x0000014E
 CC_NV_READ_PUBLIC = 0x00000169
+CC_ECDH_ZGEN = 0x00000154
 SE_HMAC = 0x00
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -518,3 +519,28 @@ def prepare_nv_read(session: sc.SessionState, auth_handle: int, auth_name: bytes
     return prepare(session, CC_NV_READ, (auth_handle, index), (auth_name, index_name), b"",
                    None, U16.pack(size) + U16.pack(offset), NV_READ_ATTRIBUTES)
 
+
+
+# --- TPM2_ECDH_ZGen, both points encrypted --------------------------------------------------
+
+# inPoint (the peer's public point) is the command's first parameter and outPoint (the
+# shared point, whose x-coordinate is the secret) the response's, both TPM2B_ECC_POINT:
+# DECRYPT and ENCRYPT carry them across the bus encrypted.
+ECDH_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT | sc.ENCRYPT
+
+
+def prepare_ecdh_zgen(session: sc.SessionState, key_handle: int, key_name: bytes,
+                      auth: bytes, x: bytes, y: bytes) -> PendingCommand:
+    """TPM2_ECDH_ZGen(keyHandle, inPoint=(x, y)) authorized by `session`."""
+    return prepare(session, CC_ECDH_ZGEN, (key_handle,), (key_name,), auth,
+                   tpm2b(x) + tpm2b(y), b"", ECDH_ATTRIBUTES)
+
+
+def ecdh_zgen_result(parameters: bytes) -> bytes:
+    """The x-coordinate of the shared point in a TPM2_ECDH_ZGen response."""
+    point = sized_result(parameters)
+    x_size = first_sized_length(point)
+    rest = point[2 + x_size:]
+    if first_sized_length(rest) + 2 != len(rest):
+        raise malformed()
+    return point[2:2 + x_size]

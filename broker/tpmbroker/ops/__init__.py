@@ -34,7 +34,7 @@ OPERATIONS: dict[Opcode, Operation] = {
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
 # the successful answers to SIGN as "signatures".
-COUNTERS = ("random_bytes",)
+COUNTERS = ("random_bytes", "derivations")
 
 __all__ = [
     "COUNTERS",

@@ -45,5 +45,9 @@ def serve(request: Request, msg: Derive) -> None:
         request.peer_uid
     # Password attempts the dictionary-attack shield refuses are answered now, unqueued.
     worker.check_password(key_id, auth, peer)
-    request.submit(lambda: worker.derive(key_id, auth, point, deadline, peer=peer),
-                   DeriveResult)
+
+    def served(secret: bytes) -> DeriveResult:
+        request.count("derivations")
+        return DeriveResult(secret)
+
+    request.submit(lambda: worker.derive(key_id, auth, point, deadline, peer=peer), served)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import textwrap
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,3 +383,115 @@ def test_shared_secret_crosses_the_tpm_link_encrypted(tmp_path: Path) -> None:
             assert relay.seen(clear, window=32)  # the recording was kept throughout
         finally:
             relay.close()
+
+
+# --- under load -------------------------------------------------------------------------------
+
+# The provider in one process, through ctypes to the system libcrypto (calls release the
+# GIL): threads derive with a TPM key and sign with another while a forked child derives.
+_LOAD_SCRIPT = textwrap.dedent("""\
+    import ctypes, os, sys, threading
+    lib = ctypes.CDLL("libcrypto.so.3")
+    lib.OSSL_PROVIDER_set_default_search_path(None, sys.argv[1].encode())
+    lib.OSSL_PROVIDER_load.restype = ctypes.c_void_p
+    assert lib.OSSL_PROVIDER_load(None, b"tpmbroker")
+    assert lib.OSSL_PROVIDER_load(None, b"default")
+    for name in ("BIO_new_mem_buf", "PEM_read_bio_PrivateKey", "PEM_read_bio_PUBKEY",
+                 "EVP_PKEY_CTX_new_from_pkey"):
+        getattr(lib, name).restype = ctypes.c_void_p
+    for name in ("PEM_read_bio_PrivateKey", "PEM_read_bio_PUBKEY"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4
+    lib.EVP_PKEY_CTX_new_from_pkey.argtypes = [ctypes.c_void_p] * 3
+    for name in ("EVP_PKEY_derive_init", "EVP_PKEY_CTX_free", "EVP_PKEY_sign_init"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    lib.EVP_PKEY_derive_set_peer.argtypes = [ctypes.c_void_p] * 2
+    lib.EVP_PKEY_derive.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                    ctypes.POINTER(ctypes.c_size_t)]
+    lib.EVP_PKEY_sign.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                  ctypes.POINTER(ctypes.c_size_t), ctypes.c_char_p,
+                                  ctypes.c_size_t]
+
+    def read(path, fn):
+        data = open(path, "rb").read()
+        bio = lib.BIO_new_mem_buf(data, len(data))
+        key = fn(bio, None, None, None)
+        assert key, path
+        return key
+
+    key = read(sys.argv[2], lib.PEM_read_bio_PrivateKey)
+    signer = read(sys.argv[3], lib.PEM_read_bio_PrivateKey)
+    peer = read(sys.argv[4], lib.PEM_read_bio_PUBKEY)
+    expected = bytes.fromhex(sys.argv[5])
+    rounds, threads = int(sys.argv[6]), int(sys.argv[7])
+    failures = []
+
+    def derive():
+        for _ in range(rounds):
+            ctx = lib.EVP_PKEY_CTX_new_from_pkey(None, key, None)
+            out = ctypes.create_string_buffer(64)
+            n = ctypes.c_size_t(64)
+            ok = (lib.EVP_PKEY_derive_init(ctx) == 1
+                  and lib.EVP_PKEY_derive_set_peer(ctx, peer) == 1
+                  and lib.EVP_PKEY_derive(ctx, out, ctypes.byref(n)) == 1)
+            lib.EVP_PKEY_CTX_free(ctx)
+            if not ok or out.raw[:n.value] != expected:
+                failures.append("derive")
+
+    def sign():
+        for _ in range(rounds):
+            ctx = lib.EVP_PKEY_CTX_new_from_pkey(None, signer, None)
+            sig = ctypes.create_string_buffer(128)
+            n = ctypes.c_size_t(128)
+            ok = (lib.EVP_PKEY_sign_init(ctx) == 1
+                  and lib.EVP_PKEY_sign(ctx, sig, ctypes.byref(n), bytes(32), 32) == 1)
+            lib.EVP_PKEY_CTX_free(ctx)
+            if not ok:
+                failures.append("sign")
+
+    pid = os.fork()
+    work = [threading.Thread(target=derive if i % 4 else sign) for i in range(threads)]
+    [t.start() for t in work]
+    [t.join() for t in work]
+    if pid == 0:
+        os._exit(1 if failures else 0)
+    _, status = os.waitpid(pid, 0)
+    print(len(failures), os.waitstatus_to_exitcode(status))
+    """)
+
+
+def test_threads_and_a_forked_child_derive_while_others_sign(env: Env) -> None:
+    peer = env.peer("P-256", "load-peer")
+    tpm_pub = env.tpm_public("P-256.pem", "P-256.pub.pem")
+    expected = peer.exchange(ec.ECDH(), tpm_pub)
+    threads, rounds = 64, 5
+    before = env.derivations()
+    with env.client() as client:
+        pool = client.status()["pool_size"]
+    assert isinstance(pool, int)
+    sampler_stop = threading.Event()
+    active: list[int] = []
+
+    def sample() -> None:
+        with env.client() as client:
+            while not sampler_stop.is_set():
+                value = client.status()["tpm_active_sessions"]
+                assert isinstance(value, int)
+                active.append(value)
+                sampler_stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _LOAD_SCRIPT, str(MODULE.parent), str(env.dir / "P-256.pem"),
+             str(env.dir / "P-384.pem"), str(env.dir / "load-peer.pub.pem"), expected.hex(),
+             str(rounds), str(threads)],
+            capture_output=True, text=True, timeout=300, env=env.env)
+    finally:
+        sampler_stop.set()
+        sampler.join()
+    assert res.returncode == 0, res.stderr + env.broker.log()
+    assert res.stdout.split() == ["0", "0"]  # no failure in the parent nor the child
+    derivers = sum(1 for i in range(threads) if i % 4)
+    assert env.derivations() - before == 2 * derivers * rounds  # parent and child
+    assert active and max(active) <= pool

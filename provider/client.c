@@ -983,3 +983,55 @@ int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
 
     return run(c, c->timeout_ms, op_nv_read, &a, err);
 }
+
+struct derive_arg {
+    const CLIENT_KEY *key;
+    const uint8_t *point;
+    size_t pointlen;
+    uint8_t *secret;
+    size_t *secretlen;
+};
+
+static int op_derive(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                     CLIENT_ERR *err)
+{
+    struct derive_arg *a = arg;
+    WIRE_READER body;
+    WIRE_BYTES z;
+    size_t n;
+
+    if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
+        return 0;
+    n = wire_derive(cn->w, next_id(cn), remaining(deadline), a->key->key_id, WIRE_KEY_ID_SIZE,
+                    a->point, a->pointlen);
+    if (n == 0) {
+        set_err(err, CLIENT_E_ARG, 0, "peer point too large");
+        return 0;
+    }
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "DERIVE", err)) {
+        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
+            conn_drop_key(cn, a->key);
+        return 0;
+    }
+    z = wire_get_bytes(&body);
+    if (!wire_reader_done(&body))
+        return malformed(c, cn, "DERIVE", err);
+    if (z.len > *a->secretlen) {
+        set_err(err, CLIENT_E_ARG, 0, "shared secret of %zu bytes exceeds the buffer of %zu",
+                z.len, *a->secretlen);
+        return 0;
+    }
+    memcpy(a->secret, z.p, z.len);
+    *a->secretlen = z.len;
+    return 1;
+}
+
+int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, size_t pointlen,
+                  uint8_t *secret, size_t *secretlen, CLIENT_ERR *err)
+{
+    struct derive_arg a = { key, point, pointlen, secret, secretlen };
+
+    return run(c, c->timeout_ms, op_derive, &a, err);
+}

@@ -68,5 +68,9 @@ int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err);
 /* NV_READ: the contents of NV index `index`, malloc'd into *data (the caller frees). */
 int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
                    CLIENT_ERR *err);
+/* DERIVE: ECDH with an EC key; `point` is the peer's uncompressed public point. Writes Z
+ * (the shared x-coordinate, as long as the curve's field) to secret, *secretlen its room. */
+int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, size_t pointlen,
+                  uint8_t *secret, size_t *secretlen, CLIENT_ERR *err);
 
 #endif

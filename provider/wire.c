@@ -157,6 +157,15 @@ size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t i
     return wire_finish(w);
 }
 
+size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                   size_t key_id_len, const uint8_t *point, size_t pointlen)
+{
+    wire_begin(w, WIRE_OPCODE_DERIVE, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    wire_put_bytes(w, point, pointlen);
+    return wire_finish(w);
+}
+
 static uint32_t be32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];

@@ -67,6 +67,8 @@ size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8
                    size_t key_id_len);
 size_t wire_random(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint16_t count);
 size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t index);
+size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                   size_t key_id_len, const uint8_t *point, size_t pointlen);
 
 /* Parses the 16 header bytes. Returns 0 when the length breaks framing, else 1. */
 int wire_parse_header(const uint8_t hdr[WIRE_HEADER_SIZE], WIRE_HEADER *h);

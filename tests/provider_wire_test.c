@@ -36,7 +36,7 @@ static void put_hex(const uint8_t *p, size_t n)
 
 static int encode(void)
 {
-    uint8_t kid[32], zero[32] = { 0 }, aa[48];
+    uint8_t kid[32], zero[32] = { 0 }, aa[48], point[65];
     static const uint8_t key[] = { 0x30, 0x03, 0x02, 0x01, 0x01 };
     static const uint8_t handle[] = { 0x81, 0x00, 0x00, 0x01 };
     size_t i;
@@ -65,6 +65,9 @@ static int encode(void)
                           (const uint8_t *)"hello, world", 12));
     hex("sign_message_empty_request", w.buf,
         wire_sign_message(&w, 14, 0, kid, 32, WIRE_SCHEME_PSS, WIRE_HASH_SHA384, NULL, 0));
+    for (i = 0; i < sizeof(point); i++)
+        point[i] = (uint8_t)(i == 0 ? 0x04 : 0x3f + i);
+    hex("derive_request", w.buf, wire_derive(&w, 13, 3000, kid, 32, point, sizeof(point)));
     return 0;
 }
 
@@ -114,6 +117,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
     case WIRE_OPCODE_RANDOM:
     case WIRE_OPCODE_NV_READ:
     case WIRE_OPCODE_SIGN_MESSAGE:
+    case WIRE_OPCODE_DERIVE:
         a = wire_get_bytes(r);
         printf(" ");
         put_hex(a.p, a.len);

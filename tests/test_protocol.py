@@ -65,6 +65,8 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "error_sign_message_too_long": (15, p.ErrorResult(
         Status.UNSUPPORTED, "message of 65281 bytes: SIGN_MESSAGE carries at most 65280 "
         "(MAX_MESSAGE)"), 0),
+    "derive_request": (13, ops.Derive(KID, b"\x04" + bytes(range(0x40, 0x80))), 3000),
+    "derive_response": (13, ops.DeriveResult(bytes(range(0x80, 0xA0))), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,
@@ -162,6 +164,10 @@ def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
 
 def test_random_bytes_never_appear_in_reprs() -> None:
     assert "abcdef" not in repr(ops.RandomResult(bytes.fromhex("abcdef")))
+
+
+def test_shared_secrets_never_appear_in_reprs() -> None:
+    assert "abcdef" not in repr(ops.DeriveResult(bytes.fromhex("abcdef")))
 
 
 def test_passwords_never_appear_in_reprs() -> None:

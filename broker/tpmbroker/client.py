@@ -381,6 +381,16 @@ class Client:
                         verify=self.verify)
         return result.signature
 
+    def derive(self, key: LoadedKey, peer_point: bytes, timeout: float | None = None) -> bytes:
+        """ECDH with an EC key: Z, the shared point's x-coordinate, from the peer's
+        public key as an uncompressed point (0x04 || x || y)."""
+        result = self._call(ops.Derive(key.key_id, peer_point), timeout, key)
+        assert isinstance(result, ops.DeriveResult)
+        if len(result.secret) != (key.bits + 7) // 8:
+            raise ProtocolError(f"the broker sent a {len(result.secret)}-byte secret for "
+                                f"a {key.bits}-bit curve")
+        return result.secret
+
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
                      parent: int = p.STORAGE_PRIMARY,
                      timeout: float | None = None) -> tuple[bytes, bytes]:

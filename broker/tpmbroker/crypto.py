@@ -7,12 +7,13 @@ The objects are `ec.EllipticCurvePrivateKey` / `rsa.RSAPrivateKey`, so cryptogra
 CSR and certificate builders take them. Data is hashed here and only the digest goes
 to the broker, but for keys that may be restricted (see below; keys by persistent
 handle, whose attributes the client does not know), whose messages the broker takes.
-The private half never leaves the TPM: private_bytes, private_numbers, exchange and
-decrypt raise cryptography's UnsupportedAlgorithm, as do hashes, paddings
-and signature algorithms the TPM cannot sign with. Restricted signing keys (attestation
-keys) sign the message through the broker, which has the TPM hash it; a Prehashed digest
-cannot be signed by them. Failures of the broker or the TPM
-raise tpmbroker's own errors (tpmbroker.errors).
+Restricted signing keys (attestation keys) sign the message through the broker, which
+has the TPM hash it; a Prehashed digest cannot be signed by them. ECDH
+(`exchange(ec.ECDH(), peer)`) sends the peer's public point and the TPM computes the
+shared secret. The private half never leaves the TPM: private_bytes, private_numbers
+and decrypt raise cryptography's UnsupportedAlgorithm, as do hashes, paddings and
+signature algorithms the TPM cannot sign with. Failures of the broker or the TPM raise
+tpmbroker's own errors (tpmbroker.errors).
 
 RSA-PSS: the TPM signs with a salt as long as the digest and MGF1 over the signing
 hash. PSS.DIGEST_LENGTH, PSS.AUTO and an explicit salt length equal to the digest
@@ -43,6 +44,7 @@ if typing.TYPE_CHECKING:
 
 from . import protocol as p
 from .client import Client, LoadedKey
+from .errors import UnsupportedError
 from .tss2public import RESTRICTED, object_attributes
 
 _clients: dict[tuple[str, float, bool], Client] = {}
@@ -255,8 +257,18 @@ class TpmEllipticCurvePrivateKey(_BrokerKey, ec.EllipticCurvePrivateKey):
         return self._sign(data, signature_algorithm.algorithm, lambda _: p.Scheme.ECDSA)
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        raise UnsupportedAlgorithm("ECDH with TPM keys is not supported; the keys are for "
-                                   "signing")
+        """ECDH in the TPM (TPM2_ECDH_ZGen): the shared secret Z, as cryptography's own
+        keys return it. The key needs the decrypt attribute."""
+        if not isinstance(algorithm, ec.ECDH):
+            raise UnsupportedAlgorithm("only ECDH key exchange is supported")
+        if peer_public_key.curve.name != self.curve.name:
+            raise ValueError("peer_public_key and self are not on the same curve")
+        point = peer_public_key.public_bytes(serialization.Encoding.X962,
+                                             serialization.PublicFormat.UncompressedPoint)
+        try:
+            return self._client.derive(self._loaded, point)
+        except UnsupportedError as exc:  # e.g. a sign-only key: what the TPM cannot do
+            raise UnsupportedAlgorithm(exc.message) from exc
 
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         raise UnsupportedAlgorithm("the private key lives in the TPM; its numbers are not "

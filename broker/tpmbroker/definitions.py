@@ -38,6 +38,7 @@ class Opcode(enum.IntEnum):
     UNLOAD = 0x06
     RANDOM = 0x07
     NV_READ = 0x08
+    DERIVE = 0x0A
     SIGN_MESSAGE = 0x0B  # restricted keys: the TPM hashes the message, then signs
 
 

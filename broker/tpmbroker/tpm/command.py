@@ -68,6 +68,7 @@ CC_HASH = 0x0000017D
 CC_HASH_SEQUENCE_START = 0x00000186
 CC_SEQUENCE_UPDATE = 0x0000015C
 CC_SEQUENCE_COMPLETE = 0x0000013E
+CC_ECDH_ZGEN = 0x00000154
 SE_HMAC = 0x00
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -593,3 +594,28 @@ def prepare_sign_with_ticket(session: sc.SessionState, key_handle: int, key_name
     scheme = sign_scheme(scheme_alg, hash_alg)[:-len(_NULL_TICKET)]
     return prepare(session, CC_SIGN, (key_handle,), (key_name,), auth, digest,
                    scheme + ticket, SIGN_ATTRIBUTES)
+
+
+# --- TPM2_ECDH_ZGen, both points encrypted --------------------------------------------------
+
+# inPoint (the peer's public point) is the command's first parameter and outPoint (the
+# shared point, whose x-coordinate is the secret) the response's, both TPM2B_ECC_POINT:
+# DECRYPT and ENCRYPT carry them across the bus encrypted.
+ECDH_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT | sc.ENCRYPT
+
+
+def prepare_ecdh_zgen(session: sc.SessionState, key_handle: int, key_name: bytes,
+                      auth: bytes, x: bytes, y: bytes) -> PendingCommand:
+    """TPM2_ECDH_ZGen(keyHandle, inPoint=(x, y)) authorized by `session`."""
+    return prepare(session, CC_ECDH_ZGEN, (key_handle,), (key_name,), auth,
+                   tpm2b(x) + tpm2b(y), b"", ECDH_ATTRIBUTES)
+
+
+def ecdh_zgen_result(parameters: bytes) -> bytes:
+    """The x-coordinate of the shared point in a TPM2_ECDH_ZGen response."""
+    point = sized_result(parameters)
+    x_size = first_sized_length(point)
+    rest = point[2 + x_size:]
+    if first_sized_length(rest) + 2 != len(rest):
+        raise malformed()
+    return point[2:2 + x_size]

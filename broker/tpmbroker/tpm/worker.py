@@ -309,6 +309,53 @@ class TpmWorker:
                     command.flush_context(transport, sequence)
             raise
 
+    def derive(self, key_id: bytes, auth: bytes, point: bytes, deadline: float,
+               peer: int = -1) -> bytes:
+        """ECDH: Z, the x-coordinate of the key's private scalar times the peer's public
+        `point` (uncompressed SEC1), as long as the curve's field (TPM2_ECDH_ZGen).
+
+        The key and the point are checked first, without the TPM: a key that may not do
+        ECDH or a point that is not on the key's curve costs no TPM command.
+        """
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        keymod.check_ecdh_key(entry.public)
+        x, y = keymod.check_peer_point(entry.info.curve, point)
+        if len(auth) > MAX_AUTH:
+            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
+        z = self._with_password(entry, auth, peer, deadline, lambda: self._run(
+            deadline, "deriving the shared secret", lambda: self._authorized(
+                entry, auth, deadline, lambda session, handle, name: command.prepare_ecdh_zgen(
+                    session, handle, name, auth, x, y), command.ecdh_zgen_result)))
+        self.objects.keys.touch(key_id)
+        if len(z) > len(x):
+            raise TpmError(f"the TPM returned a {len(z)}-byte x-coordinate for a "
+                           f"{len(x)}-byte curve")
+        return z.rjust(len(x), b"\0")
+
+    def _with_password(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
+                       operation: Callable[[], T]) -> T:
+        """`operation` on `entry` with `auth`, through the dictionary-attack shield when
+        the key is DA-protected (as sign() does for signatures)."""
+        shield = self.shield if entry.da_protected else None
+        if shield is None:
+            return operation()
+        key_id = entry.info.key_id
+        if not shield.known_good(key_id, auth):
+            self._run(deadline, "reading the lockout counter", self._read_lockout)
+            shield.check(peer, key_id, auth)
+        try:
+            result = operation()
+        except AuthFailedError:
+            shield.failed(peer, key_id, auth)
+            raise
+        except LockoutError:
+            shield.tpm_locked_out()
+            raise
+        shield.succeeded(key_id, auth)
+        return result
+
     def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
         """The shield's refusals that need no TPM, for the event loop before it queues a
         signature: a password refused before, a throttled peer, the reserve reached."""

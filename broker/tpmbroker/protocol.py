@@ -30,6 +30,7 @@ from .definitions import (
     KeyType,
     Opcode,
     Scheme,
+    Usage,
 )
 from .errors import (
     FrameTooLargeError,
@@ -67,6 +68,7 @@ __all__ = [
     "Result",
     "Scheme",
     "Status",
+    "Usage",
     "check_header",
     "decode_header",
     "decode_request",

@@ -424,8 +424,9 @@ class TpmWorker:
             raise UnsupportedError(
                 "this TPM signs RSA-PSS with a salt longer than the digest, which TLS 1.3 "
                 "verifiers reject, and the key lacks the decrypt attribute the broker needs "
-                "to pad PSS itself; make the key with `tpmbroker keygen` (RSA keys get "
-                "sign|decrypt) or sign with PKCS#1 v1.5")
+                "to pad PSS itself; make the key with `tpmbroker keygen --usage "
+                "sign,decrypt` (or -pkeyopt usage:sign,decrypt), use an EC key, or sign "
+                "with PKCS#1 v1.5")
         return bool(entry.pss_by_broker)
 
     def _check_tpm_pss_salt(self, entry: CachedKey, auth: bytes, hash: Hash,

@@ -870,6 +870,8 @@ struct generate_arg {
     const uint8_t *auth;
     size_t authlen;
     uint32_t parent;
+    uint8_t usage;
+    uint16_t hash;
     uint8_t **key;
     size_t *keylen;
 };
@@ -883,7 +885,7 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
     size_t n;
 
     n = wire_generate(cn->w, next_id(cn), remaining(deadline), a->key_type, a->param, a->auth,
-                      a->authlen, a->parent);
+                      a->authlen, a->parent, a->usage, a->hash);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "password too long");
         return 0;
@@ -900,10 +902,10 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
 }
 
 int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
-                    size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
-                    CLIENT_ERR *err)
+                    size_t authlen, uint32_t parent, uint8_t usage, uint16_t hash,
+                    uint8_t **key, size_t *keylen, CLIENT_ERR *err)
 {
-    struct generate_arg a = { key_type, param, auth, authlen, parent, key, keylen };
+    struct generate_arg a = { key_type, param, auth, authlen, parent, usage, hash, key, keylen };
     /* RSA key generation on a TPM can take tens of seconds */
     unsigned int timeout_ms = c->timeout_ms > 120000 ? c->timeout_ms : 120000;
 

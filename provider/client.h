@@ -60,8 +60,8 @@ int client_sign_message(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, u
                         const uint8_t *message, size_t messagelen, uint8_t *sig,
                         size_t *siglen, CLIENT_ERR *err);
 int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
-                    size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
-                    CLIENT_ERR *err);
+                    size_t authlen, uint32_t parent, uint8_t usage, uint16_t hash,
+                    uint8_t **key, size_t *keylen, CLIENT_ERR *err);
 /* RANDOM: fills out[0..n) with bytes from the TPM's generator, in requests of at most
  * WIRE_MAX_RANDOM bytes, all within one deadline. */
 int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err);

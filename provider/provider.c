@@ -177,6 +177,8 @@ static const OSSL_ALGORITHM keymgmt_algs[] = {
       "TPM 2.0 EC keys through tpmbroker" },
     { "RSA:rsaEncryption:1.2.840.113549.1.1.1", TPMBROKER_PROPS, tpmb_rsa_keymgmt_functions,
       "TPM 2.0 RSA keys through tpmbroker" },
+    { "RSA-PSS:RSASSA-PSS:1.2.840.113549.1.1.10", TPMBROKER_PROPS,
+      tpmb_rsapss_keymgmt_functions, "TPM 2.0 RSA keys bound to RSASSA-PSS through tpmbroker" },
     { "TPMBROKER-ECDHE", TPMBROKER_PROPS, tpmb_ecdhe_keymgmt_functions,
       "ephemeral EC keys for TLS key exchange (software)" },
     { NULL, NULL, NULL, NULL },
@@ -202,6 +204,8 @@ static const OSSL_ALGORITHM decoder_algs[] = {
     { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL },
     { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },
     { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsapss_decoder_functions,
+      NULL },
     { NULL, NULL, NULL, NULL },
 };
 
@@ -217,6 +221,11 @@ static const OSSL_ALGORITHM encoder_algs[] = {
       tpmb_encoder_pem_functions, NULL },
     { "EC", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
     { "RSA", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",output=der,structure=PrivateKeyInfo",
+      tpmb_encoder_der_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo",
+      tpmb_encoder_pem_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
     { NULL, NULL, NULL, NULL },
 };
 

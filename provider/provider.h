@@ -56,7 +56,8 @@ enum tpmb_reason {
  */
 typedef struct tpmb_key {
     TPMBROKER_CTX *prov;
-    int type;              /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
+    int type;              /* WIRE_KEY_TYPE_EC, _RSA or _RSA_PSS */
+    uint16_t pss_hash;     /* RSA-PSS keys: the wire hash the scheme is bound to, 0 unknown */
     uint8_t source;        /* WIRE_KEY_SOURCE_* */
     uint8_t *blob;
     size_t bloblen;
@@ -87,7 +88,8 @@ void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* tss2.c: the TSS2 PRIVATE KEY file format; pointers point into the DER given. */
 typedef struct tss2_info {
-    int type;        /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
+    int type;        /* WIRE_KEY_TYPE_EC, _RSA, or _RSA_PSS for an RSA key with scheme RSAPSS */
+    uint16_t scheme_hash; /* the hash of the key's scheme (TPM2_ALG), 0 for scheme NULL */
     int empty_auth;  /* 1: no password; 0: emptyAuth false or absent, a password is needed */
     uint32_t parent; /* 0x40000001: the storage primary from the TCG template */
     uint32_t attributes; /* TPMA_OBJECT */
@@ -113,10 +115,13 @@ TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len
                              const TSS2_INFO *info, const uint8_t *auth, size_t authlen);
 void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref);
 const char *tpmb_key_type_name(int type);
+const char *tpmb_hash_name(uint16_t hash); /* OpenSSL's name of a wire hash, or NULL */
 
 
 extern const OSSL_DISPATCH tpmb_ec_keymgmt_functions[];
 extern const OSSL_DISPATCH tpmb_rsa_keymgmt_functions[];
+extern const OSSL_DISPATCH tpmb_rsapss_keymgmt_functions[];
+extern const OSSL_DISPATCH tpmb_rsapss_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_signature_functions[];
 extern const OSSL_DISPATCH tpmb_pem_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_ec_decoder_functions[];

@@ -149,6 +149,13 @@ static int set_md(SIG_CTX *ctx, const char *name)
         EVP_MD_free(md);
         return 0;
     }
+    if (ctx->key != NULL && ctx->key->pss_hash != 0 && id != ctx->key->pss_hash) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "digest %s: this RSA-PSS TPM key is bound to "
+                   "%s", name, tpmb_hash_name(ctx->key->pss_hash) != NULL
+                                   ? tpmb_hash_name(ctx->key->pss_hash) : "another digest");
+        EVP_MD_free(md);
+        return 0;
+    }
     EVP_MD_free(ctx->md);
     ctx->md = md;
     ctx->hash = id;
@@ -180,6 +187,8 @@ static int sig_init(SIG_CTX *ctx, void *keydata, const OSSL_PARAM params[], int 
     }
     if (ctx->key->pub == NULL)
         return 0;
+    if (ctx->key->type == WIRE_KEY_TYPE_RSA_PSS)
+        ctx->pad = RSA_PKCS1_PSS_PADDING; /* its scheme is bound to PSS */
     return sig_set_ctx_params(ctx, params);
 }
 
@@ -434,6 +443,8 @@ static int digest_init(SIG_CTX *ctx, const char *mdname, void *keydata,
         return 0;
     if (mdname == NULL || *mdname == '\0')
         mdname = ctx->md != NULL ? EVP_MD_get0_name(ctx->md)
+                 : tpmb_hash_name(ctx->key->pss_hash) != NULL ? tpmb_hash_name(ctx->key->pss_hash)
+                 : ctx->key->type == WIRE_KEY_TYPE_EC && ctx->key->bits > 384 ? "SHA2-512"
                  : ctx->key->type == WIRE_KEY_TYPE_EC && ctx->key->bits > 256 ? "SHA2-384"
                                                                          : "SHA2-256";
     if (!set_md(ctx, mdname))
@@ -690,6 +701,11 @@ static int parse_pad(SIG_CTX *ctx, const OSSL_PARAM *p)
         else
             pad = -1;
     } else if (!OSSL_PARAM_get_int(p, &pad)) {
+        return 0;
+    }
+    if (pad == RSA_PKCS1_PADDING && ctx->key != NULL && ctx->key->type == WIRE_KEY_TYPE_RSA_PSS) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "an RSA-PSS TPM key signs with PSS only, not PKCS#1 v1.5");
         return 0;
     }
     if (pad != RSA_PKCS1_PADDING && pad != RSA_PKCS1_PSS_PADDING) {

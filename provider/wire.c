@@ -119,13 +119,18 @@ size_t wire_sign_message(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
 }
 
 size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
-                     uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent)
+                     uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent,
+                     uint8_t usage, uint16_t hash)
 {
     wire_begin(w, WIRE_OPCODE_GENERATE, id, timeout_ms);
     wire_put_u8(w, key_type);
     wire_put_u16(w, param);
     wire_put_bytes(w, auth, authlen);
     wire_put_u32(w, parent);
+    if (usage != 0 || hash != 0) { /* the optional tail: absent is the version-1 frame */
+        wire_put_u8(w, usage);
+        wire_put_u16(w, hash);
+    }
     return wire_finish(w);
 }
 

@@ -16,6 +16,7 @@ PRINT(KEY_TYPE)
 PRINT(SCHEME)
 PRINT(HASH)
 PRINT(CURVE)
+PRINT(USAGE)
 
 int main(void)
 {
@@ -26,6 +27,7 @@ int main(void)
 #define X_SCHEME(n, v) print_SCHEME(#n, v);
 #define X_HASH(n, v) print_HASH(#n, v);
 #define X_CURVE(n, v) print_CURVE(#n, v);
+#define X_USAGE(n, v) print_USAGE(#n, v);
 #define X_STATUS_NAME(n, v) printf("NAME %d %s\n", v, wire_status_name(WIRE_STATUS_##n));
     WIRE_OPCODE_LIST(X_OPCODE)
     WIRE_STATUS_LIST(X_STATUS)
@@ -34,6 +36,7 @@ int main(void)
     WIRE_SCHEME_LIST(X_SCHEME)
     WIRE_HASH_LIST(X_HASH)
     WIRE_CURVE_LIST(X_CURVE)
+    WIRE_USAGE_LIST(X_USAGE)
     WIRE_STATUS_LIST(X_STATUS_NAME)
 #define X_CONSTANT(n) printf("CONST " #n " %lu\n", (unsigned long)WIRE_##n);
     WIRE_CONSTANT_LIST(X_CONSTANT)

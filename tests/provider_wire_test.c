@@ -54,7 +54,10 @@ static int encode(void)
     hex("sign_pss_request", w.buf, wire_sign(&w, 0xFFFFFFFEu, 0, kid, 32, WIRE_SCHEME_PSS,
                                              WIRE_HASH_SHA384, aa, 48));
     hex("generate_request", w.buf, wire_generate(&w, 6, 60000, WIRE_KEY_TYPE_RSA, 2048, NULL, 0,
-                                                 WIRE_STORAGE_PRIMARY));
+                                                 WIRE_STORAGE_PRIMARY, 0, 0));
+    hex("generate_rsa_pss_request", w.buf,
+        wire_generate(&w, 6, 60000, WIRE_KEY_TYPE_RSA_PSS, 3072, NULL, 0, WIRE_STORAGE_PRIMARY,
+                      WIRE_USAGE_SIGN, WIRE_HASH_SHA384));
     hex("status_request", w.buf, wire_status(&w, 7, 0));
     hex("unload_request", w.buf, wire_unload(&w, 8, 0, kid, 32));
     hex("random_request", w.buf, wire_random(&w, 9, 2000, 48));

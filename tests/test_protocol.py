@@ -36,6 +36,8 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "sign_request": (4, ops.Sign(KID, p.Scheme.ECDSA, p.Hash.SHA256, bytes(32)), 1000),
     "sign_pss_request": (0xFFFFFFFE, ops.Sign(KID, p.Scheme.PSS, p.Hash.SHA384, b"\xaa" * 48), 0),
     "generate_request": (6, ops.Generate(p.KeyType.RSA, 2048, b"", 0x40000001), 60000),
+    "generate_rsa_pss_request": (6, ops.Generate(p.KeyType.RSA_PSS, 3072, b"", 0x40000001,
+                                                 p.Usage.SIGN, p.Hash.SHA384), 60000),
     "status_request": (7, ops.StatusRequest(), 0),
     "unload_request": (8, ops.Unload(KID), 0),
     "hello_response": (1, ops.HelloResult(1, "tpmbroker/0.1.0", 65536), 0),

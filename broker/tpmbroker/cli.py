@@ -17,8 +17,26 @@ from . import __version__
 from .paths import default_socket, default_state_dir, provider_path
 
 SCHEMES = {"ecdsa": 1, "pkcs1": 2, "pss": 3}
-ALGS = {"ec:P-256": (1, 0x0003), "ec:P-384": (1, 0x0004), "rsa:2048": (2, 2048),
-        "rsa:3072": (2, 3072)}
+# --alg: ec:CURVE, rsa:BITS, rsa-pss:BITS; the TPM decides which it has (tpmbroker status
+# lists them). Curves by their TPM2_ECC_CURVE ids, key types by their wire numbers.
+CURVES = {"P-192": 0x0001, "P-224": 0x0002, "P-256": 0x0003, "P-384": 0x0004,
+          "P-521": 0x0005}
+KEY_TYPES = {"ec": 1, "rsa": 2, "rsa-pss": 3}
+USAGES = {"sign": 1, "decrypt": 2, "sign,decrypt": 3, "decrypt,sign": 3}
+
+
+def _alg(text: str) -> tuple[int, int]:
+    """(key type, param) of an --alg value, or argparse's error."""
+    kind, _, param = text.partition(":")
+    try:
+        if kind == "ec":
+            return KEY_TYPES[kind], CURVES[param.upper()]
+        if kind in ("rsa", "rsa-pss") and 0 < int(param) < 0x10000:
+            return KEY_TYPES[kind], int(param)
+    except (KeyError, ValueError):
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: give ec:CURVE ({', '.join(CURVES)}), rsa:BITS or rsa-pss:BITS")
 
 
 def _neutral_openssl_conf() -> None:
@@ -220,10 +238,17 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     from . import protocol as p
     from .keyfile import der_to_pem
 
-    key_type, param = ALGS[args.alg]
+    key_type, param = args.alg
+    if args.digest is not None and key_type != p.KeyType.RSA_PSS:
+        raise SystemExit("tpmbroker keygen: --digest binds the hash of rsa-pss keys only")
+    try:
+        digest = p.Hash.from_name(args.digest) if args.digest is not None else None
+    except ValueError as exc:
+        raise SystemExit(f"tpmbroker keygen: {exc}") from None
     with _client(args) as client:
         der, _spki = client.generate_key(p.KeyType(key_type), param, _password(args),
-                                         int(args.parent, 0))
+                                         int(args.parent, 0), usage=p.Usage(USAGES[args.usage]),
+                                         hash_alg=digest)
     _write(args.output, der_to_pem(der), 0o600)
     return 0
 
@@ -371,7 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_serve)
 
     sp = sub.add_parser("keygen", help="create a key in the TPM, write a TSS2 PRIVATE KEY")
-    sp.add_argument("--alg", choices=sorted(ALGS), default="ec:P-256")
+    sp.add_argument("--alg", type=_alg, default="ec:P-256",
+                    help="ec:P-192|P-224|P-256|P-384|P-521, rsa:BITS (1024 to 4096, as the "
+                         "TPM has them), rsa-pss:BITS (scheme bound to RSASSA-PSS)")
+    sp.add_argument("--usage", choices=["sign", "decrypt", "sign,decrypt"], default="sign",
+                    help="what the key may do (default sign; docs/security.md, Key usage)")
+    sp.add_argument("--digest", help="rsa-pss keys: the hash the key signs with "
+                                     "(default sha256)")
     sp.add_argument("--password-file", help="file whose first line is the key's password")
     sp.add_argument("--parent", default="0x40000001",
                     help="parent: 0x40000001 (storage primary) or a persistent 0x81xxxxxx")

@@ -49,9 +49,14 @@ DEFAULT_TIMEOUT = 30.0
 
 # The order n of the curves the broker signs with (SEC 2, FIPS 186-4 D.1.2).
 _CURVE_ORDERS = {
+    p.Curve.P192: 0xFFFFFFFFFFFFFFFFFFFFFFFF99DEF836146BC9B1B4D22831,
+    p.Curve.P224: 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFF16A2E0B8F03E13DD29455C5C2A3D,
     p.Curve.P256: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
     p.Curve.P384: int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
                       "581A0DB248B0A77AECEC196ACCC52973", 16),
+    p.Curve.P521: int("01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+                      "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+                      16),
 }
 
 
@@ -354,7 +359,8 @@ class Client:
         """Sign a digest. ECDSA gives DER; RSA the big-endian signature."""
         hash_alg = hash_alg if isinstance(hash_alg, p.Hash) else p.Hash.from_name(hash_alg)
         if scheme is None:
-            scheme = p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1
+            scheme = {p.KeyType.EC: p.Scheme.ECDSA,
+                      p.KeyType.RSA_PSS: p.Scheme.PSS}.get(key.key_type, p.Scheme.PKCS1)
         result = self._call(ops.Sign(key.key_id, scheme, hash_alg, digest), timeout, key)
         assert isinstance(result, ops.SignResult)  # the opcode was checked
         check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
@@ -393,10 +399,17 @@ class Client:
 
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
                      parent: int = p.STORAGE_PRIMARY,
-                     timeout: float | None = None) -> tuple[bytes, bytes]:
-        """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER)."""
+                     timeout: float | None = None, usage: p.Usage = p.Usage.DEFAULT,
+                     hash_alg: p.Hash | None = None) -> tuple[bytes, bytes]:
+        """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER).
+
+        `param` is a curve (p.Curve) for EC keys, the modulus bits for RSA and RSA-PSS;
+        the TPM decides which it has. `usage` sets the key's sign and decrypt attributes
+        (default: sign only); `hash_alg` is the hash an RSA-PSS key's scheme is bound to
+        (default SHA-256)."""
         auth = password.encode() if isinstance(password, str) else (password or b"")
-        result = self._call(ops.Generate(key_type, param, auth, parent),
+        result = self._call(ops.Generate(key_type, param, auth, parent, usage,
+                                         int(hash_alg) if hash_alg is not None else 0),
                             timeout if timeout is not None else max(self.timeout, 120.0))
         assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key
@@ -472,7 +485,9 @@ def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
     return LoadedKey(spec, result.key_id, key_type, result.bits, curve, spki)
 
 
-_CURVE_NAMES = {p.Curve.P256: "secp256r1", p.Curve.P384: "secp384r1"}
+_CURVE_NAMES = {p.Curve.P192: "secp192r1", p.Curve.P224: "secp224r1",
+                p.Curve.P256: "secp256r1", p.Curve.P384: "secp384r1",
+                p.Curve.P521: "secp521r1"}
 
 
 @functools.lru_cache(maxsize=256)

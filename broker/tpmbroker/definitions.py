@@ -76,6 +76,7 @@ class KeySource(enum.IntEnum):
 class KeyType(enum.IntEnum):
     EC = 1
     RSA = 2
+    RSA_PSS = 3  # an RSA key whose TPM scheme is bound to RSASSA-PSS (and one hash)
 
 
 class Scheme(enum.IntEnum):
@@ -122,6 +123,18 @@ class Curve(enum.IntEnum):
     NONE = 0x0000
     P256 = 0x0003
     P384 = 0x0004
+    P192 = 0x0001
+    P224 = 0x0002
+    P521 = 0x0005
+
+
+class Usage(enum.IntEnum):
+    """What a GENERATEd key may do (docs/security.md, "Key usage"): its TPM attributes."""
+
+    DEFAULT = 0  # the broker's default: SIGN
+    SIGN = 1
+    DECRYPT = 2  # RSA decryption, ECDH
+    SIGN_DECRYPT = 3  # both, as tpm2-openssl makes its keys
 
 
 # What build_provider.py turns into C: each enum becomes WIRE_<PREFIX>_<MEMBER> constants
@@ -134,6 +147,7 @@ SHARED_ENUMS: tuple[tuple[str, type[enum.IntEnum]], ...] = (
     ("SCHEME", Scheme),
     ("HASH", Hash),
     ("CURVE", Curve),
+    ("USAGE", Usage),
 )
 SHARED_CONSTANTS: tuple[tuple[str, int], ...] = (
     ("VERSION", VERSION),

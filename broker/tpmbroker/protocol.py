@@ -31,6 +31,7 @@ from .definitions import (
     KeyType,
     Opcode,
     Scheme,
+    Usage,
 )
 from .errors import (
     FrameTooLargeError,
@@ -69,6 +70,7 @@ __all__ = [
     "Result",
     "Scheme",
     "Status",
+    "Usage",
     "check_header",
     "decode_header",
     "decode_request",

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 _LOADABLE_OID = bytes([0x67, 0x81, 0x05, 0x0A, 0x01, 0x03])
 _ALG_RSA, _ALG_ECC, _ALG_NULL, _ALG_RSAES, _ALG_ECDAA = 0x0001, 0x0023, 0x0010, 0x0015, 0x001A
-_CURVES: dict[int, ec.EllipticCurve] = {0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1()}
+_CURVES: dict[int, ec.EllipticCurve] = {0x0001: ec.SECP192R1(), 0x0002: ec.SECP224R1(),
+                                         0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1(),
+                                         0x0005: ec.SECP521R1()}
 
 
 def _tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:

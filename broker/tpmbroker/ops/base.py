@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..definitions import Hash, KeySource, KeyType, Scheme
+from ..definitions import Hash, KeySource, KeyType, Scheme, Usage
 from ..errors import UnsupportedError
 from ..protocol import Message
 
@@ -26,7 +26,8 @@ class Worker(Protocol):
     def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
         """On the event loop, no TPM: raise if the dictionary-attack shield refuses."""
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
-                     deadline: float) -> tuple[bytes, bytes]: ...
+                     deadline: float, usage: Usage = Usage.DEFAULT,
+                     hash_alg: Hash | None = None) -> tuple[bytes, bytes]: ...
     def status(self) -> dict[str, object]: ...
     def sign_message(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
                      message: bytes, deadline: float, peer: int = -1) -> bytes: ...

@@ -4,23 +4,49 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..definitions import KeyType, Opcode
-from ..protocol import Message, Result
+from ..definitions import Hash, KeyType, Opcode, Usage
+from ..errors import ProtocolError
+from ..protocol import Message, Result, _take
 from .base import Request, member
 
 
 @dataclasses.dataclass(frozen=True)
 class Generate(Message):
+    """The base fields, then an optional tail `u8 usage`, `u16 hash` (docs/protocol.md):
+    sent only when either is set, so a request without them is the version-1 frame."""
+
     OPCODE = Opcode.GENERATE
     FIELDS = (("key_type", "u8"), ("param", "u16"), ("auth", "bytes"), ("parent", "u32"))
+    TAIL = (("usage", "u8"), ("hash", "u16"))
     key_type: int
-    param: int  # curve for EC, bits for RSA
+    param: int  # curve for EC, bits for RSA and RSA-PSS
     auth: bytes = b""
     parent: int = 0
+    usage: int = Usage.DEFAULT  # Usage
+    hash: int = 0  # RSA-PSS: the hash the key's scheme is bound to; 0 = SHA-256
 
     def __repr__(self) -> str:
         return (f"Generate(key_type={self.key_type}, param={self.param}, auth=<hidden>, "
-                f"parent=0x{self.parent:08x})")
+                f"parent=0x{self.parent:08x}, usage={self.usage}, hash=0x{self.hash:04x})")
+
+    def encode_body(self, out: bytearray) -> None:
+        super().encode_body(out)
+        if self.usage or self.hash:
+            out += bytes([self.usage]) + int(self.hash).to_bytes(2, "big")
+
+    @classmethod
+    def decode_body(cls, body: bytes | memoryview, pos: int) -> Message:
+        view = memoryview(body)
+        values: dict[str, object] = {}
+        for name, kind in cls.FIELDS:
+            values[name], pos = _take(view, pos, kind)
+        if pos == len(view):
+            return cls(**values)  # type: ignore[arg-type]
+        for name, kind in cls.TAIL:
+            values[name], pos = _take(view, pos, kind)
+        if pos != len(view):
+            raise ProtocolError(f"{len(view) - pos} trailing bytes after {cls.__name__}")
+        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +59,9 @@ class GenerateResult(Result):
 
 def serve(request: Request, msg: Generate) -> None:
     key_type = member(KeyType, msg.key_type, "key type")
+    usage = member(Usage, msg.usage, "usage")
+    hash_alg = member(Hash, msg.hash, "hash") if msg.hash else None
     worker, deadline = request.worker, request.deadline
     request.submit(lambda: worker.generate_key(key_type, msg.param, msg.auth, msg.parent,
-                                               deadline),
+                                               deadline, usage=usage, hash_alg=hash_alg),
                    lambda made: GenerateResult(*made))

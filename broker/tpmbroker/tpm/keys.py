@@ -29,15 +29,23 @@ from tpm2_pytss.types import (
 )
 
 from ..errors import BadDigestError, BadKeyError, UnsupportedError
-from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme
+from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
 
 PERSISTENT_FIRST = 0x81000000
 PERSISTENT_LAST = 0x81FFFFFF
 
 _TSS2_KEY_OID = ObjectIdentifier("2.23.133.10.1.3")
 _TSS2_OID_DER = bytes.fromhex("06066781050a0103")
-_CURVE_BITS = {Curve.P256: 256, Curve.P384: 384}
-_RSA_GENERATE_BITS = (2048, 3072)
+# Every TPM curve OpenSSL's default provider signs with under a NIST name. The BN
+# curves (0x0010, 0x0011) have no OpenSSL name, and SM2 (0x0020) is its own key type
+# in OpenSSL, with SM2 signatures, not ECDSA: keys on those are refused as unsupported.
+CURVE_BITS = {Curve.P192: 192, Curve.P224: 224, Curve.P256: 256, Curve.P384: 384,
+              Curve.P521: 521}
+CURVE_NAMES = {Curve.P192: "P-192", Curve.P224: "P-224", Curve.P256: "P-256",
+               Curve.P384: "P-384", Curve.P521: "P-521"}
+# RSA sizes the broker asks the TPM about (TPM2_TestParms) for STATUS; GENERATE asks the
+# TPM about whatever size it is given, and refuses only what the TPM refuses.
+RSA_SIZES = (1024, 2048, 3072, 4096)
 
 
 def is_persistent(handle: int) -> bool:
@@ -172,9 +180,11 @@ def describe(public: Any) -> tuple[KeyType, int, Curve]:
             raise UnsupportedError(f"unsupported curve 0x{curve_id:04x}") from None
         if curve is Curve.NONE:
             raise UnsupportedError("EC key without a curve")
-        return KeyType.EC, _CURVE_BITS[curve], curve
+        return KeyType.EC, CURVE_BITS[curve], curve
     if public.type == TPM2_ALG.RSA:
-        return KeyType.RSA, int(public.parameters.rsaDetail.keyBits), Curve.NONE
+        bound = public.parameters.rsaDetail.scheme.scheme == TPM2_ALG.RSAPSS
+        return (KeyType.RSA_PSS if bound else KeyType.RSA,
+                int(public.parameters.rsaDetail.keyBits), Curve.NONE)
     raise UnsupportedError(f"unsupported key type 0x{int(public.type):04x}")
 
 
@@ -193,7 +203,9 @@ def signature_scheme_alg(key_type: KeyType, scheme: Scheme) -> int:
         return int(TPM2_ALG.ECDSA)
     if key_type is KeyType.RSA and scheme is Scheme.PKCS1:
         return int(TPM2_ALG.RSASSA)
-    if key_type is KeyType.RSA and scheme is Scheme.PSS:
+    if key_type is KeyType.RSA_PSS and scheme is not Scheme.PSS:
+        raise UnsupportedError(f"an RSA-PSS key signs with PSS only, not {scheme.name}")
+    if key_type in (KeyType.RSA, KeyType.RSA_PSS) and scheme is Scheme.PSS:
         # The TPM picks the PSS salt length, not the caller: swtpm (libtpms) uses the
         # digest length, which is what TLS 1.3 and our wire protocol require, but real
         # TPMs following the spec use the maximum salt length the modulus allows.
@@ -295,45 +307,71 @@ def storage_parent_template(rsa: bool) -> Any:
                        objectAttributes=attributes, authPolicy=b"", parameters=parameters)
 
 
-def generation_template(key_type: KeyType, param: int, password: bool = False) -> Any:
-    """TPMT_PUBLIC for a new signing key.
+def usage_attributes(key_type: KeyType, usage: Usage) -> int:
+    """TPMA_OBJECT bits SIGN_ENCRYPT and DECRYPT for a usage (docs/security.md, "Key
+    usage"). The default is SIGN alone: a key that also decrypts with scheme NULL makes
+    TPM2_RSA_Decrypt a raw private-key operation, that is a signing oracle, and a key
+    that signs and does ECDH mixes two uses. RSA-PSS keys only sign."""
+    usage = Usage.SIGN if usage is Usage.DEFAULT else usage
+    if key_type is KeyType.RSA_PSS and usage is not Usage.SIGN:
+        raise UnsupportedError("an RSA-PSS key only signs: its scheme is bound to PSS; "
+                               "make an RSA key for decryption")
+    bits = 0
+    if usage in (Usage.SIGN, Usage.SIGN_DECRYPT):
+        bits |= int(TPMA_OBJECT.SIGN_ENCRYPT)
+    if usage in (Usage.DECRYPT, Usage.SIGN_DECRYPT):
+        bits |= int(TPMA_OBJECT.DECRYPT)
+    return bits
 
-    Attributes follow tpm2-openssl's key templates; EC keys without decrypt, which ECDSA
-    does not need. Scheme NULL leaves the scheme and hash to each signature. A key
-    without a password gets noDA: there is nothing to guess, and a DA-protected key
+
+def ecc_parms(curve: int) -> Any:
+    """TPMS_ECC_PARMS of an unrestricted key on `curve`, scheme NULL (TestParms, Create)."""
+    return TPMS_ECC_PARMS(symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                          scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL), curveID=curve,
+                          kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL))
+
+
+def rsa_parms(bits: int, pss_hash: Hash | None = None) -> Any:
+    """TPMS_RSA_PARMS of an unrestricted key: scheme NULL, or RSAPSS bound to a hash."""
+    scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL)
+    if pss_hash is not None:
+        scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.RSAPSS)
+        scheme.details.anySig.hashAlg = int(pss_hash)
+    return TPMS_RSA_PARMS(symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                          scheme=scheme, keyBits=bits, exponent=0)
+
+
+def generation_template(key_type: KeyType, param: int, password: bool = False,
+                        usage: Usage = Usage.DEFAULT, hash_alg: Hash | None = None) -> Any:
+    """TPMT_PUBLIC for a new key.
+
+    Attributes follow tpm2-openssl's key templates, except for sign and decrypt, which
+    come from `usage` (usage_attributes). Scheme NULL leaves the scheme and hash to each
+    signature; an RSA-PSS key's scheme is RSAPSS with `hash_alg` (SHA-256 by default).
+    A key without a password gets noDA: there is nothing to guess, and a DA-protected key
     makes every TPM crash after its use count toward the lockout. A key with a password
-    stays DA-protected, so that guessing it is throttled by the TPM.
+    stays DA-protected, so that guessing it is throttled by the TPM. Sizes and curves
+    are not checked here: the worker asks the TPM (TPM2_TestParms) first.
     """
-    attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
+    attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.FIXEDTPM
                   | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN)
+    attributes |= usage_attributes(key_type, usage)
     if not password:
         attributes |= TPMA_OBJECT.NODA
-    if key_type is KeyType.RSA:
-        # As tpm2-openssl does: with decrypt, the broker can pad RSA-PSS itself and use
-        # the TPM for the raw RSA operation, on TPMs whose own PSS salt TLS 1.3 rejects.
-        # The broker offers no decryption to its clients.
-        attributes |= TPMA_OBJECT.DECRYPT
+    if hash_alg is not None and key_type is not KeyType.RSA_PSS:
+        raise UnsupportedError("a hash is bound to RSA-PSS keys only")
     if key_type is KeyType.EC:
-        if param not in (Curve.P256, Curve.P384):
-            raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}; "
-                                   "P-256 (3) and P-384 (4) are supported")
-        parameters = TPMU_PUBLIC_PARMS(eccDetail=TPMS_ECC_PARMS(
-            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-            scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
-            curveID=TPM2_ECC.NIST_P256 if param == Curve.P256 else TPM2_ECC.NIST_P384,
-            kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL)))
+        if param not in CURVE_BITS:
+            raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}: "
+                                   "OpenSSL has no ECDSA for it")
         return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
-                           objectAttributes=attributes, parameters=parameters)
-    if key_type is KeyType.RSA:
-        if param not in _RSA_GENERATE_BITS:
-            raise UnsupportedError(f"cannot generate {param}-bit RSA keys; "
-                                   "2048 and 3072 are supported")
-        parameters = TPMU_PUBLIC_PARMS(rsaDetail=TPMS_RSA_PARMS(
-            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-            scheme=TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL),
-            keyBits=param, exponent=0))
+                           objectAttributes=attributes,
+                           parameters=TPMU_PUBLIC_PARMS(eccDetail=ecc_parms(param)))
+    if key_type in (KeyType.RSA, KeyType.RSA_PSS):
+        pss_hash = (hash_alg or Hash.SHA256) if key_type is KeyType.RSA_PSS else None
         return TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=TPM2_ALG.SHA256,
-                           objectAttributes=attributes, parameters=parameters)
+                           objectAttributes=attributes,
+                           parameters=TPMU_PUBLIC_PARMS(rsaDetail=rsa_parms(param, pss_hash)))
     raise UnsupportedError(f"unsupported key type {key_type!r}")
 
 

@@ -30,22 +30,30 @@ from tpm2_pytss.constants import (
     TPM2_PT,
     TPM2_PT_HR,
     TPM2_PT_NV,
+    TPM2_RC,
     TPM2_RH,
     TPMA_NV,
     TSS2_RC,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+from tpm2_pytss.types import (
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPMT_PUBLIC_PARMS,
+    TPMU_PUBLIC_PARMS,
+)
 
 from ..audit import audit
 from ..definitions import (
     MAX_MESSAGE,
     MAX_RANDOM,
     STORAGE_PRIMARY,
+    Curve,
     Hash,
     KeySource,
     KeyType,
     Scheme,
+    Usage,
 )
 from ..errors import (
     AuthFailedError,
@@ -111,6 +119,10 @@ class TpmWorker:
         self.pool = SessionPool(sessions, start=self._start_session, flush=self._flush)
         self._schemes_checked: set[tuple[bytes, int, int]] = set()  # (key id, scheme, hash)
         self._rsa_only: bool | None = None
+        # What this TPM makes, asked once per broker: curve ids (TPM2_GetCapability) and
+        # RSA sizes with the TPM's answer to TPM2_TestParms (None = it has that size).
+        self._curves: list[int] | None = None
+        self._rsa_sizes: dict[int, int | None] = {}
         self._counts: tuple[int, int] | None = None  # (resetCount, restartCount)
         self._active_sessions_max = 0
         self._restarts_recovered = 0
@@ -384,16 +396,20 @@ class TpmWorker:
         return signature
 
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
-                     deadline: float) -> tuple[bytes, bytes]:
+                     deadline: float, usage: Usage = Usage.DEFAULT,
+                     hash_alg: Hash | None = None) -> tuple[bytes, bytes]:
         try:
             key_type = KeyType(key_type)
         except ValueError:
             raise UnsupportedError(f"unsupported key type {key_type}") from None
-        template = keymod.generation_template(key_type, param, password=bool(auth))
+        template = keymod.generation_template(key_type, param, password=bool(auth),
+                                              usage=usage, hash_alg=hash_alg)
         parent = parent or STORAGE_PRIMARY
         if not (parent == STORAGE_PRIMARY or keymod.is_persistent(parent)):
             raise UnsupportedError(f"parent 0x{parent:08x} is neither the storage primary "
                                    "(0x40000001) nor a persistent handle")
+        self._run(deadline, "asking the TPM about the key's algorithm",
+                  lambda: self._check_tpm_has(key_type, param))
         if len(auth) > MAX_AUTH:
             raise UnsupportedError(f"passwords are at most {MAX_AUTH} bytes")
         sensitive = TPM2B_SENSITIVE_CREATE()
@@ -483,8 +499,55 @@ class TpmWorker:
                 index=index, index_name=name, size=want, offset=offset), command.sized_result)
         return bytes(data)
 
+    # --- what this TPM has ----------------------------------------------------------------
+
+    def _check_tpm_has(self, key_type: KeyType, param: int) -> None:
+        """UnsupportedError with the TPM's reason unless the TPM makes such keys."""
+        if key_type is KeyType.EC:
+            if param not in self._tpm_curves():
+                raise UnsupportedError(f"this TPM has no curve {_curve_name(param)} "
+                                       "(TPM2_GetCapability "
+                                       "TPM_CAP_ECC_CURVES does not list it)")
+            return
+        rc = self._rsa_size_rc(param)
+        if rc is not None:
+            raise UnsupportedError(f"this TPM has no RSA-{param} (TPM2_TestParms: "
+                                   f"{_rc_name(rc)})", tpm_rc=rc)
+
+    def _tpm_curves(self) -> list[int]:
+        if self._curves is None:
+            _, data = self.link.ectx.get_capability(TPM2_CAP.ECC_CURVES, 0, 64)
+            self._curves = [int(curve) for curve in data.data.eccCurves]
+        return self._curves
+
+    def _rsa_size_rc(self, bits: int) -> int | None:
+        """None if the TPM has RSA keys of `bits`, else the TPM's TestParms error code."""
+        if bits not in self._rsa_sizes:
+            parms = TPMT_PUBLIC_PARMS(type=TPM2_ALG.RSA, parameters=TPMU_PUBLIC_PARMS(
+                rsaDetail=keymod.rsa_parms(bits)))
+            try:
+                self.link.ectx.test_parms(parms)
+                self._rsa_sizes[bits] = None
+            except TSS2_Exception as exc:
+                if classify(exc) in RECOVERABLE:
+                    raise
+                self._rsa_sizes[bits] = int(exc.rc)
+        return self._rsa_sizes[bits]
+
+    def algorithms(self) -> dict[str, object]:
+        """Curves and RSA sizes this TPM makes keys of, for STATUS (asked once)."""
+        if not self.link.up:
+            return {}
+        try:
+            curves = self._tpm_curves()
+            rsa = [bits for bits in keymod.RSA_SIZES if self._rsa_size_rc(bits) is None]
+        except TSS2_Exception:
+            return {}
+        return {"tpm_curves": [_curve_name(curve) for curve in curves], "tpm_rsa_bits": rsa}
+
     def status(self) -> dict[str, object]:
         return {
+            **self.algorithms(),
             "pool_size": self.pool.size,
             "pool_sessions": self.pool.count,
             "tpm_active_sessions": self._property(TPM2_PT_HR.ACTIVE),
@@ -510,8 +573,9 @@ class TpmWorker:
             raise UnsupportedError(
                 "this TPM signs RSA-PSS with a salt longer than the digest, which TLS 1.3 "
                 "verifiers reject, and the key lacks the decrypt attribute the broker needs "
-                "to pad PSS itself; make the key with `tpmbroker keygen` (RSA keys get "
-                "sign|decrypt) or sign with PKCS#1 v1.5")
+                "to pad PSS itself; make the key with `tpmbroker keygen --usage "
+                "sign,decrypt` (or -pkeyopt usage:sign,decrypt), use an EC key, or sign "
+                "with PKCS#1 v1.5")
         return bool(entry.pss_by_broker)
 
     def _check_tpm_pss_salt(self, entry: CachedKey, auth: bytes, hash: Hash,
@@ -780,3 +844,22 @@ class TpmWorker:
     def _check_deadline(deadline: float) -> None:
         if time.monotonic() >= deadline:
             raise DeadlineError("the request's deadline passed before the TPM could serve it")
+
+
+def _rc_name(rc: int) -> str:
+    """TPM_RC_VALUE and the like, for people, from a TPM's response code."""
+    code = tpm_code(rc)
+    if code is None:
+        return f"0x{rc:x}"
+    try:
+        return "TPM_RC_" + str(TPM2_RC.to_string(code)).split(".")[-1]
+    except ValueError:
+        return f"0x{rc:x}"
+
+
+def _curve_name(curve: int) -> str:
+    """P-256 and the like; the TPM's id for curves OpenSSL has no ECDSA name for."""
+    try:
+        return keymod.CURVE_NAMES[Curve(curve)]
+    except (ValueError, KeyError):
+        return f"0x{curve:04x}"

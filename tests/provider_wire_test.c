@@ -60,6 +60,13 @@ static int encode(void)
     hex("random_request", w.buf, wire_random(&w, 9, 2000, 48));
     hex("random_max_request", w.buf, wire_random(&w, 10, 0, WIRE_MAX_RANDOM));
     hex("nv_read_request", w.buf, wire_nv_read(&w, 12, 5000, 0x01000010));
+    hex("load_parent_auth_request", w.buf,
+        wire_load_parent(&w, 13, 0, WIRE_KEY_SOURCE_TSS2_DER, key, sizeof(key), NULL, 0,
+                         (const uint8_t *)"parentpass", 10));
+    hex("generate_parent_auth_request", w.buf,
+        wire_generate_parent(&w, 14, 0, WIRE_KEY_TYPE_EC, WIRE_CURVE_P256,
+                             (const uint8_t *)"pw", 2, 0x81000002u,
+                             (const uint8_t *)"parentpass", 10));
     return 0;
 }
 

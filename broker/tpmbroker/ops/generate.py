@@ -12,15 +12,17 @@ from .base import Request, member
 @dataclasses.dataclass(frozen=True)
 class Generate(Message):
     OPCODE = Opcode.GENERATE
-    FIELDS = (("key_type", "u8"), ("param", "u16"), ("auth", "bytes"), ("parent", "u32"))
+    FIELDS = (("key_type", "u8"), ("param", "u16"), ("auth", "bytes"), ("parent", "u32"),
+              ("parent_auth", "bytes?"))
     key_type: int
     param: int  # curve for EC, bits for RSA
     auth: bytes = b""
     parent: int = 0
+    parent_auth: bytes = b""  # the parent's password; trailing, omitted when empty
 
     def __repr__(self) -> str:
         return (f"Generate(key_type={self.key_type}, param={self.param}, auth=<hidden>, "
-                f"parent=0x{self.parent:08x})")
+                f"parent=0x{self.parent:08x}, parent_auth=<hidden>)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,5 +37,6 @@ def serve(request: Request, msg: Generate) -> None:
     key_type = member(KeyType, msg.key_type, "key type")
     worker, deadline = request.worker, request.deadline
     request.submit(lambda: worker.generate_key(key_type, msg.param, msg.auth, msg.parent,
-                                               deadline),
+                                               deadline, parent_auth=msg.parent_auth,
+                                               peer=request.peer_uid),
                    lambda made: GenerateResult(*made))

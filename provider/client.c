@@ -685,8 +685,9 @@ static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *k
     uint16_t bits, curve;
     size_t n;
 
-    n = wire_load(cn->w, next_id(cn), remaining(deadline), key->source, key->blob, key->bloblen,
-                  key->auth, key->authlen);
+    n = wire_load_parent(cn->w, next_id(cn), remaining(deadline), key->source, key->blob,
+                         key->bloblen, key->auth, key->authlen, key->parent_auth,
+                         key->parent_authlen);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "key blob of %zu bytes does not fit in a frame",
                 key->bloblen);
@@ -854,6 +855,8 @@ struct generate_arg {
     uint32_t parent;
     uint8_t **key;
     size_t *keylen;
+    const uint8_t *parent_auth;
+    size_t parent_authlen;
 };
 
 static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
@@ -864,8 +867,9 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
     WIRE_BYTES key;
     size_t n;
 
-    n = wire_generate(cn->w, next_id(cn), remaining(deadline), a->key_type, a->param, a->auth,
-                      a->authlen, a->parent);
+    n = wire_generate_parent(cn->w, next_id(cn), remaining(deadline), a->key_type, a->param,
+                             a->auth, a->authlen, a->parent, a->parent_auth,
+                             a->parent_authlen);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "password too long");
         return 0;
@@ -885,7 +889,17 @@ int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint
                     size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
                     CLIENT_ERR *err)
 {
-    struct generate_arg a = { key_type, param, auth, authlen, parent, key, keylen };
+    return client_generate_parent(c, key_type, param, auth, authlen, parent, NULL, 0, key,
+                                  keylen, err);
+}
+
+int client_generate_parent(TPMB_CLIENT *c, uint8_t key_type, uint16_t param,
+                           const uint8_t *auth, size_t authlen, uint32_t parent,
+                           const uint8_t *parent_auth, size_t parent_authlen, uint8_t **key,
+                           size_t *keylen, CLIENT_ERR *err)
+{
+    struct generate_arg a = { key_type, param, auth, authlen, parent, key, keylen,
+                              parent_auth, parent_authlen };
     /* RSA key generation on a TPM can take tens of seconds */
     unsigned int timeout_ms = c->timeout_ms > 120000 ? c->timeout_ms : 120000;
 

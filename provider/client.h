@@ -33,6 +33,8 @@ typedef struct client_key {
     size_t bloblen;
     const uint8_t *auth;
     size_t authlen;
+    const uint8_t *parent_auth; /* the password of the key's parent; NULL: none */
+    size_t parent_authlen;
 } CLIENT_KEY;
 
 typedef struct client_load_result {
@@ -57,6 +59,11 @@ int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t 
 int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
                     size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
                     CLIENT_ERR *err);
+/* GENERATE under a parent with a password (client_generate is this with none). */
+int client_generate_parent(TPMB_CLIENT *c, uint8_t key_type, uint16_t param,
+                           const uint8_t *auth, size_t authlen, uint32_t parent,
+                           const uint8_t *parent_auth, size_t parent_authlen, uint8_t **key,
+                           size_t *keylen, CLIENT_ERR *err);
 /* RANDOM: fills out[0..n) with bytes from the TPM's generator, in requests of at most
  * WIRE_MAX_RANDOM bytes, all within one deadline. */
 int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err);

@@ -46,6 +46,10 @@ void tpmb_key_free(TPMB_KEY *key)
         OPENSSL_cleanse(key->auth, key->authlen);
         free(key->auth);
     }
+    if (key->parent_auth != NULL) {
+        OPENSSL_cleanse(key->parent_auth, strlen(key->parent_auth));
+        free(key->parent_auth);
+    }
     EVP_PKEY_free(key->pub);
     free(key);
 }
@@ -58,6 +62,14 @@ void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref)
     ref->bloblen = key->bloblen;
     ref->auth = key->auth;
     ref->authlen = key->authlen;
+    /* The parent's password: the one given at generation, else, for a key file under a
+     * persistent parent, the provider's (env or config), as tpm2-openssl takes its
+     * TPM2OPENSSL_PARENT_AUTH for persistent parents only. */
+    ref->parent_auth = (const uint8_t *)key->parent_auth;
+    if (ref->parent_auth == NULL && key->source == WIRE_KEY_SOURCE_TSS2_DER
+        && (key->parent & 0xff000000u) == 0x81000000u)
+        ref->parent_auth = (const uint8_t *)key->prov->parent_auth;
+    ref->parent_authlen = ref->parent_auth != NULL ? strlen((const char *)ref->parent_auth) : 0;
 }
 
 static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
@@ -274,6 +286,9 @@ static void *key_dup(const void *keydata_from, int selection)
         if (from->authlen > 0)
             memcpy(key->auth, from->auth, from->authlen);
         key->authlen = from->authlen;
+        if (from->parent_auth != NULL
+            && (key->parent_auth = strdup(from->parent_auth)) == NULL)
+            goto fail;
     }
     if (from->pub != NULL) {
         if (!EVP_PKEY_up_ref(from->pub))
@@ -463,6 +478,7 @@ typedef struct gen_ctx {
     unsigned int bits;
     uint32_t parent;
     char *auth;
+    char *parent_auth; /* -pkeyopt parent-auth: */
 } GEN_CTX;
 
 static uint16_t curve_from_name(const char *name)
@@ -591,11 +607,13 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
 
         if (!OSSL_PARAM_get_utf8_string_ptr(p, &pauth))
             return 0;
-        if (*pauth != '\0') {
-            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "parent-auth: tpmbroker uses parents "
-                       "without a password");
-            return 0;
+        if (g->parent_auth != NULL) {
+            OPENSSL_cleanse(g->parent_auth, strlen(g->parent_auth));
+            free(g->parent_auth);
+            g->parent_auth = NULL;
         }
+        if (*pauth != '\0' && (g->parent_auth = strdup(pauth)) == NULL)
+            return 0;
     }
     p = OSSL_PARAM_locate_const(params, "digest");
     if (p != NULL) {
@@ -676,11 +694,18 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     size_t bloblen = 0;
     CLIENT_ERR err;
     TPMB_KEY *key;
+    /* -pkeyopt parent-auth: for any parent (for 0x40000001 it is the owner hierarchy's);
+     * else the provider's, for a persistent parent only (as tpm2-openssl does) */
+    const char *pauth = g->parent_auth;
 
     (void)cb;
     (void)cbarg;
-    if (!client_generate(g->prov->client, (uint8_t)g->type, param, (const uint8_t *)g->auth,
-                         authlen, g->parent, &blob, &bloblen, &err)) {
+    if (pauth == NULL && g->parent != WIRE_STORAGE_PRIMARY)
+        pauth = g->prov->parent_auth;
+    if (!client_generate_parent(g->prov->client, (uint8_t)g->type, param,
+                                (const uint8_t *)g->auth, authlen, g->parent,
+                                (const uint8_t *)pauth, pauth != NULL ? strlen(pauth) : 0,
+                                &blob, &bloblen, &err)) {
         TPMB_RAISE_CLIENT(g->prov, "generating a TPM key", &err);
         return NULL;
     }
@@ -697,6 +722,11 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
                                  authlen);
     }
     free(blob);
+    if (key != NULL && g->parent_auth != NULL
+        && (key->parent_auth = strdup(g->parent_auth)) == NULL) {
+        tpmb_key_free(key);
+        return NULL;
+    }
     return key;
 }
 
@@ -709,6 +739,10 @@ static void gen_cleanup(void *genctx)
     if (g->auth != NULL) {
         OPENSSL_cleanse(g->auth, strlen(g->auth));
         free(g->auth);
+    }
+    if (g->parent_auth != NULL) {
+        OPENSSL_cleanse(g->parent_auth, strlen(g->parent_auth));
+        free(g->parent_auth);
     }
     free(g);
 }

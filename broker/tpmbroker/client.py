@@ -328,9 +328,12 @@ class Client:
 
     def load_key(self, key: KeySpec | bytes | str | os.PathLike[str] | int,
                  password: bytes | str | None = None,
-                 timeout: float | None = None) -> LoadedKey:
-        """Load a key: a KeySpec, PEM or DER bytes, a file path, or a persistent handle."""
-        spec = key if isinstance(key, KeySpec) else KeySpec.from_any(key, password)
+                 timeout: float | None = None,
+                 parent_auth: bytes | str | None = None) -> LoadedKey:
+        """Load a key: a KeySpec, PEM or DER bytes, a file path, or a persistent handle.
+        `parent_auth`: the password of the key's parent (docs/python.md)."""
+        spec = (key if isinstance(key, KeySpec)
+                else KeySpec.from_any(key, password, parent_auth))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         for attempt in range(2):
             try:
@@ -361,10 +364,14 @@ class Client:
 
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
                      parent: int = p.STORAGE_PRIMARY,
-                     timeout: float | None = None) -> tuple[bytes, bytes]:
-        """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER)."""
+                     timeout: float | None = None,
+                     parent_auth: bytes | str | None = None) -> tuple[bytes, bytes]:
+        """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER).
+        `parent_auth`: the parent's password (for 0x40000001, the owner hierarchy's)."""
         auth = password.encode() if isinstance(password, str) else (password or b"")
-        result = self._call(ops.Generate(key_type, param, auth, parent),
+        pauth = (parent_auth.encode() if isinstance(parent_auth, str)
+                 else (parent_auth or b""))
+        result = self._call(ops.Generate(key_type, param, auth, parent, pauth),
                             timeout if timeout is not None else max(self.timeout, 120.0))
         assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key

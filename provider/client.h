@@ -56,6 +56,11 @@ int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, 
 int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
                 const uint8_t *digest, size_t digestlen, uint8_t *sig, size_t *siglen,
                 CLIENT_ERR *err);
+/* SIGN_MESSAGE: the message itself (at most WIRE_MAX_MESSAGE bytes), for restricted keys,
+ * whose message the TPM must hash, and keys whose attributes the provider does not know. */
+int client_sign_message(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
+                        const uint8_t *message, size_t messagelen, uint8_t *sig,
+                        size_t *siglen, CLIENT_ERR *err);
 int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
                     size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
                     CLIENT_ERR *err);
@@ -70,5 +75,9 @@ int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err);
 /* NV_READ: the contents of NV index `index`, malloc'd into *data (the caller frees). */
 int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
                    CLIENT_ERR *err);
+/* DERIVE: ECDH with an EC key; `point` is the peer's uncompressed public point. Writes Z
+ * (the shared x-coordinate, as long as the curve's field) to secret, *secretlen its room. */
+int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, size_t pointlen,
+                  uint8_t *secret, size_t *secretlen, CLIENT_ERR *err);
 
 #endif

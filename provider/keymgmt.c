@@ -461,6 +461,8 @@ static const OSSL_PARAM *rsa_gettable_fn(void *provctx)
 
 static const char *ec_query_operation_name(int operation_id)
 {
+    if (operation_id == OSSL_OP_KEYEXCH)
+        return TPMB_TPM_ECDH_NAME; /* exchange.c: OpenSSL fetches it for TPM keys only */
     return operation_id == OSSL_OP_SIGNATURE ? "ECDSA" : NULL;
 }
 
@@ -769,5 +771,57 @@ static void gen_cleanup(void *genctx)
     { OSSL_FUNC_KEYMGMT_GEN_CLEANUP, (void (*)(void))gen_cleanup }, \
     { 0, NULL }
 
-const OSSL_DISPATCH tpmb_ec_keymgmt_functions[] = { KEYMGMT_COMMON(ec) };
+/*
+ * A public EC key's point, set after its curve: CMS makes the originator's key of an EC
+ * recipient that way (EVP_PKEY_copy_parameters, then EVP_PKEY_set1_encoded_public_key)
+ * before ECDH with the TPM key (exchange.c). A TPM key's public key is the TPM's: refused.
+ */
+static int ec_set_params(void *keydata, const OSSL_PARAM params[])
+{
+    TPMB_KEY *key = keydata;
+    const OSSL_PARAM *p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY);
+    OSSL_PARAM build[3];
+    EVP_PKEY_CTX *pctx;
+    EVP_PKEY *pub = NULL;
+    char group[64];
+    int ok;
+
+    if (p == NULL)
+        return 1;
+    if (key == NULL || key->blob != NULL || key->pub == NULL
+        || p->data_type != OSSL_PARAM_OCTET_STRING
+        || !EVP_PKEY_get_utf8_string_param(key->pub, OSSL_PKEY_PARAM_GROUP_NAME, group,
+                                           sizeof(group), NULL))
+        return 0;
+    build[0] = OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0);
+    build[1] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, p->data, p->data_size);
+    build[2] = OSSL_PARAM_construct_end();
+    pctx = EVP_PKEY_CTX_new_from_name(key->prov->libctx, "EC", NULL);
+    ok = pctx != NULL && EVP_PKEY_fromdata_init(pctx) > 0
+         && EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, build) > 0;
+    EVP_PKEY_CTX_free(pctx);
+    if (!ok)
+        return 0;
+    EVP_PKEY_free(key->pub);
+    key->pub = pub;
+    key->bits = EVP_PKEY_get_bits(pub);
+    return 1;
+}
+
+static const OSSL_PARAM ec_settable[] = {
+    OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM *ec_settable_fn(void *provctx)
+{
+    (void)provctx;
+    return ec_settable;
+}
+
+const OSSL_DISPATCH tpmb_ec_keymgmt_functions[] = {
+    { OSSL_FUNC_KEYMGMT_SET_PARAMS, (void (*)(void))ec_set_params },
+    { OSSL_FUNC_KEYMGMT_SETTABLE_PARAMS, (void (*)(void))ec_settable_fn },
+    KEYMGMT_COMMON(ec)
+};
 const OSSL_DISPATCH tpmb_rsa_keymgmt_functions[] = { KEYMGMT_COMMON(rsa) };

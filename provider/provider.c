@@ -191,6 +191,8 @@ static const OSSL_ALGORITHM keymgmt_algs[] = {
 static const OSSL_ALGORITHM keyexch_algs[] = {
     { "TPMBROKER-ECDH", TPMBROKER_PROPS, tpmb_ecdh_keyexch_functions,
       "ECDH for TLS key exchange (software)" },
+    { TPMB_TPM_ECDH_NAME, TPMBROKER_PROPS, tpmb_tpm_ecdh_keyexch_functions,
+      "ECDH with a TPM key" },
     { NULL, NULL, NULL, NULL },
 };
 

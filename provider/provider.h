@@ -16,6 +16,8 @@
 #define TPMBROKER_VERSION "0.1.0"
 #define TPMBROKER_PROPS "provider=tpmbroker"
 #define TPMBROKER_DEFAULT_TIMEOUT_MS 30000
+/* The key exchange of TPM EC keys (exchange.c); ecdhe.c's TPMBROKER-ECDH is TLS's. */
+#define TPMB_TPM_ECDH_NAME "TPMBROKER-TPM-ECDH"
 
 /* Per-load provider context, handed to every operation. */
 typedef struct tpmbroker_ctx {
@@ -128,6 +130,7 @@ extern const OSSL_DISPATCH tpmb_encoder_text_functions[];
 extern const OSSL_DISPATCH tpmb_store_functions[];
 extern const OSSL_DISPATCH tpmb_ecdhe_keymgmt_functions[];
 extern const OSSL_DISPATCH tpmb_ecdh_keyexch_functions[];
+extern const OSSL_DISPATCH tpmb_tpm_ecdh_keyexch_functions[]; /* exchange.c */
 extern const OSSL_DISPATCH tpmb_rand_functions[]; /* rand.c */
 
 /* ecdhe.c: TLS groups, so that TLS works whatever the provider order */

@@ -120,6 +120,20 @@ size_t wire_sign(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t
     return wire_finish(w);
 }
 
+size_t wire_sign_message(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
+                         const uint8_t *key_id, size_t key_id_len, uint8_t scheme,
+                         uint16_t hash, const uint8_t *message, size_t messagelen)
+{
+    if (messagelen > WIRE_MAX_MESSAGE)
+        return 0;
+    wire_begin(w, WIRE_OPCODE_SIGN_MESSAGE, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    wire_put_u8(w, scheme);
+    wire_put_u16(w, hash);
+    wire_put_bytes(w, message, messagelen);
+    return wire_finish(w);
+}
+
 size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
                      uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent)
 {
@@ -166,6 +180,15 @@ size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t i
 {
     wire_begin(w, WIRE_OPCODE_NV_READ, id, timeout_ms);
     wire_put_u32(w, index);
+    return wire_finish(w);
+}
+
+size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                   size_t key_id_len, const uint8_t *point, size_t pointlen)
+{
+    wire_begin(w, WIRE_OPCODE_DERIVE, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    wire_put_bytes(w, point, pointlen);
     return wire_finish(w);
 }
 

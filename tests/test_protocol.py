@@ -60,10 +60,22 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
                                                       0x81000002, b"parentpass"), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
+    "sign_message_request": (13, ops.SignMessage(KID, p.Scheme.ECDSA, p.Hash.SHA256,
+                                                 b"hello, world"), 3000),
+    "sign_message_empty_request": (14, ops.SignMessage(KID, p.Scheme.PSS, p.Hash.SHA384,
+                                                       b""), 0),
+    "sign_message_response": (13, ops.SignMessageResult(bytes.fromhex("3006020101020102")),
+                              0),
+    "error_sign_message_too_long": (15, p.ErrorResult(
+        Status.UNSUPPORTED, "message of 65281 bytes: SIGN_MESSAGE carries at most 65280 "
+        "(MAX_MESSAGE)"), 0),
+    "derive_request": (13, ops.Derive(KID, b"\x04" + bytes(range(0x40, 0x80))), 3000),
+    "derive_response": (13, ops.DeriveResult(bytes(range(0x80, 0xA0))), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,
-                      "error_random_too_many": p.Opcode.RANDOM}
+                      "error_random_too_many": p.Opcode.RANDOM,
+                      "error_sign_message_too_long": p.Opcode.SIGN_MESSAGE}
 # Every other status, answering STATUS (request id 100 + status).
 for _status in Status:
     if _status in (Status.OK, Status.UNKNOWN_KEY, Status.AUTH_FAILED):
@@ -156,6 +168,10 @@ def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
 
 def test_random_bytes_never_appear_in_reprs() -> None:
     assert "abcdef" not in repr(ops.RandomResult(bytes.fromhex("abcdef")))
+
+
+def test_shared_secrets_never_appear_in_reprs() -> None:
+    assert "abcdef" not in repr(ops.DeriveResult(bytes.fromhex("abcdef")))
 
 
 def test_passwords_never_appear_in_reprs() -> None:

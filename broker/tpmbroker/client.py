@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import select
@@ -35,6 +36,7 @@ from .errors import (
     ShuttingDownError,
     TpmBrokerError,
     UnknownKeyError,
+    UnsupportedError,
     error_for_status,
 )
 from .keyfile import KeySpec
@@ -361,6 +363,36 @@ class Client:
         check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
                         verify=self.verify)
         return result.signature
+
+    def sign_message(self, key: LoadedKey, message: bytes,
+                     hash_alg: p.Hash | str = p.Hash.SHA256, scheme: p.Scheme | None = None,
+                     timeout: float | None = None) -> bytes:
+        """Sign a message (at most protocol.MAX_MESSAGE bytes) that the broker, or for a
+        restricted key (an attestation key) the TPM, hashes. ECDSA gives DER; RSA the
+        big-endian signature."""
+        hash_alg = hash_alg if isinstance(hash_alg, p.Hash) else p.Hash.from_name(hash_alg)
+        if scheme is None:
+            scheme = p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1
+        if len(message) > p.MAX_MESSAGE:
+            raise UnsupportedError(f"message of {len(message)} bytes: the broker signs "
+                                   f"messages of at most {p.MAX_MESSAGE} bytes (MAX_MESSAGE)")
+        result = self._call(ops.SignMessage(key.key_id, scheme, hash_alg, message), timeout,
+                            key)
+        assert isinstance(result, ops.SignMessageResult)  # the opcode was checked
+        digest = hashlib.new(hash_alg.hashlib_name, message).digest()
+        check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
+                        verify=self.verify)
+        return result.signature
+
+    def derive(self, key: LoadedKey, peer_point: bytes, timeout: float | None = None) -> bytes:
+        """ECDH with an EC key: Z, the shared point's x-coordinate, from the peer's
+        public key as an uncompressed point (0x04 || x || y)."""
+        result = self._call(ops.Derive(key.key_id, peer_point), timeout, key)
+        assert isinstance(result, ops.DeriveResult)
+        if len(result.secret) != (key.bits + 7) // 8:
+            raise ProtocolError(f"the broker sent a {len(result.secret)}-byte secret for "
+                                f"a {key.bits}-bit curve")
+        return result.secret
 
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
                      parent: int = p.STORAGE_PRIMARY,

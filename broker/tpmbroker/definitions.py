@@ -22,6 +22,9 @@ MAX_FIELD = 0xFFFF
 KEY_ID_SIZE = 32  # SHA-256 over key source and key
 STORAGE_PRIMARY = 0x40000001  # parent: the storage primary made from the TCG template
 MAX_RANDOM = 1024  # bytes one RANDOM request may ask for
+# Bytes of message one SIGN_MESSAGE may carry: with the header, the key id, scheme and
+# hash it fits a frame (16 + 34 + 3 + 2 + 65280 < MAX_FRAME).
+MAX_MESSAGE = 0xFF00
 
 
 class Opcode(enum.IntEnum):
@@ -35,6 +38,8 @@ class Opcode(enum.IntEnum):
     UNLOAD = 0x06
     RANDOM = 0x07
     NV_READ = 0x08
+    DERIVE = 0x0A
+    SIGN_MESSAGE = 0x0B  # restricted keys: the TPM hashes the message, then signs
 
 
 class Status(enum.IntEnum):
@@ -141,6 +146,7 @@ SHARED_CONSTANTS: tuple[tuple[str, int], ...] = (
     ("KEY_ID_SIZE", KEY_ID_SIZE),
     ("STORAGE_PRIMARY", STORAGE_PRIMARY),
     ("MAX_RANDOM", MAX_RANDOM),
+    ("MAX_MESSAGE", MAX_MESSAGE),
 )
 
 

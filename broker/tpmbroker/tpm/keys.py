@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from cryptography.hazmat import asn1
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ObjectIdentifier
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
@@ -27,7 +28,7 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
-from ..errors import BadKeyError, UnsupportedError
+from ..errors import BadDigestError, BadKeyError, UnsupportedError
 from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme
 
 PERSISTENT_FIRST = 0x81000000
@@ -152,9 +153,13 @@ def check_signing_key(public: Any) -> None:
     describe(public)
     attributes = int(public.objectAttributes)
     if not attributes & TPMA_OBJECT.SIGN_ENCRYPT:
+        if public.type == TPM2_ALG.ECC and attributes & TPMA_OBJECT.DECRYPT:
+            check_ecdh_key(public)  # an ECDH-only key; signing checks the attribute
+            return
         raise UnsupportedError("the key is not a signing key (sign attribute clear)")
-    if attributes & TPMA_OBJECT.RESTRICTED:
-        raise UnsupportedError("restricted signing keys cannot sign outside digests")
+    if attributes & TPMA_OBJECT.RESTRICTED and public.parameters.asymDetail.scheme.scheme \
+            == TPM2_ALG.NULL:
+        raise BadKeyError("a restricted signing key without a fixed scheme")
 
 
 def describe(public: Any) -> tuple[KeyType, int, Curve]:
@@ -199,6 +204,8 @@ def signature_scheme_alg(key_type: KeyType, scheme: Scheme) -> int:
 
 def check_key_scheme(public: Any, scheme_alg: int, hash_alg: Hash) -> None:
     """A key created with a fixed scheme signs only with that scheme and hash."""
+    if not int(public.objectAttributes) & TPMA_OBJECT.SIGN_ENCRYPT:
+        raise UnsupportedError("the key is not a signing key (sign attribute clear)")
     fixed = public.parameters.asymDetail.scheme
     if fixed.scheme == TPM2_ALG.NULL:
         return
@@ -206,6 +213,50 @@ def check_key_scheme(public: Any, scheme_alg: int, hash_alg: Hash) -> None:
         raise UnsupportedError(
             f"the key only signs with {_alg_name(fixed.scheme)}/"
             f"{_alg_name(fixed.details.anySig.hashAlg)}")
+
+
+def check_ecdh_key(public: Any) -> None:
+    """UnsupportedError, saying why, unless `public` (TPMT_PUBLIC) may do
+    TPM2_ECDH_ZGen: an EC key with decrypt, not restricted, scheme NULL or ECDH."""
+    if public.type != TPM2_ALG.ECC:
+        raise UnsupportedError("ECDH needs an EC key, and this is an RSA key")
+    attributes = int(public.objectAttributes)
+    if not attributes & TPMA_OBJECT.DECRYPT:
+        raise UnsupportedError("the key cannot do ECDH: it is a sign-only key (decrypt "
+                               "attribute clear); ECDH needs a key made with decrypt")
+    if attributes & TPMA_OBJECT.RESTRICTED:
+        raise UnsupportedError("the key cannot do ECDH: it is a restricted decryption "
+                               "key (a storage parent)")
+    scheme = int(public.parameters.eccDetail.scheme.scheme)
+    if scheme not in (TPM2_ALG.NULL, TPM2_ALG.ECDH):
+        raise UnsupportedError(f"the key cannot do ECDH: its scheme is {_alg_name(scheme)}, "
+                               "and ECDH needs scheme NULL or ECDH")
+
+
+# TPM2_ECC_CURVE ids of the curves cryptography knows (NIST P-256, P-384, P-521).
+_EC_CURVES: dict[int, type[ec.EllipticCurve]] = {
+    0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
+
+
+def check_peer_point(curve: int, point: bytes) -> tuple[bytes, bytes]:
+    """(x, y) of an uncompressed SEC1 `point` on `curve` (a TPM2_ECC_CURVE id), each as
+    long as the curve's field; BadDigestError if it is not a point of that curve (off
+    the curve, the point at infinity, another curve's size, compressed)."""
+    curve_class = _EC_CURVES.get(int(curve))
+    if curve_class is None:
+        raise UnsupportedError(f"ECDH on curve 0x{int(curve):04x} is not supported")
+    bits = curve_class().key_size
+    name = f"P-{bits}"
+    field = (bits + 7) // 8
+    if len(point) != 1 + 2 * field or point[:1] != b"\x04":
+        raise BadDigestError(f"the peer's public key is not an uncompressed {name} point "
+                             f"({1 + 2 * field} bytes starting 04), but {len(point)} bytes")
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(curve_class(), point)  # on the curve
+    except ValueError:
+        raise BadDigestError(f"the peer's public key is not a point on {name}, the "
+                             "key's curve") from None
+    return point[1:1 + field], point[1 + field:]
 
 
 def _alg_name(alg: Any) -> str:
@@ -312,6 +363,11 @@ class CachedKey:
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+
+    @property
+    def restricted(self) -> bool:
+        """An attestation key: it signs only what the TPM hashed itself (SIGN_MESSAGE)."""
+        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.RESTRICTED))
 
     @property
     def can_decrypt(self) -> bool:

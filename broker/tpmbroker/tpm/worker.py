@@ -15,8 +15,10 @@ stale, so recovery never costs dictionary-attack failures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import hmac
 import logging
 import time
@@ -37,7 +39,15 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from ..audit import audit
-from ..definitions import MAX_RANDOM, STORAGE_PRIMARY, Hash, KeySource, KeyType, Scheme
+from ..definitions import (
+    MAX_MESSAGE,
+    MAX_RANDOM,
+    STORAGE_PRIMARY,
+    Hash,
+    KeySource,
+    KeyType,
+    Scheme,
+)
 from ..errors import (
     AuthFailedError,
     BadDigestError,
@@ -70,6 +80,10 @@ log = logging.getLogger("tpmbroker.tpm")
 # A TPM2B_AUTH holds at most the name hash's digest (SHA-256 for every key we make).
 MAX_AUTH = 32
 PSS_PADDINGS = ("auto", "tpm", "broker")
+# TPM_GENERATED_VALUE: what the TPM puts first in every structure it signs (quotes,
+# certifications). The TPM gives no ticket for a message starting with it, so that a
+# restricted key cannot be made to sign a forged attestation.
+TPM_GENERATED_VALUE = b"\xffTCG"
 
 
 @dataclasses.dataclass
@@ -104,6 +118,8 @@ class TpmWorker:
         self._active_sessions_max = 0
         self._restarts_recovered = 0
         self._opened = False
+        self._input_buffer: int | None = None  # bytes TPM2_Hash and SequenceUpdate take
+        self._tpm_hashed = 0  # messages the TPM hashed for restricted keys
         # Password attempts on DA-protected keys go through the shield (tpm/lockout.py);
         # None turns it off (tests of the TPM's own lockout).
         self.shield = Shield(da_reserve) if da_reserve is not None else None
@@ -318,18 +334,32 @@ class TpmWorker:
         if len(digest) != hash.digest_size:
             raise BadDigestError(f"{hash.name} digest must be {hash.digest_size} bytes, "
                                  f"not {len(digest)}")
+        if entry.restricted:
+            raise UnsupportedError(
+                "a restricted signing key (an attestation key) signs only a message the TPM "
+                f"hashes itself, of at most {MAX_MESSAGE} bytes (MAX_MESSAGE), not a digest: "
+                "send the message (SIGN_MESSAGE; with openssl, pkeyutl -sign -rawin, or dgst, "
+                "req, x509, cms, TLS)")
+        return self._shielded(entry, auth, peer, deadline, lambda: self._sign(
+            entry, auth, scheme, scheme_alg, hash, digest, deadline))
+
+    def _shielded(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
+                  sign: Callable[[], bytes]) -> bytes:
+        """`sign()` with the key's password: through the dictionary-attack shield when
+        the key counts failures."""
+        key_id = entry.info.key_id
         if len(auth) > MAX_AUTH:
             # No key can have such a password; asking the TPM would only count a failure.
             raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
         shield = self.shield if entry.da_protected else None
         if shield is None:
-            return self._sign(entry, auth, scheme, scheme_alg, hash, digest, deadline)
+            return sign()
         if not shield.known_good(key_id, auth):
             # A fresh reading first: the counter decays, and other TPM users add to it.
             self._run(deadline, "reading the lockout counter", self._read_lockout)
             shield.check(peer, key_id, auth)
         try:
-            signature = self._sign(entry, auth, scheme, scheme_alg, hash, digest, deadline)
+            signature = sign()
         except AuthFailedError:
             shield.failed(peer, key_id, auth)
             raise
@@ -338,6 +368,131 @@ class TpmWorker:
             raise
         shield.succeeded(key_id, auth)
         return signature
+
+    def restricted(self, key_id: bytes) -> bool | None:
+        entry = self.objects.keys.get(key_id)
+        return None if entry is None else entry.restricted
+
+    def sign_message(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
+                     message: bytes, deadline: float, peer: int = -1) -> bytes:
+        """Sign `message`. A restricted key's message is hashed by the TPM, whose ticket
+        TPM2_Sign needs; any other key's is hashed here and signed as a digest."""
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        try:
+            scheme = Scheme(scheme)
+            hash = Hash(hash)
+        except ValueError as exc:
+            raise UnsupportedError(str(exc)) from None
+        if len(message) > MAX_MESSAGE:
+            raise UnsupportedError(f"message of {len(message)} bytes: SIGN_MESSAGE carries "
+                                   f"at most {MAX_MESSAGE} (MAX_MESSAGE)")
+        if not entry.restricted:
+            digest = hashlib.new(hash.hashlib_name, message).digest()
+            return self.sign(key_id, auth, scheme, hash, digest, deadline, peer=peer)
+        scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
+        keymod.check_key_scheme(entry.public, scheme_alg, hash)  # its fixed scheme only
+        if message.startswith(TPM_GENERATED_VALUE):
+            # The TPM would hash it but give no ticket; refused before any TPM command.
+            raise UnsupportedError(
+                "the message starts with TPM_GENERATED_VALUE (0xff544347): a restricted "
+                "key does not sign it, the TPM gives no ticket for what could pass for an "
+                "attestation the TPM made")
+
+        def hash_and_sign() -> bytes:
+            digest, ticket = self._tpm_hash(entry, hash, message, deadline)
+            return self._authorized(
+                entry, auth, deadline, lambda session, handle, name:
+                command.prepare_sign_with_ticket(session, handle, name, auth, digest,
+                                                 scheme_alg, hash, ticket),
+                command.signature_bytes)
+
+        signature = self._shielded(entry, auth, peer, deadline, lambda: self._run(
+            deadline, "signing the message", hash_and_sign))
+        self.objects.keys.touch(key_id)
+        if entry.info.key_type is KeyType.RSA:
+            return signature.rjust((entry.info.bits + 7) // 8, b"\0")
+        return signature
+
+    def _tpm_hash(self, entry: CachedKey, hash: Hash, message: bytes,
+                  deadline: float) -> tuple[bytes, bytes]:
+        """(digest, ticket) of `message` hashed by the TPM: TPM2_Hash when it fits one
+        command, else a hash sequence. The worker thread runs one job at a time, so at
+        most one sequence object is in the TPM; it is flushed on any failure."""
+        if self._input_buffer is None:
+            self._input_buffer = min(self._property(TPM2_PT.INPUT_BUFFER) or 1024, 1024)
+        chunk = self._input_buffer
+        self._tpm_hashed += 1
+        if len(message) <= chunk:
+            return self._execute(deadline, lambda session: command.prepare_hash(
+                session, message, hash), command.hash_result)
+        transport = self.link.require()
+        # The sequence needs an object slot: make room as loading a key would, but keep
+        # the key that signs next.
+        sequence = self.objects.with_room(
+            entry, lambda: command.hash_sequence_start(transport, hash))
+        try:
+            pieces = [message[i:i + chunk] for i in range(0, len(message), chunk)]
+            for piece in pieces[:-1]:
+                self._execute(deadline, functools.partial(
+                    command.prepare_sequence_update, sequence=sequence, chunk=piece),
+                    lambda _parameters: None)
+            return self._execute(deadline, functools.partial(
+                command.prepare_sequence_complete, sequence=sequence, chunk=pieces[-1]),
+                command.hash_result)
+        except BaseException:
+            if self.link.up:
+                with contextlib.suppress(TSS2_Exception):
+                    command.flush_context(transport, sequence)
+            raise
+
+    def derive(self, key_id: bytes, auth: bytes, point: bytes, deadline: float,
+               peer: int = -1) -> bytes:
+        """ECDH: Z, the x-coordinate of the key's private scalar times the peer's public
+        `point` (uncompressed SEC1), as long as the curve's field (TPM2_ECDH_ZGen).
+
+        The key and the point are checked first, without the TPM: a key that may not do
+        ECDH or a point that is not on the key's curve costs no TPM command.
+        """
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        keymod.check_ecdh_key(entry.public)
+        x, y = keymod.check_peer_point(entry.info.curve, point)
+        if len(auth) > MAX_AUTH:
+            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
+        z = self._with_password(entry, auth, peer, deadline, lambda: self._run(
+            deadline, "deriving the shared secret", lambda: self._authorized(
+                entry, auth, deadline, lambda session, handle, name: command.prepare_ecdh_zgen(
+                    session, handle, name, auth, x, y), command.ecdh_zgen_result)))
+        self.objects.keys.touch(key_id)
+        if len(z) > len(x):
+            raise TpmError(f"the TPM returned a {len(z)}-byte x-coordinate for a "
+                           f"{len(x)}-byte curve")
+        return z.rjust(len(x), b"\0")
+
+    def _with_password(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
+                       operation: Callable[[], T]) -> T:
+        """`operation` on `entry` with `auth`, through the dictionary-attack shield when
+        the key is DA-protected (as sign() does for signatures)."""
+        shield = self.shield if entry.da_protected else None
+        if shield is None:
+            return operation()
+        key_id = entry.info.key_id
+        if not shield.known_good(key_id, auth):
+            self._run(deadline, "reading the lockout counter", self._read_lockout)
+            shield.check(peer, key_id, auth)
+        try:
+            result = operation()
+        except AuthFailedError:
+            shield.failed(peer, key_id, auth)
+            raise
+        except LockoutError:
+            shield.tpm_locked_out()
+            raise
+        shield.succeeded(key_id, auth)
+        return result
 
     def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
         """The shield's refusals that need no TPM, for the event loop before it queues a
@@ -494,6 +649,7 @@ class TpmWorker:
             "loaded_keys": len(self.objects.keys),
             "resident_keys": sum(1 for _ in self.objects.resident_keys()),
             "tpm_restarts_recovered": self._restarts_recovered,
+            "tpm_hashed_messages": self._tpm_hashed,
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,

@@ -685,8 +685,9 @@ static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *k
     uint16_t bits, curve;
     size_t n;
 
-    n = wire_load(cn->w, next_id(cn), remaining(deadline), key->source, key->blob, key->bloblen,
-                  key->auth, key->authlen);
+    n = wire_load_parent(cn->w, next_id(cn), remaining(deadline), key->source, key->blob,
+                         key->bloblen, key->auth, key->authlen, key->parent_auth,
+                         key->parent_authlen);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "key blob of %zu bytes does not fit in a frame",
                 key->bloblen);
@@ -865,13 +866,7 @@ int client_sign_message(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, u
 }
 
 struct generate_arg {
-    uint8_t key_type;
-    uint16_t param;
-    const uint8_t *auth;
-    size_t authlen;
-    uint32_t parent;
-    uint8_t usage;
-    uint16_t hash;
+    const CLIENT_KEYGEN *req;
     uint8_t **key;
     size_t *keylen;
 };
@@ -884,8 +879,10 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
     WIRE_BYTES key;
     size_t n;
 
-    n = wire_generate(cn->w, next_id(cn), remaining(deadline), a->key_type, a->param, a->auth,
-                      a->authlen, a->parent, a->usage, a->hash);
+    n = wire_generate(cn->w, next_id(cn), remaining(deadline), a->req->key_type,
+                      a->req->param, a->req->auth, a->req->authlen, a->req->parent,
+                      a->req->usage, a->req->hash, a->req->parent_auth,
+                      a->req->parent_authlen);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "password too long");
         return 0;
@@ -901,11 +898,10 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
     return copy_out(key, a->key, a->keylen, err);
 }
 
-int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
-                    size_t authlen, uint32_t parent, uint8_t usage, uint16_t hash,
-                    uint8_t **key, size_t *keylen, CLIENT_ERR *err)
+int client_generate(TPMB_CLIENT *c, const CLIENT_KEYGEN *req, uint8_t **key, size_t *keylen,
+                    CLIENT_ERR *err)
 {
-    struct generate_arg a = { key_type, param, auth, authlen, parent, usage, hash, key, keylen };
+    struct generate_arg a = { req, key, keylen };
     /* RSA key generation on a TPM can take tens of seconds */
     unsigned int timeout_ms = c->timeout_ms > 120000 ? c->timeout_ms : 120000;
 

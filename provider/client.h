@@ -33,6 +33,8 @@ typedef struct client_key {
     size_t bloblen;
     const uint8_t *auth;
     size_t authlen;
+    const uint8_t *parent_auth; /* the password of the key's parent; NULL: none */
+    size_t parent_authlen;
 } CLIENT_KEY;
 
 typedef struct client_load_result {
@@ -59,9 +61,20 @@ int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t 
 int client_sign_message(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
                         const uint8_t *message, size_t messagelen, uint8_t *sig,
                         size_t *siglen, CLIENT_ERR *err);
-int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
-                    size_t authlen, uint32_t parent, uint8_t usage, uint16_t hash,
-                    uint8_t **key, size_t *keylen, CLIENT_ERR *err);
+/* What GENERATE asks for: the key, its password, its parent and the parent's password. */
+typedef struct {
+    uint8_t key_type;       /* WIRE_KEY_TYPE_* */
+    uint16_t param;         /* curve for EC, bits for RSA and RSA-PSS */
+    const uint8_t *auth;    /* the new key's password */
+    size_t authlen;
+    uint32_t parent;        /* WIRE_STORAGE_PRIMARY or a persistent handle */
+    uint8_t usage;          /* WIRE_USAGE_*; DEFAULT lets the broker choose */
+    uint16_t hash;          /* RSA-PSS: the hash the scheme is bound to, 0 = SHA-256 */
+    const uint8_t *parent_auth;
+    size_t parent_authlen;
+} CLIENT_KEYGEN;
+int client_generate(TPMB_CLIENT *c, const CLIENT_KEYGEN *req, uint8_t **key, size_t *keylen,
+                    CLIENT_ERR *err);
 /* RANDOM: fills out[0..n) with bytes from the TPM's generator, in requests of at most
  * WIRE_MAX_RANDOM bytes, all within one deadline. */
 int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err);

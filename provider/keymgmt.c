@@ -123,6 +123,10 @@ void tpmb_key_free(TPMB_KEY *key)
         OPENSSL_cleanse(key->auth, key->authlen);
         free(key->auth);
     }
+    if (key->parent_auth != NULL) {
+        OPENSSL_cleanse(key->parent_auth, strlen(key->parent_auth));
+        free(key->parent_auth);
+    }
     EVP_PKEY_free(key->pub);
     free(key);
 }
@@ -135,6 +139,14 @@ void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref)
     ref->bloblen = key->bloblen;
     ref->auth = key->auth;
     ref->authlen = key->authlen;
+    /* The parent's password: the one given at generation, else, for a key file under a
+     * persistent parent, the provider's (env or config), as tpm2-openssl takes its
+     * TPM2OPENSSL_PARENT_AUTH for persistent parents only. */
+    ref->parent_auth = (const uint8_t *)key->parent_auth;
+    if (ref->parent_auth == NULL && key->source == WIRE_KEY_SOURCE_TSS2_DER
+        && (key->parent & 0xff000000u) == 0x81000000u)
+        ref->parent_auth = (const uint8_t *)key->prov->parent_auth;
+    ref->parent_authlen = ref->parent_auth != NULL ? strlen((const char *)ref->parent_auth) : 0;
 }
 
 static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
@@ -374,6 +386,9 @@ static void *key_dup(const void *keydata_from, int selection)
         if (from->authlen > 0)
             memcpy(key->auth, from->auth, from->authlen);
         key->authlen = from->authlen;
+        if (from->parent_auth != NULL
+            && (key->parent_auth = strdup(from->parent_auth)) == NULL)
+            goto fail;
     }
     if (from->pub != NULL) {
         if (!EVP_PKEY_up_ref(from->pub))
@@ -579,6 +594,7 @@ typedef struct gen_ctx {
     uint8_t usage;    /* WIRE_USAGE_*; DEFAULT lets the broker choose (sign) */
     uint16_t hash;    /* RSA-PSS: the hash the key's scheme is bound to */
     uint16_t mgf1;    /* RSA-PSS: the MGF1 hash asked for, 0 = the same */
+    char *parent_auth; /* -pkeyopt parent-auth: */
 } GEN_CTX;
 
 #define CURVES_TEXT "P-192, P-224, P-256, P-384 and P-521, as the TPM has them"
@@ -765,11 +781,13 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
 
         if (!OSSL_PARAM_get_utf8_string_ptr(p, &pauth))
             return 0;
-        if (*pauth != '\0') {
-            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "parent-auth: tpmbroker uses parents "
-                       "without a password");
-            return 0;
+        if (g->parent_auth != NULL) {
+            OPENSSL_cleanse(g->parent_auth, strlen(g->parent_auth));
+            free(g->parent_auth);
+            g->parent_auth = NULL;
         }
+        if (*pauth != '\0' && (g->parent_auth = strdup(pauth)) == NULL)
+            return 0;
     }
     p = OSSL_PARAM_locate_const(params, "digest");
     if (p != NULL && g->type == WIRE_KEY_TYPE_RSA_PSS) {
@@ -880,7 +898,11 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     uint8_t *blob = NULL;
     size_t bloblen = 0;
     CLIENT_ERR err;
+    CLIENT_KEYGEN req;
     TPMB_KEY *key;
+    /* -pkeyopt parent-auth: for any parent (for 0x40000001 it is the owner hierarchy's);
+     * else the provider's, for a persistent parent only (as tpm2-openssl does) */
+    const char *pauth = g->parent_auth;
 
     (void)cb;
     (void)cbarg;
@@ -889,8 +911,18 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
                    "signature digest; give the same digest for both");
         return NULL;
     }
-    if (!client_generate(g->prov->client, (uint8_t)g->type, param, (const uint8_t *)g->auth,
-                         authlen, g->parent, g->usage, g->hash, &blob, &bloblen, &err)) {
+    if (pauth == NULL && g->parent != WIRE_STORAGE_PRIMARY)
+        pauth = g->prov->parent_auth;
+    req.key_type = (uint8_t)g->type;
+    req.param = param;
+    req.auth = (const uint8_t *)g->auth;
+    req.authlen = authlen;
+    req.parent = g->parent;
+    req.usage = g->usage;
+    req.hash = g->hash;
+    req.parent_auth = (const uint8_t *)pauth;
+    req.parent_authlen = pauth != NULL ? strlen(pauth) : 0;
+    if (!client_generate(g->prov->client, &req, &blob, &bloblen, &err)) {
         TPMB_RAISE_CLIENT(g->prov, "generating a TPM key", &err);
         return NULL;
     }
@@ -907,6 +939,11 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
                                  authlen);
     }
     free(blob);
+    if (key != NULL && g->parent_auth != NULL
+        && (key->parent_auth = strdup(g->parent_auth)) == NULL) {
+        tpmb_key_free(key);
+        return NULL;
+    }
     return key;
 }
 
@@ -919,6 +956,10 @@ static void gen_cleanup(void *genctx)
     if (g->auth != NULL) {
         OPENSSL_cleanse(g->auth, strlen(g->auth));
         free(g->auth);
+    }
+    if (g->parent_auth != NULL) {
+        OPENSSL_cleanse(g->parent_auth, strlen(g->parent_auth));
+        free(g->parent_auth);
     }
     free(g);
 }

@@ -41,6 +41,7 @@ static const OSSL_ITEM reason_strings[] = {
     { TPMB_R_TPM_BUSY, "the TPM is busy" },
     { TPMB_R_LOCKOUT, "the TPM is in dictionary-attack lockout" },
     { TPMB_R_PASSWORD_NEEDED, "the TPM key needs a password" },
+    { TPMB_R_PARENT_AUTH_FAILED, "wrong or missing password for the key's parent" },
     { 0, NULL },
 };
 
@@ -101,6 +102,11 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
         reason = TPMB_R_AUTH_FAILED;
         hint = "; give the key's password with -passin/-pass (wrong tries count toward the "
                "TPM's lockout)";
+        break;
+    case WIRE_STATUS_PARENT_AUTH_FAILED:
+        reason = TPMB_R_PARENT_AUTH_FAILED;
+        hint = "; give the parent's password: -pkeyopt parent-auth: (genpkey), "
+               "TPMBROKER_PARENT_AUTH or parent-auth in the provider's config section";
         break;
     case WIRE_STATUS_BAD_KEY:
         reason = TPMB_R_BAD_KEY;
@@ -281,7 +287,29 @@ static void provider_teardown(void *provctx)
         return;
     client_free(ctx->client);
     OSSL_LIB_CTX_free(ctx->libctx);
+    if (ctx->parent_auth != NULL) {
+        OPENSSL_cleanse(ctx->parent_auth, strlen(ctx->parent_auth));
+        free(ctx->parent_auth);
+    }
     free(ctx);
+}
+
+/* The password of persistent parents: TPMBROKER_PARENT_AUTH, else tpm2-openssl's
+ * TPM2OPENSSL_PARENT_AUTH, else the config's `parent-auth`; NULL when none is set. */
+static char *parent_auth(const char *configured)
+{
+    static const char *const names[] = { "TPMBROKER_PARENT_AUTH", "TPM2OPENSSL_PARENT_AUTH" };
+    size_t i;
+
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        const char *env = getenv(names[i]);
+
+        if (env != NULL && *env != '\0')
+            return strdup(env);
+    }
+    if (configured != NULL && *configured != '\0')
+        return strdup(configured);
+    return NULL;
 }
 
 static const OSSL_DISPATCH provider_dispatch[] = {
@@ -332,6 +360,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
     TPMBROKER_CTX *ctx;
     const OSSL_DISPATCH *d;
     char *cfg_socket = NULL, *cfg_timeout = NULL, *cfg_debug = NULL, *cfg_verify = NULL;
+    char *cfg_parent_auth = NULL;
     const char *env_verify = getenv("TPMBROKER_VERIFY");
     unsigned int timeout_ms = TPMBROKER_DEFAULT_TIMEOUT_MS;
     const char *env_debug = getenv("TPMBROKER_DEBUG");
@@ -365,6 +394,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
             OSSL_PARAM_utf8_ptr("timeout", &cfg_timeout, 0),
             OSSL_PARAM_utf8_ptr("debug", &cfg_debug, 0),
             OSSL_PARAM_utf8_ptr("verify", &cfg_verify, 0),
+            OSSL_PARAM_utf8_ptr("parent-auth", &cfg_parent_auth, 0),
             OSSL_PARAM_END,
         };
 
@@ -398,12 +428,14 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
         free(ctx);
         return 0;
     }
+    ctx->parent_auth = parent_auth(cfg_parent_auth);
     ctx->client = client_new(path, timeout_ms);
     tpmb_debug("loaded; socket %s, timeout %u ms, verify %s", path, timeout_ms,
                ctx->verify ? "on" : "off");
     free(path);
     if (ctx->client == NULL) {
         OSSL_LIB_CTX_free(ctx->libctx);
+        free(ctx->parent_auth);
         free(ctx);
         return 0;
     }

@@ -25,6 +25,7 @@ typedef struct tpmbroker_ctx {
     OSSL_LIB_CTX *libctx; /* private: hashing here never recurses into us */
     TPMB_CLIENT *client;
     int verify;           /* verify every signature the broker returns (default 1) */
+    char *parent_auth;    /* password of persistent parents: env or config; NULL: none */
     OSSL_FUNC_core_new_error_fn *new_error;
     OSSL_FUNC_core_set_error_debug_fn *set_error_debug;
     OSSL_FUNC_core_vset_error_fn *vset_error;
@@ -47,6 +48,7 @@ enum tpmb_reason {
     TPMB_R_TPM_BUSY,
     TPMB_R_LOCKOUT,
     TPMB_R_PASSWORD_NEEDED,
+    TPMB_R_PARENT_AUTH_FAILED,
 };
 
 /*
@@ -72,6 +74,7 @@ typedef struct tpmb_key {
     uint32_t parent;
     uint32_t attributes;   /* TPMA_OBJECT */
     int empty_auth;        /* the file says the key has no password */
+    char *parent_auth;     /* -pkeyopt parent-auth: at generation; NULL: the provider's */
 } TPMB_KEY;
 
 void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,

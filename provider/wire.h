@@ -62,7 +62,13 @@ size_t wire_sign_message(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
                          uint16_t hash, const uint8_t *message, size_t messagelen);
 size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
                      uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent,
-                     uint8_t usage, uint16_t hash);
+                     uint8_t usage, uint16_t hash, const uint8_t *parent_auth,
+                     size_t parent_authlen);
+/* LOAD with the password of the key's parent (a trailing field, omitted when empty:
+ * wire_load is this with none). */
+size_t wire_load_parent(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t source,
+                        const uint8_t *key, size_t keylen, const uint8_t *auth, size_t authlen,
+                        const uint8_t *parent_auth, size_t parent_authlen);
 size_t wire_status(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms);
 size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                    size_t key_id_len);

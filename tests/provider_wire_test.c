@@ -54,10 +54,10 @@ static int encode(void)
     hex("sign_pss_request", w.buf, wire_sign(&w, 0xFFFFFFFEu, 0, kid, 32, WIRE_SCHEME_PSS,
                                              WIRE_HASH_SHA384, aa, 48));
     hex("generate_request", w.buf, wire_generate(&w, 6, 60000, WIRE_KEY_TYPE_RSA, 2048, NULL, 0,
-                                                 WIRE_STORAGE_PRIMARY, 0, 0));
+                                                 WIRE_STORAGE_PRIMARY, 0, 0, NULL, 0));
     hex("generate_rsa_pss_request", w.buf,
         wire_generate(&w, 6, 60000, WIRE_KEY_TYPE_RSA_PSS, 3072, NULL, 0, WIRE_STORAGE_PRIMARY,
-                      WIRE_USAGE_SIGN, WIRE_HASH_SHA384));
+                      WIRE_USAGE_SIGN, WIRE_HASH_SHA384, NULL, 0));
     hex("status_request", w.buf, wire_status(&w, 7, 0));
     hex("unload_request", w.buf, wire_unload(&w, 8, 0, kid, 32));
     hex("random_request", w.buf, wire_random(&w, 9, 2000, 48));
@@ -71,6 +71,12 @@ static int encode(void)
     for (i = 0; i < sizeof(point); i++)
         point[i] = (uint8_t)(i == 0 ? 0x04 : 0x3f + i);
     hex("derive_request", w.buf, wire_derive(&w, 13, 3000, kid, 32, point, sizeof(point)));
+    hex("load_parent_auth_request", w.buf,
+        wire_load_parent(&w, 13, 0, WIRE_KEY_SOURCE_TSS2_DER, key, sizeof(key), NULL, 0,
+                         (const uint8_t *)"parentpass", 10));
+    hex("generate_parent_auth_request", w.buf,
+        wire_generate(&w, 14, 0, WIRE_KEY_TYPE_EC, WIRE_CURVE_P256, (const uint8_t *)"pw", 2,
+                      0x81000002u, 0, 0, (const uint8_t *)"parentpass", 10));
     return 0;
 }
 

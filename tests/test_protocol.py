@@ -56,6 +56,11 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "random_empty_response": (10, ops.RandomResult(b""), 0),
     "nv_read_request": (12, ops.NvRead(0x01000010), 5000),
     "nv_read_response": (12, ops.NvReadResult(bytes.fromhex("3082000130")), 0),
+    "load_parent_auth_request": (13, ops.Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"),
+                                              b"", b"parentpass"), 0),
+    "generate_parent_auth_request": (14, ops.Generate(p.KeyType.EC, p.Curve.P256, b"pw",
+                                                      0x81000002,
+                                                      parent_auth=b"parentpass"), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
     "sign_message_request": (13, ops.SignMessage(KID, p.Scheme.ECDSA, p.Hash.SHA256,
@@ -175,6 +180,21 @@ def test_shared_secrets_never_appear_in_reprs() -> None:
 def test_passwords_never_appear_in_reprs() -> None:
     assert "secret" not in repr(ops.Load(1, b"k", b"secret"))
     assert "secret" not in repr(ops.Generate(1, 3, b"secret"))
+    assert "secret" not in repr(ops.Load(1, b"k", b"", b"secret"))
+    assert "secret" not in repr(ops.Generate(1, 3, b"", 0x81000002, parent_auth=b"secret"))
+
+
+def test_a_parent_password_is_a_trailing_field_absent_when_empty() -> None:
+    # Frames without it keep their bytes (and brokers before it read them); with it, the
+    # field follows the last one, and an explicitly empty one reads as absent.
+    plain = p.encode_request(1, ops.Load(1, b"k", b"pw"))
+    with_parent = p.encode_request(1, ops.Load(1, b"k", b"pw", b"pp"))
+    assert with_parent == plain[:3] + bytes([plain[3] + 4]) + plain[4:] + b"\x00\x02pp"
+    header = p.decode_header(plain)
+    assert p.decode_request(header, plain[p.HEADER_SIZE:] + b"\x00\x00") == ops.Load(
+        1, b"k", b"pw")
+    with pytest.raises(ProtocolError):
+        p.decode_request(header, plain[p.HEADER_SIZE:] + b"\x00\x03pp")
 
 
 def test_hash_names_as_openssl_spells_them() -> None:

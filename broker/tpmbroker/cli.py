@@ -225,6 +225,40 @@ def _password(args: argparse.Namespace) -> bytes | None:
     return None
 
 
+PARENT_AUTH_ENV = ("TPMBROKER_PARENT_AUTH", "TPM2OPENSSL_PARENT_AUTH")
+
+
+def _parent_auth(args: argparse.Namespace, parent: int | None) -> bytes | None:
+    """The parent's password: --parent-auth-file, else (for a persistent parent, as
+    tpm2-openssl does) $TPMBROKER_PARENT_AUTH, else $TPM2OPENSSL_PARENT_AUTH. Never on
+    the command line."""
+    from .client import read_password_file
+
+    if getattr(args, "parent_auth_file", None):
+        return read_password_file(args.parent_auth_file)
+    if parent is None or not 0x81000000 <= parent <= 0x81FFFFFF:
+        return None  # the environment names persistent parents' passwords only
+    for name in PARENT_AUTH_ENV:
+        value = os.environb.get(name.encode())
+        if value:
+            return value
+    return None
+
+
+def _load(client: Any, args: argparse.Namespace) -> Any:
+    """LOAD the key named by args.key, with its password and its parent's."""
+    import dataclasses
+
+    from .keyfile import KeySpec, tss2_parent
+
+    spec = KeySpec.from_any(args.key, _password(args))
+    if spec.source == 1:  # a key file: its parent may need a password
+        parent_auth = _parent_auth(args, tss2_parent(spec.key))
+        if parent_auth:
+            spec = dataclasses.replace(spec, parent_auth=parent_auth)
+    return client.load_key(spec)
+
+
 def _write(path: str, data: bytes, mode: int = 0o644) -> None:
     if path == "-":
         sys.stdout.buffer.write(data)
@@ -248,7 +282,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     with _client(args) as client:
         der, _spki = client.generate_key(p.KeyType(key_type), param, _password(args),
                                          int(args.parent, 0), usage=p.Usage(USAGES[args.usage]),
-                                         hash_alg=digest)
+                                         hash_alg=digest,
+                                         parent_auth=_parent_auth(args, int(args.parent, 0)))
     _write(args.output, der_to_pem(der), 0o600)
     return 0
 
@@ -263,7 +298,7 @@ def _spki_pem(spki: bytes) -> bytes:
 
 def _cmd_pubkey(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        key = client.load_key(args.key, _password(args))
+        key = _load(client, args)
     _write(args.output, _spki_pem(key.public_key))
     return 0
 
@@ -277,7 +312,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
     digest = hashlib.new(hash_alg.hashlib_name, data).digest()
     with _client(args) as client:
-        key = client.load_key(args.key, _password(args))
+        key = _load(client, args)
         scheme = SCHEMES.get(args.scheme or "")
         signature = client.sign(key, digest, hash_alg,
                                 p.Scheme(scheme) if scheme else None)
@@ -315,7 +350,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     from .load import run_threads
 
     with Client(args.socket, timeout=args.timeout, max_connections=args.clients + 1) as client:
-        key = client.load_key(args.key, _password(args))
+        key = _load(client, args)
         scheme = p.Scheme(SCHEMES[args.scheme]) if args.scheme else None
         report = run_threads(client, key, args.clients, args.seconds,
                              p.Hash.from_name(args.hash), scheme)
@@ -406,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--password-file", help="file whose first line is the key's password")
     sp.add_argument("--parent", default="0x40000001",
                     help="parent: 0x40000001 (storage primary) or a persistent 0x81xxxxxx")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the parent's password (default: "
+                         "$TPMBROKER_PARENT_AUTH, else $TPM2OPENSSL_PARENT_AUTH)")
     sp.add_argument("-o", "--output", required=True)
     client_opts(sp)
     sp.set_defaults(func=_cmd_keygen)
@@ -413,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("pubkey", help="print a TPM key's public key (SubjectPublicKeyInfo PEM)")
     sp.add_argument("key", help="key file, or handle:0x81xxxxxx")
     sp.add_argument("--password-file")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the password of the key's parent")
     sp.add_argument("-o", "--output", default="-")
     client_opts(sp)
     sp.set_defaults(func=_cmd_pubkey)
@@ -420,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sign", help="sign a file (DER signature for openssl dgst -verify)")
     sp.add_argument("--key", required=True, help="key file, or handle:0x81xxxxxx")
     sp.add_argument("--password-file")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the password of the key's parent")
     sp.add_argument("--hash", default="sha256")
     sp.add_argument("--scheme", choices=["ecdsa", "pkcs1", "pss"])
     sp.add_argument("--in", dest="input", required=True, help="file to sign, - for stdin")
@@ -442,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("load", help="sign from many threads at once; verify every signature")
     sp.add_argument("--key", required=True, help="key file, or handle:0x81xxxxxx")
     sp.add_argument("--password-file")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the password of the key's parent")
     sp.add_argument("--clients", type=int, default=64)
     sp.add_argument("--seconds", type=float, default=5.0)
     sp.add_argument("--hash", default="sha256")

@@ -335,9 +335,12 @@ class Client:
 
     def load_key(self, key: KeySpec | bytes | str | os.PathLike[str] | int,
                  password: bytes | str | None = None,
-                 timeout: float | None = None) -> LoadedKey:
-        """Load a key: a KeySpec, PEM or DER bytes, a file path, or a persistent handle."""
-        spec = key if isinstance(key, KeySpec) else KeySpec.from_any(key, password)
+                 timeout: float | None = None,
+                 parent_auth: bytes | str | None = None) -> LoadedKey:
+        """Load a key: a KeySpec, PEM or DER bytes, a file path, or a persistent handle.
+        `parent_auth`: the password of the key's parent (docs/python.md)."""
+        spec = (key if isinstance(key, KeySpec)
+                else KeySpec.from_any(key, password, parent_auth))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         for attempt in range(2):
             try:
@@ -400,16 +403,20 @@ class Client:
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
                      parent: int = p.STORAGE_PRIMARY,
                      timeout: float | None = None, usage: p.Usage = p.Usage.DEFAULT,
-                     hash_alg: p.Hash | None = None) -> tuple[bytes, bytes]:
+                     hash_alg: p.Hash | None = None,
+                     parent_auth: bytes | str | None = None) -> tuple[bytes, bytes]:
         """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER).
 
         `param` is a curve (p.Curve) for EC keys, the modulus bits for RSA and RSA-PSS;
         the TPM decides which it has. `usage` sets the key's sign and decrypt attributes
         (default: sign only); `hash_alg` is the hash an RSA-PSS key's scheme is bound to
-        (default SHA-256)."""
+        (default SHA-256). `parent_auth`: the parent's password (for 0x40000001, the
+        owner hierarchy's)."""
         auth = password.encode() if isinstance(password, str) else (password or b"")
+        pauth = (parent_auth.encode() if isinstance(parent_auth, str)
+                 else (parent_auth or b""))
         result = self._call(ops.Generate(key_type, param, auth, parent, usage,
-                                         int(hash_alg) if hash_alg is not None else 0),
+                                         int(hash_alg) if hash_alg is not None else 0, pauth),
                             timeout if timeout is not None else max(self.timeout, 120.0))
         assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key

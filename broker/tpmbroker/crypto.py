@@ -321,6 +321,7 @@ def load_private_key(key: str | bytes | os.PathLike[str] | int,
                      socket: str | os.PathLike[str] | None = None,
                      timeout: float = 30.0,
                      verify: bool = True,
+                     parent_auth: bytes | str | None = None,
                      ) -> TpmEllipticCurvePrivateKey | TpmRSAPrivateKey:
     """A TPM key (file path, PEM/DER bytes, persistent handle) as a cryptography key.
 
@@ -331,9 +332,12 @@ def load_private_key(key: str | bytes | os.PathLike[str] | int,
     Every signature the broker returns is checked for its shape and, with `verify` (the
     default), verified against the public key before sign() returns it; a bad one raises
     tpmbroker.errors.ProtocolError.
+
+    `parent_auth` is the password of the key's parent, for a key made under a persistent
+    parent with a password (or, under 0x40000001, the owner hierarchy's password).
     """
     client = _shared_client(socket, timeout, verify)
-    loaded = client.load_key(key, password)
+    loaded = client.load_key(key, password, parent_auth=parent_auth)
     if loaded.key_type == p.KeyType.EC:
         return TpmEllipticCurvePrivateKey(client, loaded)
     return TpmRSAPrivateKey(client, loaded)

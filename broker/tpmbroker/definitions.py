@@ -64,6 +64,7 @@ class Status(enum.IntEnum):
     OVERLOADED = 16
     LOCKOUT = 17
     SHUTTING_DOWN = 18  # the broker is stopping; another may take its place
+    PARENT_AUTH_FAILED = 19  # wrong or missing password for the key's parent
 
 
 class KeySource(enum.IntEnum):

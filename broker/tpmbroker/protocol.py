@@ -173,7 +173,16 @@ _LEN = _INTS["u16"]
 _OK = _LEN.pack(Status.OK)
 
 
+# "bytes?" is a trailing field added to a message after its first release: absent means
+# empty, and an empty one is not written, so frames without it keep their bytes.
+OPTIONAL_BYTES = "bytes?"
+
+
 def _put(out: bytearray, kind: str, value: Any) -> None:
+    if kind == OPTIONAL_BYTES:
+        if not value:
+            return
+        kind = "bytes"
     if kind in _INTS:
         try:
             out += _INTS[kind].pack(int(value))
@@ -188,6 +197,10 @@ def _put(out: bytearray, kind: str, value: Any) -> None:
 
 
 def _take(body: memoryview, pos: int, kind: str) -> tuple[Any, int]:
+    if kind == OPTIONAL_BYTES:
+        if pos == len(body):
+            return b"", pos
+        kind = "bytes"
     if kind in _INTS:
         fmt = _INTS[kind]
         if pos + fmt.size > len(body):

@@ -6,33 +6,37 @@ import dataclasses
 
 from ..definitions import Hash, KeyType, Opcode, Usage
 from ..errors import ProtocolError
-from ..protocol import Message, Result, _take
+from ..protocol import Message, Result, _put, _take
 from .base import Request, member
 
 
 @dataclasses.dataclass(frozen=True)
 class Generate(Message):
-    """The base fields, then an optional tail `u8 usage`, `u16 hash` (docs/protocol.md):
-    sent only when either is set, so a request without them is the version-1 frame."""
+    """The base fields, then an optional tail `u8 usage`, `u16 hash`, `bytes parent_auth`
+    (docs/protocol.md): sent only when one is set, so a request without them is the
+    version-1 frame; parent_auth, added last, may be absent from a tail."""
 
     OPCODE = Opcode.GENERATE
     FIELDS = (("key_type", "u8"), ("param", "u16"), ("auth", "bytes"), ("parent", "u32"))
-    TAIL = (("usage", "u8"), ("hash", "u16"))
+    TAIL = (("usage", "u8"), ("hash", "u16"), ("parent_auth", "bytes?"))
     key_type: int
     param: int  # curve for EC, bits for RSA and RSA-PSS
     auth: bytes = b""
     parent: int = 0
     usage: int = Usage.DEFAULT  # Usage
     hash: int = 0  # RSA-PSS: the hash the key's scheme is bound to; 0 = SHA-256
+    parent_auth: bytes = b""  # the parent's password; omitted when empty
 
     def __repr__(self) -> str:
         return (f"Generate(key_type={self.key_type}, param={self.param}, auth=<hidden>, "
-                f"parent=0x{self.parent:08x}, usage={self.usage}, hash=0x{self.hash:04x})")
+                f"parent=0x{self.parent:08x}, usage={self.usage}, hash=0x{self.hash:04x}, "
+                f"parent_auth=<hidden>)")
 
     def encode_body(self, out: bytearray) -> None:
         super().encode_body(out)
-        if self.usage or self.hash:
-            out += bytes([self.usage]) + int(self.hash).to_bytes(2, "big")
+        if self.usage or self.hash or self.parent_auth:
+            for name, kind in self.TAIL:
+                _put(out, kind, getattr(self, name))
 
     @classmethod
     def decode_body(cls, body: bytes | memoryview, pos: int) -> Message:
@@ -63,5 +67,7 @@ def serve(request: Request, msg: Generate) -> None:
     hash_alg = member(Hash, msg.hash, "hash") if msg.hash else None
     worker, deadline = request.worker, request.deadline
     request.submit(lambda: worker.generate_key(key_type, msg.param, msg.auth, msg.parent,
-                                               deadline, usage=usage, hash_alg=hash_alg),
+                                               deadline, usage=usage, hash_alg=hash_alg,
+                                               parent_auth=msg.parent_auth,
+                                               peer=request.peer_uid),
                    lambda made: GenerateResult(*made))

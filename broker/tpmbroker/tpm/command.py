@@ -36,6 +36,7 @@ from tpm2_pytss.types import (
     TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
     TPML_PCR_SELECTION,
     TPMT_SIG_SCHEME,
     TPMT_SIGNATURE,
@@ -60,6 +61,8 @@ CC_SIGN = 0x0000015D
 CC_FLUSH_CONTEXT = 0x00000165
 CC_READ_CLOCK = 0x00000181
 CC_CREATE = 0x00000153
+CC_LOAD = 0x00000157
+CC_CREATE_PRIMARY = 0x00000131
 CC_RSA_DECRYPT = 0x00000159
 CC_GET_RANDOM = 0x0000017B
 CC_NV_READ = 0x0000014E
@@ -479,6 +482,33 @@ def create_result(parameters: bytes) -> tuple[Any, Any]:
     except (TSS2_Exception, ValueError):
         raise malformed() from None
     return private, out_public
+
+
+# --- TPM2_Load and TPM2_CreatePrimary with a parent password ------------------------------
+
+# The parent's password enters only the session's HMAC key, never the command: nothing
+# of it crosses the link. DECRYPT also hides inPrivate (already encrypted to the parent).
+LOAD_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT
+
+
+def prepare_load(session: sc.SessionState, parent_handle: int, parent_name: bytes,
+                 parent_auth: bytes, private: Any, public: Any) -> PendingCommand:
+    """TPM2_Load of a key (TPM2B_PRIVATE, TPM2B_PUBLIC) under `parent_handle`, whose
+    authorization `parent_auth` is proved by `session`'s HMAC."""
+    return prepare(session, CC_LOAD, (parent_handle,), (parent_name,), parent_auth,
+                   private.marshal()[2:], public.marshal(), LOAD_ATTRIBUTES,
+                   response_handles=1)
+
+
+def prepare_create_primary(session: sc.SessionState, hierarchy: int, hierarchy_auth: bytes,
+                           public: Any) -> PendingCommand:
+    """TPM2_CreatePrimary under `hierarchy` (a permanent handle, whose Name is the handle
+    itself), authorized by `session`'s HMAC with the hierarchy's password."""
+    in_sensitive = TPM2B_SENSITIVE_CREATE().marshal()[2:]
+    rest = public.marshal() + TPM2B_DATA().marshal() + TPML_PCR_SELECTION().marshal()
+    return prepare(session, CC_CREATE_PRIMARY, (hierarchy,), (U32.pack(hierarchy),),
+                   hierarchy_auth, in_sensitive, rest, sc.CONTINUE_SESSION | sc.DECRYPT,
+                   response_handles=1)
 
 
 # --- TPM2_GetRandom, its answer encrypted -------------------------------------------------

@@ -394,6 +394,8 @@ class CachedKey:
     # RSA-PSS: None until the first PSS signature shows whether the TPM's own salt is
     # the digest length (False) or the broker must pad (True); see tpm/pss.py.
     pss_by_broker: bool | None = None
+    # The password of the key's parent, to load it again after eviction (tpm/parents.py).
+    parent_auth: bytes = dataclasses.field(default=b"", repr=False)
     # Without noDA, a failed authorization counts toward the TPM's lockout.
     da_protected: bool = dataclasses.field(init=False)
 

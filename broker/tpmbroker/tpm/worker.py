@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -62,6 +63,7 @@ from ..errors import (
     DeadlineError,
     LockoutError,
     NotForLane,
+    ParentAuthFailedError,
     TpmBrokerError,
     TpmError,
     TpmUnavailableError,
@@ -75,6 +77,7 @@ from .keys import CachedKey, KeyInfo
 from .link import Link, frame_command, split_response
 from .lockout import DEFAULT_RESERVE, DaParameters, Shield
 from .objects import RECOVERABLE, Objects
+from .parents import ParentPasswords, describe
 from .rc import Kind, classify, to_error, tpm_code
 from .session_crypto import SessionState
 from .sessions import SessionPool
@@ -132,6 +135,11 @@ class TpmWorker:
         # Password attempts on DA-protected keys go through the shield (tpm/lockout.py);
         # None turns it off (tests of the TPM's own lockout).
         self.shield = Shield(da_reserve) if da_reserve is not None else None
+        # Parent passwords the TPM refused or accepted (tpm/parents.py); loads under a
+        # parent with a password go through a pool session (_authorized_load).
+        self.parents = ParentPasswords()
+        self.objects.authorized_load = self._authorized_load
+        self._op_deadline = 0.0  # the deadline of the request _run serves
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -168,7 +176,11 @@ class TpmWorker:
 
     # --- operations -----------------------------------------------------------------------
 
-    def load_key(self, source: KeySource, key: bytes, deadline: float) -> KeyInfo:
+    def load_key(self, source: KeySource, key: bytes, deadline: float, *,
+                 parent_auth: bytes = b"", peer: int = -1) -> KeyInfo:
+        """Make a key known (and resident). `parent_auth` is the password of the key's
+        parent: a persistent parent's own, or for the storage primary 0x40000001 the
+        owner hierarchy's (as tpm2-openssl takes it); ignored for persistent keys."""
         try:
             source = KeySource(source)
         except ValueError:
@@ -176,17 +188,143 @@ class TpmWorker:
         key_id = key_id_for(source, key)
         cached = self.objects.keys.get(key_id)
         if cached is not None:
+            if cached.blob is not None:
+                self._check_cached_parent_auth(cached, parent_auth, deadline, peer)
             return cached.info
         if source is KeySource.TSS2_DER:
             blob = keymod.parse_tss2_key(key)
+            self._check_parent_auth_length(blob.parent, parent_auth)
             entry = CachedKey(keymod.key_info(key_id, blob.public.publicArea),
-                              blob.public.publicArea, blob=blob)
+                              blob.public.publicArea, blob=blob,
+                              parent_auth=self._load_auth(blob.parent, parent_auth))
+            self._owner_auth(blob.parent, parent_auth, deadline)
+            self._parent_attempt(blob.parent, entry.parent_auth, peer, deadline,
+                                 lambda: self._run(deadline, "loading the key",
+                                                   lambda: self.objects.resident(entry)))
         else:
             entry = self._run(deadline, "reading the persistent key",
                               lambda: self.objects.describe_persistent(key_id, key))
-        self._run(deadline, "loading the key", lambda: self.objects.resident(entry))
+            self._run(deadline, "loading the key", lambda: self.objects.resident(entry))
         self.objects.add_key(entry)
         return entry.info
+
+    # --- parent passwords (tpm/parents.py) -------------------------------------------------
+
+    @staticmethod
+    def _check_parent_auth_length(parent: int, parent_auth: bytes) -> None:
+        if len(parent_auth) > MAX_AUTH:
+            # No parent can have such a password; asking the TPM would only count a failure.
+            raise ParentAuthFailedError(f"the password for {describe(parent)} is longer "
+                                        f"than {MAX_AUTH} bytes")
+
+    @staticmethod
+    def _load_auth(parent: int, parent_auth: bytes) -> bytes:
+        """The authValue TPM2_Load needs: the persistent parent's password; under the
+        storage primary, whose own password is empty, none (the parent password there is
+        the owner hierarchy's, which only its creation needs: _owner_auth)."""
+        return b"" if parent == STORAGE_PRIMARY else parent_auth
+
+    def _owner_auth(self, parent: int, parent_auth: bytes, deadline: float) -> None:
+        """A password for the storage primary is the owner hierarchy's, which tpm2-openssl
+        gives to TPM2_CreatePrimary. The broker made that primary already, so it checks
+        the password the same way (a CreatePrimary through a pool session, flushed at
+        once), once per password: a wrong one fails here as it would there. Hierarchy
+        authorizations count no dictionary-attack failures (docs/broker.md)."""
+        if parent != STORAGE_PRIMARY or not parent_auth:
+            return
+        self.parents.check(parent, parent_auth)
+        if self.parents.known_good(parent, parent_auth):
+            return
+
+        def create_primary() -> int:
+            template = TPM2B_PUBLIC(publicArea=keymod.storage_parent_template(
+                self.objects.rsa_only))
+            return self.objects.with_room(None, lambda: self._execute_handle(
+                deadline, lambda session: command.prepare_create_primary(
+                    session, int(TPM2_RH.OWNER), parent_auth, template)))
+
+        try:
+            handle = self._run(deadline, "checking the owner hierarchy's password",
+                               create_primary)
+        except AuthFailedError as exc:
+            self.parents.refused(parent, parent_auth)
+            raise ParentAuthFailedError(f"wrong password for {describe(parent)}",
+                                        tpm_rc=exc.tpm_rc) from None
+        command.flush_context(self.link.require(), handle)
+        self.parents.accepted(parent, parent_auth)
+
+    def _parent_attempt(self, parent: int, parent_auth: bytes, peer: int, deadline: float,
+                        attempt: Callable[[], T]) -> T:
+        """Run `attempt`, a TPM command authorized with `parent_auth` for `parent`, unless
+        the TPM refused that password for that parent before; note how it went. A parent
+        password not known good is a password attempt like a key's: the shield
+        (tpm/lockout.py) admits it or not."""
+        self.parents.check(parent, parent_auth)
+        shield = self.shield
+        if not parent_auth or self.parents.known_good(parent, parent_auth):
+            shield = None
+        parent_id = b"parent:" + parent.to_bytes(4, "big")
+        if shield is not None:
+            self._run(deadline, "reading the lockout counter", self._read_lockout)
+            try:
+                shield.check(peer, parent_id, parent_auth)
+            except LockoutError as exc:
+                raise LockoutError(f"{exc.message}; the password for {describe(parent)} "
+                                   "was not tried", tpm_rc=exc.tpm_rc) from None
+        try:
+            result = attempt()
+        except ParentAuthFailedError as exc:
+            if exc.tpm_rc:
+                self.parents.refused(parent, parent_auth)
+                if shield is not None:
+                    shield.failed(peer, parent_id, parent_auth)
+            raise
+        except LockoutError:
+            if shield is not None:
+                shield.tpm_locked_out()
+            raise
+        self.parents.accepted(parent, parent_auth)
+        if shield is not None:
+            shield.succeeded(parent_id, parent_auth)
+        return result
+
+    def _check_cached_parent_auth(self, cached: CachedKey, parent_auth: bytes,
+                                  deadline: float, peer: int) -> None:
+        """A key loaded already, LOADed again: the parent password must be right too. The
+        one it was loaded with, or one known good for its parent, pass without the TPM;
+        another is tried by loading a second copy of the key with it (then unloaded)."""
+        assert cached.blob is not None
+        parent = cached.blob.parent
+        self._check_parent_auth_length(parent, parent_auth)
+        if parent == STORAGE_PRIMARY:
+            self._owner_auth(parent, parent_auth, deadline)
+            return
+        if (hmac.compare_digest(cached.parent_auth, parent_auth)
+                or self.parents.known_good(parent, parent_auth)):
+            return
+        probe = CachedKey(cached.info, cached.public, blob=cached.blob,
+                          parent_auth=parent_auth)
+
+        def load_and_unload() -> None:
+            self.objects.resident(probe)
+            self.objects.unload(probe)
+
+        self._parent_attempt(parent, parent_auth, peer, deadline, lambda: self._run(
+            deadline, "checking the parent's password", load_and_unload))
+
+    def _authorized_load(self, parent: Any, blob: Any, parent_auth: bytes) -> Any:
+        """TPM2_Load under `parent` authorized by a pool session's HMAC with the parent's
+        password: the password never crosses the link (ESAPI would send it in a password
+        session, in the clear). The ESYS_TR of the loaded key."""
+        handle, name = self.objects.handle_and_name(parent)
+        tpm_handle = self._execute_handle(self._op_deadline, lambda session: (
+            command.prepare_load(session, handle, name, parent_auth, blob.private,
+                                 blob.public)))
+        try:
+            return self.link.ectx.tr_from_tpmpublic(tpm_handle)
+        except TSS2_Exception:
+            command.flush_context(self.link.require(), tpm_handle)
+            raise
 
     def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
              digest: bytes, deadline: float, peer: int = -1) -> bytes:
@@ -397,7 +535,8 @@ class TpmWorker:
 
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
                      deadline: float, usage: Usage = Usage.DEFAULT,
-                     hash_alg: Hash | None = None) -> tuple[bytes, bytes]:
+                     hash_alg: Hash | None = None, *, parent_auth: bytes = b"",
+                     peer: int = -1) -> tuple[bytes, bytes]:
         try:
             key_type = KeyType(key_type)
         except ValueError:
@@ -412,6 +551,9 @@ class TpmWorker:
                   lambda: self._check_tpm_has(key_type, param))
         if len(auth) > MAX_AUTH:
             raise UnsupportedError(f"passwords are at most {MAX_AUTH} bytes")
+        self._check_parent_auth_length(parent, parent_auth)
+        create_auth = self._load_auth(parent, parent_auth)
+        self._owner_auth(parent, parent_auth, deadline)
         sensitive = TPM2B_SENSITIVE_CREATE()
         if auth:
             sensitive.sensitive.userAuth = auth
@@ -420,13 +562,28 @@ class TpmWorker:
         def create() -> tuple[Any, Any]:
             parent_tr = self.objects.parent(parent)
             handle, name = self.objects.handle_and_name(parent_tr)
-            # The pool session encrypts the new key's password on its way to the TPM.
-            return self.objects.with_room(None, lambda: self._execute(
-                deadline, lambda session: command.prepare_create(
-                    session, handle, name, b"", sensitive, in_public),
-                command.create_result), parent_tr)
+            # The pool session encrypts the new key's password on its way to the TPM, and
+            # proves the parent's password by its HMAC alone.
+            try:
+                return self.objects.with_room(None, lambda: self._execute(
+                    deadline, lambda session: command.prepare_create(
+                        session, handle, name, create_auth, sensitive, in_public),
+                    command.create_result), parent_tr)
+            except TSS2_Exception as exc:
+                kind = classify(exc)
+                if kind is Kind.AUTH:
+                    raise ParentAuthFailedError(
+                        f"{'wrong password' if create_auth else 'no password given'} for "
+                        f"{describe(parent)} (TPM2_Create)", tpm_rc=int(exc.rc)) from None
+                if kind is Kind.LOCKOUT:
+                    raise LockoutError(
+                        "the TPM is in dictionary-attack lockout: it refuses "
+                        f"{describe(parent)} for now", tpm_rc=int(exc.rc)) from None
+                raise
 
-        private, public = self._run(deadline, "creating the key", create)
+        private, public = self._parent_attempt(
+            parent, create_auth, peer, deadline,
+            lambda: self._run(deadline, "creating the key", create))
         key = keymod.tss2_key_der(private, public, empty_auth=not auth, parent=parent)
         return key, bytes(public.publicArea.to_der())
 
@@ -560,6 +717,7 @@ class TpmWorker:
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
             **(self.shield.status() if self.shield is not None else {}),
+            **self.parents.status(),
         }
 
     # --- RSA-PSS padded by the broker ------------------------------------------------------
@@ -621,6 +779,21 @@ class TpmWorker:
             self.pool.discard(session)  # not to be trusted with another HMAC
             raise
         return result(parameters)
+
+    def _execute_handle(self, deadline: float,
+                        prepare: Callable[[SessionState], command.PendingCommand]) -> int:
+        """_execute for a command that answers with one handle (Load, CreatePrimary)."""
+        session = self.pool.acquire(deadline)
+        self._check_deadline(deadline)
+        pending = prepare(session)
+        try:
+            handles, _ = command.execute(self.link.require(), pending)
+        except command.ResponseAuthError:
+            self.pool.discard(session)
+            raise
+        if len(handles) != 1:
+            raise command.malformed()
+        return handles[0]
 
     # --- the lane: signatures the event loop sends itself ------------------------------------
     # The common case (key resident, pool session ready, swtpm link) needs no TPM command
@@ -719,6 +892,7 @@ class TpmWorker:
     def _run(self, deadline: float, doing: str, operation: Callable[[], T]) -> T:
         """Run `operation`; if the TPM lost our state, rebuild it and run it once more."""
         self._check_deadline(deadline)
+        self._op_deadline = deadline
         if not self.link.up:
             if not self._opened:
                 raise TpmUnavailableError("the TPM worker is not open")

@@ -63,7 +63,7 @@ def mann_whitney(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def through_the_broker(socket: str, n: int) -> tuple[list[float], list[float]]:
     with Client(socket) as client:
-        der, spki = client.generate_key(p.KeyType.RSA, 2048)
+        der, spki = client.generate_key(p.KeyType.RSA, 2048, usage=p.Usage.DECRYPT)
         key = client.load_key(der)
         pub = serialization.load_der_public_key(spki)
         assert isinstance(pub, rsa.RSAPublicKey)

@@ -685,8 +685,9 @@ static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *k
     uint16_t bits, curve;
     size_t n;
 
-    n = wire_load(cn->w, next_id(cn), remaining(deadline), key->source, key->blob, key->bloblen,
-                  key->auth, key->authlen);
+    n = wire_load_parent(cn->w, next_id(cn), remaining(deadline), key->source, key->blob,
+                         key->bloblen, key->auth, key->authlen, key->parent_auth,
+                         key->parent_authlen);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "key blob of %zu bytes does not fit in a frame",
                 key->bloblen);
@@ -795,10 +796,11 @@ struct sign_arg {
     const CLIENT_KEY *key;
     uint8_t scheme;
     uint16_t hash;
-    const uint8_t *digest;
+    const uint8_t *digest; /* or the message, for SIGN_MESSAGE */
     size_t digestlen;
     uint8_t *sig;
     size_t *siglen;
+    int message;           /* SIGN_MESSAGE: the broker (or the TPM) hashes */
 };
 
 static int op_sign(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
@@ -811,22 +813,30 @@ static int op_sign(struct tpmb_client *c, struct conn *cn, int64_t deadline, voi
 
     if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
         return 0;
-    n = wire_sign(cn->w, next_id(cn), remaining(deadline), a->key->key_id, WIRE_KEY_ID_SIZE,
-                  a->scheme, a->hash, a->digest, a->digestlen);
+    n = a->message ? wire_sign_message(cn->w, next_id(cn), remaining(deadline),
+                                       a->key->key_id, WIRE_KEY_ID_SIZE, a->scheme, a->hash,
+                                       a->digest, a->digestlen)
+                   : wire_sign(cn->w, next_id(cn), remaining(deadline), a->key->key_id,
+                               WIRE_KEY_ID_SIZE, a->scheme, a->hash, a->digest, a->digestlen);
     if (n == 0) {
-        set_err(err, CLIENT_E_ARG, 0, "digest too large");
+        if (a->message)
+            set_err(err, CLIENT_E_ARG, 0, "message of %zu bytes: a restricted key signs at "
+                    "most %u bytes, which the TPM hashes (MAX_MESSAGE)", a->digestlen,
+                    (unsigned int)WIRE_MAX_MESSAGE);
+        else
+            set_err(err, CLIENT_E_ARG, 0, "digest too large");
         return 0;
     }
     if (!conn_exchange(c, cn, n, deadline, &body, err))
         return 0;
-    if (!response_ok(c, cn, &body, "SIGN", err)) {
+    if (!response_ok(c, cn, &body, a->message ? "SIGN_MESSAGE" : "SIGN", err)) {
         if (err->status == WIRE_STATUS_UNKNOWN_KEY)
             conn_drop_key(cn, a->key);
         return 0;
     }
     sig = wire_get_bytes(&body);
     if (!wire_reader_done(&body))
-        return malformed(c, cn, "SIGN", err);
+        return malformed(c, cn, a->message ? "SIGN_MESSAGE" : "SIGN", err);
     if (sig.len > *a->siglen) {
         set_err(err, CLIENT_E_ARG, 0, "signature of %zu bytes exceeds the buffer of %zu",
                 sig.len, *a->siglen);
@@ -841,17 +851,22 @@ int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t 
                 const uint8_t *digest, size_t digestlen, uint8_t *sig, size_t *siglen,
                 CLIENT_ERR *err)
 {
-    struct sign_arg a = { key, scheme, hash, digest, digestlen, sig, siglen };
+    struct sign_arg a = { key, scheme, hash, digest, digestlen, sig, siglen, 0 };
+
+    return run(c, c->timeout_ms, op_sign, &a, err);
+}
+
+int client_sign_message(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
+                        const uint8_t *message, size_t messagelen, uint8_t *sig,
+                        size_t *siglen, CLIENT_ERR *err)
+{
+    struct sign_arg a = { key, scheme, hash, message, messagelen, sig, siglen, 1 };
 
     return run(c, c->timeout_ms, op_sign, &a, err);
 }
 
 struct generate_arg {
-    uint8_t key_type;
-    uint16_t param;
-    const uint8_t *auth;
-    size_t authlen;
-    uint32_t parent;
+    const CLIENT_KEYGEN *req;
     uint8_t **key;
     size_t *keylen;
 };
@@ -864,8 +879,10 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
     WIRE_BYTES key;
     size_t n;
 
-    n = wire_generate(cn->w, next_id(cn), remaining(deadline), a->key_type, a->param, a->auth,
-                      a->authlen, a->parent);
+    n = wire_generate(cn->w, next_id(cn), remaining(deadline), a->req->key_type,
+                      a->req->param, a->req->auth, a->req->authlen, a->req->parent,
+                      a->req->usage, a->req->hash, a->req->parent_auth,
+                      a->req->parent_authlen);
     if (n == 0) {
         set_err(err, CLIENT_E_ARG, 0, "password too long");
         return 0;
@@ -881,11 +898,10 @@ static int op_generate(struct tpmb_client *c, struct conn *cn, int64_t deadline,
     return copy_out(key, a->key, a->keylen, err);
 }
 
-int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
-                    size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
+int client_generate(TPMB_CLIENT *c, const CLIENT_KEYGEN *req, uint8_t **key, size_t *keylen,
                     CLIENT_ERR *err)
 {
-    struct generate_arg a = { key_type, param, auth, authlen, parent, key, keylen };
+    struct generate_arg a = { req, key, keylen };
     /* RSA key generation on a TPM can take tens of seconds */
     unsigned int timeout_ms = c->timeout_ms > 120000 ? c->timeout_ms : 120000;
 
@@ -964,6 +980,58 @@ int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
     struct nv_read_arg a = { index, data, len };
 
     return run(c, c->timeout_ms, op_nv_read, &a, err);
+}
+
+struct derive_arg {
+    const CLIENT_KEY *key;
+    const uint8_t *point;
+    size_t pointlen;
+    uint8_t *secret;
+    size_t *secretlen;
+};
+
+static int op_derive(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                     CLIENT_ERR *err)
+{
+    struct derive_arg *a = arg;
+    WIRE_READER body;
+    WIRE_BYTES z;
+    size_t n;
+
+    if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
+        return 0;
+    n = wire_derive(cn->w, next_id(cn), remaining(deadline), a->key->key_id, WIRE_KEY_ID_SIZE,
+                    a->point, a->pointlen);
+    if (n == 0) {
+        set_err(err, CLIENT_E_ARG, 0, "peer point too large");
+        return 0;
+    }
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "DERIVE", err)) {
+        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
+            conn_drop_key(cn, a->key);
+        return 0;
+    }
+    z = wire_get_bytes(&body);
+    if (!wire_reader_done(&body))
+        return malformed(c, cn, "DERIVE", err);
+    if (z.len > *a->secretlen) {
+        set_err(err, CLIENT_E_ARG, 0, "shared secret of %zu bytes exceeds the buffer of %zu",
+                z.len, *a->secretlen);
+        return 0;
+    }
+    memcpy(a->secret, z.p, z.len);
+    *a->secretlen = z.len;
+    return 1;
+}
+
+int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, size_t pointlen,
+                  uint8_t *secret, size_t *secretlen, CLIENT_ERR *err)
+{
+    struct derive_arg a = { key, point, pointlen, secret, secretlen };
+
+    return run(c, c->timeout_ms, op_derive, &a, err);
 }
 
 /* --- DECRYPT ---------------------------------------------------------------------------- */

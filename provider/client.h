@@ -33,6 +33,8 @@ typedef struct client_key {
     size_t bloblen;
     const uint8_t *auth;
     size_t authlen;
+    const uint8_t *parent_auth; /* the password of the key's parent; NULL: none */
+    size_t parent_authlen;
 } CLIENT_KEY;
 
 typedef struct client_load_result {
@@ -54,8 +56,24 @@ int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, 
 int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
                 const uint8_t *digest, size_t digestlen, uint8_t *sig, size_t *siglen,
                 CLIENT_ERR *err);
-int client_generate(TPMB_CLIENT *c, uint8_t key_type, uint16_t param, const uint8_t *auth,
-                    size_t authlen, uint32_t parent, uint8_t **key, size_t *keylen,
+/* SIGN_MESSAGE: the message itself (at most WIRE_MAX_MESSAGE bytes), for restricted keys,
+ * whose message the TPM must hash, and keys whose attributes the provider does not know. */
+int client_sign_message(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
+                        const uint8_t *message, size_t messagelen, uint8_t *sig,
+                        size_t *siglen, CLIENT_ERR *err);
+/* What GENERATE asks for: the key, its password, its parent and the parent's password. */
+typedef struct {
+    uint8_t key_type;       /* WIRE_KEY_TYPE_* */
+    uint16_t param;         /* curve for EC, bits for RSA and RSA-PSS */
+    const uint8_t *auth;    /* the new key's password */
+    size_t authlen;
+    uint32_t parent;        /* WIRE_STORAGE_PRIMARY or a persistent handle */
+    uint8_t usage;          /* WIRE_USAGE_*; DEFAULT lets the broker choose */
+    uint16_t hash;          /* RSA-PSS: the hash the scheme is bound to, 0 = SHA-256 */
+    const uint8_t *parent_auth;
+    size_t parent_authlen;
+} CLIENT_KEYGEN;
+int client_generate(TPMB_CLIENT *c, const CLIENT_KEYGEN *req, uint8_t **key, size_t *keylen,
                     CLIENT_ERR *err);
 /* RANDOM: fills out[0..n) with bytes from the TPM's generator, in requests of at most
  * WIRE_MAX_RANDOM bytes, all within one deadline. */
@@ -63,6 +81,10 @@ int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err);
 /* NV_READ: the contents of NV index `index`, malloc'd into *data (the caller frees). */
 int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
                    CLIENT_ERR *err);
+/* DERIVE: ECDH with an EC key; `point` is the peer's uncompressed public point. Writes Z
+ * (the shared x-coordinate, as long as the curve's field) to secret, *secretlen its room. */
+int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, size_t pointlen,
+                  uint8_t *secret, size_t *secretlen, CLIENT_ERR *err);
 
 /* DECRYPT: RSA decryption with the key. d->key_id is filled in from `key`; the plaintext
  * goes to out (room for *outlen bytes, the modulus length will do), *outlen its length. */

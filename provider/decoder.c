@@ -164,6 +164,14 @@ static int rsa_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBA
                       pw_cbarg);
 }
 
+static int rsapss_decode(void *vctx, OSSL_CORE_BIO *cin, int selection,
+                         OSSL_CALLBACK *object_cb, void *object_cbarg,
+                         OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
+{
+    return der_decode(vctx, WIRE_KEY_TYPE_RSA_PSS, cin, selection, object_cb, object_cbarg,
+                      pw_cb, pw_cbarg);
+}
+
 static int dec_does_selection(void *provctx, int selection)
 {
     (void)provctx;
@@ -190,5 +198,13 @@ const OSSL_DISPATCH tpmb_rsa_decoder_functions[] = {
     { OSSL_FUNC_DECODER_FREECTX, (void (*)(void))dec_freectx },
     { OSSL_FUNC_DECODER_DOES_SELECTION, (void (*)(void))dec_does_selection },
     { OSSL_FUNC_DECODER_DECODE, (void (*)(void))rsa_decode },
+    { 0, NULL },
+};
+
+const OSSL_DISPATCH tpmb_rsapss_decoder_functions[] = {
+    { OSSL_FUNC_DECODER_NEWCTX, (void (*)(void))dec_newctx },
+    { OSSL_FUNC_DECODER_FREECTX, (void (*)(void))dec_freectx },
+    { OSSL_FUNC_DECODER_DOES_SELECTION, (void (*)(void))dec_does_selection },
+    { OSSL_FUNC_DECODER_DECODE, (void (*)(void))rsapss_decode },
     { 0, NULL },
 };

@@ -21,7 +21,84 @@
 
 const char *tpmb_key_type_name(int type)
 {
-    return type == WIRE_KEY_TYPE_EC ? "EC" : "RSA";
+    return type == WIRE_KEY_TYPE_EC ? "EC" : type == WIRE_KEY_TYPE_RSA_PSS ? "RSA-PSS" : "RSA";
+}
+
+/* The TPM's NIST curves OpenSSL signs ECDSA with; field: bytes of a coordinate. */
+static const struct tpm_curve {
+    uint16_t id;
+    const char *group;
+    size_t field;
+} tpm_curves[] = {
+    { WIRE_CURVE_P192, "P-192", 24 }, { WIRE_CURVE_P224, "P-224", 28 },
+    { WIRE_CURVE_P256, "P-256", 32 }, { WIRE_CURVE_P384, "P-384", 48 },
+    { WIRE_CURVE_P521, "P-521", 66 },
+};
+
+static const struct tpm_curve *tpm_curve(uint16_t id)
+{
+    size_t i;
+
+    for (i = 0; i < sizeof(tpm_curves) / sizeof(tpm_curves[0]); i++)
+        if (tpm_curves[i].id == id)
+            return &tpm_curves[i];
+    return NULL;
+}
+
+/* OpenSSL's name of a wire hash (TPM2_ALG id), NULL for others. */
+const char *tpmb_hash_name(uint16_t hash)
+{
+    switch (hash) {
+    case WIRE_HASH_SHA1:
+        return "SHA1";
+    case WIRE_HASH_SHA256:
+        return "SHA2-256";
+    case WIRE_HASH_SHA384:
+        return "SHA2-384";
+    case WIRE_HASH_SHA512:
+        return "SHA2-512";
+    default:
+        return NULL;
+    }
+}
+
+/*
+ * An RSA or RSA-PSS public key from its modulus and exponent. An RSA-PSS key whose TPM
+ * scheme binds a hash carries OpenSSL's PSS restrictions: that hash, MGF1 with it, and a
+ * salt of its length, as the TPM signs.
+ */
+static EVP_PKEY *rsa_pub(TPMBROKER_CTX *prov, int type, const BIGNUM *n, const BIGNUM *e,
+                         uint16_t pss_hash)
+{
+    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM *params = NULL;
+    EVP_PKEY_CTX *pctx = NULL;
+    EVP_PKEY *pub = NULL;
+    const char *md = type == WIRE_KEY_TYPE_RSA_PSS ? tpmb_hash_name(pss_hash) : NULL;
+
+    if (bld == NULL || !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, n)
+        || !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, e))
+        goto end;
+    if (md != NULL) {
+        EVP_MD *mdp = EVP_MD_fetch(prov->libctx, md, NULL);
+        int saltlen = mdp != NULL ? EVP_MD_get_size(mdp) : 0;
+
+        EVP_MD_free(mdp);
+        if (saltlen <= 0 || !OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_RSA_DIGEST, md, 0)
+            || !OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_RSA_MGF1_DIGEST, md, 0)
+            || !OSSL_PARAM_BLD_push_int(bld, OSSL_PKEY_PARAM_RSA_PSS_SALTLEN, saltlen))
+            goto end;
+    }
+    params = OSSL_PARAM_BLD_to_param(bld);
+    pctx = EVP_PKEY_CTX_new_from_name(prov->libctx, tpmb_key_type_name(type), NULL);
+    if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
+        || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
+        pub = NULL;
+end:
+    EVP_PKEY_CTX_free(pctx);
+    OSSL_PARAM_free(params);
+    OSSL_PARAM_BLD_free(bld);
+    return pub;
 }
 
 TPMB_KEY *tpmb_key_new(TPMBROKER_CTX *prov, int type)
@@ -46,6 +123,10 @@ void tpmb_key_free(TPMB_KEY *key)
         OPENSSL_cleanse(key->auth, key->authlen);
         free(key->auth);
     }
+    if (key->parent_auth != NULL) {
+        OPENSSL_cleanse(key->parent_auth, strlen(key->parent_auth));
+        free(key->parent_auth);
+    }
     EVP_PKEY_free(key->pub);
     free(key);
 }
@@ -58,6 +139,14 @@ void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref)
     ref->bloblen = key->bloblen;
     ref->auth = key->auth;
     ref->authlen = key->authlen;
+    /* The parent's password: the one given at generation, else, for a key file under a
+     * persistent parent, the provider's (env or config), as tpm2-openssl takes its
+     * TPM2OPENSSL_PARENT_AUTH for persistent parents only. */
+    ref->parent_auth = (const uint8_t *)key->parent_auth;
+    if (ref->parent_auth == NULL && key->source == WIRE_KEY_SOURCE_TSS2_DER
+        && (key->parent & 0xff000000u) == 0x81000000u)
+        ref->parent_auth = (const uint8_t *)key->prov->parent_auth;
+    ref->parent_authlen = ref->parent_auth != NULL ? strlen((const char *)ref->parent_auth) : 0;
 }
 
 static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
@@ -134,6 +223,24 @@ TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob
         key->type = WIRE_KEY_TYPE_EC;
     } else if (res.key_type == WIRE_KEY_TYPE_RSA && EVP_PKEY_is_a(key->pub, "RSA")) {
         key->type = WIRE_KEY_TYPE_RSA;
+    } else if (res.key_type == WIRE_KEY_TYPE_RSA_PSS && EVP_PKEY_is_a(key->pub, "RSA")) {
+        /* the broker sends rsaEncryption; the key signs PSS only, so it is an RSA-PSS key
+         * (its bound hash is the broker's to enforce: a handle has no key file to read) */
+        BIGNUM *n = NULL, *e = NULL;
+        EVP_PKEY *pss = NULL;
+
+        if (EVP_PKEY_get_bn_param(key->pub, OSSL_PKEY_PARAM_RSA_N, &n)
+            && EVP_PKEY_get_bn_param(key->pub, OSSL_PKEY_PARAM_RSA_E, &e))
+            pss = rsa_pub(prov, WIRE_KEY_TYPE_RSA_PSS, n, e, 0);
+        BN_free(n);
+        BN_free(e);
+        if (pss == NULL) {
+            TPMB_RAISE(prov, TPMB_R_INTERNAL, "cannot make the RSA-PSS public key");
+            goto fail;
+        }
+        EVP_PKEY_free(key->pub);
+        key->pub = pss;
+        key->type = WIRE_KEY_TYPE_RSA_PSS;
     } else {
         TPMB_RAISE(prov, TPMB_R_UNSUPPORTED, "TPM key of unsupported type %u", res.key_type);
         goto fail;
@@ -150,29 +257,27 @@ fail:
 /* The public key of a TSS2 file as an EVP_PKEY of the private libctx. */
 static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
 {
-    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM_BLD *bld = NULL;
     OSSL_PARAM *params = NULL;
     EVP_PKEY_CTX *pctx = NULL;
     EVP_PKEY *pub = NULL;
     BIGNUM *n = NULL, *e = NULL;
-    unsigned char point[1 + 2 * 48];
+    unsigned char point[1 + 2 * 66];
     size_t field;
 
-    if (bld == NULL)
-        goto end;
-    if (info->type == WIRE_KEY_TYPE_RSA) {
+    if (info->type == WIRE_KEY_TYPE_RSA || info->type == WIRE_KEY_TYPE_RSA_PSS) {
         n = BN_bin2bn(info->n, (int)info->nlen, NULL);
         e = BN_new();
-        if (n == NULL || e == NULL || !BN_set_word(e, info->exponent)
-            || !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, n)
-            || !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, e))
-            goto end;
+        if (n != NULL && e != NULL && BN_set_word(e, info->exponent))
+            pub = rsa_pub(prov, info->type, n, e, info->scheme_hash);
+        goto end;
     } else {
-        const char *group = info->curve == WIRE_CURVE_P256 ? "P-256"
-                            : info->curve == WIRE_CURVE_P384 ? "P-384" : NULL;
+        const struct tpm_curve *curve = tpm_curve(info->curve);
+        const char *group = curve != NULL ? curve->group : NULL;
 
-        field = info->curve == WIRE_CURVE_P256 ? 32 : 48;
-        if (group == NULL || info->xlen > field || info->ylen > field)
+        bld = OSSL_PARAM_BLD_new();
+        field = curve != NULL ? curve->field : 0;
+        if (bld == NULL || group == NULL || info->xlen > field || info->ylen > field)
             goto end;
         /* uncompressed point; the TPM may drop leading zero bytes of x and y */
         memset(point, 0, sizeof(point));
@@ -216,6 +321,7 @@ TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len
     }
     key->bits = EVP_PKEY_get_bits(key->pub);
     key->curve = info->curve;
+    key->pss_hash = info->type == WIRE_KEY_TYPE_RSA_PSS ? info->scheme_hash : 0;
     key->parent = info->parent;
     key->attributes = info->attributes;
     key->empty_auth = info->empty_auth;
@@ -230,6 +336,11 @@ static void *key_new_ec(void *provctx)
 static void *key_new_rsa(void *provctx)
 {
     return tpmb_key_new(provctx, WIRE_KEY_TYPE_RSA);
+}
+
+static void *key_new_rsapss(void *provctx)
+{
+    return tpmb_key_new(provctx, WIRE_KEY_TYPE_RSA_PSS);
 }
 
 static void key_free(void *keydata)
@@ -260,6 +371,7 @@ static void *key_dup(const void *keydata_from, int selection)
     key->auth_missing = from->auth_missing;
     key->bits = from->bits;
     key->curve = from->curve;
+    key->pss_hash = from->pss_hash;
     key->parent = from->parent;
     key->attributes = from->attributes;
     key->empty_auth = from->empty_auth;
@@ -274,6 +386,9 @@ static void *key_dup(const void *keydata_from, int selection)
         if (from->authlen > 0)
             memcpy(key->auth, from->auth, from->authlen);
         key->authlen = from->authlen;
+        if (from->parent_auth != NULL
+            && (key->parent_auth = strdup(from->parent_auth)) == NULL)
+            goto fail;
     }
     if (from->pub != NULL) {
         if (!EVP_PKEY_up_ref(from->pub))
@@ -401,9 +516,15 @@ static int key_get_params(void *keydata, OSSL_PARAM params[])
     if (!EVP_PKEY_get_params(key->pub, params))
         return 0;
     p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_DEFAULT_DIGEST);
-    if (p != NULL && !OSSL_PARAM_set_utf8_string(p, key->bits > 256 && key->type == WIRE_KEY_TYPE_EC
-                                                        ? "SHA384" : "SHA256"))
-        return 0;
+    if (p != NULL) {
+        const char *md = tpmb_hash_name(key->pss_hash);
+
+        if (md == NULL)
+            md = key->type != WIRE_KEY_TYPE_EC ? "SHA256"
+                 : key->bits > 384 ? "SHA512" : key->bits > 256 ? "SHA384" : "SHA256";
+        if (!OSSL_PARAM_set_utf8_string(p, md))
+            return 0;
+    }
     return 1;
 }
 
@@ -444,8 +565,15 @@ static const OSSL_PARAM *rsa_gettable_fn(void *provctx)
     return rsa_gettable;
 }
 
+#define rsapss_gettable_fn rsa_gettable_fn
+#define rsapss_import_types_fn rsa_import_types_fn
+#define rsapss_export_types_fn rsa_export_types_fn
+#define rsapss_query_operation_name rsa_query_operation_name
+
 static const char *ec_query_operation_name(int operation_id)
 {
+    if (operation_id == OSSL_OP_KEYEXCH)
+        return TPMB_TPM_ECDH_NAME; /* exchange.c: OpenSSL fetches it for TPM keys only */
     return operation_id == OSSL_OP_SIGNATURE ? "ECDSA" : NULL;
 }
 
@@ -463,14 +591,24 @@ typedef struct gen_ctx {
     unsigned int bits;
     uint32_t parent;
     char *auth;
+    uint8_t usage;    /* WIRE_USAGE_*; DEFAULT lets the broker choose (sign) */
+    uint16_t hash;    /* RSA-PSS: the hash the key's scheme is bound to */
+    uint16_t mgf1;    /* RSA-PSS: the MGF1 hash asked for, 0 = the same */
+    char *parent_auth; /* -pkeyopt parent-auth: */
 } GEN_CTX;
+
+#define CURVES_TEXT "P-192, P-224, P-256, P-384 and P-521, as the TPM has them"
 
 static uint16_t curve_from_name(const char *name)
 {
     static const struct { const char *name; uint16_t curve; } curves[] = {
+        { "P-192", WIRE_CURVE_P192 }, { "prime192v1", WIRE_CURVE_P192 },
+        { "secp192r1", WIRE_CURVE_P192 }, { "P-224", WIRE_CURVE_P224 },
+        { "secp224r1", WIRE_CURVE_P224 },
         { "P-256", WIRE_CURVE_P256 }, { "prime256v1", WIRE_CURVE_P256 },
         { "secp256r1", WIRE_CURVE_P256 }, { "P-384", WIRE_CURVE_P384 },
-        { "secp384r1", WIRE_CURVE_P384 },
+        { "secp384r1", WIRE_CURVE_P384 }, { "P-521", WIRE_CURVE_P521 },
+        { "secp521r1", WIRE_CURVE_P521 },
     };
     size_t i;
 
@@ -517,6 +655,27 @@ static void *rsa_gen_init(void *provctx, int selection, const OSSL_PARAM params[
     return gen_init(provctx, WIRE_KEY_TYPE_RSA, selection, params);
 }
 
+static void *rsapss_gen_init(void *provctx, int selection, const OSSL_PARAM params[])
+{
+    return gen_init(provctx, WIRE_KEY_TYPE_RSA_PSS, selection, params);
+}
+
+/* OpenSSL's digest name as a wire hash, 0 for none the TPM keys sign with. */
+static uint16_t hash_from_name(TPMBROKER_CTX *prov, const char *name)
+{
+    EVP_MD *md = EVP_MD_fetch(prov->libctx, name, NULL);
+    uint16_t hash = 0;
+
+    if (md != NULL) {
+        hash = EVP_MD_is_a(md, "SHA1") ? WIRE_HASH_SHA1
+               : EVP_MD_is_a(md, "SHA2-256") ? WIRE_HASH_SHA256
+               : EVP_MD_is_a(md, "SHA2-384") ? WIRE_HASH_SHA384
+               : EVP_MD_is_a(md, "SHA2-512") ? WIRE_HASH_SHA512 : 0;
+        EVP_MD_free(md);
+    }
+    return hash;
+}
+
 static int gen_set_params(void *genctx, const OSSL_PARAM params[])
 {
     GEN_CTX *g = genctx;
@@ -532,23 +691,54 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
             return 0;
         g->curve = curve_from_name(name);
         if (g->curve == 0) {
-            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "curve %s: the TPM keys support P-256 "
-                       "and P-384", name);
+            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "curve %s: TPM keys are on " CURVES_TEXT,
+                       name);
             return 0;
         }
     }
     p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_BITS);
-    if (p != NULL && g->type == WIRE_KEY_TYPE_RSA) {
+    if (p != NULL && g->type != WIRE_KEY_TYPE_EC) {
+        /* the broker asks the TPM (TPM2_TestParms) and refuses with the TPM's reason */
         if (!OSSL_PARAM_get_uint(p, &g->bits))
             return 0;
-        if (g->bits != 2048 && g->bits != 3072) {
-            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "RSA-%u: the TPM keys support 2048 and "
-                       "3072 bits", g->bits);
+        if (g->bits == 0 || g->bits > 0xffff) {
+            TPMB_RAISE(g->prov, TPMB_R_INVALID_ARGUMENT, "RSA-%u: no such key size", g->bits);
+            return 0;
+        }
+    }
+    p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_MGF1_DIGEST);
+    if (p != NULL && g->type == WIRE_KEY_TYPE_RSA_PSS) {
+        const char *md;
+
+        if (!OSSL_PARAM_get_utf8_string_ptr(p, &md))
+            return 0;
+        g->mgf1 = hash_from_name(g->prov, md);
+        if (g->mgf1 == 0) {
+            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "MGF1 digest %s: the TPM uses the "
+                       "signature digest for MGF1", md);
+            return 0;
+        }
+    }
+    p = OSSL_PARAM_locate_const(params, "usage");
+    if (p != NULL) {
+        const char *usage;
+
+        if (!OSSL_PARAM_get_utf8_string_ptr(p, &usage))
+            return 0;
+        if (strcmp(usage, "sign") == 0) {
+            g->usage = WIRE_USAGE_SIGN;
+        } else if (strcmp(usage, "decrypt") == 0) {
+            g->usage = WIRE_USAGE_DECRYPT;
+        } else if (strcmp(usage, "sign,decrypt") == 0 || strcmp(usage, "decrypt,sign") == 0) {
+            g->usage = WIRE_USAGE_SIGN_DECRYPT;
+        } else {
+            TPMB_RAISE(g->prov, TPMB_R_INVALID_ARGUMENT,
+                       "usage %s: give sign, decrypt or sign,decrypt", usage);
             return 0;
         }
     }
     p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_E);
-    if (p != NULL && g->type == WIRE_KEY_TYPE_RSA) {
+    if (p != NULL && g->type != WIRE_KEY_TYPE_EC) {
         BIGNUM *e = NULL;
         int ok = OSSL_PARAM_get_BN(p, &e) && BN_is_word(e, 65537);
 
@@ -591,14 +781,27 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
 
         if (!OSSL_PARAM_get_utf8_string_ptr(p, &pauth))
             return 0;
-        if (*pauth != '\0') {
-            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "parent-auth: tpmbroker uses parents "
-                       "without a password");
-            return 0;
+        if (g->parent_auth != NULL) {
+            OPENSSL_cleanse(g->parent_auth, strlen(g->parent_auth));
+            free(g->parent_auth);
+            g->parent_auth = NULL;
         }
+        if (*pauth != '\0' && (g->parent_auth = strdup(pauth)) == NULL)
+            return 0;
     }
     p = OSSL_PARAM_locate_const(params, "digest");
-    if (p != NULL) {
+    if (p != NULL && g->type == WIRE_KEY_TYPE_RSA_PSS) {
+        const char *md;
+
+        if (!OSSL_PARAM_get_utf8_string_ptr(p, &md))
+            return 0;
+        g->hash = hash_from_name(g->prov, md);
+        if (g->hash == 0) {
+            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "digest %s: RSA-PSS TPM keys are bound to "
+                       "SHA-1, SHA-256, SHA-384 or SHA-512", md);
+            return 0;
+        }
+    } else if (p != NULL) {
         const char *md;
 
         if (!OSSL_PARAM_get_utf8_string_ptr(p, &md))
@@ -619,6 +822,7 @@ static const OSSL_PARAM ec_gen_settable[] = {
     OSSL_PARAM_uint32("parent", NULL),
     OSSL_PARAM_utf8_string("parent-auth", NULL, 0),
     OSSL_PARAM_utf8_string("digest", NULL, 0),
+    OSSL_PARAM_utf8_string("usage", NULL, 0),
     OSSL_PARAM_END,
 };
 
@@ -629,8 +833,28 @@ static const OSSL_PARAM rsa_gen_settable[] = {
     OSSL_PARAM_uint32("parent", NULL),
     OSSL_PARAM_utf8_string("parent-auth", NULL, 0),
     OSSL_PARAM_utf8_string("digest", NULL, 0),
+    OSSL_PARAM_utf8_string("usage", NULL, 0),
     OSSL_PARAM_END,
 };
+
+static const OSSL_PARAM rsapss_gen_settable[] = {
+    OSSL_PARAM_uint(OSSL_PKEY_PARAM_RSA_BITS, NULL),
+    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
+    OSSL_PARAM_utf8_string("user-auth", NULL, 0),
+    OSSL_PARAM_uint32("parent", NULL),
+    OSSL_PARAM_utf8_string("parent-auth", NULL, 0),
+    OSSL_PARAM_utf8_string("digest", NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_MGF1_DIGEST, NULL, 0),
+    OSSL_PARAM_utf8_string("usage", NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM *rsapss_gen_settable_fn(void *genctx, void *provctx)
+{
+    (void)genctx;
+    (void)provctx;
+    return rsapss_gen_settable;
+}
 
 static const OSSL_PARAM *ec_gen_settable_fn(void *genctx, void *provctx)
 {
@@ -660,8 +884,7 @@ static int gen_set_template(void *genctx, void *templ)
         return 0;
     g->curve = curve_from_name(name);
     if (g->curve == 0) {
-        TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "curve %s: the TPM keys support P-256 and "
-                   "P-384", name);
+        TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "curve %s: TPM keys are on " CURVES_TEXT, name);
         return 0;
     }
     return 1;
@@ -675,12 +898,31 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     uint8_t *blob = NULL;
     size_t bloblen = 0;
     CLIENT_ERR err;
+    CLIENT_KEYGEN req;
     TPMB_KEY *key;
+    /* -pkeyopt parent-auth: for any parent (for 0x40000001 it is the owner hierarchy's);
+     * else the provider's, for a persistent parent only (as tpm2-openssl does) */
+    const char *pauth = g->parent_auth;
 
     (void)cb;
     (void)cbarg;
-    if (!client_generate(g->prov->client, (uint8_t)g->type, param, (const uint8_t *)g->auth,
-                         authlen, g->parent, &blob, &bloblen, &err)) {
+    if (g->mgf1 != 0 && g->mgf1 != (g->hash != 0 ? g->hash : WIRE_HASH_SHA256)) {
+        TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "the TPM signs RSA-PSS with MGF1 over the "
+                   "signature digest; give the same digest for both");
+        return NULL;
+    }
+    if (pauth == NULL && g->parent != WIRE_STORAGE_PRIMARY)
+        pauth = g->prov->parent_auth;
+    req.key_type = (uint8_t)g->type;
+    req.param = param;
+    req.auth = (const uint8_t *)g->auth;
+    req.authlen = authlen;
+    req.parent = g->parent;
+    req.usage = g->usage;
+    req.hash = g->hash;
+    req.parent_auth = (const uint8_t *)pauth;
+    req.parent_authlen = pauth != NULL ? strlen(pauth) : 0;
+    if (!client_generate(g->prov->client, &req, &blob, &bloblen, &err)) {
         TPMB_RAISE_CLIENT(g->prov, "generating a TPM key", &err);
         return NULL;
     }
@@ -697,6 +939,11 @@ static void *gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
                                  authlen);
     }
     free(blob);
+    if (key != NULL && g->parent_auth != NULL
+        && (key->parent_auth = strdup(g->parent_auth)) == NULL) {
+        tpmb_key_free(key);
+        return NULL;
+    }
     return key;
 }
 
@@ -709,6 +956,10 @@ static void gen_cleanup(void *genctx)
     if (g->auth != NULL) {
         OPENSSL_cleanse(g->auth, strlen(g->auth));
         free(g->auth);
+    }
+    if (g->parent_auth != NULL) {
+        OPENSSL_cleanse(g->parent_auth, strlen(g->parent_auth));
+        free(g->parent_auth);
     }
     free(g);
 }
@@ -735,5 +986,58 @@ static void gen_cleanup(void *genctx)
     { OSSL_FUNC_KEYMGMT_GEN_CLEANUP, (void (*)(void))gen_cleanup }, \
     { 0, NULL }
 
-const OSSL_DISPATCH tpmb_ec_keymgmt_functions[] = { KEYMGMT_COMMON(ec) };
+/*
+ * A public EC key's point, set after its curve: CMS makes the originator's key of an EC
+ * recipient that way (EVP_PKEY_copy_parameters, then EVP_PKEY_set1_encoded_public_key)
+ * before ECDH with the TPM key (exchange.c). A TPM key's public key is the TPM's: refused.
+ */
+static int ec_set_params(void *keydata, const OSSL_PARAM params[])
+{
+    TPMB_KEY *key = keydata;
+    const OSSL_PARAM *p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY);
+    OSSL_PARAM build[3];
+    EVP_PKEY_CTX *pctx;
+    EVP_PKEY *pub = NULL;
+    char group[64];
+    int ok;
+
+    if (p == NULL)
+        return 1;
+    if (key == NULL || key->blob != NULL || key->pub == NULL
+        || p->data_type != OSSL_PARAM_OCTET_STRING
+        || !EVP_PKEY_get_utf8_string_param(key->pub, OSSL_PKEY_PARAM_GROUP_NAME, group,
+                                           sizeof(group), NULL))
+        return 0;
+    build[0] = OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0);
+    build[1] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, p->data, p->data_size);
+    build[2] = OSSL_PARAM_construct_end();
+    pctx = EVP_PKEY_CTX_new_from_name(key->prov->libctx, "EC", NULL);
+    ok = pctx != NULL && EVP_PKEY_fromdata_init(pctx) > 0
+         && EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, build) > 0;
+    EVP_PKEY_CTX_free(pctx);
+    if (!ok)
+        return 0;
+    EVP_PKEY_free(key->pub);
+    key->pub = pub;
+    key->bits = EVP_PKEY_get_bits(pub);
+    return 1;
+}
+
+static const OSSL_PARAM ec_settable[] = {
+    OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM *ec_settable_fn(void *provctx)
+{
+    (void)provctx;
+    return ec_settable;
+}
+
+const OSSL_DISPATCH tpmb_ec_keymgmt_functions[] = {
+    { OSSL_FUNC_KEYMGMT_SET_PARAMS, (void (*)(void))ec_set_params },
+    { OSSL_FUNC_KEYMGMT_SETTABLE_PARAMS, (void (*)(void))ec_settable_fn },
+    KEYMGMT_COMMON(ec)
+};
 const OSSL_DISPATCH tpmb_rsa_keymgmt_functions[] = { KEYMGMT_COMMON(rsa) };
+const OSSL_DISPATCH tpmb_rsapss_keymgmt_functions[] = { KEYMGMT_COMMON(rsapss) };

@@ -41,6 +41,7 @@ static const OSSL_ITEM reason_strings[] = {
     { TPMB_R_TPM_BUSY, "the TPM is busy" },
     { TPMB_R_LOCKOUT, "the TPM is in dictionary-attack lockout" },
     { TPMB_R_PASSWORD_NEEDED, "the TPM key needs a password" },
+    { TPMB_R_PARENT_AUTH_FAILED, "wrong or missing password for the key's parent" },
     { 0, NULL },
 };
 
@@ -101,6 +102,11 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
         reason = TPMB_R_AUTH_FAILED;
         hint = "; give the key's password with -passin/-pass (wrong tries count toward the "
                "TPM's lockout)";
+        break;
+    case WIRE_STATUS_PARENT_AUTH_FAILED:
+        reason = TPMB_R_PARENT_AUTH_FAILED;
+        hint = "; give the parent's password: -pkeyopt parent-auth: (genpkey), "
+               "TPMBROKER_PARENT_AUTH or parent-auth in the provider's config section";
         break;
     case WIRE_STATUS_BAD_KEY:
         reason = TPMB_R_BAD_KEY;
@@ -177,6 +183,8 @@ static const OSSL_ALGORITHM keymgmt_algs[] = {
       "TPM 2.0 EC keys through tpmbroker" },
     { "RSA:rsaEncryption:1.2.840.113549.1.1.1", TPMBROKER_PROPS, tpmb_rsa_keymgmt_functions,
       "TPM 2.0 RSA keys through tpmbroker" },
+    { "RSA-PSS:RSASSA-PSS:1.2.840.113549.1.1.10", TPMBROKER_PROPS,
+      tpmb_rsapss_keymgmt_functions, "TPM 2.0 RSA keys bound to RSASSA-PSS through tpmbroker" },
     { "TPMBROKER-ECDHE", TPMBROKER_PROPS, tpmb_ecdhe_keymgmt_functions,
       "ephemeral EC keys for TLS key exchange (software)" },
     { NULL, NULL, NULL, NULL },
@@ -185,6 +193,8 @@ static const OSSL_ALGORITHM keymgmt_algs[] = {
 static const OSSL_ALGORITHM keyexch_algs[] = {
     { "TPMBROKER-ECDH", TPMBROKER_PROPS, tpmb_ecdh_keyexch_functions,
       "ECDH for TLS key exchange (software)" },
+    { TPMB_TPM_ECDH_NAME, TPMBROKER_PROPS, tpmb_tpm_ecdh_keyexch_functions,
+      "ECDH with a TPM key" },
     { NULL, NULL, NULL, NULL },
 };
 
@@ -200,6 +210,8 @@ static const OSSL_ALGORITHM decoder_algs[] = {
     { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL },
     { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },
     { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsapss_decoder_functions,
+      NULL },
     { NULL, NULL, NULL, NULL },
 };
 
@@ -215,6 +227,11 @@ static const OSSL_ALGORITHM encoder_algs[] = {
       tpmb_encoder_pem_functions, NULL },
     { "EC", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
     { "RSA", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",output=der,structure=PrivateKeyInfo",
+      tpmb_encoder_der_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo",
+      tpmb_encoder_pem_functions, NULL },
+    { "RSA-PSS", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
     { NULL, NULL, NULL, NULL },
 };
 
@@ -278,7 +295,29 @@ static void provider_teardown(void *provctx)
         return;
     client_free(ctx->client);
     OSSL_LIB_CTX_free(ctx->libctx);
+    if (ctx->parent_auth != NULL) {
+        OPENSSL_cleanse(ctx->parent_auth, strlen(ctx->parent_auth));
+        free(ctx->parent_auth);
+    }
     free(ctx);
+}
+
+/* The password of persistent parents: TPMBROKER_PARENT_AUTH, else tpm2-openssl's
+ * TPM2OPENSSL_PARENT_AUTH, else the config's `parent-auth`; NULL when none is set. */
+static char *parent_auth(const char *configured)
+{
+    static const char *const names[] = { "TPMBROKER_PARENT_AUTH", "TPM2OPENSSL_PARENT_AUTH" };
+    size_t i;
+
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        const char *env = getenv(names[i]);
+
+        if (env != NULL && *env != '\0')
+            return strdup(env);
+    }
+    if (configured != NULL && *configured != '\0')
+        return strdup(configured);
+    return NULL;
 }
 
 static const OSSL_DISPATCH provider_dispatch[] = {
@@ -329,6 +368,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
     TPMBROKER_CTX *ctx;
     const OSSL_DISPATCH *d;
     char *cfg_socket = NULL, *cfg_timeout = NULL, *cfg_debug = NULL, *cfg_verify = NULL;
+    char *cfg_parent_auth = NULL;
     const char *env_verify = getenv("TPMBROKER_VERIFY");
     unsigned int timeout_ms = TPMBROKER_DEFAULT_TIMEOUT_MS;
     const char *env_debug = getenv("TPMBROKER_DEBUG");
@@ -362,6 +402,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
             OSSL_PARAM_utf8_ptr("timeout", &cfg_timeout, 0),
             OSSL_PARAM_utf8_ptr("debug", &cfg_debug, 0),
             OSSL_PARAM_utf8_ptr("verify", &cfg_verify, 0),
+            OSSL_PARAM_utf8_ptr("parent-auth", &cfg_parent_auth, 0),
             OSSL_PARAM_END,
         };
 
@@ -395,12 +436,14 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
         free(ctx);
         return 0;
     }
+    ctx->parent_auth = parent_auth(cfg_parent_auth);
     ctx->client = client_new(path, timeout_ms);
     tpmb_debug("loaded; socket %s, timeout %u ms, verify %s", path, timeout_ms,
                ctx->verify ? "on" : "off");
     free(path);
     if (ctx->client == NULL) {
         OSSL_LIB_CTX_free(ctx->libctx);
+        free(ctx->parent_auth);
         free(ctx);
         return 0;
     }

@@ -16,6 +16,8 @@
 #define TPMBROKER_VERSION "0.1.0"
 #define TPMBROKER_PROPS "provider=tpmbroker"
 #define TPMBROKER_DEFAULT_TIMEOUT_MS 30000
+/* The key exchange of TPM EC keys (exchange.c); ecdhe.c's TPMBROKER-ECDH is TLS's. */
+#define TPMB_TPM_ECDH_NAME "TPMBROKER-TPM-ECDH"
 
 /* Per-load provider context, handed to every operation. */
 typedef struct tpmbroker_ctx {
@@ -23,6 +25,7 @@ typedef struct tpmbroker_ctx {
     OSSL_LIB_CTX *libctx; /* private: hashing here never recurses into us */
     TPMB_CLIENT *client;
     int verify;           /* verify every signature the broker returns (default 1) */
+    char *parent_auth;    /* password of persistent parents: env or config; NULL: none */
     OSSL_FUNC_core_new_error_fn *new_error;
     OSSL_FUNC_core_set_error_debug_fn *set_error_debug;
     OSSL_FUNC_core_vset_error_fn *vset_error;
@@ -45,6 +48,7 @@ enum tpmb_reason {
     TPMB_R_TPM_BUSY,
     TPMB_R_LOCKOUT,
     TPMB_R_PASSWORD_NEEDED,
+    TPMB_R_PARENT_AUTH_FAILED,
 };
 
 /*
@@ -54,7 +58,8 @@ enum tpmb_reason {
  */
 typedef struct tpmb_key {
     TPMBROKER_CTX *prov;
-    int type;              /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
+    int type;              /* WIRE_KEY_TYPE_EC, _RSA or _RSA_PSS */
+    uint16_t pss_hash;     /* RSA-PSS keys: the wire hash the scheme is bound to, 0 unknown */
     uint8_t source;        /* WIRE_KEY_SOURCE_* */
     uint8_t *blob;
     size_t bloblen;
@@ -69,6 +74,7 @@ typedef struct tpmb_key {
     uint32_t parent;
     uint32_t attributes;   /* TPMA_OBJECT */
     int empty_auth;        /* the file says the key has no password */
+    char *parent_auth;     /* -pkeyopt parent-auth: at generation; NULL: the provider's */
 } TPMB_KEY;
 
 void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,
@@ -85,7 +91,8 @@ void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* tss2.c: the TSS2 PRIVATE KEY file format; pointers point into the DER given. */
 typedef struct tss2_info {
-    int type;        /* WIRE_KEY_TYPE_EC or WIRE_KEY_TYPE_RSA */
+    int type;        /* WIRE_KEY_TYPE_EC, _RSA, or _RSA_PSS for an RSA key with scheme RSAPSS */
+    uint16_t scheme_hash; /* the hash of the key's scheme (TPM2_ALG), 0 for scheme NULL */
     int empty_auth;  /* 1: no password; 0: emptyAuth false or absent, a password is needed */
     uint32_t parent; /* 0x40000001: the storage primary from the TCG template */
     uint32_t attributes; /* TPMA_OBJECT */
@@ -111,10 +118,13 @@ TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len
                              const TSS2_INFO *info, const uint8_t *auth, size_t authlen);
 void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref);
 const char *tpmb_key_type_name(int type);
+const char *tpmb_hash_name(uint16_t hash); /* OpenSSL's name of a wire hash, or NULL */
 
 
 extern const OSSL_DISPATCH tpmb_ec_keymgmt_functions[];
 extern const OSSL_DISPATCH tpmb_rsa_keymgmt_functions[];
+extern const OSSL_DISPATCH tpmb_rsapss_keymgmt_functions[];
+extern const OSSL_DISPATCH tpmb_rsapss_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_signature_functions[];
 extern const OSSL_DISPATCH tpmb_pem_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_ec_decoder_functions[];
@@ -125,6 +135,7 @@ extern const OSSL_DISPATCH tpmb_encoder_text_functions[];
 extern const OSSL_DISPATCH tpmb_store_functions[];
 extern const OSSL_DISPATCH tpmb_ecdhe_keymgmt_functions[];
 extern const OSSL_DISPATCH tpmb_ecdh_keyexch_functions[];
+extern const OSSL_DISPATCH tpmb_tpm_ecdh_keyexch_functions[]; /* exchange.c */
 extern const OSSL_DISPATCH tpmb_rand_functions[]; /* rand.c */
 extern const OSSL_DISPATCH tpmb_asym_cipher_functions[]; /* asymcipher.c */
 

@@ -5,6 +5,13 @@
  * OpenSSL's ecdsa_sig.c); only the digest travels to the broker in one SIGN request.
  * Verification uses the public key locally, so verify never needs the broker.
  *
+ * Restricted signing keys (attestation keys) sign only what the TPM hashed itself: for
+ * them digest_sign keeps the message, up to WIRE_MAX_MESSAGE bytes, and sends it in one
+ * SIGN_MESSAGE. Keys by handle: or object: are kept that way too (the provider has not
+ * seen their attributes; the broker hashes an ordinary key's message itself), falling
+ * back to SIGN with the digest when the message outgrows the limit. A bare digest
+ * (pkeyutl -sign without -rawin) cannot be signed by a restricted key.
+ *
  * The broker is not trusted with the signature it returns: it must have the key's shape
  * (ECDSA: DER Ecdsa-Sig-Value with 0 < r, s < n of the key's curve; RSA: exactly the
  * modulus long, below the modulus) and, unless `verify = 0`, verify with the public key
@@ -36,7 +43,24 @@ typedef struct sig_ctx {
     int pad;                /* RSA_PKCS1_PADDING or RSA_PKCS1_PSS_PADDING */
     int saltlen;            /* as asked; checked against what the TPM does */
     char mgf1[MDNAME_MAX];  /* empty: same as md */
+    int buffering;          /* digest_sign keeps the message (restricted or unknown key) */
+    int overflow;           /* the message outgrew WIRE_MAX_MESSAGE: not kept */
+    unsigned char *msg;
+    size_t msglen, msgcap;
 } SIG_CTX;
+
+#define TPMA_OBJECT_RESTRICTED 0x00010000u
+
+static int key_restricted(const TPMB_KEY *key)
+{
+    return (key->attributes & TPMA_OBJECT_RESTRICTED) != 0;
+}
+
+/* Persistent keys come from the broker's LOAD, which does not say their attributes. */
+static int key_attributes_unknown(const TPMB_KEY *key)
+{
+    return key->source == WIRE_KEY_SOURCE_PERSISTENT_HANDLE;
+}
 
 static void *sig_newctx(void *provctx, const char *propq)
 {
@@ -59,6 +83,7 @@ static void sig_freectx(void *vctx)
         return;
     EVP_MD_CTX_free(ctx->mdctx);
     EVP_MD_free(ctx->md);
+    free(ctx->msg);
     free(ctx);
 }
 
@@ -71,6 +96,13 @@ static void *sig_dupctx(void *vctx)
     *dst = *src;
     dst->md = NULL;
     dst->mdctx = NULL;
+    dst->msg = NULL;
+    if (src->msg != NULL) {
+        dst->msg = malloc(src->msgcap);
+        if (dst->msg == NULL)
+            goto fail;
+        memcpy(dst->msg, src->msg, src->msglen);
+    }
     if (src->md != NULL) {
         if (!EVP_MD_up_ref(src->md))
             goto fail;
@@ -117,6 +149,13 @@ static int set_md(SIG_CTX *ctx, const char *name)
         EVP_MD_free(md);
         return 0;
     }
+    if (ctx->key != NULL && ctx->key->pss_hash != 0 && id != ctx->key->pss_hash) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "digest %s: this RSA-PSS TPM key is bound to "
+                   "%s", name, tpmb_hash_name(ctx->key->pss_hash) != NULL
+                                   ? tpmb_hash_name(ctx->key->pss_hash) : "another digest");
+        EVP_MD_free(md);
+        return 0;
+    }
     EVP_MD_free(ctx->md);
     ctx->md = md;
     ctx->hash = id;
@@ -148,6 +187,8 @@ static int sig_init(SIG_CTX *ctx, void *keydata, const OSSL_PARAM params[], int 
     }
     if (ctx->key->pub == NULL)
         return 0;
+    if (ctx->key->type == WIRE_KEY_TYPE_RSA_PSS)
+        ctx->pad = RSA_PKCS1_PSS_PADDING; /* its scheme is bound to PSS */
     return sig_set_ctx_params(ctx, params);
 }
 
@@ -278,12 +319,15 @@ static int check_signature(SIG_CTX *ctx, const unsigned char *sig, size_t siglen
     return 1;
 }
 
+/* Signs the digest tbs; with msg != NULL sends the message it is the digest of instead. */
 static int do_sign(SIG_CTX *ctx, unsigned char *sig, size_t *siglen, size_t sigsize,
-                   const unsigned char *tbs, size_t tbslen)
+                   const unsigned char *tbs, size_t tbslen, const unsigned char *msg,
+                   size_t msglen)
 {
     CLIENT_KEY ref;
     CLIENT_ERR err;
     uint8_t scheme;
+    int ok;
 
     if (ctx->md == NULL) {
         /* a bare digest: its length says which hash (only ECDSA is hash-agnostic) */
@@ -321,8 +365,13 @@ static int do_sign(SIG_CTX *ctx, unsigned char *sig, size_t *siglen, size_t sigs
     }
     *siglen = sigsize;
     tpmb_key_client_ref(ctx->key, &ref);
-    if (!client_sign(ctx->prov->client, &ref, scheme, ctx->hash, tbs, tbslen, sig, siglen,
-                     &err)) {
+    if (msg != NULL)
+        ok = client_sign_message(ctx->prov->client, &ref, scheme, ctx->hash, msg, msglen, sig,
+                                 siglen, &err);
+    else
+        ok = client_sign(ctx->prov->client, &ref, scheme, ctx->hash, tbs, tbslen, sig, siglen,
+                         &err);
+    if (!ok) {
         TPMB_RAISE_CLIENT(ctx->prov, "signing with the TPM key", &err);
         return 0;
     }
@@ -343,7 +392,14 @@ static int sig_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsi
         *siglen = max_sig_size(ctx);
         return 1;
     }
-    return do_sign(ctx, sig, siglen, sigsize, tbs, tbslen);
+    if (key_restricted(ctx->key)) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "a restricted signing key (an attestation key) signs only a message the "
+                   "TPM hashes itself, not a digest: give the message with -rawin "
+                   "(openssl pkeyutl -sign -rawin -digest sha256), or use dgst -sign");
+        return 0;
+    }
+    return do_sign(ctx, sig, siglen, sigsize, tbs, tbslen, NULL, 0);
 }
 
 /* Verifies with the public key in the private libctx, with the same parameters. */
@@ -387,6 +443,8 @@ static int digest_init(SIG_CTX *ctx, const char *mdname, void *keydata,
         return 0;
     if (mdname == NULL || *mdname == '\0')
         mdname = ctx->md != NULL ? EVP_MD_get0_name(ctx->md)
+                 : tpmb_hash_name(ctx->key->pss_hash) != NULL ? tpmb_hash_name(ctx->key->pss_hash)
+                 : ctx->key->type == WIRE_KEY_TYPE_EC && ctx->key->bits > 384 ? "SHA2-512"
                  : ctx->key->type == WIRE_KEY_TYPE_EC && ctx->key->bits > 256 ? "SHA2-384"
                                                                          : "SHA2-256";
     if (!set_md(ctx, mdname))
@@ -397,6 +455,10 @@ static int digest_init(SIG_CTX *ctx, const char *mdname, void *keydata,
         TPMB_RAISE(ctx->prov, TPMB_R_INTERNAL, "cannot start the %s digest", mdname);
         return 0;
     }
+    ctx->buffering = need_private
+                     && (key_restricted(ctx->key) || key_attributes_unknown(ctx->key));
+    ctx->overflow = 0;
+    ctx->msglen = 0;
     return 1;
 }
 
@@ -419,6 +481,42 @@ static int sig_digest_update(void *vctx, const unsigned char *data, size_t datal
     return ctx->mdctx != NULL && EVP_DigestUpdate(ctx->mdctx, data, datalen);
 }
 
+/* Hashes, and keeps the message while it fits a SIGN_MESSAGE. */
+static int sig_digest_sign_update(void *vctx, const unsigned char *data, size_t datalen)
+{
+    SIG_CTX *ctx = vctx;
+    unsigned char *grown;
+    size_t cap;
+
+    if (!sig_digest_update(vctx, data, datalen))
+        return 0;
+    if (!ctx->buffering || ctx->overflow || datalen == 0)
+        return 1;
+    if (datalen > WIRE_MAX_MESSAGE - ctx->msglen) {
+        ctx->overflow = 1; /* refused at final for a restricted key, else signed as a digest */
+        free(ctx->msg);
+        ctx->msg = NULL;
+        ctx->msglen = ctx->msgcap = 0;
+        return 1;
+    }
+    if (ctx->msglen + datalen > ctx->msgcap) {
+        for (cap = ctx->msgcap ? ctx->msgcap : 1024; cap < ctx->msglen + datalen; cap *= 2)
+            ;
+        if (cap > WIRE_MAX_MESSAGE)
+            cap = WIRE_MAX_MESSAGE;
+        grown = realloc(ctx->msg, cap);
+        if (grown == NULL) {
+            TPMB_RAISE(ctx->prov, TPMB_R_MALLOC, "out of memory for the message to sign");
+            return 0;
+        }
+        ctx->msg = grown;
+        ctx->msgcap = cap;
+    }
+    memcpy(ctx->msg + ctx->msglen, data, datalen);
+    ctx->msglen += datalen;
+    return 1;
+}
+
 static int sig_digest_sign_final(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsize)
 {
     SIG_CTX *ctx = vctx;
@@ -431,7 +529,18 @@ static int sig_digest_sign_final(void *vctx, unsigned char *sig, size_t *siglen,
     }
     if (ctx->mdctx == NULL || !EVP_DigestFinal_ex(ctx->mdctx, digest, &dlen))
         return 0;
-    return do_sign(ctx, sig, siglen, sigsize, digest, dlen);
+    if (ctx->buffering && !ctx->overflow)
+        return do_sign(ctx, sig, siglen, sigsize, digest, dlen,
+                       ctx->msg != NULL ? ctx->msg : (const unsigned char *)"", ctx->msglen);
+    if (ctx->buffering && key_restricted(ctx->key)) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "message over %u bytes: a restricted signing key signs only what the TPM "
+                   "hashed, and at most %u bytes go to the TPM through tpmbroker "
+                   "(MAX_MESSAGE)", (unsigned int)WIRE_MAX_MESSAGE,
+                   (unsigned int)WIRE_MAX_MESSAGE);
+        return 0;
+    }
+    return do_sign(ctx, sig, siglen, sigsize, digest, dlen, NULL, 0);
 }
 
 static int sig_digest_verify_final(void *vctx, const unsigned char *sig, size_t siglen)
@@ -594,6 +703,11 @@ static int parse_pad(SIG_CTX *ctx, const OSSL_PARAM *p)
     } else if (!OSSL_PARAM_get_int(p, &pad)) {
         return 0;
     }
+    if (pad == RSA_PKCS1_PADDING && ctx->key != NULL && ctx->key->type == WIRE_KEY_TYPE_RSA_PSS) {
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
+                   "an RSA-PSS TPM key signs with PSS only, not PKCS#1 v1.5");
+        return 0;
+    }
     if (pad != RSA_PKCS1_PADDING && pad != RSA_PKCS1_PSS_PADDING) {
         TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
                    "RSA padding mode %d: TPM keys sign with pkcs1 or pss", pad);
@@ -686,7 +800,7 @@ const OSSL_DISPATCH tpmb_signature_functions[] = {
     { OSSL_FUNC_SIGNATURE_VERIFY_INIT, (void (*)(void))sig_verify_init },
     { OSSL_FUNC_SIGNATURE_VERIFY, (void (*)(void))sig_verify },
     { OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, (void (*)(void))sig_digest_sign_init },
-    { OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, (void (*)(void))sig_digest_update },
+    { OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, (void (*)(void))sig_digest_sign_update },
     { OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, (void (*)(void))sig_digest_sign_final },
     { OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_INIT, (void (*)(void))sig_digest_verify_init },
     { OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_UPDATE, (void (*)(void))sig_digest_update },

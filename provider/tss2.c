@@ -102,6 +102,7 @@ static const uint8_t *rd2b(struct rd *r, size_t *n)
 }
 
 #define TPM2_ALG_NULL 0x0010
+#define TPM2_ALG_RSAPSS 0x0016
 #define TPM2_ALG_RSAES 0x0015
 #define TPM2_ALG_ECDAA 0x001A
 
@@ -124,8 +125,9 @@ static int parse_public(const uint8_t *p, size_t len, TSS2_INFO *info)
     alg = rd16(&r);   /* scheme */
     if (type == TPM2_ALG_RSA) {
         if (alg != TPM2_ALG_NULL && alg != TPM2_ALG_RSAES)
-            (void)rd16(&r);
-        info->type = WIRE_KEY_TYPE_RSA;
+            info->scheme_hash = rd16(&r);
+        /* a scheme bound to PSS makes it an RSA-PSS key, as OpenSSL sees such keys */
+        info->type = alg == TPM2_ALG_RSAPSS ? WIRE_KEY_TYPE_RSA_PSS : WIRE_KEY_TYPE_RSA;
         info->bits = rd16(&r);
         info->exponent = rd32(&r);
         if (info->exponent == 0)

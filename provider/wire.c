@@ -82,13 +82,29 @@ size_t wire_hello(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const char *
     return wire_finish(w);
 }
 
+/* A trailing field added after a message's first release: absent means empty, so an
+ * empty one is not written and the frame keeps its old bytes. */
+static void put_optional_bytes(WIRE_WRITER *w, const uint8_t *p, size_t n)
+{
+    if (n > 0)
+        wire_put_bytes(w, p, n);
+}
+
 size_t wire_load(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t source,
                  const uint8_t *key, size_t keylen, const uint8_t *auth, size_t authlen)
+{
+    return wire_load_parent(w, id, timeout_ms, source, key, keylen, auth, authlen, NULL, 0);
+}
+
+size_t wire_load_parent(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t source,
+                        const uint8_t *key, size_t keylen, const uint8_t *auth, size_t authlen,
+                        const uint8_t *parent_auth, size_t parent_authlen)
 {
     wire_begin(w, WIRE_OPCODE_LOAD, id, timeout_ms);
     wire_put_u8(w, source);
     wire_put_bytes(w, key, keylen);
     wire_put_bytes(w, auth, authlen);
+    put_optional_bytes(w, parent_auth, parent_authlen);
     return wire_finish(w);
 }
 
@@ -104,14 +120,36 @@ size_t wire_sign(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t
     return wire_finish(w);
 }
 
+size_t wire_sign_message(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
+                         const uint8_t *key_id, size_t key_id_len, uint8_t scheme,
+                         uint16_t hash, const uint8_t *message, size_t messagelen)
+{
+    if (messagelen > WIRE_MAX_MESSAGE)
+        return 0;
+    wire_begin(w, WIRE_OPCODE_SIGN_MESSAGE, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    wire_put_u8(w, scheme);
+    wire_put_u16(w, hash);
+    wire_put_bytes(w, message, messagelen);
+    return wire_finish(w);
+}
+
 size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
-                     uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent)
+                     uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent,
+                     uint8_t usage, uint16_t hash, const uint8_t *parent_auth,
+                     size_t parent_authlen)
 {
     wire_begin(w, WIRE_OPCODE_GENERATE, id, timeout_ms);
     wire_put_u8(w, key_type);
     wire_put_u16(w, param);
     wire_put_bytes(w, auth, authlen);
     wire_put_u32(w, parent);
+    /* The optional tail: absent is the version-1 frame; parent_auth may end it early. */
+    if (usage != 0 || hash != 0 || parent_authlen != 0) {
+        wire_put_u8(w, usage);
+        wire_put_u16(w, hash);
+        put_optional_bytes(w, parent_auth, parent_authlen);
+    }
     return wire_finish(w);
 }
 
@@ -140,6 +178,15 @@ size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t i
 {
     wire_begin(w, WIRE_OPCODE_NV_READ, id, timeout_ms);
     wire_put_u32(w, index);
+    return wire_finish(w);
+}
+
+size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                   size_t key_id_len, const uint8_t *point, size_t pointlen)
+{
+    wire_begin(w, WIRE_OPCODE_DERIVE, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    wire_put_bytes(w, point, pointlen);
     return wire_finish(w);
 }
 

@@ -56,13 +56,26 @@ size_t wire_load(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t sourc
 size_t wire_sign(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                  size_t key_id_len, uint8_t scheme, uint16_t hash, const uint8_t *digest,
                  size_t digestlen);
+/* SIGN_MESSAGE: the message itself, at most WIRE_MAX_MESSAGE bytes (0 past that). */
+size_t wire_sign_message(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
+                         const uint8_t *key_id, size_t key_id_len, uint8_t scheme,
+                         uint16_t hash, const uint8_t *message, size_t messagelen);
 size_t wire_generate(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t key_type,
-                     uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent);
+                     uint16_t param, const uint8_t *auth, size_t authlen, uint32_t parent,
+                     uint8_t usage, uint16_t hash, const uint8_t *parent_auth,
+                     size_t parent_authlen);
+/* LOAD with the password of the key's parent (a trailing field, omitted when empty:
+ * wire_load is this with none). */
+size_t wire_load_parent(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint8_t source,
+                        const uint8_t *key, size_t keylen, const uint8_t *auth, size_t authlen,
+                        const uint8_t *parent_auth, size_t parent_authlen);
 size_t wire_status(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms);
 size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                    size_t key_id_len);
 size_t wire_random(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint16_t count);
 size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t index);
+size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                   size_t key_id_len, const uint8_t *point, size_t pointlen);
 
 /* DECRYPT's fields (docs/protocol.md); hash, mgf1_hash and label are OAEP's, else 0. */
 typedef struct wire_decrypt_request {

@@ -59,6 +59,17 @@ step "random numbers from the TPM, encrypted on the TPM's bus"
 "$BIN/tpmbroker" random 32 --hex
 openssl rand -provider-path "$PROVIDER_DIR" -provider tpmbroker -hex 16
 
+step "ECDH: a TPM key and a software peer derive the same secret"
+"$BIN/tpmbroker" keygen --alg ec:P-256 --usage decrypt -o "$WORK/ecdh.pem"
+openssl pkey "${OSSL[@]}" -in "$WORK/ecdh.pem" -pubout -out "$WORK/ecdh.pub"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/peer.pem"
+openssl pkey -in "$WORK/peer.pem" -pubout -out "$WORK/peer.pub"
+openssl pkeyutl "${OSSL[@]}" -derive -inkey "$WORK/ecdh.pem" -peerkey "$WORK/peer.pub" \
+    -out "$WORK/ours.secret"
+openssl pkeyutl -derive -inkey "$WORK/peer.pem" -peerkey "$WORK/ecdh.pub" -out "$WORK/theirs.secret"
+cmp "$WORK/ours.secret" "$WORK/theirs.secret"
+echo "shared secret (x-coordinate, $(wc -c <"$WORK/ours.secret") bytes) equal on both sides"
+
 step "TLS 1.3 served by openssl s_server with the TPM key, fetched by curl"
 PORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 openssl s_server "${OSSL[@]}" -key "$WORK/ec.pem" -cert "$WORK/ec.crt" \

@@ -16,6 +16,7 @@ PRINT(KEY_TYPE)
 PRINT(SCHEME)
 PRINT(HASH)
 PRINT(CURVE)
+PRINT(USAGE)
 PRINT(PADDING)
 PRINT(DECRYPT_FLAG)
 
@@ -28,6 +29,7 @@ int main(void)
 #define X_SCHEME(n, v) print_SCHEME(#n, v);
 #define X_HASH(n, v) print_HASH(#n, v);
 #define X_CURVE(n, v) print_CURVE(#n, v);
+#define X_USAGE(n, v) print_USAGE(#n, v);
 #define X_PADDING(n, v) print_PADDING(#n, v);
 #define X_DECRYPT_FLAG(n, v) print_DECRYPT_FLAG(#n, v);
 #define X_STATUS_NAME(n, v) printf("NAME %d %s\n", v, wire_status_name(WIRE_STATUS_##n));
@@ -38,6 +40,7 @@ int main(void)
     WIRE_SCHEME_LIST(X_SCHEME)
     WIRE_HASH_LIST(X_HASH)
     WIRE_CURVE_LIST(X_CURVE)
+    WIRE_USAGE_LIST(X_USAGE)
     WIRE_PADDING_LIST(X_PADDING)
     WIRE_DECRYPT_FLAG_LIST(X_DECRYPT_FLAG)
     WIRE_STATUS_LIST(X_STATUS_NAME)

@@ -36,7 +36,7 @@ static void put_hex(const uint8_t *p, size_t n)
 
 static int encode(void)
 {
-    uint8_t kid[32], zero[32] = { 0 }, aa[48];
+    uint8_t kid[32], zero[32] = { 0 }, aa[48], point[65];
     static const uint8_t key[] = { 0x30, 0x03, 0x02, 0x01, 0x01 };
     static const uint8_t handle[] = { 0x81, 0x00, 0x00, 0x01 };
     size_t i;
@@ -54,12 +54,29 @@ static int encode(void)
     hex("sign_pss_request", w.buf, wire_sign(&w, 0xFFFFFFFEu, 0, kid, 32, WIRE_SCHEME_PSS,
                                              WIRE_HASH_SHA384, aa, 48));
     hex("generate_request", w.buf, wire_generate(&w, 6, 60000, WIRE_KEY_TYPE_RSA, 2048, NULL, 0,
-                                                 WIRE_STORAGE_PRIMARY));
+                                                 WIRE_STORAGE_PRIMARY, 0, 0, NULL, 0));
+    hex("generate_rsa_pss_request", w.buf,
+        wire_generate(&w, 6, 60000, WIRE_KEY_TYPE_RSA_PSS, 3072, NULL, 0, WIRE_STORAGE_PRIMARY,
+                      WIRE_USAGE_SIGN, WIRE_HASH_SHA384, NULL, 0));
     hex("status_request", w.buf, wire_status(&w, 7, 0));
     hex("unload_request", w.buf, wire_unload(&w, 8, 0, kid, 32));
     hex("random_request", w.buf, wire_random(&w, 9, 2000, 48));
     hex("random_max_request", w.buf, wire_random(&w, 10, 0, WIRE_MAX_RANDOM));
     hex("nv_read_request", w.buf, wire_nv_read(&w, 12, 5000, 0x01000010));
+    hex("sign_message_request", w.buf,
+        wire_sign_message(&w, 13, 3000, kid, 32, WIRE_SCHEME_ECDSA, WIRE_HASH_SHA256,
+                          (const uint8_t *)"hello, world", 12));
+    hex("sign_message_empty_request", w.buf,
+        wire_sign_message(&w, 14, 0, kid, 32, WIRE_SCHEME_PSS, WIRE_HASH_SHA384, NULL, 0));
+    for (i = 0; i < sizeof(point); i++)
+        point[i] = (uint8_t)(i == 0 ? 0x04 : 0x3f + i);
+    hex("derive_request", w.buf, wire_derive(&w, 13, 3000, kid, 32, point, sizeof(point)));
+    hex("load_parent_auth_request", w.buf,
+        wire_load_parent(&w, 13, 0, WIRE_KEY_SOURCE_TSS2_DER, key, sizeof(key), NULL, 0,
+                         (const uint8_t *)"parentpass", 10));
+    hex("generate_parent_auth_request", w.buf,
+        wire_generate(&w, 14, 0, WIRE_KEY_TYPE_EC, WIRE_CURVE_P256, (const uint8_t *)"pw", 2,
+                      0x81000002u, 0, 0, (const uint8_t *)"parentpass", 10));
     {
         static const uint8_t label[] = "label", ct8[8] = { 0xee, 0xee, 0xee, 0xee, 0xee, 0xee,
                                                             0xee, 0xee };
@@ -132,6 +149,8 @@ static int print_result(uint8_t op, WIRE_READER *r)
     case WIRE_OPCODE_STATUS:
     case WIRE_OPCODE_RANDOM:
     case WIRE_OPCODE_NV_READ:
+    case WIRE_OPCODE_SIGN_MESSAGE:
+    case WIRE_OPCODE_DERIVE:
     case WIRE_OPCODE_DECRYPT:
         a = wire_get_bytes(r);
         printf(" ");

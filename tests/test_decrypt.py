@@ -95,8 +95,10 @@ class Env:
 
 
 def keygen(broker: Broker, alg: str, out: Path, *extra: str) -> Path:
+    """`tpmbroker keygen`; RSA keys with sign and decrypt (keygen's default is sign only)."""
+    usage = ["--usage", "sign,decrypt"] if alg.startswith("rsa") else []
     subprocess.run([TPMBROKER, "keygen", "--alg", alg, "-o", str(out), "--socket", broker.socket,
-                    *extra], check=True, capture_output=True, timeout=180)
+                    *usage, *extra], check=True, capture_output=True, timeout=180)
     return out
 
 
@@ -351,7 +353,7 @@ def test_tpm2_tools_keys(abrmd: Abrmd, abrmd_broker: Broker, tmp_path: Path) -> 
         pub = _public(loaded)
         assert client.decrypt(loaded, pub.encrypt(PLAINTEXT, padding.PKCS1v15())) == PLAINTEXT
         assert client.decrypt(loaded, pub.encrypt(PLAINTEXT, oaep), p.Padding.OAEP) == PLAINTEXT
-        with pytest.raises(UnsupportedError, match="cannot sign: it is a decryption key"):
+        with pytest.raises(UnsupportedError, match="not a signing key"):
             client.sign(loaded, bytes(32), p.Hash.SHA256, p.Scheme.PKCS1)
         # Its persistent copy gives the same synthetic message for a bad padding: the
         # secret comes from the TPM key, not from how it was named.

@@ -44,13 +44,20 @@ class RawConnection:
 
 
 def read_frame(sock: socket.socket) -> tuple[p.Header, bytes]:
-    data = b""
-    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} bytes")
-        data += chunk
+    """Exactly one frame: answers that arrive together stay in the socket for the next."""
+    data = _read_exactly(sock, 4)
+    data += _read_exactly(sock, struct.unpack(">I", data)[0])
     return p.decode_header(data), data[p.HEADER_SIZE:]
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
 
 
 @pytest.fixture

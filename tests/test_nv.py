@@ -118,7 +118,7 @@ def test_nv_read_crosses_the_bus_encrypted(swtpm: Swtpm, tmp_path: Path) -> None
     """The certificate is public, but what NV_Read returns is encrypted all the same: a
     relay between broker and swtpm never sees the bytes. tpm2_nvread, which uses no
     session, through the same relay shows they would be seen."""
-    from .test_random import Relay  # the relay the RANDOM bus test records with
+    from .relay import Relay  # the relay the RANDOM bus test records with
 
     der = certificate_der()
     define_indexes(swtpm, tmp_path, der)

@@ -36,6 +36,8 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "sign_request": (4, ops.Sign(KID, p.Scheme.ECDSA, p.Hash.SHA256, bytes(32)), 1000),
     "sign_pss_request": (0xFFFFFFFE, ops.Sign(KID, p.Scheme.PSS, p.Hash.SHA384, b"\xaa" * 48), 0),
     "generate_request": (6, ops.Generate(p.KeyType.RSA, 2048, b"", 0x40000001), 60000),
+    "generate_rsa_pss_request": (6, ops.Generate(p.KeyType.RSA_PSS, 3072, b"", 0x40000001,
+                                                 p.Usage.SIGN, p.Hash.SHA384), 60000),
     "status_request": (7, ops.StatusRequest(), 0),
     "unload_request": (8, ops.Unload(KID), 0),
     "hello_response": (1, ops.HelloResult(1, "tpmbroker/0.1.0", 65536), 0),
@@ -54,6 +56,11 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "random_empty_response": (10, ops.RandomResult(b""), 0),
     "nv_read_request": (12, ops.NvRead(0x01000010), 5000),
     "nv_read_response": (12, ops.NvReadResult(bytes.fromhex("3082000130")), 0),
+    "load_parent_auth_request": (13, ops.Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"),
+                                              b"", b"parentpass"), 0),
+    "generate_parent_auth_request": (14, ops.Generate(p.KeyType.EC, p.Curve.P256, b"pw",
+                                                      0x81000002,
+                                                      parent_auth=b"parentpass"), 0),
     "decrypt_request": (13, ops.Decrypt(KID, p.Padding.PKCS1, p.DecryptFlag.IMPLICIT_REJECTION,
                                         0, 0, b"", bytes(range(16))), 3000),
     "decrypt_oaep_request": (14, ops.Decrypt(KID, p.Padding.OAEP, 0, p.Hash.SHA256, p.Hash.SHA1,
@@ -61,10 +68,22 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "decrypt_response": (13, ops.DecryptResult(b"secret"), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
+    "sign_message_request": (13, ops.SignMessage(KID, p.Scheme.ECDSA, p.Hash.SHA256,
+                                                 b"hello, world"), 3000),
+    "sign_message_empty_request": (14, ops.SignMessage(KID, p.Scheme.PSS, p.Hash.SHA384,
+                                                       b""), 0),
+    "sign_message_response": (13, ops.SignMessageResult(bytes.fromhex("3006020101020102")),
+                              0),
+    "error_sign_message_too_long": (15, p.ErrorResult(
+        Status.UNSUPPORTED, "message of 65281 bytes: SIGN_MESSAGE carries at most 65280 "
+        "(MAX_MESSAGE)"), 0),
+    "derive_request": (13, ops.Derive(KID, b"\x04" + bytes(range(0x40, 0x80))), 3000),
+    "derive_response": (13, ops.DeriveResult(bytes(range(0x80, 0xA0))), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,
-                      "error_random_too_many": p.Opcode.RANDOM}
+                      "error_random_too_many": p.Opcode.RANDOM,
+                      "error_sign_message_too_long": p.Opcode.SIGN_MESSAGE}
 # Every other status, answering STATUS (request id 100 + status).
 for _status in Status:
     if _status in (Status.OK, Status.UNKNOWN_KEY, Status.AUTH_FAILED):
@@ -159,6 +178,10 @@ def test_random_bytes_never_appear_in_reprs() -> None:
     assert "abcdef" not in repr(ops.RandomResult(bytes.fromhex("abcdef")))
 
 
+def test_shared_secrets_never_appear_in_reprs() -> None:
+    assert "abcdef" not in repr(ops.DeriveResult(bytes.fromhex("abcdef")))
+
+
 def test_plaintexts_never_appear_in_reprs() -> None:
     assert "secret" not in repr(ops.DecryptResult(b"secret"))
 
@@ -166,6 +189,21 @@ def test_plaintexts_never_appear_in_reprs() -> None:
 def test_passwords_never_appear_in_reprs() -> None:
     assert "secret" not in repr(ops.Load(1, b"k", b"secret"))
     assert "secret" not in repr(ops.Generate(1, 3, b"secret"))
+    assert "secret" not in repr(ops.Load(1, b"k", b"", b"secret"))
+    assert "secret" not in repr(ops.Generate(1, 3, b"", 0x81000002, parent_auth=b"secret"))
+
+
+def test_a_parent_password_is_a_trailing_field_absent_when_empty() -> None:
+    # Frames without it keep their bytes (and brokers before it read them); with it, the
+    # field follows the last one, and an explicitly empty one reads as absent.
+    plain = p.encode_request(1, ops.Load(1, b"k", b"pw"))
+    with_parent = p.encode_request(1, ops.Load(1, b"k", b"pw", b"pp"))
+    assert with_parent == plain[:3] + bytes([plain[3] + 4]) + plain[4:] + b"\x00\x02pp"
+    header = p.decode_header(plain)
+    assert p.decode_request(header, plain[p.HEADER_SIZE:] + b"\x00\x00") == ops.Load(
+        1, b"k", b"pw")
+    with pytest.raises(ProtocolError):
+        p.decode_request(header, plain[p.HEADER_SIZE:] + b"\x00\x03pp")
 
 
 def test_hash_names_as_openssl_spells_them() -> None:

@@ -26,7 +26,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmbroker.errors import UnsupportedError
 from tpmbroker.paths import provider_path
-from tpmbroker.protocol import Hash, KeySource, KeyType, Scheme, key_id_for
+from tpmbroker.protocol import Hash, KeySource, KeyType, Scheme, Usage, key_id_for
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import TpmWorker, pss
 
@@ -88,7 +88,8 @@ def test_worker_pads_pss_itself(swtpm: Swtpm) -> None:
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        der, spki = worker.generate_key(KeyType.RSA, 2048, b"pw", 0, deadline)
+        der, spki = worker.generate_key(KeyType.RSA, 2048, b"pw", 0, deadline,
+                                        usage=Usage.SIGN_DECRYPT)
         info = worker.load_key(KeySource.TSS2_DER, der, deadline)
         for hash_alg in HASHES:
             digest = hashlib.new(hash_alg.hashlib_name, b"padded here").digest()
@@ -150,8 +151,8 @@ def test_tls13_with_broker_padded_pss(swtpm: Swtpm, tmp_path: Path) -> None:
     proc = None
     try:
         key = tmp_path / "rsa.pem"
-        subprocess.run([TPMBROKER, "keygen", "--alg", "rsa:2048", "-o", str(key), "--socket",
-                        broker.socket], check=True, timeout=120)
+        subprocess.run([TPMBROKER, "keygen", "--alg", "rsa:2048", "--usage", "sign,decrypt",
+                        "-o", str(key), "--socket", broker.socket], check=True, timeout=120)
         env = dict(os.environ, TPMBROKER_SOCKET=broker.socket, OPENSSL_CONF=os.devnull)
         prov = ["-provider-path", str(provider_path().parent), "-provider", "default",
                 "-provider", "tpmbroker"]
@@ -184,16 +185,24 @@ def test_tls13_with_broker_padded_pss(swtpm: Swtpm, tmp_path: Path) -> None:
         broker.stop()
 
 
-def test_keygen_writes_rsa_keys_the_broker_can_pad_for(swtpm: Swtpm) -> None:
-    worker = TpmWorker(swtpm.tcti)
+def test_keys_the_broker_can_pad_for_are_asked_for(swtpm: Swtpm) -> None:
+    """Sign-only by default (docs/security.md, Key usage); sign,decrypt gives the broker
+    the raw RSA operation it pads PSS with, and a sign-only key that would need it says
+    how to make one that has it."""
+    worker = TpmWorker(swtpm.tcti, pss_padding="broker")
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        der, _ = worker.generate_key(KeyType.RSA, 2048, b"", 0, deadline)
-        ec_der, _ = worker.generate_key(KeyType.EC, 3, b"", 0, deadline)
+        der, _ = worker.generate_key(KeyType.RSA, 2048, b"", 0, deadline,
+                                     usage=Usage.SIGN_DECRYPT)
+        plain, _ = worker.generate_key(KeyType.RSA, 2048, b"", 0, deadline)
+        info = worker.load_key(KeySource.TSS2_DER, plain, deadline)
+        with pytest.raises(UnsupportedError, match="sign,decrypt"):
+            worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, bytes(32), deadline)
     finally:
         worker.close()
     attributes = int(TSSPrivKey.from_der(der).public.publicArea.objectAttributes)
-    ec_attributes = int(TSSPrivKey.from_der(ec_der).public.publicArea.objectAttributes)
+    plain_attributes = int(TSSPrivKey.from_der(plain).public.publicArea.objectAttributes)
     assert attributes & TPMA_OBJECT.DECRYPT and attributes & TPMA_OBJECT.SIGN_ENCRYPT
-    assert not ec_attributes & TPMA_OBJECT.DECRYPT
+    assert plain_attributes & TPMA_OBJECT.SIGN_ENCRYPT
+    assert not plain_attributes & TPMA_OBJECT.DECRYPT

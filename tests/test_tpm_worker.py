@@ -242,10 +242,10 @@ def test_bad_requests(shared: Shared) -> None:
     with pytest.raises(DeadlineError):
         worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                     time.monotonic() - 1)
-    with pytest.raises(UnsupportedError):
-        worker.generate_key(KeyType.EC, 0x0005, b"", 0, soon())
-    with pytest.raises(UnsupportedError):
-        worker.generate_key(KeyType.RSA, 1024, b"", 0, soon())
+    with pytest.raises(UnsupportedError, match="no ECDSA"):
+        worker.generate_key(KeyType.EC, 0x0010, b"", 0, soon())  # BN P-256
+    with pytest.raises(UnsupportedError, match="TPM2_TestParms"):
+        worker.generate_key(KeyType.RSA, 1536, b"", 0, soon())
     with pytest.raises(UnsupportedError):
         worker.generate_key(KeyType.EC, Curve.P256, b"", 0x40000007, soon())
 

@@ -17,8 +17,26 @@ from . import __version__
 from .paths import default_socket, default_state_dir, provider_path
 
 SCHEMES = {"ecdsa": 1, "pkcs1": 2, "pss": 3}
-ALGS = {"ec:P-256": (1, 0x0003), "ec:P-384": (1, 0x0004), "rsa:2048": (2, 2048),
-        "rsa:3072": (2, 3072)}
+# --alg: ec:CURVE, rsa:BITS, rsa-pss:BITS; the TPM decides which it has (tpmbroker status
+# lists them). Curves by their TPM2_ECC_CURVE ids, key types by their wire numbers.
+CURVES = {"P-192": 0x0001, "P-224": 0x0002, "P-256": 0x0003, "P-384": 0x0004,
+          "P-521": 0x0005}
+KEY_TYPES = {"ec": 1, "rsa": 2, "rsa-pss": 3}
+USAGES = {"sign": 1, "decrypt": 2, "sign,decrypt": 3, "decrypt,sign": 3}
+
+
+def _alg(text: str) -> tuple[int, int]:
+    """(key type, param) of an --alg value, or argparse's error."""
+    kind, _, param = text.partition(":")
+    try:
+        if kind == "ec":
+            return KEY_TYPES[kind], CURVES[param.upper()]
+        if kind in ("rsa", "rsa-pss") and 0 < int(param) < 0x10000:
+            return KEY_TYPES[kind], int(param)
+    except (KeyError, ValueError):
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: give ec:CURVE ({', '.join(CURVES)}), rsa:BITS or rsa-pss:BITS")
 
 
 def _neutral_openssl_conf() -> None:
@@ -207,6 +225,40 @@ def _password(args: argparse.Namespace) -> bytes | None:
     return None
 
 
+PARENT_AUTH_ENV = ("TPMBROKER_PARENT_AUTH", "TPM2OPENSSL_PARENT_AUTH")
+
+
+def _parent_auth(args: argparse.Namespace, parent: int | None) -> bytes | None:
+    """The parent's password: --parent-auth-file, else (for a persistent parent, as
+    tpm2-openssl does) $TPMBROKER_PARENT_AUTH, else $TPM2OPENSSL_PARENT_AUTH. Never on
+    the command line."""
+    from .client import read_password_file
+
+    if getattr(args, "parent_auth_file", None):
+        return read_password_file(args.parent_auth_file)
+    if parent is None or not 0x81000000 <= parent <= 0x81FFFFFF:
+        return None  # the environment names persistent parents' passwords only
+    for name in PARENT_AUTH_ENV:
+        value = os.environb.get(name.encode())
+        if value:
+            return value
+    return None
+
+
+def _load(client: Any, args: argparse.Namespace) -> Any:
+    """LOAD the key named by args.key, with its password and its parent's."""
+    import dataclasses
+
+    from .keyfile import KeySpec, tss2_parent
+
+    spec = KeySpec.from_any(args.key, _password(args))
+    if spec.source == 1:  # a key file: its parent may need a password
+        parent_auth = _parent_auth(args, tss2_parent(spec.key))
+        if parent_auth:
+            spec = dataclasses.replace(spec, parent_auth=parent_auth)
+    return client.load_key(spec)
+
+
 def _write(path: str, data: bytes, mode: int = 0o644) -> None:
     if path == "-":
         sys.stdout.buffer.write(data)
@@ -220,10 +272,18 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     from . import protocol as p
     from .keyfile import der_to_pem
 
-    key_type, param = ALGS[args.alg]
+    key_type, param = args.alg
+    if args.digest is not None and key_type != p.KeyType.RSA_PSS:
+        raise SystemExit("tpmbroker keygen: --digest binds the hash of rsa-pss keys only")
+    try:
+        digest = p.Hash.from_name(args.digest) if args.digest is not None else None
+    except ValueError as exc:
+        raise SystemExit(f"tpmbroker keygen: {exc}") from None
     with _client(args) as client:
         der, _spki = client.generate_key(p.KeyType(key_type), param, _password(args),
-                                         int(args.parent, 0))
+                                         int(args.parent, 0), usage=p.Usage(USAGES[args.usage]),
+                                         hash_alg=digest,
+                                         parent_auth=_parent_auth(args, int(args.parent, 0)))
     _write(args.output, der_to_pem(der), 0o600)
     return 0
 
@@ -238,7 +298,7 @@ def _spki_pem(spki: bytes) -> bytes:
 
 def _cmd_pubkey(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        key = client.load_key(args.key, _password(args))
+        key = _load(client, args)
     _write(args.output, _spki_pem(key.public_key))
     return 0
 
@@ -252,7 +312,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
     digest = hashlib.new(hash_alg.hashlib_name, data).digest()
     with _client(args) as client:
-        key = client.load_key(args.key, _password(args))
+        key = _load(client, args)
         scheme = SCHEMES.get(args.scheme or "")
         signature = client.sign(key, digest, hash_alg,
                                 p.Scheme(scheme) if scheme else None)
@@ -306,7 +366,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     from .load import run_threads
 
     with Client(args.socket, timeout=args.timeout, max_connections=args.clients + 1) as client:
-        key = client.load_key(args.key, _password(args))
+        key = _load(client, args)
         scheme = p.Scheme(SCHEMES[args.scheme]) if args.scheme else None
         report = run_threads(client, key, args.clients, args.seconds,
                              p.Hash.from_name(args.hash), scheme)
@@ -387,10 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_serve)
 
     sp = sub.add_parser("keygen", help="create a key in the TPM, write a TSS2 PRIVATE KEY")
-    sp.add_argument("--alg", choices=sorted(ALGS), default="ec:P-256")
+    sp.add_argument("--alg", type=_alg, default="ec:P-256",
+                    help="ec:P-192|P-224|P-256|P-384|P-521, rsa:BITS (1024 to 4096, as the "
+                         "TPM has them), rsa-pss:BITS (scheme bound to RSASSA-PSS)")
+    sp.add_argument("--usage", choices=["sign", "decrypt", "sign,decrypt"], default="sign",
+                    help="what the key may do (default sign; docs/security.md, Key usage)")
+    sp.add_argument("--digest", help="rsa-pss keys: the hash the key signs with "
+                                     "(default sha256)")
     sp.add_argument("--password-file", help="file whose first line is the key's password")
     sp.add_argument("--parent", default="0x40000001",
                     help="parent: 0x40000001 (storage primary) or a persistent 0x81xxxxxx")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the parent's password (default: "
+                         "$TPMBROKER_PARENT_AUTH, else $TPM2OPENSSL_PARENT_AUTH)")
     sp.add_argument("-o", "--output", required=True)
     client_opts(sp)
     sp.set_defaults(func=_cmd_keygen)
@@ -398,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("pubkey", help="print a TPM key's public key (SubjectPublicKeyInfo PEM)")
     sp.add_argument("key", help="key file, or handle:0x81xxxxxx")
     sp.add_argument("--password-file")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the password of the key's parent")
     sp.add_argument("-o", "--output", default="-")
     client_opts(sp)
     sp.set_defaults(func=_cmd_pubkey)
@@ -405,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sign", help="sign a file (DER signature for openssl dgst -verify)")
     sp.add_argument("--key", required=True, help="key file, or handle:0x81xxxxxx")
     sp.add_argument("--password-file")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the password of the key's parent")
     sp.add_argument("--hash", default="sha256")
     sp.add_argument("--scheme", choices=["ecdsa", "pkcs1", "pss"])
     sp.add_argument("--in", dest="input", required=True, help="file to sign, - for stdin")
@@ -442,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("load", help="sign from many threads at once; verify every signature")
     sp.add_argument("--key", required=True, help="key file, or handle:0x81xxxxxx")
     sp.add_argument("--password-file")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the password of the key's parent")
     sp.add_argument("--clients", type=int, default=64)
     sp.add_argument("--seconds", type=float, default=5.0)
     sp.add_argument("--hash", default="sha256")

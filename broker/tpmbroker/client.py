@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import select
@@ -35,6 +36,7 @@ from .errors import (
     ShuttingDownError,
     TpmBrokerError,
     UnknownKeyError,
+    UnsupportedError,
     error_for_status,
 )
 from .keyfile import KeySpec
@@ -47,9 +49,14 @@ DEFAULT_TIMEOUT = 30.0
 
 # The order n of the curves the broker signs with (SEC 2, FIPS 186-4 D.1.2).
 _CURVE_ORDERS = {
+    p.Curve.P192: 0xFFFFFFFFFFFFFFFFFFFFFFFF99DEF836146BC9B1B4D22831,
+    p.Curve.P224: 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFF16A2E0B8F03E13DD29455C5C2A3D,
     p.Curve.P256: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
     p.Curve.P384: int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
                       "581A0DB248B0A77AECEC196ACCC52973", 16),
+    p.Curve.P521: int("01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+                      "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+                      16),
 }
 
 
@@ -328,9 +335,12 @@ class Client:
 
     def load_key(self, key: KeySpec | bytes | str | os.PathLike[str] | int,
                  password: bytes | str | None = None,
-                 timeout: float | None = None) -> LoadedKey:
-        """Load a key: a KeySpec, PEM or DER bytes, a file path, or a persistent handle."""
-        spec = key if isinstance(key, KeySpec) else KeySpec.from_any(key, password)
+                 timeout: float | None = None,
+                 parent_auth: bytes | str | None = None) -> LoadedKey:
+        """Load a key: a KeySpec, PEM or DER bytes, a file path, or a persistent handle.
+        `parent_auth`: the password of the key's parent (docs/python.md)."""
+        spec = (key if isinstance(key, KeySpec)
+                else KeySpec.from_any(key, password, parent_auth))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         for attempt in range(2):
             try:
@@ -352,7 +362,8 @@ class Client:
         """Sign a digest. ECDSA gives DER; RSA the big-endian signature."""
         hash_alg = hash_alg if isinstance(hash_alg, p.Hash) else p.Hash.from_name(hash_alg)
         if scheme is None:
-            scheme = p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1
+            scheme = {p.KeyType.EC: p.Scheme.ECDSA,
+                      p.KeyType.RSA_PSS: p.Scheme.PSS}.get(key.key_type, p.Scheme.PKCS1)
         result = self._call(ops.Sign(key.key_id, scheme, hash_alg, digest), timeout, key)
         assert isinstance(result, ops.SignResult)  # the opcode was checked
         check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
@@ -384,13 +395,53 @@ class Client:
             raise ProtocolError(f"the broker sent a plaintext of {len(result.plaintext)} "
                                 f"bytes for a {key.bits}-bit key")
         return result.plaintext
+    def sign_message(self, key: LoadedKey, message: bytes,
+                     hash_alg: p.Hash | str = p.Hash.SHA256, scheme: p.Scheme | None = None,
+                     timeout: float | None = None) -> bytes:
+        """Sign a message (at most protocol.MAX_MESSAGE bytes) that the broker, or for a
+        restricted key (an attestation key) the TPM, hashes. ECDSA gives DER; RSA the
+        big-endian signature."""
+        hash_alg = hash_alg if isinstance(hash_alg, p.Hash) else p.Hash.from_name(hash_alg)
+        if scheme is None:
+            scheme = p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1
+        if len(message) > p.MAX_MESSAGE:
+            raise UnsupportedError(f"message of {len(message)} bytes: the broker signs "
+                                   f"messages of at most {p.MAX_MESSAGE} bytes (MAX_MESSAGE)")
+        result = self._call(ops.SignMessage(key.key_id, scheme, hash_alg, message), timeout,
+                            key)
+        assert isinstance(result, ops.SignMessageResult)  # the opcode was checked
+        digest = hashlib.new(hash_alg.hashlib_name, message).digest()
+        check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
+                        verify=self.verify)
+        return result.signature
+
+    def derive(self, key: LoadedKey, peer_point: bytes, timeout: float | None = None) -> bytes:
+        """ECDH with an EC key: Z, the shared point's x-coordinate, from the peer's
+        public key as an uncompressed point (0x04 || x || y)."""
+        result = self._call(ops.Derive(key.key_id, peer_point), timeout, key)
+        assert isinstance(result, ops.DeriveResult)
+        if len(result.secret) != (key.bits + 7) // 8:
+            raise ProtocolError(f"the broker sent a {len(result.secret)}-byte secret for "
+                                f"a {key.bits}-bit curve")
+        return result.secret
 
     def generate_key(self, key_type: p.KeyType, param: int, password: bytes | str | None = None,
                      parent: int = p.STORAGE_PRIMARY,
-                     timeout: float | None = None) -> tuple[bytes, bytes]:
-        """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER)."""
+                     timeout: float | None = None, usage: p.Usage = p.Usage.DEFAULT,
+                     hash_alg: p.Hash | None = None,
+                     parent_auth: bytes | str | None = None) -> tuple[bytes, bytes]:
+        """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER).
+
+        `param` is a curve (p.Curve) for EC keys, the modulus bits for RSA and RSA-PSS;
+        the TPM decides which it has. `usage` sets the key's sign and decrypt attributes
+        (default: sign only); `hash_alg` is the hash an RSA-PSS key's scheme is bound to
+        (default SHA-256). `parent_auth`: the parent's password (for 0x40000001, the
+        owner hierarchy's)."""
         auth = password.encode() if isinstance(password, str) else (password or b"")
-        result = self._call(ops.Generate(key_type, param, auth, parent),
+        pauth = (parent_auth.encode() if isinstance(parent_auth, str)
+                 else (parent_auth or b""))
+        result = self._call(ops.Generate(key_type, param, auth, parent, usage,
+                                         int(hash_alg) if hash_alg is not None else 0, pauth),
                             timeout if timeout is not None else max(self.timeout, 120.0))
         assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key
@@ -470,7 +521,9 @@ def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
     return LoadedKey(spec, result.key_id, key_type, result.bits, curve, spki)
 
 
-_CURVE_NAMES = {p.Curve.P256: "secp256r1", p.Curve.P384: "secp384r1"}
+_CURVE_NAMES = {p.Curve.P192: "secp192r1", p.Curve.P224: "secp224r1",
+                p.Curve.P256: "secp256r1", p.Curve.P384: "secp384r1",
+                p.Curve.P521: "secp521r1"}
 
 
 @functools.lru_cache(maxsize=256)

@@ -5,11 +5,16 @@
 
 The objects are `ec.EllipticCurvePrivateKey` / `rsa.RSAPrivateKey`, so cryptography's
 CSR and certificate builders take them. Data is hashed here and only the digest goes
-to the broker. RSA keys decrypt (PKCS1v15, OAEP) through the broker. The private half
-never leaves the TPM: private_bytes, private_numbers and exchange raise cryptography's
+to the broker, but for keys that may be restricted (see below; keys by persistent
+handle, whose attributes the client does not know), whose messages the broker takes.
+Restricted signing keys (attestation keys) sign the message through the broker, which
+has the TPM hash it; a Prehashed digest cannot be signed by them. ECDH
+(`exchange(ec.ECDH(), peer)`) sends the peer's public point and the TPM computes the
+shared secret. RSA keys decrypt (PKCS1v15, OAEP) through the broker. The private half
+never leaves the TPM: private_bytes and private_numbers raise cryptography's
 UnsupportedAlgorithm, as do hashes, paddings and signature algorithms the TPM cannot
-sign or decrypt with. Failures of the broker or the TPM
-raise tpmbroker's own errors (tpmbroker.errors).
+sign or decrypt with. Failures of the broker or the TPM raise tpmbroker's own errors
+(tpmbroker.errors).
 
 RSA-PSS: the TPM signs with a salt as long as the digest and MGF1 over the signing
 hash. PSS.DIGEST_LENGTH, PSS.AUTO and an explicit salt length equal to the digest
@@ -30,6 +35,7 @@ import hashlib
 import os
 import threading
 import typing
+from collections.abc import Callable
 
 from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -40,6 +46,8 @@ if typing.TYPE_CHECKING:
 
 from . import protocol as p
 from .client import Client, LoadedKey
+from .errors import UnsupportedError
+from .tss2public import RESTRICTED, object_attributes
 
 _clients: dict[tuple[str, float, bool], Client] = {}
 _clients_lock = threading.Lock()
@@ -235,6 +243,15 @@ class _BrokerKey:
         self._client = client
         self._loaded = loaded
         self._public = serialization.load_der_public_key(loaded.public_key)
+        # An attestation key signs only messages the TPM hashes: True or False from a key
+        # file's public area; None for a persistent handle, whose attributes LOAD does
+        # not say (its messages go to the broker, which hashes an ordinary key's itself).
+        self._restricted: bool | None = None
+        if loaded.spec.source == p.KeySource.TSS2_DER:
+            try:
+                self._restricted = bool(object_attributes(loaded.spec.key) & RESTRICTED)
+            except ValueError:
+                self._restricted = False  # LOAD read the file; the broker says if not
 
     @property
     def loaded_key(self) -> LoadedKey:
@@ -242,6 +259,22 @@ class _BrokerKey:
 
     def _sign_digest(self, digest: bytes, hash_alg: p.Hash, scheme: p.Scheme) -> bytes:
         return self._client.sign(self._loaded, digest, hash_alg, scheme)
+
+    def _sign(self, data: Buffer, algorithm: hashes.HashAlgorithm | utils.Prehashed,
+              scheme: Callable[[p.Hash], p.Scheme]) -> bytes:
+        """The message to the broker when the TPM may have to hash it, else its digest."""
+        if isinstance(algorithm, utils.Prehashed):
+            if self._restricted:
+                raise UnsupportedAlgorithm(
+                    "a restricted signing key (an attestation key) signs only a message the "
+                    "TPM hashes itself: pass the message and its hash algorithm, not "
+                    "Prehashed")
+        elif self._restricted or (self._restricted is None and len(data) <= p.MAX_MESSAGE):
+            hash_alg = _hash_alg(algorithm)
+            return self._client.sign_message(self._loaded, bytes(data), hash_alg,
+                                             scheme(hash_alg))
+        digest, hash_alg = _digest(data, algorithm)
+        return self._sign_digest(digest, hash_alg, scheme(hash_alg))
 
     def private_bytes(self, encoding: serialization.Encoding,
                       format: serialization.PrivateFormat,
@@ -274,12 +307,21 @@ class TpmEllipticCurvePrivateKey(_BrokerKey, ec.EllipticCurvePrivateKey):
             raise UnsupportedAlgorithm("only ECDSA signatures are supported")
         if signature_algorithm.deterministic_signing:
             raise UnsupportedAlgorithm("the TPM does not sign deterministically (RFC 6979)")
-        digest, hash_alg = _digest(data, signature_algorithm.algorithm)
-        return self._sign_digest(digest, hash_alg, p.Scheme.ECDSA)
+        return self._sign(data, signature_algorithm.algorithm, lambda _: p.Scheme.ECDSA)
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        raise UnsupportedAlgorithm("ECDH with TPM keys is not supported; the keys are for "
-                                   "signing")
+        """ECDH in the TPM (TPM2_ECDH_ZGen): the shared secret Z, as cryptography's own
+        keys return it. The key needs the decrypt attribute."""
+        if not isinstance(algorithm, ec.ECDH):
+            raise UnsupportedAlgorithm("only ECDH key exchange is supported")
+        if peer_public_key.curve.name != self.curve.name:
+            raise ValueError("peer_public_key and self are not on the same curve")
+        point = peer_public_key.public_bytes(serialization.Encoding.X962,
+                                             serialization.PublicFormat.UncompressedPoint)
+        try:
+            return self._client.derive(self._loaded, point)
+        except UnsupportedError as exc:  # e.g. a sign-only key: what the TPM cannot do
+            raise UnsupportedAlgorithm(exc.message) from exc
 
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         raise UnsupportedAlgorithm("the private key lives in the TPM; its numbers are not "
@@ -300,8 +342,7 @@ class TpmRSAPrivateKey(_BrokerKey, rsa.RSAPrivateKey):
         if not isinstance(algorithm, (hashes.HashAlgorithm, utils.Prehashed)):
             raise UnsupportedAlgorithm("the TPM signs PKCS#1 with a DigestInfo; NoDigestInfo "
                                        "is not supported")
-        digest, hash_alg = _digest(data, algorithm)
-        return self._sign_digest(digest, hash_alg, _rsa_scheme(padding, hash_alg))
+        return self._sign(data, algorithm, lambda hash_alg: _rsa_scheme(padding, hash_alg))
 
     def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding, *,
                 label: bytes | None = None) -> bytes:
@@ -309,7 +350,10 @@ class TpmRSAPrivateKey(_BrokerKey, rsa.RSAPrivateKey):
         gives a random-looking message, never an error, as in OpenSSL 3.2) or OAEP with
         MGF1. An OAEP label must be passed again as `label` (cryptography does not
         disclose it); it is checked against the padding's."""
-        return _decrypt(self._client, self._loaded, ciphertext, padding, label)
+        try:
+            return _decrypt(self._client, self._loaded, ciphertext, padding, label)
+        except UnsupportedError as exc:  # e.g. a sign-only key: what the TPM cannot do
+            raise UnsupportedAlgorithm(exc.message) from exc
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         raise UnsupportedAlgorithm("the private key lives in the TPM; its numbers are not "
@@ -350,6 +394,7 @@ def load_private_key(key: str | bytes | os.PathLike[str] | int,
                      socket: str | os.PathLike[str] | None = None,
                      timeout: float = 30.0,
                      verify: bool = True,
+                     parent_auth: bytes | str | None = None,
                      ) -> TpmEllipticCurvePrivateKey | TpmRSAPrivateKey:
     """A TPM key (file path, PEM/DER bytes, persistent handle) as a cryptography key.
 
@@ -360,9 +405,12 @@ def load_private_key(key: str | bytes | os.PathLike[str] | int,
     Every signature the broker returns is checked for its shape and, with `verify` (the
     default), verified against the public key before sign() returns it; a bad one raises
     tpmbroker.errors.ProtocolError.
+
+    `parent_auth` is the password of the key's parent, for a key made under a persistent
+    parent with a password (or, under 0x40000001, the owner hierarchy's password).
     """
     client = _shared_client(socket, timeout, verify)
-    loaded = client.load_key(key, password)
+    loaded = client.load_key(key, password, parent_auth=parent_auth)
     if loaded.key_type == p.KeyType.EC:
         return TpmEllipticCurvePrivateKey(client, loaded)
     return TpmRSAPrivateKey(client, loaded)

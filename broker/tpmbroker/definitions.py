@@ -22,6 +22,9 @@ MAX_FIELD = 0xFFFF
 KEY_ID_SIZE = 32  # SHA-256 over key source and key
 STORAGE_PRIMARY = 0x40000001  # parent: the storage primary made from the TCG template
 MAX_RANDOM = 1024  # bytes one RANDOM request may ask for
+# Bytes of message one SIGN_MESSAGE may carry: with the header, the key id, scheme and
+# hash it fits a frame (16 + 34 + 3 + 2 + 65280 < MAX_FRAME).
+MAX_MESSAGE = 0xFF00
 
 
 class Opcode(enum.IntEnum):
@@ -36,6 +39,8 @@ class Opcode(enum.IntEnum):
     RANDOM = 0x07
     NV_READ = 0x08
     DECRYPT = 0x09
+    DERIVE = 0x0A
+    SIGN_MESSAGE = 0x0B  # restricted keys: the TPM hashes the message, then signs
 
 
 class Status(enum.IntEnum):
@@ -60,6 +65,7 @@ class Status(enum.IntEnum):
     OVERLOADED = 16
     LOCKOUT = 17
     SHUTTING_DOWN = 18  # the broker is stopping; another may take its place
+    PARENT_AUTH_FAILED = 19  # wrong or missing password for the key's parent
 
 
 class KeySource(enum.IntEnum):
@@ -72,6 +78,7 @@ class KeySource(enum.IntEnum):
 class KeyType(enum.IntEnum):
     EC = 1
     RSA = 2
+    RSA_PSS = 3  # an RSA key whose TPM scheme is bound to RSASSA-PSS (and one hash)
 
 
 class Scheme(enum.IntEnum):
@@ -134,6 +141,18 @@ class Curve(enum.IntEnum):
     NONE = 0x0000
     P256 = 0x0003
     P384 = 0x0004
+    P192 = 0x0001
+    P224 = 0x0002
+    P521 = 0x0005
+
+
+class Usage(enum.IntEnum):
+    """What a GENERATEd key may do (docs/security.md, "Key usage"): its TPM attributes."""
+
+    DEFAULT = 0  # the broker's default: SIGN
+    SIGN = 1
+    DECRYPT = 2  # RSA decryption, ECDH
+    SIGN_DECRYPT = 3  # both, as tpm2-openssl makes its keys
 
 
 # What build_provider.py turns into C: each enum becomes WIRE_<PREFIX>_<MEMBER> constants
@@ -146,6 +165,7 @@ SHARED_ENUMS: tuple[tuple[str, type[enum.IntEnum]], ...] = (
     ("SCHEME", Scheme),
     ("HASH", Hash),
     ("CURVE", Curve),
+    ("USAGE", Usage),
     ("PADDING", Padding),
     ("DECRYPT_FLAG", DecryptFlag),
 )
@@ -159,6 +179,7 @@ SHARED_CONSTANTS: tuple[tuple[str, int], ...] = (
     ("KEY_ID_SIZE", KEY_ID_SIZE),
     ("STORAGE_PRIMARY", STORAGE_PRIMARY),
     ("MAX_RANDOM", MAX_RANDOM),
+    ("MAX_MESSAGE", MAX_MESSAGE),
 )
 
 

@@ -95,6 +95,14 @@ class ShuttingDownError(TpmBrokerError):
     status = Status.SHUTTING_DOWN
 
 
+class ParentAuthFailedError(TpmBrokerError):
+    """The key's parent refused its password (or none was given); the message names the
+    parent. With tpm_rc 0 the broker did not ask the TPM: it refused that password for
+    that parent before."""
+
+    status = Status.PARENT_AUTH_FAILED
+
+
 class BrokerUnavailableError(TpmBrokerError):
     """Client side: the broker's socket cannot be reached (never sent on the wire)."""
 
@@ -113,6 +121,7 @@ _BY_STATUS: dict[Status, type[TpmBrokerError]] = {
         UnknownKeyError, BadKeyError, AuthFailedError, BadDigestError, UnsupportedError,
         DeadlineError, NoSessionsError, TpmError, TpmUnavailableError, PermissionDeniedError,
         InternalError, OverloadedError, LockoutError, ShuttingDownError,
+        ParentAuthFailedError,
     )
 }
 

@@ -46,13 +46,16 @@ class KeySpec:
     source: p.KeySource
     key: bytes
     auth: bytes = dataclasses.field(default=b"", repr=False)
+    # The password of the key's parent (a persistent parent's, or for 0x40000001 the owner
+    # hierarchy's); LOAD carries it, the key id does not depend on it.
+    parent_auth: bytes = dataclasses.field(default=b"", repr=False)
 
     @property
     def key_id(self) -> bytes:
         return p.key_id_for(self.source, self.key)
 
     def load_request(self) -> ops.Load:
-        return ops.Load(self.source, self.key, self.auth)
+        return ops.Load(self.source, self.key, self.auth, self.parent_auth)
 
     @classmethod
     def from_handle(cls, handle: int, password: bytes | str | None = None) -> KeySpec:
@@ -70,7 +73,16 @@ class KeySpec:
 
     @classmethod
     def from_any(cls, key: bytes | str | os.PathLike[str] | int,
-                 password: bytes | str | None = None) -> KeySpec:
+                 password: bytes | str | None = None,
+                 parent_auth: bytes | str | None = None) -> KeySpec:
+        spec = cls._from_any(key, password)
+        if parent_auth:
+            spec = dataclasses.replace(spec, parent_auth=_auth(parent_auth))
+        return spec
+
+    @classmethod
+    def _from_any(cls, key: bytes | str | os.PathLike[str] | int,
+                  password: bytes | str | None = None) -> KeySpec:
         if isinstance(key, int):
             return cls.from_handle(key, password)
         if isinstance(key, bytes):
@@ -84,6 +96,36 @@ class KeySpec:
         except OSError as exc:
             raise BadKeyError(f"cannot read key file {text}: {exc.strerror}") from None
         return cls.from_bytes(data, password)
+
+
+def tss2_parent(der: bytes) -> int | None:
+    """The parent field of a DER TSS2 PRIVATE KEY (SEQUENCE { type OID, [0] emptyAuth
+    OPTIONAL, parent INTEGER, ... }), or None where it does not read. The broker checks
+    the whole key; this only decides whose password a client sends with it."""
+    def element(pos: int) -> tuple[int, int, int]:  # (tag, start of contents, end)
+        tag, length = der[pos], der[pos + 1]
+        pos += 2
+        if length & 0x80:
+            count = length & 0x7F
+            if not 1 <= count <= 3:
+                raise ValueError("length")
+            length = int.from_bytes(der[pos:pos + count], "big")
+            pos += count
+        return tag, pos, pos + length
+
+    try:
+        tag, pos, _end = element(0)
+        if tag != 0x30:
+            return None
+        tag, _start, pos = element(pos)  # the type OID
+        tag, start, end = element(pos)
+        if tag == 0xA0:  # emptyAuth
+            tag, start, end = element(end)
+        if tag != 0x02 or not 1 <= end - start <= 5:
+            return None
+        return int.from_bytes(der[start:end], "big")
+    except (IndexError, ValueError):
+        return None
 
 
 def _auth(password: bytes | str | None) -> bytes:

@@ -116,7 +116,8 @@ def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
                 hash_alg: p.Hash = p.Hash.SHA256, scheme: p.Scheme | None = None,
                 check_every: int = 1, sample: bool = True) -> LoadReport:
     """`clients` threads sign distinct digests through one shared Client for `seconds`."""
-    scheme = scheme or (p.Scheme.ECDSA if key.key_type == p.KeyType.EC else p.Scheme.PKCS1)
+    scheme = scheme or {p.KeyType.EC: p.Scheme.ECDSA,
+                        p.KeyType.RSA_PSS: p.Scheme.PSS}.get(key.key_type, p.Scheme.PKCS1)
     report = LoadReport(clients, seconds, per_client=[0] * clients)
     stop = threading.Event()
     start = threading.Barrier(clients + 1)

@@ -20,6 +20,7 @@ from .definitions import (
     KEY_ID_SIZE,
     MAX_FIELD,
     MAX_FRAME,
+    MAX_MESSAGE,
     MAX_RANDOM,
     RESPONSE_BIT,
     STORAGE_PRIMARY,
@@ -32,6 +33,7 @@ from .definitions import (
     Opcode,
     Padding,
     Scheme,
+    Usage,
 )
 from .errors import (
     FrameTooLargeError,
@@ -50,6 +52,7 @@ __all__ = [
     "MAX_FIELD",
     "MAX_FRAME",
     "MAX_LENGTH",
+    "MAX_MESSAGE",
     "MAX_RANDOM",
     "MIN_LENGTH",
     "REQUESTS",
@@ -71,6 +74,7 @@ __all__ = [
     "Result",
     "Scheme",
     "Status",
+    "Usage",
     "check_header",
     "decode_header",
     "decode_request",
@@ -173,7 +177,16 @@ _LEN = _INTS["u16"]
 _OK = _LEN.pack(Status.OK)
 
 
+# "bytes?" is a trailing field added to a message after its first release: absent means
+# empty, and an empty one is not written, so frames without it keep their bytes.
+OPTIONAL_BYTES = "bytes?"
+
+
 def _put(out: bytearray, kind: str, value: Any) -> None:
+    if kind == OPTIONAL_BYTES:
+        if not value:
+            return
+        kind = "bytes"
     if kind in _INTS:
         try:
             out += _INTS[kind].pack(int(value))
@@ -188,6 +201,10 @@ def _put(out: bytearray, kind: str, value: Any) -> None:
 
 
 def _take(body: memoryview, pos: int, kind: str) -> tuple[Any, int]:
+    if kind == OPTIONAL_BYTES:
+        if pos == len(body):
+            return b"", pos
+        kind = "bytes"
     if kind in _INTS:
         fmt = _INTS[kind]
         if pos + fmt.size > len(body):

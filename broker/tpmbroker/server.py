@@ -592,7 +592,8 @@ class BrokerServer:
             "queue_depth": self.queue.depth,
             "connections": len(self.connections),
             "connections_total": self.stats.connections_total,
-            "signatures": self.stats.answered[p.Opcode.SIGN],
+            "signatures": (self.stats.answered[p.Opcode.SIGN]
+                           + self.stats.answered[p.Opcode.SIGN_MESSAGE]),
             **dict.fromkeys(ops.COUNTERS, 0),
             **self.stats.served,
             "lane_signatures": self.lane.served,

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 _LOADABLE_OID = bytes([0x67, 0x81, 0x05, 0x0A, 0x01, 0x03])
 _ALG_RSA, _ALG_ECC, _ALG_NULL, _ALG_RSAES, _ALG_ECDAA = 0x0001, 0x0023, 0x0010, 0x0015, 0x001A
-_CURVES: dict[int, ec.EllipticCurve] = {0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1()}
+_CURVES: dict[int, ec.EllipticCurve] = {0x0001: ec.SECP192R1(), 0x0002: ec.SECP224R1(),
+                                         0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1(),
+                                         0x0005: ec.SECP521R1()}
 
 
 def _tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
@@ -99,26 +101,43 @@ def _public_from_tpmt(area: bytes) -> rsa.RSAPublicKey | ec.EllipticCurvePublicK
     return public
 
 
+RESTRICTED = 0x00010000  # TPMA_OBJECT_RESTRICTED
+
+
+def object_attributes(tss2_der: bytes) -> int:
+    """TPMA_OBJECT of the key in a TSS2 PRIVATE KEY (RESTRICTED: an attestation key);
+    ValueError if the file does not say."""
+    area = _tpmt_public(tss2_der)
+    if len(area) < 8:
+        raise ValueError("truncated TPMT_PUBLIC")
+    return int.from_bytes(area[4:8], "big")
+
+
 def public_key_der(tss2_der: bytes) -> bytes:
     """SubjectPublicKeyInfo DER of the key in a TSS2 PRIVATE KEY; ValueError if the file
     does not say."""
     try:
-        tag, seq, _ = _tlv(tss2_der, 0)
-        if tag != 0x30:
-            raise ValueError("not a SEQUENCE")
-        tag, oid, pos = _tlv(seq, 0)
-        if tag != 0x06 or oid != _LOADABLE_OID:
-            raise ValueError("not a loadable TSS2 key")
-        tag, value, pos = _tlv(seq, pos)
-        while tag & 0xE0 == 0xA0:  # the optional [n] fields
-            tag, value, pos = _tlv(seq, pos)
-        if tag != 0x02:
-            raise ValueError("no parent")
-        tag, value, pos = _tlv(seq, pos)
-        if tag != 0x04 or len(value) < 2 or int.from_bytes(value[:2], "big") != len(value) - 2:
-            raise ValueError("no TPM2B_PUBLIC")
-        public = _public_from_tpmt(value[2:])
+        public = _public_from_tpmt(_tpmt_public(tss2_der))
     except struct.error:
         raise ValueError("truncated TPMT_PUBLIC") from None
     return public.public_bytes(serialization.Encoding.DER,
                                serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _tpmt_public(tss2_der: bytes) -> bytes:
+    """The TPMT_PUBLIC inside the file's TPM2B_PUBLIC."""
+    tag, seq, _ = _tlv(tss2_der, 0)
+    if tag != 0x30:
+        raise ValueError("not a SEQUENCE")
+    tag, oid, pos = _tlv(seq, 0)
+    if tag != 0x06 or oid != _LOADABLE_OID:
+        raise ValueError("not a loadable TSS2 key")
+    tag, value, pos = _tlv(seq, pos)
+    while tag & 0xE0 == 0xA0:  # the optional [n] fields
+        tag, value, pos = _tlv(seq, pos)
+    if tag != 0x02:
+        raise ValueError("no parent")
+    tag, value, pos = _tlv(seq, pos)
+    if tag != 0x04 or len(value) < 2 or int.from_bytes(value[:2], "big") != len(value) - 2:
+        raise ValueError("no TPM2B_PUBLIC")
+    return value[2:]

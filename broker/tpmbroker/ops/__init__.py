@@ -8,15 +8,29 @@ provider/wire.c and a call in provider/client.c. docs/architecture.md has the ch
 from __future__ import annotations
 
 from ..definitions import Opcode
-from . import decrypt, generate, hello, load, nv_read, random, sign, status, unload
+from . import (
+    decrypt,
+    derive,
+    generate,
+    hello,
+    load,
+    nv_read,
+    random,
+    sign,
+    sign_message,
+    status,
+    unload,
+)
 from .base import Operation, Request, Worker
 from .decrypt import Decrypt, DecryptResult
+from .derive import Derive, DeriveResult
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
 from .load import Load, LoadResult
 from .nv_read import NvRead, NvReadResult
 from .random import Random, RandomResult
 from .sign import Sign, SignResult
+from .sign_message import SignMessage, SignMessageResult
 from .status import StatusRequest, StatusResult
 from .unload import Unload, UnloadResult
 
@@ -30,17 +44,21 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.RANDOM: Operation(Random, RandomResult, random.serve),
     Opcode.NV_READ: Operation(NvRead, NvReadResult, nv_read.serve),
     Opcode.DECRYPT: Operation(Decrypt, DecryptResult, decrypt.serve),
+    Opcode.DERIVE: Operation(Derive, DeriveResult, derive.serve),
+    Opcode.SIGN_MESSAGE: Operation(SignMessage, SignMessageResult, sign_message.serve),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
 # the successful answers to SIGN as "signatures".
-COUNTERS = ("random_bytes", "decryptions")
+COUNTERS = ("random_bytes", "derivations", "decryptions")
 
 __all__ = [
     "COUNTERS",
     "OPERATIONS",
     "Decrypt",
     "DecryptResult",
+    "Derive",
+    "DeriveResult",
     "Generate",
     "GenerateResult",
     "Hello",
@@ -54,6 +72,8 @@ __all__ = [
     "RandomResult",
     "Request",
     "Sign",
+    "SignMessage",
+    "SignMessageResult",
     "SignResult",
     "StatusRequest",
     "StatusResult",

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..definitions import Hash, KeySource, KeyType, Padding, Scheme
+from ..definitions import Hash, KeySource, KeyType, Padding, Scheme, Usage
 from ..errors import UnsupportedError
 from ..protocol import Message
 
@@ -20,19 +20,29 @@ class Worker(Protocol):
     """The TPM worker as operations use it (tpmbroker.tpm.TpmWorker). Its methods run on
     the worker thread, one at a time; `deadline` is a time.monotonic() value."""
 
-    def load_key(self, source: KeySource, key: bytes, deadline: float) -> Any: ...
+    def load_key(self, source: KeySource, key: bytes, deadline: float, *,
+                 parent_auth: bytes = b"", peer: int = -1) -> Any: ...
     def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash, digest: bytes,
              deadline: float, peer: int = -1) -> bytes: ...
     def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
         """On the event loop, no TPM: raise if the dictionary-attack shield refuses."""
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
-                     deadline: float) -> tuple[bytes, bytes]: ...
+                     deadline: float, usage: Usage = Usage.DEFAULT,
+                     hash_alg: Hash | None = None, *, parent_auth: bytes = b"",
+                     peer: int = -1) -> tuple[bytes, bytes]: ...
     def status(self) -> dict[str, object]: ...
+    def sign_message(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
+                     message: bytes, deadline: float, peer: int = -1) -> bytes: ...
+    def restricted(self, key_id: bytes) -> bool | None:
+        """On the event loop, no TPM: is the key a restricted signing key (None: the
+        worker does not know the key now)."""
     def random(self, count: int, deadline: float) -> bytes: ...
     def nv_read(self, index: int, deadline: float) -> bytes: ...
     def decrypt(self, key_id: bytes, auth: bytes, padding: Padding, hash: Hash, mgf1: Hash,
                 label: bytes, ciphertext: bytes, implicit_rejection: bool, deadline: float,
                 peer: int = -1) -> bytes: ...
+    def derive(self, key_id: bytes, auth: bytes, point: bytes, deadline: float,
+               peer: int = -1) -> bytes: ...
     def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
                   digest: bytes, peer: int = -1) -> Any:
         """The TPM2_Sign for the lane, ready to send, or None: the worker thread serves it."""

@@ -4,23 +4,53 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..definitions import KeyType, Opcode
-from ..protocol import Message, Result
+from ..definitions import Hash, KeyType, Opcode, Usage
+from ..errors import ProtocolError
+from ..protocol import Message, Result, _put, _take
 from .base import Request, member
 
 
 @dataclasses.dataclass(frozen=True)
 class Generate(Message):
+    """The base fields, then an optional tail `u8 usage`, `u16 hash`, `bytes parent_auth`
+    (docs/protocol.md): sent only when one is set, so a request without them is the
+    version-1 frame; parent_auth, added last, may be absent from a tail."""
+
     OPCODE = Opcode.GENERATE
     FIELDS = (("key_type", "u8"), ("param", "u16"), ("auth", "bytes"), ("parent", "u32"))
+    TAIL = (("usage", "u8"), ("hash", "u16"), ("parent_auth", "bytes?"))
     key_type: int
-    param: int  # curve for EC, bits for RSA
+    param: int  # curve for EC, bits for RSA and RSA-PSS
     auth: bytes = b""
     parent: int = 0
+    usage: int = Usage.DEFAULT  # Usage
+    hash: int = 0  # RSA-PSS: the hash the key's scheme is bound to; 0 = SHA-256
+    parent_auth: bytes = b""  # the parent's password; omitted when empty
 
     def __repr__(self) -> str:
         return (f"Generate(key_type={self.key_type}, param={self.param}, auth=<hidden>, "
-                f"parent=0x{self.parent:08x})")
+                f"parent=0x{self.parent:08x}, usage={self.usage}, hash=0x{self.hash:04x}, "
+                f"parent_auth=<hidden>)")
+
+    def encode_body(self, out: bytearray) -> None:
+        super().encode_body(out)
+        if self.usage or self.hash or self.parent_auth:
+            for name, kind in self.TAIL:
+                _put(out, kind, getattr(self, name))
+
+    @classmethod
+    def decode_body(cls, body: bytes | memoryview, pos: int) -> Message:
+        view = memoryview(body)
+        values: dict[str, object] = {}
+        for name, kind in cls.FIELDS:
+            values[name], pos = _take(view, pos, kind)
+        if pos == len(view):
+            return cls(**values)  # type: ignore[arg-type]
+        for name, kind in cls.TAIL:
+            values[name], pos = _take(view, pos, kind)
+        if pos != len(view):
+            raise ProtocolError(f"{len(view) - pos} trailing bytes after {cls.__name__}")
+        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +63,11 @@ class GenerateResult(Result):
 
 def serve(request: Request, msg: Generate) -> None:
     key_type = member(KeyType, msg.key_type, "key type")
+    usage = member(Usage, msg.usage, "usage")
+    hash_alg = member(Hash, msg.hash, "hash") if msg.hash else None
     worker, deadline = request.worker, request.deadline
     request.submit(lambda: worker.generate_key(key_type, msg.param, msg.auth, msg.parent,
-                                               deadline),
+                                               deadline, usage=usage, hash_alg=hash_alg,
+                                               parent_auth=msg.parent_auth,
+                                               peer=request.peer_uid),
                    lambda made: GenerateResult(*made))

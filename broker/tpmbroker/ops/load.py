@@ -13,13 +13,16 @@ from .base import Request, member
 @dataclasses.dataclass(frozen=True)
 class Load(Message):
     OPCODE = Opcode.LOAD
-    FIELDS = (("source", "u8"), ("key", "bytes"), ("auth", "bytes"))
+    FIELDS = (("source", "u8"), ("key", "bytes"), ("auth", "bytes"),
+              ("parent_auth", "bytes?"))
     source: int
     key: bytes
     auth: bytes = b""
+    parent_auth: bytes = b""  # the parent's password; trailing, omitted when empty
 
     def __repr__(self) -> str:  # never print passwords
-        return f"Load(source={self.source}, key=<{len(self.key)} bytes>, auth=<hidden>)"
+        return (f"Load(source={self.source}, key=<{len(self.key)} bytes>, auth=<hidden>, "
+                "parent_auth=<hidden>)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,4 +46,6 @@ def serve(request: Request, msg: Load) -> None:
         request.remember_key(info.key_id, msg.auth)
         return LoadResult(info.key_id, info.key_type, info.bits, info.curve, info.public_key)
 
-    request.submit(lambda: worker.load_key(source, msg.key, deadline), loaded)
+    peer = request.peer_uid
+    request.submit(lambda: worker.load_key(source, msg.key, deadline,
+                                           parent_auth=msg.parent_auth, peer=peer), loaded)

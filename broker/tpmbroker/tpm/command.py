@@ -36,6 +36,7 @@ from tpm2_pytss.types import (
     TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
     TPML_PCR_SELECTION,
     TPMT_SIG_SCHEME,
     TPMT_SIGNATURE,
@@ -60,10 +61,17 @@ CC_SIGN = 0x0000015D
 CC_FLUSH_CONTEXT = 0x00000165
 CC_READ_CLOCK = 0x00000181
 CC_CREATE = 0x00000153
+CC_LOAD = 0x00000157
+CC_CREATE_PRIMARY = 0x00000131
 CC_RSA_DECRYPT = 0x00000159
 CC_GET_RANDOM = 0x0000017B
 CC_NV_READ = 0x0000014E
 CC_NV_READ_PUBLIC = 0x00000169
+CC_HASH = 0x0000017D
+CC_HASH_SEQUENCE_START = 0x00000186
+CC_SEQUENCE_UPDATE = 0x0000015C
+CC_SEQUENCE_COMPLETE = 0x0000013E
+CC_ECDH_ZGEN = 0x00000154
 SE_HMAC = 0x00
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -498,6 +506,33 @@ def create_result(parameters: bytes) -> tuple[Any, Any]:
     return private, out_public
 
 
+# --- TPM2_Load and TPM2_CreatePrimary with a parent password ------------------------------
+
+# The parent's password enters only the session's HMAC key, never the command: nothing
+# of it crosses the link. DECRYPT also hides inPrivate (already encrypted to the parent).
+LOAD_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT
+
+
+def prepare_load(session: sc.SessionState, parent_handle: int, parent_name: bytes,
+                 parent_auth: bytes, private: Any, public: Any) -> PendingCommand:
+    """TPM2_Load of a key (TPM2B_PRIVATE, TPM2B_PUBLIC) under `parent_handle`, whose
+    authorization `parent_auth` is proved by `session`'s HMAC."""
+    return prepare(session, CC_LOAD, (parent_handle,), (parent_name,), parent_auth,
+                   private.marshal()[2:], public.marshal(), LOAD_ATTRIBUTES,
+                   response_handles=1)
+
+
+def prepare_create_primary(session: sc.SessionState, hierarchy: int, hierarchy_auth: bytes,
+                           public: Any) -> PendingCommand:
+    """TPM2_CreatePrimary under `hierarchy` (a permanent handle, whose Name is the handle
+    itself), authorized by `session`'s HMAC with the hierarchy's password."""
+    in_sensitive = TPM2B_SENSITIVE_CREATE().marshal()[2:]
+    rest = public.marshal() + TPM2B_DATA().marshal() + TPML_PCR_SELECTION().marshal()
+    return prepare(session, CC_CREATE_PRIMARY, (hierarchy,), (U32.pack(hierarchy),),
+                   hierarchy_auth, in_sensitive, rest, sc.CONTINUE_SESSION | sc.DECRYPT,
+                   response_handles=1)
+
+
 # --- TPM2_GetRandom, its answer encrypted -------------------------------------------------
 
 # GetRandom has no handle, so the session authorizes nothing: it is there to encrypt the
@@ -540,3 +575,99 @@ def prepare_nv_read(session: sc.SessionState, auth_handle: int, auth_name: bytes
     return prepare(session, CC_NV_READ, (auth_handle, index), (auth_name, index_name), b"",
                    None, U16.pack(size) + U16.pack(offset), NV_READ_ATTRIBUTES)
 
+
+
+# --- hashing in the TPM, for restricted signing keys ------------------------------------
+# A restricted signing key signs only a digest the TPM computed, proven by the
+# TPMT_TK_HASHCHECK ticket TPM2_Hash and TPM2_SequenceComplete return for hierarchy
+# OWNER. The message is each command's first parameter: the pool session encrypts it
+# (DECRYPT). The answers (a digest and a ticket) are not secret; the session's HMAC
+# makes them authentic.
+
+HASH_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT
+_OWNER = U32.pack(int(TPM2_RH.OWNER))
+
+
+def prepare_hash(session: sc.SessionState, data: bytes, hash_alg: int) -> PendingCommand:
+    """TPM2_Hash(data, hashAlg, hierarchy OWNER): one command for a short message."""
+    return prepare(session, CC_HASH, (), (), b"", data, U16.pack(hash_alg) + _OWNER,
+                   HASH_ATTRIBUTES)
+
+
+def hash_result(parameters: bytes) -> tuple[bytes, bytes]:
+    """(digest, marshalled TPMT_TK_HASHCHECK) of a TPM2_Hash or TPM2_SequenceComplete
+    response."""
+    try:
+        size = first_sized_length(parameters)
+        _, used = TPMT_TK_HASHCHECK.unmarshal(parameters[2 + size:])
+    except (TSS2_Exception, ValueError):
+        raise malformed() from None
+    if 2 + size + used != len(parameters):
+        raise malformed()
+    return parameters[2:2 + size], parameters[2 + size:]
+
+
+def hash_sequence_start(transport: Transport, hash_alg: int) -> int:
+    """TPM2_HashSequenceStart with an empty authValue: the sequence's handle.
+
+    No authorization and nothing secret in it, so no session."""
+    body = plain_command(CC_HASH_SEQUENCE_START, (), tpm2b(b"") + U16.pack(hash_alg),
+                         transport)
+    if len(body) != 4:
+        raise malformed()
+    return int(U32.unpack(body)[0])
+
+
+# A sequence object's Name is the Empty Buffer (it has no public area), and its
+# authValue is the empty one HashSequenceStart gave it. Sequence objects are exempt
+# from dictionary-attack counting, so an HMAC the TPM rejected would cost no lockout
+# count either.
+SEQUENCE_NAME = b""
+
+
+def prepare_sequence_update(session: sc.SessionState, sequence: int,
+                            chunk: bytes) -> PendingCommand:
+    return prepare(session, CC_SEQUENCE_UPDATE, (sequence,), (SEQUENCE_NAME,), b"", chunk,
+                   b"", HASH_ATTRIBUTES)
+
+
+def prepare_sequence_complete(session: sc.SessionState, sequence: int,
+                              chunk: bytes) -> PendingCommand:
+    """TPM2_SequenceComplete(last chunk, hierarchy OWNER); the TPM flushes the sequence
+    when it succeeds."""
+    return prepare(session, CC_SEQUENCE_COMPLETE, (sequence,), (SEQUENCE_NAME,), b"",
+                   chunk, _OWNER, HASH_ATTRIBUTES)
+
+
+def prepare_sign_with_ticket(session: sc.SessionState, key_handle: int, key_name: bytes,
+                             auth: bytes, digest: bytes, scheme_alg: int, hash_alg: int,
+                             ticket: bytes) -> PendingCommand:
+    """TPM2_Sign of a digest the TPM made, with the ticket that proves it."""
+    scheme = sign_scheme(scheme_alg, hash_alg)[:-len(_NULL_TICKET)]
+    return prepare(session, CC_SIGN, (key_handle,), (key_name,), auth, digest,
+                   scheme + ticket, SIGN_ATTRIBUTES)
+
+
+# --- TPM2_ECDH_ZGen, both points encrypted --------------------------------------------------
+
+# inPoint (the peer's public point) is the command's first parameter and outPoint (the
+# shared point, whose x-coordinate is the secret) the response's, both TPM2B_ECC_POINT:
+# DECRYPT and ENCRYPT carry them across the bus encrypted.
+ECDH_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT | sc.ENCRYPT
+
+
+def prepare_ecdh_zgen(session: sc.SessionState, key_handle: int, key_name: bytes,
+                      auth: bytes, x: bytes, y: bytes) -> PendingCommand:
+    """TPM2_ECDH_ZGen(keyHandle, inPoint=(x, y)) authorized by `session`."""
+    return prepare(session, CC_ECDH_ZGEN, (key_handle,), (key_name,), auth,
+                   tpm2b(x) + tpm2b(y), b"", ECDH_ATTRIBUTES)
+
+
+def ecdh_zgen_result(parameters: bytes) -> bytes:
+    """The x-coordinate of the shared point in a TPM2_ECDH_ZGen response."""
+    point = sized_result(parameters)
+    x_size = first_sized_length(point)
+    rest = point[2 + x_size:]
+    if first_sized_length(rest) + 2 != len(rest):
+        raise malformed()
+    return point[2:2 + x_size]

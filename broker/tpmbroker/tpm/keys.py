@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from cryptography.hazmat import asn1
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ObjectIdentifier
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
@@ -28,16 +29,24 @@ from tpm2_pytss.types import (
 )
 
 from ..definitions import Padding
-from ..errors import BadKeyError, UnsupportedError
-from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme
+from ..errors import BadDigestError, BadKeyError, UnsupportedError
+from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
 
 PERSISTENT_FIRST = 0x81000000
 PERSISTENT_LAST = 0x81FFFFFF
 
 _TSS2_KEY_OID = ObjectIdentifier("2.23.133.10.1.3")
 _TSS2_OID_DER = bytes.fromhex("06066781050a0103")
-_CURVE_BITS = {Curve.P256: 256, Curve.P384: 384}
-_RSA_GENERATE_BITS = (2048, 3072)
+# Every TPM curve OpenSSL's default provider signs with under a NIST name. The BN
+# curves (0x0010, 0x0011) have no OpenSSL name, and SM2 (0x0020) is its own key type
+# in OpenSSL, with SM2 signatures, not ECDSA: keys on those are refused as unsupported.
+CURVE_BITS = {Curve.P192: 192, Curve.P224: 224, Curve.P256: 256, Curve.P384: 384,
+              Curve.P521: 521}
+CURVE_NAMES = {Curve.P192: "P-192", Curve.P224: "P-224", Curve.P256: "P-256",
+               Curve.P384: "P-384", Curve.P521: "P-521"}
+# RSA sizes the broker asks the TPM about (TPM2_TestParms) for STATUS; GENERATE asks the
+# TPM about whatever size it is given, and refuses only what the TPM refuses.
+RSA_SIZES = (1024, 2048, 3072, 4096)
 
 
 def is_persistent(handle: int) -> bool:
@@ -157,9 +166,13 @@ def check_signing_key(public: Any) -> None:
         if public.type == TPM2_ALG.RSA and attributes & TPMA_OBJECT.DECRYPT and not (
                 attributes & TPMA_OBJECT.RESTRICTED):
             return  # a decryption key: SIGN refuses it (check_key_scheme)
+        if public.type == TPM2_ALG.ECC and attributes & TPMA_OBJECT.DECRYPT:
+            check_ecdh_key(public)  # an ECDH-only key; signing checks the attribute
+            return
         raise UnsupportedError("the key is not a signing key (sign attribute clear)")
-    if attributes & TPMA_OBJECT.RESTRICTED:
-        raise UnsupportedError("restricted signing keys cannot sign outside digests")
+    if attributes & TPMA_OBJECT.RESTRICTED and public.parameters.asymDetail.scheme.scheme \
+            == TPM2_ALG.NULL:
+        raise BadKeyError("a restricted signing key without a fixed scheme")
 
 
 def describe(public: Any) -> tuple[KeyType, int, Curve]:
@@ -172,9 +185,11 @@ def describe(public: Any) -> tuple[KeyType, int, Curve]:
             raise UnsupportedError(f"unsupported curve 0x{curve_id:04x}") from None
         if curve is Curve.NONE:
             raise UnsupportedError("EC key without a curve")
-        return KeyType.EC, _CURVE_BITS[curve], curve
+        return KeyType.EC, CURVE_BITS[curve], curve
     if public.type == TPM2_ALG.RSA:
-        return KeyType.RSA, int(public.parameters.rsaDetail.keyBits), Curve.NONE
+        bound = public.parameters.rsaDetail.scheme.scheme == TPM2_ALG.RSAPSS
+        return (KeyType.RSA_PSS if bound else KeyType.RSA,
+                int(public.parameters.rsaDetail.keyBits), Curve.NONE)
     raise UnsupportedError(f"unsupported key type 0x{int(public.type):04x}")
 
 
@@ -193,7 +208,9 @@ def signature_scheme_alg(key_type: KeyType, scheme: Scheme) -> int:
         return int(TPM2_ALG.ECDSA)
     if key_type is KeyType.RSA and scheme is Scheme.PKCS1:
         return int(TPM2_ALG.RSASSA)
-    if key_type is KeyType.RSA and scheme is Scheme.PSS:
+    if key_type is KeyType.RSA_PSS and scheme is not Scheme.PSS:
+        raise UnsupportedError(f"an RSA-PSS key signs with PSS only, not {scheme.name}")
+    if key_type in (KeyType.RSA, KeyType.RSA_PSS) and scheme is Scheme.PSS:
         # The TPM picks the PSS salt length, not the caller: swtpm (libtpms) uses the
         # digest length, which is what TLS 1.3 and our wire protocol require, but real
         # TPMs following the spec use the maximum salt length the modulus allows.
@@ -205,8 +222,7 @@ def signature_scheme_alg(key_type: KeyType, scheme: Scheme) -> int:
 def check_key_scheme(public: Any, scheme_alg: int, hash_alg: Hash) -> None:
     """A key created with a fixed scheme signs only with that scheme and hash."""
     if not int(public.objectAttributes) & TPMA_OBJECT.SIGN_ENCRYPT:
-        raise UnsupportedError("the key cannot sign: it is a decryption key (its sign "
-                               "attribute is clear)")
+        raise UnsupportedError("the key is not a signing key (sign attribute clear)")
     fixed = public.parameters.asymDetail.scheme
     if fixed.scheme == TPM2_ALG.NULL:
         return
@@ -258,6 +274,50 @@ def decryption_scheme(public: Any, padding: Padding, hash: Hash, mgf1: Hash,
                            "decryption scheme")
 
 
+def check_ecdh_key(public: Any) -> None:
+    """UnsupportedError, saying why, unless `public` (TPMT_PUBLIC) may do
+    TPM2_ECDH_ZGen: an EC key with decrypt, not restricted, scheme NULL or ECDH."""
+    if public.type != TPM2_ALG.ECC:
+        raise UnsupportedError("ECDH needs an EC key, and this is an RSA key")
+    attributes = int(public.objectAttributes)
+    if not attributes & TPMA_OBJECT.DECRYPT:
+        raise UnsupportedError("the key cannot do ECDH: it is a sign-only key (decrypt "
+                               "attribute clear); ECDH needs a key made with decrypt")
+    if attributes & TPMA_OBJECT.RESTRICTED:
+        raise UnsupportedError("the key cannot do ECDH: it is a restricted decryption "
+                               "key (a storage parent)")
+    scheme = int(public.parameters.eccDetail.scheme.scheme)
+    if scheme not in (TPM2_ALG.NULL, TPM2_ALG.ECDH):
+        raise UnsupportedError(f"the key cannot do ECDH: its scheme is {_alg_name(scheme)}, "
+                               "and ECDH needs scheme NULL or ECDH")
+
+
+# TPM2_ECC_CURVE ids of the curves cryptography knows (NIST P-256, P-384, P-521).
+_EC_CURVES: dict[int, type[ec.EllipticCurve]] = {
+    0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
+
+
+def check_peer_point(curve: int, point: bytes) -> tuple[bytes, bytes]:
+    """(x, y) of an uncompressed SEC1 `point` on `curve` (a TPM2_ECC_CURVE id), each as
+    long as the curve's field; BadDigestError if it is not a point of that curve (off
+    the curve, the point at infinity, another curve's size, compressed)."""
+    curve_class = _EC_CURVES.get(int(curve))
+    if curve_class is None:
+        raise UnsupportedError(f"ECDH on curve 0x{int(curve):04x} is not supported")
+    bits = curve_class().key_size
+    name = f"P-{bits}"
+    field = (bits + 7) // 8
+    if len(point) != 1 + 2 * field or point[:1] != b"\x04":
+        raise BadDigestError(f"the peer's public key is not an uncompressed {name} point "
+                             f"({1 + 2 * field} bytes starting 04), but {len(point)} bytes")
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(curve_class(), point)  # on the curve
+    except ValueError:
+        raise BadDigestError(f"the peer's public key is not a point on {name}, the "
+                             "key's curve") from None
+    return point[1:1 + field], point[1 + field:]
+
+
 def _alg_name(alg: Any) -> str:
     try:
         return str(TPM2_ALG.to_string(alg))
@@ -294,45 +354,71 @@ def storage_parent_template(rsa: bool) -> Any:
                        objectAttributes=attributes, authPolicy=b"", parameters=parameters)
 
 
-def generation_template(key_type: KeyType, param: int, password: bool = False) -> Any:
-    """TPMT_PUBLIC for a new signing key.
+def usage_attributes(key_type: KeyType, usage: Usage) -> int:
+    """TPMA_OBJECT bits SIGN_ENCRYPT and DECRYPT for a usage (docs/security.md, "Key
+    usage"). The default is SIGN alone: a key that also decrypts with scheme NULL makes
+    TPM2_RSA_Decrypt a raw private-key operation, that is a signing oracle, and a key
+    that signs and does ECDH mixes two uses. RSA-PSS keys only sign."""
+    usage = Usage.SIGN if usage is Usage.DEFAULT else usage
+    if key_type is KeyType.RSA_PSS and usage is not Usage.SIGN:
+        raise UnsupportedError("an RSA-PSS key only signs: its scheme is bound to PSS; "
+                               "make an RSA key for decryption")
+    bits = 0
+    if usage in (Usage.SIGN, Usage.SIGN_DECRYPT):
+        bits |= int(TPMA_OBJECT.SIGN_ENCRYPT)
+    if usage in (Usage.DECRYPT, Usage.SIGN_DECRYPT):
+        bits |= int(TPMA_OBJECT.DECRYPT)
+    return bits
 
-    Attributes follow tpm2-openssl's key templates; EC keys without decrypt, which ECDSA
-    does not need. Scheme NULL leaves the scheme and hash to each signature. A key
-    without a password gets noDA: there is nothing to guess, and a DA-protected key
+
+def ecc_parms(curve: int) -> Any:
+    """TPMS_ECC_PARMS of an unrestricted key on `curve`, scheme NULL (TestParms, Create)."""
+    return TPMS_ECC_PARMS(symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                          scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL), curveID=curve,
+                          kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL))
+
+
+def rsa_parms(bits: int, pss_hash: Hash | None = None) -> Any:
+    """TPMS_RSA_PARMS of an unrestricted key: scheme NULL, or RSAPSS bound to a hash."""
+    scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL)
+    if pss_hash is not None:
+        scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.RSAPSS)
+        scheme.details.anySig.hashAlg = int(pss_hash)
+    return TPMS_RSA_PARMS(symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                          scheme=scheme, keyBits=bits, exponent=0)
+
+
+def generation_template(key_type: KeyType, param: int, password: bool = False,
+                        usage: Usage = Usage.DEFAULT, hash_alg: Hash | None = None) -> Any:
+    """TPMT_PUBLIC for a new key.
+
+    Attributes follow tpm2-openssl's key templates, except for sign and decrypt, which
+    come from `usage` (usage_attributes). Scheme NULL leaves the scheme and hash to each
+    signature; an RSA-PSS key's scheme is RSAPSS with `hash_alg` (SHA-256 by default).
+    A key without a password gets noDA: there is nothing to guess, and a DA-protected key
     makes every TPM crash after its use count toward the lockout. A key with a password
-    stays DA-protected, so that guessing it is throttled by the TPM.
+    stays DA-protected, so that guessing it is throttled by the TPM. Sizes and curves
+    are not checked here: the worker asks the TPM (TPM2_TestParms) first.
     """
-    attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
+    attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.FIXEDTPM
                   | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN)
+    attributes |= usage_attributes(key_type, usage)
     if not password:
         attributes |= TPMA_OBJECT.NODA
-    if key_type is KeyType.RSA:
-        # As tpm2-openssl does: with decrypt, the key decrypts for its clients (DECRYPT),
-        # and the broker can pad RSA-PSS itself and use the TPM for the raw RSA
-        # operation, on TPMs whose own PSS salt TLS 1.3 rejects.
-        attributes |= TPMA_OBJECT.DECRYPT
+    if hash_alg is not None and key_type is not KeyType.RSA_PSS:
+        raise UnsupportedError("a hash is bound to RSA-PSS keys only")
     if key_type is KeyType.EC:
-        if param not in (Curve.P256, Curve.P384):
-            raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}; "
-                                   "P-256 (3) and P-384 (4) are supported")
-        parameters = TPMU_PUBLIC_PARMS(eccDetail=TPMS_ECC_PARMS(
-            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-            scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
-            curveID=TPM2_ECC.NIST_P256 if param == Curve.P256 else TPM2_ECC.NIST_P384,
-            kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL)))
+        if param not in CURVE_BITS:
+            raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}: "
+                                   "OpenSSL has no ECDSA for it")
         return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
-                           objectAttributes=attributes, parameters=parameters)
-    if key_type is KeyType.RSA:
-        if param not in _RSA_GENERATE_BITS:
-            raise UnsupportedError(f"cannot generate {param}-bit RSA keys; "
-                                   "2048 and 3072 are supported")
-        parameters = TPMU_PUBLIC_PARMS(rsaDetail=TPMS_RSA_PARMS(
-            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-            scheme=TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL),
-            keyBits=param, exponent=0))
+                           objectAttributes=attributes,
+                           parameters=TPMU_PUBLIC_PARMS(eccDetail=ecc_parms(param)))
+    if key_type in (KeyType.RSA, KeyType.RSA_PSS):
+        pss_hash = (hash_alg or Hash.SHA256) if key_type is KeyType.RSA_PSS else None
         return TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=TPM2_ALG.SHA256,
-                           objectAttributes=attributes, parameters=parameters)
+                           objectAttributes=attributes,
+                           parameters=TPMU_PUBLIC_PARMS(rsaDetail=rsa_parms(param, pss_hash)))
     raise UnsupportedError(f"unsupported key type {key_type!r}")
 
 
@@ -357,11 +443,18 @@ class CachedKey:
     pss_by_broker: bool | None = None
     # PKCS#1 v1.5 implicit rejection: the key's secret (tpm/depad.py), once asked for.
     kdk_secret: bytes | None = None
+    # The password of the key's parent, to load it again after eviction (tpm/parents.py).
+    parent_auth: bytes = dataclasses.field(default=b"", repr=False)
     # Without noDA, a failed authorization counts toward the TPM's lockout.
     da_protected: bool = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+
+    @property
+    def restricted(self) -> bool:
+        """An attestation key: it signs only what the TPM hashed itself (SIGN_MESSAGE)."""
+        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.RESTRICTED))
 
     @property
     def can_decrypt(self) -> bool:

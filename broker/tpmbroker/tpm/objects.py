@@ -19,10 +19,11 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from ..definitions import STORAGE_PRIMARY
-from ..errors import BadKeyError
+from ..errors import BadKeyError, LockoutError, ParentAuthFailedError
 from . import keys as keymod
 from .keys import CachedKey, KeyCache
 from .link import Link
+from .parents import describe
 from .rc import Kind, classify, tpm_code
 
 T = TypeVar("T")
@@ -41,6 +42,9 @@ class Objects:
         self._primary_publics: dict[bool, Any] = {}  # rsa? -> its TPMT_PUBLIC (salt key)
         self._persistent: dict[int, Any] = {}  # TPM handle -> ESYS_TR (parents, keys)
         self._names: dict[int, tuple[int, bytes]] = {}  # ESYS_TR -> (TPM handle, Name)
+        # TPM2_Load under a parent with a password, through a pool session (the worker's):
+        # (parent ESYS_TR, key blob, parent password) -> ESYS_TR of the loaded key.
+        self.authorized_load: Callable[[Any, Any, bytes], Any] | None = None
 
     @property
     def _ectx(self) -> Any:
@@ -131,13 +135,29 @@ class Objects:
             return entry.handle
         blob = entry.blob
         parent = self.parent(blob.parent, blob.rsa_parent)
+        parent_auth, authorized_load = entry.parent_auth, self.authorized_load
+        if parent_auth and authorized_load is not None:
+            # A parent password goes only into a pool session's HMAC (never on the link).
+            def load() -> Any:
+                return authorized_load(parent, blob, parent_auth)
+        else:
+            # Password auth with the parent's empty password: nothing secret to protect,
+            # the private blob is already encrypted to the parent.
+            def load() -> Any:
+                return self._ectx.load(parent, blob.private, blob.public)
         try:
-            # Password auth is enough: the parent's auth is empty and the private blob is
-            # already encrypted to the parent.
-            entry.handle = self.with_room(
-                entry, lambda: self._ectx.load(parent, blob.private, blob.public), parent)
+            entry.handle = self.with_room(entry, load, parent)
         except TSS2_Exception as exc:
-            if classify(exc) in (*RECOVERABLE, Kind.OBJECT_MEMORY):
+            kind = classify(exc)
+            if kind is Kind.AUTH:
+                raise ParentAuthFailedError(
+                    f"{'wrong password' if parent_auth else 'no password given'} for "
+                    f"{describe(blob.parent)} (TPM2_Load)", tpm_rc=int(exc.rc)) from None
+            if kind is Kind.LOCKOUT:
+                raise LockoutError(
+                    f"the TPM is in dictionary-attack lockout: it refuses {describe(blob.parent)}"
+                    " for now", tpm_rc=int(exc.rc)) from None
+            if kind in (*RECOVERABLE, Kind.OBJECT_MEMORY):
                 raise
             raise BadKeyError("the TPM refused to load the key (made by another TPM, or "
                               f"the TPM was cleared?): {exc}", tpm_rc=int(exc.rc)) from None

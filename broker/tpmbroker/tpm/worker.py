@@ -15,8 +15,11 @@ stale, so recovery never costs dictionary-attack failures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -28,22 +31,31 @@ from tpm2_pytss.constants import (
     TPM2_PT,
     TPM2_PT_HR,
     TPM2_PT_NV,
+    TPM2_RC,
     TPM2_RH,
     TPMA_NV,
     TSS2_RC,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+from tpm2_pytss.types import (
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPMT_PUBLIC_PARMS,
+    TPMU_PUBLIC_PARMS,
+)
 
 from ..audit import audit
 from ..definitions import (
+    MAX_MESSAGE,
     MAX_RANDOM,
     STORAGE_PRIMARY,
+    Curve,
     Hash,
     KeySource,
     KeyType,
     Padding,
     Scheme,
+    Usage,
 )
 from ..errors import (
     AuthFailedError,
@@ -52,6 +64,7 @@ from ..errors import (
     DeadlineError,
     LockoutError,
     NotForLane,
+    ParentAuthFailedError,
     TpmBrokerError,
     TpmError,
     TpmUnavailableError,
@@ -65,6 +78,7 @@ from .keys import CachedKey, KeyInfo
 from .link import Link, frame_command, split_response
 from .lockout import DEFAULT_RESERVE, DaParameters, Shield
 from .objects import RECOVERABLE, Objects
+from .parents import ParentPasswords, describe
 from .rc import Kind, classify, to_error, tpm_code
 from .session_crypto import SessionState
 from .sessions import SessionPool
@@ -76,6 +90,10 @@ log = logging.getLogger("tpmbroker.tpm")
 MAX_AUTH = 32
 PSS_PADDINGS = ("auto", "tpm", "broker")
 TPM_RC_VALUE = 0x084
+# TPM_GENERATED_VALUE: what the TPM puts first in every structure it signs (quotes,
+# certifications). The TPM gives no ticket for a message starting with it, so that a
+# restricted key cannot be made to sign a forged attestation.
+TPM_GENERATED_VALUE = b"\xffTCG"
 
 
 @dataclasses.dataclass
@@ -106,13 +124,24 @@ class TpmWorker:
         self.pool = SessionPool(sessions, start=self._start_session, flush=self._flush)
         self._schemes_checked: set[tuple[bytes, int, int]] = set()  # (key id, scheme, hash)
         self._rsa_only: bool | None = None
+        # What this TPM makes, asked once per broker: curve ids (TPM2_GetCapability) and
+        # RSA sizes with the TPM's answer to TPM2_TestParms (None = it has that size).
+        self._curves: list[int] | None = None
+        self._rsa_sizes: dict[int, int | None] = {}
         self._counts: tuple[int, int] | None = None  # (resetCount, restartCount)
         self._active_sessions_max = 0
         self._restarts_recovered = 0
         self._opened = False
+        self._input_buffer: int | None = None  # bytes TPM2_Hash and SequenceUpdate take
+        self._tpm_hashed = 0  # messages the TPM hashed for restricted keys
         # Password attempts on DA-protected keys go through the shield (tpm/lockout.py);
         # None turns it off (tests of the TPM's own lockout).
         self.shield = Shield(da_reserve) if da_reserve is not None else None
+        # Parent passwords the TPM refused or accepted (tpm/parents.py); loads under a
+        # parent with a password go through a pool session (_authorized_load).
+        self.parents = ParentPasswords()
+        self.objects.authorized_load = self._authorized_load
+        self._op_deadline = 0.0  # the deadline of the request _run serves
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -149,7 +178,11 @@ class TpmWorker:
 
     # --- operations -----------------------------------------------------------------------
 
-    def load_key(self, source: KeySource, key: bytes, deadline: float) -> KeyInfo:
+    def load_key(self, source: KeySource, key: bytes, deadline: float, *,
+                 parent_auth: bytes = b"", peer: int = -1) -> KeyInfo:
+        """Make a key known (and resident). `parent_auth` is the password of the key's
+        parent: a persistent parent's own, or for the storage primary 0x40000001 the
+        owner hierarchy's (as tpm2-openssl takes it); ignored for persistent keys."""
         try:
             source = KeySource(source)
         except ValueError:
@@ -157,17 +190,143 @@ class TpmWorker:
         key_id = key_id_for(source, key)
         cached = self.objects.keys.get(key_id)
         if cached is not None:
+            if cached.blob is not None:
+                self._check_cached_parent_auth(cached, parent_auth, deadline, peer)
             return cached.info
         if source is KeySource.TSS2_DER:
             blob = keymod.parse_tss2_key(key)
+            self._check_parent_auth_length(blob.parent, parent_auth)
             entry = CachedKey(keymod.key_info(key_id, blob.public.publicArea),
-                              blob.public.publicArea, blob=blob)
+                              blob.public.publicArea, blob=blob,
+                              parent_auth=self._load_auth(blob.parent, parent_auth))
+            self._owner_auth(blob.parent, parent_auth, deadline)
+            self._parent_attempt(blob.parent, entry.parent_auth, peer, deadline,
+                                 lambda: self._run(deadline, "loading the key",
+                                                   lambda: self.objects.resident(entry)))
         else:
             entry = self._run(deadline, "reading the persistent key",
                               lambda: self.objects.describe_persistent(key_id, key))
-        self._run(deadline, "loading the key", lambda: self.objects.resident(entry))
+            self._run(deadline, "loading the key", lambda: self.objects.resident(entry))
         self.objects.add_key(entry)
         return entry.info
+
+    # --- parent passwords (tpm/parents.py) -------------------------------------------------
+
+    @staticmethod
+    def _check_parent_auth_length(parent: int, parent_auth: bytes) -> None:
+        if len(parent_auth) > MAX_AUTH:
+            # No parent can have such a password; asking the TPM would only count a failure.
+            raise ParentAuthFailedError(f"the password for {describe(parent)} is longer "
+                                        f"than {MAX_AUTH} bytes")
+
+    @staticmethod
+    def _load_auth(parent: int, parent_auth: bytes) -> bytes:
+        """The authValue TPM2_Load needs: the persistent parent's password; under the
+        storage primary, whose own password is empty, none (the parent password there is
+        the owner hierarchy's, which only its creation needs: _owner_auth)."""
+        return b"" if parent == STORAGE_PRIMARY else parent_auth
+
+    def _owner_auth(self, parent: int, parent_auth: bytes, deadline: float) -> None:
+        """A password for the storage primary is the owner hierarchy's, which tpm2-openssl
+        gives to TPM2_CreatePrimary. The broker made that primary already, so it checks
+        the password the same way (a CreatePrimary through a pool session, flushed at
+        once), once per password: a wrong one fails here as it would there. Hierarchy
+        authorizations count no dictionary-attack failures (docs/broker.md)."""
+        if parent != STORAGE_PRIMARY or not parent_auth:
+            return
+        self.parents.check(parent, parent_auth)
+        if self.parents.known_good(parent, parent_auth):
+            return
+
+        def create_primary() -> int:
+            template = TPM2B_PUBLIC(publicArea=keymod.storage_parent_template(
+                self.objects.rsa_only))
+            return self.objects.with_room(None, lambda: self._execute_handle(
+                deadline, lambda session: command.prepare_create_primary(
+                    session, int(TPM2_RH.OWNER), parent_auth, template)))
+
+        try:
+            handle = self._run(deadline, "checking the owner hierarchy's password",
+                               create_primary)
+        except AuthFailedError as exc:
+            self.parents.refused(parent, parent_auth)
+            raise ParentAuthFailedError(f"wrong password for {describe(parent)}",
+                                        tpm_rc=exc.tpm_rc) from None
+        command.flush_context(self.link.require(), handle)
+        self.parents.accepted(parent, parent_auth)
+
+    def _parent_attempt(self, parent: int, parent_auth: bytes, peer: int, deadline: float,
+                        attempt: Callable[[], T]) -> T:
+        """Run `attempt`, a TPM command authorized with `parent_auth` for `parent`, unless
+        the TPM refused that password for that parent before; note how it went. A parent
+        password not known good is a password attempt like a key's: the shield
+        (tpm/lockout.py) admits it or not."""
+        self.parents.check(parent, parent_auth)
+        shield = self.shield
+        if not parent_auth or self.parents.known_good(parent, parent_auth):
+            shield = None
+        parent_id = b"parent:" + parent.to_bytes(4, "big")
+        if shield is not None:
+            self._run(deadline, "reading the lockout counter", self._read_lockout)
+            try:
+                shield.check(peer, parent_id, parent_auth)
+            except LockoutError as exc:
+                raise LockoutError(f"{exc.message}; the password for {describe(parent)} "
+                                   "was not tried", tpm_rc=exc.tpm_rc) from None
+        try:
+            result = attempt()
+        except ParentAuthFailedError as exc:
+            if exc.tpm_rc:
+                self.parents.refused(parent, parent_auth)
+                if shield is not None:
+                    shield.failed(peer, parent_id, parent_auth)
+            raise
+        except LockoutError:
+            if shield is not None:
+                shield.tpm_locked_out()
+            raise
+        self.parents.accepted(parent, parent_auth)
+        if shield is not None:
+            shield.succeeded(parent_id, parent_auth)
+        return result
+
+    def _check_cached_parent_auth(self, cached: CachedKey, parent_auth: bytes,
+                                  deadline: float, peer: int) -> None:
+        """A key loaded already, LOADed again: the parent password must be right too. The
+        one it was loaded with, or one known good for its parent, pass without the TPM;
+        another is tried by loading a second copy of the key with it (then unloaded)."""
+        assert cached.blob is not None
+        parent = cached.blob.parent
+        self._check_parent_auth_length(parent, parent_auth)
+        if parent == STORAGE_PRIMARY:
+            self._owner_auth(parent, parent_auth, deadline)
+            return
+        if (hmac.compare_digest(cached.parent_auth, parent_auth)
+                or self.parents.known_good(parent, parent_auth)):
+            return
+        probe = CachedKey(cached.info, cached.public, blob=cached.blob,
+                          parent_auth=parent_auth)
+
+        def load_and_unload() -> None:
+            self.objects.resident(probe)
+            self.objects.unload(probe)
+
+        self._parent_attempt(parent, parent_auth, peer, deadline, lambda: self._run(
+            deadline, "checking the parent's password", load_and_unload))
+
+    def _authorized_load(self, parent: Any, blob: Any, parent_auth: bytes) -> Any:
+        """TPM2_Load under `parent` authorized by a pool session's HMAC with the parent's
+        password: the password never crosses the link (ESAPI would send it in a password
+        session, in the clear). The ESYS_TR of the loaded key."""
+        handle, name = self.objects.handle_and_name(parent)
+        tpm_handle = self._execute_handle(self._op_deadline, lambda session: (
+            command.prepare_load(session, handle, name, parent_auth, blob.private,
+                                 blob.public)))
+        try:
+            return self.link.ectx.tr_from_tpmpublic(tpm_handle)
+        except TSS2_Exception:
+            command.flush_context(self.link.require(), tpm_handle)
+            raise
 
     def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
              digest: bytes, deadline: float, peer: int = -1) -> bytes:
@@ -189,18 +348,32 @@ class TpmWorker:
         if len(digest) != hash.digest_size:
             raise BadDigestError(f"{hash.name} digest must be {hash.digest_size} bytes, "
                                  f"not {len(digest)}")
+        if entry.restricted:
+            raise UnsupportedError(
+                "a restricted signing key (an attestation key) signs only a message the TPM "
+                f"hashes itself, of at most {MAX_MESSAGE} bytes (MAX_MESSAGE), not a digest: "
+                "send the message (SIGN_MESSAGE; with openssl, pkeyutl -sign -rawin, or dgst, "
+                "req, x509, cms, TLS)")
+        return self._shielded(entry, auth, peer, deadline, lambda: self._sign(
+            entry, auth, scheme, scheme_alg, hash, digest, deadline))
+
+    def _shielded(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
+                  sign: Callable[[], bytes]) -> bytes:
+        """`sign()` with the key's password: through the dictionary-attack shield when
+        the key counts failures."""
+        key_id = entry.info.key_id
         if len(auth) > MAX_AUTH:
             # No key can have such a password; asking the TPM would only count a failure.
             raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
         shield = self.shield if entry.da_protected else None
         if shield is None:
-            return self._sign(entry, auth, scheme, scheme_alg, hash, digest, deadline)
+            return sign()
         if not shield.known_good(key_id, auth):
             # A fresh reading first: the counter decays, and other TPM users add to it.
             self._run(deadline, "reading the lockout counter", self._read_lockout)
             shield.check(peer, key_id, auth)
         try:
-            signature = self._sign(entry, auth, scheme, scheme_alg, hash, digest, deadline)
+            signature = sign()
         except AuthFailedError:
             shield.failed(peer, key_id, auth)
             raise
@@ -209,6 +382,131 @@ class TpmWorker:
             raise
         shield.succeeded(key_id, auth)
         return signature
+
+    def restricted(self, key_id: bytes) -> bool | None:
+        entry = self.objects.keys.get(key_id)
+        return None if entry is None else entry.restricted
+
+    def sign_message(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
+                     message: bytes, deadline: float, peer: int = -1) -> bytes:
+        """Sign `message`. A restricted key's message is hashed by the TPM, whose ticket
+        TPM2_Sign needs; any other key's is hashed here and signed as a digest."""
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        try:
+            scheme = Scheme(scheme)
+            hash = Hash(hash)
+        except ValueError as exc:
+            raise UnsupportedError(str(exc)) from None
+        if len(message) > MAX_MESSAGE:
+            raise UnsupportedError(f"message of {len(message)} bytes: SIGN_MESSAGE carries "
+                                   f"at most {MAX_MESSAGE} (MAX_MESSAGE)")
+        if not entry.restricted:
+            digest = hashlib.new(hash.hashlib_name, message).digest()
+            return self.sign(key_id, auth, scheme, hash, digest, deadline, peer=peer)
+        scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
+        keymod.check_key_scheme(entry.public, scheme_alg, hash)  # its fixed scheme only
+        if message.startswith(TPM_GENERATED_VALUE):
+            # The TPM would hash it but give no ticket; refused before any TPM command.
+            raise UnsupportedError(
+                "the message starts with TPM_GENERATED_VALUE (0xff544347): a restricted "
+                "key does not sign it, the TPM gives no ticket for what could pass for an "
+                "attestation the TPM made")
+
+        def hash_and_sign() -> bytes:
+            digest, ticket = self._tpm_hash(entry, hash, message, deadline)
+            return self._authorized(
+                entry, auth, deadline, lambda session, handle, name:
+                command.prepare_sign_with_ticket(session, handle, name, auth, digest,
+                                                 scheme_alg, hash, ticket),
+                command.signature_bytes)
+
+        signature = self._shielded(entry, auth, peer, deadline, lambda: self._run(
+            deadline, "signing the message", hash_and_sign))
+        self.objects.keys.touch(key_id)
+        if entry.info.key_type is KeyType.RSA:
+            return signature.rjust((entry.info.bits + 7) // 8, b"\0")
+        return signature
+
+    def _tpm_hash(self, entry: CachedKey, hash: Hash, message: bytes,
+                  deadline: float) -> tuple[bytes, bytes]:
+        """(digest, ticket) of `message` hashed by the TPM: TPM2_Hash when it fits one
+        command, else a hash sequence. The worker thread runs one job at a time, so at
+        most one sequence object is in the TPM; it is flushed on any failure."""
+        if self._input_buffer is None:
+            self._input_buffer = min(self._property(TPM2_PT.INPUT_BUFFER) or 1024, 1024)
+        chunk = self._input_buffer
+        self._tpm_hashed += 1
+        if len(message) <= chunk:
+            return self._execute(deadline, lambda session: command.prepare_hash(
+                session, message, hash), command.hash_result)
+        transport = self.link.require()
+        # The sequence needs an object slot: make room as loading a key would, but keep
+        # the key that signs next.
+        sequence = self.objects.with_room(
+            entry, lambda: command.hash_sequence_start(transport, hash))
+        try:
+            pieces = [message[i:i + chunk] for i in range(0, len(message), chunk)]
+            for piece in pieces[:-1]:
+                self._execute(deadline, functools.partial(
+                    command.prepare_sequence_update, sequence=sequence, chunk=piece),
+                    lambda _parameters: None)
+            return self._execute(deadline, functools.partial(
+                command.prepare_sequence_complete, sequence=sequence, chunk=pieces[-1]),
+                command.hash_result)
+        except BaseException:
+            if self.link.up:
+                with contextlib.suppress(TSS2_Exception):
+                    command.flush_context(transport, sequence)
+            raise
+
+    def derive(self, key_id: bytes, auth: bytes, point: bytes, deadline: float,
+               peer: int = -1) -> bytes:
+        """ECDH: Z, the x-coordinate of the key's private scalar times the peer's public
+        `point` (uncompressed SEC1), as long as the curve's field (TPM2_ECDH_ZGen).
+
+        The key and the point are checked first, without the TPM: a key that may not do
+        ECDH or a point that is not on the key's curve costs no TPM command.
+        """
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        keymod.check_ecdh_key(entry.public)
+        x, y = keymod.check_peer_point(entry.info.curve, point)
+        if len(auth) > MAX_AUTH:
+            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
+        z = self._with_password(entry, auth, peer, deadline, lambda: self._run(
+            deadline, "deriving the shared secret", lambda: self._authorized(
+                entry, auth, deadline, lambda session, handle, name: command.prepare_ecdh_zgen(
+                    session, handle, name, auth, x, y), command.ecdh_zgen_result)))
+        self.objects.keys.touch(key_id)
+        if len(z) > len(x):
+            raise TpmError(f"the TPM returned a {len(z)}-byte x-coordinate for a "
+                           f"{len(x)}-byte curve")
+        return z.rjust(len(x), b"\0")
+
+    def _with_password(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
+                       operation: Callable[[], T]) -> T:
+        """`operation` on `entry` with `auth`, through the dictionary-attack shield when
+        the key is DA-protected (as sign() does for signatures)."""
+        shield = self.shield if entry.da_protected else None
+        if shield is None:
+            return operation()
+        key_id = entry.info.key_id
+        if not shield.known_good(key_id, auth):
+            self._run(deadline, "reading the lockout counter", self._read_lockout)
+            shield.check(peer, key_id, auth)
+        try:
+            result = operation()
+        except AuthFailedError:
+            shield.failed(peer, key_id, auth)
+            raise
+        except LockoutError:
+            shield.tpm_locked_out()
+            raise
+        shield.succeeded(key_id, auth)
+        return result
 
     def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
         """The shield's refusals that need no TPM, for the event loop before it queues a
@@ -238,18 +536,26 @@ class TpmWorker:
         return signature
 
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
-                     deadline: float) -> tuple[bytes, bytes]:
+                     deadline: float, usage: Usage = Usage.DEFAULT,
+                     hash_alg: Hash | None = None, *, parent_auth: bytes = b"",
+                     peer: int = -1) -> tuple[bytes, bytes]:
         try:
             key_type = KeyType(key_type)
         except ValueError:
             raise UnsupportedError(f"unsupported key type {key_type}") from None
-        template = keymod.generation_template(key_type, param, password=bool(auth))
+        template = keymod.generation_template(key_type, param, password=bool(auth),
+                                              usage=usage, hash_alg=hash_alg)
         parent = parent or STORAGE_PRIMARY
         if not (parent == STORAGE_PRIMARY or keymod.is_persistent(parent)):
             raise UnsupportedError(f"parent 0x{parent:08x} is neither the storage primary "
                                    "(0x40000001) nor a persistent handle")
+        self._run(deadline, "asking the TPM about the key's algorithm",
+                  lambda: self._check_tpm_has(key_type, param))
         if len(auth) > MAX_AUTH:
             raise UnsupportedError(f"passwords are at most {MAX_AUTH} bytes")
+        self._check_parent_auth_length(parent, parent_auth)
+        create_auth = self._load_auth(parent, parent_auth)
+        self._owner_auth(parent, parent_auth, deadline)
         sensitive = TPM2B_SENSITIVE_CREATE()
         if auth:
             sensitive.sensitive.userAuth = auth
@@ -258,13 +564,28 @@ class TpmWorker:
         def create() -> tuple[Any, Any]:
             parent_tr = self.objects.parent(parent)
             handle, name = self.objects.handle_and_name(parent_tr)
-            # The pool session encrypts the new key's password on its way to the TPM.
-            return self.objects.with_room(None, lambda: self._execute(
-                deadline, lambda session: command.prepare_create(
-                    session, handle, name, b"", sensitive, in_public),
-                command.create_result), parent_tr)
+            # The pool session encrypts the new key's password on its way to the TPM, and
+            # proves the parent's password by its HMAC alone.
+            try:
+                return self.objects.with_room(None, lambda: self._execute(
+                    deadline, lambda session: command.prepare_create(
+                        session, handle, name, create_auth, sensitive, in_public),
+                    command.create_result), parent_tr)
+            except TSS2_Exception as exc:
+                kind = classify(exc)
+                if kind is Kind.AUTH:
+                    raise ParentAuthFailedError(
+                        f"{'wrong password' if create_auth else 'no password given'} for "
+                        f"{describe(parent)} (TPM2_Create)", tpm_rc=int(exc.rc)) from None
+                if kind is Kind.LOCKOUT:
+                    raise LockoutError(
+                        "the TPM is in dictionary-attack lockout: it refuses "
+                        f"{describe(parent)} for now", tpm_rc=int(exc.rc)) from None
+                raise
 
-        private, public = self._run(deadline, "creating the key", create)
+        private, public = self._parent_attempt(
+            parent, create_auth, peer, deadline,
+            lambda: self._run(deadline, "creating the key", create))
         key = keymod.tss2_key_der(private, public, empty_auth=not auth, parent=parent)
         return key, bytes(public.publicArea.to_der())
 
@@ -391,34 +712,59 @@ class TpmWorker:
             assert entry.kdk_secret is not None
             return depad.pkcs1(em, ciphertext, entry.kdk_secret, implicit_rejection)
 
-        plaintext = self._shielded(entry, auth, peer, deadline, decrypt)
+        plaintext = self._with_password(entry, auth, peer, deadline, decrypt)
         self.objects.keys.touch(key_id)
         return plaintext
 
-    def _shielded(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
-                  operation: Callable[[], T]) -> T:
-        """`operation` (a password attempt on `entry`) under the dictionary-attack shield
-        when the key is DA-protected: as `sign` does it."""
-        shield = self.shield if entry.da_protected else None
-        if shield is None:
-            return operation()
-        key_id = entry.info.key_id
-        if not shield.known_good(key_id, auth):
-            self._run(deadline, "reading the lockout counter", self._read_lockout)
-            shield.check(peer, key_id, auth)
+    # --- what this TPM has ----------------------------------------------------------------
+
+    def _check_tpm_has(self, key_type: KeyType, param: int) -> None:
+        """UnsupportedError with the TPM's reason unless the TPM makes such keys."""
+        if key_type is KeyType.EC:
+            if param not in self._tpm_curves():
+                raise UnsupportedError(f"this TPM has no curve {_curve_name(param)} "
+                                       "(TPM2_GetCapability "
+                                       "TPM_CAP_ECC_CURVES does not list it)")
+            return
+        rc = self._rsa_size_rc(param)
+        if rc is not None:
+            raise UnsupportedError(f"this TPM has no RSA-{param} (TPM2_TestParms: "
+                                   f"{_rc_name(rc)})", tpm_rc=rc)
+
+    def _tpm_curves(self) -> list[int]:
+        if self._curves is None:
+            _, data = self.link.ectx.get_capability(TPM2_CAP.ECC_CURVES, 0, 64)
+            self._curves = [int(curve) for curve in data.data.eccCurves]
+        return self._curves
+
+    def _rsa_size_rc(self, bits: int) -> int | None:
+        """None if the TPM has RSA keys of `bits`, else the TPM's TestParms error code."""
+        if bits not in self._rsa_sizes:
+            parms = TPMT_PUBLIC_PARMS(type=TPM2_ALG.RSA, parameters=TPMU_PUBLIC_PARMS(
+                rsaDetail=keymod.rsa_parms(bits)))
+            try:
+                self.link.ectx.test_parms(parms)
+                self._rsa_sizes[bits] = None
+            except TSS2_Exception as exc:
+                if classify(exc) in RECOVERABLE:
+                    raise
+                self._rsa_sizes[bits] = int(exc.rc)
+        return self._rsa_sizes[bits]
+
+    def algorithms(self) -> dict[str, object]:
+        """Curves and RSA sizes this TPM makes keys of, for STATUS (asked once)."""
+        if not self.link.up:
+            return {}
         try:
-            result = operation()
-        except AuthFailedError:
-            shield.failed(peer, key_id, auth)
-            raise
-        except LockoutError:
-            shield.tpm_locked_out()
-            raise
-        shield.succeeded(key_id, auth)
-        return result
+            curves = self._tpm_curves()
+            rsa = [bits for bits in keymod.RSA_SIZES if self._rsa_size_rc(bits) is None]
+        except TSS2_Exception:
+            return {}
+        return {"tpm_curves": [_curve_name(curve) for curve in curves], "tpm_rsa_bits": rsa}
 
     def status(self) -> dict[str, object]:
         return {
+            **self.algorithms(),
             "pool_size": self.pool.size,
             "pool_sessions": self.pool.count,
             "tpm_active_sessions": self._property(TPM2_PT_HR.ACTIVE),
@@ -426,10 +772,12 @@ class TpmWorker:
             "loaded_keys": len(self.objects.keys),
             "resident_keys": sum(1 for _ in self.objects.resident_keys()),
             "tpm_restarts_recovered": self._restarts_recovered,
+            "tpm_hashed_messages": self._tpm_hashed,
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
             **(self.shield.status() if self.shield is not None else {}),
+            **self.parents.status(),
         }
 
     # --- RSA-PSS padded by the broker ------------------------------------------------------
@@ -443,8 +791,9 @@ class TpmWorker:
             raise UnsupportedError(
                 "this TPM signs RSA-PSS with a salt longer than the digest, which TLS 1.3 "
                 "verifiers reject, and the key lacks the decrypt attribute the broker needs "
-                "to pad PSS itself; make the key with `tpmbroker keygen` (RSA keys get "
-                "sign|decrypt) or sign with PKCS#1 v1.5")
+                "to pad PSS itself; make the key with `tpmbroker keygen --usage "
+                "sign,decrypt` (or -pkeyopt usage:sign,decrypt), use an EC key, or sign "
+                "with PKCS#1 v1.5")
         return bool(entry.pss_by_broker)
 
     def _check_tpm_pss_salt(self, entry: CachedKey, auth: bytes, hash: Hash,
@@ -490,6 +839,21 @@ class TpmWorker:
             self.pool.discard(session)  # not to be trusted with another HMAC
             raise
         return result(parameters)
+
+    def _execute_handle(self, deadline: float,
+                        prepare: Callable[[SessionState], command.PendingCommand]) -> int:
+        """_execute for a command that answers with one handle (Load, CreatePrimary)."""
+        session = self.pool.acquire(deadline)
+        self._check_deadline(deadline)
+        pending = prepare(session)
+        try:
+            handles, _ = command.execute(self.link.require(), pending)
+        except command.ResponseAuthError:
+            self.pool.discard(session)
+            raise
+        if len(handles) != 1:
+            raise command.malformed()
+        return handles[0]
 
     # --- the lane: signatures the event loop sends itself ------------------------------------
     # The common case (key resident, pool session ready, swtpm link) needs no TPM command
@@ -588,6 +952,7 @@ class TpmWorker:
     def _run(self, deadline: float, doing: str, operation: Callable[[], T]) -> T:
         """Run `operation`; if the TPM lost our state, rebuild it and run it once more."""
         self._check_deadline(deadline)
+        self._op_deadline = deadline
         if not self.link.up:
             if not self._opened:
                 raise TpmUnavailableError("the TPM worker is not open")
@@ -713,3 +1078,22 @@ class TpmWorker:
     def _check_deadline(deadline: float) -> None:
         if time.monotonic() >= deadline:
             raise DeadlineError("the request's deadline passed before the TPM could serve it")
+
+
+def _rc_name(rc: int) -> str:
+    """TPM_RC_VALUE and the like, for people, from a TPM's response code."""
+    code = tpm_code(rc)
+    if code is None:
+        return f"0x{rc:x}"
+    try:
+        return "TPM_RC_" + str(TPM2_RC.to_string(code)).split(".")[-1]
+    except ValueError:
+        return f"0x{rc:x}"
+
+
+def _curve_name(curve: int) -> str:
+    """P-256 and the like; the TPM's id for curves OpenSSL has no ECDSA name for."""
+    try:
+        return keymod.CURVE_NAMES[Curve(curve)]
+    except (ValueError, KeyError):
+        return f"0x{curve:04x}"

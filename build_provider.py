@@ -105,25 +105,27 @@ def build(output: Path = DEFAULT_OUTPUT, verbose: bool = False) -> Path:
 
 
 def build_authorize(verbose: bool = False) -> Path:
-    """Compile tpm/authorize.c into the Python extension tpmbroker.tpm._authorize.
+    """Compile tpm/authorize.c and tpm/depad.c into the Python extension
+    tpmbroker.tpm._authorize.
 
     Unlike the provider this one is for the broker process only, so it is an ordinary
     cffi API-mode extension; its cdef is authorize.h without preprocessor lines.
     """
     from cffi import FFI
 
-    header = TPM_DIR / "authorize.h"
-    cdef = "\n".join(line for line in header.read_text().splitlines()
+    units = ("authorize", "depad")  # depad.c: RSA decryption paddings, constant time
+    headers = [TPM_DIR / f"{unit}.h" for unit in units]
+    cdef = "\n".join(line for header in headers for line in header.read_text().splitlines()
                      if not line.startswith(("#ifndef", "#endif", "#include"))
-                     and line.split()[:2] != ["#define", "TPMBROKER_AUTHORIZE_H"])
+                     and not (line.startswith("#define TPMBROKER_") and line.endswith("_H")))
     ffi = FFI()
     ffi.cdef(cdef)
     ffi.set_source(
         AUTHORIZE_MODULE,
-        '#include "authorize.h"',
-        sources=[str(TPM_DIR / "authorize.c")],
+        "".join(f'#include "{unit}.h"\n' for unit in units),
+        sources=[str(TPM_DIR / f"{unit}.c") for unit in units],
         include_dirs=[str(TPM_DIR)],
-        depends=[str(header)],
+        depends=[str(header) for header in headers],
         extra_compile_args=[*_pkg_config("--cflags"), *WARNINGS, "-std=gnu11"],
         extra_link_args=_pkg_config("--libs") or ["-lcrypto"],
     )

@@ -1033,3 +1033,59 @@ int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, s
 
     return run(c, c->timeout_ms, op_derive, &a, err);
 }
+
+/* --- DECRYPT ---------------------------------------------------------------------------- */
+
+struct decrypt_arg {
+    const CLIENT_KEY *key;
+    WIRE_DECRYPT_REQUEST *d;
+    uint8_t *out;
+    size_t *outlen;
+};
+
+static int op_decrypt(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
+                      CLIENT_ERR *err)
+{
+    struct decrypt_arg *a = arg;
+    WIRE_READER body;
+    WIRE_BYTES got;
+    size_t n;
+    int ok = 0;
+
+    if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
+        return 0;
+    a->d->key_id = a->key->key_id;
+    n = wire_decrypt(cn->w, next_id(cn), remaining(deadline), a->d);
+    if (n == 0) {
+        set_err(err, CLIENT_E_ARG, 0, "ciphertext or label too large");
+        return 0;
+    }
+    if (!conn_exchange(c, cn, n, deadline, &body, err))
+        return 0;
+    if (!response_ok(c, cn, &body, "DECRYPT", err)) {
+        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
+            conn_drop_key(cn, a->key);
+        return 0;
+    }
+    got = wire_get_bytes(&body);
+    if (!wire_reader_done(&body)) {
+        ok = malformed(c, cn, "DECRYPT", err);
+    } else if (got.len > *a->outlen) {
+        set_err(err, CLIENT_E_ARG, 0, "plaintext of %zu bytes exceeds the buffer of %zu",
+                got.len, *a->outlen);
+    } else {
+        memcpy(a->out, got.p, got.len);
+        *a->outlen = got.len;
+        ok = 1;
+    }
+    OPENSSL_cleanse(cn->rbuf, WIRE_HEADER_SIZE + body.len); /* no plaintext left behind */
+    return ok;
+}
+
+int client_decrypt(TPMB_CLIENT *c, const CLIENT_KEY *key, WIRE_DECRYPT_REQUEST *d,
+                   uint8_t *out, size_t *outlen, CLIENT_ERR *err)
+{
+    struct decrypt_arg a = { key, d, out, outlen };
+
+    return run(c, c->timeout_ms, op_decrypt, &a, err);
+}

@@ -86,4 +86,9 @@ int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
 int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, size_t pointlen,
                   uint8_t *secret, size_t *secretlen, CLIENT_ERR *err);
 
+/* DECRYPT: RSA decryption with the key. d->key_id is filled in from `key`; the plaintext
+ * goes to out (room for *outlen bytes, the modulus length will do), *outlen its length. */
+int client_decrypt(TPMB_CLIENT *c, const CLIENT_KEY *key, WIRE_DECRYPT_REQUEST *d,
+                   uint8_t *out, size_t *outlen, CLIENT_ERR *err);
+
 #endif

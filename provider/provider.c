@@ -243,6 +243,12 @@ static const OSSL_ALGORITHM store_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+static const OSSL_ALGORITHM asym_cipher_algs[] = {
+    { "RSA:rsaEncryption:1.2.840.113549.1.1.1", TPMBROKER_PROPS, tpmb_asym_cipher_functions,
+      "RSA PKCS#1 v1.5, OAEP and raw decryption with a TPM key" },
+    { NULL, NULL, NULL, NULL },
+};
+
 /* rand.c: "CTR-DRBG" is the name OpenSSL fetches for its DRBGs (see rand.c) */
 static const OSSL_ALGORITHM rand_algs[] = {
     { "CTR-DRBG", TPMBROKER_PROPS, tpmb_rand_functions, "random bytes from the TPM" },
@@ -268,6 +274,8 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
         return store_algs;
     case OSSL_OP_RAND:
         return rand_algs;
+    case OSSL_OP_ASYM_CIPHER:
+        return asym_cipher_algs;
     default:
         return NULL;
     }

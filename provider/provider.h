@@ -137,6 +137,7 @@ extern const OSSL_DISPATCH tpmb_ecdhe_keymgmt_functions[];
 extern const OSSL_DISPATCH tpmb_ecdh_keyexch_functions[];
 extern const OSSL_DISPATCH tpmb_tpm_ecdh_keyexch_functions[]; /* exchange.c */
 extern const OSSL_DISPATCH tpmb_rand_functions[]; /* rand.c */
+extern const OSSL_DISPATCH tpmb_asym_cipher_functions[]; /* asymcipher.c */
 
 /* ecdhe.c: TLS groups, so that TLS works whatever the provider order */
 int tpmb_get_capabilities(void *provctx, const char *capability, OSSL_CALLBACK *cb, void *arg);

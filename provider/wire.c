@@ -190,6 +190,20 @@ size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8
     return wire_finish(w);
 }
 
+size_t wire_decrypt(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
+                    const WIRE_DECRYPT_REQUEST *d)
+{
+    wire_begin(w, WIRE_OPCODE_DECRYPT, id, timeout_ms);
+    wire_put_bytes(w, d->key_id, WIRE_KEY_ID_SIZE);
+    wire_put_u8(w, d->padding);
+    wire_put_u8(w, d->flags);
+    wire_put_u16(w, d->hash);
+    wire_put_u16(w, d->mgf1_hash);
+    wire_put_bytes(w, d->label, d->labellen);
+    wire_put_bytes(w, d->ciphertext, d->ciphertextlen);
+    return wire_finish(w);
+}
+
 static uint32_t be32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];

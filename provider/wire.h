@@ -77,6 +77,22 @@ size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t i
 size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                    size_t key_id_len, const uint8_t *point, size_t pointlen);
 
+/* DECRYPT's fields (docs/protocol.md); hash, mgf1_hash and label are OAEP's, else 0. */
+typedef struct wire_decrypt_request {
+    const uint8_t *key_id;  /* WIRE_KEY_ID_SIZE bytes */
+    uint8_t padding;        /* WIRE_PADDING_* */
+    uint8_t flags;          /* WIRE_DECRYPT_FLAG_* */
+    uint16_t hash;
+    uint16_t mgf1_hash;
+    const uint8_t *label;
+    size_t labellen;
+    const uint8_t *ciphertext;
+    size_t ciphertextlen;
+} WIRE_DECRYPT_REQUEST;
+
+size_t wire_decrypt(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
+                    const WIRE_DECRYPT_REQUEST *d);
+
 /* Parses the 16 header bytes. Returns 0 when the length breaks framing, else 1. */
 int wire_parse_header(const uint8_t hdr[WIRE_HEADER_SIZE], WIRE_HEADER *h);
 

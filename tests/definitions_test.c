@@ -17,6 +17,8 @@ PRINT(SCHEME)
 PRINT(HASH)
 PRINT(CURVE)
 PRINT(USAGE)
+PRINT(PADDING)
+PRINT(DECRYPT_FLAG)
 
 int main(void)
 {
@@ -28,6 +30,8 @@ int main(void)
 #define X_HASH(n, v) print_HASH(#n, v);
 #define X_CURVE(n, v) print_CURVE(#n, v);
 #define X_USAGE(n, v) print_USAGE(#n, v);
+#define X_PADDING(n, v) print_PADDING(#n, v);
+#define X_DECRYPT_FLAG(n, v) print_DECRYPT_FLAG(#n, v);
 #define X_STATUS_NAME(n, v) printf("NAME %d %s\n", v, wire_status_name(WIRE_STATUS_##n));
     WIRE_OPCODE_LIST(X_OPCODE)
     WIRE_STATUS_LIST(X_STATUS)
@@ -37,6 +41,8 @@ int main(void)
     WIRE_HASH_LIST(X_HASH)
     WIRE_CURVE_LIST(X_CURVE)
     WIRE_USAGE_LIST(X_USAGE)
+    WIRE_PADDING_LIST(X_PADDING)
+    WIRE_DECRYPT_FLAG_LIST(X_DECRYPT_FLAG)
     WIRE_STATUS_LIST(X_STATUS_NAME)
 #define X_CONSTANT(n) printf("CONST " #n " %lu\n", (unsigned long)WIRE_##n);
     WIRE_CONSTANT_LIST(X_CONSTANT)

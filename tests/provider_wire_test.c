@@ -77,6 +77,30 @@ static int encode(void)
     hex("generate_parent_auth_request", w.buf,
         wire_generate(&w, 14, 0, WIRE_KEY_TYPE_EC, WIRE_CURVE_P256, (const uint8_t *)"pw", 2,
                       0x81000002u, 0, 0, (const uint8_t *)"parentpass", 10));
+    {
+        static const uint8_t label[] = "label", ct8[8] = { 0xee, 0xee, 0xee, 0xee, 0xee, 0xee,
+                                                            0xee, 0xee };
+        uint8_t ct16[16];
+        WIRE_DECRYPT_REQUEST d = { 0 };
+
+        for (i = 0; i < 16; i++)
+            ct16[i] = (uint8_t)i;
+        d.key_id = kid;
+        d.padding = WIRE_PADDING_PKCS1;
+        d.flags = WIRE_DECRYPT_FLAG_IMPLICIT_REJECTION;
+        d.ciphertext = ct16;
+        d.ciphertextlen = sizeof(ct16);
+        hex("decrypt_request", w.buf, wire_decrypt(&w, 13, 3000, &d));
+        d.padding = WIRE_PADDING_OAEP;
+        d.flags = 0;
+        d.hash = WIRE_HASH_SHA256;
+        d.mgf1_hash = WIRE_HASH_SHA1;
+        d.label = label;
+        d.labellen = 5;
+        d.ciphertext = ct8;
+        d.ciphertextlen = sizeof(ct8);
+        hex("decrypt_oaep_request", w.buf, wire_decrypt(&w, 14, 0, &d));
+    }
     return 0;
 }
 
@@ -127,6 +151,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
     case WIRE_OPCODE_NV_READ:
     case WIRE_OPCODE_SIGN_MESSAGE:
     case WIRE_OPCODE_DERIVE:
+    case WIRE_OPCODE_DECRYPT:
         a = wire_get_bytes(r);
         printf(" ");
         put_hex(a.p, a.len);

@@ -76,6 +76,8 @@ def test_key_classes_are_cryptography_keys(ec_key: ec.EllipticCurvePrivateKey,
         with pytest.raises(UnsupportedAlgorithm):
             key.private_numbers()
     with pytest.raises(UnsupportedAlgorithm):
+        rsa_key.decrypt(b"x", padding.PSS(padding.MGF1(hashes.SHA256()), 32))  # no cipher
+    with pytest.raises(UnsupportedAlgorithm, match="decrypt attribute"):  # keygen: sign-only
         rsa_key.decrypt(b"x", padding.PKCS1v15())
     with pytest.raises(UnsupportedAlgorithm, match="sign-only"):  # keygen's EC keys
         ec_key.exchange(ec.ECDH(), ec.generate_private_key(ec.SECP256R1()).public_key())

@@ -61,6 +61,11 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "generate_parent_auth_request": (14, ops.Generate(p.KeyType.EC, p.Curve.P256, b"pw",
                                                       0x81000002,
                                                       parent_auth=b"parentpass"), 0),
+    "decrypt_request": (13, ops.Decrypt(KID, p.Padding.PKCS1, p.DecryptFlag.IMPLICIT_REJECTION,
+                                        0, 0, b"", bytes(range(16))), 3000),
+    "decrypt_oaep_request": (14, ops.Decrypt(KID, p.Padding.OAEP, 0, p.Hash.SHA256, p.Hash.SHA1,
+                                             b"label", b"\xee" * 8), 0),
+    "decrypt_response": (13, ops.DecryptResult(b"secret"), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
     "sign_message_request": (13, ops.SignMessage(KID, p.Scheme.ECDSA, p.Hash.SHA256,
@@ -175,6 +180,10 @@ def test_random_bytes_never_appear_in_reprs() -> None:
 
 def test_shared_secrets_never_appear_in_reprs() -> None:
     assert "abcdef" not in repr(ops.DeriveResult(bytes.fromhex("abcdef")))
+
+
+def test_plaintexts_never_appear_in_reprs() -> None:
+    assert "secret" not in repr(ops.DecryptResult(b"secret"))
 
 
 def test_passwords_never_appear_in_reprs() -> None:

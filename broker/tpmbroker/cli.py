@@ -320,6 +320,22 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_decrypt(args: argparse.Namespace) -> int:
+    from . import protocol as p
+
+    data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+    padding = p.Padding[args.padding.upper()]
+    oaep = padding is p.Padding.OAEP
+    with _client(args) as client:
+        key = client.load_key(args.key, _password(args))
+        plaintext = client.decrypt(key, data, padding,
+                                   args.oaep_hash if oaep else None,
+                                   args.mgf1_hash if oaep else None,
+                                   bytes.fromhex(args.label_hex) if oaep else b"")
+    _write(args.output, plaintext)
+    return 0
+
+
 def _cmd_random(args: argparse.Namespace) -> int:
     if args.count < 0:
         print("tpmbroker random: the count must not be negative", file=sys.stderr)
@@ -468,6 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", dest="output", required=True, help="signature file, - for stdout")
     client_opts(sp)
     sp.set_defaults(func=_cmd_sign)
+
+    sp = sub.add_parser("decrypt", help="decrypt a file with an RSA TPM key (openssl "
+                                        "pkeyutl -encrypt makes one)")
+    sp.add_argument("--key", required=True, help="key file, or handle:0x81xxxxxx")
+    sp.add_argument("--password-file")
+    sp.add_argument("--padding", choices=["pkcs1", "oaep", "none"], default="pkcs1",
+                    help="pkcs1 uses implicit rejection, as OpenSSL 3.2 does")
+    sp.add_argument("--oaep-hash", default="sha256", help="OAEP's hash (default sha256)")
+    sp.add_argument("--mgf1-hash", help="MGF1's hash (default: the OAEP hash)")
+    sp.add_argument("--label-hex", default="", help="OAEP label, in hex")
+    sp.add_argument("--in", dest="input", required=True, help="ciphertext, - for stdin")
+    sp.add_argument("--out", dest="output", default="-", help="plaintext file (default: "
+                                                                "stdout)")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_decrypt)
 
     sp = sub.add_parser("random", help="random bytes from the TPM (read encrypted)")
     sp.add_argument("count", type=int, help="how many bytes")

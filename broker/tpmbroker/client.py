@@ -370,6 +370,31 @@ class Client:
                         verify=self.verify)
         return result.signature
 
+    def decrypt(self, key: LoadedKey, ciphertext: bytes,
+                padding: p.Padding = p.Padding.PKCS1, hash_alg: p.Hash | str | None = None,
+                mgf1_hash: p.Hash | str | None = None, label: bytes = b"",
+                implicit_rejection: bool = True, timeout: float | None = None) -> bytes:
+        """RSA-decrypt `ciphertext` with a TPM key. OAEP takes `hash_alg` (default SHA-256),
+        `mgf1_hash` (default: the same) and `label`. PKCS#1 v1.5 with
+        `implicit_rejection` returns a synthetic message for a bad padding, as OpenSSL 3.2
+        does; without it a bad padding raises BadDigestError."""
+        padding = p.Padding(padding)
+        flags = 0
+        hash_id = mgf1_id = 0
+        if padding is p.Padding.OAEP:
+            hash_id = _hash(hash_alg or p.Hash.SHA256)
+            mgf1_id = _hash(mgf1_hash) if mgf1_hash is not None else hash_id
+        elif hash_alg is not None or mgf1_hash is not None or label:
+            raise ValueError("a hash, an MGF1 hash or a label are for OAEP only")
+        if padding is p.Padding.PKCS1 and implicit_rejection:
+            flags |= p.DecryptFlag.IMPLICIT_REJECTION
+        result = self._call(ops.Decrypt(key.key_id, padding, flags, hash_id, mgf1_id, label,
+                                        ciphertext), timeout, key)
+        assert isinstance(result, ops.DecryptResult)
+        if len(result.plaintext) > (key.bits + 7) // 8:  # no padding makes a message longer
+            raise ProtocolError(f"the broker sent a plaintext of {len(result.plaintext)} "
+                                f"bytes for a {key.bits}-bit key")
+        return result.plaintext
     def sign_message(self, key: LoadedKey, message: bytes,
                      hash_alg: p.Hash | str = p.Hash.SHA256, scheme: p.Scheme | None = None,
                      timeout: float | None = None) -> bytes:
@@ -453,6 +478,10 @@ class Client:
         if not isinstance(data, dict):
             raise ProtocolError("the broker's STATUS is not a JSON object")
         return data
+
+
+def _hash(value: p.Hash | str) -> p.Hash:
+    return value if isinstance(value, p.Hash) else p.Hash.from_name(value)
 
 
 def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:

@@ -10,10 +10,11 @@ handle, whose attributes the client does not know), whose messages the broker ta
 Restricted signing keys (attestation keys) sign the message through the broker, which
 has the TPM hash it; a Prehashed digest cannot be signed by them. ECDH
 (`exchange(ec.ECDH(), peer)`) sends the peer's public point and the TPM computes the
-shared secret. The private half never leaves the TPM: private_bytes, private_numbers
-and decrypt raise cryptography's UnsupportedAlgorithm, as do hashes, paddings and
-signature algorithms the TPM cannot sign with. Failures of the broker or the TPM raise
-tpmbroker's own errors (tpmbroker.errors).
+shared secret. RSA keys decrypt (PKCS1v15, OAEP) through the broker. The private half
+never leaves the TPM: private_bytes and private_numbers raise cryptography's
+UnsupportedAlgorithm, as do hashes, paddings and signature algorithms the TPM cannot
+sign or decrypt with. Failures of the broker or the TPM raise tpmbroker's own errors
+(tpmbroker.errors).
 
 RSA-PSS: the TPM signs with a salt as long as the digest and MGF1 over the signing
 hash. PSS.DIGEST_LENGTH, PSS.AUTO and an explicit salt length equal to the digest
@@ -30,6 +31,7 @@ RSA public-key operation more, a PSS signature a 1088-bit RSA signature (about
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import typing
@@ -87,6 +89,7 @@ class _References:
     """
 
     _DATA = b"tpmbroker reference"
+    _OAEP_DATA = b"tpmb"  # fits OAEP with SHA-512 (at most 6 bytes with this key)
     _KEY_BITS = 1088
 
     def __init__(self) -> None:
@@ -165,6 +168,56 @@ class _References:
         """Verifying with AUTO does not check the salt: only the MGF1 hash decides."""
         return self._verifies(self._reference(self._pss, hash_alg), self._DATA,
                               padding.PSS(mgf, padding.PSS.AUTO), _HASHES[hash_alg]())
+
+    def oaep_parameters(self, pad: padding.OAEP, label: bytes | None,
+                        ) -> tuple[p.Hash, p.Hash, bytes]:
+        """(OAEP hash, MGF1 hash, label) of a caller's OAEP padding.
+
+        cryptography exposes the OAEP hash but neither the MGF1 hash nor the label.
+        Encrypting a known message with the padding to the reference key and opening it
+        with the key's numbers shows both the MGF1 hash and the label's hash, which must
+        be that of `label` (the empty label when None).
+        """
+        hash_alg = _hash_alg(pad.algorithm)
+        if not isinstance(pad.mgf, padding.MGF1):
+            raise UnsupportedAlgorithm("OAEP needs MGF1")
+        key = self._private_key()
+        numbers = key.private_numbers()
+        n = numbers.public_numbers.n
+        k = (n.bit_length() + 7) // 8
+        try:
+            ciphertext = key.public_key().encrypt(self._OAEP_DATA, pad)
+        except (UnsupportedAlgorithm, ValueError, InternalError) as exc:
+            raise UnsupportedAlgorithm(f"this OAEP padding cannot be used: {exc}") from None
+        em = pow(int.from_bytes(ciphertext, "big"), numbers.d, n).to_bytes(k, "big")
+        h_len = hash_alg.digest_size
+        masked_seed, masked_db = em[1:1 + h_len], em[1 + h_len:]
+        for mgf1 in p.Hash:
+            seed = _xor(masked_seed, _mgf1(mgf1, masked_db, h_len))
+            db = _xor(masked_db, _mgf1(mgf1, seed, k - h_len - 1))
+            data = self._OAEP_DATA
+            if db.endswith(b"\x01" + data) and not any(db[h_len:-len(data) - 1]):
+                break
+        else:
+            raise UnsupportedAlgorithm("the TPM decrypts OAEP with MGF1 over SHA-1 or SHA-2")
+        wanted = label or b""
+        if db[:h_len] != hashlib.new(hash_alg.hashlib_name, wanted).digest():
+            raise UnsupportedAlgorithm(
+                "this OAEP padding has a label that cryptography does not disclose: pass "
+                "it too, as decrypt(ciphertext, padding, label=...)" if label is None else
+                "the label given is not the OAEP padding's label")
+        return hash_alg, mgf1, wanted
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def _mgf1(hash_alg: p.Hash, seed: bytes, length: int) -> bytes:
+    out = bytearray()
+    for counter in range(-(-length // hash_alg.digest_size)):
+        out += hashlib.new(hash_alg.hashlib_name, seed + counter.to_bytes(4, "big")).digest()
+    return bytes(out[:length])
 
 
 _references = _References()
@@ -291,13 +344,33 @@ class TpmRSAPrivateKey(_BrokerKey, rsa.RSAPrivateKey):
                                        "is not supported")
         return self._sign(data, algorithm, lambda hash_alg: _rsa_scheme(padding, hash_alg))
 
-    def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
-        raise UnsupportedAlgorithm("decryption with TPM keys is not supported; they are for "
-                                   "signing")
+    def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding, *,
+                label: bytes | None = None) -> bytes:
+        """Decrypt with the TPM key: PKCS1v15 (with implicit rejection: a bad padding
+        gives a random-looking message, never an error, as in OpenSSL 3.2) or OAEP with
+        MGF1. An OAEP label must be passed again as `label` (cryptography does not
+        disclose it); it is checked against the padding's."""
+        try:
+            return _decrypt(self._client, self._loaded, ciphertext, padding, label)
+        except UnsupportedError as exc:  # e.g. a sign-only key: what the TPM cannot do
+            raise UnsupportedAlgorithm(exc.message) from exc
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         raise UnsupportedAlgorithm("the private key lives in the TPM; its numbers are not "
                                    "known")
+
+
+def _decrypt(client: Client, loaded: LoadedKey, ciphertext: bytes,
+             pad: padding.AsymmetricPadding, label: bytes | None) -> bytes:
+    if isinstance(pad, padding.PKCS1v15):
+        if label is not None:
+            raise ValueError("PKCS#1 v1.5 has no label")
+        return client.decrypt(loaded, bytes(ciphertext), p.Padding.PKCS1)
+    if isinstance(pad, padding.OAEP):
+        hash_alg, mgf1, wanted = _references.oaep_parameters(pad, label)
+        return client.decrypt(loaded, bytes(ciphertext), p.Padding.OAEP, hash_alg, mgf1,
+                              wanted)
+    raise UnsupportedAlgorithm(f"the TPM decrypts PKCS1v15 and OAEP, not {pad.name}")
 
 
 def _rsa_scheme(pad: padding.AsymmetricPadding, hash_alg: p.Hash) -> p.Scheme:

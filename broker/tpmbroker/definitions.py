@@ -38,6 +38,7 @@ class Opcode(enum.IntEnum):
     UNLOAD = 0x06
     RANDOM = 0x07
     NV_READ = 0x08
+    DECRYPT = 0x09
     DERIVE = 0x0A
     SIGN_MESSAGE = 0x0B  # restricted keys: the TPM hashes the message, then signs
 
@@ -118,6 +119,22 @@ class Hash(enum.IntEnum):
 _DIGEST_SIZES = {Hash.SHA1: 20, Hash.SHA256: 32, Hash.SHA384: 48, Hash.SHA512: 64}
 
 
+class Padding(enum.IntEnum):
+    """RSA decryption paddings (DECRYPT)."""
+
+    NONE = 0  # the raw RSA private operation; the client removes any padding
+    PKCS1 = 1  # RSAES-PKCS1-v1_5
+    OAEP = 2  # RSAES-OAEP with MGF1
+
+
+class DecryptFlag(enum.IntEnum):
+    """Bits of DECRYPT's `flags`."""
+
+    # PKCS#1 v1.5: a bad padding yields a synthetic message, not an error (implicit
+    # rejection, as OpenSSL 3.2 does by default); without it, a bad padding is an error.
+    IMPLICIT_REJECTION = 0x01
+
+
 class Curve(enum.IntEnum):
     """Elliptic curves, by their TPM2_ECC_CURVE ids."""
 
@@ -149,6 +166,8 @@ SHARED_ENUMS: tuple[tuple[str, type[enum.IntEnum]], ...] = (
     ("HASH", Hash),
     ("CURVE", Curve),
     ("USAGE", Usage),
+    ("PADDING", Padding),
+    ("DECRYPT_FLAG", DecryptFlag),
 )
 SHARED_CONSTANTS: tuple[tuple[str, int], ...] = (
     ("VERSION", VERSION),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..definitions import Opcode
 from . import (
+    decrypt,
     derive,
     generate,
     hello,
@@ -21,6 +22,7 @@ from . import (
     unload,
 )
 from .base import Operation, Request, Worker
+from .decrypt import Decrypt, DecryptResult
 from .derive import Derive, DeriveResult
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
@@ -41,17 +43,20 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.UNLOAD: Operation(Unload, UnloadResult, unload.serve),
     Opcode.RANDOM: Operation(Random, RandomResult, random.serve),
     Opcode.NV_READ: Operation(NvRead, NvReadResult, nv_read.serve),
+    Opcode.DECRYPT: Operation(Decrypt, DecryptResult, decrypt.serve),
     Opcode.DERIVE: Operation(Derive, DeriveResult, derive.serve),
     Opcode.SIGN_MESSAGE: Operation(SignMessage, SignMessageResult, sign_message.serve),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
 # the successful answers to SIGN as "signatures".
-COUNTERS = ("random_bytes", "derivations")
+COUNTERS = ("random_bytes", "derivations", "decryptions")
 
 __all__ = [
     "COUNTERS",
     "OPERATIONS",
+    "Decrypt",
+    "DecryptResult",
     "Derive",
     "DeriveResult",
     "Generate",

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..definitions import Hash, KeySource, KeyType, Scheme, Usage
+from ..definitions import Hash, KeySource, KeyType, Padding, Scheme, Usage
 from ..errors import UnsupportedError
 from ..protocol import Message
 
@@ -38,6 +38,9 @@ class Worker(Protocol):
         worker does not know the key now)."""
     def random(self, count: int, deadline: float) -> bytes: ...
     def nv_read(self, index: int, deadline: float) -> bytes: ...
+    def decrypt(self, key_id: bytes, auth: bytes, padding: Padding, hash: Hash, mgf1: Hash,
+                label: bytes, ciphertext: bytes, implicit_rejection: bool, deadline: float,
+                peer: int = -1) -> bytes: ...
     def derive(self, key_id: bytes, auth: bytes, point: bytes, deadline: float,
                peer: int = -1) -> bytes: ...
     def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,

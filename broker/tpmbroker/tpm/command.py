@@ -453,6 +453,28 @@ def prepare_rsa_private(session: sc.SessionState, key_handle: int, key_name: byt
                    _RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL, SIGN_ATTRIBUTES)
 
 
+# --- TPM2_RSA_Decrypt for clients' ciphertexts ---------------------------------------------
+
+# The ciphertext goes out encrypted (DECRYPT, though it is public anyway) and the plaintext,
+# the response's first parameter, comes back encrypted (ENCRYPT): it never crosses the
+# TPM's bus in the clear.
+DECRYPT_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT | sc.ENCRYPT
+ALG_NULL = int(TPM2_ALG.NULL)
+ALG_RSAES = int(TPM2_ALG.RSAES)
+ALG_OAEP = int(TPM2_ALG.OAEP)
+
+
+def prepare_rsa_decrypt(session: sc.SessionState, key_handle: int, key_name: bytes,
+                        auth: bytes, ciphertext: bytes, scheme_alg: int = ALG_NULL,
+                        hash_alg: int = 0, label: bytes = b"") -> PendingCommand:
+    """TPM2_RSA_Decrypt of `ciphertext` with inScheme `scheme_alg` (NULL: the key's own
+    scheme, or the raw private operation if that is NULL too; OAEP takes `hash_alg`),
+    its answer encrypted. `label` must be empty or end in a zero byte (the TPM's rule)."""
+    scheme = U16.pack(scheme_alg) + (U16.pack(hash_alg) if scheme_alg == ALG_OAEP else b"")
+    return prepare(session, CC_RSA_DECRYPT, (key_handle,), (key_name,), auth, ciphertext,
+                   scheme + tpm2b(label), DECRYPT_ATTRIBUTES)
+
+
 def sized_result(parameters: bytes) -> bytes:
     """The contents of a response whose one parameter is a sized buffer (TPM2B):
     RSA_Decrypt's message, GetRandom's randomBytes."""

@@ -28,6 +28,7 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
+from ..definitions import Padding
 from ..errors import BadDigestError, BadKeyError, UnsupportedError
 from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
 
@@ -157,10 +158,14 @@ def _tpm2b(kind: Any, raw: bytes, what: str) -> Any:
 
 
 def check_signing_key(public: Any) -> None:
-    """UnsupportedError unless `public` (TPMT_PUBLIC) is a key the broker can sign with."""
+    """UnsupportedError unless `public` (TPMT_PUBLIC) is a key the broker can sign with,
+    or an RSA key it can decrypt with."""
     describe(public)
     attributes = int(public.objectAttributes)
     if not attributes & TPMA_OBJECT.SIGN_ENCRYPT:
+        if public.type == TPM2_ALG.RSA and attributes & TPMA_OBJECT.DECRYPT and not (
+                attributes & TPMA_OBJECT.RESTRICTED):
+            return  # a decryption key: SIGN refuses it (check_key_scheme)
         if public.type == TPM2_ALG.ECC and attributes & TPMA_OBJECT.DECRYPT:
             check_ecdh_key(public)  # an ECDH-only key; signing checks the attribute
             return
@@ -225,6 +230,48 @@ def check_key_scheme(public: Any, scheme_alg: int, hash_alg: Hash) -> None:
         raise UnsupportedError(
             f"the key only signs with {_alg_name(fixed.scheme)}/"
             f"{_alg_name(fixed.details.anySig.hashAlg)}")
+
+
+def decryption_scheme(public: Any, padding: Padding, hash: Hash, mgf1: Hash,
+                      label: bytes) -> tuple[int, int, bytes] | None:
+    """How TPM2_RSA_Decrypt serves a request with this key (TPMT_PUBLIC), or
+    UnsupportedError saying why it cannot.
+
+    None: the key's scheme is NULL, so the TPM does the raw private operation and the
+    broker removes the padding (tpm/depad.py). Otherwise the key's scheme is fixed and
+    the TPM removes it: (inScheme, its hash, label) for the command. The TPM's OAEP uses
+    one hash for the digest and MGF1, and takes only labels that are empty or end in a
+    zero byte (it hashes them as they are).
+    """
+    if public.type != TPM2_ALG.RSA:
+        raise UnsupportedError("only RSA keys decrypt; EC keys agree on secrets (ECDH)")
+    attributes = int(public.objectAttributes)
+    if not attributes & TPMA_OBJECT.DECRYPT:
+        raise UnsupportedError("the key cannot decrypt: its decrypt attribute is clear "
+                               "(a signing-only key)")
+    if attributes & TPMA_OBJECT.RESTRICTED:
+        raise UnsupportedError("the key is a restricted decryption key (a storage parent): "
+                               "the TPM decrypts only its own objects with it")
+    fixed = public.parameters.rsaDetail.scheme
+    if fixed.scheme == TPM2_ALG.NULL:
+        return None
+    if fixed.scheme == TPM2_ALG.RSAES:
+        if padding is not Padding.PKCS1:
+            raise UnsupportedError(f"the key's scheme is fixed to RSAES-PKCS1-v1_5; "
+                                   f"{padding.name} padding is not possible with it")
+        return int(TPM2_ALG.NULL), 0, b""
+    if fixed.scheme == TPM2_ALG.OAEP:
+        key_hash = int(fixed.details.oaep.hashAlg)
+        name = Hash(key_hash).name if key_hash in set(Hash) else _alg_name(key_hash)
+        if padding is not Padding.OAEP or hash != key_hash or mgf1 != key_hash:
+            raise UnsupportedError(f"the key's scheme is fixed to OAEP with {name} (and "
+                                   f"MGF1-{name}); ask for exactly that")
+        if label and label[-1] != 0:
+            raise UnsupportedError("the key's scheme is fixed to OAEP, and the TPM takes "
+                                   "only labels that end in a zero byte; this one does not")
+        return int(TPM2_ALG.NULL), 0, label
+    raise UnsupportedError(f"the key's scheme {_alg_name(fixed.scheme)} is not a "
+                           "decryption scheme")
 
 
 def check_ecdh_key(public: Any) -> None:
@@ -394,6 +441,8 @@ class CachedKey:
     # RSA-PSS: None until the first PSS signature shows whether the TPM's own salt is
     # the digest length (False) or the broker must pad (True); see tpm/pss.py.
     pss_by_broker: bool | None = None
+    # PKCS#1 v1.5 implicit rejection: the key's secret (tpm/depad.py), once asked for.
+    kdk_secret: bytes | None = None
     # The password of the key's parent, to load it again after eviction (tpm/parents.py).
     parent_auth: bytes = dataclasses.field(default=b"", repr=False)
     # Without noDA, a failed authorization counts toward the TPM's lockout.

@@ -53,6 +53,7 @@ from ..definitions import (
     Hash,
     KeySource,
     KeyType,
+    Padding,
     Scheme,
     Usage,
 )
@@ -71,7 +72,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..protocol import key_id_for
-from . import command, pss
+from . import command, depad, pss
 from . import keys as keymod
 from .keys import CachedKey, KeyInfo
 from .link import Link, frame_command, split_response
@@ -88,6 +89,7 @@ log = logging.getLogger("tpmbroker.tpm")
 # A TPM2B_AUTH holds at most the name hash's digest (SHA-256 for every key we make).
 MAX_AUTH = 32
 PSS_PADDINGS = ("auto", "tpm", "broker")
+TPM_RC_VALUE = 0x084
 # TPM_GENERATED_VALUE: what the TPM puts first in every structure it signs (quotes,
 # certifications). The TPM gives no ticket for a message starting with it, so that a
 # restricted key cannot be made to sign a forged attestation.
@@ -655,6 +657,64 @@ class TpmWorker:
                 command.prepare_nv_read, auth_handle=auth_handle, auth_name=auth_name,
                 index=index, index_name=name, size=want, offset=offset), command.sized_result)
         return bytes(data)
+
+    def decrypt(self, key_id: bytes, auth: bytes, padding: Padding, hash: Hash, mgf1: Hash,
+                label: bytes, ciphertext: bytes, implicit_rejection: bool, deadline: float,
+                peer: int = -1) -> bytes:
+        """RSA decryption with TPM2_RSA_Decrypt through a pool session that encrypts the
+        plaintext on its way back.
+
+        A key whose scheme is NULL gets the raw private operation and the broker removes
+        the padding in constant time (tpm/depad.py); a key with a fixed scheme has the TPM
+        remove it. Every padding failure is the same BAD_DIGEST "decryption error"; with
+        implicit rejection a bad PKCS#1 v1.5 padding gives a synthetic message instead.
+        Password attempts go through the dictionary-attack shield, as signatures do.
+        """
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        padding, hash, mgf1 = Padding(padding), Hash(hash), Hash(mgf1)
+        tpm_scheme = keymod.decryption_scheme(entry.public, padding, hash, mgf1, label)
+        modulus, _ = entry.rsa_public_numbers
+        size = (modulus.bit_length() + 7) // 8
+        if len(ciphertext) != size:
+            raise BadDigestError(f"a ciphertext for this {modulus.bit_length()}-bit key is "
+                                 f"{size} bytes, not {len(ciphertext)}")
+        if int.from_bytes(ciphertext, "big") >= modulus:
+            raise BadDigestError("the ciphertext is not below the key's modulus")
+        if len(auth) > MAX_AUTH:
+            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
+
+        def tpm_decrypt(block: bytes, scheme: tuple[int, int, bytes] | None) -> bytes:
+            alg, hash_alg, tpm_label = scheme or (command.ALG_NULL, 0, b"")
+            return self._run(deadline, "decrypting", lambda: self._authorized(
+                entry, auth, deadline, lambda session, handle, name:
+                command.prepare_rsa_decrypt(session, handle, name, auth, block, alg,
+                                            hash_alg, tpm_label), command.sized_result))
+
+        def decrypt() -> bytes:
+            if tpm_scheme is not None:
+                try:
+                    return tpm_decrypt(ciphertext, tpm_scheme)
+                except TpmError as exc:
+                    if tpm_code(exc.tpm_rc) == TPM_RC_VALUE:  # the TPM found a bad padding
+                        raise BadDigestError(depad.DECRYPTION_ERROR) from None
+                    raise
+            if padding is Padding.PKCS1 and entry.kdk_secret is None:
+                name = bytes(entry.public.get_name())  # the same by file or by handle
+                entry.kdk_secret = depad.kdk_secret(
+                    tpm_decrypt(depad.kdk_block(name, size), None).rjust(size, b"\0"))
+            em = tpm_decrypt(ciphertext, None).rjust(size, b"\0")
+            if padding is Padding.NONE:
+                return em
+            if padding is Padding.OAEP:
+                return depad.oaep(em, label, hash, mgf1)
+            assert entry.kdk_secret is not None
+            return depad.pkcs1(em, ciphertext, entry.kdk_secret, implicit_rejection)
+
+        plaintext = self._with_password(entry, auth, peer, deadline, decrypt)
+        self.objects.keys.touch(key_id)
+        return plaintext
 
     # --- what this TPM has ----------------------------------------------------------------
 

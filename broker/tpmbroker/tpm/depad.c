@@ -1,0 +1,155 @@
+/* RSA decryption paddings removed in constant time (see depad.h). */
+#define OPENSSL_SUPPRESS_DEPRECATED /* RSA_padding_check_PKCS1_OAEP_mgf1: no successor API */
+
+#include "depad.h"
+
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rsa.h>
+
+#define KDK_SIZE 32
+#define MAX_K 1024 /* 8192-bit moduli */
+#define LENGTH_TRIES 128
+
+/* --- constant-time helpers: all-ones or all-zeros masks, no branches ------------------ */
+
+static unsigned int ct_msb(unsigned int a)
+{
+    return 0u - (a >> (sizeof(a) * 8 - 1));
+}
+
+static unsigned int ct_is_zero(unsigned int a)
+{
+    return ct_msb(~a & (a - 1));
+}
+
+static unsigned int ct_eq(unsigned int a, unsigned int b)
+{
+    return ct_is_zero(a ^ b);
+}
+
+static unsigned int ct_lt(unsigned int a, unsigned int b)
+{
+    return ct_msb(a ^ ((a ^ b) | ((a - b) ^ b)));
+}
+
+static unsigned int ct_ge(unsigned int a, unsigned int b)
+{
+    return ~ct_lt(a, b);
+}
+
+static unsigned int ct_select(unsigned int mask, unsigned int a, unsigned int b)
+{
+    return (mask & a) | (~mask & b);
+}
+
+/* --- implicit rejection: the key derivation of OpenSSL 3.2 (rsa_ossl.c, rsa_pk1.c) ----- */
+
+/* PRF(kdk, label, bits): HMAC-SHA256(kdk, be16(i) || label || be16(bits)), i = 0, 1, ... */
+static int prf(const uint8_t *kdk, const char *label, uint8_t *out, size_t len)
+{
+    uint8_t msg[2 + 16 + 2], block[32];
+    size_t llen = strlen(label), pos;
+    unsigned int bits = (unsigned int)(len * 8), mdlen;
+    uint16_t i = 0;
+
+    if (llen > 16 || bits > 0xFFFF)
+        return 0;
+    memcpy(msg + 2, label, llen);
+    msg[2 + llen] = (uint8_t)(bits >> 8);
+    msg[3 + llen] = (uint8_t)bits;
+    for (pos = 0; pos < len; pos += sizeof(block), i++) {
+        msg[0] = (uint8_t)(i >> 8);
+        msg[1] = (uint8_t)i;
+        mdlen = sizeof(block);
+        if (HMAC(EVP_sha256(), kdk, KDK_SIZE, msg, 4 + llen, block, &mdlen) == NULL)
+            return 0;
+        memcpy(out + pos, block, len - pos < sizeof(block) ? len - pos : sizeof(block));
+    }
+    OPENSSL_cleanse(block, sizeof(block));
+    return 1;
+}
+
+int td_pkcs1(const uint8_t *em, const uint8_t *ct, size_t k, const uint8_t *kdk_secret,
+             int implicit, uint8_t *out, size_t *out_len)
+{
+    uint8_t kdk[KDK_SIZE], synthetic[MAX_K], lengths[LENGTH_TRIES * 2];
+    unsigned int good, found_zero = 0, zero_index = 0, msg_index, synth_index;
+    unsigned int max_len, len_mask, synth_len = 0, candidate, mdlen = KDK_SIZE;
+    size_t i, j;
+    int ret = TD_CRYPTO_ERROR;
+
+    if (k < 11 + 2 || k > MAX_K)
+        return TD_BAD_ARGUMENT;
+    /* The synthetic message is computed every time, good padding or not. */
+    if (HMAC(EVP_sha256(), kdk_secret, KDK_SIZE, ct, k, kdk, &mdlen) == NULL
+        || !prf(kdk, "message", synthetic, k) || !prf(kdk, "length", lengths, sizeof(lengths)))
+        goto end;
+    max_len = len_mask = (unsigned int)k - 2 - 8;
+    len_mask |= len_mask >> 1;
+    len_mask |= len_mask >> 2;
+    len_mask |= len_mask >> 4;
+    len_mask |= len_mask >> 8;
+    for (i = 0; i < sizeof(lengths); i += 2) {
+        candidate = ((unsigned int)lengths[i] << 8 | lengths[i + 1]) & len_mask;
+        synth_len = ct_select(ct_lt(candidate, max_len), candidate, synth_len);
+    }
+    synth_index = (unsigned int)k - synth_len;
+
+    /* 0x00 0x02 PS (at least 8 non-zero bytes) 0x00 M */
+    good = ct_is_zero(em[0]) & ct_eq(em[1], 2);
+    for (i = 2; i < k; i++) {
+        unsigned int is_zero = ct_is_zero(em[i]);
+
+        zero_index = ct_select(~found_zero & is_zero, (unsigned int)i, zero_index);
+        found_zero |= is_zero;
+    }
+    good &= ct_ge(zero_index, 2 + 8);
+    msg_index = ct_select(good, zero_index + 1, synth_index);
+    /* Read both buffers whatever `good` is: the cache sees the same accesses. */
+    for (i = msg_index, j = 0; i < k; i++, j++)
+        out[j] = (uint8_t)ct_select(good, em[i], synthetic[i]);
+    *out_len = j;
+    ret = TD_OK;
+    if (!implicit && !good) { /* explicit rejection: the error is the signal anyway */
+        OPENSSL_cleanse(out, k);
+        *out_len = 0;
+        ret = TD_BAD_PADDING;
+    }
+end:
+    OPENSSL_cleanse(kdk, sizeof(kdk));
+    OPENSSL_cleanse(synthetic, sizeof(synthetic));
+    OPENSSL_cleanse(lengths, sizeof(lengths));
+    return ret;
+}
+
+int td_oaep(const uint8_t *em, size_t k, const uint8_t *label, size_t label_len,
+            const char *md_name, const char *mgf1_name, uint8_t *out, size_t *out_len)
+{
+    EVP_MD *md = NULL, *mgf1 = NULL;
+    int n, ret = TD_BAD_ARGUMENT;
+
+    if (k == 0 || k > MAX_K || label_len > 0xFFFF)
+        return TD_BAD_ARGUMENT;
+    md = EVP_MD_fetch(NULL, md_name, NULL);
+    mgf1 = EVP_MD_fetch(NULL, mgf1_name, NULL);
+    if (md == NULL || mgf1 == NULL)
+        goto end;
+    n = RSA_padding_check_PKCS1_OAEP_mgf1(out, (int)k, em, (int)k, (int)k, label,
+                                          (int)label_len, md, mgf1);
+    if (n < 0) {
+        ERR_clear_error(); /* the status says it; the broker reads no error queue */
+        ret = TD_BAD_PADDING;
+    } else {
+        *out_len = (size_t)n;
+        ret = TD_OK;
+    }
+end:
+    EVP_MD_free(md);
+    EVP_MD_free(mgf1);
+    return ret;
+}

@@ -2,7 +2,8 @@
 # The main job end to end: a broker on the default TPM (the embedded simulator when the
 # machine has no /dev/tpmrm0), keys made in the TPM, signatures checked by openssl,
 # the provider signing a certificate and serving TLS, and the session pool holding
-# while many clients sign at once.
+# while many clients sign at once; a CMS message decrypted and an ECDH secret derived
+# with TPM keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -58,6 +59,21 @@ openssl pkey "${OSSL[@]}" -in "$WORK/ec.pem" -text -noout | head -4
 step "random numbers from the TPM, encrypted on the TPM's bus"
 "$BIN/tpmbroker" random 32 --hex
 openssl rand -provider-path "$PROVIDER_DIR" -provider tpmbroker -hex 16
+
+step "CMS: a message encrypted to a TPM key's certificate, decrypted by the TPM"
+"$BIN/tpmbroker" keygen --alg rsa:2048 --usage decrypt -o "$WORK/decrypt.pem"
+openssl pkey "${OSSL[@]}" -in "$WORK/decrypt.pem" -pubout -out "$WORK/decrypt.pub"
+# A decryption-only key cannot sign its own request: the TPM EC key above issues its
+# certificate, with the TPM key's public key put in.
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /dev/null \
+    -subj /CN=recipient -out "$WORK/decrypt.csr" 2>/dev/null
+openssl x509 -req "${OSSL[@]}" -in "$WORK/decrypt.csr" -force_pubkey "$WORK/decrypt.pub" \
+    -CA "$WORK/ec.crt" -CAkey "$WORK/ec.pem" -CAcreateserial -days 30 \
+    -out "$WORK/decrypt.crt" 2>/dev/null
+echo "for the TPM's eyes only" | openssl cms -encrypt -aes256 -recip "$WORK/decrypt.crt" \
+    -keyopt rsa_padding_mode:oaep -keyopt rsa_oaep_md:sha256 -out "$WORK/msg.cms"
+openssl cms -decrypt "${OSSL[@]}" -in "$WORK/msg.cms" -inkey "$WORK/decrypt.pem" \
+    -recip "$WORK/decrypt.crt"
 
 step "ECDH: a TPM key and a software peer derive the same secret"
 "$BIN/tpmbroker" keygen --alg ec:P-256 --usage decrypt -o "$WORK/ecdh.pem"

@@ -3,7 +3,9 @@ whoever drives it, and records every byte both ways.
 
 Through tpmbroker every secret travels inside a salted session's parameter encryption, so
 the recording holds none of them: not the random bytes drawn, not a key's password, not a
-plaintext decrypted, not an ECDH shared secret. The same operations by tpm2-openssl (no
+plaintext decrypted, not an ECDH shared secret. (A parent's password: tests/test_parent_auth.py;
+restricted keys' messages and the other paddings: tests/test_restricted.py and
+tests/test_decrypt.py.) The same operations by tpm2-openssl (no
 sessions) through the same kind of relay leave every one of them in the recording, which
 is the proof that the check can fail.
 """
@@ -43,6 +45,7 @@ class Bus:
     dir: Path
     env: dict[str, str]
     provider: list[str]
+    decrypt_key: list[str]  # genpkey options for a key that may decrypt
 
     def openssl(self, *args: str, input: bytes | None = None) -> bytes:
         res = subprocess.run([OPENSSL, *args], env=self.env, input=input,
@@ -72,7 +75,8 @@ def tpm2_openssl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
         raise_max_tries(tpm)  # one wrong password below, to show the key needs its own
         relay = Relay(tpm.port)
         try:
-            yield Bus(relay, base, dict(os.environ, TPM2OPENSSL_TCTI=relay.tcti), TPM2)
+            # tpm2-openssl's keys sign and decrypt, whatever is asked
+            yield Bus(relay, base, dict(os.environ, TPM2OPENSSL_TCTI=relay.tcti), TPM2, [])
         finally:
             relay.close()
 
@@ -86,7 +90,7 @@ def tpmbroker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
         try:
             with Broker(relay.tcti, base / "broker") as broker:
                 env = dict(os.environ, TPMBROKER_SOCKET=broker.socket)
-                yield Bus(relay, base, env, TPMBROKER)
+                yield Bus(relay, base, env, TPMBROKER, ["-pkeyopt", "usage:decrypt"])
         finally:
             relay.close()
 
@@ -126,3 +130,35 @@ def test_a_keys_password(bus: Bus) -> None:
     bus.openssl("pkeyutl", "-verify", "-rawin", "-digest", "sha256", "-pubin",
                 "-inkey", public, "-in", message, "-sigfile", bus.file("pw-sig", signature))
     assert bus.relay.sent(password.encode(), window=len(password)) is in_the_clear(bus)
+
+
+@pytest.mark.parametrize("padding", [[], ["-pkeyopt", "pad-mode:oaep",
+                                         "-pkeyopt", "digest:sha256"]])
+def test_a_decrypted_plaintext(bus: Bus, padding: list[str]) -> None:
+    if padding and in_the_clear(bus):
+        pytest.skip("tpm2-openssl 1.1 takes no padding parameters (\"Can't set parameter\")")
+    key = bus.file("decrypt.pem")
+    if not (bus.dir / "decrypt.pem").exists():
+        bus.with_provider("genpkey", "-algorithm", "RSA", "-pkeyopt", "bits:2048",
+                          *bus.decrypt_key, "-out", key)
+    public = bus.file("decrypt.pub", bus.with_provider("pkey", "-in", key, "-pubout"))
+    plaintext = secrets.token_bytes(32)
+    ciphertext = bus.file("ciphertext", bus.openssl(
+        "pkeyutl", "-encrypt", "-pubin", "-inkey", public, *padding,
+        input=plaintext))
+    assert bus.with_provider("pkeyutl", "-decrypt", "-inkey", key, *padding,
+                             "-in", ciphertext) == plaintext
+    assert bus.relay.seen(plaintext, window=16) is in_the_clear(bus)
+
+
+def test_an_ecdh_shared_secret(bus: Bus) -> None:
+    key = bus.file("ecdh.pem")
+    bus.with_provider("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256",
+                      *bus.decrypt_key, "-out", key)
+    public = bus.file("ecdh.pub", bus.with_provider("pkey", "-in", key, "-pubout"))
+    peer = bus.file("peer.pem", bus.openssl("genpkey", "-algorithm", "EC",
+                                            "-pkeyopt", "ec_paramgen_curve:P-256"))
+    peer_public = bus.file("peer.pub", bus.openssl("pkey", "-in", peer, "-pubout"))
+    secret = bus.with_provider("pkeyutl", "-derive", "-inkey", key, "-peerkey", peer_public)
+    assert secret == bus.openssl("pkeyutl", "-derive", "-inkey", peer, "-peerkey", public)
+    assert bus.relay.seen(secret, window=16) is in_the_clear(bus)

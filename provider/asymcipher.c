@@ -262,20 +262,8 @@ static int parse_pad(CIPHER_CTX *ctx, const OSSL_PARAM *p)
 {
     int pad;
 
-    if (p->data_type == OSSL_PARAM_UTF8_STRING) {
-        const char *s = p->data;
-
-        if (OPENSSL_strcasecmp(s, OSSL_PKEY_RSA_PAD_MODE_PKCSV15) == 0)
-            pad = RSA_PKCS1_PADDING;
-        else if (OPENSSL_strcasecmp(s, OSSL_PKEY_RSA_PAD_MODE_OAEP) == 0)
-            pad = RSA_PKCS1_OAEP_PADDING;
-        else if (OPENSSL_strcasecmp(s, OSSL_PKEY_RSA_PAD_MODE_NONE) == 0)
-            pad = RSA_NO_PADDING;
-        else
-            pad = -1;
-    } else if (!OSSL_PARAM_get_int(p, &pad)) {
+    if (!tpmb_rsa_pad_mode(p, &pad))
         return 0;
-    }
     if (pad != RSA_PKCS1_PADDING && pad != RSA_PKCS1_OAEP_PADDING && pad != RSA_NO_PADDING) {
         TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
                    "RSA padding mode %d: TPM keys decrypt with pkcs1, oaep or none", pad);

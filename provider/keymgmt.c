@@ -15,6 +15,7 @@
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/params.h>
+#include <openssl/rsa.h>
 #include <openssl/x509.h>
 
 #include "provider.h"
@@ -60,6 +61,25 @@ const char *tpmb_hash_name(uint16_t hash)
     default:
         return NULL;
     }
+}
+
+int tpmb_rsa_pad_mode(const OSSL_PARAM *p, int *pad)
+{
+    static const struct { const char *name; int pad; } modes[] = {
+        { OSSL_PKEY_RSA_PAD_MODE_PKCSV15, RSA_PKCS1_PADDING },
+        { OSSL_PKEY_RSA_PAD_MODE_OAEP, RSA_PKCS1_OAEP_PADDING },
+        { OSSL_PKEY_RSA_PAD_MODE_PSS, RSA_PKCS1_PSS_PADDING },
+        { OSSL_PKEY_RSA_PAD_MODE_NONE, RSA_NO_PADDING },
+    };
+    size_t i;
+
+    if (p->data_type != OSSL_PARAM_UTF8_STRING)
+        return OSSL_PARAM_get_int(p, pad);
+    *pad = -1;
+    for (i = 0; i < sizeof(modes) / sizeof(modes[0]); i++)
+        if (OPENSSL_strcasecmp(p->data, modes[i].name) == 0)
+            *pad = modes[i].pad;
+    return 1;
 }
 
 /*

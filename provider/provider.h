@@ -119,6 +119,9 @@ TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len
 void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref);
 const char *tpmb_key_type_name(int type);
 const char *tpmb_hash_name(uint16_t hash); /* OpenSSL's name of a wire hash, or NULL */
+/* An RSA pad-mode parameter, by name ("pkcs1", "oaep", "pss", "none") or number, as
+ * RSA_*_PADDING; an unknown name gives -1. 0 only when the parameter cannot be read. */
+int tpmb_rsa_pad_mode(const OSSL_PARAM *p, int *pad);
 
 
 extern const OSSL_DISPATCH tpmb_ec_keymgmt_functions[];

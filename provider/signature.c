@@ -691,18 +691,8 @@ static int parse_pad(SIG_CTX *ctx, const OSSL_PARAM *p)
 {
     int pad;
 
-    if (p->data_type == OSSL_PARAM_UTF8_STRING) {
-        const char *s = p->data;
-
-        if (OPENSSL_strcasecmp(s, OSSL_PKEY_RSA_PAD_MODE_PKCSV15) == 0)
-            pad = RSA_PKCS1_PADDING;
-        else if (OPENSSL_strcasecmp(s, OSSL_PKEY_RSA_PAD_MODE_PSS) == 0)
-            pad = RSA_PKCS1_PSS_PADDING;
-        else
-            pad = -1;
-    } else if (!OSSL_PARAM_get_int(p, &pad)) {
+    if (!tpmb_rsa_pad_mode(p, &pad))
         return 0;
-    }
     if (pad == RSA_PKCS1_PADDING && ctx->key != NULL && ctx->key->type == WIRE_KEY_TYPE_RSA_PSS) {
         TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED,
                    "an RSA-PSS TPM key signs with PSS only, not PKCS#1 v1.5");

@@ -776,6 +776,38 @@ struct load_arg {
     CLIENT_LOAD_RESULT *out;
 };
 
+/* The answer to an operation on a loaded key: one sized field. A key the broker no longer
+ * knows is dropped from the connection, so that run()'s retry loads it again. */
+static int key_answer(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *key, size_t n,
+                      int64_t deadline, const char *op, WIRE_READER *body, WIRE_BYTES *field,
+                      CLIENT_ERR *err)
+{
+    if (!conn_exchange(c, cn, n, deadline, body, err))
+        return 0;
+    if (!response_ok(c, cn, body, op, err)) {
+        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
+            conn_drop_key(cn, key);
+        return 0;
+    }
+    *field = wire_get_bytes(body);
+    if (!wire_reader_done(body))
+        return malformed(c, cn, op, err);
+    return 1;
+}
+
+/* Copies a field into the caller's buffer of *len bytes; `what` names it in the error. */
+static int copy_into(WIRE_BYTES b, uint8_t *out, size_t *len, const char *what, CLIENT_ERR *err)
+{
+    if (b.len > *len) {
+        set_err(err, CLIENT_E_ARG, 0, "%s of %zu bytes exceeds the buffer of %zu", what, b.len,
+                *len);
+        return 0;
+    }
+    memcpy(out, b.p, b.len);
+    *len = b.len;
+    return 1;
+}
+
 static int op_load(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
                    CLIENT_ERR *err)
 {
@@ -827,24 +859,9 @@ static int op_sign(struct tpmb_client *c, struct conn *cn, int64_t deadline, voi
             set_err(err, CLIENT_E_ARG, 0, "digest too large");
         return 0;
     }
-    if (!conn_exchange(c, cn, n, deadline, &body, err))
-        return 0;
-    if (!response_ok(c, cn, &body, a->message ? "SIGN_MESSAGE" : "SIGN", err)) {
-        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
-            conn_drop_key(cn, a->key);
-        return 0;
-    }
-    sig = wire_get_bytes(&body);
-    if (!wire_reader_done(&body))
-        return malformed(c, cn, a->message ? "SIGN_MESSAGE" : "SIGN", err);
-    if (sig.len > *a->siglen) {
-        set_err(err, CLIENT_E_ARG, 0, "signature of %zu bytes exceeds the buffer of %zu",
-                sig.len, *a->siglen);
-        return 0;
-    }
-    memcpy(a->sig, sig.p, sig.len);
-    *a->siglen = sig.len;
-    return 1;
+    return key_answer(c, cn, a->key, n, deadline, a->message ? "SIGN_MESSAGE" : "SIGN", &body,
+                      &sig, err)
+           && copy_into(sig, a->sig, a->siglen, "signature", err);
 }
 
 int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
@@ -997,6 +1014,7 @@ static int op_derive(struct tpmb_client *c, struct conn *cn, int64_t deadline, v
     WIRE_READER body;
     WIRE_BYTES z;
     size_t n;
+    int ok;
 
     if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
         return 0;
@@ -1006,24 +1024,10 @@ static int op_derive(struct tpmb_client *c, struct conn *cn, int64_t deadline, v
         set_err(err, CLIENT_E_ARG, 0, "peer point too large");
         return 0;
     }
-    if (!conn_exchange(c, cn, n, deadline, &body, err))
-        return 0;
-    if (!response_ok(c, cn, &body, "DERIVE", err)) {
-        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
-            conn_drop_key(cn, a->key);
-        return 0;
-    }
-    z = wire_get_bytes(&body);
-    if (!wire_reader_done(&body))
-        return malformed(c, cn, "DERIVE", err);
-    if (z.len > *a->secretlen) {
-        set_err(err, CLIENT_E_ARG, 0, "shared secret of %zu bytes exceeds the buffer of %zu",
-                z.len, *a->secretlen);
-        return 0;
-    }
-    memcpy(a->secret, z.p, z.len);
-    *a->secretlen = z.len;
-    return 1;
+    ok = key_answer(c, cn, a->key, n, deadline, "DERIVE", &body, &z, err)
+         && copy_into(z, a->secret, a->secretlen, "shared secret", err);
+    OPENSSL_cleanse(cn->rbuf, WIRE_MAX_FRAME); /* no shared secret left behind, even half read */
+    return ok;
 }
 
 int client_derive(TPMB_CLIENT *c, const CLIENT_KEY *key, const uint8_t *point, size_t pointlen,
@@ -1050,7 +1054,7 @@ static int op_decrypt(struct tpmb_client *c, struct conn *cn, int64_t deadline, 
     WIRE_READER body;
     WIRE_BYTES got;
     size_t n;
-    int ok = 0;
+    int ok;
 
     if (!conn_key_ready(cn, a->key) && !conn_load(c, cn, a->key, deadline, NULL, err))
         return 0;
@@ -1060,25 +1064,9 @@ static int op_decrypt(struct tpmb_client *c, struct conn *cn, int64_t deadline, 
         set_err(err, CLIENT_E_ARG, 0, "ciphertext or label too large");
         return 0;
     }
-    if (!conn_exchange(c, cn, n, deadline, &body, err))
-        return 0;
-    if (!response_ok(c, cn, &body, "DECRYPT", err)) {
-        if (err->status == WIRE_STATUS_UNKNOWN_KEY)
-            conn_drop_key(cn, a->key);
-        return 0;
-    }
-    got = wire_get_bytes(&body);
-    if (!wire_reader_done(&body)) {
-        ok = malformed(c, cn, "DECRYPT", err);
-    } else if (got.len > *a->outlen) {
-        set_err(err, CLIENT_E_ARG, 0, "plaintext of %zu bytes exceeds the buffer of %zu",
-                got.len, *a->outlen);
-    } else {
-        memcpy(a->out, got.p, got.len);
-        *a->outlen = got.len;
-        ok = 1;
-    }
-    OPENSSL_cleanse(cn->rbuf, WIRE_HEADER_SIZE + body.len); /* no plaintext left behind */
+    ok = key_answer(c, cn, a->key, n, deadline, "DECRYPT", &body, &got, err)
+         && copy_into(got, a->out, a->outlen, "plaintext", err);
+    OPENSSL_cleanse(cn->rbuf, WIRE_MAX_FRAME); /* no plaintext left behind, even half read */
     return ok;
 }
 

@@ -90,18 +90,8 @@ static int cipher_init(CIPHER_CTX *ctx, void *keydata, const OSSL_PARAM params[]
         TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "only RSA TPM keys encrypt and decrypt");
         return 0;
     }
-    if (need_private && ctx->key->blob == NULL) {
-        TPMB_RAISE(ctx->prov, TPMB_R_NO_PRIVATE_KEY,
-                   "this key has only a public part; load the TSS2 PRIVATE KEY file or "
-                   "handle: URI to decrypt");
+    if (need_private && !tpmb_key_ready(ctx->prov, ctx->key, "to decrypt"))
         return 0;
-    }
-    if (need_private && ctx->key->auth_missing) {
-        TPMB_RAISE(ctx->prov, TPMB_R_PASSWORD_NEEDED,
-                   "the TPM key needs its password and none was given: use -passin/-pass "
-                   "(or the application's passphrase callback)");
-        return 0;
-    }
     if (ctx->key->pub == NULL)
         return 0;
     return cipher_set_ctx_params(ctx, params);

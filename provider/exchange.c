@@ -92,18 +92,8 @@ static int exch_init(void *vctx, void *provkey, const OSSL_PARAM params[])
         TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "ECDH needs an EC key");
         return 0;
     }
-    if (key->blob == NULL) {
-        TPMB_RAISE(ctx->prov, TPMB_R_NO_PRIVATE_KEY,
-                   "this key has only a public part; load the TSS2 PRIVATE KEY file or "
-                   "handle: URI to derive with it");
+    if (!tpmb_key_ready(ctx->prov, key, "to derive with it"))
         return 0;
-    }
-    if (key->auth_missing) {
-        TPMB_RAISE(ctx->prov, TPMB_R_PASSWORD_NEEDED,
-                   "the TPM key needs its password and none was given: use -passin/-pass "
-                   "(or the application's passphrase callback)");
-        return 0;
-    }
     ctx->key = key;
     ctx->peer = NULL;
     ctx->cofactor_mode = -1;

@@ -169,6 +169,22 @@ void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref)
     ref->parent_authlen = ref->parent_auth != NULL ? strlen((const char *)ref->parent_auth) : 0;
 }
 
+int tpmb_key_ready(TPMBROKER_CTX *prov, const TPMB_KEY *key, const char *doing)
+{
+    if (key->blob == NULL) {
+        TPMB_RAISE(prov, TPMB_R_NO_PRIVATE_KEY, "this key has only a public part; load the "
+                   "TSS2 PRIVATE KEY file or handle: URI %s", doing);
+        return 0;
+    }
+    if (key->auth_missing) {
+        TPMB_RAISE(prov, TPMB_R_PASSWORD_NEEDED,
+                   "the TPM key needs its password and none was given: use -passin/-pass "
+                   "(or the application's passphrase callback)");
+        return 0;
+    }
+    return 1;
+}
+
 static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
                       uint8_t out[WIRE_KEY_ID_SIZE])
 {

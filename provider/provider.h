@@ -117,6 +117,9 @@ TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob
 TPMB_KEY *tpmb_key_from_tss2(TPMBROKER_CTX *prov, const uint8_t *der, size_t len,
                              const TSS2_INFO *info, const uint8_t *auth, size_t authlen);
 void tpmb_key_client_ref(const TPMB_KEY *key, CLIENT_KEY *ref);
+/* Whether the TPM can use `key`'s private part now: it has one (not a public key alone)
+ * and its password, if it needs one. Raises why not; `doing` ends the hint ("to sign"). */
+int tpmb_key_ready(TPMBROKER_CTX *prov, const TPMB_KEY *key, const char *doing);
 const char *tpmb_key_type_name(int type);
 const char *tpmb_hash_name(uint16_t hash); /* OpenSSL's name of a wire hash, or NULL */
 /* An RSA pad-mode parameter, by name ("pkcs1", "oaep", "pss", "none") or number, as

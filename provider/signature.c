@@ -173,18 +173,8 @@ static int sig_init(SIG_CTX *ctx, void *keydata, const OSSL_PARAM params[], int 
         return 0;
     if (key != NULL)
         ctx->key = key;
-    if (need_private && ctx->key->blob == NULL) {
-        TPMB_RAISE(ctx->prov, TPMB_R_NO_PRIVATE_KEY,
-                   "this key has only a public part; load the TSS2 PRIVATE KEY file or "
-                   "handle: URI to sign");
+    if (need_private && !tpmb_key_ready(ctx->prov, ctx->key, "to sign"))
         return 0;
-    }
-    if (need_private && ctx->key->auth_missing) {
-        TPMB_RAISE(ctx->prov, TPMB_R_PASSWORD_NEEDED,
-                   "the TPM key needs its password and none was given: use -passin/-pass "
-                   "(or the application's passphrase callback)");
-        return 0;
-    }
     if (ctx->key->pub == NULL)
         return 0;
     if (ctx->key->type == WIRE_KEY_TYPE_RSA_PSS)

@@ -354,34 +354,8 @@ class TpmWorker:
                 f"hashes itself, of at most {MAX_MESSAGE} bytes (MAX_MESSAGE), not a digest: "
                 "send the message (SIGN_MESSAGE; with openssl, pkeyutl -sign -rawin, or dgst, "
                 "req, x509, cms, TLS)")
-        return self._shielded(entry, auth, peer, deadline, lambda: self._sign(
+        return self._with_password(entry, auth, peer, deadline, lambda: self._sign(
             entry, auth, scheme, scheme_alg, hash, digest, deadline))
-
-    def _shielded(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
-                  sign: Callable[[], bytes]) -> bytes:
-        """`sign()` with the key's password: through the dictionary-attack shield when
-        the key counts failures."""
-        key_id = entry.info.key_id
-        if len(auth) > MAX_AUTH:
-            # No key can have such a password; asking the TPM would only count a failure.
-            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
-        shield = self.shield if entry.da_protected else None
-        if shield is None:
-            return sign()
-        if not shield.known_good(key_id, auth):
-            # A fresh reading first: the counter decays, and other TPM users add to it.
-            self._run(deadline, "reading the lockout counter", self._read_lockout)
-            shield.check(peer, key_id, auth)
-        try:
-            signature = sign()
-        except AuthFailedError:
-            shield.failed(peer, key_id, auth)
-            raise
-        except LockoutError:
-            shield.tpm_locked_out()
-            raise
-        shield.succeeded(key_id, auth)
-        return signature
 
     def restricted(self, key_id: bytes) -> bool | None:
         entry = self.objects.keys.get(key_id)
@@ -422,7 +396,7 @@ class TpmWorker:
                                                  scheme_alg, hash, ticket),
                 command.signature_bytes)
 
-        signature = self._shielded(entry, auth, peer, deadline, lambda: self._run(
+        signature = self._with_password(entry, auth, peer, deadline, lambda: self._run(
             deadline, "signing the message", hash_and_sign))
         self.objects.keys.touch(key_id)
         if entry.info.key_type is KeyType.RSA:
@@ -474,8 +448,6 @@ class TpmWorker:
             raise UnknownKeyError("unknown key id; send LOAD first")
         keymod.check_ecdh_key(entry.public)
         x, y = keymod.check_peer_point(entry.info.curve, point)
-        if len(auth) > MAX_AUTH:
-            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
         z = self._with_password(entry, auth, peer, deadline, lambda: self._run(
             deadline, "deriving the shared secret", lambda: self._authorized(
                 entry, auth, deadline, lambda session, handle, name: command.prepare_ecdh_zgen(
@@ -488,13 +460,17 @@ class TpmWorker:
 
     def _with_password(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
                        operation: Callable[[], T]) -> T:
-        """`operation` on `entry` with `auth`, through the dictionary-attack shield when
-        the key is DA-protected (as sign() does for signatures)."""
+        """`operation()` with the key's password: through the dictionary-attack shield
+        when the key counts failures (sign, sign the message, derive, decrypt)."""
+        if len(auth) > MAX_AUTH:
+            # No key can have such a password; asking the TPM would only count a failure.
+            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
         shield = self.shield if entry.da_protected else None
         if shield is None:
             return operation()
         key_id = entry.info.key_id
         if not shield.known_good(key_id, auth):
+            # A fresh reading first: the counter decays, and other TPM users add to it.
             self._run(deadline, "reading the lockout counter", self._read_lockout)
             shield.check(peer, key_id, auth)
         try:
@@ -682,8 +658,6 @@ class TpmWorker:
                                  f"{size} bytes, not {len(ciphertext)}")
         if int.from_bytes(ciphertext, "big") >= modulus:
             raise BadDigestError("the ciphertext is not below the key's modulus")
-        if len(auth) > MAX_AUTH:
-            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
 
         def tpm_decrypt(block: bytes, scheme: tuple[int, int, bytes] | None) -> bytes:
             alg, hash_alg, tpm_label = scheme or (command.ALG_NULL, 0, b"")

@@ -56,14 +56,17 @@ class SignResult(Result):
                                  len(signature)) + signature
 
 
+def scheme_and_hash(scheme: int, hash: int) -> tuple[Scheme, Hash]:
+    try:
+        return Scheme(scheme), Hash(hash)
+    except ValueError:
+        raise UnsupportedError(f"unknown signature scheme {scheme} or hash algorithm "
+                               f"{hash}") from None
+
+
 def serve(request: Request, msg: Sign) -> None:
     auth = request.key_auth(msg.key_id)
-    try:
-        scheme = Scheme(msg.scheme)
-        hash = Hash(msg.hash)
-    except ValueError:
-        raise UnsupportedError(f"unknown signature scheme {msg.scheme} or hash algorithm "
-                               f"{msg.hash}") from None
+    scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
     key_id, digest = msg.key_id, msg.digest
     if len(digest) != hash.digest_size:
         raise BadDigestError(f"digest of {len(digest)} bytes for {hash.name}, "

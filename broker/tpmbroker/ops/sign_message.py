@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from ..definitions import MAX_MESSAGE, Hash, Opcode, Scheme
+from ..definitions import MAX_MESSAGE, Opcode
 from ..errors import UnsupportedError
 from ..protocol import Message
 from .base import Request
-from .sign import SignResult
+from .sign import SignResult, scheme_and_hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +42,7 @@ class SignMessageResult(SignResult):
 
 def serve(request: Request, msg: SignMessage) -> None:
     auth = request.key_auth(msg.key_id)
-    try:
-        scheme = Scheme(msg.scheme)
-        hash = Hash(msg.hash)
-    except ValueError:
-        raise UnsupportedError(f"unknown signature scheme {msg.scheme} or hash algorithm "
-                               f"{msg.hash}") from None
+    scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
     key_id, message = msg.key_id, msg.message
     if len(message) > MAX_MESSAGE:
         raise UnsupportedError(f"message of {len(message)} bytes: SIGN_MESSAGE carries at "

@@ -321,5 +321,18 @@ def test_parent_public_matches_the_tpm2b_form(env: Env) -> None:
         verify(key, client.sign(client.load_key(der), hashlib.sha256(b"2b").digest()), b"2b")
 
 
+@pytest.mark.parametrize("form", ["sec1-der", "pkcs1-pem", "pkcs8-der"])
+def test_other_encodings_of_the_software_key(env: Env, form: str) -> None:
+    key = software_key("rsa2048" if form == "pkcs1-pem" else "p256")
+    encoding = serialization.Encoding.PEM if form.endswith("pem") else serialization.Encoding.DER
+    fmt = (serialization.PrivateFormat.PKCS8 if form.startswith("pkcs8")
+           else serialization.PrivateFormat.TraditionalOpenSSL)
+    data = key.private_bytes(encoding, fmt, serialization.NoEncryption())
+    with env.here.client() as client:
+        der = client.wrap_key(data)
+        loaded = client.load_key(der)
+        verify(key, client.sign(loaded, hashlib.sha256(form.encode()).digest()), form.encode())
+
+
 def test_import_message_hides_passwords() -> None:
     assert "parentpass" not in repr(ops.Import(0, b"k", b"parentpass"))

@@ -21,6 +21,8 @@
 #include "provider.h"
 
 static const uint8_t loadable_oid[] = { 0x67, 0x81, 0x05, 0x0a, 0x01, 0x03 };
+/* 2.23.133.10.1.4: an importable key (wrapped to the parent; the broker imports it). */
+static const uint8_t importable_oid[] = { 0x67, 0x81, 0x05, 0x0a, 0x01, 0x04 };
 
 #define TPM2_ALG_RSA 0x0001
 #define TPM2_ALG_ECC 0x0023
@@ -165,7 +167,8 @@ int tss2_parse(const uint8_t *der, size_t len, TSS2_INFO *info)
     q = seq.val;
     qend = seq.val + seq.len;
     if (!read_tlv(&q, qend, &t) || t.tag != 0x06 || t.len != sizeof(loadable_oid)
-        || memcmp(t.val, loadable_oid, sizeof(loadable_oid)) != 0)
+        || (memcmp(t.val, loadable_oid, sizeof(loadable_oid)) != 0
+            && memcmp(t.val, importable_oid, sizeof(importable_oid)) != 0))
         return 0;
     for (;;) {
         if (!read_tlv(&q, qend, &t))

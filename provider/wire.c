@@ -190,6 +190,17 @@ size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8
     return wire_finish(w);
 }
 
+size_t wire_import(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t parent,
+                   const uint8_t *key, size_t keylen, const uint8_t *parent_auth,
+                   size_t parent_authlen)
+{
+    wire_begin(w, WIRE_OPCODE_IMPORT, id, timeout_ms);
+    wire_put_u32(w, parent);
+    wire_put_bytes(w, key, keylen);
+    put_optional_bytes(w, parent_auth, parent_authlen);
+    return wire_finish(w);
+}
+
 size_t wire_decrypt(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms,
                     const WIRE_DECRYPT_REQUEST *d)
 {

@@ -74,6 +74,11 @@ size_t wire_unload(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8
                    size_t key_id_len);
 size_t wire_random(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint16_t count);
 size_t wire_nv_read(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t index);
+/* IMPORT: an importable key file (DER) for TPM2_Import under its parent; an empty key
+ * asks for the public area of `parent` alone. parent_auth is omitted when empty. */
+size_t wire_import(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t parent,
+                   const uint8_t *key, size_t keylen, const uint8_t *parent_auth,
+                   size_t parent_authlen);
 size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                    size_t key_id_len, const uint8_t *point, size_t pointlen);
 

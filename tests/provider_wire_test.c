@@ -71,6 +71,10 @@ static int encode(void)
     for (i = 0; i < sizeof(point); i++)
         point[i] = (uint8_t)(i == 0 ? 0x04 : 0x3f + i);
     hex("derive_request", w.buf, wire_derive(&w, 13, 3000, kid, 32, point, sizeof(point)));
+    hex("import_request", w.buf,
+        wire_import(&w, 16, 60000, 0x40000001, (const uint8_t *)"\x30\x03\x02\x01\x01", 5,
+                    (const uint8_t *)"parentpass", 10));
+    hex("import_parent_public_request", w.buf, wire_import(&w, 17, 5000, 0, NULL, 0, NULL, 0));
     hex("load_parent_auth_request", w.buf,
         wire_load_parent(&w, 13, 0, WIRE_KEY_SOURCE_TSS2_DER, key, sizeof(key), NULL, 0,
                          (const uint8_t *)"parentpass", 10));
@@ -157,6 +161,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
         put_hex(a.p, a.len);
         break;
     case WIRE_OPCODE_GENERATE:
+    case WIRE_OPCODE_IMPORT:
         a = wire_get_bytes(r);
         b = wire_get_bytes(r);
         printf(" ");

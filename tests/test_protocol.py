@@ -79,6 +79,12 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
         "(MAX_MESSAGE)"), 0),
     "derive_request": (13, ops.Derive(KID, b"\x04" + bytes(range(0x40, 0x80))), 3000),
     "derive_response": (13, ops.DeriveResult(bytes(range(0x80, 0xA0))), 0),
+    "import_request": (16, ops.Import(0x40000001, bytes.fromhex("3003020101"),
+                                      b"parentpass"), 60000),
+    "import_parent_public_request": (17, ops.Import(0), 5000),
+    "import_response": (16, ops.ImportResult(bytes.fromhex("0004aabbccdd"),
+                                             bytes.fromhex("3003020102")), 0),
+    "import_parent_public_response": (17, ops.ImportResult(bytes.fromhex("0004aabbccdd")), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,

@@ -20,6 +20,7 @@ _EXPORTS = {
     "TpmEllipticCurvePrivateKey": "crypto",
     "TpmRSAPrivateKey": "crypto",
     "load_private_key": "crypto",
+    "wrap_key": "wrap",
 }
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "TpmRSAPrivateKey",
     "__version__",
     "load_private_key",
+    "wrap_key",
 ]
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .crypto import TpmRSAPrivateKey as TpmRSAPrivateKey
     from .crypto import load_private_key as load_private_key
     from .errors import TpmBrokerError as TpmBrokerError
+    from .wrap import wrap_key as wrap_key
 
 
 def __getattr__(name: str) -> Any:

@@ -268,11 +268,100 @@ def _write(path: str, data: bytes, mode: int = 0o644) -> None:
         f.write(data)
 
 
+def _passin(spec: str | None) -> bytes | None:
+    """An encrypted key's passphrase, as openssl's -passin spells it: pass:TEXT,
+    file:PATH (its first line), env:VAR, fd:N (its first line); None when not given."""
+    from .client import read_password_file
+
+    if spec is None:
+        return None
+    kind, _, value = spec.partition(":")
+    if kind == "pass":
+        return value.encode()
+    if kind == "file":
+        return read_password_file(value)
+    if kind == "env":
+        found = os.environb.get(value.encode())
+        if found is None:
+            raise SystemExit(f"tpmbroker keygen: --passin env:{value}: no such variable")
+        return found
+    if kind == "fd" and value.isdigit():
+        with os.fdopen(int(value), "rb", closefd=False) as f:
+            return f.readline().rstrip(b"\r\n")
+    raise SystemExit(f"tpmbroker keygen: --passin {spec!r}: give pass:, file:, env: or fd:")
+
+
+def _key_password(args: argparse.Namespace) -> bytes | None:
+    """--password-file, or with -a/--auth (as create_tpm2_key) a prompt, twice."""
+    if not args.auth:
+        return _password(args)
+    import getpass
+
+    first = getpass.getpass("Enter TPM key authority: ").encode()
+    if getpass.getpass("Verifying - Enter TPM key authority: ").encode() != first:
+        raise SystemExit("tpmbroker keygen: the passwords do not match")
+    return first
+
+
+def _cmd_wrap(args: argparse.Namespace) -> int:
+    """keygen --wrap KEY: a software key into the TPM (or, with --import, for another)."""
+    import sys as _sys
+
+    from . import protocol as p
+    from .errors import TpmBrokerError
+    from .keyfile import der_to_pem
+    from .wrap import parent_public, read_private_key, wrap_key
+
+    if args.alg is not None or args.digest is not None:
+        raise SystemExit("tpmbroker keygen: --wrap takes the algorithm from the key; "
+                         "drop --alg and --digest")
+    data = Path(args.wrap).read_bytes()
+    passphrase = _passin(args.passin)
+    try:
+        try:
+            key = read_private_key(data, passphrase)
+        except ValueError as exc:
+            if passphrase is None and "encrypted" in str(exc) and _sys.stdin.isatty():
+                import getpass
+
+                passphrase = getpass.getpass(f"Enter pass phrase for {args.wrap}: ").encode()
+                key = read_private_key(data, passphrase)
+            else:
+                raise
+    except ValueError as exc:
+        raise SystemExit(f"tpmbroker keygen: {args.wrap}: {exc}") from None
+    del data
+    password = _key_password(args)
+    usage = p.Usage(USAGES[args.usage])
+    parent = int(args.parent, 0)
+    try:
+        if args.import_parent:
+            # A TPM elsewhere: nothing here talks to any TPM or broker.
+            der = wrap_key(key, parent_public(Path(args.import_parent).read_bytes()),
+                           password=password, usage=usage, parent_handle=parent)
+        else:
+            with _client(args) as client:
+                der = client.wrap_key(key, password, usage=usage, parent=parent,
+                                      parent_auth=_parent_auth(args, parent))
+    except ValueError as exc:
+        raise SystemExit(f"tpmbroker keygen: {exc}") from None
+    except TpmBrokerError as exc:
+        raise SystemExit(f"tpmbroker keygen: {exc}") from None
+    _write(args.output, der_to_pem(der), 0o600)
+    print(f"tpmbroker keygen: {args.wrap} still holds the private key in the clear: "
+          "destroy it (and every copy) once the TPM key works", file=_sys.stderr)
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from . import protocol as p
     from .keyfile import der_to_pem
 
-    key_type, param = args.alg
+    if args.wrap:
+        return _cmd_wrap(args)
+    if args.import_parent:
+        raise SystemExit("tpmbroker keygen: --import wraps an existing key: give --wrap KEY")
+    key_type, param = args.alg or _alg("ec:P-256")
     if args.digest is not None and key_type != p.KeyType.RSA_PSS:
         raise SystemExit("tpmbroker keygen: --digest binds the hash of rsa-pss keys only")
     try:
@@ -280,7 +369,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"tpmbroker keygen: {exc}") from None
     with _client(args) as client:
-        der, _spki = client.generate_key(p.KeyType(key_type), param, _password(args),
+        der, _spki = client.generate_key(p.KeyType(key_type), param, _key_password(args),
                                          int(args.parent, 0), usage=p.Usage(USAGES[args.usage]),
                                          hash_alg=digest,
                                          parent_auth=_parent_auth(args, int(args.parent, 0)))
@@ -294,6 +383,15 @@ def _spki_pem(spki: bytes) -> bytes:
     key = serialization.load_der_public_key(spki)
     return key.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _cmd_parent_pubkey(args: argparse.Namespace) -> int:
+    from .wrap import parent_public_pem
+
+    with _client(args) as client:
+        public = client.parent_public(int(args.parent, 0))
+    _write(args.output, public if args.format == "tpm" else parent_public_pem(public))
+    return 0
 
 
 def _cmd_pubkey(args: argparse.Namespace) -> int:
@@ -446,8 +544,21 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["debug", "info", "warning", "error"])
     sp.set_defaults(func=_cmd_serve)
 
-    sp = sub.add_parser("keygen", help="create a key in the TPM, write a TSS2 PRIVATE KEY")
-    sp.add_argument("--alg", type=_alg, default="ec:P-256",
+    sp = sub.add_parser("keygen", help="create a key in the TPM, or wrap a software key into "
+                                       "it (--wrap), write a TSS2 PRIVATE KEY")
+    sp.add_argument("-w", "--wrap", metavar="KEY",
+                    help="wrap this EC or RSA private key (PEM or DER, PKCS#8, PKCS#1, SEC1) "
+                         "instead of creating one; destroy it afterwards")
+    sp.add_argument("--passin", metavar="SPEC",
+                    help="--wrap: the key's passphrase if encrypted: pass:TEXT, file:PATH, "
+                         "env:VAR, fd:N (default: asked on the terminal)")
+    sp.add_argument("-i", "--import", dest="import_parent", metavar="PARENT_PUBKEY",
+                    help="--wrap for a TPM elsewhere: its parent's public key (PEM, from "
+                         "`tpmbroker parent-pubkey` there) or TPM2B_PUBLIC; writes an "
+                         "importable key without any TPM here")
+    sp.add_argument("-a", "--auth", action="store_true",
+                    help="ask for the key's password on the terminal")
+    sp.add_argument("--alg", type=_alg, default=None,
                     help="ec:P-192|P-224|P-256|P-384|P-521, rsa:BITS (1024 to 4096, as the "
                          "TPM has them), rsa-pss:BITS (scheme bound to RSASSA-PSS)")
     sp.add_argument("--usage", choices=["sign", "decrypt", "sign,decrypt"], default="sign",
@@ -455,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--digest", help="rsa-pss keys: the hash the key signs with "
                                      "(default sha256)")
     sp.add_argument("--password-file", help="file whose first line is the key's password")
-    sp.add_argument("--parent", default="0x40000001",
+    sp.add_argument("-p", "--parent", "--parent-handle", dest="parent", default="0x40000001",
                     help="parent: 0x40000001 (storage primary) or a persistent 0x81xxxxxx")
     sp.add_argument("--parent-auth-file", metavar="FILE",
                     help="file whose first line is the parent's password (default: "
@@ -463,6 +574,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True)
     client_opts(sp)
     sp.set_defaults(func=_cmd_keygen)
+
+    sp = sub.add_parser("parent-pubkey", help="print the public key of the TPM's storage "
+                                              "parent, to wrap keys for this TPM elsewhere")
+    sp.add_argument("--parent", default="0x40000001",
+                    help="0x40000001 (storage primary) or a persistent 0x81xxxxxx")
+    sp.add_argument("--format", choices=["pem", "tpm"], default="pem",
+                    help="pem: SubjectPublicKeyInfo; tpm: the whole TPM2B_PUBLIC")
+    sp.add_argument("-o", "--output", default="-")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_parent_pubkey)
 
     sp = sub.add_parser("pubkey", help="print a TPM key's public key (SubjectPublicKeyInfo PEM)")
     sp.add_argument("key", help="key file, or handle:0x81xxxxxx")

@@ -446,6 +446,42 @@ class Client:
         assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key
 
+    def parent_public(self, parent: int = p.STORAGE_PRIMARY,
+                      timeout: float | None = None) -> bytes:
+        """The TPM2B_PUBLIC of a parent in the broker's TPM (the storage primary
+        0x40000001, or a persistent 0x81xxxxxx): what keys are wrapped to."""
+        result = self._call(ops.Import(parent), timeout)
+        assert isinstance(result, ops.ImportResult)
+        return result.parent_public
+
+    def import_key(self, key: bytes, parent_auth: bytes | str | None = None,
+                   timeout: float | None = None) -> bytes:
+        """An importable TSS2 PRIVATE KEY (DER; tpmbroker.wrap.wrap_key makes one)
+        imported into the broker's TPM (TPM2_Import): the loadable TSS2 PRIVATE KEY DER.
+        `parent_auth`: the parent's password (for 0x40000001, the owner hierarchy's)."""
+        pauth = (parent_auth.encode() if isinstance(parent_auth, str)
+                 else (parent_auth or b""))
+        result = self._call(ops.Import(0, key, pauth), timeout)
+        assert isinstance(result, ops.ImportResult)
+        if not result.key:
+            raise ProtocolError("the broker answered IMPORT without a key")
+        return result.key
+
+    def wrap_key(self, key: object, password: bytes | str | None = None, *,
+                 usage: p.Usage = p.Usage.DEFAULT, parent: int = p.STORAGE_PRIMARY,
+                 parent_auth: bytes | str | None = None, passphrase: bytes | None = None,
+                 timeout: float | None = None) -> bytes:
+        """Move a software EC or RSA private key (a cryptography key, or PEM/DER bytes
+        with `passphrase` if encrypted) into the broker's TPM: wrapped to the parent
+        here, imported there; the loadable TSS2 PRIVATE KEY DER. Only ciphertext leaves
+        this process. Destroy the original afterwards (docs/keys.md)."""
+        from .wrap import wrap_key
+
+        parent_area = self.parent_public(parent, timeout)
+        importable = wrap_key(key, parent_area, password=password,  # type: ignore[arg-type]
+                              usage=usage, parent_handle=parent, passphrase=passphrase)
+        return self.import_key(importable, parent_auth, timeout)
+
     def random(self, count: int, timeout: float | None = None) -> bytes:
         """`count` bytes from the TPM's random number generator, asked for in requests of
         at most protocol.MAX_RANDOM bytes; `timeout` applies to each request."""

@@ -41,6 +41,7 @@ class Opcode(enum.IntEnum):
     DECRYPT = 0x09
     DERIVE = 0x0A
     SIGN_MESSAGE = 0x0B  # restricted keys: the TPM hashes the message, then signs
+    IMPORT = 0x0F  # a key wrapped to the TPM's parent (TPM2_Import) into a loadable key file
 
 
 class Status(enum.IntEnum):

@@ -100,7 +100,7 @@ class KeySpec:
 
 def tss2_parent(der: bytes) -> int | None:
     """The parent field of a DER TSS2 PRIVATE KEY (SEQUENCE { type OID, [0] emptyAuth
-    OPTIONAL, parent INTEGER, ... }), or None where it does not read. The broker checks
+    OPTIONAL, ..., parent INTEGER, ... }), or None where it does not read. The broker checks
     the whole key; this only decides whose password a client sends with it."""
     def element(pos: int) -> tuple[int, int, int]:  # (tag, start of contents, end)
         tag, length = der[pos], der[pos + 1]
@@ -119,7 +119,7 @@ def tss2_parent(der: bytes) -> int | None:
             return None
         tag, _start, pos = element(pos)  # the type OID
         tag, start, end = element(pos)
-        if tag == 0xA0:  # emptyAuth
+        while tag & 0xE0 == 0xA0:  # [0] emptyAuth, [2] secret and the other [n] fields
             tag, start, end = element(end)
         if tag != 0x02 or not 1 <= end - start <= 5:
             return None

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 _LOADABLE_OID = bytes([0x67, 0x81, 0x05, 0x0A, 0x01, 0x03])
+_IMPORTABLE_OID = bytes([0x67, 0x81, 0x05, 0x0A, 0x01, 0x04])  # wrapped to the parent
 _ALG_RSA, _ALG_ECC, _ALG_NULL, _ALG_RSAES, _ALG_ECDAA = 0x0001, 0x0023, 0x0010, 0x0015, 0x001A
 _CURVES: dict[int, ec.EllipticCurve] = {0x0001: ec.SECP192R1(), 0x0002: ec.SECP224R1(),
                                          0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1(),
@@ -130,8 +131,8 @@ def _tpmt_public(tss2_der: bytes) -> bytes:
     if tag != 0x30:
         raise ValueError("not a SEQUENCE")
     tag, oid, pos = _tlv(seq, 0)
-    if tag != 0x06 or oid != _LOADABLE_OID:
-        raise ValueError("not a loadable TSS2 key")
+    if tag != 0x06 or oid not in (_LOADABLE_OID, _IMPORTABLE_OID):
+        raise ValueError("neither a loadable nor an importable TSS2 key")
     tag, value, pos = _tlv(seq, pos)
     while tag & 0xE0 == 0xA0:  # the optional [n] fields
         tag, value, pos = _tlv(seq, pos)

@@ -13,6 +13,7 @@ from . import (
     derive,
     generate,
     hello,
+    import_key,
     load,
     nv_read,
     random,
@@ -26,6 +27,7 @@ from .decrypt import Decrypt, DecryptResult
 from .derive import Derive, DeriveResult
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
+from .import_key import Import, ImportResult
 from .load import Load, LoadResult
 from .nv_read import NvRead, NvReadResult
 from .random import Random, RandomResult
@@ -46,6 +48,7 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.DECRYPT: Operation(Decrypt, DecryptResult, decrypt.serve),
     Opcode.DERIVE: Operation(Derive, DeriveResult, derive.serve),
     Opcode.SIGN_MESSAGE: Operation(SignMessage, SignMessageResult, sign_message.serve),
+    Opcode.IMPORT: Operation(Import, ImportResult, import_key.serve),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
@@ -63,6 +66,8 @@ __all__ = [
     "GenerateResult",
     "Hello",
     "HelloResult",
+    "Import",
+    "ImportResult",
     "Load",
     "LoadResult",
     "NvRead",

@@ -43,6 +43,11 @@ class Worker(Protocol):
                 peer: int = -1) -> bytes: ...
     def derive(self, key_id: bytes, auth: bytes, point: bytes, deadline: float,
                peer: int = -1) -> bytes: ...
+    def parent_public(self, parent: int, deadline: float) -> bytes:
+        """The TPM2B_PUBLIC of a parent (0 = the storage primary), for wrapping to it."""
+    def import_key(self, key: bytes, deadline: float, *, parent: int = 0,
+                   parent_auth: bytes = b"", peer: int = -1) -> tuple[bytes, bytes]:
+        """TPM2_Import of an importable key file: (parent's TPM2B_PUBLIC, loadable DER)."""
     def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
                   digest: bytes, peer: int = -1) -> Any:
         """The TPM2_Sign for the lane, ready to send, or None: the worker thread serves it."""

@@ -72,6 +72,7 @@ CC_HASH_SEQUENCE_START = 0x00000186
 CC_SEQUENCE_UPDATE = 0x0000015C
 CC_SEQUENCE_COMPLETE = 0x0000013E
 CC_ECDH_ZGEN = 0x00000154
+CC_IMPORT = 0x00000156
 SE_HMAC = 0x00
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -504,6 +505,38 @@ def create_result(parameters: bytes) -> tuple[Any, Any]:
     except (TSS2_Exception, ValueError):
         raise malformed() from None
     return private, out_public
+
+
+# --- TPM2_Import ---------------------------------------------------------------------------
+
+# The duplicate's outer wrapper is keyed by a seed only the parent can decrypt, so what
+# crosses the link is ciphertext already. The session still encrypts the first
+# parameter each way: encryptionKey (empty: no inner wrapper) and outPrivate, and proves
+# the parent's password by its HMAC alone.
+IMPORT_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT | sc.ENCRYPT
+
+
+def prepare_import(session: sc.SessionState, parent_handle: int, parent_name: bytes,
+                   parent_auth: bytes, public: Any, duplicate: Any,
+                   encrypted_seed: bytes) -> PendingCommand:
+    """TPM2_Import(parentHandle, encryptionKey=empty, objectPublic, duplicate, inSymSeed,
+    symmetricAlg=NULL) authorized by `session`: a key wrapped to the parent by its outer
+    wrapper alone (TPM 2.0 Part 1, Duplication), as importable key files carry it."""
+    rest = (public.marshal() + duplicate.marshal() + tpm2b(encrypted_seed)
+            + U16.pack(int(TPM2_ALG.NULL)))
+    return prepare(session, CC_IMPORT, (parent_handle,), (parent_name,), parent_auth,
+                   b"", rest, IMPORT_ATTRIBUTES)
+
+
+def import_result(parameters: bytes) -> Any:
+    """The TPM2B_PRIVATE of a TPM2_Import response."""
+    try:
+        private, used = TPM2B_PRIVATE.unmarshal(parameters)
+    except (TSS2_Exception, ValueError):
+        raise malformed() from None
+    if used != len(parameters):
+        raise malformed()
+    return private
 
 
 # --- TPM2_Load and TPM2_CreatePrimary with a parent password ------------------------------

@@ -36,6 +36,10 @@ PERSISTENT_FIRST = 0x81000000
 PERSISTENT_LAST = 0x81FFFFFF
 
 _TSS2_KEY_OID = ObjectIdentifier("2.23.133.10.1.3")
+# An importable key (TPM 2.0 Key File spec, as openssl_tpm2_engine's create_tpm2_key
+# --import writes it): privkey is a duplicate (TPM2B_PRIVATE) whose outer wrapper's seed,
+# encrypted to the parent's public key, is the `secret` [2] (the bare encrypted bytes).
+IMPORTABLE_KEY_OID = ObjectIdentifier("2.23.133.10.1.4")
 _TSS2_OID_DER = bytes.fromhex("06066781050a0103")
 # Every TPM curve OpenSSL's default provider signs with under a NIST name. The BN
 # curves (0x0010, 0x0011) have no OpenSSL name, and SM2 (0x0020) is its own key type
@@ -87,6 +91,9 @@ class Tss2Key:
 
     tss: Any  # TSSPrivKey
     rsa_parent: bool  # the file asks for the H-1 RSA storage primary as parent
+    # An importable key: the encrypted seed (TPM2B_ENCRYPTED_SECRET's contents), and
+    # `private` is the duplicate TPM2_Import takes. None for a loadable key.
+    import_secret: bytes | None = None
 
     @property
     def parent(self) -> int:
@@ -112,15 +119,20 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
         seq = asn1.decode_der(_Tss2KeyAsn1, _tolerate_true_01(der))
     except (ValueError, TypeError) as exc:
         raise BadKeyError(f"not a DER TSS2 PRIVATE KEY: {exc}") from None
-    if seq.object_type != _TSS2_KEY_OID:
-        raise BadKeyError(f"not a loadable TSS2 key (OID {seq.object_type.dotted_string})")
+    importable = seq.object_type == IMPORTABLE_KEY_OID
+    if seq.object_type != _TSS2_KEY_OID and not importable:
+        raise BadKeyError("neither a loadable nor an importable TSS2 key (OID "
+                          f"{seq.object_type.dotted_string})")
+    if importable and not seq.secret:
+        raise BadKeyError("an importable TSS2 key without its encrypted seed (secret [2])")
     if not 0 <= seq.parent <= 0xFFFFFFFF:
         raise BadKeyError(f"key parent {seq.parent} is not a TPM handle")
     public = _tpm2b(TPM2B_PUBLIC, seq.public, "public")
     private = _tpm2b(TPM2B_PRIVATE, seq.private, "private")
     # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
     tss = TSSPrivKey(private, public, empty_auth=bool(seq.empty_auth), parent=seq.parent)
-    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent))
+    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent),
+                  import_secret=seq.secret if importable else None)
     if not (key.parent == STORAGE_PRIMARY or is_persistent(key.parent)):
         raise UnsupportedError(f"key parent 0x{key.parent:08x} is neither the storage "
                                "primary (0x40000001) nor a persistent handle")
@@ -425,6 +437,31 @@ def generation_template(key_type: KeyType, param: int, password: bool = False,
 def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int) -> bytes:
     """DER TSS2 PRIVATE KEY for a key made by TPM2_Create."""
     return bytes(TSSPrivKey(private, public, empty_auth=empty_auth, parent=parent).to_der())
+
+
+def imported(key: Tss2Key, private: Any) -> Tss2Key:
+    """The loadable key an importable `key` became: TPM2_Import's outPrivate with the
+    same public area, password rule and parent."""
+    tss = TSSPrivKey(private, key.public, empty_auth=bool(key.tss.empty_auth),
+                     parent=key.parent)
+    return Tss2Key(tss, rsa_parent=key.rsa_parent)
+
+
+def tss2_der(*, public: Any, private: Any, parent: int, empty_auth: bool,
+             rsa_parent: bool = False, import_secret: bytes | None = None) -> bytes:
+    """DER TSS2 PRIVATE KEY: loadable, or importable when `import_secret` is given.
+    emptyAuth is written TRUE or left out (a password), as the spec asks."""
+    seq = _Tss2KeyAsn1(
+        object_type=_TSS2_KEY_OID if import_secret is None else IMPORTABLE_KEY_OID,
+        empty_auth=True if empty_auth else None, secret=import_secret, description=None,
+        rsa_parent=True if rsa_parent else None, parent=parent,
+        public=bytes(public.marshal()), private=bytes(private.marshal()))
+    return bytes(asn1.encode_der(seq))
+
+
+def loadable_der(key: Tss2Key) -> bytes:
+    return tss2_der(public=key.public, private=key.private, parent=key.parent,
+                    empty_auth=bool(key.tss.empty_auth), rsa_parent=key.rsa_parent)
 
 
 # --- the cache ------------------------------------------------------------------------

@@ -75,6 +75,14 @@ class Objects:
             return self.storage_primary(rsa=rsa_parent or self.rsa_only)
         return self.persistent(parent, "parent")
 
+    def parent_public(self, parent: int) -> Any:
+        """The TPMT_PUBLIC of a parent (the storage primary or a persistent key)."""
+        if parent == STORAGE_PRIMARY:
+            self.storage_primary()
+            return self._primary_publics[self.rsa_only]
+        public, _, _ = self._ectx.read_public(self.persistent(parent, "parent"))
+        return public.publicArea
+
     def persistent(self, handle: int, role: str) -> Any:
         tr = self._persistent.get(handle)
         if tr is None:

@@ -196,6 +196,8 @@ class TpmWorker:
         if source is KeySource.TSS2_DER:
             blob = keymod.parse_tss2_key(key)
             self._check_parent_auth_length(blob.parent, parent_auth)
+            if blob.import_secret is not None:  # importable: TPM2_Import it first
+                blob = self._import_file(blob, parent_auth, deadline, peer)
             entry = CachedKey(keymod.key_info(key_id, blob.public.publicArea),
                               blob.public.publicArea, blob=blob,
                               parent_auth=self._load_auth(blob.parent, parent_auth))
@@ -209,6 +211,75 @@ class TpmWorker:
             self._run(deadline, "loading the key", lambda: self.objects.resident(entry))
         self.objects.add_key(entry)
         return entry.info
+
+    # --- keys wrapped to the TPM's parent (ops/import_key.py, tpmbroker/wrap.py) ----------
+
+    def parent_public(self, parent: int, deadline: float) -> bytes:
+        """The TPM2B_PUBLIC of `parent` (0: the storage primary 0x40000001), the key a
+        client wraps a software key to."""
+        parent = self._check_parent(parent)
+        public = self._run(deadline, "reading the parent's public area",
+                           lambda: self.objects.parent_public(parent))
+        return bytes(TPM2B_PUBLIC(publicArea=public).marshal())
+
+    def import_key(self, key: bytes, deadline: float, *, parent: int = 0,
+                   parent_auth: bytes = b"", peer: int = -1) -> tuple[bytes, bytes]:
+        """TPM2_Import of an importable TSS2 key file: (the parent's TPM2B_PUBLIC, the
+        loadable TSS2 PRIVATE KEY DER)."""
+        blob = keymod.parse_tss2_key(key)
+        if blob.import_secret is None:
+            raise BadKeyError("the key file is loadable already (OID 2.23.133.10.1.3); "
+                              "IMPORT takes an importable one (2.23.133.10.1.4)")
+        if parent and parent != blob.parent:
+            raise BadKeyError(f"the key was wrapped for {describe(blob.parent)}, not "
+                              f"{describe(parent)}")
+        self._check_parent_auth_length(blob.parent, parent_auth)
+        loadable = self._import_file(blob, parent_auth, deadline, peer)
+        return self.parent_public(blob.parent, deadline), keymod.loadable_der(loadable)
+
+    def _check_parent(self, parent: int) -> int:
+        parent = parent or STORAGE_PRIMARY
+        if not (parent == STORAGE_PRIMARY or keymod.is_persistent(parent)):
+            raise UnsupportedError(f"parent 0x{parent:08x} is neither the storage primary "
+                                   "(0x40000001) nor a persistent handle")
+        return parent
+
+    def _import_file(self, blob: keymod.Tss2Key, parent_auth: bytes, deadline: float,
+                     peer: int) -> keymod.Tss2Key:
+        """The loadable key an importable key file becomes under its parent."""
+        assert blob.import_secret is not None
+        secret = blob.import_secret
+        load_auth = self._load_auth(blob.parent, parent_auth)
+        self._owner_auth(blob.parent, parent_auth, deadline)
+
+        def run_import() -> Any:
+            parent_tr = self.objects.parent(blob.parent, blob.rsa_parent)
+            handle, name = self.objects.handle_and_name(parent_tr)
+            try:
+                return self._execute(deadline, lambda session: command.prepare_import(
+                    session, handle, name, load_auth, blob.public, blob.private, secret),
+                    command.import_result)
+            except TSS2_Exception as exc:
+                kind = classify(exc)
+                if kind is Kind.AUTH:
+                    raise ParentAuthFailedError(
+                        f"{'wrong password' if load_auth else 'no password given'} for "
+                        f"{describe(blob.parent)} (TPM2_Import)", tpm_rc=int(exc.rc)) from None
+                if kind is Kind.LOCKOUT:
+                    raise LockoutError(
+                        "the TPM is in dictionary-attack lockout: it refuses "
+                        f"{describe(blob.parent)} for now", tpm_rc=int(exc.rc)) from None
+                if kind in (*RECOVERABLE, Kind.OBJECT_MEMORY):
+                    raise
+                raise BadKeyError(
+                    "the TPM refused to import the key: it was wrapped to another TPM's "
+                    f"parent, or altered ({_rc_name(int(exc.rc))})",
+                    tpm_rc=int(exc.rc)) from None
+
+        private = self._parent_attempt(blob.parent, load_auth, peer, deadline,
+                                       lambda: self._run(deadline, "importing the key",
+                                                         run_import))
+        return keymod.imported(blob, private)
 
     # --- parent passwords (tpm/parents.py) -------------------------------------------------
 

@@ -13,6 +13,7 @@ from . import (
     derive,
     generate,
     hello,
+    lifecycle,
     load,
     nv_read,
     random,
@@ -26,6 +27,7 @@ from .decrypt import Decrypt, DecryptResult
 from .derive import Derive, DeriveResult
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
+from .lifecycle import Evict, EvictResult, KeysRequest, KeysResult, Persist, PersistResult
 from .load import Load, LoadResult
 from .nv_read import NvRead, NvReadResult
 from .random import Random, RandomResult
@@ -46,6 +48,9 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.DECRYPT: Operation(Decrypt, DecryptResult, decrypt.serve),
     Opcode.DERIVE: Operation(Derive, DeriveResult, derive.serve),
     Opcode.SIGN_MESSAGE: Operation(SignMessage, SignMessageResult, sign_message.serve),
+    Opcode.PERSIST: Operation(Persist, PersistResult, lifecycle.serve_persist),
+    Opcode.EVICT: Operation(Evict, EvictResult, lifecycle.serve_evict),
+    Opcode.KEYS: Operation(KeysRequest, KeysResult, lifecycle.serve_keys),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
@@ -59,15 +64,21 @@ __all__ = [
     "DecryptResult",
     "Derive",
     "DeriveResult",
+    "Evict",
+    "EvictResult",
     "Generate",
     "GenerateResult",
     "Hello",
     "HelloResult",
+    "KeysRequest",
+    "KeysResult",
     "Load",
     "LoadResult",
     "NvRead",
     "NvReadResult",
     "Operation",
+    "Persist",
+    "PersistResult",
     "Random",
     "RandomResult",
     "Request",

@@ -190,6 +190,32 @@ size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8
     return wire_finish(w);
 }
 
+size_t wire_persist(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                    size_t key_id_len, uint32_t handle, const uint8_t *owner_auth,
+                    size_t owner_authlen)
+{
+    wire_begin(w, WIRE_OPCODE_PERSIST, id, timeout_ms);
+    wire_put_bytes(w, key_id, key_id_len);
+    wire_put_u32(w, handle);
+    put_optional_bytes(w, owner_auth, owner_authlen);
+    return wire_finish(w);
+}
+
+size_t wire_evict(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t handle,
+                  const uint8_t *owner_auth, size_t owner_authlen)
+{
+    wire_begin(w, WIRE_OPCODE_EVICT, id, timeout_ms);
+    wire_put_u32(w, handle);
+    put_optional_bytes(w, owner_auth, owner_authlen);
+    return wire_finish(w);
+}
+
+size_t wire_keys(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms)
+{
+    wire_begin(w, WIRE_OPCODE_KEYS, id, timeout_ms);
+    return wire_finish(w);
+}
+
 size_t wire_import(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t parent,
                    const uint8_t *key, size_t keylen, const uint8_t *parent_auth,
                    size_t parent_authlen)

@@ -81,6 +81,14 @@ size_t wire_import(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t pa
                    size_t parent_authlen);
 size_t wire_derive(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                    size_t key_id_len, const uint8_t *point, size_t pointlen);
+/* Persistent handles (the tpmbroker command sends these; the provider does not). The
+ * owner hierarchy's password is a trailing field, omitted when empty. */
+size_t wire_persist(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
+                    size_t key_id_len, uint32_t handle, const uint8_t *owner_auth,
+                    size_t owner_authlen);
+size_t wire_evict(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, uint32_t handle,
+                  const uint8_t *owner_auth, size_t owner_authlen);
+size_t wire_keys(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms);
 
 /* DECRYPT's fields (docs/protocol.md); hash, mgf1_hash and label are OAEP's, else 0. */
 typedef struct wire_decrypt_request {

@@ -75,6 +75,11 @@ static int encode(void)
         wire_import(&w, 16, 60000, 0x40000001, (const uint8_t *)"\x30\x03\x02\x01\x01", 5,
                     (const uint8_t *)"parentpass", 10));
     hex("import_parent_public_request", w.buf, wire_import(&w, 17, 5000, 0, NULL, 0, NULL, 0));
+    hex("persist_request", w.buf, wire_persist(&w, 15, 30000, kid, 32, 0x81000010u, NULL, 0));
+    hex("persist_owner_auth_request", w.buf,
+        wire_persist(&w, 16, 0, kid, 32, 0x81000010u, (const uint8_t *)"ownerpass", 9));
+    hex("evict_request", w.buf, wire_evict(&w, 17, 30000, 0x81000010u, NULL, 0));
+    hex("keys_request", w.buf, wire_keys(&w, 18, 0));
     hex("load_parent_auth_request", w.buf,
         wire_load_parent(&w, 13, 0, WIRE_KEY_SOURCE_TSS2_DER, key, sizeof(key), NULL, 0,
                          (const uint8_t *)"parentpass", 10));
@@ -170,7 +175,21 @@ static int print_result(uint8_t op, WIRE_READER *r)
         put_hex(b.p, b.len);
         break;
     case WIRE_OPCODE_UNLOAD:
+    case WIRE_OPCODE_EVICT:
         break;
+    case WIRE_OPCODE_KEYS:
+        a = wire_get_bytes(r);
+        printf(" ");
+        put_hex(a.p, a.len);
+        break;
+    case WIRE_OPCODE_PERSIST: {
+        unsigned long handle = wire_get_u32(r);
+
+        a = wire_get_bytes(r);
+        printf(" %lu ", handle);
+        put_hex(a.p, a.len);
+        break;
+    }
     default:
         return 0;
     }

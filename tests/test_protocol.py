@@ -85,11 +85,22 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "import_response": (16, ops.ImportResult(bytes.fromhex("0004aabbccdd"),
                                              bytes.fromhex("3003020102")), 0),
     "import_parent_public_response": (17, ops.ImportResult(bytes.fromhex("0004aabbccdd")), 0),
+    "persist_request": (15, ops.Persist(KID, 0x81000010), 30000),
+    "persist_owner_auth_request": (16, ops.Persist(KID, 0x81000010, b"ownerpass"), 0),
+    "persist_response": (15, ops.PersistResult(0x81000010, bytes.fromhex("000b")
+                                               + bytes(range(0x40, 0x60))), 0),
+    "error_persist_in_use": (15, p.ErrorResult(
+        Status.BAD_KEY, "0x81000010 is in use by another persistent object"), 0),
+    "evict_request": (17, ops.Evict(0x81000010), 30000),
+    "evict_response": (17, ops.EvictResult(), 0),
+    "keys_request": (18, ops.KeysRequest(), 0),
+    "keys_response": (18, ops.KeysResult('{"loaded":[],"persistent":[]}'), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,
                       "error_random_too_many": p.Opcode.RANDOM,
-                      "error_sign_message_too_long": p.Opcode.SIGN_MESSAGE}
+                      "error_sign_message_too_long": p.Opcode.SIGN_MESSAGE,
+                      "error_persist_in_use": p.Opcode.PERSIST}
 # Every other status, answering STATUS (request id 100 + status).
 for _status in Status:
     if _status in (Status.OK, Status.UNKNOWN_KEY, Status.AUTH_FAILED):
@@ -193,6 +204,8 @@ def test_plaintexts_never_appear_in_reprs() -> None:
 
 
 def test_passwords_never_appear_in_reprs() -> None:
+    assert "secret" not in repr(ops.Persist(KID, 0x81000010, b"secret"))
+    assert "secret" not in repr(ops.Evict(0x81000010, b"secret"))
     assert "secret" not in repr(ops.Load(1, b"k", b"secret"))
     assert "secret" not in repr(ops.Generate(1, 3, b"secret"))
     assert "secret" not in repr(ops.Load(1, b"k", b"", b"secret"))

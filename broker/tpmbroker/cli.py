@@ -147,6 +147,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_keys_per_connection=args.max_keys_per_connection,
         frame_timeout=args.frame_timeout,
         usage_interval=args.usage_interval,
+        admin_uids=_ids(args.admin_uid, "user"),
+        admin_gids=_ids(args.admin_gid, "group"),
     )
     if args.policy is not None:
         from .policy import PolicyError, load_policy
@@ -482,6 +484,59 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0 if report.failures == 0 and report.bad_signatures == 0 else 1
 
 
+def _handle(text: str) -> int:
+    """A persistent handle argument: 0x81xxxxxx, or handle:0x81xxxxxx."""
+    try:
+        handle = int(text.removeprefix("handle:"), 16)
+    except ValueError:
+        handle = -1
+    if not 0x81000000 <= handle <= 0x81FFFFFF:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a persistent handle, 0x81xxxxxx")
+    return handle
+
+
+def _owner_auth(args: argparse.Namespace) -> bytes | None:
+    from .client import read_password_file
+
+    return read_password_file(args.owner_auth_file) if args.owner_auth_file else None
+
+
+def _cmd_persist(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        key = _load(client, args)
+        name = client.persist(key, args.handle, owner_auth=_owner_auth(args))
+    print(f"0x{args.handle:08x} {name.hex()}")
+    return 0
+
+
+def _cmd_evict(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.evict(args.handle, owner_auth=_owner_auth(args))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        listing = client.keys()
+    if args.json:
+        print(json.dumps(listing, indent=2, sort_keys=True))
+        return 0
+    print("persistent handles:")
+    for obj in listing["persistent"]:
+        size = obj.get("curve") or obj.get("bits") or ""
+        policy = " policy" if obj.get("policy") else ""
+        attributes = "|".join(str(a) for a in obj.get("attributes", []))
+        print(f"  {obj['handle']}  {obj['type']} {size}{policy}  {attributes}")
+    print("loaded by the broker:")
+    for key in listing["loaded"]:
+        where = key.get("handle") if key.get("source") == "handle" else "file"
+        size = key.get("curve") or key.get("bits")
+        print(f"  {str(key['key_id'])[:16]}  {key['type']} {size}  {where}  "
+              f"connections {key.get('connections', 0)}"
+              f"{'' if key.get('resident') else '  (not resident)'}")
+    return 0
+
+
 def _cmd_provider_path(args: argparse.Namespace) -> int:
     path = provider_path()
     if not path.exists():
@@ -513,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="user (name or number) allowed to connect; repeatable")
     sp.add_argument("--allow-gid", action="append", default=[], metavar="GID",
                     help="group (name or number) allowed to connect; repeatable")
+    sp.add_argument("--admin-uid", action="append", default=[], metavar="UID",
+                    help="user allowed to persist and evict keys, besides root and the "
+                         "broker's own user; repeatable (docs/security.md)")
+    sp.add_argument("--admin-gid", action="append", default=[], metavar="GID",
+                    help="group allowed to persist and evict keys; repeatable")
     sp.add_argument("--da-reserve", type=int, default=1, metavar="N",
                     help="dictionary-attack counts the broker keeps unused below the TPM's "
                          "maxTries: password attempts on DA-protected keys are refused "
@@ -645,6 +705,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     client_opts(sp)
     sp.set_defaults(func=_cmd_load)
+
+    sp = sub.add_parser("persist", help="make a key persistent at a handle 0x81xxxxxx "
+                                        "(the broker's administrators only)")
+    sp.add_argument("key", help="key file (TSS2 PRIVATE KEY)")
+    sp.add_argument("handle", type=_handle, help="free persistent handle, 0x81000000 to "
+                                                 "0x817FFFFF")
+    sp.add_argument("--parent-auth-file", metavar="FILE",
+                    help="file whose first line is the password of the key's parent")
+    sp.add_argument("--owner-auth-file", metavar="FILE",
+                    help="file whose first line is the owner hierarchy's password")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_persist)
+
+    sp = sub.add_parser("evict", help="take a persistent key out of the TPM "
+                                      "(the broker's administrators only)")
+    sp.add_argument("handle", type=_handle, help="persistent handle, 0x81xxxxxx")
+    sp.add_argument("--owner-auth-file", metavar="FILE",
+                    help="file whose first line is the owner hierarchy's password")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_evict)
+
+    sp = sub.add_parser("keys", help="persistent handles and the keys the broker holds")
+    sp.add_argument("--json", action="store_true")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_keys)
 
     sp = sub.add_parser("simulator", help="run the embedded simulated TPM alone; prints its TCTI")
     sp.add_argument("--state-dir", default=str(default_state_dir()))

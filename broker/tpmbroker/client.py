@@ -515,6 +515,53 @@ class Client:
             raise ProtocolError("the broker's STATUS is not a JSON object")
         return data
 
+    # --- persistent handles (docs/python.md) ---------------------------------------------
+
+    def persist(self, key: LoadedKey | KeySpec | bytes | str | os.PathLike[str], handle: int,
+                *, parent_auth: bytes | str | None = None,
+                owner_auth: bytes | str | None = None,
+                timeout: float | None = None) -> bytes:
+        """Make a key persistent at `handle` (0x81000000 to 0x817FFFFF, free): a LoadedKey,
+        or a key file as load_key takes it (with its parent's password). Only the broker's
+        administrators may. `owner_auth`: the owner hierarchy's password, if it has one.
+        Returns the key's TPM Name; afterwards load_key(handle) uses it by handle."""
+        loaded = key if isinstance(key, LoadedKey) else self.load_key(
+            key, timeout=timeout, parent_auth=parent_auth)
+        result = self._call(ops.Persist(loaded.key_id, handle, _password(owner_auth)),
+                            timeout, loaded)
+        assert isinstance(result, ops.PersistResult)
+        if result.handle != handle:
+            raise ProtocolError(f"the broker persisted at 0x{result.handle:08x}, not at "
+                                f"0x{handle:08x}")
+        return result.name
+
+    def evict(self, handle: int, *, owner_auth: bytes | str | None = None,
+              timeout: float | None = None) -> None:
+        """Take the persistent object at `handle` out of the TPM (administrators only)."""
+        result = self._call(ops.Evict(handle, _password(owner_auth)), timeout)
+        assert isinstance(result, ops.EvictResult)
+
+    def keys(self, timeout: float | None = None) -> dict[str, list[dict[str, object]]]:
+        """{"persistent": [...], "loaded": [...]}: the TPM's persistent objects and the
+        keys the broker holds (docs/broker.md, Persistent keys)."""
+        result = self._call(ops.KeysRequest(), timeout)
+        assert isinstance(result, ops.KeysResult)
+        try:
+            data = json.loads(result.json)
+        except ValueError:
+            raise ProtocolError("the broker's KEYS is not JSON") from None
+        if not (isinstance(data, dict)
+                and all(isinstance(data.get(k), list) for k in ("persistent", "loaded"))):
+            raise ProtocolError("the broker's KEYS is not a JSON object with the lists "
+                                "persistent and loaded")
+        return data
+
+
+def _password(value: bytes | str | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
 
 def _hash(value: p.Hash | str) -> p.Hash:
     return value if isinstance(value, p.Hash) else p.Hash.from_name(value)

@@ -41,6 +41,9 @@ class Opcode(enum.IntEnum):
     DECRYPT = 0x09
     DERIVE = 0x0A
     SIGN_MESSAGE = 0x0B  # restricted keys: the TPM hashes the message, then signs
+    PERSIST = 0x0C  # a loaded key to a persistent handle (TPM2_EvictControl); admins only
+    EVICT = 0x0D  # a persistent handle out of the TPM (TPM2_EvictControl); admins only
+    KEYS = 0x0E  # persistent handles and the keys the broker holds, as JSON
     IMPORT = 0x0F  # a key wrapped to the TPM's parent (TPM2_Import) into a loadable key file
 
 

@@ -90,6 +90,10 @@ class ServerConfig:
     frame_timeout: float = FRAME_TIMEOUT
     policy: KeyPolicy | None = None  # per-key access control (tpmbroker.policy)
     usage_interval: float = 3600.0  # seconds between audit usage summaries
+    # Who may change persistent handles (PERSIST, EVICT), besides root and the broker's
+    # own uid (docs/security.md, Persistent handles).
+    admin_uids: frozenset[int] = frozenset()
+    admin_gids: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,6 +475,22 @@ class Incoming:
     def count(self, what: str, n: int = 1) -> None:
         self.conn.server.stats.served[what] += n
 
+    @property
+    def peer_is_admin(self) -> bool:
+        return self.conn.server.admin(self.conn.peer)
+
+    def key_holders(self) -> dict[str, list[int]]:
+        holders: dict[str, list[int]] = {}
+        for conn in self.conn.server.connections.values():
+            for key_id in conn.keys:
+                holders.setdefault(key_id.hex(), []).append(conn.peer.uid)
+        return holders
+
+    def audit(self, event: str, **fields: object) -> None:
+        peer = self.conn.peer
+        audit(event, logging.WARNING, pid=peer.pid, uid=peer.uid, exe=self.conn.who.exe,
+              **fields)
+
 
 class BrokerServer:
     def __init__(self, config: ServerConfig, worker: Worker) -> None:
@@ -584,6 +604,15 @@ class BrokerServer:
             return False
         groups = {peer.gid} | _supplementary_groups(peer.pid)
         return bool(groups & self.config.allow_gids)
+
+    def admin(self, peer: PeerCred) -> bool:
+        """May `peer` change the TPM's persistent handles (PERSIST, EVICT)?"""
+        if peer.uid in (0, self._own_uid) or peer.uid in self.config.admin_uids:
+            return True
+        if not self.config.admin_gids:
+            return False
+        groups = {peer.gid} | _supplementary_groups(peer.pid)
+        return bool(groups & self.config.admin_gids)
 
     def status(self, tpm: dict[str, object]) -> dict[str, object]:
         return {

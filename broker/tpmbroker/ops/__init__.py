@@ -14,6 +14,7 @@ from . import (
     generate,
     hello,
     import_key,
+    lifecycle,
     load,
     nv_read,
     random,
@@ -28,6 +29,7 @@ from .derive import Derive, DeriveResult
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
 from .import_key import Import, ImportResult
+from .lifecycle import Evict, EvictResult, KeysRequest, KeysResult, Persist, PersistResult
 from .load import Load, LoadResult
 from .nv_read import NvRead, NvReadResult
 from .random import Random, RandomResult
@@ -48,6 +50,9 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.DECRYPT: Operation(Decrypt, DecryptResult, decrypt.serve),
     Opcode.DERIVE: Operation(Derive, DeriveResult, derive.serve),
     Opcode.SIGN_MESSAGE: Operation(SignMessage, SignMessageResult, sign_message.serve),
+    Opcode.PERSIST: Operation(Persist, PersistResult, lifecycle.serve_persist),
+    Opcode.EVICT: Operation(Evict, EvictResult, lifecycle.serve_evict),
+    Opcode.KEYS: Operation(KeysRequest, KeysResult, lifecycle.serve_keys),
     Opcode.IMPORT: Operation(Import, ImportResult, import_key.serve),
 }
 
@@ -62,17 +67,23 @@ __all__ = [
     "DecryptResult",
     "Derive",
     "DeriveResult",
+    "Evict",
+    "EvictResult",
     "Generate",
     "GenerateResult",
     "Hello",
     "HelloResult",
     "Import",
     "ImportResult",
+    "KeysRequest",
+    "KeysResult",
     "Load",
     "LoadResult",
     "NvRead",
     "NvReadResult",
     "Operation",
+    "Persist",
+    "PersistResult",
     "Random",
     "RandomResult",
     "Request",

@@ -48,6 +48,13 @@ class Worker(Protocol):
     def import_key(self, key: bytes, deadline: float, *, parent: int = 0,
                    parent_auth: bytes = b"", peer: int = -1) -> tuple[bytes, bytes]:
         """TPM2_Import of an importable key file: (parent's TPM2B_PUBLIC, loadable DER)."""
+    def persist(self, key_id: bytes, handle: int, deadline: float, *,
+                owner_auth: bytes = b"", peer: int = -1) -> bytes:
+        """EvictControl of a loaded key to `handle`; the key's Name."""
+    def evict(self, handle: int, deadline: float, *, owner_auth: bytes = b"") -> None: ...
+    def keys(self, deadline: float) -> dict[str, Any]:
+        """{"persistent": [...], "loaded": [...]}: the TPM's persistent handles and the
+        keys the worker knows (ops/lifecycle.py)."""
     def lane_sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
                   digest: bytes, peer: int = -1) -> Any:
         """The TPM2_Sign for the lane, ready to send, or None: the worker thread serves it."""
@@ -86,6 +93,16 @@ class Request(Protocol):
     def broker_status(self, tpm: dict[str, object]) -> dict[str, object]: ...
     def count(self, what: str, n: int = 1) -> None:
         """Add to one of the broker's counters (status)."""
+
+    @property
+    def peer_is_admin(self) -> bool:
+        """May this peer change persistent handles (PERSIST, EVICT)?"""
+
+    def key_holders(self) -> dict[str, list[int]]:
+        """Key id (hex) -> the uid of each connection that has it LOADed."""
+
+    def audit(self, event: str, **fields: object) -> None:
+        """A security event, with this peer's pid, uid and executable."""
 
 
 def member(cls: Any, value: int, what: str) -> Any:

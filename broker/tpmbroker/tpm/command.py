@@ -704,3 +704,37 @@ def ecdh_zgen_result(parameters: bytes) -> bytes:
     if first_sized_length(rest) + 2 != len(rest):
         raise malformed()
     return point[2:2 + x_size]
+
+
+# --- TPM2_EvictControl and TPM2_ReadPublic: persistent handles ------------------------------
+
+CC_EVICT_CONTROL = 0x00000120
+CC_READ_PUBLIC = 0x00000173
+# The one parameter, persistentHandle, is no sized buffer: nothing to encrypt. The owner
+# hierarchy's password enters only the session's HMAC key.
+EVICT_CONTROL_ATTRIBUTES = sc.CONTINUE_SESSION
+
+
+def prepare_evict_control(session: sc.SessionState, owner_auth: bytes, object_handle: int,
+                          object_name: bytes, persistent_handle: int) -> PendingCommand:
+    """TPM2_EvictControl(auth=OWNER, objectHandle, persistentHandle): a transient object
+    made persistent at `persistent_handle`, or (`object_handle` persistent, the same
+    handle) a persistent object taken out. `object_name` is the object's Name."""
+    owner = int(TPM2_RH.OWNER)
+    return prepare(session, CC_EVICT_CONTROL, (owner, object_handle),
+                   (U32.pack(owner), object_name), owner_auth, None,
+                   U32.pack(persistent_handle), EVICT_CONTROL_ATTRIBUTES)
+
+
+def read_public(transport: Transport, handle: int) -> tuple[Any, bytes]:
+    """(TPMT_PUBLIC, Name) of a loaded or persistent object; needs no authorization."""
+    body = plain_command(CC_READ_PUBLIC, (handle,), b"", transport)
+    try:
+        public, used = TPM2B_PUBLIC.unmarshal(body)
+        name, used2 = TPM2B_NAME.unmarshal(body[used:])
+        _, used3 = TPM2B_NAME.unmarshal(body[used + used2:])  # qualifiedName
+    except (TSS2_Exception, ValueError):
+        raise malformed() from None
+    if used + used2 + used3 != len(body):
+        raise malformed()
+    return public.publicArea, bytes(name)

@@ -534,6 +534,17 @@ class KeyCache:
         """Keys with a handle in the TPM now, least recently used first."""
         return (key for key in list(self._keys.values()) if key.handle is not None)
 
+    def remove_persistent(self, handle: int) -> list[CachedKey]:
+        """Forget the keys loaded by persistent handle `handle` (it was evicted)."""
+        gone = [key for key in self._keys.values() if key.persistent_handle == handle]
+        for key in gone:
+            del self._keys[key.info.key_id]
+        return gone
+
+    def __iter__(self) -> Iterator[CachedKey]:
+        """Every key, least recently used first."""
+        return iter(list(self._keys.values()))
+
     def forget_handles(self) -> None:
         """The ESAPI context is gone: nothing is loaded any more as far as we know."""
         for key in self._keys.values():

@@ -97,6 +97,18 @@ class Objects:
             self._persistent[handle] = tr
         return tr
 
+    def forget_persistent(self, handle: int) -> list[bytes]:
+        """The persistent handle `handle` was evicted (or found free): drop its ESYS_TR
+        and the keys loaded by it (their connections get UNKNOWN_KEY, and LOADing the
+        handle again says it is gone). The key ids dropped."""
+        tr = self._persistent.pop(handle, None)
+        if tr is not None:
+            self._names.pop(int(tr), None)
+            if self.link.up:
+                with contextlib.suppress(TSS2_Exception):
+                    self._ectx.tr_close(tr)
+        return [key.info.key_id for key in self.keys.remove_persistent(handle)]
+
     def describe_persistent(self, key_id: bytes, key: bytes) -> CachedKey:
         if len(key) != 4:
             raise BadKeyError(f"a persistent handle is 4 bytes, not {len(key)}")

@@ -72,7 +72,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..protocol import key_id_for
-from . import command, depad, pss
+from . import command, depad, persistent, pss
 from . import keys as keymod
 from .keys import CachedKey, KeyInfo
 from .link import Link, frame_command, split_response
@@ -760,6 +760,115 @@ class TpmWorker:
         plaintext = self._with_password(entry, auth, peer, deadline, decrypt)
         self.objects.keys.touch(key_id)
         return plaintext
+
+    # --- persistent handles (ops/lifecycle.py) ------------------------------------------
+
+    def persist(self, key_id: bytes, handle: int, deadline: float, *,
+                owner_auth: bytes = b"", peer: int = -1) -> bytes:
+        """Make a loaded key persistent at `handle` (TPM2_EvictControl, the owner
+        hierarchy's password proved by a pool session's HMAC); the key's Name. A handle
+        in use is refused, never overwritten."""
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        if not entry.is_transient:
+            raise BadKeyError(f"the key is persistent already, at "
+                              f"0x{entry.persistent_handle:08x}")
+        if len(owner_auth) > MAX_AUTH:
+            raise AuthFailedError(f"the owner hierarchy's password is at most {MAX_AUTH} "
+                                  "bytes")
+
+        def evict_control() -> bytes:
+            if handle in self._persistent_handles(handle, 1):
+                raise BadKeyError(f"0x{handle:08x} is in use by another persistent object; "
+                                  "evict it first (tpmbroker evict) or choose another handle")
+            self.objects.forget_persistent(handle)  # whatever the broker knew there is gone
+            key_handle, name = self.objects.handle_and_name(self.objects.resident(entry))
+            self._execute(deadline, lambda session: command.prepare_evict_control(
+                session, owner_auth, key_handle, name, handle), lambda _: None)
+            return name
+
+        return self._evict_control(deadline, f"persisting the key at 0x{handle:08x}",
+                                   handle, evict_control)
+
+    def evict(self, handle: int, deadline: float, *, owner_auth: bytes = b"") -> None:
+        """Take the persistent object at `handle` out of the TPM; keys loaded by that
+        handle are forgotten (their clients get UNKNOWN_KEY, then a LOAD that fails)."""
+        if len(owner_auth) > MAX_AUTH:
+            raise AuthFailedError(f"the owner hierarchy's password is at most {MAX_AUTH} "
+                                  "bytes")
+
+        def evict_control() -> None:
+            try:
+                _, name = command.read_public(self.link.require(), handle)
+            except TSS2_Exception as exc:
+                if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                    raise BadKeyError(f"no persistent object at 0x{handle:08x}",
+                                      tpm_rc=int(exc.rc)) from None
+                raise
+            self._execute(deadline, lambda session: command.prepare_evict_control(
+                session, owner_auth, handle, name, handle), lambda _: None)
+
+        self._evict_control(deadline, f"evicting 0x{handle:08x}", handle, evict_control)
+        dropped = self.objects.forget_persistent(handle)
+        if dropped:
+            log.info("evicted 0x%08x: forgot %d key(s) loaded by that handle", handle,
+                     len(dropped))
+
+    def _evict_control(self, deadline: float, doing: str, handle: int,
+                       operation: Callable[[], T]) -> T:
+        """`operation` (a TPM2_EvictControl), its refusals said in the owner's terms."""
+        try:
+            return self._run(deadline, doing, operation)
+        except AuthFailedError as exc:
+            # Hierarchy authorizations count no dictionary-attack failures.
+            raise AuthFailedError(f"wrong password for the owner hierarchy while {doing}",
+                                  tpm_rc=exc.tpm_rc) from None
+        except TpmError as exc:
+            code = tpm_code(exc.tpm_rc)
+            if code == 0x14C:  # TPM_RC_NV_DEFINED
+                raise BadKeyError(f"0x{handle:08x} is in use by another persistent object",
+                                  tpm_rc=exc.tpm_rc) from None
+            if code == 0x14B:  # TPM_RC_NV_SPACE
+                raise TpmError("the TPM has no room for another persistent object; evict "
+                               "one first", tpm_rc=exc.tpm_rc) from None
+            if code == 0x149:  # TPM_RC_HIERARCHY
+                raise BadKeyError(f"0x{handle:08x}: the key's hierarchy is not the owner's "
+                                  "or is disabled", tpm_rc=exc.tpm_rc) from None
+            raise
+
+    def keys(self, deadline: float) -> dict[str, Any]:
+        """The TPM's persistent objects (TPM2_GetCapability, TPM2_ReadPublic) and the keys
+        the worker knows, for KEYS."""
+        def read() -> list[dict[str, object]]:
+            transport = self.link.require()
+            listed = []
+            for handle in self._persistent_handles(keymod.PERSISTENT_FIRST):
+                try:
+                    public, name = command.read_public(transport, handle)
+                except TSS2_Exception as exc:
+                    if tpm_code(int(exc.rc)) in (0x08B, 0x084):
+                        continue  # evicted by another TPM user meanwhile
+                    raise
+                listed.append(persistent.describe_object(handle, public, name))
+            return listed
+
+        return {"persistent": self._run(deadline, "listing persistent handles", read),
+                "loaded": [persistent.describe_loaded(entry) for entry in self.objects.keys]}
+
+    def _persistent_handles(self, first: int, count: int | None = None) -> list[int]:
+        """Persistent handles from `first` on (TPM2_GetCapability TPM_CAP_HANDLES), at
+        most `count` of them, or all."""
+        handles: list[int] = []
+        while count is None or len(handles) < count:
+            want = 64 if count is None else count - len(handles)
+            more, data = self.link.ectx.get_capability(TPM2_CAP.HANDLES, first, want)
+            got = [int(h) for h in data.data.handles if keymod.is_persistent(int(h))]
+            handles += got
+            if not more or not got or len(got) < len(data.data.handles):
+                break
+            first = got[-1] + 1
+        return handles if count is None else handles[:count]
 
     # --- what this TPM has ----------------------------------------------------------------
 

@@ -279,13 +279,51 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         digest = p.Hash.from_name(args.digest) if args.digest is not None else None
     except ValueError as exc:
         raise SystemExit(f"tpmbroker keygen: {exc}") from None
+    password = _password(args)
+    policy = _keygen_policy(args, bool(password))
     with _client(args) as client:
-        der, _spki = client.generate_key(p.KeyType(key_type), param, _password(args),
+        der, _spki = client.generate_key(p.KeyType(key_type), param, password,
                                          int(args.parent, 0), usage=p.Usage(USAGES[args.usage]),
                                          hash_alg=digest,
-                                         parent_auth=_parent_auth(args, int(args.parent, 0)))
+                                         parent_auth=_parent_auth(args, int(args.parent, 0)),
+                                         policy=policy)
     _write(args.output, der_to_pem(der), 0o600)
     return 0
+
+
+def _keygen_policy(args: argparse.Namespace, password: bool) -> bytes:
+    """The GENERATE policy field for --pcr-lock / --pcr-values; a password with a policy
+    adds TPM2_PolicyAuthValue (as create_tpm2_key does)."""
+    from . import keypolicy
+
+    if args.pcr_lock is None:
+        if args.pcr_values is not None:
+            raise SystemExit("tpmbroker keygen: --pcr-values goes with --pcr-lock")
+        return b""
+    try:
+        selections = keypolicy.parse_pcr_lock(args.pcr_lock)
+    except ValueError as exc:
+        raise SystemExit(f"tpmbroker keygen: --pcr-lock: {exc}") from None
+    digest = b""
+    if args.pcr_values is not None:
+        wanted = sum(len(s.pcrs) for s in selections)
+        try:
+            values = [bytes.fromhex(v.strip()) for v in args.pcr_values.split(",")]
+        except ValueError:
+            raise SystemExit("tpmbroker keygen: --pcr-values: hex values, comma-separated"
+                             ) from None
+        if len(values) != wanted:
+            raise SystemExit(f"tpmbroker keygen: --pcr-values: {len(values)} values for "
+                             f"{wanted} PCRs")
+        for selection, value in zip((s for s in selections for _ in s.pcrs), values, strict=True):
+            if len(value) != selection.bank.digest_size:
+                raise SystemExit(f"tpmbroker keygen: --pcr-values: a {selection.bank.name} "
+                                 f"PCR value is {selection.bank.digest_size} bytes")
+        digest = keypolicy.pcr_digest(values)
+    steps = [keypolicy.pcr_step(selections, digest)]
+    if password:
+        steps.append(keypolicy.auth_value_step())
+    return keypolicy.encode_request(steps)
 
 
 def _spki_pem(spki: bytes) -> bytes:
@@ -460,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--parent-auth-file", metavar="FILE",
                     help="file whose first line is the parent's password (default: "
                          "$TPMBROKER_PARENT_AUTH, else $TPM2OPENSSL_PARENT_AUTH)")
+    sp.add_argument("--pcr-lock", metavar="[BANK:]PCRS",
+                    help="bind the key to PCR values: 16, 16,17, sha256:16-17, "
+                         "sha1:7+sha256:16 (default bank sha256); with a password the key "
+                         "needs both (docs/keys.md)")
+    sp.add_argument("--pcr-values", metavar="HEX,...",
+                    help="with --pcr-lock: the PCR values to bind to, in PCR order (default: "
+                         "the PCRs' current values)")
     sp.add_argument("-o", "--output", required=True)
     client_opts(sp)
     sp.set_defaults(func=_cmd_keygen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
 from cryptography.hazmat import asn1
@@ -28,6 +28,7 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
+from .. import keypolicy
 from ..definitions import Padding
 from ..errors import BadDigestError, BadKeyError, UnsupportedError
 from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
@@ -67,12 +68,14 @@ class _Tss2KeyAsn1:
     """TSS2 PRIVATE KEY (TPM 2.0 Key File spec), decoded as strict DER.
 
     emptyAuth may be absent (then the key needs a password), and the newer format's
-    optional secret [2], description [4] and rsaParent [5] may appear. Keys carrying a
-    policy [1] or authPolicy [3] fail to parse: the broker cannot satisfy policies.
+    optional secret [2], description [4] and rsaParent [5] may appear. A policy [1] is
+    replayed in a policy session (keypolicy.py); keys carrying authPolicy [3]
+    (signed policies) fail to parse.
     """
 
     object_type: ObjectIdentifier
     empty_auth: Annotated[bool | None, asn1.Explicit(0)]
+    policy: Annotated[list[keypolicy.PolicyAsn1] | None, asn1.Explicit(1)]
     secret: Annotated[bytes | None, asn1.Explicit(2)]
     description: Annotated[str | None, asn1.Explicit(4)]
     rsa_parent: Annotated[bool | None, asn1.Explicit(5)]
@@ -87,6 +90,9 @@ class Tss2Key:
 
     tss: Any  # TSSPrivKey
     rsa_parent: bool  # the file asks for the H-1 RSA storage primary as parent
+    # The key's policy commands, replayed in a policy session before each use; empty
+    # for a key authorized by its password alone.
+    policy: tuple[keypolicy.PolicyStep, ...] = ()
 
     @property
     def parent(self) -> int:
@@ -120,7 +126,8 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
     private = _tpm2b(TPM2B_PRIVATE, seq.private, "private")
     # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
     tss = TSSPrivKey(private, public, empty_auth=bool(seq.empty_auth), parent=seq.parent)
-    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent))
+    policy = tuple(keypolicy.from_asn1(seq.policy)) if seq.policy is not None else ()
+    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent), policy=policy)
     if not (key.parent == STORAGE_PRIMARY or is_persistent(key.parent)):
         raise UnsupportedError(f"key parent 0x{key.parent:08x} is neither the storage "
                                "primary (0x40000001) nor a persistent handle")
@@ -128,7 +135,21 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
         check_signing_key(key.public.publicArea)
     except (ValueError, TypeError, TSS2_Exception) as exc:
         raise BadKeyError(f"cannot read the key's public area: {exc}") from None
+    if policy:
+        check_key_policy(key.public.publicArea, policy)
     return key
+
+
+def check_key_policy(public: Any, policy: Sequence[keypolicy.PolicyStep]) -> None:
+    """BadKeyError unless `policy` is one the broker replays and its digest is the key's
+    authPolicy: a file whose policy cannot open its key is refused at LOAD."""
+    try:
+        name_alg = Hash(int(public.nameAlg))
+    except ValueError:
+        raise UnsupportedError(f"key name hash 0x{int(public.nameAlg):04x}") from None
+    if bytes(public.authPolicy) != keypolicy.policy_digest(policy, name_alg):
+        raise BadKeyError("the key file's policy does not give the key's authPolicy: "
+                          "the TPM would refuse every use")
 
 
 def _tolerate_true_01(der: bytes) -> bytes:
@@ -422,9 +443,17 @@ def generation_template(key_type: KeyType, param: int, password: bool = False,
     raise UnsupportedError(f"unsupported key type {key_type!r}")
 
 
-def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int) -> bytes:
-    """DER TSS2 PRIVATE KEY for a key made by TPM2_Create."""
-    return bytes(TSSPrivKey(private, public, empty_auth=empty_auth, parent=parent).to_der())
+def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int,
+                 policy: Sequence[keypolicy.PolicyStep] = ()) -> bytes:
+    """DER TSS2 PRIVATE KEY for a key made by TPM2_Create, with its policy [1] if any."""
+    if not policy:
+        return bytes(TSSPrivKey(private, public, empty_auth=empty_auth,
+                                parent=parent).to_der())
+    seq = _Tss2KeyAsn1(object_type=_TSS2_KEY_OID, empty_auth=True if empty_auth else None,
+                       policy=keypolicy.to_asn1(policy), secret=None, description=None,
+                       rsa_parent=None, parent=parent, public=bytes(public.marshal()),
+                       private=bytes(private.marshal()))
+    return bytes(asn1.encode_der(seq))
 
 
 # --- the cache ------------------------------------------------------------------------
@@ -450,6 +479,11 @@ class CachedKey:
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+
+    @property
+    def policy(self) -> tuple[keypolicy.PolicyStep, ...]:
+        """The policy commands that authorize the key; empty: its password does."""
+        return self.blob.policy if self.blob is not None else ()
 
     @property
     def restricted(self) -> bool:

@@ -1,0 +1,273 @@
+"""Keys bound to PCRs, end to end: swtpm, the real broker, the `tpmbroker` command, the
+Python client and the openssl CLI with tpmbroker.so.
+
+A key locked to PCR 16 signs; after PCR 16 is extended it is refused with POLICY_FAILED
+naming the PCR, and no dictionary-attack count is spent; after a TPM restart (PCRs reset)
+it signs again. A key with a password and a PCR policy needs both. The policy encoding is
+checked against the TPM's own policy digest (a trial session) and the TSS2 PRIVATE KEY
+ASN.1 definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from tpmbroker import keypolicy
+from tpmbroker import protocol as p
+from tpmbroker.client import Client
+from tpmbroker.errors import AuthFailedError, BadKeyError, PolicyFailedError, Status
+from tpmbroker.keyfile import pem_to_der
+from tpmbroker.paths import provider_path
+from tpmbroker.simulator import Swtpm
+
+from .tpmfixtures import Broker, raise_max_tries
+
+TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
+MODDIR = str(provider_path().parent)
+PROV = ["-provider-path", MODDIR, "-provider", "default", "-provider", "tpmbroker"]
+OPENSSL = shutil.which("openssl") or "openssl"
+SHA256_ZERO = bytes(32)
+
+
+# --- the encoding, without a TPM ----------------------------------------------------------
+
+def test_pcr_lock_spellings() -> None:
+    sel = keypolicy.parse_pcr_lock
+    assert sel("16") == [keypolicy.PcrSelection(p.Hash.SHA256, (16,))]
+    assert sel("sha256:16,17") == [keypolicy.PcrSelection(p.Hash.SHA256, (16, 17))]
+    assert sel("sha1:7+sha256:0-2") == [keypolicy.PcrSelection(p.Hash.SHA1, (7,)),
+                                        keypolicy.PcrSelection(p.Hash.SHA256, (0, 1, 2))]
+    for bad in ("24", "md5:1", "x", "3-1"):
+        with pytest.raises(ValueError):
+            sel(bad)
+
+
+def test_selection_marshals_as_tpml_pcr_selection() -> None:
+    selections = keypolicy.parse_pcr_lock("sha256:16,17")
+    raw = keypolicy.marshal_selection(selections)
+    # count 1, TPM_ALG_SHA256, sizeofSelect 3, PCRs 16 and 17 in the third byte
+    assert raw == bytes.fromhex("00000001" "000b" "03" "000003")
+    assert keypolicy.unmarshal_selection(raw) == (selections, len(raw))
+
+
+def test_policy_digest_is_the_tpms(swtpm: Swtpm) -> None:
+    """Our digest of PolicyPCR(16) + PolicyAuthValue equals the one the TPM computes in a
+    trial session over the same PCRs."""
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
+    from tpm2_pytss.types import TPM2B_DIGEST, TPML_PCR_SELECTION, TPMT_SYM_DEF
+
+    with ESAPI(swtpm.tcti) as ectx:
+        pcr16_extend(ectx, b"boot")  # not all zero
+        _, _, values = ectx.pcr_read(TPML_PCR_SELECTION.parse("sha256:16"))
+        trial = ectx.start_auth_session(
+            tpm_key=ESYS_TR.NONE, bind=ESYS_TR.NONE, session_type=TPM2_SE.TRIAL,
+            symmetric=TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), auth_hash=TPM2_ALG.SHA256)
+        ectx.policy_pcr(trial, TPM2B_DIGEST(), TPML_PCR_SELECTION.parse("sha256:16"))
+        ectx.policy_auth_value(trial)
+        tpm_digest = bytes(ectx.policy_get_digest(trial))
+        ectx.flush_context(trial)
+    current = bytes(values.digests[0])
+    steps = [keypolicy.pcr_step(keypolicy.parse_pcr_lock("16"),
+                                keypolicy.pcr_digest([current])),
+             keypolicy.auth_value_step()]
+    assert keypolicy.policy_digest(steps) == tpm_digest
+
+
+def pcr16_extend(ectx: Any, measured: bytes) -> None:
+    """tpm2_pcrextend 16:sha256=H(measured), with tpm2-pytss."""
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+    from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+    value = TPMT_HA(hashAlg=TPM2_ALG.SHA256,
+                    digest=TPMU_HA(sha256=hashlib.sha256(measured).digest()))
+    ectx.pcr_extend(ESYS_TR.PCR16, TPML_DIGEST_VALUES([value]))
+
+
+def _elements(body: bytes) -> list[tuple[int, bytes]]:
+    """(tag, contents) of each DER element in `body`, by hand."""
+    pos, out = 0, []
+    while pos < len(body):
+        tag, length = body[pos], body[pos + 1]
+        pos += 2
+        if length & 0x80:
+            n = length & 0x7F
+            length = int.from_bytes(body[pos:pos + n], "big")
+            pos += n
+        out.append((tag, body[pos:pos + length]))
+        pos += length
+    assert pos == len(body)
+    return out
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+def keygen(broker: Broker, out: Path, *args: str, password: str | None = None,
+           tmp: Path | None = None) -> subprocess.CompletedProcess[str]:
+    extra = []
+    if password is not None:
+        assert tmp is not None
+        (tmp / "pw").write_text(password + "\n")
+        extra = ["--password-file", str(tmp / "pw")]
+    return subprocess.run([TPMBROKER, "keygen", "--socket", broker.socket, *args, *extra,
+                           "-o", str(out)], capture_output=True, text=True, timeout=120)
+
+
+def verify(spki: bytes, signature: bytes, digest: bytes) -> None:
+    public = load_der_public_key(spki)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+def extend_pcr16(broker: Broker, swtpm: Swtpm) -> None:
+    """tpm2_pcrextend's job with tpm2-pytss, while the broker is stopped (swtpm serves
+    one connection at a time)."""
+    from tpm2_pytss import ESAPI
+
+    broker.stop()
+    with ESAPI(swtpm.tcti) as ectx:
+        pcr16_extend(ectx, b"an update")
+    broker.start()
+
+
+def lockout_counter(client: Client) -> int:
+    value = client.status()["tpm_lockout_counter"]
+    assert isinstance(value, int)
+    return value
+
+
+def test_pcr_locked_key_signs_is_refused_after_extend_and_signs_after_restart(
+        swtpm: Swtpm, tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    with Broker(swtpm.tcti, tmp_path / "broker") as broker:
+        made = keygen(broker, key, "--alg", "ec:P-256", "--pcr-lock", "sha256:16")
+        assert made.returncode == 0, made.stderr
+        der = pem_to_der(key.read_bytes())
+        # TPMKey: type, emptyAuth [0], policy [1] (SEQUENCE OF TPMPolicy), parent, ...
+        ((outer, contents),) = _elements(der)
+        fields = _elements(contents)
+        assert outer == 0x30
+        assert [tag for tag, _ in fields] == [0x06, 0xA0, 0xA1, 0x02, 0x04, 0x04]
+        ((seq_of, policies),) = _elements(fields[2][1])
+        assert seq_of == 0x30
+        ((entry, policy),) = _elements(policies)
+        assert entry == 0x30
+        code, body = _elements(policy)
+        # commandCode [0] EXPLICIT INTEGER TPM_CC_PolicyPCR
+        assert code == (0xA0, bytes.fromhex("0202017f"))
+        # commandPolicy [1] EXPLICIT OCTET STRING: TPML_PCR_SELECTION sha256:16, digest
+        assert body[0] == 0xA1 and body[1][0] == 0x04
+        assert body[1][2:] == bytes.fromhex("00000001000b03000001") + hashlib.sha256(
+            SHA256_ZERO).digest()
+
+        digest = hashlib.sha256(b"pcr").digest()
+        with Client(broker.socket) as client:
+            loaded = client.load_key(key)
+            verify(loaded.public_key, client.sign(loaded, digest), digest)
+            before = lockout_counter(client)
+            status = client.status()
+            assert status["policy_pool_size"] == 1
+
+        extend_pcr16(broker, swtpm)
+        with Client(broker.socket) as client:
+            loaded = client.load_key(key)  # loading needs no policy
+            with pytest.raises(PolicyFailedError) as refused:
+                client.sign(loaded, digest)
+            assert refused.value.status is Status.POLICY_FAILED
+            assert "PCR 16 (sha256) does not match the key's policy" in refused.value.message
+            assert lockout_counter(client) == before  # no dictionary-attack count
+
+        swtpm.restart()  # Startup(CLEAR): PCR 16 back to zeros; the broker reconnects
+        with Client(broker.socket) as client:
+            loaded = client.load_key(key)
+            verify(loaded.public_key, client.sign(loaded, digest), digest)
+
+
+def test_pcr_locked_key_through_the_provider(swtpm: Swtpm, tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    with Broker(swtpm.tcti, tmp_path / "broker") as broker:
+        made = keygen(broker, key, "--alg", "rsa:2048", "--pcr-lock", "16")
+        assert made.returncode == 0, made.stderr
+        env_sign = _provider_sign(broker, key, tmp_path)
+        assert env_sign.returncode == 0, env_sign.stderr
+        with Client(broker.socket) as client:
+            spki = client.load_key(key).public_key
+        public = load_der_public_key(spki)
+        assert isinstance(public, rsa.RSAPublicKey)
+        public.verify((tmp_path / "sig").read_bytes(), (tmp_path / "data").read_bytes(),
+                      padding.PKCS1v15(), hashes.SHA256())
+        extend_pcr16(broker, swtpm)
+        refused = _provider_sign(broker, key, tmp_path)
+        assert refused.returncode != 0
+        assert "PCR 16 (sha256) does not match the key's policy" in refused.stderr
+
+
+def _provider_sign(broker: Broker, key: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    data = tmp / "data"
+    data.write_bytes(b"signed by a PCR-bound key")
+    return subprocess.run(
+        [OPENSSL, "pkeyutl", "-sign", *PROV, "-inkey", str(key), "-rawin", "-digest",
+         "sha256", "-in", str(data), "-out", str(tmp / "sig")],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "TPMBROKER_SOCKET": broker.socket,
+             "TPMBROKER_DEBUG": "1"})
+
+
+def test_pcr_values_given_and_password_with_policy(swtpm: Swtpm, tmp_path: Path) -> None:
+    """--pcr-values binds to given values (zeros: PCR 16 after a reset); a password with
+    a policy needs both: the wrong password is refused and counts once, the right one
+    signs; and the password cannot stand in for the policy."""
+    raise_max_tries(swtpm)
+    key = tmp_path / "key.pem"
+    with Broker(swtpm.tcti, tmp_path / "broker") as broker:
+        made = keygen(broker, key, "--pcr-lock", "16", "--pcr-values", SHA256_ZERO.hex(),
+                      password="s3cret", tmp=tmp_path)
+        assert made.returncode == 0, made.stderr
+        digest = hashlib.sha256(b"both").digest()
+        with Client(broker.socket) as client:
+            before = lockout_counter(client)
+            wrong = client.load_key(key, "wrong")
+            with pytest.raises(AuthFailedError):
+                client.sign(wrong, digest)
+            assert lockout_counter(client) == before + 1
+            right = client.load_key(key, "s3cret")
+            verify(right.public_key, client.sign(right, digest), digest)
+        # A policy that asks for other PCR values: refused before any password counts.
+        other = tmp_path / "other.pem"
+        made = keygen(broker, other, "--pcr-lock", "16", "--pcr-values", "11" * 32,
+                      password="s3cret", tmp=tmp_path)
+        assert made.returncode == 0, made.stderr
+        with Client(broker.socket) as client:
+            before = lockout_counter(client)
+            loaded = client.load_key(other, "s3cret")
+            with pytest.raises(PolicyFailedError, match="PCR 16"):
+                client.sign(loaded, digest)
+            assert lockout_counter(client) == before
+
+
+def test_bad_policies_are_refused(swtpm: Swtpm, tmp_path: Path) -> None:
+    with Broker(swtpm.tcti, tmp_path / "broker") as broker:
+        bad = subprocess.run([TPMBROKER, "keygen", "--socket", broker.socket, "--pcr-lock",
+                              "16", "--pcr-values", "00", "-o", str(tmp_path / "k.pem")],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "32 bytes" in bad.stderr
+        with Client(broker.socket) as client:
+            der, _ = client.generate_key(p.KeyType.EC, p.Curve.P256, policy=(
+                keypolicy.encode_request([keypolicy.pcr_step(
+                    keypolicy.parse_pcr_lock("16"))])))
+            # The file's policy altered: its digest is no longer the key's authPolicy.
+            tampered = der.replace(bytes.fromhex("000b03000001"),
+                                   bytes.fromhex("000b03000002"))
+            assert tampered != der
+            with pytest.raises(BadKeyError, match="authPolicy"):
+                client.load_key(tampered)

@@ -11,9 +11,12 @@ ASN.1 definition.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +274,113 @@ def test_bad_policies_are_refused(swtpm: Swtpm, tmp_path: Path) -> None:
             assert tampered != der
             with pytest.raises(BadKeyError, match="authPolicy"):
                 client.load_key(tampered)
+
+
+# --- many signers at once ----------------------------------------------------------------------
+
+# The provider through ctypes to the system libcrypto (its calls release the GIL): thread i
+# signs with the PCR-bound key when i is even, with the plain key when odd; the children
+# fork before any thread starts and run the same threads. Prints the failures of this
+# process and the children's exit codes.
+_SIGNERS = textwrap.dedent("""\
+    import ctypes, os, sys, threading
+    lib = ctypes.CDLL("libcrypto.so.3")
+    lib.OSSL_PROVIDER_set_default_search_path(None, sys.argv[1].encode())
+    lib.OSSL_PROVIDER_load.restype = ctypes.c_void_p
+    assert lib.OSSL_PROVIDER_load(None, b"tpmbroker")
+    assert lib.OSSL_PROVIDER_load(None, b"default")
+    for name in ("BIO_new_mem_buf", "PEM_read_bio_PrivateKey", "EVP_PKEY_CTX_new_from_pkey"):
+        getattr(lib, name).restype = ctypes.c_void_p
+    lib.PEM_read_bio_PrivateKey.argtypes = [ctypes.c_void_p] * 4
+    lib.EVP_PKEY_CTX_new_from_pkey.argtypes = [ctypes.c_void_p] * 3
+    for name in ("EVP_PKEY_CTX_free", "EVP_PKEY_sign_init"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    lib.EVP_PKEY_sign.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                  ctypes.POINTER(ctypes.c_size_t), ctypes.c_char_p,
+                                  ctypes.c_size_t]
+
+    def read(path):
+        data = open(path, "rb").read()
+        key = lib.PEM_read_bio_PrivateKey(lib.BIO_new_mem_buf(data, len(data)), None, None,
+                                          None)
+        assert key, path
+        return key
+
+    keys = [read(sys.argv[2]), read(sys.argv[3])]
+    rounds, threads, children = (int(a) for a in sys.argv[4:7])
+    failures = []
+
+    def sign(key):
+        ctx = lib.EVP_PKEY_CTX_new_from_pkey(None, key, None)
+        out = ctypes.create_string_buffer(512)
+        n = ctypes.c_size_t(512)
+        ok = (lib.EVP_PKEY_sign_init(ctx) == 1
+              and lib.EVP_PKEY_sign(ctx, out, ctypes.byref(n), bytes(32), 32) == 1)
+        lib.EVP_PKEY_CTX_free(ctx)
+        return ok
+
+    def worker(key):
+        for _ in range(rounds):
+            if not sign(key):
+                failures.append(1)
+
+    pids, child = [], False
+    for _ in range(children):
+        pid = os.fork()
+        if pid == 0:
+            pids, child = [], True
+            break
+        pids.append(pid)
+    work = [threading.Thread(target=worker, args=(keys[i % 2],)) for i in range(threads)]
+    [t.start() for t in work]
+    [t.join() for t in work]
+    if child:
+        os._exit(1 if failures else 0)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    print(len(failures), *codes)
+    """)
+THREADS, CHILDREN, ROUNDS = 64, 2, 3
+
+
+def test_threads_and_forked_children_sign_with_policy_and_plain_keys(
+        swtpm: Swtpm, tmp_path: Path) -> None:
+    """No failure, every signature counted, and the TPM's active sessions never above
+    the HMAC pool and the policy pool together."""
+    policy_key, plain_key = tmp_path / "policy.pem", tmp_path / "plain.pem"
+    with Broker(swtpm.tcti, tmp_path / "broker", sessions=2) as broker:
+        assert keygen(broker, policy_key, "--pcr-lock", "16").returncode == 0
+        assert keygen(broker, plain_key).returncode == 0
+        with Client(broker.socket) as client:
+            before = client.status()
+        ceiling = before["pool_size"] + before["policy_pool_size"]  # type: ignore[operator]
+        assert ceiling == 3
+        stop = threading.Event()
+        active: list[int] = []
+
+        def sample() -> None:
+            with Client(broker.socket) as client:
+                while not stop.is_set():
+                    value = client.status()["tpm_active_sessions"]
+                    assert isinstance(value, int)
+                    active.append(value)
+                    stop.wait(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            res = subprocess.run(
+                [sys.executable, "-c", _SIGNERS, MODDIR, str(policy_key), str(plain_key),
+                 str(ROUNDS), str(THREADS), str(CHILDREN)],
+                capture_output=True, text=True, timeout=300,
+                env=dict(os.environ, TPMBROKER_SOCKET=broker.socket))
+        finally:
+            stop.set()
+            sampler.join()
+        assert res.returncode == 0, res.stderr + broker.log()
+        assert res.stdout.split() == ["0"] + ["0"] * CHILDREN  # no failure anywhere
+        with Client(broker.socket) as client:
+            after = client.status()
+        done = after["signatures"] - before["signatures"]  # type: ignore[operator]
+        assert done == THREADS * ROUNDS * (1 + CHILDREN)
+        assert after["policy_pool_sessions"] == 1  # the policy keys went through it
+        assert active and max(active) <= ceiling

@@ -384,3 +384,66 @@ def test_threads_and_forked_children_sign_with_policy_and_plain_keys(
         assert done == THREADS * ROUNDS * (1 + CHILDREN)
         assert after["policy_pool_sessions"] == 1  # the policy keys went through it
         assert active and max(active) <= ceiling
+
+
+# --- signed policies (PolicyAuthorize) -------------------------------------------------------
+
+def policy_sign(key: Path, signer: Path, value: bytes, name: str
+                ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TPMBROKER, "policy", "sign", "--signing-key", str(signer),
+                           "--pcr-lock", "16", "--pcr-values", value.hex(), "--name", name,
+                           str(key)], capture_output=True, text=True, timeout=60)
+
+
+def write_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives import serialization
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return private
+
+
+def test_signed_policy_key_follows_a_pcr_change(swtpm: Swtpm, tmp_path: Path) -> None:
+    """A key made with --auth-policy opens under policies the policy key signed: refused
+    with none, signs under one for the current PCR 16, is refused after PCR 16 changes,
+    and signs again once a policy for the new value is signed and added."""
+    from cryptography.hazmat.primitives import serialization
+
+    signer, key = tmp_path / "policy.pem", tmp_path / "key.pem"
+    private = write_ec_key(signer)
+    (tmp_path / "policy.pub").write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    digest = hashlib.sha256(b"signed policy").digest()
+    with Broker(swtpm.tcti, tmp_path / "broker") as broker:
+        made = keygen(broker, key, "--auth-policy", str(tmp_path / "policy.pub"))
+        assert made.returncode == 0, made.stderr
+        with Client(broker.socket) as client:
+            loaded = client.load_key(key)
+            with pytest.raises(PolicyFailedError, match="has none"):
+                client.sign(loaded, digest)
+        signed = policy_sign(key, signer, SHA256_ZERO, "boot 1")
+        assert signed.returncode == 0, signed.stderr
+        # Another key's signature is refused when adding, before any TPM sees it.
+        write_ec_key(tmp_path / "other.pem")
+        other = policy_sign(key, tmp_path / "other.pem", SHA256_ZERO, "forged")
+        assert other.returncode != 0 and "another key" in other.stderr
+        with Client(broker.socket) as client:
+            loaded = client.load_key(key)
+            verify(loaded.public_key, client.sign(loaded, digest), digest)
+
+        extend_pcr16(broker, swtpm)
+        with Client(broker.socket) as client:
+            loaded = client.load_key(key)
+            with pytest.raises(PolicyFailedError) as refused:
+                client.sign(loaded, digest)
+            assert ("signed policy 'boot 1': PCR 16 (sha256) does not match the key's "
+                    "policy") in refused.value.message
+        new_value = hashlib.sha256(SHA256_ZERO + hashlib.sha256(b"an update").digest()
+                                   ).digest()
+        signed = policy_sign(key, signer, new_value, "boot 2")
+        assert signed.returncode == 0, signed.stderr
+        with Client(broker.socket) as client:
+            loaded = client.load_key(key)
+            verify(loaded.public_key, client.sign(loaded, digest), digest)

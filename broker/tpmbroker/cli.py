@@ -296,15 +296,58 @@ def _keygen_policy(args: argparse.Namespace, password: bool) -> bytes:
     adds TPM2_PolicyAuthValue (as create_tpm2_key does)."""
     from . import keypolicy
 
-    if args.pcr_lock is None:
+    if args.auth_policy is not None:
+        if args.pcr_lock is not None:
+            raise SystemExit("tpmbroker keygen: with --auth-policy, PCR locks go into the "
+                             "signed policies (tpmbroker policy sign --pcr-lock)")
+        steps = [keypolicy.authorize_step(_policy_public(args.auth_policy, "keygen"))]
+    elif args.pcr_lock is None:
         if args.pcr_values is not None:
             raise SystemExit("tpmbroker keygen: --pcr-values goes with --pcr-lock")
         return b""
+    else:
+        steps = [_pcr_step(args, "keygen", required=False)]
+    if password:
+        steps.append(keypolicy.auth_value_step())
+    return keypolicy.encode_request(steps)
+
+
+def _policy_public(path: str, command: str) -> bytes:
+    """TPMT_PUBLIC of the policy key in `path`: a PEM public key, or the private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    from . import keypolicy
+
+    data = Path(path).read_bytes()
+    try:
+        public: object = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:
+            public = serialization.load_pem_private_key(data, None).public_key()
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"tpmbroker {command}: {path}: not a PEM EC or RSA key: "
+                             f"{exc}") from None
+    from .errors import TpmBrokerError
+
+    try:
+        return keypolicy.tpmt_public_of(public)
+    except TpmBrokerError as exc:
+        raise SystemExit(f"tpmbroker {command}: {path}: {exc}") from None
+
+
+def _pcr_step(args: argparse.Namespace, command: str, required: bool) -> Any:
+    """The PolicyPCR step of --pcr-lock/--pcr-values; without values, a request for the
+    PCRs' current ones (GENERATE fills them in) unless `required`."""
+    from . import keypolicy
+
     try:
         selections = keypolicy.parse_pcr_lock(args.pcr_lock)
     except ValueError as exc:
-        raise SystemExit(f"tpmbroker keygen: --pcr-lock: {exc}") from None
+        raise SystemExit(f"tpmbroker {command}: --pcr-lock: {exc}") from None
     digest = b""
+    if args.pcr_values is None and required:
+        raise SystemExit(f"tpmbroker {command}: --pcr-values: the values the policy allows "
+                         "(read them with tpm2_pcrread, or compute them for a new boot)")
     if args.pcr_values is not None:
         wanted = sum(len(s.pcrs) for s in selections)
         try:
@@ -320,10 +363,38 @@ def _keygen_policy(args: argparse.Namespace, password: bool) -> bytes:
                 raise SystemExit(f"tpmbroker keygen: --pcr-values: a {selection.bank.name} "
                                  f"PCR value is {selection.bank.digest_size} bytes")
         digest = keypolicy.pcr_digest(values)
-    steps = [keypolicy.pcr_step(selections, digest)]
-    if password:
-        steps.append(keypolicy.auth_value_step())
-    return keypolicy.encode_request(steps)
+    return keypolicy.pcr_step(selections, digest)
+
+
+def _cmd_policy_sign(args: argparse.Namespace) -> int:
+    """Add a signed policy to a key file made with --auth-policy: the PCR lock, signed by
+    the policy key. Needs no TPM and no broker."""
+    from cryptography.hazmat.primitives import serialization
+
+    from . import keypolicy
+    from .errors import TpmBrokerError
+    from .keyfile import der_to_pem, pem_to_der
+
+    try:
+        signer = serialization.load_pem_private_key(Path(args.signing_key).read_bytes(),
+                                                    _password(args))
+    except (ValueError, TypeError, OSError) as exc:
+        raise SystemExit(f"tpmbroker policy sign: {args.signing_key}: {exc}") from None
+    body = [_pcr_step(args, "policy sign", required=True)] if args.pcr_lock else []
+    approved = keypolicy.approved_digest(body)
+    public = keypolicy.tpmt_public_of(signer.public_key())
+    try:
+        signature = keypolicy.sign_policy(signer, approved)
+        step = keypolicy.authorize_step(public, b"", signature)
+        key_file = Path(args.key_file)
+        updated = keypolicy.add_signed_policy(pem_to_der(key_file.read_bytes()),
+                                              args.name or "", [*body, step])
+    except (TpmBrokerError, OSError, ValueError) as exc:
+        raise SystemExit(f"tpmbroker policy sign: {exc}") from None
+    tmp = key_file.with_name(key_file.name + ".new")
+    _write(str(tmp), der_to_pem(updated), 0o600)
+    os.replace(tmp, key_file)
+    return 0
 
 
 def _spki_pem(spki: bytes) -> bytes:
@@ -505,9 +576,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pcr-values", metavar="HEX,...",
                     help="with --pcr-lock: the PCR values to bind to, in PCR order (default: "
                          "the PCRs' current values)")
+    sp.add_argument("--auth-policy", metavar="POLICYKEY",
+                    help="the key opens under any policy signed by this key (PEM public or "
+                         "private key); add policies with `tpmbroker policy sign`")
     sp.add_argument("-o", "--output", required=True)
     client_opts(sp)
     sp.set_defaults(func=_cmd_keygen)
+
+    sp = sub.add_parser("policy", help="signed policies of keys made with --auth-policy")
+    policy_sub = sp.add_subparsers(dest="policy_command", required=True)
+    sp = policy_sub.add_parser("sign", help="sign a PCR policy with the policy key and add "
+                                            "it to a key file (no TPM needed)")
+    sp.add_argument("--signing-key", "--key", required=True, metavar="POLICYKEY.pem",
+                    help="the policy key's private key (PEM)")
+    sp.add_argument("--password-file", help="file whose first line is POLICYKEY's password")
+    sp.add_argument("--pcr-lock", metavar="[BANK:]PCRS", help="as keygen's")
+    sp.add_argument("--pcr-values", metavar="HEX,...",
+                    help="the PCR values the policy allows, in PCR order")
+    sp.add_argument("--name", help="a name for the policy, shown in refusals")
+    sp.add_argument("key_file", metavar="KEYFILE")
+    sp.set_defaults(func=_cmd_policy_sign)
 
     sp = sub.add_parser("pubkey", help="print a TPM key's public key (SubjectPublicKeyInfo PEM)")
     sp.add_argument("key", help="key file, or handle:0x81xxxxxx")

@@ -78,6 +78,11 @@ CC_PCR_READ = 0x0000017E
 CC_POLICY_PCR = 0x0000017F
 CC_POLICY_AUTH_VALUE = 0x0000016B
 CC_POLICY_RESTART = 0x00000180
+CC_POLICY_AUTHORIZE = 0x0000016A
+CC_POLICY_GET_DIGEST = 0x00000189
+CC_LOAD_EXTERNAL = 0x00000167
+CC_VERIFY_SIGNATURE = 0x00000177
+RH_OWNER = 0x40000001
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
 # answers RETRY the first time an algorithm needs its self-test, for one).
@@ -248,6 +253,35 @@ def policy_pcr(transport: Transport, session_handle: int, pcr_digest: bytes,
 
 def policy_auth_value(transport: Transport, session_handle: int) -> None:
     plain_command(CC_POLICY_AUTH_VALUE, (session_handle,), b"", transport)
+
+
+def policy_get_digest(transport: Transport, session_handle: int) -> bytes:
+    body = plain_command(CC_POLICY_GET_DIGEST, (session_handle,), b"", transport)
+    size = first_sized_length(body)
+    return body[2:2 + size]
+
+
+def load_external_public(transport: Transport, public: bytes) -> int:
+    """TPM2_LoadExternal of a public key alone (a TPMT_PUBLIC) in the owner hierarchy,
+    so that its verification tickets count for PolicyAuthorize; returns its handle."""
+    body = plain_command(CC_LOAD_EXTERNAL, (), U16.pack(0) + tpm2b(public)
+                         + U32.pack(RH_OWNER), transport)
+    if len(body) < 4:
+        raise malformed()
+    return int(U32.unpack_from(body)[0])
+
+
+def verify_signature(transport: Transport, key_handle: int, digest: bytes,
+                     signature: bytes) -> bytes:
+    """TPM2_VerifySignature: the TPMT_TK_VERIFIED ticket, marshalled."""
+    return plain_command(CC_VERIFY_SIGNATURE, (key_handle,), tpm2b(digest) + signature,
+                         transport)
+
+
+def policy_authorize(transport: Transport, session_handle: int, approved: bytes,
+                     policy_ref: bytes, key_name: bytes, ticket: bytes) -> None:
+    plain_command(CC_POLICY_AUTHORIZE, (session_handle,), tpm2b(approved) + tpm2b(policy_ref)
+                  + tpm2b(key_name) + ticket, transport)
 
 
 def pcr_read(transport: Transport, selection: bytes) -> tuple[bytes, list[bytes]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 from cryptography.hazmat import asn1
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -63,25 +63,8 @@ class KeyInfo:
     public_key: bytes  # SubjectPublicKeyInfo DER
 
 
-@asn1.sequence
-class _Tss2KeyAsn1:
-    """TSS2 PRIVATE KEY (TPM 2.0 Key File spec), decoded as strict DER.
-
-    emptyAuth may be absent (then the key needs a password), and the newer format's
-    optional secret [2], description [4] and rsaParent [5] may appear. A policy [1] is
-    replayed in a policy session (keypolicy.py); keys carrying authPolicy [3]
-    (signed policies) fail to parse.
-    """
-
-    object_type: ObjectIdentifier
-    empty_auth: Annotated[bool | None, asn1.Explicit(0)]
-    policy: Annotated[list[keypolicy.PolicyAsn1] | None, asn1.Explicit(1)]
-    secret: Annotated[bytes | None, asn1.Explicit(2)]
-    description: Annotated[str | None, asn1.Explicit(4)]
-    rsa_parent: Annotated[bool | None, asn1.Explicit(5)]
-    parent: int
-    public: bytes
-    private: bytes
+# TSS2 PRIVATE KEY, decoded as strict DER (the ASN.1 is keypolicy.TPMKeyAsn1's).
+_Tss2KeyAsn1 = keypolicy.TPMKeyAsn1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +76,9 @@ class Tss2Key:
     # The key's policy commands, replayed in a policy session before each use; empty
     # for a key authorized by its password alone.
     policy: tuple[keypolicy.PolicyStep, ...] = ()
+    # Signed policies (authPolicy [3]), for a policy that starts with PolicyAuthorize:
+    # (name, commands ending in the signed PolicyAuthorize), tried in order.
+    auth_policies: tuple[tuple[str, tuple[keypolicy.PolicyStep, ...]], ...] = ()
 
     @property
     def parent(self) -> int:
@@ -127,7 +113,10 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
     # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
     tss = TSSPrivKey(private, public, empty_auth=bool(seq.empty_auth), parent=seq.parent)
     policy = tuple(keypolicy.from_asn1(seq.policy)) if seq.policy is not None else ()
-    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent), policy=policy)
+    auth_policies = tuple((entry.name or "", tuple(keypolicy.from_asn1(entry.policy)))
+                          for entry in seq.auth_policy or ())
+    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent), policy=policy,
+                  auth_policies=auth_policies)
     if not (key.parent == STORAGE_PRIMARY or is_persistent(key.parent)):
         raise UnsupportedError(f"key parent 0x{key.parent:08x} is neither the storage "
                                "primary (0x40000001) nor a persistent handle")
@@ -137,6 +126,8 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
         raise BadKeyError(f"cannot read the key's public area: {exc}") from None
     if policy:
         check_key_policy(key.public.publicArea, policy)
+    for _name, steps in auth_policies:
+        keypolicy.signed_policy_steps(steps)
     return key
 
 
@@ -147,6 +138,9 @@ def check_key_policy(public: Any, policy: Sequence[keypolicy.PolicyStep]) -> Non
         name_alg = Hash(int(public.nameAlg))
     except ValueError:
         raise UnsupportedError(f"key name hash 0x{int(public.nameAlg):04x}") from None
+    if any(step.command_code == keypolicy.CC_POLICY_AUTHORIZE for step in policy[1:]):
+        raise BadKeyError("TPM2_PolicyAuthorize in the key's policy must come first (it "
+                          "resets the policy digest)")
     if bytes(public.authPolicy) != keypolicy.policy_digest(policy, name_alg):
         raise BadKeyError("the key file's policy does not give the key's authPolicy: "
                           "the TPM would refuse every use")
@@ -450,9 +444,9 @@ def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int,
         return bytes(TSSPrivKey(private, public, empty_auth=empty_auth,
                                 parent=parent).to_der())
     seq = _Tss2KeyAsn1(object_type=_TSS2_KEY_OID, empty_auth=True if empty_auth else None,
-                       policy=keypolicy.to_asn1(policy), secret=None, description=None,
-                       rsa_parent=None, parent=parent, public=bytes(public.marshal()),
-                       private=bytes(private.marshal()))
+                       policy=keypolicy.to_asn1(policy), secret=None, auth_policy=None,
+                       description=None, rsa_parent=None, parent=parent,
+                       public=bytes(public.marshal()), private=bytes(private.marshal()))
     return bytes(asn1.encode_der(seq))
 
 

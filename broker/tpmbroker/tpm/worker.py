@@ -870,19 +870,10 @@ class TpmWorker:
         self._check_deadline(deadline)
         transport = self.link.require()
         command.policy_restart(transport, session.handle)
-        for step in steps:
-            if step.command_code == keypolicy.CC_POLICY_PCR:
-                selections, digest = keypolicy.split_pcr_step(step)
-                try:
-                    command.policy_pcr(transport, session.handle, digest,
-                                       keypolicy.marshal_selection(selections))
-                except TSS2_Exception as exc:
-                    if tpm_code(int(exc.rc)) == TPM_RC_VALUE:
-                        raise PolicyFailedError(keypolicy.mismatch(selections),
-                                                tpm_rc=int(exc.rc)) from None
-                    raise
-            else:  # keypolicy.check_steps let only these two in
-                command.policy_auth_value(transport, session.handle)
+        if steps[0].command_code == keypolicy.CC_POLICY_AUTHORIZE:
+            self._signed_policy(entry, session.handle, steps[0])
+            steps = steps[1:]
+        self._replay(session.handle, steps)
         pending = prepare(session)
         try:
             _, parameters = command.execute(transport, pending)
@@ -896,6 +887,70 @@ class TpmWorker:
                                         tpm_rc=int(exc.rc)) from None
             raise
         return result(parameters)
+
+    def _replay(self, session_handle: int, steps: Sequence[keypolicy.PolicyStep]) -> None:
+        """PolicyPCR and PolicyAuthValue on the policy session, in order."""
+        transport = self.link.require()
+        for step in steps:
+            if step.command_code == keypolicy.CC_POLICY_PCR:
+                selections, digest = keypolicy.split_pcr_step(step)
+                try:
+                    command.policy_pcr(transport, session_handle, digest,
+                                       keypolicy.marshal_selection(selections))
+                except TSS2_Exception as exc:
+                    if tpm_code(int(exc.rc)) == TPM_RC_VALUE:
+                        raise PolicyFailedError(keypolicy.mismatch(selections),
+                                                tpm_rc=int(exc.rc)) from None
+                    raise
+            elif step.command_code == keypolicy.CC_POLICY_AUTH_VALUE:
+                command.policy_auth_value(transport, session_handle)
+            else:  # keys.check_key_policy allows PolicyAuthorize first only
+                raise BadKeyError(f"{step.name} out of place in the key's policy")
+
+    def _signed_policy(self, entry: CachedKey, session_handle: int,
+                       authorize: keypolicy.PolicyStep) -> None:
+        """Satisfy the key's PolicyAuthorize with the first of its signed policies that
+        holds: its commands, then the TPM's check of its signature (LoadExternal of the
+        policy key, VerifySignature, the ticket to PolicyAuthorize)."""
+        main = keypolicy.Authorize.decode(authorize.command_policy)
+        transport = self.link.require()
+        signed = entry.blob.auth_policies if entry.blob is not None else ()
+        if not signed:
+            raise PolicyFailedError("the key needs a signed policy (authPolicy) and its file "
+                                    "has none: add one with `tpmbroker policy sign`")
+        refusals = []
+        for name, policy in signed:
+            label = f"signed policy {name!r}" if name else "a signed policy"
+            body, signature = keypolicy.signed_policy_steps(policy)
+            if (signature.key_public, signature.policy_ref) != (main.key_public,
+                                                                main.policy_ref):
+                refusals.append(f"{label} is signed by another key")
+                continue
+            command.policy_restart(transport, session_handle)
+            try:
+                self._replay(session_handle, body)
+            except PolicyFailedError as exc:
+                refusals.append(f"{label}: {exc.message}")
+                continue
+            approved = command.policy_get_digest(transport, session_handle)
+            a_hash = hashlib.sha256(approved + main.policy_ref).digest()
+            handle = self.objects.with_room(entry, lambda: command.load_external_public(
+                transport, main.key_public))
+            try:
+                ticket = command.verify_signature(transport, handle, a_hash,
+                                                  signature.signature)
+            except TSS2_Exception as exc:
+                if classify(exc) is not Kind.OTHER:
+                    raise
+                refusals.append(f"{label}: its signature does not verify")
+                continue
+            finally:
+                with contextlib.suppress(TSS2_Exception):
+                    command.flush_context(transport, handle)
+            command.policy_authorize(transport, session_handle, approved, main.policy_ref,
+                                     main.key_name, ticket)
+            return
+        raise PolicyFailedError("no signed policy of the key holds: " + "; ".join(refusals))
 
     def _execute(self, deadline: float,
                  prepare: Callable[[SessionState], command.PendingCommand],

@@ -42,6 +42,7 @@ static const OSSL_ITEM reason_strings[] = {
     { TPMB_R_LOCKOUT, "the TPM is in dictionary-attack lockout" },
     { TPMB_R_PASSWORD_NEEDED, "the TPM key needs a password" },
     { TPMB_R_PARENT_AUTH_FAILED, "wrong or missing password for the key's parent" },
+    { TPMB_R_POLICY_FAILED, "the TPM key's policy does not hold" },
     { 0, NULL },
 };
 
@@ -107,6 +108,10 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
         reason = TPMB_R_PARENT_AUTH_FAILED;
         hint = "; give the parent's password: -pkeyopt parent-auth: (genpkey), "
                "TPMBROKER_PARENT_AUTH or parent-auth in the provider's config section";
+        break;
+    case WIRE_STATUS_POLICY_FAILED:
+        reason = TPMB_R_POLICY_FAILED;
+        hint = "; the key is bound to the platform's state (PCRs), which differs now";
         break;
     case WIRE_STATUS_BAD_KEY:
         reason = TPMB_R_BAD_KEY;

@@ -49,6 +49,7 @@ enum tpmb_reason {
     TPMB_R_LOCKOUT,
     TPMB_R_PASSWORD_NEEDED,
     TPMB_R_PARENT_AUTH_FAILED,
+    TPMB_R_POLICY_FAILED,
 };
 
 /*

@@ -61,6 +61,13 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "generate_parent_auth_request": (14, ops.Generate(p.KeyType.EC, p.Curve.P256, b"pw",
                                                       0x81000002,
                                                       parent_auth=b"parentpass"), 0),
+    # A PCR lock on PCR 16 (sha256) at its current value: the tail carries parent_auth
+    # even when empty, then the policy (tpmbroker.keypolicy). Python clients alone send
+    # it (the provider makes no policy keys), so it is not named *_request, the frames the
+    # C encoder must write too.
+    "generate_policy_frame": (15, ops.Generate(
+        p.KeyType.EC, p.Curve.P256, b"", 0x40000001, policy=bytes.fromhex(
+            "301830163014a0040202017fa10c040a00000001000b03000001")), 0),
     "decrypt_request": (13, ops.Decrypt(KID, p.Padding.PKCS1, p.DecryptFlag.IMPLICIT_REJECTION,
                                         0, 0, b"", bytes(range(16))), 3000),
     "decrypt_oaep_request": (14, ops.Decrypt(KID, p.Padding.OAEP, 0, p.Hash.SHA256, p.Hash.SHA1,

@@ -370,12 +370,121 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         digest = p.Hash.from_name(args.digest) if args.digest is not None else None
     except ValueError as exc:
         raise SystemExit(f"tpmbroker keygen: {exc}") from None
+    password = _key_password(args)
+    policy = _keygen_policy(args, bool(password))
     with _client(args) as client:
-        der, _spki = client.generate_key(p.KeyType(key_type), param, _key_password(args),
+        der, _spki = client.generate_key(p.KeyType(key_type), param, password,
                                          int(args.parent, 0), usage=p.Usage(USAGES[args.usage]),
                                          hash_alg=digest,
-                                         parent_auth=_parent_auth(args, int(args.parent, 0)))
+                                         parent_auth=_parent_auth(args, int(args.parent, 0)),
+                                         policy=policy)
     _write(args.output, der_to_pem(der), 0o600)
+    return 0
+
+
+def _keygen_policy(args: argparse.Namespace, password: bool) -> bytes:
+    """The GENERATE policy field for --pcr-lock / --pcr-values; a password with a policy
+    adds TPM2_PolicyAuthValue (as create_tpm2_key does)."""
+    from . import keypolicy
+
+    if args.auth_policy is not None:
+        if args.pcr_lock is not None:
+            raise SystemExit("tpmbroker keygen: with --auth-policy, PCR locks go into the "
+                             "signed policies (tpmbroker policy sign --pcr-lock)")
+        steps = [keypolicy.authorize_step(_policy_public(args.auth_policy, "keygen"))]
+    elif args.pcr_lock is None:
+        if args.pcr_values is not None:
+            raise SystemExit("tpmbroker keygen: --pcr-values goes with --pcr-lock")
+        return b""
+    else:
+        steps = [_pcr_step(args, "keygen", required=False)]
+    if password:
+        steps.append(keypolicy.auth_value_step())
+    return keypolicy.encode_request(steps)
+
+
+def _policy_public(path: str, command: str) -> bytes:
+    """TPMT_PUBLIC of the policy key in `path`: a PEM public key, or the private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    from . import keypolicy
+
+    data = Path(path).read_bytes()
+    try:
+        public: object = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:
+            public = serialization.load_pem_private_key(data, None).public_key()
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"tpmbroker {command}: {path}: not a PEM EC or RSA key: "
+                             f"{exc}") from None
+    from .errors import TpmBrokerError
+
+    try:
+        return keypolicy.tpmt_public_of(public)
+    except TpmBrokerError as exc:
+        raise SystemExit(f"tpmbroker {command}: {path}: {exc}") from None
+
+
+def _pcr_step(args: argparse.Namespace, command: str, required: bool) -> Any:
+    """The PolicyPCR step of --pcr-lock/--pcr-values; without values, a request for the
+    PCRs' current ones (GENERATE fills them in) unless `required`."""
+    from . import keypolicy
+
+    try:
+        selections = keypolicy.parse_pcr_lock(args.pcr_lock)
+    except ValueError as exc:
+        raise SystemExit(f"tpmbroker {command}: --pcr-lock: {exc}") from None
+    digest = b""
+    if args.pcr_values is None and required:
+        raise SystemExit(f"tpmbroker {command}: --pcr-values: the values the policy allows "
+                         "(read them with tpm2_pcrread, or compute them for a new boot)")
+    if args.pcr_values is not None:
+        wanted = sum(len(s.pcrs) for s in selections)
+        try:
+            values = [bytes.fromhex(v.strip()) for v in args.pcr_values.split(",")]
+        except ValueError:
+            raise SystemExit("tpmbroker keygen: --pcr-values: hex values, comma-separated"
+                             ) from None
+        if len(values) != wanted:
+            raise SystemExit(f"tpmbroker keygen: --pcr-values: {len(values)} values for "
+                             f"{wanted} PCRs")
+        for selection, value in zip((s for s in selections for _ in s.pcrs), values, strict=True):
+            if len(value) != selection.bank.digest_size:
+                raise SystemExit(f"tpmbroker keygen: --pcr-values: a {selection.bank.name} "
+                                 f"PCR value is {selection.bank.digest_size} bytes")
+        digest = keypolicy.pcr_digest(values)
+    return keypolicy.pcr_step(selections, digest)
+
+
+def _cmd_policy_sign(args: argparse.Namespace) -> int:
+    """Add a signed policy to a key file made with --auth-policy: the PCR lock, signed by
+    the policy key. Needs no TPM and no broker."""
+    from cryptography.hazmat.primitives import serialization
+
+    from . import keypolicy
+    from .errors import TpmBrokerError
+    from .keyfile import der_to_pem, pem_to_der
+
+    try:
+        signer = serialization.load_pem_private_key(Path(args.signing_key).read_bytes(),
+                                                    _password(args))
+    except (ValueError, TypeError, OSError) as exc:
+        raise SystemExit(f"tpmbroker policy sign: {args.signing_key}: {exc}") from None
+    body = [_pcr_step(args, "policy sign", required=True)] if args.pcr_lock else []
+    approved = keypolicy.approved_digest(body)
+    public = keypolicy.tpmt_public_of(signer.public_key())
+    try:
+        signature = keypolicy.sign_policy(signer, approved)
+        step = keypolicy.authorize_step(public, b"", signature)
+        key_file = Path(args.key_file)
+        updated = keypolicy.add_signed_policy(pem_to_der(key_file.read_bytes()),
+                                              args.name or "", [*body, step])
+    except (TpmBrokerError, OSError, ValueError) as exc:
+        raise SystemExit(f"tpmbroker policy sign: {exc}") from None
+    tmp = key_file.with_name(key_file.name + ".new")
+    _write(str(tmp), der_to_pem(updated), 0o600)
+    os.replace(tmp, key_file)
     return 0
 
 
@@ -631,6 +740,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--parent-auth-file", metavar="FILE",
                     help="file whose first line is the parent's password (default: "
                          "$TPMBROKER_PARENT_AUTH, else $TPM2OPENSSL_PARENT_AUTH)")
+    sp.add_argument("--pcr-lock", metavar="[BANK:]PCRS",
+                    help="bind the key to PCR values: 16, 16,17, sha256:16-17, "
+                         "sha1:7+sha256:16 (default bank sha256); with a password the key "
+                         "needs both (docs/keys.md)")
+    sp.add_argument("--pcr-values", metavar="HEX,...",
+                    help="with --pcr-lock: the PCR values to bind to, in PCR order (default: "
+                         "the PCRs' current values)")
+    sp.add_argument("--auth-policy", metavar="POLICYKEY",
+                    help="the key opens under any policy signed by this key (PEM public or "
+                         "private key); add policies with `tpmbroker policy sign`")
     sp.add_argument("-o", "--output", required=True)
     client_opts(sp)
     sp.set_defaults(func=_cmd_keygen)
@@ -644,6 +763,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", default="-")
     client_opts(sp)
     sp.set_defaults(func=_cmd_parent_pubkey)
+
+    sp = sub.add_parser("policy", help="signed policies of keys made with --auth-policy")
+    policy_sub = sp.add_subparsers(dest="policy_command", required=True)
+    sp = policy_sub.add_parser("sign", help="sign a PCR policy with the policy key and add "
+                                            "it to a key file (no TPM needed)")
+    sp.add_argument("--signing-key", "--key", required=True, metavar="POLICYKEY.pem",
+                    help="the policy key's private key (PEM)")
+    sp.add_argument("--password-file", help="file whose first line is POLICYKEY's password")
+    sp.add_argument("--pcr-lock", metavar="[BANK:]PCRS", help="as keygen's")
+    sp.add_argument("--pcr-values", metavar="HEX,...",
+                    help="the PCR values the policy allows, in PCR order")
+    sp.add_argument("--name", help="a name for the policy, shown in refusals")
+    sp.add_argument("key_file", metavar="KEYFILE")
+    sp.set_defaults(func=_cmd_policy_sign)
 
     sp = sub.add_parser("pubkey", help="print a TPM key's public key (SubjectPublicKeyInfo PEM)")
     sp.add_argument("key", help="key file, or handle:0x81xxxxxx")

@@ -429,19 +429,22 @@ class Client:
                      parent: int = p.STORAGE_PRIMARY,
                      timeout: float | None = None, usage: p.Usage = p.Usage.DEFAULT,
                      hash_alg: p.Hash | None = None,
-                     parent_auth: bytes | str | None = None) -> tuple[bytes, bytes]:
+                     parent_auth: bytes | str | None = None,
+                     policy: bytes = b"") -> tuple[bytes, bytes]:
         """Create a key in the TPM: (TSS2 PRIVATE KEY DER, SubjectPublicKeyInfo DER).
 
         `param` is a curve (p.Curve) for EC keys, the modulus bits for RSA and RSA-PSS;
         the TPM decides which it has. `usage` sets the key's sign and decrypt attributes
         (default: sign only); `hash_alg` is the hash an RSA-PSS key's scheme is bound to
         (default SHA-256). `parent_auth`: the parent's password (for 0x40000001, the
-        owner hierarchy's)."""
+        owner hierarchy's). `policy`: the key's policy (keypolicy.encode_request), e.g. a
+        PCR lock; the key file carries it and the broker satisfies it at each use."""
         auth = password.encode() if isinstance(password, str) else (password or b"")
         pauth = (parent_auth.encode() if isinstance(parent_auth, str)
                  else (parent_auth or b""))
         result = self._call(ops.Generate(key_type, param, auth, parent, usage,
-                                         int(hash_alg) if hash_alg is not None else 0, pauth),
+                                         int(hash_alg) if hash_alg is not None else 0, pauth,
+                                         policy),
                             timeout if timeout is not None else max(self.timeout, 120.0))
         assert isinstance(result, ops.GenerateResult)
         return result.key, result.public_key

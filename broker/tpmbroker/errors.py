@@ -103,6 +103,13 @@ class ParentAuthFailedError(TpmBrokerError):
     status = Status.PARENT_AUTH_FAILED
 
 
+class PolicyFailedError(TpmBrokerError):
+    """The key's policy does not hold now: the message names what failed (the PCRs that
+    differ from the key's policy). A policy failure costs no dictionary-attack count."""
+
+    status = Status.POLICY_FAILED
+
+
 class BrokerUnavailableError(TpmBrokerError):
     """Client side: the broker's socket cannot be reached (never sent on the wire)."""
 
@@ -121,7 +128,7 @@ _BY_STATUS: dict[Status, type[TpmBrokerError]] = {
         UnknownKeyError, BadKeyError, AuthFailedError, BadDigestError, UnsupportedError,
         DeadlineError, NoSessionsError, TpmError, TpmUnavailableError, PermissionDeniedError,
         InternalError, OverloadedError, LockoutError, ShuttingDownError,
-        ParentAuthFailedError,
+        ParentAuthFailedError, PolicyFailedError,
     )
 }
 

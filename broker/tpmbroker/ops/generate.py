@@ -18,7 +18,7 @@ class Generate(Message):
 
     OPCODE = Opcode.GENERATE
     FIELDS = (("key_type", "u8"), ("param", "u16"), ("auth", "bytes"), ("parent", "u32"))
-    TAIL = (("usage", "u8"), ("hash", "u16"), ("parent_auth", "bytes?"))
+    TAIL = (("usage", "u8"), ("hash", "u16"), ("parent_auth", "bytes?"), ("policy", "bytes?"))
     key_type: int
     param: int  # curve for EC, bits for RSA and RSA-PSS
     auth: bytes = b""
@@ -26,16 +26,21 @@ class Generate(Message):
     usage: int = Usage.DEFAULT  # Usage
     hash: int = 0  # RSA-PSS: the hash the key's scheme is bound to; 0 = SHA-256
     parent_auth: bytes = b""  # the parent's password; omitted when empty
+    # The key's policy, DER SEQUENCE OF TPMPolicy (keypolicy.py); a PolicyPCR entry
+    # without a digest takes the PCRs' current values. Omitted when empty.
+    policy: bytes = b""
 
     def __repr__(self) -> str:
         return (f"Generate(key_type={self.key_type}, param={self.param}, auth=<hidden>, "
                 f"parent=0x{self.parent:08x}, usage={self.usage}, hash=0x{self.hash:04x}, "
-                f"parent_auth=<hidden>)")
+                f"parent_auth=<hidden>, policy=<{len(self.policy)} bytes>)")
 
     def encode_body(self, out: bytearray) -> None:
         super().encode_body(out)
-        if self.usage or self.hash or self.parent_auth:
+        if self.usage or self.hash or self.parent_auth or self.policy:
             for name, kind in self.TAIL:
+                if name == "parent_auth" and self.policy:
+                    kind = "bytes"  # written even when empty: the policy follows it
                 _put(out, kind, getattr(self, name))
 
     @classmethod
@@ -69,5 +74,5 @@ def serve(request: Request, msg: Generate) -> None:
     request.submit(lambda: worker.generate_key(key_type, msg.param, msg.auth, msg.parent,
                                                deadline, usage=usage, hash_alg=hash_alg,
                                                parent_auth=msg.parent_auth,
-                                               peer=request.peer_uid),
+                                               peer=request.peer_uid, policy=msg.policy),
                    lambda made: GenerateResult(*made))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator
-from typing import Annotated, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from cryptography.hazmat import asn1
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,6 +28,7 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
+from .. import keypolicy
 from ..definitions import Padding
 from ..errors import BadDigestError, BadKeyError, UnsupportedError
 from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
@@ -66,23 +67,8 @@ class KeyInfo:
     public_key: bytes  # SubjectPublicKeyInfo DER
 
 
-@asn1.sequence
-class _Tss2KeyAsn1:
-    """TSS2 PRIVATE KEY (TPM 2.0 Key File spec), decoded as strict DER.
-
-    emptyAuth may be absent (then the key needs a password), and the newer format's
-    optional secret [2], description [4] and rsaParent [5] may appear. Keys carrying a
-    policy [1] or authPolicy [3] fail to parse: the broker cannot satisfy policies.
-    """
-
-    object_type: ObjectIdentifier
-    empty_auth: Annotated[bool | None, asn1.Explicit(0)]
-    secret: Annotated[bytes | None, asn1.Explicit(2)]
-    description: Annotated[str | None, asn1.Explicit(4)]
-    rsa_parent: Annotated[bool | None, asn1.Explicit(5)]
-    parent: int
-    public: bytes
-    private: bytes
+# TSS2 PRIVATE KEY, decoded as strict DER (the ASN.1 is keypolicy.TPMKeyAsn1's).
+_Tss2KeyAsn1 = keypolicy.TPMKeyAsn1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +80,12 @@ class Tss2Key:
     # An importable key: the encrypted seed (TPM2B_ENCRYPTED_SECRET's contents), and
     # `private` is the duplicate TPM2_Import takes. None for a loadable key.
     import_secret: bytes | None = None
+    # The key's policy commands, replayed in a policy session before each use; empty
+    # for a key authorized by its password alone.
+    policy: tuple[keypolicy.PolicyStep, ...] = ()
+    # Signed policies (authPolicy [3]), for a policy that starts with PolicyAuthorize:
+    # (name, commands ending in the signed PolicyAuthorize), tried in order.
+    auth_policies: tuple[tuple[str, tuple[keypolicy.PolicyStep, ...]], ...] = ()
 
     @property
     def parent(self) -> int:
@@ -131,8 +123,12 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
     private = _tpm2b(TPM2B_PRIVATE, seq.private, "private")
     # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
     tss = TSSPrivKey(private, public, empty_auth=bool(seq.empty_auth), parent=seq.parent)
+    policy = tuple(keypolicy.from_asn1(seq.policy)) if seq.policy is not None else ()
+    auth_policies = tuple((entry.name or "", tuple(keypolicy.from_asn1(entry.policy)))
+                          for entry in seq.auth_policy or ())
     key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent),
-                  import_secret=seq.secret if importable else None)
+                  import_secret=seq.secret if importable else None, policy=policy,
+                  auth_policies=auth_policies)
     if not (key.parent == STORAGE_PRIMARY or is_persistent(key.parent)):
         raise UnsupportedError(f"key parent 0x{key.parent:08x} is neither the storage "
                                "primary (0x40000001) nor a persistent handle")
@@ -140,7 +136,26 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
         check_signing_key(key.public.publicArea)
     except (ValueError, TypeError, TSS2_Exception) as exc:
         raise BadKeyError(f"cannot read the key's public area: {exc}") from None
+    if policy:
+        check_key_policy(key.public.publicArea, policy)
+    for _name, steps in auth_policies:
+        keypolicy.signed_policy_steps(steps)
     return key
+
+
+def check_key_policy(public: Any, policy: Sequence[keypolicy.PolicyStep]) -> None:
+    """BadKeyError unless `policy` is one the broker replays and its digest is the key's
+    authPolicy: a file whose policy cannot open its key is refused at LOAD."""
+    try:
+        name_alg = Hash(int(public.nameAlg))
+    except ValueError:
+        raise UnsupportedError(f"key name hash 0x{int(public.nameAlg):04x}") from None
+    if any(step.command_code == keypolicy.CC_POLICY_AUTHORIZE for step in policy[1:]):
+        raise BadKeyError("TPM2_PolicyAuthorize in the key's policy must come first (it "
+                          "resets the policy digest)")
+    if bytes(public.authPolicy) != keypolicy.policy_digest(policy, name_alg):
+        raise BadKeyError("the key file's policy does not give the key's authPolicy: "
+                          "the TPM would refuse every use")
 
 
 def _tolerate_true_01(der: bytes) -> bytes:
@@ -434,34 +449,43 @@ def generation_template(key_type: KeyType, param: int, password: bool = False,
     raise UnsupportedError(f"unsupported key type {key_type!r}")
 
 
-def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int) -> bytes:
-    """DER TSS2 PRIVATE KEY for a key made by TPM2_Create."""
-    return bytes(TSSPrivKey(private, public, empty_auth=empty_auth, parent=parent).to_der())
+def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int,
+                 policy: Sequence[keypolicy.PolicyStep] = ()) -> bytes:
+    """DER TSS2 PRIVATE KEY for a key made by TPM2_Create, with its policy [1] if any."""
+    if not policy:
+        return bytes(TSSPrivKey(private, public, empty_auth=empty_auth,
+                                parent=parent).to_der())
+    return tss2_der(public=public, private=private, parent=parent, empty_auth=empty_auth,
+                    policy=policy)
 
 
 def imported(key: Tss2Key, private: Any) -> Tss2Key:
     """The loadable key an importable `key` became: TPM2_Import's outPrivate with the
-    same public area, password rule and parent."""
+    same public area, password rule, parent and policies."""
     tss = TSSPrivKey(private, key.public, empty_auth=bool(key.tss.empty_auth),
                      parent=key.parent)
-    return Tss2Key(tss, rsa_parent=key.rsa_parent)
+    return Tss2Key(tss, rsa_parent=key.rsa_parent, policy=key.policy,
+                   auth_policies=key.auth_policies)
 
 
 def tss2_der(*, public: Any, private: Any, parent: int, empty_auth: bool,
-             rsa_parent: bool = False, import_secret: bytes | None = None) -> bytes:
+             rsa_parent: bool = False, import_secret: bytes | None = None,
+             policy: Sequence[keypolicy.PolicyStep] = ()) -> bytes:
     """DER TSS2 PRIVATE KEY: loadable, or importable when `import_secret` is given.
     emptyAuth is written TRUE or left out (a password), as the spec asks."""
     seq = _Tss2KeyAsn1(
         object_type=_TSS2_KEY_OID if import_secret is None else IMPORTABLE_KEY_OID,
-        empty_auth=True if empty_auth else None, secret=import_secret, description=None,
-        rsa_parent=True if rsa_parent else None, parent=parent,
-        public=bytes(public.marshal()), private=bytes(private.marshal()))
+        empty_auth=True if empty_auth else None,
+        policy=keypolicy.to_asn1(policy) if policy else None, secret=import_secret,
+        auth_policy=None, description=None, rsa_parent=True if rsa_parent else None,
+        parent=parent, public=bytes(public.marshal()), private=bytes(private.marshal()))
     return bytes(asn1.encode_der(seq))
 
 
 def loadable_der(key: Tss2Key) -> bytes:
     return tss2_der(public=key.public, private=key.private, parent=key.parent,
-                    empty_auth=bool(key.tss.empty_auth), rsa_parent=key.rsa_parent)
+                    empty_auth=bool(key.tss.empty_auth), rsa_parent=key.rsa_parent,
+                    policy=key.policy)
 
 
 # --- the cache ------------------------------------------------------------------------
@@ -487,6 +511,11 @@ class CachedKey:
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+
+    @property
+    def policy(self) -> tuple[keypolicy.PolicyStep, ...]:
+        """The policy commands that authorize the key; empty: its password does."""
+        return self.blob.policy if self.blob is not None else ()
 
     @property
     def restricted(self) -> bool:

@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from tpm2_pytss.constants import (
@@ -34,6 +34,7 @@ from tpm2_pytss.constants import (
     TPM2_RC,
     TPM2_RH,
     TPMA_NV,
+    TPMA_OBJECT,
     TSS2_RC,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
@@ -44,6 +45,7 @@ from tpm2_pytss.types import (
     TPMU_PUBLIC_PARMS,
 )
 
+from .. import keypolicy
 from ..audit import audit
 from ..definitions import (
     MAX_MESSAGE,
@@ -65,6 +67,7 @@ from ..errors import (
     LockoutError,
     NotForLane,
     ParentAuthFailedError,
+    PolicyFailedError,
     TpmBrokerError,
     TpmError,
     TpmUnavailableError,
@@ -90,6 +93,7 @@ log = logging.getLogger("tpmbroker.tpm")
 MAX_AUTH = 32
 PSS_PADDINGS = ("auto", "tpm", "broker")
 TPM_RC_VALUE = 0x084
+TPM_RC_POLICY_FAIL = 0x09D
 # TPM_GENERATED_VALUE: what the TPM puts first in every structure it signs (quotes,
 # certifications). The TPM gives no ticket for a message starting with it, so that a
 # restricted key cannot be made to sign a forged attestation.
@@ -109,7 +113,7 @@ class LaneCommand:
 
 class TpmWorker:
     def __init__(self, tcti: str, sessions: int = 2, pss_padding: str = "auto",
-                 da_reserve: int | None = DEFAULT_RESERVE) -> None:
+                 da_reserve: int | None = DEFAULT_RESERVE, policy_sessions: int = 1) -> None:
         if not 1 <= sessions <= 3:
             raise ValueError(f"sessions must be 1 to 3, not {sessions}")
         if pss_padding not in PSS_PADDINGS:
@@ -122,6 +126,10 @@ class TpmWorker:
         self.link = Link(tcti)
         self.objects = Objects(self.link)
         self.pool = SessionPool(sessions, start=self._start_session, flush=self._flush)
+        # Keys with a policy (keypolicy.py) are used through salted policy sessions of
+        # their own, started on first use: the two pools together bound the TPM sessions.
+        self.policy_pool = SessionPool(policy_sessions, start=self._start_policy_session,
+                                       flush=self._flush)
         self._schemes_checked: set[tuple[bytes, int, int]] = set()  # (key id, scheme, hash)
         self._rsa_only: bool | None = None
         # What this TPM makes, asked once per broker: curve ids (TPM2_GetCapability) and
@@ -171,6 +179,7 @@ class TpmWorker:
         if not self.link.up:
             return
         self.pool.flush()
+        self.policy_pool.flush()
         self.objects.flush_all()
         if self.link.shutdown_state():
             log.info("sent TPM2_Shutdown(STATE): the next TPM start is orderly")
@@ -585,13 +594,29 @@ class TpmWorker:
     def generate_key(self, key_type: KeyType, param: int, auth: bytes, parent: int,
                      deadline: float, usage: Usage = Usage.DEFAULT,
                      hash_alg: Hash | None = None, *, parent_auth: bytes = b"",
-                     peer: int = -1) -> tuple[bytes, bytes]:
+                     peer: int = -1, policy: bytes = b"") -> tuple[bytes, bytes]:
+        """A new key under `parent`; with `policy` (DER SEQUENCE OF TPMPolicy, see
+        tpm/keypolicy.py) its authPolicy is that policy's digest and the key file carries
+        the policy."""
         try:
             key_type = KeyType(key_type)
         except ValueError:
             raise UnsupportedError(f"unsupported key type {key_type}") from None
         template = keymod.generation_template(key_type, param, password=bool(auth),
                                               usage=usage, hash_alg=hash_alg)
+        steps = keypolicy.decode_request(policy) if policy else []
+        if steps:
+            keypolicy.check_steps(steps, digests_needed=False)
+            if bool(auth) != keypolicy.needs_password(steps):
+                raise UnsupportedError(
+                    "a key with a policy and a password needs TPM2_PolicyAuthValue in its "
+                    "policy, and one without a password must not have it")
+            steps = self._run(deadline, "reading the PCRs",
+                              lambda: self._fill_pcr_digests(steps))
+            # The policy alone authorizes the key: without userWithAuth its password
+            # cannot stand in for the policy.
+            template.authPolicy = keypolicy.policy_digest(steps)
+            template.objectAttributes &= ~TPMA_OBJECT.USERWITHAUTH
         parent = parent or STORAGE_PRIMARY
         if not (parent == STORAGE_PRIMARY or keymod.is_persistent(parent)):
             raise UnsupportedError(f"parent 0x{parent:08x} is neither the storage primary "
@@ -633,8 +658,28 @@ class TpmWorker:
         private, public = self._parent_attempt(
             parent, create_auth, peer, deadline,
             lambda: self._run(deadline, "creating the key", create))
-        key = keymod.tss2_key_der(private, public, empty_auth=not auth, parent=parent)
+        key = keymod.tss2_key_der(private, public, empty_auth=not auth, parent=parent,
+                                  policy=steps)
         return key, bytes(public.publicArea.to_der())
+
+    def _fill_pcr_digests(self, policy: Sequence[keypolicy.PolicyStep]
+                          ) -> list[keypolicy.PolicyStep]:
+        """The policy with each PolicyPCR that names no values given the PCRs' current
+        ones (TPM2_PCR_Read)."""
+        filled = []
+        for step in policy:
+            if step.command_code == keypolicy.CC_POLICY_PCR:
+                selections, digest = keypolicy.split_pcr_step(step)
+                if not digest:
+                    wanted = keypolicy.marshal_selection(selections)
+                    answered, values = command.pcr_read(self.link.require(), wanted)
+                    if answered != wanted:
+                        raise UnsupportedError("the TPM does not have all of "
+                                               + "; ".join(s.describe() for s in selections))
+                    step = keypolicy.pcr_step(selections, keypolicy.pcr_digest(values))
+            filled.append(step)
+        keypolicy.check_steps(filled)
+        return filled
 
     def random(self, count: int, deadline: float) -> bytes:
         """`count` bytes from the TPM's random number generator.
@@ -921,6 +966,8 @@ class TpmWorker:
             **self.algorithms(),
             "pool_size": self.pool.size,
             "pool_sessions": self.pool.count,
+            "policy_pool_size": self.policy_pool.size,
+            "policy_pool_sessions": self.policy_pool.count,
             "tpm_active_sessions": self._property(TPM2_PT_HR.ACTIVE),
             "tpm_active_sessions_max": self._active_sessions_max or None,
             "loaded_keys": len(self.objects.keys),
@@ -976,9 +1023,114 @@ class TpmWorker:
     def _authorized(self, entry: CachedKey, auth: bytes, deadline: float,
                     prepare: Callable[[SessionState, int, bytes], command.PendingCommand],
                     result: Callable[[bytes], T]) -> T:
-        """One command on `entry`'s key (made resident) with a pool session."""
+        """One command on `entry`'s key (made resident) with a pool session; a key with a
+        policy gets a policy session that has just satisfied it."""
         handle, name = self.objects.handle_and_name(self.objects.resident(entry))
+        if entry.policy:
+            return self._policy_execute(entry, auth, deadline,
+                                        lambda session: prepare(session, handle, name), result)
         return self._execute(deadline, lambda session: prepare(session, handle, name), result)
+
+    def _policy_execute(self, entry: CachedKey, auth: bytes, deadline: float,
+                        prepare: Callable[[SessionState], command.PendingCommand],
+                        result: Callable[[bytes], T]) -> T:
+        """The command with a policy session: PolicyRestart, the key's policy replayed,
+        then the command, authorized by the session (and the key's password in its HMAC
+        when the policy has TPM2_PolicyAuthValue).
+
+        The policy commands need no authorization: a policy that does not hold costs no
+        dictionary-attack count. Only a wrong password after PolicyAuthValue does, as with
+        any key that has a password.
+        """
+        steps = entry.policy
+        if auth and not keypolicy.needs_password(steps):
+            raise AuthFailedError("the key's policy takes no password (no "
+                                  "TPM2_PolicyAuthValue in it); none may be given")
+        session = self.policy_pool.acquire(deadline)
+        self._check_deadline(deadline)
+        transport = self.link.require()
+        command.policy_restart(transport, session.handle)
+        if steps[0].command_code == keypolicy.CC_POLICY_AUTHORIZE:
+            self._signed_policy(entry, session.handle, steps[0])
+            steps = steps[1:]
+        self._replay(session.handle, steps)
+        pending = prepare(session)
+        try:
+            _, parameters = command.execute(transport, pending)
+        except command.ResponseAuthError:
+            self.policy_pool.discard(session)
+            raise
+        except TSS2_Exception as exc:
+            if tpm_code(int(exc.rc)) == TPM_RC_POLICY_FAIL:
+                raise PolicyFailedError("the TPM refused the key's policy session: the "
+                                        "policy in the key file is not the key's",
+                                        tpm_rc=int(exc.rc)) from None
+            raise
+        return result(parameters)
+
+    def _replay(self, session_handle: int, steps: Sequence[keypolicy.PolicyStep]) -> None:
+        """PolicyPCR and PolicyAuthValue on the policy session, in order."""
+        transport = self.link.require()
+        for step in steps:
+            if step.command_code == keypolicy.CC_POLICY_PCR:
+                selections, digest = keypolicy.split_pcr_step(step)
+                try:
+                    command.policy_pcr(transport, session_handle, digest,
+                                       keypolicy.marshal_selection(selections))
+                except TSS2_Exception as exc:
+                    if tpm_code(int(exc.rc)) == TPM_RC_VALUE:
+                        raise PolicyFailedError(keypolicy.mismatch(selections),
+                                                tpm_rc=int(exc.rc)) from None
+                    raise
+            elif step.command_code == keypolicy.CC_POLICY_AUTH_VALUE:
+                command.policy_auth_value(transport, session_handle)
+            else:  # keys.check_key_policy allows PolicyAuthorize first only
+                raise BadKeyError(f"{step.name} out of place in the key's policy")
+
+    def _signed_policy(self, entry: CachedKey, session_handle: int,
+                       authorize: keypolicy.PolicyStep) -> None:
+        """Satisfy the key's PolicyAuthorize with the first of its signed policies that
+        holds: its commands, then the TPM's check of its signature (LoadExternal of the
+        policy key, VerifySignature, the ticket to PolicyAuthorize)."""
+        main = keypolicy.Authorize.decode(authorize.command_policy)
+        transport = self.link.require()
+        signed = entry.blob.auth_policies if entry.blob is not None else ()
+        if not signed:
+            raise PolicyFailedError("the key needs a signed policy (authPolicy) and its file "
+                                    "has none: add one with `tpmbroker policy sign`")
+        refusals = []
+        for name, policy in signed:
+            label = f"signed policy {name!r}" if name else "a signed policy"
+            body, signature = keypolicy.signed_policy_steps(policy)
+            if (signature.key_public, signature.policy_ref) != (main.key_public,
+                                                                main.policy_ref):
+                refusals.append(f"{label} is signed by another key")
+                continue
+            command.policy_restart(transport, session_handle)
+            try:
+                self._replay(session_handle, body)
+            except PolicyFailedError as exc:
+                refusals.append(f"{label}: {exc.message}")
+                continue
+            approved = command.policy_get_digest(transport, session_handle)
+            a_hash = hashlib.sha256(approved + main.policy_ref).digest()
+            handle = self.objects.with_room(entry, lambda: command.load_external_public(
+                transport, main.key_public))
+            try:
+                ticket = command.verify_signature(transport, handle, a_hash,
+                                                  signature.signature)
+            except TSS2_Exception as exc:
+                if classify(exc) is not Kind.OTHER:
+                    raise
+                refusals.append(f"{label}: its signature does not verify")
+                continue
+            finally:
+                with contextlib.suppress(TSS2_Exception):
+                    command.flush_context(transport, handle)
+            command.policy_authorize(transport, session_handle, approved, main.policy_ref,
+                                     main.key_name, ticket)
+            return
+        raise PolicyFailedError("no signed policy of the key holds: " + "; ".join(refusals))
 
     def _execute(self, deadline: float,
                  prepare: Callable[[SessionState], command.PendingCommand],
@@ -1027,7 +1179,7 @@ class TpmWorker:
         lane_abort) says how the command went.
         """
         entry = self.objects.keys.get(key_id)
-        if (entry is None or entry.handle is None or not self.link.up
+        if (entry is None or entry.handle is None or not self.link.up or entry.policy
                 or not self.pool.full or len(auth) > MAX_AUTH
                 or len(digest) != hash.digest_size):
             return None
@@ -1133,7 +1285,8 @@ class TpmWorker:
         stale: list[int] = []
         counts_before = self._counts
         if self.link.up:
-            stale = [*self.pool.tpm_handles(), *self.objects.held_handles()]
+            stale = [*self.pool.tpm_handles(), *self.policy_pool.tpm_handles(),
+                     *self.objects.held_handles()]
             self._drop_link()
         try:
             self._build(deadline, stale)
@@ -1175,12 +1328,18 @@ class TpmWorker:
     def _drop_link(self) -> None:
         """Forget everything tied to the link, and close it."""
         self.pool.forget()
+        self.policy_pool.forget()
         self.objects.forget()
         self.link.close()
 
     def _start_session(self) -> SessionState:
         salt_handle, salt_public = self.objects.salt_key()
         return command.start_salted_session(self.link.require(), salt_handle, salt_public)
+
+    def _start_policy_session(self) -> SessionState:
+        salt_handle, salt_public = self.objects.salt_key()
+        return command.start_salted_session(self.link.require(), salt_handle, salt_public,
+                                            session_type=command.SE_POLICY)
 
     def _flush(self, handle: int) -> None:
         command.flush_context(self.link.require(), handle)

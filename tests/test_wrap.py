@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat import asn1
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -28,6 +29,7 @@ from tpmbroker import ops
 from tpmbroker.client import Client
 from tpmbroker.errors import AuthFailedError, BadKeyError
 from tpmbroker.keyfile import pem_to_der
+from tpmbroker.keypolicy import TPMKeyAsn1
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 from tpmbroker.wrap import WrappableKey
@@ -293,6 +295,9 @@ def test_wrapping_for_a_tpm_elsewhere(env: Env, kind: str) -> None:
             "-o", f"far-{kind}.tpm.pem", socket_path=str(env.dir / "no-broker.sock"))
     der = pem_to_der((env.dir / f"far-{kind}.tpm.pem").read_bytes())
     assert bytes.fromhex("06066781050a0104") in der  # the importable OID
+    # openssl_tpm2_engine reads secret [2] as a marshalled TPM2B_ENCRYPTED_SECRET
+    secret = asn1.decode_der(TPMKeyAsn1, der).secret
+    assert secret is not None and int.from_bytes(secret[:2], "big") == len(secret) - 2
     # that TPM loads it and signs, through the provider and through Python
     (env.dir / "far-data").write_bytes(b"provisioned from afar")
     verify(key, env.openssl_sign(f"far-{kind}.tpm.pem", env.there.socket, "far-data"),

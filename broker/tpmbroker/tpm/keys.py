@@ -14,6 +14,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
+    TPM2B_ENCRYPTED_SECRET,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPMS_ECC_PARMS,
@@ -39,7 +40,8 @@ PERSISTENT_LAST = 0x81FFFFFF
 _TSS2_KEY_OID = ObjectIdentifier("2.23.133.10.1.3")
 # An importable key (TPM 2.0 Key File spec, as openssl_tpm2_engine's create_tpm2_key
 # --import writes it): privkey is a duplicate (TPM2B_PRIVATE) whose outer wrapper's seed,
-# encrypted to the parent's public key, is the `secret` [2] (the bare encrypted bytes).
+# encrypted to the parent's public key, is the `secret` [2]: a marshalled
+# TPM2B_ENCRYPTED_SECRET, size first, as create_tpm2_key writes and its loader reads it.
 IMPORTABLE_KEY_OID = ObjectIdentifier("2.23.133.10.1.4")
 _TSS2_OID_DER = bytes.fromhex("06066781050a0103")
 # Every TPM curve OpenSSL's default provider signs with under a NIST name. The BN
@@ -126,8 +128,9 @@ def parse_tss2_key(der: bytes) -> Tss2Key:
     policy = tuple(keypolicy.from_asn1(seq.policy)) if seq.policy is not None else ()
     auth_policies = tuple((entry.name or "", tuple(keypolicy.from_asn1(entry.policy)))
                           for entry in seq.auth_policy or ())
-    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent),
-                  import_secret=seq.secret if importable else None, policy=policy,
+    seed = (bytes(_tpm2b(TPM2B_ENCRYPTED_SECRET, seq.secret, "encrypted seed"))
+            if importable and seq.secret else None)
+    key = Tss2Key(tss, rsa_parent=bool(seq.rsa_parent), import_secret=seed, policy=policy,
                   auth_policies=auth_policies)
     if not (key.parent == STORAGE_PRIMARY or is_persistent(key.parent)):
         raise UnsupportedError(f"key parent 0x{key.parent:08x} is neither the storage "
@@ -476,7 +479,9 @@ def tss2_der(*, public: Any, private: Any, parent: int, empty_auth: bool,
     seq = _Tss2KeyAsn1(
         object_type=_TSS2_KEY_OID if import_secret is None else IMPORTABLE_KEY_OID,
         empty_auth=True if empty_auth else None,
-        policy=keypolicy.to_asn1(policy) if policy else None, secret=import_secret,
+        policy=keypolicy.to_asn1(policy) if policy else None,
+        secret=(bytes(TPM2B_ENCRYPTED_SECRET(import_secret).marshal())
+                if import_secret is not None else None),
         auth_policy=None, description=None, rsa_parent=True if rsa_parent else None,
         parent=parent, public=bytes(public.marshal()), private=bytes(private.marshal()))
     return bytes(asn1.encode_der(seq))

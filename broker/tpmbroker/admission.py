@@ -26,11 +26,13 @@ Only the event loop uses this module: no locks.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import time
 from collections.abc import Hashable, Iterable
 
+from .definitions import Opcode
 from .errors import BusyError
 from .scheduler import FairQueue, Job
 
@@ -40,6 +42,9 @@ ALPHA = 0.2
 # waited out a TPM restart says little about the next one); the estimate still follows a
 # slower TPM within a few samples.
 MAX_JUMP = 4.0
+# How long a refused connection keeps its claim to go first (tpmbroker.admission): its
+# client is expected to try again within this time.
+WAITING_HOLD = 2.0
 # Kinds of work remembered (per operation and key): the broker keeps at most 4096 keys.
 MAX_KINDS = 8192
 
@@ -67,7 +72,8 @@ class ServiceTimes:
         """Milliseconds per operation, averaged over its keys (status)."""
         by_op: dict[str, list[float]] = {}
         for kind, seconds in self._ewma.items():
-            name = str(kind[0] if isinstance(kind, tuple) else kind)
+            op = kind[0] if isinstance(kind, tuple) else kind
+            name = Opcode(op).name if isinstance(op, int) and op in set(Opcode) else str(op)
             by_op.setdefault(name, []).append(seconds)
         return {name: round(1000 * sum(v) / len(v), 3) for name, v in by_op.items()}
 
@@ -84,6 +90,12 @@ class Admission:
         self._protected: list[tuple[float, int, Job]] = []
         self._ahead = 0.0  # work admitted into the current round since (seconds)
         self._seq = itertools.count()
+        # Connections refused lately, oldest first (owner -> when). While there are any,
+        # a connection not among them is admitted only if the queue keeps room for one
+        # request of each: otherwise the connections just served, whose next request
+        # comes the moment a place frees, would take every place and the refused ones
+        # none.
+        self._waiting: collections.OrderedDict[int, float] = collections.OrderedDict()
 
     def admit(self, job: Job, checked: bool, in_service: Iterable[Job]) -> None:
         """Give `job` its estimated cost, or raise BusyError. `checked`: the client gave a
@@ -98,7 +110,8 @@ class Admission:
             if queued == 0:
                 self._ahead += own
             return
-        remaining = job.deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = job.deadline - now
         busy = sum(j.cost for j in in_service)
         if queued == 0:
             wait = busy + queue.head_work  # the end of the current round
@@ -109,15 +122,24 @@ class Admission:
         if wait <= 0.0:
             return  # nothing ahead of it: the TPM serves it now
         if wait + own > remaining:
-            self._refuse(wait + own, remaining)
+            self._refuse(job.owner, now, wait + own, remaining)
+        waiting = self._waiting
+        if waiting and job.owner not in waiting:
+            while waiting and next(iter(waiting.values())) < now - WAITING_HOLD:
+                waiting.popitem(last=False)  # it did not come back
+            reserve = len(waiting) * own
+            if wait + own + reserve > remaining:
+                self._refuse(job.owner, now, wait + own + reserve, remaining,
+                             "connections refused before go first")
         if queued == 0:
             if not self._fits_ahead_of_admitted(own):
-                self._refuse(wait + own + self._protected_wait(), remaining,
+                self._refuse(job.owner, now, wait + own + self._protected_wait(), remaining,
                              "requests already admitted would miss their deadlines")
             self._ahead += own
         else:
             slack = remaining - wait - own
             heapq.heappush(self._protected, (slack + self._ahead, next(self._seq), job))
+        waiting.pop(job.owner, None)
 
     def _fits_ahead_of_admitted(self, own: float) -> bool:
         heap = self._protected
@@ -132,8 +154,11 @@ class Admission:
         """How much admitted work the protected requests still wait for, at most."""
         return max(0.0, self.queue.work - self.queue.head_work)
 
-    def _refuse(self, wait: float, remaining: float, why: str = "") -> None:
+    def _refuse(self, owner: int, now: float, wait: float, remaining: float,
+                why: str = "") -> None:
         self.refused += 1
+        self._waiting[owner] = now  # its claim lasts while it keeps trying
+        self._waiting.move_to_end(owner)
         because = f" ({why})" if why else ""
         raise BusyError(f"tpmbroker is busy: expected wait {round(wait * 1000)} ms exceeds "
                         f"the deadline ({max(0, round(remaining * 1000))} ms left){because}")

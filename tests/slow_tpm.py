@@ -30,6 +30,7 @@ class SlowTpm(Relay):
         self.delays = delays
         self.default = default
         self.commands = 0
+        self.busy_seconds = 0.0  # time the chip spent on commands ("TPM busy")
         self._chip = threading.Lock()  # the chip does one command at a time
         super().__init__(port)
 
@@ -77,6 +78,7 @@ class SlowTpm(Relay):
                     hold = started + self.delays.get(code, self.default) - time.monotonic()
                     if hold > 0:
                         time.sleep(hold)
+                    self.busy_seconds += time.monotonic() - started
                     client.sendall(answer)
 
 

@@ -166,3 +166,14 @@ def test_refused_connections_go_first_while_they_keep_trying() -> None:
     with pytest.raises(BusyError):
         admission.admit(job(12, seconds_left=0.45), True, ())
     assert admitted(admission, job(11, seconds_left=0.45))
+
+
+def test_a_claim_ends_when_its_connection_is_served_by_an_idle_tpm() -> None:
+    admission = Admission(FairQueue())
+    admission.times.record(SIGN, 0.100)
+    assert admitted(admission, job(1, seconds_left=1.0))
+    assert not admitted(admission, job(10, seconds_left=0.15))  # 200 ms with 150 left
+    admission.queue.pop()
+    assert admitted(admission, job(10, seconds_left=0.15))  # nothing ahead now
+    # No claim is left standing: the next connection needs no room kept for one.
+    assert admitted(admission, job(11, seconds_left=0.25))

@@ -119,8 +119,9 @@ class Admission:
             wait = busy + queue.work  # more than it can be: fits anyway
         else:
             wait = busy + queue.work_ahead(job.owner, queued)
-        if wait <= 0.0:
-            return  # nothing ahead of it: the TPM serves it now
+        if wait <= 0.0:  # nothing ahead of it: the TPM serves it now
+            self._waiting.pop(job.owner, None)
+            return
         if wait + own > remaining:
             self._refuse(job.owner, now, wait + own, remaining)
         waiting = self._waiting

@@ -126,6 +126,10 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
     case WIRE_STATUS_TPM_UNAVAILABLE:
         reason = TPMB_R_TPM_BUSY;
         break;
+    case WIRE_STATUS_BUSY: /* refused on arrival: the provider does not retry it */
+        reason = TPMB_R_TPM_BUSY;
+        hint = "; retry later, or raise `timeout` in the provider's config section";
+        break;
     case WIRE_STATUS_LOCKOUT:
         reason = TPMB_R_LOCKOUT;
         hint = "; wait for the lockout to expire or reset it (tpm2_dictionarylockout)";

@@ -137,14 +137,20 @@ class _Connection:
             self._raise_connection_error(min(deadline, time.monotonic() + 0.2))
             raise
         try:
-            return self._answer(msg, request_id, deadline)
+            result = self._answer(msg, request_id, deadline)
         except BaseException:
             # A timeout, a frame that does not parse, a connection error: whatever the
             # stream holds next cannot be trusted to belong to the next request.
             self.broken = True
             raise
+        if isinstance(result, p.ErrorResult):
+            # The broker's answer to this request: the connection, and the keys loaded
+            # on it, stay good (a BUSY client that reconnected would queue a LOAD).
+            raise error_for_status(result.status, result.message, result.tpm_rc)
+        return result
 
-    def _answer(self, msg: p.Message, request_id: int, deadline: float) -> p.Message:
+    def _answer(self, msg: p.Message, request_id: int,
+                deadline: float) -> p.Message | p.ErrorResult:
         while True:
             self._settimeout(deadline)
             data = self.sock.recv(65536)
@@ -172,8 +178,6 @@ class _Connection:
             result = p.decode_response(header, body)
             if len(frames) > 1 or self.reader.pending:
                 self.broken = True  # frames after the answer: nobody asked for them
-            if isinstance(result, p.ErrorResult):
-                raise error_for_status(result.status, result.message, result.tpm_rc)
             return result
 
     def _raise_connection_error(self, deadline: float) -> None:

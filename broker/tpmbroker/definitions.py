@@ -70,6 +70,7 @@ class Status(enum.IntEnum):
     LOCKOUT = 17
     SHUTTING_DOWN = 18  # the broker is stopping; another may take its place
     PARENT_AUTH_FAILED = 19  # wrong or missing password for the key's parent
+    BUSY = 20  # the deadline cannot be met behind the work queued; the message estimates
     POLICY_FAILED = 21  # the key's policy does not hold (a PCR differs, ...)
 
 

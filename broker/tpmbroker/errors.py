@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from .definitions import Status as Status  # re-exported: errors carry it
 
 
@@ -103,6 +105,19 @@ class ParentAuthFailedError(TpmBrokerError):
     status = Status.PARENT_AUTH_FAILED
 
 
+class BusyError(TpmBrokerError):
+    """The broker refused the request on arrival: with the work queued ahead of it, the
+    TPM could not serve it before its deadline. Nothing was sent to the TPM. The message
+    says the expected wait ("expected wait N ms"); `expected_wait_ms` reads it."""
+
+    status = Status.BUSY
+
+    @property
+    def expected_wait_ms(self) -> int | None:
+        match = re.search(r"expected wait (\d+) ms", self.message)
+        return int(match.group(1)) if match else None
+
+
 class PolicyFailedError(TpmBrokerError):
     """The key's policy does not hold now: the message names what failed (the PCRs that
     differ from the key's policy). A policy failure costs no dictionary-attack count."""
@@ -128,7 +143,7 @@ _BY_STATUS: dict[Status, type[TpmBrokerError]] = {
         UnknownKeyError, BadKeyError, AuthFailedError, BadDigestError, UnsupportedError,
         DeadlineError, NoSessionsError, TpmError, TpmUnavailableError, PermissionDeniedError,
         InternalError, OverloadedError, LockoutError, ShuttingDownError,
-        ParentAuthFailedError, PolicyFailedError,
+        ParentAuthFailedError, BusyError, PolicyFailedError,
     )
 }
 

@@ -44,20 +44,25 @@ class LaneWorker(Protocol):
 class _OutOnTheTpm:
     """The one command the lane has out on the TPM socket."""
 
-    __slots__ = ("command", "give_up_at", "job", "received", "sock")
+    __slots__ = ("command", "give_up_at", "job", "received", "sent", "sock")
 
-    def __init__(self, job: Job, command: Any, sock: socket.socket, give_up_at: float) -> None:
+    def __init__(self, job: Job, command: Any, sock: socket.socket, give_up_at: float,
+                 sent: float) -> None:
         self.job = job
         self.command = command  # the worker's LaneCommand
         self.sock = sock
         self.give_up_at = give_up_at  # after this the TPM counts as stuck
+        self.sent = sent  # when the command went to the TPM
         self.received = b""
 
 
 class Lane:
     def __init__(self, worker: LaneWorker, queue: FairQueue,
-                 to_worker: Callable[[Job], None], idle: Callable[[], None]) -> None:
+                 to_worker: Callable[[Job], None], idle: Callable[[], None],
+                 measured: Callable[[Job, float], None] | None = None) -> None:
         self.worker = worker
+        # told how long the TPM took for each job served (tpmbroker.admission)
+        self.measured = measured
         self.queue = queue
         self.to_worker = to_worker  # gives a job back to the queue, for the worker thread
         self.idle = idle  # called when the lane has finished a command (the server pumps)
@@ -79,6 +84,13 @@ class Lane:
     @property
     def busy(self) -> bool:
         return self._out is not None
+
+    def jobs(self) -> list[Job]:
+        """The job whose command is out on the TPM and the one prepared next, if any."""
+        jobs = [self._out.job] if self._out is not None else []
+        if self._next is not None:
+            jobs.append(self._next[0])
+        return jobs
 
     def start(self, job: Job) -> bool:
         """Send `job`'s command if it can take the lane; False: the worker thread's."""
@@ -143,8 +155,9 @@ class Lane:
             return False  # the worker thread reconnects and serves it
         loop = self.loop
         assert loop is not None
-        give_up_at = max(job.deadline, time.monotonic()) + GRACE
-        self._out = _OutOnTheTpm(job, command, sock, give_up_at)
+        now = time.monotonic()
+        give_up_at = max(job.deadline, now) + GRACE
+        self._out = _OutOnTheTpm(job, command, sock, give_up_at, now)
         if self._watchdog is None:
             self._watchdog = loop.call_at(give_up_at, self._watch)
         if self._reader is not sock:
@@ -208,6 +221,7 @@ class Lane:
             self._abort(out.command)
             self.to_worker(job)
         else:
+            took = time.monotonic() - out.sent
             self._send_next()  # the TPM starts on the next one while we finish this
             try:
                 result = self.worker.lane_finish(out.command, response)
@@ -217,6 +231,8 @@ class Lane:
                 job.done(None, exc)
             else:
                 self.served += 1
+                if self.measured is not None:
+                    self.measured(job, took)
                 job.done(result, None)
         self.idle()
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from . import __version__, ops
 from . import protocol as p
+from .admission import Admission
 from .audit import Usage, audit
 from .errors import (
     AuthFailedError,
@@ -319,7 +320,7 @@ class Connection(asyncio.Protocol):
             # unreachable) are the answer; the broker's own DEADLINE answer still comes
             # before the client stops waiting.
             request = Incoming(self, request_id, opcode, client_deadline - margin / 2,
-                               client_deadline - margin)
+                               client_deadline - margin, header.timeout_ms != 0)
             _SERVE[msg.OPCODE](request, msg)
         except Exception as exc:
             self.fail(request_id, opcode, exc)
@@ -418,15 +419,17 @@ class Connection(asyncio.Protocol):
 class Incoming:
     """One decoded request, as its operation sees it (tpmbroker.ops.Request)."""
 
-    __slots__ = ("conn", "deadline", "key_id", "opcode", "reply_by", "request_id", "worker")
+    __slots__ = ("checked", "conn", "deadline", "key_id", "opcode", "reply_by", "request_id",
+                 "worker")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int, reply_by: float,
-                 deadline: float) -> None:
+                 deadline: float, checked: bool = False) -> None:
         self.conn = conn
         self.request_id = request_id
         self.opcode = opcode
         self.reply_by = reply_by  # the broker's own DEADLINE answer goes out then
         self.deadline = deadline  # the TPM work must be done by then
+        self.checked = checked  # the client set the deadline: admission may refuse (BUSY)
         self.worker: ops.Worker = conn.server.worker
         self.key_id: bytes | None = None  # the loaded key this request uses, if any
 
@@ -443,7 +446,11 @@ class Incoming:
         server = conn.server
         pending = Pending(conn, self.request_id, self.opcode, finish)
         pending.key_id = self.key_id
-        pending.job = Job(conn.id, self.deadline, run, pending, lane)
+        # Service times are measured per operation and key; a key's generation varies
+        # by seconds with the TPM's luck and is never refused.
+        kind = None if self.opcode == p.Opcode.GENERATE else (self.opcode, self.key_id)
+        pending.job = Job(conn.id, self.deadline, run, pending, lane, kind)
+        server.admission.admit(pending.job, self.checked, server.in_service())  # or BUSY
         pending.timer = server.loop.call_at(self.reply_by, conn.expire, pending)
         conn.pending.add(pending)
         server.enqueue(pending.job)
@@ -508,10 +515,12 @@ class BrokerServer:
         # The TPM does one thing at a time: a job on the worker thread, or the lane's
         # command; the link belongs to whichever of the two has the TPM.
         self._worker_busy = False
-        self.lane = Lane(worker, self.queue, self._to_worker, self._pump)
+        self.lane = Lane(worker, self.queue, self._to_worker, self._pump, self._measured)
+        self.admission = Admission(self.queue)
+        self._on_worker: Job | None = None  # the job the worker thread has
         self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         # Results cross back from the worker thread through a deque and one wake-up.
-        self._done: collections.deque[tuple[Any, Any, BaseException | None]] = (
+        self._done: collections.deque[tuple[Job, Any, BaseException | None, float]] = (
             collections.deque())
         self._wakeup_pending = False
         self.stopping = False
@@ -544,9 +553,22 @@ class BrokerServer:
                 break
             self.lane.release()  # the worker thread may reconnect or close the link
             self._worker_busy = True
+            self._on_worker = job
             self._handoff.put(job)
         if self.lane.busy:
             self.lane.prepare_next()
+
+    def in_service(self) -> list[Job]:
+        """The jobs out of the queue and on (or next for) the TPM."""
+        jobs = self.lane.jobs()
+        if self._on_worker is not None:
+            jobs.append(self._on_worker)
+        return jobs
+
+    def _measured(self, job: Job, seconds: float) -> None:
+        """A job held the TPM `seconds` and succeeded: the admission's estimate learns."""
+        if job.kind is not None:
+            self.admission.times.record(job.kind, seconds)
 
     def _to_worker(self, job: Job) -> None:
         job.lane = None
@@ -559,15 +581,17 @@ class BrokerServer:
             job = self._handoff.get()
             if job is None:
                 return
+            started = time.monotonic()
             try:
                 result = job.run()
             except BaseException as exc:
-                self._finished(job, None, exc)
+                self._finished(job, None, exc, 0.0)
             else:
-                self._finished(job, result, None)
+                self._finished(job, result, None, time.monotonic() - started)
 
-    def _finished(self, job: Job, result: Any, error: BaseException | None) -> None:
-        self._done.append((job.done, result, error))
+    def _finished(self, job: Job, result: Any, error: BaseException | None,
+                  seconds: float) -> None:
+        self._done.append((job, result, error, seconds))
         if not self._wakeup_pending:
             self._wakeup_pending = True
             self.loop.call_soon_threadsafe(self._deliver)
@@ -575,9 +599,12 @@ class BrokerServer:
     def _deliver(self) -> None:
         self._wakeup_pending = False  # before draining: a later append wakes us again
         while self._done:
-            done, result, error = self._done.popleft()
+            job, result, error, seconds = self._done.popleft()
             self._worker_busy = False  # the worker thread runs one job at a time
-            done(result, error)
+            self._on_worker = None
+            if error is None:
+                self._measured(job, seconds)
+            job.done(result, error)
         self._pump()
 
     async def call(self, deadline: float, run: Callable[[], Any]) -> Any:
@@ -626,6 +653,8 @@ class BrokerServer:
             **dict.fromkeys(ops.COUNTERS, 0),
             **self.stats.served,
             "lane_signatures": self.lane.served,
+            "busy_refusals": self.admission.refused,
+            "tpm_service_ms": self.admission.times.snapshot(),
             "errors": self.stats.errors,
             "errors_by_status": dict(self.stats.by_status),
             "refused_peers": self.stats.refused_peers,

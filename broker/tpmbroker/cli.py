@@ -136,6 +136,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.sessions <= 3:
         print("tpmbroker: --sessions must be 1, 2 or 3", file=sys.stderr)
         return 2
+    if not 1 <= args.policy_sessions <= 2:
+        print("tpmbroker: --policy-sessions must be 1 or 2", file=sys.stderr)
+        return 2
+    if args.sessions + args.policy_sessions > 3:
+        logging.getLogger("tpmbroker").warning(
+            "%d HMAC and %d policy sessions: a TPM holds 3 loaded sessions, so keys with a "
+            "policy may find no slot (NO_SESSIONS); use --sessions %d",
+            args.sessions, args.policy_sessions, 3 - args.policy_sessions)
     _raise_fd_limit()
     config = ServerConfig(
         socket_path=args.socket or default_socket(),
@@ -164,6 +172,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     async def run(tcti: str, simulator: Any) -> None:
         server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions,
+                                                policy_sessions=args.policy_sessions,
                                                 pss_padding=args.pss_padding,
                                                 da_reserve=args.da_reserve))
         stop = asyncio.Event()
@@ -673,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tcti", help="TPM to use (default: $TPMBROKER_TCTI, /dev/tpmrm0, "
                     "else an embedded simulator)")
     sp.add_argument("--sessions", type=int, default=2, help="HMAC sessions in the pool (1-3)")
+    sp.add_argument("--policy-sessions", type=int, default=1,
+                    help="policy sessions for keys with a policy (1-2; docs/keys.md); with "
+                         "--sessions, at most 3 in all, the loaded sessions a TPM holds")
     sp.add_argument("--allow-uid", action="append", default=[], metavar="UID",
                     help="user (name or number) allowed to connect; repeatable")
     sp.add_argument("--allow-gid", action="append", default=[], metavar="GID",

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory for bench.json, bench.md, bench.png")
     parser.add_argument("--tcti", help="run against this TPM instead of a swtpm of the "
                         "benchmark's own (never the machine's TPM unless given here)")
+    parser.add_argument("--tpm-model", default="none", choices=("none", "discrete"),
+                        help="discrete: a relay in front of the swtpm gives every command a "
+                        "discrete TPM's duration, one command at a time (default none)")
     parser.add_argument("--idle-connections", type=int, default=1000,
                         help="broker memory with this many idle clients (default 1000, 0: skip)")
     return parser
@@ -62,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{', '.join(KEYS)}; clients a list of positive integers"
               + (f" (unknown: {', '.join(unknown)})" if unknown else ""), file=sys.stderr)
         return 2
+    if args.tcti and args.tpm_model != "none":
+        print(f"{PROG}: --tpm-model models a chip in front of the benchmark's own swtpm; "
+              "it cannot be combined with --tcti", file=sys.stderr)
+        return 2
     if args.tcti is None and os.environ.get("TPMBROKER_TCTI"):
         print(f"{PROG}: ignoring TPMBROKER_TCTI; the benchmark runs on a swtpm of its "
               "own unless --tcti is given", file=sys.stderr)
@@ -70,11 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"--clients {','.join(map(str, clients))}", f"--seconds {args.seconds:g}",
          f"--sessions {args.sessions}", f"--max-processes {args.max_processes}",
          f"--idle-connections {args.idle_connections}",
-         f"--out {args.out}"] + ([f"--tcti {args.tcti}"] if args.tcti else []))
+         f"--out {args.out}"]
+        + ([f"--tpm-model {args.tpm_model}"] if args.tpm_model != "none" else [])
+        + ([f"--tcti {args.tcti}"] if args.tcti else []))
     options = Options(systems=systems, keys=keys, clients=clients, seconds=args.seconds,
                       out=Path(args.out), tcti=args.tcti, sessions=args.sessions,
                       max_processes=args.max_processes, command=command,
-                      idle_connections=args.idle_connections)
+                      idle_connections=args.idle_connections, tpm_model=args.tpm_model)
     try:
         results = run(options)
     except TpmBrokerError as exc:

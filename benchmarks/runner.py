@@ -28,6 +28,7 @@ from tpmbroker.load import LoadReport
 from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
 from . import systems as s
+from .chip import MODELS, ChipRelay
 from .machine import machine_description
 from .results import ABRMD, BROKER, DIRECT, Point, Results
 from .services import CpuMeter, process_rss_mib
@@ -45,6 +46,7 @@ class Options:
     max_processes: int = 32
     command: str = ""
     idle_connections: int = 1000
+    tpm_model: str = "none"  # benchmarks.chip.MODELS: "discrete" puts a chip's timing in front
 
 
 def plan(options: Options) -> list[tuple[str, str, int]]:
@@ -203,6 +205,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
     meta.update(command=options.command, seconds_per_point=options.seconds,
                 clients=options.clients, keys=options.keys, systems=options.systems,
                 pool_sessions=options.sessions, tcti=options.tcti or "swtpm (own)",
+                tpm_model=options.tpm_model,
                 descriptions={k: v for k, v in s.DESCRIPTIONS.items() if k in options.systems})
     saved_env = {k: os.environ.get(k) for k in ("TPMBROKER_SOCKET", "DBUS_SESSION_BUS_ADDRESS")}
     idle: dict[int, dict[str, float]] = {}
@@ -299,6 +302,13 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
         swtpm.start()
         stack.callback(swtpm.stop)
         tcti = swtpm.tcti
+    relay: ChipRelay | None = None
+    if options.tpm_model != "none":
+        if swtpm is None:
+            raise ValueError("--tpm-model needs the benchmark's own swtpm (no --tcti)")
+        relay = ChipRelay(swtpm.port, MODELS[options.tpm_model])
+        stack.callback(relay.close)
+        tcti = relay.tcti  # every system, the key maker included, reaches the TPM through it
 
     keys: dict[str, s.Key] = {}
     for name in options.keys:
@@ -349,7 +359,8 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     progress.advance()
                 progress.message(f"{', '.join(group)}: setup failed: {exc}")
                 continue
-            meter = phase.enter_context(CpuMeter(swtpm.pid if swtpm is not None else None))
+            meter: CpuMeter | ChipRelay = relay if relay is not None else phase.enter_context(
+                CpuMeter(swtpm.pid if swtpm is not None else None))
             broker_meter = phase.enter_context(CpuMeter(
                 broker.proc.pid if broker is not None and broker.proc is not None else None))
             for system, key_name, clients in group_todo:

@@ -1,0 +1,110 @@
+"""The chip model: commands told apart, answers held for their modelled time, one at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.chip import CC, DISCRETE, NONE, ChipRelay, Model, classify
+from tpmbroker.client import Client
+from tpmbroker.processes import BrokerProcess
+from tpmbroker.protocol import Curve, KeyType
+from tpmbroker.simulator import Swtpm
+
+
+def command(code: int, handles: list[int], parameters: bytes, sessions: bool = True) -> bytes:
+    auth = struct.pack(">IHH", 0x40000009, 0, 0) + b"\x00\x00"  # password session, empty
+    body = b"".join(struct.pack(">I", h) for h in handles)
+    if sessions:
+        body += struct.pack(">I", len(auth)) + auth
+    body += parameters
+    return struct.pack(">HII", 0x8002 if sessions else 0x8001, 10 + len(body), code) + body
+
+
+def sign(scheme: int, handle: int = 0x80000001) -> bytes:
+    digest = b"\x00\x20" + bytes(32)
+    return command(CC["Sign"], [handle], digest + struct.pack(">HH", scheme, 0x000B))
+
+
+def test_commands_are_told_apart_by_what_costs_time() -> None:
+    assert classify(sign(0x0018), {}).key_type == "ecc"  # ECDSA
+    assert classify(sign(0x0014), {}).key_type == "rsa"  # RSASSA
+    assert classify(sign(0x0016), {}).key_type == "rsa"  # RSAPSS
+    # the key's own scheme: the key type learnt when the key was loaded
+    assert classify(sign(0x0010, 0x80000002), {0x80000002: "rsa"}).key_type == "rsa"
+    salted = command(CC["StartAuthSession"], [0x80000000, 0x40000007], b"")
+    unsalted = command(CC["StartAuthSession"], [0x40000007, 0x40000007], b"", False)
+    assert DISCRETE.duration(classify(salted, {}).name, classify(salted, {}).key_type) == 0.040
+    assert classify(unsalted, {}).key_type == "unsalted"
+    random = classify(command(CC["GetRandom"], [], b"\x00\x20", False), {})
+    assert (random.name, random.data_bytes) == ("GetRandom", 32)
+    assert DISCRETE.duration("GetRandom", None, 32) > DISCRETE.duration("GetRandom")
+    assert classify(b"\x80", {}).name == "?"  # odd input is classified, never raised on
+    assert classify(command(0x1FF, [], b"", False), {}).name == "0x1ff"
+    assert DISCRETE.duration("0x1ff") == DISCRETE.default > 0
+    assert NONE.duration("Sign", "rsa") == 0.0
+
+
+def test_busy_counts_only_time_in_service() -> None:
+    relay = ChipRelay(1, Model("flat", {}, 0.0))  # nothing behind it: measured by hand
+    try:
+        relay._starts, relay._ends = [1.0, 3.0, 6.0], [2.0, 4.0, 8.0]
+        assert relay.busy(0.0, 10.0) == 4.0
+        assert relay.busy(1.5, 7.0) == pytest.approx(0.5 + 1.0 + 1.0)
+        assert relay.utilization(3.0, 4.0) == 1.0
+        assert relay.utilization(4.0, 6.0) == 0.0
+    finally:
+        relay.close()
+
+
+@pytest.fixture()
+def tpm(tmp_path: Path) -> Iterator[Swtpm]:
+    swtpm = Swtpm(tmp_path / "tpm")
+    swtpm.start()
+    try:
+        yield swtpm
+    finally:
+        swtpm.stop()
+
+
+def test_the_broker_on_the_modelled_chip(tpm: Swtpm, tmp_path: Path) -> None:
+    """Two signers through the broker and the relay: every signature takes the chip its
+    25 ms, one after another, and the relay sees the chip busy for that time."""
+    per_signer = 6
+    with ChipRelay(tpm.port, DISCRETE) as relay, \
+            BrokerProcess(relay.tcti, tmp_path / "broker") as broker, \
+            Client(broker.socket, timeout=30) as client:
+        key = client.load_key(client.generate_key(KeyType.EC, Curve.P256)[0])
+        client.sign(key, hashlib.sha256(b"warm").digest())  # key resident
+        signs_before = relay.counts.get("Sign", 0)
+        errors: list[BaseException] = []
+
+        def signer() -> None:
+            try:
+                for i in range(per_signer):
+                    client.sign(key, hashlib.sha256(str(i).encode()).digest())
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=signer) for _ in range(2)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        t1 = time.monotonic()
+        assert not errors, errors
+        signs = relay.counts["Sign"] - signs_before
+        assert signs == 2 * per_signer
+        modelled = signs * DISCRETE.duration("Sign", "ecc")
+        # one at a time: the two signers' signatures do not overlap on the chip
+        assert t1 - t0 >= 0.95 * modelled
+        assert relay.busy(t0, t1) >= 0.95 * modelled
+        assert relay.utilization(t0, t1) is not None
+        assert relay.service["Sign"] >= (signs + signs_before) * 0.025 * 0.99

@@ -67,6 +67,15 @@ EVP_MD *EVP_MD_fetch(OSSL_LIB_CTX *ctx, const char *algorithm, const char *prope
 void EVP_MD_free(EVP_MD *md);
 int EVP_PKEY_CTX_set_signature_md(EVP_PKEY_CTX *ctx, const EVP_MD *md);
 
+int EVP_PKEY_decrypt_init(EVP_PKEY_CTX *ctx);
+int EVP_PKEY_decrypt(EVP_PKEY_CTX *ctx, unsigned char *out, size_t *outlen,
+                     const unsigned char *in, size_t inlen);
+int EVP_PKEY_derive_init(EVP_PKEY_CTX *ctx);
+int EVP_PKEY_derive_set_peer(EVP_PKEY_CTX *ctx, EVP_PKEY *peer);
+int EVP_PKEY_derive(EVP_PKEY_CTX *ctx, unsigned char *key, size_t *keylen);
+EVP_PKEY *PEM_read_bio_PUBKEY_ex(BIO *bp, EVP_PKEY **x, void *cb, void *u,
+                                 OSSL_LIB_CTX *libctx, const char *propq);
+
 unsigned long ERR_get_error(void);
 void ERR_error_string_n(unsigned long e, char *buf, size_t len);
 void ERR_clear_error(void);
@@ -220,6 +229,52 @@ class Signer:
         return bytes(ffi.buffer(self.sig, self.siglen[0]))
 
 
+class Operator:
+    """RSA decryption (PKCS#1 v1.5, EVP_PKEY_decrypt) or ECDH (EVP_PKEY_derive) with one
+    key, of one fixed input: `data` is the ciphertext, or the peer's public key in PEM.
+    One Operator per thread; each call sets its EVP_PKEY_CTX up afresh, as TLS does."""
+
+    def __init__(self, crypto: Libcrypto, pkey: Any, mode: str, data: bytes) -> None:
+        if mode not in ("decrypt", "derive"):
+            raise ValueError(f"unknown mode {mode}")
+        self.c, self.pkey, self.mode, self.data = crypto, pkey, mode, data
+        ffi, lib = crypto.ffi, crypto.lib
+        self.out = ffi.new("unsigned char[]", 1024)
+        self.outlen = ffi.new("size_t *")
+        self.peer: Any = None
+        if mode == "derive":
+            buf = ffi.from_buffer(data)
+            bio = lib.BIO_new_mem_buf(buf, len(data))
+            try:
+                peer = lib.PEM_read_bio_PUBKEY_ex(bio, ffi.NULL, ffi.NULL, ffi.NULL,
+                                                  crypto.ctx, ffi.NULL)
+            finally:
+                lib.BIO_free(bio)
+            if peer == ffi.NULL:
+                raise LibcryptoError(f"cannot load the peer key: {crypto.error()}")
+            self.peer = ffi.gc(peer, lib.EVP_PKEY_free)
+
+    def run(self) -> bytes:
+        lib, ffi = self.c.lib, self.c.ffi
+        pctx = lib.EVP_PKEY_CTX_new_from_pkey(self.c.ctx, self.pkey, ffi.NULL)
+        if pctx == ffi.NULL:
+            raise LibcryptoError(self.c.error())
+        try:
+            self.outlen[0] = 1024
+            if self.mode == "decrypt":
+                ok = lib.EVP_PKEY_decrypt_init(pctx) > 0 and lib.EVP_PKEY_decrypt(
+                    pctx, self.out, self.outlen, self.data, len(self.data)) > 0
+            else:
+                ok = (lib.EVP_PKEY_derive_init(pctx) > 0
+                      and lib.EVP_PKEY_derive_set_peer(pctx, self.peer) > 0
+                      and lib.EVP_PKEY_derive(pctx, self.out, self.outlen) > 0)
+            if not ok:
+                raise LibcryptoError(self.c.error())
+            return bytes(ffi.buffer(self.out, self.outlen[0]))
+        finally:
+            lib.EVP_PKEY_CTX_free(pctx)
+
+
 def verify(public_der: bytes, signature: bytes, message: bytes) -> bool:
     """ECDSA or RSA PKCS#1 v1.5 with SHA-256 over `message`."""
     from cryptography.exceptions import InvalidSignature
@@ -246,7 +301,10 @@ def _worker(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--providers", required=True, help="comma-separated, in load order")
     ap.add_argument("--key", required=True)
     ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--mode", default="pkey-sign", choices=["digest-sign", "pkey-sign"])
+    ap.add_argument("--mode", default="pkey-sign",
+                    choices=["digest-sign", "pkey-sign", "decrypt", "derive"])
+    ap.add_argument("--input", help="decrypt: the ciphertext; derive: the peer's PEM")
+    ap.add_argument("--expect", help="decrypt, derive: the file the result must equal")
     ap.add_argument("--props")
     ap.add_argument("--verify-every", type=int, default=50)
     args = ap.parse_args(argv)
@@ -257,7 +315,12 @@ def _worker(argv: Sequence[str] | None = None) -> int:
         crypto = Libcrypto(args.providers.split(","))
         pkey = crypto.load_pem_key(Path(args.key).read_bytes())
         public = crypto.public_der(pkey)
-        signer = Signer(crypto, pkey, args.mode, args.props)
+        operator: Operator | None = None
+        if args.mode in ("decrypt", "derive"):
+            operator = Operator(crypto, pkey, args.mode, Path(args.input).read_bytes())
+            expected = Path(args.expect).read_bytes()
+        else:
+            signer = Signer(crypto, pkey, args.mode, args.props)
     except Exception as exc:
         print(f"setup failed: {exc}", flush=True)
         return 1
@@ -273,6 +336,13 @@ def _worker(argv: Sequence[str] | None = None) -> int:
         message = f"{pid}:{done}:{failed}".encode()
         t0 = time.perf_counter()
         try:
+            if operator is not None:
+                output = operator.run()
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if done % args.verify_every == 0 and output != expected:
+                    bad += 1
+                done += 1
+                continue
             signature = signer.sign(message)
         except LibcryptoError as exc:
             failed += 1

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from tpmbroker.load import LoadReport
 from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
+from . import operations as ops
 from . import systems as s
 from .chip import MODELS, ChipRelay
 from .machine import machine_description
@@ -46,13 +47,14 @@ class Options:
     max_processes: int = 32
     command: str = ""
     idle_connections: int = 1000
+    ops: tuple[str, ...] = ("sign",)  # benchmarks.operations.OPS
     tpm_model: str = "none"  # benchmarks.chip.MODELS: "discrete" puts a chip's timing in front
 
 
 def plan(options: Options) -> list[tuple[str, str, int]]:
     """(system, key, clients) in run order: grouped by what each system needs running."""
     out: list[tuple[str, str, int]] = []
-    for group in (DIRECT, BROKER, ABRMD):
+    for group in (DIRECT, BROKER, ABRMD) if "sign" in options.ops else ():
         for system in group:
             if system not in options.systems:
                 continue
@@ -66,7 +68,18 @@ def plan(options: Options) -> list[tuple[str, str, int]]:
                 else:
                     levels = list(options.clients)
                 out.extend((system, key, c) for c in levels)
-    return out
+    for op in options.ops:  # decryption and ECDH: the systems that have them, their key
+        if op == "sign" or ops.KEY_FOR[op] not in options.keys:
+            continue
+        for group in (BROKER, ABRMD):
+            for system in group:
+                if system not in options.systems or system not in ops.SYSTEMS:
+                    continue
+                levels = (sorted({min(c, options.max_processes) for c in options.clients})
+                          if system == "tpm2-openssl" else list(options.clients))
+                out.extend((system, ops.label(ops.KEY_FOR[op], op), c) for c in levels)
+    order = {system: n for n, system in enumerate(DIRECT + BROKER + ABRMD)}
+    return sorted(out, key=lambda x: order[x[0]])  # stable: grouped by what runs them
 
 
 # --- progress on stderr -------------------------------------------------------------------------
@@ -315,6 +328,11 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
         progress.message(f"making a {name} key in the TPM")
         keys[name] = s.make_key(tcti, name)
         (workdir / f"{name.replace(':', '-')}.pem").write_bytes(keys[name].pem)
+    works: dict[str, ops.Work] = {}
+    for key_label in dict.fromkeys(k for _, k, _ in todo if ops.split(k)[1] != "sign"):
+        progress.message(f"making a {ops.split(key_label)[0]} key for {key_label}")
+        works[key_label] = ops.make_work(tcti, key_label)
+        keys[key_label] = works[key_label].key
 
     bus: DbusDaemon | None = None
     if any(system in ABRMD for system, _, _ in todo) and not tcti.startswith("tabrmd"):
@@ -374,9 +392,24 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     # Threads that fail leave tpm2-abrmd's connection and session tables
                     # in an unknown state: every point starts with a fresh one.
                     probe = _restart_abrmd(abrmd, phase)
+                work = works.get(key_name)
                 try:
                     if system == "tpm2-openssl" and tpm2_openssl_missing:
                         note = tpm2_openssl_missing
+                    elif work is not None and system == "provider":
+                        assert broker is not None
+                        report = ops.run_provider(broker.socket, work, clients,
+                                                  options.seconds)
+                    elif work is not None and system == "client":
+                        assert broker is not None
+                        report = ops.run_client(broker.socket, work, clients, options.seconds)
+                    elif work is not None and system == "tpm2-openssl":
+                        key_path, data, expected = work.write(workdir)
+                        report, start = s.run_processes(
+                            target, env, key_path, clients, options.seconds, probe,
+                            mode=("--mode", work.op, "--input", str(data), "--expect",
+                                  str(expected)))
+                        end = start + options.seconds
                     elif system in DIRECT:
                         report = s.run_direct(target, key, options.seconds,
                                               hmac=system == "direct-hmac")

@@ -313,7 +313,9 @@ def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadRepor
 
 def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
                   seconds: float, probe: Callable[[], int | None] | None,
-                  providers: str = "tpm2,base") -> tuple[LoadReport, float]:
+                  providers: str = "tpm2,base",
+                  mode: tuple[str, ...] = ("--mode", "digest-sign"),
+                  ) -> tuple[LoadReport, float]:
     """`clients` processes, each loading the key in its own libcrypto and signing in a loop.
 
     Returns the report and the moment the processes were told to start: each then signs
@@ -327,7 +329,7 @@ def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
     child_env["PYTHONPATH"] = os.pathsep.join(
         [str(CHECKOUT), *filter(None, [child_env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "benchmarks.libcrypto", "--providers", providers,
-           "--key", str(key_path), "--seconds", str(seconds), "--mode", "digest-sign",
+           "--key", str(key_path), "--seconds", str(seconds), *mode,
            "--verify-every", str(CHECK_EVERY)]
     procs: list[subprocess.Popen[str]] = []
     try:

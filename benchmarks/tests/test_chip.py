@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +109,31 @@ def test_the_broker_on_the_modelled_chip(tpm: Swtpm, tmp_path: Path) -> None:
         assert relay.busy(t0, t1) >= 0.95 * modelled
         assert relay.utilization(t0, t1) is not None
         assert relay.service["Sign"] >= (signs + signs_before) * 0.025 * 0.99
+
+
+def test_the_targets_on_the_model_can_each_fail() -> None:
+    from benchmarks import targets
+    from benchmarks.results import Point
+
+    def pt(system: str, clients: int, rate: float, **fields: object) -> Point:
+        values: dict[str, object] = {
+            "system": system, "key": "ec:P-256", "clients": clients, "seconds": 20.0,
+            "signatures": int(rate * 20), "rate": rate, "p50_ms": 200.0, "p99_ms": 220.0,
+            "failures": 0, "bad_signatures": 0, "max_active_sessions": 2,
+            "tpm_utilization": 0.995, "errors": {}, "fairness": 0.95}
+        values.update(fields)
+        return Point(**values)  # type: ignore[arg-type]
+
+    meta = {"tpm_model": "discrete", "pool_sessions": 2}
+    good = [pt("provider", 8, 39.0), pt("tpm2-openssl", 8, 19.0)]
+    checks = targets.check(good, meta)
+    assert checks and all(c.met for c in checks), checks
+    bad: dict[str, dict[str, Any]] = {
+        "TPM busy": {"tpm_utilization": 0.98}, "no failures": {"failures": 1},
+        "sessions": {"max_active_sessions": 3}, "p99": {"p99_ms": 400.0},
+        "min/max": {"fairness": 0.5}, "2x each peer": {"rate": 30.0}}
+    for words, fields in bad.items():
+        changed: dict[str, Any] = {"rate": 39.0, **fields}
+        points = [pt("provider", 8, **changed), pt("tpm2-openssl", 8, 19.0)]
+        failed = [c.target for c in targets.check(points, meta) if not c.met]
+        assert failed and all(words in target for target in failed), (words, failed)

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from .results import ABRMD as ABRMD_SYSTEMS
 from .results import BROKER as BROKER_SYSTEMS
 from .results import PEER, REFERENCE, Point
 
@@ -132,7 +133,8 @@ def check_model(points: list[Point], meta: dict[str, Any]) -> list[Check]:
             fairness = pt.fairness if pt.fairness is not None else 0.0
             out.append(Check("min/max per client >= 0.7", where, f"{fairness:.2f}",
                              fairness >= MIN_FAIRNESS))
-    peers = [pt for pt in _useful(points) if pt.system not in BROKER_SYSTEMS]
+    # the alternatives a user would pick; the direct loops are the reference, not peers
+    peers = [pt for pt in _useful(points) if pt.system in ABRMD_SYSTEMS]
     for pt in broker:
         if pt.system != "provider":
             continue

@@ -125,7 +125,8 @@ def test_the_targets_on_the_model_can_each_fail() -> None:
         return Point(**values)  # type: ignore[arg-type]
 
     meta = {"tpm_model": "discrete", "pool_sessions": 2}
-    good = [pt("provider", 8, 39.0), pt("tpm2-openssl", 8, 19.0)]
+    good = [pt("provider", 8, 39.0), pt("tpm2-openssl", 8, 19.0),
+            pt("direct-password", 1, 40.0)]  # a reference, not a peer
     checks = targets.check(good, meta)
     assert checks and all(c.met for c in checks), checks
     bad: dict[str, dict[str, Any]] = {

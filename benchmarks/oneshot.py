@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -135,7 +136,9 @@ def measure(system: str, operation: str, base: list[str], key: str, public: byte
         if data and files.check(operation, public, data):
             times.append(elapsed)
         else:
-            reason = (err.strip().splitlines() or ["wrong result"])[-1][:160]
+            reason = (err.strip().splitlines() or ["wrong result"])[-1]
+            # without OpenSSL's per-process thread id, so equal errors count together
+            reason = re.sub(r"^[0-9A-F]+:error:[0-9A-F]+:", "", reason)[:160]
             failures[reason] = failures.get(reason, 0) + 1
     row: dict[str, Any] = {"system": system, "operation": operation, "runs": runs,
                            "ok": len(times), "failures": failures}

@@ -76,6 +76,16 @@ int EVP_PKEY_derive(EVP_PKEY_CTX *ctx, unsigned char *key, size_t *keylen);
 EVP_PKEY *PEM_read_bio_PUBKEY_ex(BIO *bp, EVP_PKEY **x, void *cb, void *u,
                                  OSSL_LIB_CTX *libctx, const char *propq);
 
+typedef struct engine_st ENGINE;
+int OPENSSL_init_crypto(uint64_t opts, const void *settings);
+ENGINE *ENGINE_by_id(const char *id);
+int ENGINE_init(ENGINE *e);
+EVP_PKEY *ENGINE_load_private_key(ENGINE *e, const char *key_id, void *ui_method,
+                                  void *callback_data);
+const EVP_MD *EVP_sha256(void);
+int EVP_DigestSignInit(EVP_MD_CTX *ctx, EVP_PKEY_CTX **pctx, const EVP_MD *type,
+                       ENGINE *e, EVP_PKEY *pkey);
+
 unsigned long ERR_get_error(void);
 void ERR_error_string_n(unsigned long e, char *buf, size_t len);
 void ERR_clear_error(void);
@@ -229,6 +239,45 @@ class Signer:
         return bytes(ffi.buffer(self.sig, self.siglen[0]))
 
 
+class EngineSigner:
+    """Signs through an ENGINE's key (the process-wide library context, as engines need):
+    the engine comes from the OpenSSL configuration ($OPENSSL_CONF), the key by its id
+    (a PKCS#11 URI for libp11's engine), as nginx's `engine:` keys do."""
+
+    def __init__(self, engine_id: str, key_id: str) -> None:
+        self.ffi, self.lib = ffi, lib = _load()
+        lib.OPENSSL_init_crypto(0x40, ffi.NULL)  # OPENSSL_INIT_LOAD_CONFIG
+        engine = lib.ENGINE_by_id(engine_id.encode())
+        if engine == ffi.NULL or not lib.ENGINE_init(engine):
+            raise LibcryptoError(f"engine {engine_id}: {_errors(lib, ffi)}")
+        pkey = lib.ENGINE_load_private_key(engine, key_id.encode(), ffi.NULL, ffi.NULL)
+        if pkey == ffi.NULL:
+            raise LibcryptoError(f"cannot load the key: {_errors(lib, ffi)}")
+        self.pkey = ffi.gc(pkey, lib.EVP_PKEY_free)
+        self.md_ctx = ffi.gc(lib.EVP_MD_CTX_new(), lib.EVP_MD_CTX_free)
+        self.sig = ffi.new("unsigned char[]", max(lib.EVP_PKEY_get_size(pkey), 1024))
+        self.siglen = ffi.new("size_t *")
+
+    def public_der(self) -> bytes:
+        out = self.ffi.new("unsigned char **")
+        n = self.lib.i2d_PUBKEY(self.pkey, out)
+        if n <= 0:
+            raise LibcryptoError(f"i2d_PUBKEY: {_errors(self.lib, self.ffi)}")
+        try:
+            return bytes(self.ffi.buffer(out[0], n))
+        finally:
+            self.lib.CRYPTO_free(out[0], b"", 0)
+
+    def sign(self, message: bytes) -> bytes:
+        lib, ffi = self.lib, self.ffi
+        self.siglen[0] = len(self.sig)
+        if lib.EVP_DigestSignInit(self.md_ctx, ffi.NULL, lib.EVP_sha256(), ffi.NULL,
+                                  self.pkey) <= 0 or lib.EVP_DigestSign(
+                self.md_ctx, self.sig, self.siglen, message, len(message)) <= 0:
+            raise LibcryptoError(_errors(lib, ffi))
+        return bytes(ffi.buffer(self.sig, self.siglen[0]))
+
+
 class Operator:
     """RSA decryption (PKCS#1 v1.5, EVP_PKEY_decrypt) or ECDH (EVP_PKEY_derive) with one
     key, of one fixed input: `data` is the ciphertext, or the peer's public key in PEM.
@@ -298,7 +347,9 @@ def verify(public_der: bytes, signature: bytes, message: bytes) -> bool:
 
 def _worker(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.libcrypto")
-    ap.add_argument("--providers", required=True, help="comma-separated, in load order")
+    ap.add_argument("--providers", default="", help="comma-separated, in load order")
+    ap.add_argument("--engine", help="sign with this engine's key (--key is its id)")
+    ap.add_argument("--openssl-conf", help="the OpenSSL configuration that names the engine")
     ap.add_argument("--key", required=True)
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--mode", default="pkey-sign",
@@ -311,12 +362,21 @@ def _worker(argv: Sequence[str] | None = None) -> int:
 
     result: dict[str, Any] = {"signatures": 0, "failures": 0, "bad_signatures": 0,
                               "errors": {}, "latencies_ms": []}
+    operator: Operator | None = None
+    signer: Signer | EngineSigner
+    if args.openssl_conf:
+        os.environ["OPENSSL_CONF"] = args.openssl_conf  # before libcrypto reads it
     try:
-        crypto = Libcrypto(args.providers.split(","))
-        pkey = crypto.load_pem_key(Path(args.key).read_bytes())
-        public = crypto.public_der(pkey)
-        operator: Operator | None = None
-        if args.mode in ("decrypt", "derive"):
+        if args.engine:
+            signer = EngineSigner(args.engine, args.key)
+            public = signer.public_der()
+        else:
+            crypto = Libcrypto([x for x in args.providers.split(",") if x])
+            pkey = crypto.load_pem_key(Path(args.key).read_bytes())
+            public = crypto.public_der(pkey)
+        if args.engine:
+            pass
+        elif args.mode in ("decrypt", "derive"):
             operator = Operator(crypto, pkey, args.mode, Path(args.input).read_bytes())
             expected = Path(args.expect).read_bytes()
         else:

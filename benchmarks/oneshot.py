@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,11 +40,6 @@ from typing import Any
 
 OPERATIONS = ("sign ec:P-256", "sign rsa:2048", "decrypt rsa:2048", "derive ec:P-256")
 SYSTEMS = ("tpmbroker", "tpm2-openssl", "tpm2-pkcs11")
-PKCS11_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
-P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
-P11KIT_SERVER = "/usr/libexec/p11-kit/p11-kit-server"
-ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
-PIN = "userpin"
 
 
 class Files:
@@ -202,65 +196,22 @@ def tpm2_openssl_rows(tcti: str, env: dict[str, str], relay: Any, files: Files,
 def pkcs11_rows(abrmd_tcti: str, env: dict[str, str], relay: Any, files: Files, runs: int,
                 work: Path) -> list[dict[str, Any]]:
     """tpm2-pkcs11 through the PKCS#11 engine; rows saying why when it cannot run."""
-    missing = [p for p in (PKCS11_MODULE, P11KIT_CLIENT, P11KIT_SERVER, ENGINE)
-               if not Path(p).exists()] + [t for t in ("tpm2_ptool",) if not shutil.which(t)]
-    if missing:
-        why = ("not installed: " + ", ".join(missing) + " (Debian: libtpm2-pkcs11-1 "
-               "libtpm2-pkcs11-tools libengine-pkcs11-openssl p11-kit)")
+    from . import pkcs11
+
+    why = pkcs11.missing()
+    if why:
         return [{"system": "tpm2-pkcs11", "operation": op, "runs": 0, "ok": 0,
                  "failures": {why: 1}} for op in OPERATIONS]
-    store = work / "pkcs11-store"
-    store.mkdir()
-    env = dict(env, TPM2_PKCS11_TCTI=abrmd_tcti, TPM2TOOLS_TCTI=abrmd_tcti,
-               TPM2_PKCS11_STORE=str(store), TSS2_LOG="all+none")
-    env.pop("OPENSSL_CONF", None)
-
-    def ptool(*args: str) -> None:
-        subprocess.run(["tpm2_ptool", *args, f"--path={store}"], env=env, check=True,
-                       capture_output=True, timeout=300)
-
-    # An ECC storage parent: tss2-esys salts with it (an RSA one works the same way).
-    ptool("init", "--transient-parent=tpm2-tools-ecc-default")
-    ptool("addtoken", "--pid=1", "--sopin=sopin", f"--userpin={PIN}", "--label=bench")
-    for algorithm, label in (("ecc256", "ec"), ("rsa2048", "rsa")):
-        ptool("addkey", f"--algorithm={algorithm}", "--label=bench", f"--userpin={PIN}",
-              f"--key-label={label}")
-    server_socket = work / "p11-kit.sock"
-    server = subprocess.Popen([P11KIT_SERVER, "-f", "--provider", PKCS11_MODULE, "-n",
-                               str(server_socket), "pkcs11:token=bench"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
     rows: list[dict[str, Any]] = []
-    try:
-        for _ in range(100):
-            if server_socket.exists():
-                break
-            time.sleep(0.05)
-        conf = work / "pkcs11-engine.cnf"
-        conf.write_text("openssl_conf = openssl_init\n[openssl_init]\nengines = engines\n"
-                        "[engines]\npkcs11 = pkcs11\n[pkcs11]\nengine_id = pkcs11\n"
-                        f"dynamic_path = {ENGINE}\nMODULE_PATH = {P11KIT_CLIENT}\ninit = 0\n")
-        client_env = dict(env, OPENSSL_CONF=str(conf),
-                          P11_KIT_SERVER_ADDRESS=f"unix:path={server_socket}")
+    with pkcs11.Token(abrmd_tcti, env, work) as token:
         base = ["-engine", "pkcs11", "-keyform", "engine"]
-        publics: dict[str, bytes] = {}
-        for label in ("ec", "rsa"):
-            uri = f"pkcs11:token=bench;object={label};type=public"
-            out = subprocess.run(["openssl", "pkey", "-engine", "pkcs11", "-inform", "engine",
-                                  "-pubin", "-in", uri, "-pubout"], env=client_env,
-                                 capture_output=True, timeout=60, check=False)
-            publics[label] = out.stdout[out.stdout.find(b"-----BEGIN"):]
         for operation in OPERATIONS:
-            label = "ec" if operation.endswith("ec:P-256") else "rsa"
-            inputs = ({operation: files.ciphertext(publics[label], "pkcs11")}
+            key = operation.split()[1]
+            inputs = ({operation: files.ciphertext(token.publics[key], "pkcs11")}
                       if operation.startswith("decrypt") else {})
-            key = f"pkcs11:token=bench;object={label};type=private;pin-value={PIN}"
-            rows.append(measure("tpm2-pkcs11", operation, base, key, publics[label],
-                                client_env, files, inputs, runs, relay))
-    finally:
-        from tpmbroker.processes import kill_group
-
-        kill_group(server, timeout=5)
+            rows.append(measure("tpm2-pkcs11", operation, base, pkcs11.private_uri(key),
+                                token.publics[key], token.client_env, files, inputs, runs,
+                                relay))
     return rows
 
 

@@ -28,6 +28,7 @@ from tpmbroker.load import LoadReport
 from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
 from . import operations as ops
+from . import pkcs11
 from . import systems as s
 from .chip import MODELS, ChipRelay
 from .machine import machine_description
@@ -61,7 +62,7 @@ def plan(options: Options) -> list[tuple[str, str, int]]:
             for key in options.keys:
                 if system in DIRECT:
                     levels = [1]  # a raw TPM: one connection, three object slots
-                elif system == "tpm2-openssl":
+                elif system in ("tpm2-openssl", "tpm2-pkcs11"):
                     levels = sorted({min(c, options.max_processes) for c in options.clients})
                 elif system == "engine-style" and not key.startswith("ec:"):
                     continue
@@ -275,6 +276,16 @@ def _restart_abrmd(abrmd: Abrmd, phase: contextlib.ExitStack) -> Any:
     return probe
 
 
+def _pkcs11_token(abrmd: Abrmd | None, workdir: Path,
+                  phase: contextlib.ExitStack) -> pkcs11.Token:
+    """tpm2-pkcs11's token and p11-kit server on this phase's tpm2-abrmd, once a phase."""
+    assert abrmd is not None
+    token = pkcs11.Token(abrmd.tcti, abrmd.env(), workdir / "pkcs11")
+    (workdir / "pkcs11").mkdir(exist_ok=True)
+    phase.callback(token.stop)
+    return token.start()
+
+
 def idle_connections_rss(broker: BrokerProcess, count: int) -> dict[str, float]:
     """The broker's resident memory before and while `count` idle clients are connected."""
     import resource
@@ -355,6 +366,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
             broker: BrokerProcess | None = None
             probe = None
             abrmd: Abrmd | None = None
+            token: pkcs11.Token | None = None
             try:
                 if group is BROKER:
                     broker = BrokerProcess(tcti, workdir / "broker", sessions=options.sessions)
@@ -396,6 +408,8 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 try:
                     if system == "tpm2-openssl" and tpm2_openssl_missing:
                         note = tpm2_openssl_missing
+                    elif system == "tpm2-pkcs11" and (pkcs11.missing() or abrmd is None):
+                        note = pkcs11.missing() or "needs the benchmark's own tpm2-abrmd"
                     elif work is not None and system == "provider":
                         assert broker is not None
                         report = ops.run_provider(broker.socket, work, clients,
@@ -424,6 +438,15 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                         key_path = workdir / f"{key_name.replace(':', '-')}.pem"
                         report, start = s.run_processes(target, env, key_path, clients,
                                                         options.seconds, probe)
+                        end = start + options.seconds
+                    elif system == "tpm2-pkcs11":
+                        if token is None:
+                            token = _pkcs11_token(abrmd, workdir, phase)
+                        report, start = s.run_processes(
+                            target, token.client_env, pkcs11.private_uri(key_name), clients,
+                            options.seconds, probe, providers="",
+                            mode=("--engine", "pkcs11", "--openssl-conf",
+                                  token.client_env["OPENSSL_CONF"], "--mode", "digest-sign"))
                         end = start + options.seconds
                     elif system == "engine-style":
                         with _quiet_stderr():  # GLib warns once per refused connection

@@ -44,6 +44,9 @@ DESCRIPTIONS = {
                     "thread-safe), each EVP_DigestSign in a loop, password auth",
     "engine-style": "N threads through tpm2-abrmd, each starting 3 salted sessions per "
                     "signature (as per-operation engines do), EC only",
+    "tpm2-pkcs11": "tpm2-pkcs11 1.9 through the PKCS#11 engine (libp11) and p11-kit's "
+                   "server, tpm2-abrmd: N processes, each EVP_DigestSign in a loop with the "
+                   "token's own key",
 }
 
 CHECK_EVERY = 50  # verify one signature in this many
@@ -311,7 +314,7 @@ def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadRepor
 
 # --- 5: tpm2-openssl, one process per signer ---------------------------------------------
 
-def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
+def run_processes(tcti: str, env: dict[str, str], key_path: Path | str, clients: int,
                   seconds: float, probe: Callable[[], int | None] | None,
                   providers: str = "tpm2,base",
                   mode: tuple[str, ...] = ("--mode", "digest-sign"),

@@ -307,6 +307,12 @@ class ChipRelay:
                 client.sendall(response)
         if upstream is not None:
             upstream.close()
+        self._forget(client)
+
+    def _forget(self, sock: socket.socket) -> None:
+        # tss2's swtpm TCTI opens a connection per command: keep only the open ones
+        with self._stats, contextlib.suppress(ValueError):
+            self._sockets.remove(sock)
 
     def execute(self, framing: bytes, command: bytes, upstream: socket.socket) -> bytes | None:
         """Send one command through the chip: in turn, and no sooner than modelled.
@@ -346,6 +352,7 @@ class ChipRelay:
                     if not reply:
                         break
                     client.sendall(reply)
+        self._forget(client)
 
     def busy(self, start: float, end: float) -> float:
         """Seconds within [start, end] (this relay's clock) with a command in service."""

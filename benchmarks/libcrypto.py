@@ -67,6 +67,25 @@ EVP_MD *EVP_MD_fetch(OSSL_LIB_CTX *ctx, const char *algorithm, const char *prope
 void EVP_MD_free(EVP_MD *md);
 int EVP_PKEY_CTX_set_signature_md(EVP_PKEY_CTX *ctx, const EVP_MD *md);
 
+int EVP_PKEY_decrypt_init(EVP_PKEY_CTX *ctx);
+int EVP_PKEY_decrypt(EVP_PKEY_CTX *ctx, unsigned char *out, size_t *outlen,
+                     const unsigned char *in, size_t inlen);
+int EVP_PKEY_derive_init(EVP_PKEY_CTX *ctx);
+int EVP_PKEY_derive_set_peer(EVP_PKEY_CTX *ctx, EVP_PKEY *peer);
+int EVP_PKEY_derive(EVP_PKEY_CTX *ctx, unsigned char *key, size_t *keylen);
+EVP_PKEY *PEM_read_bio_PUBKEY_ex(BIO *bp, EVP_PKEY **x, void *cb, void *u,
+                                 OSSL_LIB_CTX *libctx, const char *propq);
+
+typedef struct engine_st ENGINE;
+int OPENSSL_init_crypto(uint64_t opts, const void *settings);
+ENGINE *ENGINE_by_id(const char *id);
+int ENGINE_init(ENGINE *e);
+EVP_PKEY *ENGINE_load_private_key(ENGINE *e, const char *key_id, void *ui_method,
+                                  void *callback_data);
+const EVP_MD *EVP_sha256(void);
+int EVP_DigestSignInit(EVP_MD_CTX *ctx, EVP_PKEY_CTX **pctx, const EVP_MD *type,
+                       ENGINE *e, EVP_PKEY *pkey);
+
 unsigned long ERR_get_error(void);
 void ERR_error_string_n(unsigned long e, char *buf, size_t len);
 void ERR_clear_error(void);
@@ -220,6 +239,91 @@ class Signer:
         return bytes(ffi.buffer(self.sig, self.siglen[0]))
 
 
+class EngineSigner:
+    """Signs through an ENGINE's key (the process-wide library context, as engines need):
+    the engine comes from the OpenSSL configuration ($OPENSSL_CONF), the key by its id
+    (a PKCS#11 URI for libp11's engine), as nginx's `engine:` keys do."""
+
+    def __init__(self, engine_id: str, key_id: str) -> None:
+        self.ffi, self.lib = ffi, lib = _load()
+        lib.OPENSSL_init_crypto(0x40, ffi.NULL)  # OPENSSL_INIT_LOAD_CONFIG
+        engine = lib.ENGINE_by_id(engine_id.encode())
+        if engine == ffi.NULL or not lib.ENGINE_init(engine):
+            raise LibcryptoError(f"engine {engine_id}: {_errors(lib, ffi)}")
+        pkey = lib.ENGINE_load_private_key(engine, key_id.encode(), ffi.NULL, ffi.NULL)
+        if pkey == ffi.NULL:
+            raise LibcryptoError(f"cannot load the key: {_errors(lib, ffi)}")
+        self.pkey = ffi.gc(pkey, lib.EVP_PKEY_free)
+        self.md_ctx = ffi.gc(lib.EVP_MD_CTX_new(), lib.EVP_MD_CTX_free)
+        self.sig = ffi.new("unsigned char[]", max(lib.EVP_PKEY_get_size(pkey), 1024))
+        self.siglen = ffi.new("size_t *")
+
+    def public_der(self) -> bytes:
+        out = self.ffi.new("unsigned char **")
+        n = self.lib.i2d_PUBKEY(self.pkey, out)
+        if n <= 0:
+            raise LibcryptoError(f"i2d_PUBKEY: {_errors(self.lib, self.ffi)}")
+        try:
+            return bytes(self.ffi.buffer(out[0], n))
+        finally:
+            self.lib.CRYPTO_free(out[0], b"", 0)
+
+    def sign(self, message: bytes) -> bytes:
+        lib, ffi = self.lib, self.ffi
+        self.siglen[0] = len(self.sig)
+        if lib.EVP_DigestSignInit(self.md_ctx, ffi.NULL, lib.EVP_sha256(), ffi.NULL,
+                                  self.pkey) <= 0 or lib.EVP_DigestSign(
+                self.md_ctx, self.sig, self.siglen, message, len(message)) <= 0:
+            raise LibcryptoError(_errors(lib, ffi))
+        return bytes(ffi.buffer(self.sig, self.siglen[0]))
+
+
+class Operator:
+    """RSA decryption (PKCS#1 v1.5, EVP_PKEY_decrypt) or ECDH (EVP_PKEY_derive) with one
+    key, of one fixed input: `data` is the ciphertext, or the peer's public key in PEM.
+    One Operator per thread; each call sets its EVP_PKEY_CTX up afresh, as TLS does."""
+
+    def __init__(self, crypto: Libcrypto, pkey: Any, mode: str, data: bytes) -> None:
+        if mode not in ("decrypt", "derive"):
+            raise ValueError(f"unknown mode {mode}")
+        self.c, self.pkey, self.mode, self.data = crypto, pkey, mode, data
+        ffi, lib = crypto.ffi, crypto.lib
+        self.out = ffi.new("unsigned char[]", 1024)
+        self.outlen = ffi.new("size_t *")
+        self.peer: Any = None
+        if mode == "derive":
+            buf = ffi.from_buffer(data)
+            bio = lib.BIO_new_mem_buf(buf, len(data))
+            try:
+                peer = lib.PEM_read_bio_PUBKEY_ex(bio, ffi.NULL, ffi.NULL, ffi.NULL,
+                                                  crypto.ctx, ffi.NULL)
+            finally:
+                lib.BIO_free(bio)
+            if peer == ffi.NULL:
+                raise LibcryptoError(f"cannot load the peer key: {crypto.error()}")
+            self.peer = ffi.gc(peer, lib.EVP_PKEY_free)
+
+    def run(self) -> bytes:
+        lib, ffi = self.c.lib, self.c.ffi
+        pctx = lib.EVP_PKEY_CTX_new_from_pkey(self.c.ctx, self.pkey, ffi.NULL)
+        if pctx == ffi.NULL:
+            raise LibcryptoError(self.c.error())
+        try:
+            self.outlen[0] = 1024
+            if self.mode == "decrypt":
+                ok = lib.EVP_PKEY_decrypt_init(pctx) > 0 and lib.EVP_PKEY_decrypt(
+                    pctx, self.out, self.outlen, self.data, len(self.data)) > 0
+            else:
+                ok = (lib.EVP_PKEY_derive_init(pctx) > 0
+                      and lib.EVP_PKEY_derive_set_peer(pctx, self.peer) > 0
+                      and lib.EVP_PKEY_derive(pctx, self.out, self.outlen) > 0)
+            if not ok:
+                raise LibcryptoError(self.c.error())
+            return bytes(ffi.buffer(self.out, self.outlen[0]))
+        finally:
+            lib.EVP_PKEY_CTX_free(pctx)
+
+
 def verify(public_der: bytes, signature: bytes, message: bytes) -> bool:
     """ECDSA or RSA PKCS#1 v1.5 with SHA-256 over `message`."""
     from cryptography.exceptions import InvalidSignature
@@ -243,21 +347,40 @@ def verify(public_der: bytes, signature: bytes, message: bytes) -> bool:
 
 def _worker(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.libcrypto")
-    ap.add_argument("--providers", required=True, help="comma-separated, in load order")
+    ap.add_argument("--providers", default="", help="comma-separated, in load order")
+    ap.add_argument("--engine", help="sign with this engine's key (--key is its id)")
+    ap.add_argument("--openssl-conf", help="the OpenSSL configuration that names the engine")
     ap.add_argument("--key", required=True)
     ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--mode", default="pkey-sign", choices=["digest-sign", "pkey-sign"])
+    ap.add_argument("--mode", default="pkey-sign",
+                    choices=["digest-sign", "pkey-sign", "decrypt", "derive"])
+    ap.add_argument("--input", help="decrypt: the ciphertext; derive: the peer's PEM")
+    ap.add_argument("--expect", help="decrypt, derive: the file the result must equal")
     ap.add_argument("--props")
     ap.add_argument("--verify-every", type=int, default=50)
     args = ap.parse_args(argv)
 
     result: dict[str, Any] = {"signatures": 0, "failures": 0, "bad_signatures": 0,
                               "errors": {}, "latencies_ms": []}
+    operator: Operator | None = None
+    signer: Signer | EngineSigner
+    if args.openssl_conf:
+        os.environ["OPENSSL_CONF"] = args.openssl_conf  # before libcrypto reads it
     try:
-        crypto = Libcrypto(args.providers.split(","))
-        pkey = crypto.load_pem_key(Path(args.key).read_bytes())
-        public = crypto.public_der(pkey)
-        signer = Signer(crypto, pkey, args.mode, args.props)
+        if args.engine:
+            signer = EngineSigner(args.engine, args.key)
+            public = signer.public_der()
+        else:
+            crypto = Libcrypto([x for x in args.providers.split(",") if x])
+            pkey = crypto.load_pem_key(Path(args.key).read_bytes())
+            public = crypto.public_der(pkey)
+        if args.engine:
+            pass
+        elif args.mode in ("decrypt", "derive"):
+            operator = Operator(crypto, pkey, args.mode, Path(args.input).read_bytes())
+            expected = Path(args.expect).read_bytes()
+        else:
+            signer = Signer(crypto, pkey, args.mode, args.props)
     except Exception as exc:
         print(f"setup failed: {exc}", flush=True)
         return 1
@@ -273,6 +396,13 @@ def _worker(argv: Sequence[str] | None = None) -> int:
         message = f"{pid}:{done}:{failed}".encode()
         t0 = time.perf_counter()
         try:
+            if operator is not None:
+                output = operator.run()
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if done % args.verify_every == 0 and output != expected:
+                    bad += 1
+                done += 1
+                continue
             signature = signer.sign(message)
         except LibcryptoError as exc:
             failed += 1

@@ -10,10 +10,10 @@ import dataclasses
 from typing import Any
 
 SYSTEMS = ("direct-password", "direct-hmac", "provider", "client", "tpm2-openssl",
-           "engine-style")
+           "engine-style", "tpm2-pkcs11")
 DIRECT = ("direct-password", "direct-hmac")  # straight to the TPM, one signer
 BROKER = ("provider", "client")  # through tpmbroker
-ABRMD = ("tpm2-openssl", "engine-style")  # through tpm2-abrmd
+ABRMD = ("tpm2-openssl", "engine-style", "tpm2-pkcs11")  # through tpm2-abrmd
 
 REFERENCE = "direct-password"  # the rate the others are compared with
 PEER = "tpm2-openssl"

@@ -27,7 +27,10 @@ from typing import Any, TextIO
 from tpmbroker.load import LoadReport
 from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
+from . import operations as ops
+from . import pkcs11
 from . import systems as s
+from .chip import MODELS, ChipRelay
 from .machine import machine_description
 from .results import ABRMD, BROKER, DIRECT, Point, Results
 from .services import CpuMeter, process_rss_mib
@@ -45,26 +48,39 @@ class Options:
     max_processes: int = 32
     command: str = ""
     idle_connections: int = 1000
+    ops: tuple[str, ...] = ("sign",)  # benchmarks.operations.OPS
+    tpm_model: str = "none"  # benchmarks.chip.MODELS: "discrete" puts a chip's timing in front
 
 
 def plan(options: Options) -> list[tuple[str, str, int]]:
     """(system, key, clients) in run order: grouped by what each system needs running."""
     out: list[tuple[str, str, int]] = []
-    for group in (DIRECT, BROKER, ABRMD):
+    for group in (DIRECT, BROKER, ABRMD) if "sign" in options.ops else ():
         for system in group:
             if system not in options.systems:
                 continue
             for key in options.keys:
                 if system in DIRECT:
                     levels = [1]  # a raw TPM: one connection, three object slots
-                elif system == "tpm2-openssl":
+                elif system in ("tpm2-openssl", "tpm2-pkcs11"):
                     levels = sorted({min(c, options.max_processes) for c in options.clients})
                 elif system == "engine-style" and not key.startswith("ec:"):
                     continue
                 else:
                     levels = list(options.clients)
                 out.extend((system, key, c) for c in levels)
-    return out
+    for op in options.ops:  # decryption and ECDH: the systems that have them, their key
+        if op == "sign" or ops.KEY_FOR[op] not in options.keys:
+            continue
+        for group in (BROKER, ABRMD):
+            for system in group:
+                if system not in options.systems or system not in ops.SYSTEMS:
+                    continue
+                levels = (sorted({min(c, options.max_processes) for c in options.clients})
+                          if system == "tpm2-openssl" else list(options.clients))
+                out.extend((system, ops.label(ops.KEY_FOR[op], op), c) for c in levels)
+    order = {system: n for n, system in enumerate(DIRECT + BROKER + ABRMD)}
+    return sorted(out, key=lambda x: order[x[0]])  # stable: grouped by what runs them
 
 
 # --- progress on stderr -------------------------------------------------------------------------
@@ -203,6 +219,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
     meta.update(command=options.command, seconds_per_point=options.seconds,
                 clients=options.clients, keys=options.keys, systems=options.systems,
                 pool_sessions=options.sessions, tcti=options.tcti or "swtpm (own)",
+                tpm_model=options.tpm_model,
                 descriptions={k: v for k, v in s.DESCRIPTIONS.items() if k in options.systems})
     saved_env = {k: os.environ.get(k) for k in ("TPMBROKER_SOCKET", "DBUS_SESSION_BUS_ADDRESS")}
     idle: dict[int, dict[str, float]] = {}
@@ -259,6 +276,16 @@ def _restart_abrmd(abrmd: Abrmd, phase: contextlib.ExitStack) -> Any:
     return probe
 
 
+def _pkcs11_token(abrmd: Abrmd | None, workdir: Path,
+                  phase: contextlib.ExitStack) -> pkcs11.Token:
+    """tpm2-pkcs11's token and p11-kit server on this phase's tpm2-abrmd, once a phase."""
+    assert abrmd is not None
+    token = pkcs11.Token(abrmd.tcti, abrmd.env(), workdir / "pkcs11")
+    (workdir / "pkcs11").mkdir(exist_ok=True)
+    phase.callback(token.stop)
+    return token.start()
+
+
 def idle_connections_rss(broker: BrokerProcess, count: int) -> dict[str, float]:
     """The broker's resident memory before and while `count` idle clients are connected."""
     import resource
@@ -299,12 +326,24 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
         swtpm.start()
         stack.callback(swtpm.stop)
         tcti = swtpm.tcti
+    relay: ChipRelay | None = None
+    if options.tpm_model != "none":
+        if swtpm is None:
+            raise ValueError("--tpm-model needs the benchmark's own swtpm (no --tcti)")
+        relay = ChipRelay(swtpm.port, MODELS[options.tpm_model])
+        stack.callback(relay.close)
+        tcti = relay.tcti  # every system, the key maker included, reaches the TPM through it
 
     keys: dict[str, s.Key] = {}
     for name in options.keys:
         progress.message(f"making a {name} key in the TPM")
         keys[name] = s.make_key(tcti, name)
         (workdir / f"{name.replace(':', '-')}.pem").write_bytes(keys[name].pem)
+    works: dict[str, ops.Work] = {}
+    for key_label in dict.fromkeys(k for _, k, _ in todo if ops.split(k)[1] != "sign"):
+        progress.message(f"making a {ops.split(key_label)[0]} key for {key_label}")
+        works[key_label] = ops.make_work(tcti, key_label)
+        keys[key_label] = works[key_label].key
 
     bus: DbusDaemon | None = None
     if any(system in ABRMD for system, _, _ in todo) and not tcti.startswith("tabrmd"):
@@ -327,6 +366,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
             broker: BrokerProcess | None = None
             probe = None
             abrmd: Abrmd | None = None
+            token: pkcs11.Token | None = None
             try:
                 if group is BROKER:
                     broker = BrokerProcess(tcti, workdir / "broker", sessions=options.sessions)
@@ -349,7 +389,8 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     progress.advance()
                 progress.message(f"{', '.join(group)}: setup failed: {exc}")
                 continue
-            meter = phase.enter_context(CpuMeter(swtpm.pid if swtpm is not None else None))
+            meter: CpuMeter | ChipRelay = relay if relay is not None else phase.enter_context(
+                CpuMeter(swtpm.pid if swtpm is not None else None))
             broker_meter = phase.enter_context(CpuMeter(
                 broker.proc.pid if broker is not None and broker.proc is not None else None))
             for system, key_name, clients in group_todo:
@@ -363,9 +404,26 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     # Threads that fail leave tpm2-abrmd's connection and session tables
                     # in an unknown state: every point starts with a fresh one.
                     probe = _restart_abrmd(abrmd, phase)
+                work = works.get(key_name)
                 try:
                     if system == "tpm2-openssl" and tpm2_openssl_missing:
                         note = tpm2_openssl_missing
+                    elif system == "tpm2-pkcs11" and (pkcs11.missing() or abrmd is None):
+                        note = pkcs11.missing() or "needs the benchmark's own tpm2-abrmd"
+                    elif work is not None and system == "provider":
+                        assert broker is not None
+                        report = ops.run_provider(broker.socket, work, clients,
+                                                  options.seconds)
+                    elif work is not None and system == "client":
+                        assert broker is not None
+                        report = ops.run_client(broker.socket, work, clients, options.seconds)
+                    elif work is not None and system == "tpm2-openssl":
+                        key_path, data, expected = work.write(workdir)
+                        report, start = s.run_processes(
+                            target, env, key_path, clients, options.seconds, probe,
+                            mode=("--mode", work.op, "--input", str(data), "--expect",
+                                  str(expected)))
+                        end = start + options.seconds
                     elif system in DIRECT:
                         report = s.run_direct(target, key, options.seconds,
                                               hmac=system == "direct-hmac")
@@ -380,6 +438,15 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                         key_path = workdir / f"{key_name.replace(':', '-')}.pem"
                         report, start = s.run_processes(target, env, key_path, clients,
                                                         options.seconds, probe)
+                        end = start + options.seconds
+                    elif system == "tpm2-pkcs11":
+                        if token is None:
+                            token = _pkcs11_token(abrmd, workdir, phase)
+                        report, start = s.run_processes(
+                            target, token.client_env, pkcs11.private_uri(key_name), clients,
+                            options.seconds, probe, providers="",
+                            mode=("--engine", "pkcs11", "--openssl-conf",
+                                  token.client_env["OPENSSL_CONF"], "--mode", "digest-sign"))
                         end = start + options.seconds
                     elif system == "engine-style":
                         with _quiet_stderr():  # GLib warns once per refused connection

@@ -44,6 +44,9 @@ DESCRIPTIONS = {
                     "thread-safe), each EVP_DigestSign in a loop, password auth",
     "engine-style": "N threads through tpm2-abrmd, each starting 3 salted sessions per "
                     "signature (as per-operation engines do), EC only",
+    "tpm2-pkcs11": "tpm2-pkcs11 1.9 through the PKCS#11 engine (libp11) and p11-kit's "
+                   "server, tpm2-abrmd: N processes, each EVP_DigestSign in a loop with the "
+                   "token's own key",
 }
 
 CHECK_EVERY = 50  # verify one signature in this many
@@ -311,9 +314,11 @@ def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadRepor
 
 # --- 5: tpm2-openssl, one process per signer ---------------------------------------------
 
-def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
+def run_processes(tcti: str, env: dict[str, str], key_path: Path | str, clients: int,
                   seconds: float, probe: Callable[[], int | None] | None,
-                  providers: str = "tpm2,base") -> tuple[LoadReport, float]:
+                  providers: str = "tpm2,base",
+                  mode: tuple[str, ...] = ("--mode", "digest-sign"),
+                  ) -> tuple[LoadReport, float]:
     """`clients` processes, each loading the key in its own libcrypto and signing in a loop.
 
     Returns the report and the moment the processes were told to start: each then signs
@@ -327,7 +332,7 @@ def run_processes(tcti: str, env: dict[str, str], key_path: Path, clients: int,
     child_env["PYTHONPATH"] = os.pathsep.join(
         [str(CHECKOUT), *filter(None, [child_env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "benchmarks.libcrypto", "--providers", providers,
-           "--key", str(key_path), "--seconds", str(seconds), "--mode", "digest-sign",
+           "--key", str(key_path), "--seconds", str(seconds), *mode,
            "--verify-every", str(CHECK_EVERY)]
     procs: list[subprocess.Popen[str]] = []
     try:

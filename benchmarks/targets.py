@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from .results import ABRMD as ABRMD_SYSTEMS
 from .results import BROKER as BROKER_SYSTEMS
 from .results import PEER, REFERENCE, Point
 
@@ -37,7 +38,12 @@ def _useful(points: Iterable[Point]) -> list[Point]:
     return [pt for pt in points if not pt.note and pt.signatures > 0]
 
 
+MODEL_MIN_UTILIZATION = 0.99  # on the chip model: the chip never waits for the broker
+
+
 def check(points: list[Point], meta: dict[str, Any]) -> list[Check]:
+    if meta.get("tpm_model", "none") != "none":
+        return check_model(points, meta)
     pts = _useful(points)
     refs = {pt.key: pt for pt in pts if pt.system == REFERENCE and pt.clients == 1}
     keys = list(dict.fromkeys(pt.key for pt in pts))
@@ -96,6 +102,50 @@ def check(points: list[Point], meta: dict[str, Any]) -> list[Check]:
         out.append(Check(f"broker RSS <= 100 MB with {idle['connections']} idle connections",
                          "broker", f"{idle['rss_mib_idle']} MiB",
                          idle["rss_mib_idle"] <= MAX_IDLE_RSS_MIB))
+    return out
+
+
+def check_model(points: list[Point], meta: dict[str, Any]) -> list[Check]:
+    """The targets on a modelled chip, where the TPM is the bottleneck: every tpmbroker
+    point from 8 clients on keeps it busy, fails nothing, shares it fairly, and never
+    holds more sessions than the pool; and it at least doubles each peer's rate."""
+    out: list[Check] = []
+    pool = int(meta.get("pool_sessions", 2))
+    broker = [pt for pt in points if pt.system in BROKER_SYSTEMS and not pt.note]
+    for pt in broker:
+        where = f"{pt.system} {pt.key}, {_signers(pt.clients)}"
+        if pt.clients >= 8 and pt.tpm_utilization is not None:
+            out.append(Check("TPM busy >= 99 %, 8 clients and more", where,
+                             f"{100 * pt.tpm_utilization:.1f} %",
+                             pt.tpm_utilization >= MODEL_MIN_UTILIZATION))
+        out.append(Check("no failures", where, f"{pt.failures} of "
+                         f"{pt.failures + pt.signatures}", pt.failures == 0))
+        if pt.max_active_sessions is not None:
+            out.append(Check("TPM sessions never above the pool", where,
+                             f"{pt.max_active_sessions} (pool {pool})",
+                             pt.max_active_sessions <= pool))
+        if pt.clients > 1 and pt.rate > 0:
+            fair_share_ms = 1000 * pt.clients / pt.rate
+            limit = MAX_P99_OVER_FAIR_SHARE * fair_share_ms
+            out.append(Check("p99 <= 1.5x fair share", where,
+                             f"{pt.p99_ms:.0f} ms (limit {limit:.0f})", pt.p99_ms <= limit))
+        if pt.clients > 1:
+            fairness = pt.fairness if pt.fairness is not None else 0.0
+            out.append(Check("min/max per client >= 0.7", where, f"{fairness:.2f}",
+                             fairness >= MIN_FAIRNESS))
+    # the alternatives a user would pick; the direct loops are the reference, not peers
+    peers = [pt for pt in _useful(points) if pt.system in ABRMD_SYSTEMS]
+    for pt in broker:
+        if pt.system != "provider":
+            continue
+        for peer in peers:
+            if peer.key == pt.key and peer.clients == pt.clients:
+                ratio = pt.rate / peer.rate
+                out.append(Check("2x each peer at equal concurrency",
+                                 f"provider vs {peer.system} {pt.key}, "
+                                 f"{_signers(pt.clients)}",
+                                 f"{ratio:.2f}x ({pt.rate:.1f} vs {peer.rate:.1f}/s)",
+                                 ratio >= MIN_RATE_OVER_PEER))
     return out
 
 

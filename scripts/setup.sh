@@ -7,6 +7,7 @@ PACKAGES=(
     swtpm swtpm-tools libtss2-dev libtss2-tcti-tabrmd0 tpm2-abrmd tpm2-tools
     libssl-dev openssl pkg-config gcc binutils python3 python3-venv python3-dev
     nginx curl dbus tpm2-openssl
+    libtpm2-pkcs11-1 libtpm2-pkcs11-tools libengine-pkcs11-openssl p11-kit
 )
 
 missing=()

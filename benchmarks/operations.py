@@ -1,0 +1,187 @@
+"""Decryption and ECDH beside signing: the keys, the inputs and the systems that run them.
+
+A point's key label names the operation when it is not signing: "rsa:2048 decrypt"
+(RSA-2048 PKCS#1 v1.5 decryption of one 32-byte secret) and "ec:P-256 derive" (P-256
+ECDH with one peer key). Every result is compared with the expected bytes (one in
+CHECK_EVERY), as signatures are verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from tpm2_pytss import ESAPI, TCTILdr
+from tpm2_pytss.tsskey import TSSPrivKey
+from tpm2_pytss.types import TPMT_PUBLIC
+
+from tpmbroker.load import LoadReport, sample_sessions
+
+from .systems import CHECK_EVERY, Key
+
+OPS = ("sign", "decrypt", "derive")
+KEY_FOR = {"decrypt": "rsa:2048", "derive": "ec:P-256"}  # the key type each one needs
+SYSTEMS = ("provider", "client", "tpm2-openssl")  # the systems that have them
+STORAGE_PRIMARY_FROM_TEMPLATE = 0x40000001
+ATTRIBUTES = "userwithauth|sign|decrypt|fixedtpm|fixedparent|sensitivedataorigin"
+
+
+def label(key: str, op: str) -> str:
+    return key if op == "sign" else f"{key} {op}"
+
+
+def split(key_label: str) -> tuple[str, str]:
+    """("rsa:2048", "decrypt") from "rsa:2048 decrypt"; ("ec:P-256", "sign") from "ec:P-256"."""
+    key, _, op = key_label.partition(" ")
+    return key, op or "sign"
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """A key that signs and decrypts (as tpm2-openssl makes them), and one job for it."""
+
+    key: Key
+    op: str
+    data: bytes  # the ciphertext, or the peer's public key (PEM)
+    expected: bytes  # the secret, or Z
+    peer_point: bytes = b""  # the peer's uncompressed point (the Python client's input)
+
+    def write(self, workdir: Path) -> tuple[Path, Path, Path]:
+        """(key PEM, input, expected) as files, for the processes of tpm2-openssl."""
+        stem = f"{self.key.name.replace(':', '-')}-{self.op}"
+        paths = (workdir / f"{stem}.pem", workdir / f"{stem}.in", workdir / f"{stem}.expect")
+        for path, data in zip(paths, (self.key.pem, self.data, self.expected), strict=True):
+            path.write_bytes(data)
+        return paths
+
+
+def make_work(tcti: str, key_label: str) -> Work:
+    name, op = split(key_label)
+    alg = {"ec:P-256": "ecc256", "rsa:2048": "rsa2048"}[name]
+    template = TPMT_PUBLIC.parse(alg, nameAlg="sha256", objectAttributes=ATTRIBUTES)
+    with ESAPI(TCTILdr.parse(tcti)) as ectx:
+        tss = TSSPrivKey.create(ectx, template, STORAGE_PRIMARY_FROM_TEMPLATE)
+    key = Key(name, tss.to_der(), tss.to_pem(), tss.public.to_der())
+    public = serialization.load_der_public_key(key.public)
+    if op == "decrypt":
+        assert isinstance(public, rsa.RSAPublicKey)
+        secret = os.urandom(32)
+        return Work(key, op, public.encrypt(secret, padding.PKCS1v15()), secret)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    peer = ec.generate_private_key(ec.SECP256R1())
+    pem = peer.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    point = peer.public_key().public_bytes(serialization.Encoding.X962,
+                                           serialization.PublicFormat.UncompressedPoint)
+    return Work(key, op, pem, peer.exchange(ec.ECDH(), public), point)
+
+
+def _threads(clients: int, seconds: float, report: LoadReport,
+             make_call: object) -> LoadReport:
+    """`clients` threads call `make_call(index)()` until `seconds` have passed."""
+    stop = threading.Event()
+    start = threading.Barrier(clients + 1)
+
+    def worker(index: int) -> None:
+        done = failed = bad = 0
+        errors: dict[str, int] = {}
+        latencies: list[float] = []
+        try:
+            call, expected = make_call(index)  # type: ignore[operator]
+        except Exception as exc:
+            start.wait()
+            report.add_signer(index, 0, 1, 0, [], {f"setup: {exc}"[:160]: 1})
+            return
+        start.wait()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                output = call()
+            except Exception as exc:
+                failed += 1
+                name = f"{type(exc).__name__}: {exc}"[:120]
+                errors[name] = errors.get(name, 0) + 1
+                continue
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if done % CHECK_EVERY == 0 and output != expected:
+                bad += 1
+            done += 1
+        report.add_signer(index, done, failed, bad, latencies, errors)
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in pool:
+        t.start()
+    start.wait()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join()
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def run_client(socket: str, work: Work, clients: int, seconds: float) -> LoadReport:
+    """Threads sharing one tpmbroker Client, each decrypting or deriving in a loop."""
+    from tpmbroker.client import Client
+
+    report = LoadReport(clients, seconds, per_client=[0] * clients)
+    with Client(socket, timeout=30, max_connections=clients + 1) as client:
+        loaded = client.load_key(work.key.der)
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_sessions, args=(client, stop, report),
+                                   daemon=True)
+        sampler.start()
+        try:
+            def make_call(index: int) -> tuple[object, bytes]:
+                if work.op == "decrypt":
+                    return (lambda: client.decrypt(loaded, work.data)), work.expected
+                return (lambda: client.derive(loaded, work.peer_point)), work.expected
+
+            return _threads(clients, seconds, report, make_call)
+        finally:
+            stop.set()
+            sampler.join()
+
+
+def run_provider(socket: str, work: Work, clients: int, seconds: float) -> LoadReport:
+    """Threads of this process calling EVP_PKEY_decrypt / EVP_PKEY_derive through the
+    tpmbroker provider in a private library context (cffi releases the GIL in each call)."""
+    from tpmbroker.client import Client
+    from tpmbroker.paths import provider_path
+
+    from .libcrypto import Libcrypto, Operator
+
+    previous = os.environ.get("TPMBROKER_SOCKET")
+    os.environ["TPMBROKER_SOCKET"] = socket  # the provider reads it when a key is used
+    crypto = Libcrypto(["default", "tpmbroker"], search_path=str(provider_path().parent))
+    report = LoadReport(clients, seconds, per_client=[0] * clients)
+    pkey = None
+    try:
+        pkey = crypto.load_pem_key(work.key.pem)
+        with Client(socket, timeout=10) as status_client:
+            stop = threading.Event()
+            sampler = threading.Thread(target=sample_sessions,
+                                       args=(status_client, stop, report), daemon=True)
+            sampler.start()
+            try:
+                def make_call(index: int) -> tuple[object, bytes]:
+                    return Operator(crypto, pkey, work.op, work.data).run, work.expected
+
+                return _threads(clients, seconds, report, make_call)
+            finally:
+                stop.set()
+                sampler.join()
+    finally:
+        if pkey is not None:
+            crypto.ffi.release(pkey)  # before its library context goes
+        crypto.close()
+        if previous is None:
+            os.environ.pop("TPMBROKER_SOCKET", None)
+        else:
+            os.environ["TPMBROKER_SOCKET"] = previous

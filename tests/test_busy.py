@@ -1,8 +1,9 @@
-"""Fail fast, end to end: a chip that signs 20 times a second (swtpm behind a relay that
-holds each TPM2_Sign 50 ms), 100 signers with a 2 s timeout each, more than the chip can
-serve in 2 s. Every request either succeeds or is refused BUSY at once; none times out;
-the chip stays busy; the openssl CLI through the provider gets a clear BUSY error; and
-the broker serves normally afterwards."""
+"""Fail fast, end to end, on the discrete-TPM model (benchmarks/chip.py: swtpm behind a
+relay that gives every command a discrete chip's time, ECDSA P-256 25 ms, one command at
+a time): 100 signers with a 2 s timeout each, more than the chip can serve in 2 s. Every
+request either succeeds or is refused BUSY at once; none times out; the chip stays busy;
+the openssl CLI through the provider gets a clear BUSY error; and the broker serves
+normally afterwards."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.chip import DISCRETE, ChipRelay
 from tpmbroker import protocol as p
 from tpmbroker.client import Client, LoadedKey
 from tpmbroker.errors import BusyError
@@ -26,13 +28,12 @@ from tpmbroker.keyfile import der_to_pem
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 
-from .slow_tpm import TPM_CC_SIGN, SlowTpm
 from .tpmfixtures import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = provider_path()
 OPENSSL = shutil.which("openssl") or "openssl"
-SIGN_SECONDS = 0.05  # the chip: 20 signatures a second
+SIGN_SECONDS = DISCRETE.times["Sign/ecc"]  # the chip: 40 ECDSA signatures a second
 SIGNERS = 100
 TIMEOUT = 2.0
 RUN_SECONDS = 6.0
@@ -40,8 +41,8 @@ BUSY_BACKOFF = (0.2, 0.4)  # a signer refused BUSY waits so long (jitter) to try
 
 
 @pytest.fixture
-def slow_broker(swtpm: Swtpm, tmp_path: Path) -> Iterator[tuple[SlowTpm, Broker]]:
-    chip = SlowTpm(swtpm.port, {TPM_CC_SIGN: SIGN_SECONDS}, default=0.001)
+def slow_broker(swtpm: Swtpm, tmp_path: Path) -> Iterator[tuple[ChipRelay, Broker]]:
+    chip = ChipRelay(swtpm.port, DISCRETE)
     try:
         with Broker(chip.tcti, tmp_path / "broker") as broker:
             yield chip, broker
@@ -85,7 +86,7 @@ def provider_sign(broker: Broker, key_pem: Path, tmp_path: Path,
 
 @pytest.mark.skipif(not MODULE.exists(), reason="provider not built")
 def test_overload_is_answered_busy_at_once_and_never_times_out(
-        slow_broker: tuple[SlowTpm, Broker], tmp_path: Path) -> None:
+        slow_broker: tuple[ChipRelay, Broker], tmp_path: Path) -> None:
     chip, broker = slow_broker
     with Client(broker.socket, timeout=30) as admin:
         der, _ = admin.generate_key(p.KeyType.EC, p.Curve.P256)
@@ -104,11 +105,11 @@ def test_overload_is_answered_busy_at_once_and_never_times_out(
                for c, k, out in zip(clients, keys, results, strict=True)]
     for t in signers:
         t.start()
-    busy_before = chip.busy_seconds
+    started = chip.clock()
     time.sleep(2.0)  # the queue is full by now: the CLI with a short timeout is refused
     cli, cli_seconds = provider_sign(broker, key_pem, tmp_path, timeout=0.5)
     time.sleep(max(0.0, end - time.monotonic()))
-    chip_busy = (chip.busy_seconds - busy_before) / RUN_SECONDS
+    chip_busy = chip.utilization(started, started + RUN_SECONDS) or 0.0
     for t in signers:
         t.join(RUN_SECONDS + 3 * TIMEOUT)
     elapsed = RUN_SECONDS

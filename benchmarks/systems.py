@@ -26,7 +26,7 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_SIG_SCHEME
 
-from tpmbroker.load import LoadReport, sample_sessions
+from tpmbroker.load import BUSY, LoadReport, sample_sessions
 from tpmbroker.paths import provider_path
 
 from .tss import null_ticket, salted_session, storage_primary
@@ -254,9 +254,11 @@ def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
     latencies: list[float] = []
     for line in output.splitlines():
         words = line.split()
-        if words[:1] == ["thread"] and len(words) == 8:
-            index, done, failed, bad = int(words[1]), int(words[3]), int(words[5]), int(words[7])
+        if words[:1] == ["thread"] and len(words) == 10:
+            index, done, failed, bad, busy = (int(words[i]) for i in (1, 3, 5, 7, 9))
             errors = {"signing failed": failed} if failed else {}
+            if busy:  # refused at once and backed off: not a failure (Fail fast)
+                errors[BUSY] = busy
             report.add_signer(index, done, failed, bad, [], errors)
         elif words[:1] == ["latencies_us"]:
             latencies = [int(w) / 1000 for w in words[1:]]

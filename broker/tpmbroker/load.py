@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import random
 import statistics
 import threading
 import time
 
 from . import protocol as p
 from .client import Client, LoadedKey
+from .errors import BusyError
 
 
 @dataclasses.dataclass
@@ -112,6 +114,11 @@ def sample_sessions(client: Client, stop: threading.Event, report: LoadReport,
         stop.wait(interval)
 
 
+# How refusals by the broker's fail fast show among a load's errors: they are answered at
+# once and the signer backs off, so they do not count as failures.
+BUSY = "BUSY (refused at once, backed off 0.2-0.5 s; not a failure)"
+
+
 def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
                 hash_alg: p.Hash = p.Hash.SHA256, scheme: p.Scheme | None = None,
                 check_every: int = 1, sample: bool = True) -> LoadReport:
@@ -133,6 +140,12 @@ def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
             t0 = time.perf_counter()
             try:
                 signature = client.sign(key, digest, hash_alg, scheme)
+            except BusyError:
+                # Fail fast: the broker refused at once. A well-behaved client backs off
+                # and tries again; the refusal is not a failure.
+                errors[BUSY] = errors.get(BUSY, 0) + 1
+                stop.wait(random.uniform(0.2, 0.5))
+                continue
             except Exception as exc:
                 failed += 1
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1

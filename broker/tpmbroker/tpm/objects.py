@@ -19,11 +19,11 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from ..definitions import STORAGE_PRIMARY
-from ..errors import BadKeyError, LockoutError, ParentAuthFailedError
+from ..errors import BadKeyError
 from . import keys as keymod
 from .keys import CachedKey, KeyCache
 from .link import Link
-from .parents import describe
+from .parents import refusal
 from .rc import Kind, classify, tpm_code
 
 T = TypeVar("T")
@@ -168,16 +168,10 @@ class Objects:
         try:
             entry.handle = self.with_room(entry, load, parent)
         except TSS2_Exception as exc:
-            kind = classify(exc)
-            if kind is Kind.AUTH:
-                raise ParentAuthFailedError(
-                    f"{'wrong password' if parent_auth else 'no password given'} for "
-                    f"{describe(blob.parent)} (TPM2_Load)", tpm_rc=int(exc.rc)) from None
-            if kind is Kind.LOCKOUT:
-                raise LockoutError(
-                    f"the TPM is in dictionary-attack lockout: it refuses {describe(blob.parent)}"
-                    " for now", tpm_rc=int(exc.rc)) from None
-            if kind in (*RECOVERABLE, Kind.OBJECT_MEMORY):
+            refused = refusal(exc, blob.parent, parent_auth, "TPM2_Load")
+            if refused is not None:
+                raise refused from None
+            if classify(exc) in (*RECOVERABLE, Kind.OBJECT_MEMORY):
                 raise
             raise BadKeyError("the TPM refused to load the key (made by another TPM, or "
                               f"the TPM was cleared?): {exc}", tpm_rc=int(exc.rc)) from None

@@ -28,8 +28,11 @@ import hmac
 import os
 import threading
 
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
 from ..definitions import STORAGE_PRIMARY
-from ..errors import ParentAuthFailedError
+from ..errors import LockoutError, ParentAuthFailedError, TpmBrokerError
+from .rc import Kind, classify
 
 MAX_ENTRIES = 8192  # (parent, password) pairs remembered, least recently used out
 
@@ -40,6 +43,21 @@ def describe(parent: int) -> str:
         return "the parent 0x40000001 (the storage primary; its password is the owner " \
                "hierarchy's)"
     return f"the parent 0x{parent:08x}"
+
+
+def refusal(exc: TSS2_Exception, parent: int, auth: bytes,
+            command: str) -> TpmBrokerError | None:
+    """What a TPM error on a command authorized by `parent` means for its password: a
+    wrong or missing one, or a TPM in lockout; None for any other error."""
+    kind = classify(exc)
+    if kind is Kind.AUTH:
+        return ParentAuthFailedError(
+            f"{'wrong password' if auth else 'no password given'} for {describe(parent)} "
+            f"({command})", tpm_rc=int(exc.rc))
+    if kind is Kind.LOCKOUT:
+        return LockoutError(f"the TPM is in dictionary-attack lockout: it refuses "
+                            f"{describe(parent)} for now", tpm_rc=int(exc.rc))
+    return None
 
 
 class ParentPasswords:

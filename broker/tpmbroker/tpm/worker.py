@@ -81,7 +81,7 @@ from .keys import CachedKey, KeyInfo
 from .link import Link, frame_command, split_response
 from .lockout import DEFAULT_RESERVE, DaParameters, Shield
 from .objects import RECOVERABLE, Objects
-from .parents import ParentPasswords, describe
+from .parents import ParentPasswords, describe, refusal
 from .rc import Kind, classify, to_error, tpm_code
 from .session_crypto import SessionState
 from .sessions import SessionPool
@@ -269,16 +269,10 @@ class TpmWorker:
                     session, handle, name, load_auth, blob.public, blob.private, secret),
                     command.import_result)
             except TSS2_Exception as exc:
-                kind = classify(exc)
-                if kind is Kind.AUTH:
-                    raise ParentAuthFailedError(
-                        f"{'wrong password' if load_auth else 'no password given'} for "
-                        f"{describe(blob.parent)} (TPM2_Import)", tpm_rc=int(exc.rc)) from None
-                if kind is Kind.LOCKOUT:
-                    raise LockoutError(
-                        "the TPM is in dictionary-attack lockout: it refuses "
-                        f"{describe(blob.parent)} for now", tpm_rc=int(exc.rc)) from None
-                if kind in (*RECOVERABLE, Kind.OBJECT_MEMORY):
+                refused = refusal(exc, blob.parent, load_auth, "TPM2_Import")
+                if refused is not None:
+                    raise refused from None
+                if classify(exc) in (*RECOVERABLE, Kind.OBJECT_MEMORY):
                     raise
                 raise BadKeyError(
                     "the TPM refused to import the key: it was wrapped to another TPM's "
@@ -644,15 +638,9 @@ class TpmWorker:
                         session, handle, name, create_auth, sensitive, in_public),
                     command.create_result), parent_tr)
             except TSS2_Exception as exc:
-                kind = classify(exc)
-                if kind is Kind.AUTH:
-                    raise ParentAuthFailedError(
-                        f"{'wrong password' if create_auth else 'no password given'} for "
-                        f"{describe(parent)} (TPM2_Create)", tpm_rc=int(exc.rc)) from None
-                if kind is Kind.LOCKOUT:
-                    raise LockoutError(
-                        "the TPM is in dictionary-attack lockout: it refuses "
-                        f"{describe(parent)} for now", tpm_rc=int(exc.rc)) from None
+                refused = refusal(exc, parent, create_auth, "TPM2_Create")
+                if refused is not None:
+                    raise refused from None
                 raise
 
         private, public = self._parent_attempt(

@@ -21,7 +21,7 @@ from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import BadKeyError, PermissionDeniedError, UnknownKeyError
 from tpmbroker.keyfile import pem_to_der
-from tpmbroker.protocol import Hash, KeyType
+from tpmbroker.protocol import Curve, Hash, KeyType
 from tpmbroker.protocol import key_id_for as _key_id_for
 from tpmbroker.simulator import Swtpm
 
@@ -154,6 +154,22 @@ def test_persist_an_rsa_key_from_the_python_api(broker: Broker, tmp_path: Path) 
             client.persist(by_handle, 0x81000011)
         client.evict(HANDLE)
         assert client.keys()["persistent"] == []
+
+
+def test_keys_lists_persistent_handles_while_every_object_slot_is_taken(
+        broker: Broker) -> None:
+    """The TPM brings a persistent object into an object slot to read its public area;
+    with swtpm's three slots full of loaded keys, KEYS makes room instead of failing
+    (TPM_RC_OBJECT_MEMORY, as the demo once found)."""
+    with Client(broker.socket) as client:
+        keys = [client.load_key(client.generate_key(KeyType.EC, Curve.P256)[0])
+                for _ in range(4)]
+        client.persist(keys[0], HANDLE)
+        for key in keys[1:]:
+            client.sign(key, bytes(32), Hash.SHA256)  # resident: every slot taken
+        (entry,) = client.keys()["persistent"]
+        assert entry["handle"] == f"0x{HANDLE:08x}"
+        client.evict(HANDLE)
 
 
 @pytest.mark.skipif(shutil.which("tpm2_evictcontrol") is None, reason="tpm2-tools not installed")

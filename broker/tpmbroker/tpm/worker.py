@@ -878,7 +878,10 @@ class TpmWorker:
             listed = []
             for handle in self._persistent_handles(keymod.PERSISTENT_FIRST):
                 try:
-                    public, name = command.read_public(transport, handle)
+                    # The TPM brings a persistent object into an object slot to read it:
+                    # with every slot taken by loaded keys, one makes room.
+                    public, name = self.objects.with_room(
+                        None, functools.partial(command.read_public, transport, handle))
                 except TSS2_Exception as exc:
                     if tpm_code(int(exc.rc)) in (0x08B, 0x084):
                         continue  # evicted by another TPM user meanwhile

@@ -3,7 +3,7 @@
 # machine has no /dev/tpmrm0), keys made in the TPM, signatures checked by openssl,
 # the provider signing a certificate and serving TLS, and the session pool holding
 # while many clients sign at once; a CMS message decrypted and an ECDH secret derived
-# with TPM keys.
+# with TPM keys; a software key moved into the TPM, a PCR-bound key, persistent keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -100,6 +100,31 @@ curl -sS --tlsv1.3 --cacert "$WORK/ec.crt" --resolve "localhost:$PORT:127.0.0.1"
     -w 'curl: HTTP %{http_code} over %{ssl_verify_result}=verified, TLS ok\n' \
     -o /dev/null "https://localhost:$PORT/"
 kill "$SERVER_PID"; SERVER_PID=""
+
+step "an existing software key moved into the TPM (keygen --wrap), the original destroyed"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/old.key" 2>/dev/null
+openssl pkey -in "$WORK/old.key" -pubout -out "$WORK/old.pub"
+"$BIN/tpmbroker" keygen --wrap "$WORK/old.key" -o "$WORK/old.tpm.pem" 2>/dev/null
+shred -u "$WORK/old.key"
+"$BIN/tpmbroker" sign --key "$WORK/old.tpm.pem" --in "$WORK/msg.txt" --out "$WORK/old.sig"
+openssl dgst -sha256 -verify "$WORK/old.pub" -signature "$WORK/old.sig" "$WORK/msg.txt"
+
+step "a key bound to PCR 16: it signs only while the platform's state matches"
+"$BIN/tpmbroker" keygen --pcr-lock sha256:16 -o "$WORK/pcr.pem"
+"$BIN/tpmbroker" sign --key "$WORK/pcr.pem" --in "$WORK/msg.txt" --out "$WORK/pcr.sig"
+"$BIN/tpmbroker" pubkey "$WORK/pcr.pem" -o "$WORK/pcr.pub"
+openssl dgst -sha256 -verify "$WORK/pcr.pub" -signature "$WORK/pcr.sig" "$WORK/msg.txt"
+
+if [ -z "${TPMBROKER_TCTI:-}" ] && [ ! -e /dev/tpmrm0 ]; then
+    # Only on the embedded simulator: a real TPM's persistent handles are its owner's.
+    step "persistent keys: persist, list, sign by handle:, evict"
+    "$BIN/tpmbroker" persist "$WORK/ec.pem" 0x81000100
+    "$BIN/tpmbroker" keys | head -4
+    openssl dgst -sha256 "${OSSL[@]}" -sign handle:0x81000100 -out "$WORK/handle.sig" \
+        "$WORK/msg.txt"
+    openssl dgst -sha256 -verify "$WORK/ec.pub" -signature "$WORK/handle.sig" "$WORK/msg.txt"
+    "$BIN/tpmbroker" evict 0x81000100
+fi
 
 step "64 clients signing at once for 5 s through the pool of 2 sessions"
 "$BIN/tpmbroker" load --key "$WORK/ec.pem" --clients 64 --seconds 5

@@ -852,36 +852,33 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
     return 1;
 }
 
+/* What every key generation takes: the key's password, its parent and the parent's
+ * password, its digest and its usage. */
+#define GEN_SETTABLE_COMMON                                 \
+    OSSL_PARAM_utf8_string("user-auth", NULL, 0),           \
+    OSSL_PARAM_uint32("parent", NULL),                      \
+    OSSL_PARAM_utf8_string("parent-auth", NULL, 0),         \
+    OSSL_PARAM_utf8_string("digest", NULL, 0),              \
+    OSSL_PARAM_utf8_string("usage", NULL, 0)
+
 static const OSSL_PARAM ec_gen_settable[] = {
     OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, NULL, 0),
-    OSSL_PARAM_utf8_string("user-auth", NULL, 0),
-    OSSL_PARAM_uint32("parent", NULL),
-    OSSL_PARAM_utf8_string("parent-auth", NULL, 0),
-    OSSL_PARAM_utf8_string("digest", NULL, 0),
-    OSSL_PARAM_utf8_string("usage", NULL, 0),
+    GEN_SETTABLE_COMMON,
     OSSL_PARAM_END,
 };
 
 static const OSSL_PARAM rsa_gen_settable[] = {
     OSSL_PARAM_uint(OSSL_PKEY_PARAM_RSA_BITS, NULL),
     OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
-    OSSL_PARAM_utf8_string("user-auth", NULL, 0),
-    OSSL_PARAM_uint32("parent", NULL),
-    OSSL_PARAM_utf8_string("parent-auth", NULL, 0),
-    OSSL_PARAM_utf8_string("digest", NULL, 0),
-    OSSL_PARAM_utf8_string("usage", NULL, 0),
+    GEN_SETTABLE_COMMON,
     OSSL_PARAM_END,
 };
 
 static const OSSL_PARAM rsapss_gen_settable[] = {
     OSSL_PARAM_uint(OSSL_PKEY_PARAM_RSA_BITS, NULL),
     OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
-    OSSL_PARAM_utf8_string("user-auth", NULL, 0),
-    OSSL_PARAM_uint32("parent", NULL),
-    OSSL_PARAM_utf8_string("parent-auth", NULL, 0),
-    OSSL_PARAM_utf8_string("digest", NULL, 0),
     OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_MGF1_DIGEST, NULL, 0),
-    OSSL_PARAM_utf8_string("usage", NULL, 0),
+    GEN_SETTABLE_COMMON,
     OSSL_PARAM_END,
 };
 

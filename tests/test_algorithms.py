@@ -29,7 +29,7 @@ from tpmbroker.keyfile import der_to_pem
 from tpmbroker.paths import provider_path
 
 from .test_interop import tpm2_openssl
-from .tpmfixtures import Abrmd, Broker, running_swtpm
+from .tpmfixtures import Abrmd, Broker, BrokerEnv, swtpm_broker
 
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
 PROV = ["-provider-path", str(provider_path().parent), "-provider", "tpmbroker",
@@ -40,11 +40,9 @@ RSA_BITS = [1024, 2048, 3072, 4096]
 ALGS = [f"ec:{name}" for name in CURVES] + [f"rsa:{bits}" for bits in RSA_BITS]
 
 
-class Env:
+class Env(BrokerEnv):
     def __init__(self, broker: Broker, base: Path) -> None:
-        self.broker = broker
-        self.dir = base
-        self.environ = dict(os.environ, TPMBROKER_SOCKET=broker.socket, OPENSSL_CONF=os.devnull)
+        super().__init__(broker, base)
         with Client(broker.socket) as client:
             status = client.status()
         self.curves = status["tpm_curves"]
@@ -56,23 +54,12 @@ class Env:
             return isinstance(self.curves, list) and param in self.curves
         return isinstance(self.rsa_bits, list) and int(param) in self.rsa_bits
 
-    def openssl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run(["openssl", *args], capture_output=True, env=self.environ,
-                             timeout=180)
-        if check:
-            assert res.returncode == 0, res.stderr.decode()
-        return res
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("algorithms")
-    with running_swtpm(base / "tpm") as tpm:
-        broker = Broker(tpm.tcti, base / "broker").start()
-        try:
-            yield Env(broker, base)
-        finally:
-            broker.stop()
+    with swtpm_broker(base) as broker:
+        yield Env(broker, base)
 
 
 def _attributes(pem: Path | bytes) -> int:

@@ -31,7 +31,7 @@ from tpmbroker.errors import UnsupportedError
 from tpmbroker.paths import provider_path
 
 from .test_interop import tpm2_openssl
-from .tpmfixtures import Abrmd, Broker, running_swtpm
+from .tpmfixtures import Abrmd, Broker, BrokerEnv, swtpm_broker
 
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
 # tpmbroker first: the RSA-PSS keymgmt that generates must be ours.
@@ -40,29 +40,14 @@ PROV = ["-provider-path", str(provider_path().parent), "-provider", "tpmbroker",
 RSASSA_PSS_OID_DER = bytes.fromhex("06092a864886f70d01010a")
 
 
-class Env:
-    def __init__(self, broker: Broker, base: Path) -> None:
-        self.broker = broker
-        self.dir = base
-        self.environ = dict(os.environ, TPMBROKER_SOCKET=broker.socket, OPENSSL_CONF=os.devnull)
-
-    def openssl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run(["openssl", *args], capture_output=True, env=self.environ,
-                             timeout=120)
-        if check:
-            assert res.returncode == 0, res.stderr.decode()
-        return res
+Env = BrokerEnv
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("rsa-pss")
-    with running_swtpm(base / "tpm") as tpm:
-        broker = Broker(tpm.tcti, base / "broker").start()
-        try:
-            yield Env(broker, base)
-        finally:
-            broker.stop()
+    with swtpm_broker(base) as broker:
+        yield Env(broker, base)
 
 
 def _public_area(pem: Path) -> object:

@@ -4,7 +4,9 @@ the broker as a subprocess (the last two are the benchmark's too: tpmbroker.proc
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from tpmbroker.processes import Abrmd, DbusDaemon
 from tpmbroker.processes import BrokerProcess as Broker
 from tpmbroker.simulator import Swtpm
 
-__all__ = ["Abrmd", "Broker", "DbusDaemon", "have", "raise_max_tries", "running_swtpm"]
+__all__ = ["Abrmd", "Broker", "BrokerEnv", "DbusDaemon", "have", "raise_max_tries",
+           "running_swtpm", "swtpm_broker"]
 
 
 @contextlib.contextmanager
@@ -38,3 +41,30 @@ def raise_max_tries(tpm: Swtpm, max_tries: int = 32) -> None:
 
     with ESAPI(tpm.tcti) as ectx:
         ectx.dictionary_attack_parameters(max_tries, 1000, 1000)
+
+
+class BrokerEnv:
+    """A broker and a directory, with the openssl CLI pointed at that broker."""
+
+    def __init__(self, broker: Broker, base: Path) -> None:
+        self.broker = broker
+        self.dir = base
+        self.environ = dict(os.environ, TPMBROKER_SOCKET=broker.socket, OPENSSL_CONF=os.devnull)
+
+    def openssl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        res = subprocess.run(["openssl", *args], capture_output=True, env=self.environ,
+                             timeout=180)
+        if check:
+            assert res.returncode == 0, res.stderr.decode()
+        return res
+
+
+@contextlib.contextmanager
+def swtpm_broker(base: Path) -> Iterator[Broker]:
+    """A swtpm of its own under `base`, and a broker on it."""
+    with running_swtpm(base / "tpm") as tpm:
+        broker = Broker(tpm.tcti, base / "broker").start()
+        try:
+            yield broker
+        finally:
+            broker.stop()

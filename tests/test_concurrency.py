@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from tpmbroker.client import Client
 from tpmbroker.paths import provider_path
 
-from .tpmfixtures import Broker, running_swtpm
+from .tpmfixtures import Broker, active_sessions, running_swtpm
 
 MODULE = provider_path()
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
@@ -168,29 +167,13 @@ def test_threads_and_forked_children_decrypt_and_derive_while_others_sign(env: E
     before = env.status()
     pool = before["pool_size"]
     assert isinstance(pool, int)
-    stop = threading.Event()
-    active: list[int] = []
-
-    def sample() -> None:
-        with Client(env.broker.socket) as client:
-            while not stop.is_set():
-                value = client.status()["tpm_active_sessions"]
-                assert isinstance(value, int)
-                active.append(value)
-                stop.wait(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with active_sessions(env.broker.socket, 0.05) as active:
         res = subprocess.run(
             [sys.executable, "-c", _SCRIPT,
              str(MODULE.parent), str(signer), str(decrypter), str(deriver), str(peer_pem),
              ciphertext.hex(), plaintext.hex(), secret.hex(),
              str(ROUNDS), str(THREADS), str(CHILDREN)],
             capture_output=True, text=True, timeout=600, env=env.env)
-    finally:
-        stop.set()
-        sampler.join()
     assert res.returncode == 0, res.stderr + env.broker.log()
     assert res.stdout.split() == ["0"] + ["0"] * CHILDREN  # no failure anywhere
     after = env.status()

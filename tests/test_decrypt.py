@@ -12,8 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ from tpmbroker.paths import provider_path
 from .malicious_broker import Action, FakeBroker
 from .malicious_broker import Request as FakeRequest
 from .relay import Relay
-from .tpmfixtures import Abrmd, Broker, raise_max_tries, running_swtpm
+from .tpmfixtures import Abrmd, Broker, active_sessions, raise_max_tries, running_swtpm
 
 MODULE = provider_path()
 MODDIR = str(MODULE.parent)
@@ -492,23 +490,9 @@ def test_decryptions_and_signatures_at_once_stay_within_the_pool(env: Env) -> No
                 return client.decrypt(key, pub.encrypt(message, oaep), p.Padding.OAEP) == message
             return client.decrypt(key, pub.encrypt(message, padding.PKCS1v15())) == message
 
-        seen: list[object] = []
-        done = threading.Event()
-
-        def sample() -> None:  # the TPM's count of sessions, read while the load runs
-            with env.client() as watcher:
-                while not done.is_set():
-                    seen.append(watcher.status()["tpm_active_sessions"])
-                    time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            with ThreadPoolExecutor(32) as pool:
-                results = list(pool.map(work, range(400)))
-        finally:
-            done.set()
-            sampler.join()
+        # the TPM's count of sessions, read while the load runs
+        with active_sessions(env.broker.socket) as seen, ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(work, range(400)))
         pool_size = client.status()["pool_size"]
     assert all(results)
     assert seen and all(isinstance(n, int) and n <= int(str(pool_size)) for n in seen), seen

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from tpmbroker.keyfile import pem_to_der
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 
-from .tpmfixtures import Broker, raise_max_tries
+from .tpmfixtures import Broker, active_sessions, raise_max_tries
 
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
 MODDIR = str(provider_path().parent)
@@ -354,28 +353,12 @@ def test_threads_and_forked_children_sign_with_policy_and_plain_keys(
             before = client.status()
         ceiling = before["pool_size"] + before["policy_pool_size"]  # type: ignore[operator]
         assert ceiling == 3
-        stop = threading.Event()
-        active: list[int] = []
-
-        def sample() -> None:
-            with Client(broker.socket) as client:
-                while not stop.is_set():
-                    value = client.status()["tpm_active_sessions"]
-                    assert isinstance(value, int)
-                    active.append(value)
-                    stop.wait(0.02)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
+        with active_sessions(broker.socket) as active:
             res = subprocess.run(
                 [sys.executable, "-c", _SIGNERS, MODDIR, str(policy_key), str(plain_key),
                  str(ROUNDS), str(THREADS), str(CHILDREN)],
                 capture_output=True, text=True, timeout=300,
                 env=dict(os.environ, TPMBROKER_SOCKET=broker.socket))
-        finally:
-            stop.set()
-            sampler.join()
         assert res.returncode == 0, res.stderr + broker.log()
         assert res.stdout.split() == ["0"] + ["0"] * CHILDREN  # no failure anywhere
         with Client(broker.socket) as client:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from tpmbroker.processes import Abrmd, DbusDaemon
 from tpmbroker.processes import BrokerProcess as Broker
 from tpmbroker.simulator import Swtpm
 
-__all__ = ["Abrmd", "Broker", "BrokerEnv", "DbusDaemon", "have", "raise_max_tries",
-           "running_swtpm", "swtpm_broker"]
+__all__ = ["Abrmd", "Broker", "BrokerEnv", "DbusDaemon", "active_sessions", "have",
+           "raise_max_tries", "running_swtpm", "swtpm_broker"]
 
 
 @contextlib.contextmanager
@@ -68,3 +69,29 @@ def swtpm_broker(base: Path) -> Iterator[Broker]:
             yield broker
         finally:
             broker.stop()
+
+
+@contextlib.contextmanager
+def active_sessions(socket: str, interval: float = 0.02) -> Iterator[list[int]]:
+    """The TPM's count of active sessions (the broker's STATUS), read every `interval`
+    while the block runs; the list fills as it goes."""
+    from tpmbroker.client import Client
+
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        with Client(socket) as client:
+            while not stop.is_set():
+                value = client.status()["tpm_active_sessions"]
+                assert isinstance(value, int)
+                seen.append(value)
+                stop.wait(interval)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join()

@@ -405,9 +405,7 @@ class TpmWorker:
     def sign(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
              digest: bytes, deadline: float, peer: int = -1) -> bytes:
         """Sign `digest`; `peer` (the client's uid) is who the shield holds to account."""
-        entry = self.objects.keys.get(key_id)
-        if entry is None:
-            raise UnknownKeyError("unknown key id; send LOAD first")
+        entry = self._loaded(key_id)
         try:
             scheme = Scheme(scheme)
             hash = Hash(hash)
@@ -431,6 +429,13 @@ class TpmWorker:
         return self._with_password(entry, auth, peer, deadline, lambda: self._sign(
             entry, auth, scheme, scheme_alg, hash, digest, deadline))
 
+    def _loaded(self, key_id: bytes) -> CachedKey:
+        """The key LOAD made known by this id; UnknownKeyError if none."""
+        entry = self.objects.keys.get(key_id)
+        if entry is None:
+            raise UnknownKeyError("unknown key id; send LOAD first")
+        return entry
+
     def restricted(self, key_id: bytes) -> bool | None:
         entry = self.objects.keys.get(key_id)
         return None if entry is None else entry.restricted
@@ -439,9 +444,7 @@ class TpmWorker:
                      message: bytes, deadline: float, peer: int = -1) -> bytes:
         """Sign `message`. A restricted key's message is hashed by the TPM, whose ticket
         TPM2_Sign needs; any other key's is hashed here and signed as a digest."""
-        entry = self.objects.keys.get(key_id)
-        if entry is None:
-            raise UnknownKeyError("unknown key id; send LOAD first")
+        entry = self._loaded(key_id)
         try:
             scheme = Scheme(scheme)
             hash = Hash(hash)
@@ -517,9 +520,7 @@ class TpmWorker:
         The key and the point are checked first, without the TPM: a key that may not do
         ECDH or a point that is not on the key's curve costs no TPM command.
         """
-        entry = self.objects.keys.get(key_id)
-        if entry is None:
-            raise UnknownKeyError("unknown key id; send LOAD first")
+        entry = self._loaded(key_id)
         keymod.check_ecdh_key(entry.public)
         x, y = keymod.check_peer_point(entry.info.curve, point)
         z = self._with_password(entry, auth, peer, deadline, lambda: self._run(
@@ -750,9 +751,7 @@ class TpmWorker:
         implicit rejection a bad PKCS#1 v1.5 padding gives a synthetic message instead.
         Password attempts go through the dictionary-attack shield, as signatures do.
         """
-        entry = self.objects.keys.get(key_id)
-        if entry is None:
-            raise UnknownKeyError("unknown key id; send LOAD first")
+        entry = self._loaded(key_id)
         padding, hash, mgf1 = Padding(padding), Hash(hash), Hash(mgf1)
         tpm_scheme = keymod.decryption_scheme(entry.public, padding, hash, mgf1, label)
         modulus, _ = entry.rsa_public_numbers
@@ -801,9 +800,7 @@ class TpmWorker:
         """Make a loaded key persistent at `handle` (TPM2_EvictControl, the owner
         hierarchy's password proved by a pool session's HMAC); the key's Name. A handle
         in use is refused, never overwritten."""
-        entry = self.objects.keys.get(key_id)
-        if entry is None:
-            raise UnknownKeyError("unknown key id; send LOAD first")
+        entry = self._loaded(key_id)
         if not entry.is_transient:
             raise BadKeyError(f"the key is persistent already, at "
                               f"0x{entry.persistent_handle:08x}")

@@ -19,7 +19,7 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_SIG_SCHEME
 
-from tpmbroker.load import LoadReport
+from tpmbroker.load import LoadReport, run_for
 
 from .tss import null_ticket, salted_session, storage_primary
 
@@ -71,14 +71,5 @@ def run(tcti: str, key_der: bytes, threads: int, seconds: float,
         ectx.close()
         report.add_signer(index, done, failed, 0, latencies, errors)
 
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
-    for t in pool:
-        t.start()
-    ready.wait()
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    stop.set()
-    for t in pool:
-        t.join()
-    report.seconds = time.monotonic() - t0
+    report.seconds = run_for(worker, threads, ready, stop, seconds)
     return report

@@ -20,7 +20,7 @@ from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_PUBLIC
 
-from tpmbroker.load import LoadReport, sample_sessions
+from tpmbroker.load import LoadReport, run_for, sample_sessions
 
 from .systems import CHECK_EVERY, Key
 
@@ -113,16 +113,7 @@ def _threads(clients: int, seconds: float, report: LoadReport,
             done += 1
         report.add_signer(index, done, failed, bad, latencies, errors)
 
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-    for t in pool:
-        t.start()
-    start.wait()
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    stop.set()
-    for t in pool:
-        t.join()
-    report.seconds = time.monotonic() - t0
+    report.seconds = run_for(worker, clients, start, stop, seconds)
     return report
 
 

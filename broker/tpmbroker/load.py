@@ -13,6 +13,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 from . import protocol as p
 from .client import Client, LoadedKey
@@ -114,6 +115,27 @@ def sample_sessions(client: Client, stop: threading.Event, report: LoadReport,
         stop.wait(interval)
 
 
+def run_for(work: Callable[[int], None], workers: int, start: threading.Barrier,
+            stop: threading.Event, seconds: float,
+            started: Callable[[], None] | None = None) -> float:
+    """`workers` threads running `work(index)`; each waits at `start` (which needs one
+    more party: this call), and `stop` is set `seconds` after they all passed it;
+    `started` is called as they do. The seconds the run really took, from the start to
+    the last thread's end."""
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.monotonic()
+    if started is not None:
+        started()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return time.monotonic() - t0
+
+
 # How refusals by the broker's fail fast show among a load's errors: they are answered at
 # once and the signer backs off, so they do not count as failures.
 BUSY = "BUSY (refused at once, backed off 0.2-0.5 s; not a failure)"
@@ -157,21 +179,11 @@ def run_threads(client: Client, key: LoadedKey, clients: int, seconds: float,
             done += 1
         report.add_signer(index, done, failed, bad, latencies, errors)
 
-    threads = [threading.Thread(target=signer, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
     sampler_stop = threading.Event()
     sampler = threading.Thread(target=sample_sessions, args=(client, sampler_stop, report),
                                daemon=True)
-    start.wait()
-    t0 = time.monotonic()
-    if sample:
-        sampler.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    report.seconds = time.monotonic() - t0
+    report.seconds = run_for(signer, clients, start, stop, seconds,
+                             sampler.start if sample else None)
     sampler_stop.set()
     if sample:
         sampler.join()

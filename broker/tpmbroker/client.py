@@ -304,13 +304,13 @@ class Client:
             try:
                 with self._connection(deadline) as conn:
                     if key is not None and conn.loaded.get(key.key_id) != key.spec.auth:
-                        self._load_on(conn, key.spec, deadline)
+                        self._reload(conn, key, deadline)
                     try:
                         return conn.round_trip(msg, deadline)
                     except UnknownKeyError:
                         if key is None:
                             raise
-                        self._load_on(conn, key.spec, deadline)  # broker restarted or evicted
+                        self._reload(conn, key, deadline)  # broker restarted or evicted
                         return conn.round_trip(msg, deadline)
             except TimeoutError:
                 raise DeadlineError("the broker did not answer before the deadline") from None
@@ -321,6 +321,18 @@ class Client:
                         f"lost the connection to tpmbroker at {self.socket_path}: {exc}"
                     ) from None
         raise AssertionError("unreachable")
+
+    @classmethod
+    def _reload(cls, conn: _Connection, key: LoadedKey, deadline: float) -> None:
+        """LOAD `key` again on `conn`. A handle names a place, not a key: if another key
+        was persisted there since, nothing is done with it in this key's name."""
+        result = cls._load_on(conn, key.spec, deadline)
+        if (key.spec.source == p.KeySource.PERSISTENT_HANDLE
+                and _loaded_key(key.spec, result).public_key != key.public_key):
+            raise BadKeyError(
+                f"the key at persistent handle 0x{int.from_bytes(key.spec.key, 'big'):08x} "
+                "is not the one loaded (it was evicted and another persisted there); "
+                "load the handle again")
 
     @staticmethod
     def _load_on(conn: _Connection, spec: KeySpec, deadline: float) -> ops.LoadResult:

@@ -513,9 +513,21 @@ class CachedKey:
     parent_auth: bytes = dataclasses.field(default=b"", repr=False)
     # Without noDA, a failed authorization counts toward the TPM's lockout.
     da_protected: bool = dataclasses.field(init=False)
+    # The TPM's Name of the key (nameAlg || hash of its public area): what a session's
+    # HMAC binds, and what tells a key at a persistent handle from the next one there.
+    name: bytes = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+        self.name = bytes(self.public.get_name())
+
+    @property
+    def shield_id(self) -> bytes:
+        """What the dictionary-attack shield remembers passwords by. A key file's id names
+        one private blob, so one password. A handle is only a place: the key there can
+        be evicted and another persisted in its place, so a persistent key is known by
+        its Name."""
+        return self.name if self.blob is None else self.info.key_id
 
     @property
     def policy(self) -> tuple[keypolicy.PolicyStep, ...]:

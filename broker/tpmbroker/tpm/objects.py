@@ -117,9 +117,14 @@ class Objects:
             raise BadKeyError(f"0x{handle:08x} is not a persistent handle (0x81xxxxxx)")
         tr = self.persistent(handle, "key")
         public, _, _ = self._ectx.read_public(tr)
-        keymod.check_signing_key(public.publicArea)
-        return CachedKey(keymod.key_info(key_id, public.publicArea), public.publicArea,
-                         persistent_handle=handle)
+        entry = CachedKey(keymod.key_info(key_id, public.publicArea), public.publicArea,
+                          persistent_handle=handle)
+        if entry.name != self.handle_and_name(tr)[1]:
+            # The ESYS_TR was made for a key evicted since; another is at the handle now.
+            self.forget_persistent(handle)
+            return self.describe_persistent(key_id, key)
+        keymod.check_signing_key(entry.public)
+        return entry
 
     def handle_and_name(self, tr: Any) -> tuple[int, bytes]:
         """TPM handle and Name of an object ESAPI knows (cached: ESAPI calls cost)."""

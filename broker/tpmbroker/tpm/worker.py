@@ -198,6 +198,13 @@ class TpmWorker:
             raise UnsupportedError(f"unknown key source {source}") from None
         key_id = key_id_for(source, key)
         cached = self.objects.keys.get(key_id)
+        if cached is not None and cached.blob is None and not self.link.owns_tpm:
+            # A new client of a handle gets the key that is there now.
+            handle = cached.persistent_handle
+            if cached.name != self._run(deadline, "reading the persistent key",
+                                        lambda: self._current_name(handle)):
+                self._forget_persistent(handle)
+                cached = None
         if cached is not None:
             if cached.blob is not None:
                 self._check_cached_parent_auth(cached, parent_auth, deadline, peer)
@@ -543,20 +550,20 @@ class TpmWorker:
         shield = self.shield if entry.da_protected else None
         if shield is None:
             return operation()
-        key_id = entry.info.key_id
-        if not shield.known_good(key_id, auth):
+        shield_id = entry.shield_id
+        if not shield.known_good(shield_id, auth):
             # A fresh reading first: the counter decays, and other TPM users add to it.
             self._run(deadline, "reading the lockout counter", self._read_lockout)
-            shield.check(peer, key_id, auth)
+            shield.check(peer, shield_id, auth)
         try:
             result = operation()
         except AuthFailedError:
-            shield.failed(peer, key_id, auth)
+            shield.failed(peer, shield_id, auth)
             raise
         except LockoutError:
             shield.tpm_locked_out()
             raise
-        shield.succeeded(key_id, auth)
+        shield.succeeded(shield_id, auth)
         return result
 
     def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
@@ -564,7 +571,7 @@ class TpmWorker:
         signature: a password refused before, a throttled peer, the reserve reached."""
         entry = self.objects.keys.get(key_id)
         if self.shield is not None and entry is not None and entry.da_protected:
-            self.shield.check(peer, key_id, auth, fresh=False)
+            self.shield.check(peer, entry.shield_id, auth, fresh=False)
 
     def _sign(self, entry: CachedKey, auth: bytes, scheme: Scheme, scheme_alg: int,
               hash: Hash, digest: bytes, deadline: float) -> bytes:
@@ -812,7 +819,7 @@ class TpmWorker:
             if handle in self._persistent_handles(handle, 1):
                 raise BadKeyError(f"0x{handle:08x} is in use by another persistent object; "
                                   "evict it first (tpmbroker evict) or choose another handle")
-            self.objects.forget_persistent(handle)  # whatever the broker knew there is gone
+            self._forget_persistent(handle)  # whatever the broker knew there is gone
             key_handle, name = self.objects.handle_and_name(self.objects.resident(entry))
             self._execute(deadline, lambda session: command.prepare_evict_control(
                 session, owner_auth, key_handle, name, handle), lambda _: None)
@@ -840,7 +847,7 @@ class TpmWorker:
                 session, owner_auth, handle, name, handle), lambda _: None)
 
         self._evict_control(deadline, f"evicting 0x{handle:08x}", handle, evict_control)
-        dropped = self.objects.forget_persistent(handle)
+        dropped = self._forget_persistent(handle)
         if dropped:
             log.info("evicted 0x%08x: forgot %d key(s) loaded by that handle", handle,
                      len(dropped))
@@ -1013,11 +1020,46 @@ class TpmWorker:
                     result: Callable[[bytes], T]) -> T:
         """One command on `entry`'s key (made resident) with a pool session; a key with a
         policy gets a policy session that has just satisfied it."""
+        if entry.persistent_handle and not self.link.owns_tpm:
+            self._check_persistent(entry)
         handle, name = self.objects.handle_and_name(self.objects.resident(entry))
         if entry.policy:
             return self._policy_execute(entry, auth, deadline,
                                         lambda session: prepare(session, handle, name), result)
         return self._execute(deadline, lambda session: prepare(session, handle, name), result)
+
+    def _check_persistent(self, entry: CachedKey) -> None:
+        """UnknownKeyError unless the object at `entry`'s persistent handle is still that
+        key. Another TPM user may have evicted it and persisted another key at the same
+        handle (tpm2_evictcontrol takes the first free one): a session HMAC over the old
+        Name would then fail, and that failure counts toward the TPM's lockout. One
+        TPM2_ReadPublic, which needs no authorization, costs nothing of the kind."""
+        handle = entry.persistent_handle
+        if self._current_name(handle) == entry.name:
+            return
+        self._forget_persistent(handle)
+        raise UnknownKeyError(
+            f"the key at persistent handle 0x{handle:08x} was evicted or replaced by "
+            "another TPM user; load the handle again")
+
+    def _current_name(self, handle: int) -> bytes | None:
+        """The Name of the object at persistent `handle` now; None if there is none."""
+        try:
+            return command.read_public(self.link.require(), handle)[1]
+        except TSS2_Exception as exc:
+            if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                return None
+            raise
+
+    def _forget_persistent(self, handle: int) -> list[bytes]:
+        """Forget what the broker knew of persistent `handle`: its ESYS_TR, the keys
+        loaded by it, the schemes checked for them. The key ids dropped."""
+        dropped = self.objects.forget_persistent(handle)
+        if dropped:
+            gone = set(dropped)
+            self._schemes_checked = {
+                checked for checked in self._schemes_checked if checked[0] not in gone}
+        return dropped
 
     def _policy_execute(self, entry: CachedKey, auth: bytes, deadline: float,
                         prepare: Callable[[SessionState], command.PendingCommand],
@@ -1174,8 +1216,10 @@ class TpmWorker:
         if scheme is Scheme.PSS and entry.pss_by_broker is not False:
             return None  # the TPM's own PSS is not known to be what the client wants
         if (entry.da_protected and self.shield is not None
-                and not self.shield.known_good(key_id, auth)):
+                and not self.shield.known_good(entry.shield_id, auth)):
             return None  # a password attempt: the worker thread asks the shield
+        if entry.persistent_handle and not self.link.owns_tpm:
+            return None  # another TPM user may have replaced it: the worker checks first
         try:
             scheme_alg = keymod.signature_scheme_alg(entry.info.key_type, scheme)
         except TpmBrokerError:
@@ -1215,7 +1259,7 @@ class TpmWorker:
             if kind in (Kind.AUTH, Kind.LOCKOUT):
                 if self.shield is not None and lane.entry.da_protected:
                     if kind is Kind.AUTH:
-                        self.shield.failed(lane.peer, lane.entry.info.key_id, lane.auth)
+                        self.shield.failed(lane.peer, lane.entry.shield_id, lane.auth)
                     else:
                         self.shield.tpm_locked_out()
                 raise to_error(exc, "signing") from None

@@ -235,6 +235,9 @@ def test_bad_keys_digests_and_ids(broker: Broker, ec_key: Path, tmp_path: Path) 
         loaded = client.load_key(ec_key)
         with pytest.raises(BadDigestError):
             client.sign(loaded, bytes(20), "sha256")
+        for hash_id, digest in ((0x0B, bytes(20)), (0x0C, bytes(32)), (0x0B, b"")):
+            with pytest.raises(BadDigestError):  # the broker's own check, not the client's
+                client._call(ops.Sign(loaded.key_id, 1, hash_id, digest), key=loaded)
         with _raw(broker) as s:
             s.sendall(p.encode_request(1, ops.Sign(os.urandom(32), 1, 0x0B, bytes(32))))
             _, result = _read_frame(s)

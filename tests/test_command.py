@@ -30,6 +30,10 @@ from tpm2_pytss.types import (
 )
 
 from tpmbroker.errors import AuthFailedError, TpmError
+from tpmbroker.procedures.generate import generate_key
+from tpmbroker.procedures.load import load_key
+from tpmbroker.procedures.sign import sign as sign_digest
+from tpmbroker.procedures.status import status as tpm_status
 from tpmbroker.protocol import Curve, Hash, KeySource, KeyType, Scheme
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import KeyInfo, TpmWorker, command, reference
@@ -87,12 +91,12 @@ class Tpm:
 
     def session(self) -> sc.SessionState:
         return command.start_salted_session(self.transport, self.primary_handle,
-                                        self.primary_public)
+                                            self.primary_public)
 
     def sign(self, session: sc.SessionState, key: Key, digest: bytes,
              password: bytes = PASSWORD, scheme: int = ECDSA) -> bytes:
         return command.sign(self.transport, session, key.handle, key.name, password, digest,
-                        scheme, SHA256)
+                            scheme, SHA256)
 
     def close(self) -> None:
         self.esapi.close()
@@ -221,7 +225,7 @@ def test_tampered_response_is_rejected(tpm: Tpm, where: int) -> None:
     recorder.tamper = where
     with pytest.raises(command.ResponseAuthError):
         command.sign(recorder, session, key.handle, key.name, PASSWORD, digest_of(b"t"), ECDSA,
-                 SHA256)
+                     SHA256)
     # The outcome is unknown: the session must not send another HMAC.
     assert not session.usable
     with pytest.raises(TSS2_Exception):
@@ -266,7 +270,7 @@ def test_response_parameter_decryption(tpm: Tpm) -> None:
     session = tpm.session()
     recorder = Recorder(tpm.transport)
     pending = command.prepare(session, 0x173, (key.handle,), (key.name,), b"", None, b"",
-                          sc.CONTINUE_SESSION | sc.ENCRYPT)
+                              sc.CONTINUE_SESSION | sc.ENCRYPT)
     _, parameters = command.execute(recorder, pending)
     out_public, _ = TPM2B_PUBLIC.unmarshal(parameters)
     assert out_public.publicArea.marshal() == key.public.marshal()
@@ -337,7 +341,7 @@ def test_tss2_tcti_transport_works_too(swtpm: Swtpm) -> None:
         key = Key(int(esapi.tr_get_tpm_handle(tr)), tr, bytes(key_public.get_name()),
                   key_public.publicArea)
         session = command.start_salted_session(link, int(esapi.tr_get_tpm_handle(primary)),
-                                           public.publicArea)
+                                               public.publicArea)
         digest = digest_of(b"tcti")
         key.verify(command.sign(link, session, key.handle, key.name, b"", digest, ECDSA, SHA256),
                    digest)
@@ -359,7 +363,7 @@ def opened_worker(tcti: str) -> TpmWorker:
 
 def worker_sign(worker: TpmWorker, info: KeyInfo, digest: bytes, auth: bytes = b"",
                 scheme: Scheme = Scheme.ECDSA) -> bytes:
-    return worker.sign(info.key_id, auth, scheme, Hash.SHA256, digest, soon())
+    return sign_digest(worker, info.key_id, auth, scheme, Hash.SHA256, digest, soon())
 
 
 def verify_spki(spki: bytes, signature: bytes, digest: bytes,
@@ -380,14 +384,14 @@ def test_worker_keys_load_and_sign_in_another_worker(swtpm: Swtpm) -> None:
     digest = digest_of(b"two workers")
     worker = opened_worker(swtpm.tcti)
     try:
-        made = {"ec": worker.generate_key(KeyType.EC, Curve.P256, PASSWORD, 0, soon()),
-                "rsa": worker.generate_key(KeyType.RSA, 2048, b"", 0, soon(60))}
+        made = {"ec": generate_key(worker, KeyType.EC, Curve.P256, PASSWORD, 0, soon()),
+                "rsa": generate_key(worker, KeyType.RSA, 2048, b"", 0, soon(60))}
     finally:
         worker.close()
     worker = opened_worker(swtpm.tcti)
     try:
         for kind, (der, spki) in made.items():
-            info = worker.load_key(KeySource.TSS2_DER, der, soon())
+            info = load_key(worker, KeySource.TSS2_DER, der, soon())
             auth, scheme = (PASSWORD, Scheme.ECDSA) if kind == "ec" else (b"", Scheme.PKCS1)
             verify_spki(spki, worker_sign(worker, info, digest, auth, scheme), digest, scheme)
     finally:
@@ -397,8 +401,8 @@ def test_worker_keys_load_and_sign_in_another_worker(swtpm: Swtpm) -> None:
 def test_worker_wrong_password(swtpm: Swtpm) -> None:
     worker = opened_worker(swtpm.tcti)
     try:
-        der, spki = worker.generate_key(KeyType.EC, Curve.P256, PASSWORD, 0, soon())
-        info = worker.load_key(KeySource.TSS2_DER, der, soon())
+        der, spki = generate_key(worker, KeyType.EC, Curve.P256, PASSWORD, 0, soon())
+        info = load_key(worker, KeySource.TSS2_DER, der, soon())
         # The right password first: once a wrong one has counted, the broker's shield
         # (tpm/lockout.py) lets no untried password through until the count decays.
         digest = digest_of(b"right")
@@ -407,7 +411,7 @@ def test_worker_wrong_password(swtpm: Swtpm) -> None:
             worker_sign(worker, info, digest_of(b"w"), b"wrong")
         assert failure.value.tpm_rc == 0x08E
         verify_spki(spki, worker_sign(worker, info, digest, PASSWORD), digest)
-        assert worker.status()["tpm_active_sessions"] == 2
+        assert tpm_status(worker)["tpm_active_sessions"] == 2
     finally:
         worker.close()
 
@@ -415,8 +419,8 @@ def test_worker_wrong_password(swtpm: Swtpm) -> None:
 def test_worker_replaces_a_session_after_a_forged_response(swtpm: Swtpm) -> None:
     worker = opened_worker(swtpm.tcti)
     try:
-        der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
-        info = worker.load_key(KeySource.TSS2_DER, der, soon())
+        der, spki = generate_key(worker, KeyType.EC, Curve.P256, b"", 0, soon())
+        info = load_key(worker, KeySource.TSS2_DER, der, soon())
         worker_sign(worker, info, digest_of(b"warm up"))
         link = worker.link.transport
         assert link is not None
@@ -426,11 +430,11 @@ def test_worker_replaces_a_session_after_a_forged_response(swtpm: Swtpm) -> None
         with pytest.raises(TpmError):
             worker_sign(worker, info, digest_of(b"forged"))
         worker.link.transport = link
-        assert worker.status()["pool_sessions"] == 1  # the distrusted session is gone
+        assert tpm_status(worker)["pool_sessions"] == 1  # the distrusted session is gone
         for i in range(4):
             digest = digest_of(b"after %d" % i)
             verify_spki(spki, worker_sign(worker, info, digest), digest)
-        status = worker.status()
+        status = tpm_status(worker)
         assert status["pool_sessions"] == status["tpm_active_sessions"] == 2
     finally:
         worker.close()
@@ -444,8 +448,8 @@ def lockout_counter(ectx: Any) -> int:
 def test_worker_survives_a_tpm_reset_without_lockout_failures(swtpm: Swtpm) -> None:
     worker = opened_worker(swtpm.tcti)
     try:
-        der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
-        info = worker.load_key(KeySource.TSS2_DER, der, soon())
+        der, spki = generate_key(worker, KeyType.EC, Curve.P256, b"", 0, soon())
+        info = load_key(worker, KeySource.TSS2_DER, der, soon())
         worker_sign(worker, info, digest_of(b"before"))
         swtpm.restart()
         # A reset without TPM2_Shutdown counts one failure by itself (TPM Part 1,
@@ -454,7 +458,7 @@ def test_worker_survives_a_tpm_reset_without_lockout_failures(swtpm: Swtpm) -> N
             before = lockout_counter(ectx)
         digest = digest_of(b"after reset")
         verify_spki(spki, worker_sign(worker, info, digest), digest)
-        assert worker.status()["tpm_restarts_recovered"] == 1
+        assert tpm_status(worker)["tpm_restarts_recovered"] == 1
         assert lockout_counter(worker.link.ectx) == before
     finally:
         worker.close()

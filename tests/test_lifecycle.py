@@ -31,6 +31,9 @@ from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.definitions import Hash, KeySource, KeyType, Scheme, Status
 from tpmbroker.keyfile import KeySpec, der_to_pem
+from tpmbroker.procedures.generate import generate_key
+from tpmbroker.procedures.load import load_key
+from tpmbroker.procedures.sign import sign as sign_digest
 from tpmbroker.processes import kill_group
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import TpmWorker
@@ -223,9 +226,9 @@ def test_leftovers_of_a_dead_client_are_flushed_at_connect(swtpm: Swtpm) -> None
     dead = TpmWorker(swtpm.tcti)
     deadline = time.monotonic() + 30
     dead.open(deadline)
-    der, _ = dead.generate_key(KeyType.EC, 0x0003, b"", 0, deadline)
-    info = dead.load_key(KeySource.TSS2_DER, der, deadline)
-    dead.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, bytes(32), deadline)
+    der, _ = generate_key(dead, KeyType.EC, 0x0003, b"", 0, deadline)
+    info = load_key(dead, KeySource.TSS2_DER, der, deadline)
+    sign_digest(dead, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, bytes(32), deadline)
     left = dead.link.leftover_handles()
     assert sum(h >> 24 == 0x80 for h in left) >= 2 and sum(h >> 24 == 0x02 for h in left) >= 2
     dead.link.close()  # gone without flushing anything, as after SIGKILL
@@ -235,7 +238,7 @@ def test_leftovers_of_a_dead_client_are_flushed_at_connect(swtpm: Swtpm) -> None
     try:
         ours = set(worker.pool.tpm_handles()) | set(worker.objects.held_handles())
         assert set(worker.link.leftover_handles()) == ours  # nothing of the dead one
-        worker.load_key(KeySource.TSS2_DER, der, time.monotonic() + 30)
+        load_key(worker, KeySource.TSS2_DER, der, time.monotonic() + 30)
     finally:
         worker.close()
 
@@ -266,9 +269,9 @@ def test_a_worker_stop_is_orderly_and_does_not_count_toward_lockout(swtpm: Swtpm
         worker = TpmWorker(swtpm.tcti)
         deadline = time.monotonic() + 30
         worker.open(deadline)
-        der, _ = worker.generate_key(KeyType.EC, 0x0003, b"pw", 0, deadline)  # DA-protected
-        info = worker.load_key(KeySource.TSS2_DER, der, deadline)
-        worker.sign(info.key_id, b"pw", Scheme.ECDSA, Hash.SHA256, bytes(32), deadline)
+        der, _ = generate_key(worker, KeyType.EC, 0x0003, b"pw", 0, deadline)  # DA-protected
+        info = load_key(worker, KeySource.TSS2_DER, der, deadline)
+        sign_digest(worker, info.key_id, b"pw", Scheme.ECDSA, Hash.SHA256, bytes(32), deadline)
         worker.link.owns_tpm = orderly  # a broker behind a resource manager sends no Shutdown
         worker.close()
         swtpm.restart()  # swtpm killed and started again: a TPM power cycle
@@ -276,7 +279,7 @@ def test_a_worker_stop_is_orderly_and_does_not_count_toward_lockout(swtpm: Swtpm
         link.connect(time.monotonic() + 10)
         try:
             _, data = link.ectx.get_capability(TPM2_CAP.TPM_PROPERTIES,
-                                                 TPM2_PT.LOCKOUT_COUNTER, 1)
+                                               TPM2_PT.LOCKOUT_COUNTER, 1)
             return int(data.data.tpmProperties[0].value)
         finally:
             link.close()

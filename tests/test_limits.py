@@ -12,6 +12,10 @@ from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import Status, UnknownKeyError
+from tpmbroker.procedures.generate import generate_key
+from tpmbroker.procedures.load import load_key
+from tpmbroker.procedures.sign import sign as sign_digest
+from tpmbroker.procedures.status import status as tpm_status
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import TpmWorker
 
@@ -31,7 +35,7 @@ def _round_trip(sock: socket.socket, request_id: int, msg: p.Message,
 
 
 def test_a_connection_forgets_its_least_recently_used_keys(swtpm: Swtpm,
-                                                         tmp_path: Path) -> None:
+                                                           tmp_path: Path) -> None:
     broker = Broker(swtpm.tcti, tmp_path / "b",
                     extra_args=("--max-keys-per-connection", "2")).start()
     try:
@@ -48,7 +52,7 @@ def test_a_connection_forgets_its_least_recently_used_keys(swtpm: Swtpm,
 
             def sign(rid: int, key_id: bytes) -> p.Message | p.ErrorResult:
                 return _round_trip(sock, rid, ops.Sign(key_id, p.Scheme.ECDSA,
-                                                     p.Hash.SHA256, bytes(32)))
+                                                       p.Hash.SHA256, bytes(32)))
 
             assert isinstance(sign(10, ids[0]), ops.SignResult)  # key 0 is now the fresher
             third = _round_trip(sock, 11, ops.Load(p.KeySource.TSS2_DER, keys[2]))
@@ -72,18 +76,18 @@ def test_the_worker_forgets_its_oldest_keys_beyond_its_limit(swtpm: Swtpm) -> No
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        ders = [worker.generate_key(p.KeyType.EC, p.Curve.P256, b"", 0, deadline)[0]
+        ders = [generate_key(worker, p.KeyType.EC, p.Curve.P256, b"", 0, deadline)[0]
                 for _ in range(3)]
-        infos = [worker.load_key(p.KeySource.TSS2_DER, der, deadline) for der in ders]
-        assert worker.status()["loaded_keys"] == 2
+        infos = [load_key(worker, p.KeySource.TSS2_DER, der, deadline) for der in ders]
+        assert tpm_status(worker)["loaded_keys"] == 2
         with pytest.raises(UnknownKeyError):  # the oldest was forgotten
-            worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
+            sign_digest(worker, infos[0].key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
                         deadline)
         for info in infos[1:]:
-            assert worker.sign(info.key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
+            assert sign_digest(worker, info.key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
                                deadline)
-        worker.load_key(p.KeySource.TSS2_DER, ders[0], deadline)  # loads again on demand
-        assert worker.sign(infos[0].key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
+        load_key(worker, p.KeySource.TSS2_DER, ders[0], deadline)  # loads again on demand
+        assert sign_digest(worker, infos[0].key_id, b"", p.Scheme.ECDSA, p.Hash.SHA256, bytes(32),
                            deadline)
     finally:
         worker.close()

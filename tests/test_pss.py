@@ -26,6 +26,10 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmbroker.errors import UnsupportedError
 from tpmbroker.paths import provider_path
+from tpmbroker.procedures.generate import generate_key
+from tpmbroker.procedures.load import load_key
+from tpmbroker.procedures.sign import lane as sign_lane
+from tpmbroker.procedures.sign import sign as sign_digest
 from tpmbroker.protocol import Hash, KeySource, KeyType, Scheme, Usage, key_id_for
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm import TpmWorker, pss
@@ -88,17 +92,17 @@ def test_worker_pads_pss_itself(swtpm: Swtpm) -> None:
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        der, spki = worker.generate_key(KeyType.RSA, 2048, b"pw", 0, deadline,
+        der, spki = generate_key(worker, KeyType.RSA, 2048, b"pw", 0, deadline,
                                         usage=Usage.SIGN_DECRYPT)
-        info = worker.load_key(KeySource.TSS2_DER, der, deadline)
+        info = load_key(worker, KeySource.TSS2_DER, der, deadline)
         for hash_alg in HASHES:
             digest = hashlib.new(hash_alg.hashlib_name, b"padded here").digest()
-            sig = worker.sign(info.key_id, b"pw", Scheme.PSS, hash_alg, digest, deadline)
+            sig = sign_digest(worker, info.key_id, b"pw", Scheme.PSS, hash_alg, digest, deadline)
             assert len(sig) == 256
             _verify(spki, sig, digest, hash_alg)
         # PKCS#1 still goes to the TPM as it is
         digest = hashlib.sha256(b"pkcs1").digest()
-        sig = worker.sign(info.key_id, b"pw", Scheme.PKCS1, Hash.SHA256, digest, deadline)
+        sig = sign_digest(worker, info.key_id, b"pw", Scheme.PKCS1, Hash.SHA256, digest, deadline)
         public = serialization.load_der_public_key(spki)
         assert isinstance(public, rsa.RSAPublicKey)
         public.verify(sig, digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
@@ -111,15 +115,15 @@ def test_auto_keeps_the_tpms_pss_when_its_salt_is_right(swtpm: Swtpm) -> None:
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        der, spki = worker.generate_key(KeyType.RSA, 2048, b"", 0, deadline)
-        info = worker.load_key(KeySource.TSS2_DER, der, deadline)
+        der, spki = generate_key(worker, KeyType.RSA, 2048, b"", 0, deadline)
+        info = load_key(worker, KeySource.TSS2_DER, der, deadline)
         for _ in range(3):
             digest = os.urandom(32)
-            _verify(spki, worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, digest,
+            _verify(spki, sign_digest(worker, info.key_id, b"", Scheme.PSS, Hash.SHA256, digest,
                                       deadline), digest, Hash.SHA256)
         # swtpm's own PSS salt is the digest length: the TPM keeps signing PSS itself,
         # so the event loop may serve the next PSS signatures too.
-        assert worker.lane_sign(info.key_id, b"", Scheme.PSS, Hash.SHA256,
+        assert sign_lane(worker, info.key_id, b"", Scheme.PSS, Hash.SHA256,
                                       bytes(32)) is not None
     finally:
         worker.close()
@@ -135,11 +139,11 @@ def test_a_sign_only_key_cannot_be_padded_by_the_broker(swtpm: Swtpm) -> None:
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        info = worker.load_key(KeySource.TSS2_DER, der, deadline)
+        info = load_key(worker, KeySource.TSS2_DER, der, deadline)
         assert info.key_id == key_id_for(KeySource.TSS2_DER, der)
         with pytest.raises(UnsupportedError, match="decrypt attribute"):
-            worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, bytes(32), deadline)
-        assert worker.sign(info.key_id, b"", Scheme.PKCS1, Hash.SHA256, bytes(32), deadline)
+            sign_digest(worker, info.key_id, b"", Scheme.PSS, Hash.SHA256, bytes(32), deadline)
+        assert sign_digest(worker, info.key_id, b"", Scheme.PKCS1, Hash.SHA256, bytes(32), deadline)
     finally:
         worker.close()
 
@@ -193,12 +197,12 @@ def test_keys_the_broker_can_pad_for_are_asked_for(swtpm: Swtpm) -> None:
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        der, _ = worker.generate_key(KeyType.RSA, 2048, b"", 0, deadline,
+        der, _ = generate_key(worker, KeyType.RSA, 2048, b"", 0, deadline,
                                      usage=Usage.SIGN_DECRYPT)
-        plain, _ = worker.generate_key(KeyType.RSA, 2048, b"", 0, deadline)
-        info = worker.load_key(KeySource.TSS2_DER, plain, deadline)
+        plain, _ = generate_key(worker, KeyType.RSA, 2048, b"", 0, deadline)
+        info = load_key(worker, KeySource.TSS2_DER, plain, deadline)
         with pytest.raises(UnsupportedError, match="sign,decrypt"):
-            worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, bytes(32), deadline)
+            sign_digest(worker, info.key_id, b"", Scheme.PSS, Hash.SHA256, bytes(32), deadline)
     finally:
         worker.close()
     attributes = int(TSSPrivKey.from_der(der).public.publicArea.objectAttributes)

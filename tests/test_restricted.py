@@ -34,6 +34,8 @@ from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client, LoadedKey
 from tpmbroker.errors import DeadlineError, UnsupportedError
+from tpmbroker.procedures.load import load_key
+from tpmbroker.procedures.sign_message import sign_message
 from tpmbroker.protocol import Hash, KeySource, Scheme
 from tpmbroker.simulator import Swtpm
 from tpmbroker.tpm.keys import storage_parent_template, tss2_key_der
@@ -203,14 +205,14 @@ def test_a_failed_hash_sequence_leaves_no_object_in_the_tpm(
     worker = TpmWorker(swtpm.tcti)
     worker.open(time.monotonic() + 30)
     try:
-        info = worker.load_key(KeySource.TSS2_DER, der, time.monotonic() + 30)
+        info = load_key(worker, KeySource.TSS2_DER, der, time.monotonic() + 30)
 
         def transient() -> list[int]:
             _, data = worker.link.ectx.get_capability(TPM2_CAP.HANDLES, 0x80000000, 16)
             return sorted(int(h) for h in data.data.handles)
 
         message = bytes(range(256)) * 20  # 5120 bytes: a sequence of five commands
-        worker.sign_message(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, b"warm",
+        sign_message(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, b"warm",
                             time.monotonic() + 30)
         before = transient()
         real_update = command_module.prepare_sequence_update
@@ -224,17 +226,17 @@ def test_a_failed_hash_sequence_leaves_no_object_in_the_tpm(
 
         monkeypatch.setattr(command_module, "prepare_sequence_update", failing_update)
         with pytest.raises(DeadlineError):
-            worker.sign_message(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, message,
+            sign_message(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, message,
                                 time.monotonic() + 30)
         assert transient() == before  # the half-done sequence was flushed
         # The TPM refuses the ticket of a sequence that hashed a message starting with
         # TPM_GENERATED_VALUE; the broker refuses it before the TPM sees anything.
         with pytest.raises(UnsupportedError, match="0xff544347"):
-            worker.sign_message(info.key_id, b"", Scheme.ECDSA, Hash.SHA256,
+            sign_message(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256,
                                 TPM_GENERATED + message, time.monotonic() + 30)
         assert transient() == before
         monkeypatch.undo()
-        signature = worker.sign_message(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, message,
+        signature = sign_message(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, message,
                                         time.monotonic() + 30)
         public = load_der_public_key(info.public_key)
         assert isinstance(public, ec.EllipticCurvePublicKey)

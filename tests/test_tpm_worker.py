@@ -34,7 +34,6 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from tpmbroker.errors import (
     AuthFailedError,
-    BadDigestError,
     BadKeyError,
     DeadlineError,
     LockoutError,
@@ -43,6 +42,10 @@ from tpmbroker.errors import (
     UnknownKeyError,
     UnsupportedError,
 )
+from tpmbroker.procedures.generate import generate_key
+from tpmbroker.procedures.load import load_key
+from tpmbroker.procedures.sign import sign as sign_digest
+from tpmbroker.procedures.status import status as tpm_status
 from tpmbroker.protocol import Curve, Hash, KeySource, KeyType, Scheme, key_id_for
 from tpmbroker.simulator import Swtpm, free_port_pair
 from tpmbroker.tpm import KeyInfo, TpmWorker
@@ -125,8 +128,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         try:
             generated = {}
             for kind, (key_type, param) in KEY_KINDS.items():
-                der, spki = worker.generate_key(key_type, param, b"", 0, soon(60))
-                generated[kind] = (der, spki, worker.load_key(KeySource.TSS2_DER, der, soon()))
+                der, spki = generate_key(worker, key_type, param, b"", 0, soon(60))
+                generated[kind] = (der, spki, load_key(worker, KeySource.TSS2_DER, der, soon()))
             yield Shared(tpm, worker, generated)
         finally:
             worker.close()
@@ -145,7 +148,7 @@ def test_signs_and_verifies(shared: Shared, kind: str, scheme: Scheme,
                             hash_alg: Hash) -> None:
     _, spki, info = shared.keys[kind]
     digest = digest_of(f"{kind} {scheme} {hash_alg}".encode(), hash_alg)
-    signature = shared.worker.sign(info.key_id, b"", scheme, hash_alg, digest, soon())
+    signature = sign_digest(shared.worker, info.key_id, b"", scheme, hash_alg, digest, soon())
     verify(spki, signature, digest, scheme, hash_alg)
 
 
@@ -163,7 +166,7 @@ def test_key_info_describes_the_key(shared: Shared) -> None:
 
 
 def test_generated_key_is_a_tss2_key_that_loads_again(shared: Shared) -> None:
-    der, spki = shared.worker.generate_key(KeyType.EC, Curve.P256, b"secret", 0, soon())
+    der, spki = generate_key(shared.worker, KeyType.EC, Curve.P256, b"secret", 0, soon())
     tss = TSSPrivKey.from_der(der)
     assert tss.empty_auth is False
     assert tss.parent == 0x40000001
@@ -172,17 +175,17 @@ def test_generated_key_is_a_tss2_key_that_loads_again(shared: Shared) -> None:
     assert not attributes & (TPMA_OBJECT.NODA | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.RESTRICTED)
     assert TSSPrivKey.from_der(shared.keys["ec-p256"][0]).empty_auth is True
 
-    info = shared.worker.load_key(KeySource.TSS2_DER, der, soon())
-    assert shared.worker.load_key(KeySource.TSS2_DER, der, soon()) == info
+    info = load_key(shared.worker, KeySource.TSS2_DER, der, soon())
+    assert load_key(shared.worker, KeySource.TSS2_DER, der, soon()) == info
     digest = digest_of(b"reloaded", Hash.SHA256)
-    signature = shared.worker.sign(info.key_id, b"secret", Scheme.ECDSA, Hash.SHA256,
+    signature = sign_digest(shared.worker, info.key_id, b"secret", Scheme.ECDSA, Hash.SHA256,
                                    digest, soon())
     verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
 
 
 def test_key_file_without_empty_auth_needs_the_password(shared: Shared) -> None:
     """emptyAuth absent (allowed by the key file format) means "has a password"."""
-    der, spki = shared.worker.generate_key(KeyType.EC, Curve.P256, b"pw", 0, soon())
+    der, spki = generate_key(shared.worker, KeyType.EC, Curve.P256, b"pw", 0, soon())
     tss = TSSPrivKey.from_der(der)
     without = _der_sequence([
         bytes.fromhex("06066781050a0103"),  # OID 2.23.133.10.1.3
@@ -190,9 +193,9 @@ def test_key_file_without_empty_auth_needs_the_password(shared: Shared) -> None:
         _der(0x04, tss.public.marshal()),
         _der(0x04, tss.private.marshal()),
     ])
-    info = shared.worker.load_key(KeySource.TSS2_DER, without, soon())
+    info = load_key(shared.worker, KeySource.TSS2_DER, without, soon())
     digest = digest_of(b"no emptyAuth", Hash.SHA256)
-    signature = shared.worker.sign(info.key_id, b"pw", Scheme.ECDSA, Hash.SHA256, digest,
+    signature = sign_digest(shared.worker, info.key_id, b"pw", Scheme.ECDSA, Hash.SHA256, digest,
                                    soon())
     verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
 
@@ -216,8 +219,8 @@ def test_pool_sessions_are_the_only_sessions(shared: Shared) -> None:
     _, _, info = shared.keys["ec-p256"]
     digest = digest_of(b"count", Hash.SHA256)
     for _ in range(20):
-        shared.worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
-    status = shared.worker.status()
+        sign_digest(shared.worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+    status = tpm_status(shared.worker)
     assert status["pool_size"] == status["pool_sessions"] == 2
     assert status["tpm_active_sessions"] == 2
     assert status["tpm_active_sessions_max"] == 64
@@ -230,24 +233,22 @@ def test_bad_requests(shared: Shared) -> None:
     _, _, rsa_info = shared.keys["rsa-2048"]
     digest = digest_of(b"x", Hash.SHA256)
     with pytest.raises(UnknownKeyError):
-        worker.sign(b"\0" * 32, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
-    with pytest.raises(BadDigestError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA384, digest, soon())
-    with pytest.raises(BadDigestError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest[:-1], soon())
+        sign_digest(worker, b"\0" * 32, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+    # A digest of the wrong length never reaches the procedure: SIGN's check refuses it
+    # (tests/test_broker.py, test_bad_keys_digests_and_ids).
     with pytest.raises(UnsupportedError):
-        worker.sign(info.key_id, b"", Scheme.PSS, Hash.SHA256, digest, soon())
+        sign_digest(worker, info.key_id, b"", Scheme.PSS, Hash.SHA256, digest, soon())
     with pytest.raises(UnsupportedError):
-        worker.sign(rsa_info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        sign_digest(worker, rsa_info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
     with pytest.raises(DeadlineError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
+        sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                     time.monotonic() - 1)
     with pytest.raises(UnsupportedError, match="no ECDSA"):
-        worker.generate_key(KeyType.EC, 0x0010, b"", 0, soon())  # BN P-256
+        generate_key(worker, KeyType.EC, 0x0010, b"", 0, soon())  # BN P-256
     with pytest.raises(UnsupportedError, match="TPM2_TestParms"):
-        worker.generate_key(KeyType.RSA, 1536, b"", 0, soon())
+        generate_key(worker, KeyType.RSA, 1536, b"", 0, soon())
     with pytest.raises(UnsupportedError):
-        worker.generate_key(KeyType.EC, Curve.P256, b"", 0x40000007, soon())
+        generate_key(worker, KeyType.EC, Curve.P256, b"", 0x40000007, soon())
 
 
 @pytest.mark.parametrize("blob", [
@@ -256,28 +257,28 @@ def test_bad_requests(shared: Shared) -> None:
 ], ids=["empty", "garbage", "short-sequence", "wrong-oid"])
 def test_unparsable_blobs_are_bad_keys(shared: Shared, blob: bytes) -> None:
     with pytest.raises(BadKeyError):
-        shared.worker.load_key(KeySource.TSS2_DER, blob, soon())
+        load_key(shared.worker, KeySource.TSS2_DER, blob, soon())
 
 
 def test_blobs_the_tpm_refuses_are_bad_keys(shared: Shared) -> None:
     der = shared.keys["ec-p256"][0]
     with pytest.raises(BadKeyError):
-        shared.worker.load_key(KeySource.TSS2_DER, der[:-10], soon())
+        load_key(shared.worker, KeySource.TSS2_DER, der[:-10], soon())
     tss = TSSPrivKey.from_der(der)
     private = bytearray(tss.private.marshal())
     private[20] ^= 0xFF
     tampered = der.replace(bytes(tss.private.marshal()), bytes(private))
     with pytest.raises(BadKeyError) as caught:
-        shared.worker.load_key(KeySource.TSS2_DER, tampered, soon())
+        load_key(shared.worker, KeySource.TSS2_DER, tampered, soon())
     assert caught.value.tpm_rc != 0
     with pytest.raises(BadKeyError):
-        shared.worker.load_key(KeySource.PERSISTENT_HANDLE, b"\x81\0\0", soon())
+        load_key(shared.worker, KeySource.PERSISTENT_HANDLE, b"\x81\0\0", soon())
     with pytest.raises(BadKeyError):
-        shared.worker.load_key(KeySource.PERSISTENT_HANDLE, b"\x80\0\0\0", soon())
+        load_key(shared.worker, KeySource.PERSISTENT_HANDLE, b"\x80\0\0\0", soon())
     with pytest.raises(BadKeyError):
-        shared.worker.load_key(KeySource.PERSISTENT_HANDLE, b"\x81\0\x7f\x7f", soon())
+        load_key(shared.worker, KeySource.PERSISTENT_HANDLE, b"\x81\0\x7f\x7f", soon())
     # The worker is still healthy and did not rebuild anything.
-    assert shared.worker.status()["tpm_restarts_recovered"] == 0
+    assert tpm_status(shared.worker)["tpm_restarts_recovered"] == 0
 
 
 # --- fresh TPMs ---------------------------------------------------------------------------
@@ -302,11 +303,11 @@ def test_unreachable_tpm() -> None:
 def test_pool_size_sessions_and_no_more(swtpm: Swtpm, pool_size: int) -> None:
     worker = opened(swtpm.tcti, pool_size)
     try:
-        der, _ = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
-        info = worker.load_key(KeySource.TSS2_DER, der, soon())
+        der, _ = generate_key(worker, KeyType.EC, Curve.P256, b"", 0, soon())
+        info = load_key(worker, KeySource.TSS2_DER, der, soon())
         for _ in range(7):
-            worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, b"\1" * 32, soon())
-        assert worker.status()["tpm_active_sessions"] == pool_size
+            sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, b"\1" * 32, soon())
+        assert tpm_status(worker)["tpm_active_sessions"] == pool_size
     finally:
         worker.close()
     worker.close()  # idempotent
@@ -321,29 +322,29 @@ def test_pool_size_sessions_and_no_more(swtpm: Swtpm, pool_size: int) -> None:
 def test_wrong_password_then_lockout(swtpm: Swtpm) -> None:
     """The TPM's own lockout, as a worker without the shield (tpm/lockout.py) meets it."""
     worker = opened(swtpm.tcti, da_reserve=None)
-    der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"right", 0, soon())
-    info = worker.load_key(KeySource.TSS2_DER, der, soon())
+    der, spki = generate_key(worker, KeyType.EC, Curve.P256, b"right", 0, soon())
+    info = load_key(worker, KeySource.TSS2_DER, der, soon())
     digest = digest_of(b"pw", Hash.SHA256)
-    worker.sign(info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest, soon())
+    sign_digest(worker, info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest, soon())
     with pytest.raises(AuthFailedError) as caught:
-        worker.sign(info.key_id, b"wrong", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        sign_digest(worker, info.key_id, b"wrong", Scheme.ECDSA, Hash.SHA256, digest, soon())
     assert caught.value.tpm_rc == AUTH_FAIL  # session number masked off
     with pytest.raises(AuthFailedError):
-        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
     # swtpm locks out after 3 failures (TPM2_PT_MAX_AUTH_FAIL).
     with pytest.raises((AuthFailedError, LockoutError)):
-        worker.sign(info.key_id, b"wrong", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        sign_digest(worker, info.key_id, b"wrong", Scheme.ECDSA, Hash.SHA256, digest, soon())
     with pytest.raises(LockoutError):
-        worker.sign(info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest, soon())
-    assert worker.status()["tpm_restarts_recovered"] == 0
+        sign_digest(worker, info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest, soon())
+    assert tpm_status(worker)["tpm_restarts_recovered"] == 0
     worker.close()
 
     with ESAPI(swtpm.tcti) as ectx:  # the lockout authorization is empty on swtpm
         ectx.dictionary_attack_lock_reset(ESYS_TR.RH_LOCKOUT)
     worker = opened(swtpm.tcti)
     try:
-        info = worker.load_key(KeySource.TSS2_DER, der, soon())
-        signature = worker.sign(info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest,
+        info = load_key(worker, KeySource.TSS2_DER, der, soon())
+        signature = sign_digest(worker, info.key_id, b"right", Scheme.ECDSA, Hash.SHA256, digest,
                                 soon())
         verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
     finally:
@@ -356,15 +357,15 @@ def test_least_recently_used_keys_make_room(swtpm: Swtpm) -> None:
     try:
         keys = []
         for _ in range(5):
-            der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
-            keys.append((worker.load_key(KeySource.TSS2_DER, der, soon()), spki))
+            der, spki = generate_key(worker, KeyType.EC, Curve.P256, b"", 0, soon())
+            keys.append((load_key(worker, KeySource.TSS2_DER, der, soon()), spki))
         digest = digest_of(b"lru", Hash.SHA256)
         for _ in range(2):
             for info, spki in keys:
-                signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256,
+                signature = sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256,
                                         digest, soon())
                 verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
-        status = worker.status()
+        status = tpm_status(worker)
         assert status["loaded_keys"] == 5
         assert status["resident_keys"] in (1, 2)
     finally:
@@ -386,21 +387,22 @@ def test_persistent_key_and_persistent_parent(swtpm: Swtpm) -> None:
 
     worker = opened(swtpm.tcti)
     try:
-        info = worker.load_key(KeySource.PERSISTENT_HANDLE, key_handle.to_bytes(4, "big"),
+        info = load_key(worker, KeySource.PERSISTENT_HANDLE, key_handle.to_bytes(4, "big"),
                                soon())
         assert info.public_key == tss.public.publicArea.to_der()
         digest = digest_of(b"persistent", Hash.SHA384)
-        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA384, digest, soon())
+        signature = sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA384, digest, soon())
         verify(info.public_key, signature, digest, Scheme.ECDSA, Hash.SHA384)
 
-        der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", parent_handle, soon())
+        der, spki = generate_key(worker, KeyType.EC, Curve.P256, b"", parent_handle, soon())
         assert TSSPrivKey.from_der(der).parent == parent_handle
-        child = worker.load_key(KeySource.TSS2_DER, der, soon())
+        child = load_key(worker, KeySource.TSS2_DER, der, soon())
         digest = digest_of(b"child", Hash.SHA256)
-        signature = worker.sign(child.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        signature = sign_digest(worker, child.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
+                                soon())
         verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         with pytest.raises(BadKeyError):  # no such persistent parent
-            worker.load_key(KeySource.TSS2_DER, der.replace(
+            load_key(worker, KeySource.TSS2_DER, der.replace(
                 parent_handle.to_bytes(4, "big"), (0x81000077).to_bytes(4, "big")), soon())
     finally:
         worker.close()
@@ -409,8 +411,8 @@ def test_persistent_key_and_persistent_parent(swtpm: Swtpm) -> None:
 # --- recovery ---------------------------------------------------------------------------
 
 def _signing_key(worker: TpmWorker) -> tuple[KeyInfo, bytes]:
-    der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
-    return worker.load_key(KeySource.TSS2_DER, der, soon()), spki
+    der, spki = generate_key(worker, KeyType.EC, Curve.P256, b"", 0, soon())
+    return load_key(worker, KeySource.TSS2_DER, der, soon()), spki
 
 
 def test_tpm_restart_is_recovered(swtpm: Swtpm) -> None:
@@ -418,12 +420,12 @@ def test_tpm_restart_is_recovered(swtpm: Swtpm) -> None:
     try:
         info, spki = _signing_key(worker)
         digest = digest_of(b"restart", Hash.SHA256)
-        worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
         swtpm.restart()  # TPM Reset: sessions and transient objects are gone
-        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
+        signature = sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                                 soon())
         verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
-        status = worker.status()
+        status = tpm_status(worker)
         assert status["tpm_restarts_recovered"] == 1
         assert status["pool_sessions"] == status["tpm_active_sessions"] == 2
     finally:
@@ -437,13 +439,13 @@ def test_restart_without_volatile_state_is_recovered(swtpm: Swtpm) -> None:
         old, old_spki = _signing_key(worker)
         swtpm.restart(reset_state=True)
         digest = digest_of(b"restarted", Hash.SHA256)
-        signature = worker.sign(old.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        signature = sign_digest(worker, old.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
         verify(old_spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
-        assert worker.status()["tpm_restarts_recovered"] == 1
+        assert tpm_status(worker)["tpm_restarts_recovered"] == 1
         new, spki = _signing_key(worker)
-        signature = worker.sign(new.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        signature = sign_digest(worker, new.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
         verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
-        assert worker.status()["tpm_active_sessions"] == 2
+        assert tpm_status(worker)["tpm_active_sessions"] == 2
     finally:
         worker.close()
 
@@ -456,11 +458,11 @@ def test_cleared_tpm_refuses_old_keys(swtpm: Swtpm) -> None:
         worker.link.ectx.clear(ESYS_TR.RH_LOCKOUT)  # as another TPM user would
         digest = digest_of(b"cleared", Hash.SHA256)
         with pytest.raises(BadKeyError):
-            worker.sign(old.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+            sign_digest(worker, old.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
         new, spki = _signing_key(worker)
-        signature = worker.sign(new.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
+        signature = sign_digest(worker, new.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest, soon())
         verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
-        assert worker.status()["tpm_active_sessions"] == 2
+        assert tpm_status(worker)["tpm_active_sessions"] == 2
     finally:
         worker.close()
 
@@ -483,11 +485,11 @@ def test_session_flushed_behind_our_back(swtpm: Swtpm) -> None:
             _flush_raw(ectx, session.handle)
         lockout_before = tpm_property(ectx, TPM2_PT.LOCKOUT_COUNTER)
         digest = digest_of(b"flushed", Hash.SHA256)
-        signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
+        signature = sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                                 soon())
         verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
         assert tpm_property(worker.link.ectx, TPM2_PT.LOCKOUT_COUNTER) == lockout_before
-        status = worker.status()
+        status = tpm_status(worker)
         assert status["pool_sessions"] == status["tpm_active_sessions"] == 2
         # Same TPM life: the old primary and key were flushed, not leaked.
         _, data = worker.link.ectx.get_capability(TPM2_CAP.HANDLES, 0x80000000, 16)
@@ -554,26 +556,26 @@ def test_other_users_holding_session_slots(abrmd: Abrmd, hog: SessionHog,
     monkeypatch.setattr(sessions_module, "TOP_UP_INTERVAL", 0.2)
     worker = opened(abrmd.tcti)
     try:
-        der, spki = worker.generate_key(KeyType.EC, Curve.P256, b"", 0, soon())
-        info = worker.load_key(KeySource.TSS2_DER, der, soon())
+        der, spki = generate_key(worker, KeyType.EC, Curve.P256, b"", 0, soon())
+        info = load_key(worker, KeySource.TSS2_DER, der, soon())
         digest = digest_of(b"crowded", Hash.SHA256)
 
         def sign(deadline: float) -> None:
-            signature = worker.sign(info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
+            signature = sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
                                     deadline)
             verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
 
         # Every other slot taken: the pool keeps serving with its own sessions.
         assert hog.take_all() == 62
         sign(soon())
-        assert worker.status()["tpm_active_sessions"] == 64
+        assert tpm_status(worker)["tpm_active_sessions"] == 64
 
         # The pool starts with no session at all: requests fail at their deadline.
         worker.close()
         assert hog.take_all() == 2
         worker = opened(abrmd.tcti)
-        assert worker.status()["pool_sessions"] == 0
-        info = worker.load_key(KeySource.TSS2_DER, der, soon())
+        assert tpm_status(worker)["pool_sessions"] == 0
+        info = load_key(worker, KeySource.TSS2_DER, der, soon())
         started = time.monotonic()
         with pytest.raises(NoSessionsError, match="no free session slots"):
             sign(started + 0.5)
@@ -582,13 +584,13 @@ def test_other_users_holding_session_slots(abrmd: Abrmd, hog: SessionHog,
         # One slot comes free: the same worker picks it up.
         hog.release(1)
         sign(soon(5))
-        assert worker.status()["pool_sessions"] == 1
+        assert tpm_status(worker)["pool_sessions"] == 1
 
         # All free again: the pool grows back to full size.
         hog.release()
         time.sleep(0.25)
         sign(soon(5))
-        assert worker.status()["pool_sessions"] == 2
+        assert tpm_status(worker)["pool_sessions"] == 2
     finally:
         worker.close()
 
@@ -634,11 +636,11 @@ def test_tpm2_openssl_keys_sign_through_the_worker(swtpm: Swtpm, tmp_path: Path)
     worker = opened(swtpm.tcti)
     try:
         for name, (der, pubout) in made.items():
-            info = worker.load_key(KeySource.TSS2_DER, der, soon())
+            info = load_key(worker, KeySource.TSS2_DER, der, soon())
             assert info.public_key == pubout
             scheme = Scheme.ECDSA if info.key_type is KeyType.EC else Scheme.PSS
             digest = digest_of(name.encode(), Hash.SHA256)
-            signature = worker.sign(info.key_id, cases[name][1], scheme, Hash.SHA256,
+            signature = sign_digest(worker, info.key_id, cases[name][1], scheme, Hash.SHA256,
                                     digest, soon())
             verify(pubout, signature, digest, scheme, Hash.SHA256)
     finally:
@@ -649,8 +651,8 @@ def test_tpm2_openssl_keys_sign_through_the_worker(swtpm: Swtpm, tmp_path: Path)
 def test_worker_keys_sign_with_tpm2_openssl(swtpm: Swtpm, tmp_path: Path) -> None:
     worker = opened(swtpm.tcti)
     try:
-        made = {"ec-pw": worker.generate_key(KeyType.EC, Curve.P256, b"pw", 0, soon()),
-                "rsa": worker.generate_key(KeyType.RSA, 2048, b"", 0, soon(60))}
+        made = {"ec-pw": generate_key(worker, KeyType.EC, Curve.P256, b"pw", 0, soon()),
+                "rsa": generate_key(worker, KeyType.RSA, 2048, b"", 0, soon(60))}
     finally:
         worker.close()
     digest = digest_of(b"signed by tpm2-openssl", Hash.SHA256)

@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .paths import default_socket, default_state_dir, provider_path
+from .version import __version__
 
 SCHEMES = {"ecdsa": 1, "pkcs1": 2, "pss": 3}
 # --alg: ec:CURVE, rsa:BITS, rsa-pss:BITS; the TPM decides which it has (tpmbroker status

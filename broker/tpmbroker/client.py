@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from . import __version__, ops
+from . import ops
 from . import protocol as p
 from .errors import (
     BadKeyError,
@@ -41,6 +41,7 @@ from .errors import (
 )
 from .keyfile import KeySpec
 from .paths import default_socket
+from .version import __version__
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes

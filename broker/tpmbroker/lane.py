@@ -2,7 +2,7 @@
 
 Handing a request to the worker thread and back costs two thread switches, with the GIL
 handed over each time: more CPU than the signature. So when a job's operation can
-prepare its TPM command without talking to the TPM (tpmbroker.ops.sign: key resident,
+prepare its TPM command without talking to the TPM (tpmbroker.procedures.sign: key resident,
 pool session ready, a swtpm link), the lane sends that command on the TPM's socket and
 reads the answer when the loop says it is readable. Anything else, or anything unusual
 on the way, goes to the worker thread, which has recovery.
@@ -19,26 +19,19 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .errors import DeadlineError, NotForLane, TpmUnavailableError
 from .scheduler import FairQueue, Job
+
+if TYPE_CHECKING:
+    from .tpm.worker import TpmWorker
 
 log = logging.getLogger("tpmbroker.lane")
 
 # How long past its request's deadline a command on the lane may stay unanswered before
 # the TPM connection is given up (the worker then reconnects and recovers).
 GRACE = 5.0
-
-
-class LaneWorker(Protocol):
-    """The worker's side of the lane (tpmbroker.tpm.TpmWorker)."""
-
-    def lane_socket(self) -> socket.socket | None: ...
-    def lane_finish(self, command: Any, response: bytes) -> bytes: ...
-    def lane_abort(self, command: Any | None) -> None: ...
-    def lane_cancel(self, command: Any) -> None: ...
-    def split_response(self, data: bytes | bytearray) -> bytes | None: ...
 
 
 class _OutOnTheTpm:
@@ -57,7 +50,7 @@ class _OutOnTheTpm:
 
 
 class Lane:
-    def __init__(self, worker: LaneWorker, queue: FairQueue,
+    def __init__(self, worker: TpmWorker, queue: FairQueue,
                  to_worker: Callable[[Job], None], idle: Callable[[], None],
                  measured: Callable[[Job, float], None] | None = None) -> None:
         self.worker = worker

@@ -26,9 +26,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from . import __version__, ops
+from . import ops, procedures
 from . import protocol as p
 from .admission import Admission
 from .audit import Usage, audit
@@ -42,10 +42,12 @@ from .errors import (
     TpmBrokerError,
     UnknownKeyError,
 )
-from .lane import Lane, LaneWorker
+from .lane import Lane
 from .listener import Listener
 from .policy import KeyPolicy, Peer
 from .scheduler import FairQueue, Job
+from .tpm.worker import TpmWorker
+from .version import __version__
 
 log = logging.getLogger("tpmbroker.server")
 
@@ -66,16 +68,8 @@ CLOSE_SECONDS = 8.0
 JOIN_SECONDS = 3.0
 
 
-# The opcode table, reduced to what dispatch needs on every request.
-_SERVE = {opcode: operation.serve for opcode, operation in ops.OPERATIONS.items()}
-
-
-class Worker(ops.Worker, LaneWorker, Protocol):
-    """What the server needs of the TPM worker (tpmbroker.tpm.TpmWorker): what the
-    operations and the lane use, and its life."""
-
-    def open(self, deadline: float) -> None: ...
-    def close(self) -> None: ...
+# The procedures' table (opcode -> serve), read on every request.
+_SERVE = procedures.SERVE
 
 
 @dataclasses.dataclass
@@ -417,7 +411,7 @@ class Connection(asyncio.Protocol):
 
 
 class Incoming:
-    """One decoded request, as its operation sees it (tpmbroker.ops.Request)."""
+    """One decoded request, as its procedure sees it (tpmbroker.procedures.Request)."""
 
     __slots__ = ("checked", "conn", "deadline", "key_id", "opcode", "reply_by", "request_id",
                  "worker")
@@ -430,7 +424,7 @@ class Incoming:
         self.reply_by = reply_by  # the broker's own DEADLINE answer goes out then
         self.deadline = deadline  # the TPM work must be done by then
         self.checked = checked  # the client set the deadline: admission may refuse (BUSY)
-        self.worker: ops.Worker = conn.server.worker
+        self.worker: TpmWorker = conn.server.worker
         self.key_id: bytes | None = None  # the loaded key this request uses, if any
 
     @property
@@ -500,7 +494,7 @@ class Incoming:
 
 
 class BrokerServer:
-    def __init__(self, config: ServerConfig, worker: Worker) -> None:
+    def __init__(self, config: ServerConfig, worker: TpmWorker) -> None:
         self.config = config
         self.worker = worker
         self.queue = FairQueue()

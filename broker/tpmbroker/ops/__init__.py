@@ -1,37 +1,22 @@
-"""The wire operations, one module each, and the opcode table the server dispatches by.
+"""The wire operations' message halves, one module each, and the opcode table.
 
-Adding an operation: a module here with its request and result messages and `serve`,
-its opcode in tpmbroker/definitions.py, a row below; on the C side a builder in
-provider/wire.c and a call in provider/client.c. docs/architecture.md has the checklist.
+Clients import this package: messages and their checks, no TPM code. The broker's half
+of each operation (its `serve` and TPM procedure) is the module of the same name in
+tpmbroker.procedures. docs/architecture.md has the checklist for a new operation.
 """
 
 from __future__ import annotations
 
 from ..definitions import Opcode
-from . import (
-    decrypt,
-    derive,
-    generate,
-    hello,
-    import_key,
-    lifecycle,
-    load,
-    nv_read,
-    random,
-    sign,
-    sign_message,
-    status,
-    unload,
-)
-from .base import Operation, Request, Worker
+from .base import Operation
 from .decrypt import Decrypt, DecryptResult
 from .derive import Derive, DeriveResult
 from .generate import Generate, GenerateResult
 from .hello import Hello, HelloResult
 from .import_key import Import, ImportResult
-from .lifecycle import Evict, EvictResult, KeysRequest, KeysResult, Persist, PersistResult
 from .load import Load, LoadResult
 from .nv_read import NvRead, NvReadResult
+from .persistence import Evict, EvictResult, KeysRequest, KeysResult, Persist, PersistResult
 from .random import Random, RandomResult
 from .sign import Sign, SignResult
 from .sign_message import SignMessage, SignMessageResult
@@ -39,21 +24,21 @@ from .status import StatusRequest, StatusResult
 from .unload import Unload, UnloadResult
 
 OPERATIONS: dict[Opcode, Operation] = {
-    Opcode.HELLO: Operation(Hello, HelloResult, hello.serve),
-    Opcode.LOAD: Operation(Load, LoadResult, load.serve),
-    Opcode.SIGN: Operation(Sign, SignResult, sign.serve),
-    Opcode.GENERATE: Operation(Generate, GenerateResult, generate.serve),
-    Opcode.STATUS: Operation(StatusRequest, StatusResult, status.serve),
-    Opcode.UNLOAD: Operation(Unload, UnloadResult, unload.serve),
-    Opcode.RANDOM: Operation(Random, RandomResult, random.serve),
-    Opcode.NV_READ: Operation(NvRead, NvReadResult, nv_read.serve),
-    Opcode.DECRYPT: Operation(Decrypt, DecryptResult, decrypt.serve),
-    Opcode.DERIVE: Operation(Derive, DeriveResult, derive.serve),
-    Opcode.SIGN_MESSAGE: Operation(SignMessage, SignMessageResult, sign_message.serve),
-    Opcode.PERSIST: Operation(Persist, PersistResult, lifecycle.serve_persist),
-    Opcode.EVICT: Operation(Evict, EvictResult, lifecycle.serve_evict),
-    Opcode.KEYS: Operation(KeysRequest, KeysResult, lifecycle.serve_keys),
-    Opcode.IMPORT: Operation(Import, ImportResult, import_key.serve),
+    Opcode.HELLO: Operation(Hello, HelloResult),
+    Opcode.LOAD: Operation(Load, LoadResult),
+    Opcode.SIGN: Operation(Sign, SignResult),
+    Opcode.GENERATE: Operation(Generate, GenerateResult),
+    Opcode.STATUS: Operation(StatusRequest, StatusResult),
+    Opcode.UNLOAD: Operation(Unload, UnloadResult),
+    Opcode.RANDOM: Operation(Random, RandomResult),
+    Opcode.NV_READ: Operation(NvRead, NvReadResult),
+    Opcode.DECRYPT: Operation(Decrypt, DecryptResult),
+    Opcode.DERIVE: Operation(Derive, DeriveResult),
+    Opcode.SIGN_MESSAGE: Operation(SignMessage, SignMessageResult),
+    Opcode.PERSIST: Operation(Persist, PersistResult),
+    Opcode.EVICT: Operation(Evict, EvictResult),
+    Opcode.KEYS: Operation(KeysRequest, KeysResult),
+    Opcode.IMPORT: Operation(Import, ImportResult),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
@@ -86,7 +71,6 @@ __all__ = [
     "PersistResult",
     "Random",
     "RandomResult",
-    "Request",
     "Sign",
     "SignMessage",
     "SignMessageResult",
@@ -95,5 +79,4 @@ __all__ = [
     "StatusResult",
     "Unload",
     "UnloadResult",
-    "Worker",
 ]

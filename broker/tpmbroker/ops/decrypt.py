@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..definitions import DecryptFlag, Hash, Opcode, Padding
-from ..errors import UnsupportedError
+from ..definitions import DecryptFlag, Opcode
 from ..protocol import Message, Result
-from .base import Request, member
 
-_KNOWN_FLAGS = int(DecryptFlag.IMPLICIT_REJECTION)
+KNOWN_FLAGS = int(DecryptFlag.IMPLICIT_REJECTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,31 +37,3 @@ class DecryptResult(Result):
 
     def __repr__(self) -> str:  # decrypted secrets are never printed
         return f"DecryptResult(plaintext=<{len(self.plaintext)} bytes>)"
-
-
-def serve(request: Request, msg: Decrypt) -> None:
-    auth = request.key_auth(msg.key_id)
-    padding = member(Padding, msg.padding, "padding")
-    if msg.flags & ~_KNOWN_FLAGS:
-        raise UnsupportedError(f"unknown DECRYPT flags 0x{msg.flags & ~_KNOWN_FLAGS:02x}")
-    implicit = bool(msg.flags & DecryptFlag.IMPLICIT_REJECTION)
-    if padding is Padding.OAEP:
-        hash = member(Hash, msg.hash, "OAEP hash")
-        mgf1 = member(Hash, msg.mgf1_hash or msg.hash, "MGF1 hash")
-    elif msg.hash or msg.mgf1_hash or msg.label:
-        raise UnsupportedError(f"{padding.name} padding takes no hash, MGF1 hash or label")
-    else:
-        hash = mgf1 = Hash.SHA256  # unused
-    if implicit and padding is not Padding.PKCS1:
-        raise UnsupportedError("implicit rejection is for PKCS#1 v1.5 padding only")
-    key_id, label, ciphertext = msg.key_id, msg.label, msg.ciphertext
-    worker, deadline, peer = request.worker, request.deadline, request.peer_uid
-    worker.check_password(key_id, auth, peer)
-
-    def served(plaintext: bytes) -> DecryptResult:
-        request.count("decryptions")
-        return DecryptResult(plaintext)
-
-    request.submit(lambda: worker.decrypt(key_id, auth, padding, hash, mgf1, label,
-                                          ciphertext, implicit, deadline, peer=peer),
-                   served)

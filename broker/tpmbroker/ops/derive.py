@@ -8,9 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..definitions import Opcode
-from ..errors import BadDigestError
 from ..protocol import Message, Result
-from .base import Request
 
 # The largest uncompressed point the broker accepts: P-521's 1 + 2 * 66 bytes.
 MAX_POINT = 133
@@ -32,22 +30,3 @@ class DeriveResult(Result):
 
     def __repr__(self) -> str:  # a shared secret: never print it
         return f"DeriveResult(secret=<{len(self.secret)} bytes>)"
-
-
-def serve(request: Request, msg: Derive) -> None:
-    auth = request.key_auth(msg.key_id)
-    point = msg.point
-    if not (3 <= len(point) <= MAX_POINT and len(point) % 2 == 1 and point[0] == 0x04):
-        raise BadDigestError("the peer's public key must be an uncompressed EC point "
-                             f"(0x04, x, y), not {len(point)} bytes starting "
-                             f"{point[:1].hex() or 'with nothing'}")
-    key_id, worker, deadline, peer = msg.key_id, request.worker, request.deadline, \
-        request.peer_uid
-    # Password attempts the dictionary-attack shield refuses are answered now, unqueued.
-    worker.check_password(key_id, auth, peer)
-
-    def served(secret: bytes) -> DeriveResult:
-        request.count("derivations")
-        return DeriveResult(secret)
-
-    request.submit(lambda: worker.derive(key_id, auth, point, deadline, peer=peer), served)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..definitions import Hash, KeyType, Opcode, Usage
+from ..definitions import Opcode, Usage
 from ..errors import ProtocolError
 from ..protocol import Message, Result, _put, _take
-from .base import Request, member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +63,3 @@ class GenerateResult(Result):
     FIELDS = (("key", "bytes"), ("public_key", "bytes"))
     key: bytes  # TSS2 PRIVATE KEY, DER
     public_key: bytes  # SubjectPublicKeyInfo, DER
-
-
-def serve(request: Request, msg: Generate) -> None:
-    key_type = member(KeyType, msg.key_type, "key type")
-    usage = member(Usage, msg.usage, "usage")
-    hash_alg = member(Hash, msg.hash, "hash") if msg.hash else None
-    worker, deadline = request.worker, request.deadline
-    request.submit(lambda: worker.generate_key(key_type, msg.param, msg.auth, msg.parent,
-                                               deadline, usage=usage, hash_alg=hash_alg,
-                                               parent_auth=msg.parent_auth,
-                                               peer=request.peer_uid, policy=msg.policy),
-                   lambda made: GenerateResult(*made))

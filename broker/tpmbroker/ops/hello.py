@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .. import __version__
-from ..definitions import MAX_FRAME, VERSION, Opcode
-from ..errors import UnsupportedVersionError
+from ..definitions import VERSION, Opcode
 from ..protocol import Message, Result
-from .base import Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +23,3 @@ class HelloResult(Result):
     version: int
     server: str
     max_frame: int
-
-
-def serve(request: Request, msg: Hello) -> None:
-    if msg.max_version < VERSION:
-        raise UnsupportedVersionError(f"client speaks up to version {msg.max_version}; "
-                                      f"this broker speaks {VERSION}")
-    request.reply(HelloResult(VERSION, f"tpmbroker/{__version__}", MAX_FRAME))

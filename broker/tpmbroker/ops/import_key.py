@@ -17,7 +17,6 @@ import dataclasses
 
 from ..definitions import Opcode
 from ..protocol import Message, Result
-from .base import Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +38,3 @@ class ImportResult(Result):
     FIELDS = (("parent_public", "bytes"), ("key", "bytes"))
     parent_public: bytes  # TPM2B_PUBLIC of the parent the key was (or is to be) wrapped to
     key: bytes = b""  # the loadable TSS2 PRIVATE KEY (DER); empty when nothing was imported
-
-
-def serve(request: Request, msg: Import) -> None:
-    worker, deadline, peer = request.worker, request.deadline, request.peer_uid
-    if not msg.key:
-        request.submit(lambda: worker.parent_public(msg.parent, deadline),
-                       lambda public: ImportResult(public))
-        return
-    request.submit(lambda: worker.import_key(msg.key, deadline, parent=msg.parent,
-                                             parent_auth=msg.parent_auth, peer=peer),
-                   lambda made: ImportResult(*made))

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-from ..definitions import KeySource, Opcode
+from ..definitions import Opcode
 from ..protocol import Message, Result
-from .base import Request, member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +33,3 @@ class LoadResult(Result):
     bits: int
     curve: int
     public_key: bytes
-
-
-def serve(request: Request, msg: Load) -> None:
-    source = member(KeySource, msg.source, "key source")
-    worker, deadline = request.worker, request.deadline
-
-    def loaded(info: Any) -> LoadResult:
-        request.check_key(info.key_id, info.public_key)  # the key policy
-        request.remember_key(info.key_id, msg.auth)
-        return LoadResult(info.key_id, info.key_type, info.bits, info.curve, info.public_key)
-
-    peer = request.peer_uid
-    request.submit(lambda: worker.load_key(source, msg.key, deadline,
-                                           parent_auth=msg.parent_auth, peer=peer), loaded)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..definitions import Opcode
-from ..errors import BadKeyError
 from ..protocol import Message, Result
-from .base import Request
 
 NV_FIRST = 0x01000000
 NV_LAST = 0x01FFFFFF
@@ -26,10 +24,3 @@ class NvReadResult(Result):
     OPCODE = Opcode.NV_READ
     FIELDS = (("data", "bytes"),)
     data: bytes
-
-
-def serve(request: Request, msg: NvRead) -> None:
-    if not NV_FIRST <= msg.index <= NV_LAST:
-        raise BadKeyError(f"0x{msg.index:08x} is not an NV index (0x01xxxxxx)")
-    worker, deadline = request.worker, request.deadline
-    request.submit(lambda: worker.nv_read(msg.index, deadline), NvReadResult)

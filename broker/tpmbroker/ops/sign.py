@@ -7,9 +7,8 @@ import dataclasses
 import struct
 
 from ..definitions import MAX_FIELD, RESPONSE_BIT, VERSION, Hash, Opcode, Scheme, Status
-from ..errors import BadDigestError, UnsupportedError
+from ..errors import UnsupportedError
 from ..protocol import Message, Result
-from .base import Request
 
 _U16 = struct.Struct(">H")
 _MIDDLE = struct.Struct(">BHH")  # scheme, hash, digest length
@@ -62,20 +61,3 @@ def scheme_and_hash(scheme: int, hash: int) -> tuple[Scheme, Hash]:
     except ValueError:
         raise UnsupportedError(f"unknown signature scheme {scheme} or hash algorithm "
                                f"{hash}") from None
-
-
-def serve(request: Request, msg: Sign) -> None:
-    auth = request.key_auth(msg.key_id)
-    scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
-    key_id, digest = msg.key_id, msg.digest
-    if len(digest) != hash.digest_size:
-        raise BadDigestError(f"digest of {len(digest)} bytes for {hash.name}, "
-                             f"which needs {hash.digest_size}")
-    worker, deadline, peer = request.worker, request.deadline, request.peer_uid
-    # Password attempts the dictionary-attack shield refuses are answered now, unqueued.
-    worker.check_password(key_id, auth, peer)
-    request.submit(lambda: worker.sign(key_id, auth, scheme, hash, digest, deadline,
-                                       peer=peer),
-                   SignResult,
-                   lane=lambda: worker.lane_sign(key_id, auth, scheme, hash, digest,
-                                                 peer=peer))

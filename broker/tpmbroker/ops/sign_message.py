@@ -12,13 +12,10 @@ loaded by handle, can always send the message).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
-from ..definitions import MAX_MESSAGE, Opcode
-from ..errors import UnsupportedError
+from ..definitions import Opcode
 from ..protocol import Message
-from .base import Request
-from .sign import SignResult, scheme_and_hash
+from .sign import SignResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,26 +35,3 @@ class SignMessage(Message):
 @dataclasses.dataclass(frozen=True)
 class SignMessageResult(SignResult):
     OPCODE = Opcode.SIGN_MESSAGE
-
-
-def serve(request: Request, msg: SignMessage) -> None:
-    auth = request.key_auth(msg.key_id)
-    scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
-    key_id, message = msg.key_id, msg.message
-    if len(message) > MAX_MESSAGE:
-        raise UnsupportedError(f"message of {len(message)} bytes: SIGN_MESSAGE carries at "
-                               f"most {MAX_MESSAGE} (MAX_MESSAGE)")
-    worker, deadline, peer = request.worker, request.deadline, request.peer_uid
-    worker.check_password(key_id, auth, peer)
-    if worker.restricted(key_id) is False:
-        # An ordinary key: hash here and sign the digest as SIGN does, lane and all.
-        digest = hashlib.new(hash.hashlib_name, message).digest()
-        request.submit(lambda: worker.sign(key_id, auth, scheme, hash, digest, deadline,
-                                           peer=peer),
-                       SignMessageResult,
-                       lane=lambda: worker.lane_sign(key_id, auth, scheme, hash, digest,
-                                                     peer=peer))
-        return
-    request.submit(lambda: worker.sign_message(key_id, auth, scheme, hash, message,
-                                               deadline, peer=peer),
-                   SignMessageResult)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from ..definitions import Opcode
 from ..protocol import Message, Result
-from .base import Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,9 +18,3 @@ class StatusResult(Result):
     OPCODE = Opcode.STATUS
     FIELDS = (("json", "str"),)
     json: str
-
-
-def serve(request: Request, msg: StatusRequest) -> None:
-    request.submit(request.worker.status,
-                   lambda tpm: StatusResult(json.dumps(request.broker_status(tpm),
-                                                       sort_keys=True)))

@@ -6,7 +6,6 @@ import dataclasses
 
 from ..definitions import Opcode
 from ..protocol import Message, Result
-from .base import Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +18,3 @@ class Unload(Message):
 @dataclasses.dataclass(frozen=True)
 class UnloadResult(Result):
     OPCODE = Opcode.UNLOAD
-
-
-def serve(request: Request, msg: Unload) -> None:
-    request.forget_key(msg.key_id)
-    request.reply(UnloadResult())

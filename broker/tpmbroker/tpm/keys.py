@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -509,17 +510,23 @@ class CachedKey:
     pss_by_broker: bool | None = None
     # PKCS#1 v1.5 implicit rejection: the key's secret (tpm/depad.py), once asked for.
     kdk_secret: bytes | None = None
+    # (signature scheme, hash) pairs checked against the key's fixed scheme: reading it
+    # through tpm2-pytss costs more than the rest of a signature.
+    schemes_checked: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     # The password of the key's parent, to load it again after eviction (tpm/parents.py).
     parent_auth: bytes = dataclasses.field(default=b"", repr=False)
     # Without noDA, a failed authorization counts toward the TPM's lockout.
     da_protected: bool = dataclasses.field(init=False)
-    # The TPM's Name of the key (nameAlg || hash of its public area): what a session's
-    # HMAC binds, and what tells a key at a persistent handle from the next one there.
-    name: bytes = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
-        self.name = bytes(self.public.get_name())
+
+    @functools.cached_property
+    def name(self) -> bytes:
+        """The TPM's Name of the key (nameAlg || hash of its public area): what a
+        session's HMAC binds, and what tells a key at a persistent handle from the next
+        one there."""
+        return bytes(self.public.get_name())
 
     @property
     def shield_id(self) -> bytes:

@@ -97,3 +97,14 @@ def to_error(exc: TSS2_Exception, doing: str) -> TpmBrokerError:
                             "or reset it with the lockout authorization",
                             tpm_rc=tpm_code(rc) or rc)
     return TpmError(f"the TPM refused {doing}: {exc}", tpm_rc=rc)
+
+
+def rc_name(rc: int) -> str:
+    """TPM_RC_VALUE and the like, for people, from a TPM's response code."""
+    code = tpm_code(rc)
+    if code is None:
+        return f"0x{rc:x}"
+    try:
+        return "TPM_RC_" + str(TPM2_RC.to_string(code)).split(".")[-1]
+    except ValueError:
+        return f"0x{rc:x}"

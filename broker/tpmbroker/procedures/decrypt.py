@@ -1,0 +1,98 @@
+"""DECRYPT, the broker's half: RSA decryption with TPM2_RSA_Decrypt through a pool
+session that encrypts the plaintext on its way back; paddings removed in constant time
+in C (tpm/depad.c) for keys whose scheme is NULL."""
+
+from __future__ import annotations
+
+from ..definitions import DecryptFlag, Hash, Padding
+from ..errors import BadDigestError, TpmError, UnsupportedError
+from ..ops.base import member
+from ..ops.decrypt import KNOWN_FLAGS, Decrypt, DecryptResult
+from ..tpm import command, depad
+from ..tpm import keys as keymod
+from ..tpm.rc import tpm_code
+from ..tpm.worker import TpmWorker
+from .base import Request
+
+TPM_RC_VALUE = 0x084
+
+
+def serve(request: Request, msg: Decrypt) -> None:
+    auth = request.key_auth(msg.key_id)
+    padding = member(Padding, msg.padding, "padding")
+    if msg.flags & ~KNOWN_FLAGS:
+        raise UnsupportedError(f"unknown DECRYPT flags 0x{msg.flags & ~KNOWN_FLAGS:02x}")
+    implicit = bool(msg.flags & DecryptFlag.IMPLICIT_REJECTION)
+    if padding is Padding.OAEP:
+        hash = member(Hash, msg.hash, "OAEP hash")
+        mgf1 = member(Hash, msg.mgf1_hash or msg.hash, "MGF1 hash")
+    elif msg.hash or msg.mgf1_hash or msg.label:
+        raise UnsupportedError(f"{padding.name} padding takes no hash, MGF1 hash or label")
+    else:
+        hash = mgf1 = Hash.SHA256  # unused
+    if implicit and padding is not Padding.PKCS1:
+        raise UnsupportedError("implicit rejection is for PKCS#1 v1.5 padding only")
+    key_id, label, ciphertext = msg.key_id, msg.label, msg.ciphertext
+    worker, deadline, peer = request.worker, request.deadline, request.peer_uid
+    worker.check_password(key_id, auth, peer)
+
+    def served(plaintext: bytes) -> DecryptResult:
+        request.count("decryptions")
+        return DecryptResult(plaintext)
+
+    request.submit(lambda: decrypt(worker, key_id, auth, padding, hash, mgf1, label,
+                                   ciphertext, implicit, deadline, peer), served)
+
+
+def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash, mgf1: Hash,
+            label: bytes, ciphertext: bytes, implicit_rejection: bool, deadline: float,
+            peer: int = -1) -> bytes:
+    """RSA decryption with TPM2_RSA_Decrypt through a pool session that encrypts the
+    plaintext on its way back.
+
+    A key whose scheme is NULL gets the raw private operation and the broker removes
+    the padding in constant time (tpm/depad.py); a key with a fixed scheme has the TPM
+    remove it. Every padding failure is the same BAD_DIGEST "decryption error"; with
+    implicit rejection a bad PKCS#1 v1.5 padding gives a synthetic message instead.
+    Password attempts go through the dictionary-attack shield, as signatures do.
+    """
+    entry = tpm.loaded(key_id)
+    tpm_scheme = keymod.decryption_scheme(entry.public, padding, hash, mgf1, label)
+    modulus, _ = entry.rsa_public_numbers
+    size = (modulus.bit_length() + 7) // 8
+    if len(ciphertext) != size:
+        raise BadDigestError(f"a ciphertext for this {modulus.bit_length()}-bit key is "
+                             f"{size} bytes, not {len(ciphertext)}")
+    if int.from_bytes(ciphertext, "big") >= modulus:
+        raise BadDigestError("the ciphertext is not below the key's modulus")
+
+    def tpm_decrypt(block: bytes, scheme: tuple[int, int, bytes] | None) -> bytes:
+        alg, hash_alg, tpm_label = scheme or (command.ALG_NULL, 0, b"")
+        return tpm.run(deadline, "decrypting", lambda: tpm.authorized(
+            entry, auth, deadline, lambda session, handle, name:
+            command.prepare_rsa_decrypt(session, handle, name, auth, block, alg,
+                                        hash_alg, tpm_label), command.sized_result))
+
+    def decrypt() -> bytes:
+        if tpm_scheme is not None:
+            try:
+                return tpm_decrypt(ciphertext, tpm_scheme)
+            except TpmError as exc:
+                if tpm_code(exc.tpm_rc) == TPM_RC_VALUE:  # the TPM found a bad padding
+                    raise BadDigestError(depad.DECRYPTION_ERROR) from None
+                raise
+        if padding is Padding.PKCS1 and entry.kdk_secret is None:
+            name = bytes(entry.public.get_name())  # the same by file or by handle
+            entry.kdk_secret = depad.kdk_secret(
+                tpm_decrypt(depad.kdk_block(name, size), None).rjust(size, b"\0"))
+        em = tpm_decrypt(ciphertext, None).rjust(size, b"\0")
+        if padding is Padding.NONE:
+            return em
+        if padding is Padding.OAEP:
+            return depad.oaep(em, label, hash, mgf1)
+        assert entry.kdk_secret is not None
+        return depad.pkcs1(em, ciphertext, entry.kdk_secret, implicit_rejection)
+
+    plaintext = tpm.with_password(entry, auth, peer, deadline, decrypt)
+    tpm.objects.keys.touch(key_id)
+    return plaintext

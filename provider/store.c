@@ -6,10 +6,13 @@
  *                            serialized ESYS_TR, whose first field is the TPM handle;
  * either with `?pass` when the key has a password (asked through the passphrase callback).
  *
- * A URI of ours that cannot be used still opens, and its load raises the reason: OpenSSL
- * tries its file loader on the same URI first and keeps that loader's errors unless a
- * loader opens, so refusing at open would bury our message under unrelated file errors.
+ * Failures come where OpenSSL's apps (and tpm2-openssl) put them: an object: file that
+ * cannot be opened fails the open ("Could not open file or uri"); a URI that opens but
+ * names nothing usable (handle:0xBAD, a file that is no serialized handle, a handle with
+ * no key) fails the load ("Could not read"/"Could not find"). Either way our reason is on
+ * the error stack, after whatever OpenSSL's own file loader said about the same URI.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +79,8 @@ static void open_handle(STORE_CTX *ctx, const char *uri, const char *rest)
     ctx->nv = !is_persistent(h);
 }
 
-static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
+/* 0: the file cannot be opened at all, raised, and the open fails. */
+static int open_object(STORE_CTX *ctx, const char *uri, const char *rest)
 {
     char path[4096];
     uint8_t buf[MAX_OBJECT_FILE + 1];
@@ -88,19 +92,21 @@ static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
     if (pass < 0 || path[0] == '\0') {
         snprintf(ctx->error, sizeof(ctx->error), "%.400s: give the file tpm2_evictcontrol -o "
                  "wrote, e.g. object:key.tr (add ?pass if the key has a password)", uri);
-        return;
+        return 1;
     }
     f = fopen(path, "rb");
     if (f == NULL) {
-        snprintf(ctx->error, sizeof(ctx->error), "Could not open %.400s for reading", path);
-        return;
+        TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT, "%.400s: cannot open %.400s: %s; give "
+                   "the file tpm2_evictcontrol -o wrote", uri, path, strerror(errno));
+        return 0;
     }
     n = fread(buf, 1, sizeof(buf), f);
     fclose(f);
     if (n < 4 || n > MAX_OBJECT_FILE) {
         snprintf(ctx->error, sizeof(ctx->error), "Could not read %.400s: not a serialized TPM "
-                 "object (%zu bytes)", path, n);
-        return;
+                 "object (%s %d bytes)", path, n > MAX_OBJECT_FILE ? "more than" : "less than",
+                 n > MAX_OBJECT_FILE ? MAX_OBJECT_FILE : 4);
+        return 1;
     }
     /* Esys_TR_Serialize writes the TPM handle first, big-endian. */
     h = (unsigned long)buf[0] << 24 | (unsigned long)buf[1] << 16
@@ -108,10 +114,11 @@ static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
     if (!is_persistent(h)) {
         snprintf(ctx->error, sizeof(ctx->error), "Could not read %.400s: it names TPM handle "
                  "0x%08lx, not a persistent key (0x81xxxxxx)", path, h);
-        return;
+        return 1;
     }
     ctx->handle = (uint32_t)h;
     ctx->need_pass = pass;
+    return 1;
 }
 
 static void *store_open(void *provctx, const char *uri)
@@ -125,10 +132,12 @@ static void *store_open(void *provctx, const char *uri)
     if (ctx == NULL)
         return NULL;
     ctx->prov = provctx;
-    if (OPENSSL_strncasecmp(uri, "handle:", 7) == 0)
+    if (OPENSSL_strncasecmp(uri, "handle:", 7) == 0) {
         open_handle(ctx, uri, uri + 7);
-    else
-        open_object(ctx, uri, uri + 7);
+    } else if (!open_object(ctx, uri, uri + 7)) {
+        free(ctx);
+        return NULL;
+    }
     return ctx;
 }
 

@@ -193,8 +193,10 @@ static int encode_text(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,
     (void)obj_abstract;
     (void)cb;
     (void)cbarg;
-    if (key == NULL || key->pub == NULL)
+    if (key == NULL || key->pub == NULL) {
+        TPMB_RAISE(prov, TPMB_R_BAD_KEY, "the TPM key has no public key to print");
         return 0;
+    }
     bio = BIO_new_from_core_bio(prov->libctx, cout);
     if (bio == NULL)
         return 0;

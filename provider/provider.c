@@ -115,7 +115,9 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
         break;
     case WIRE_STATUS_BAD_KEY:
         reason = TPMB_R_BAD_KEY;
-        hint = "; was the key made on this TPM, under this parent?";
+        /* an NV index is no key: its message (no NV index at ...) says all */
+        if (strstr(what, "NV index") == NULL)
+            hint = "; was the key made on this TPM, under this parent?";
         break;
     case WIRE_STATUS_UNSUPPORTED:
     case WIRE_STATUS_BAD_DIGEST:

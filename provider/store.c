@@ -134,8 +134,10 @@ static void *store_open(void *provctx, const char *uri)
         && OPENSSL_strncasecmp(uri, "object:", 7) != 0)
         return NULL;
     ctx = calloc(1, sizeof(*ctx));
-    if (ctx == NULL)
+    if (ctx == NULL) {
+        TPMB_RAISE(provctx, TPMB_R_MALLOC, "out of memory");
         return NULL;
+    }
     ctx->prov = provctx;
     if (OPENSSL_strncasecmp(uri, "handle:", 7) == 0) {
         open_handle(ctx, uri, uri + 7);

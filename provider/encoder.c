@@ -1,11 +1,18 @@
 /*
- * Encoders writing a TPM key as TSS2 PRIVATE KEY (PEM or DER), so `openssl genpkey` and
- * `req -newkey` save what the broker generated, and a text encoder for `pkey -text`. Public
- * keys need no encoder here: OpenSSL exports the public half to the default provider's
- * SubjectPublicKeyInfo encoders.
+ * Encoders for TPM keys, so that `-provider tpmbroker` alone writes every form the apps ask
+ * for (with it alone nothing of the default or base providers exists):
+ * - the key file, TSS2 PRIVATE KEY (PEM or DER), for what `genpkey`, `genrsa` and
+ *   `req -newkey` ask as PrivateKeyInfo;
+ * - the public key as SubjectPublicKeyInfo (EC, RSA, RSA-PSS) and as PKCS#1 RSAPublicKey,
+ *   PEM or DER (`pkey -pubout`, `rsa -pubout`, `rsa -RSAPublicKey_out`, `ec -pubout`);
+ * - text (`pkey -text`).
+ * Public keys are written from the key's public half, an EVP_PKEY of the private libctx,
+ * by that libctx's own encoders: nothing is fetched from the caller's providers (`base`
+ * has no digests, which RSA-PSS parameters name).
  */
 #include <openssl/bio.h>
 #include <openssl/core_names.h>
+#include <openssl/encoder.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
@@ -72,6 +79,70 @@ static int encode_der(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,
     return encode(vctx, cout, obj_raw, selection, 0);
 }
 
+/* Public keys: which structures the apps name, and what the private libctx calls them. */
+static int enc_public_does_selection(void *ctx, int selection)
+{
+    (void)ctx;
+    /* as OpenSSL's own: a selection with the private key is for the key file encoders */
+    return (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) == 0
+           && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) != 0;
+}
+
+static int encode_public(TPMBROKER_CTX *prov, OSSL_CORE_BIO *cout, const TPMB_KEY *key,
+                         int selection, const char *output, const char *structure)
+{
+    OSSL_ENCODER_CTX *ectx = NULL;
+    BIO *bio = NULL;
+    int ok = 0;
+
+    if (key == NULL || (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0)
+        return 0;
+    if (key->pub == NULL) {
+        TPMB_RAISE(prov, TPMB_R_BAD_KEY, "the TPM key has no public key to write");
+        return 0;
+    }
+    ectx = OSSL_ENCODER_CTX_new_for_pkey(key->pub, EVP_PKEY_PUBLIC_KEY, output, structure,
+                                         NULL);
+    if (ectx == NULL || OSSL_ENCODER_CTX_get_num_encoders(ectx) == 0) {
+        TPMB_RAISE(prov, TPMB_R_UNSUPPORTED, "cannot write a %s public key as %s %s",
+                   tpmb_key_type_name(key->type), output, structure);
+        goto end;
+    }
+    bio = BIO_new_from_core_bio(prov->libctx, cout);
+    ok = bio != NULL && OSSL_ENCODER_to_bio(ectx, bio);
+    if (!ok)
+        TPMB_RAISE(prov, TPMB_R_INTERNAL, "writing the %s public key as %s %s failed",
+                   tpmb_key_type_name(key->type), output, structure);
+end:
+    BIO_free(bio);
+    OSSL_ENCODER_CTX_free(ectx);
+    return ok;
+}
+
+#define PUBLIC_ENCODER(fn, output, structure)                                               \
+    static int fn(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,                     \
+                  const OSSL_PARAM obj_abstract[], int selection,                           \
+                  OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg)                                \
+    {                                                                                       \
+        (void)obj_abstract;                                                                 \
+        (void)cb;                                                                           \
+        (void)cbarg;                                                                        \
+        return encode_public(vctx, cout, obj_raw, selection, output, structure);            \
+    }                                                                                       \
+    const OSSL_DISPATCH tpmb_##fn##_functions[] = {                                         \
+        { OSSL_FUNC_ENCODER_NEWCTX, (void (*)(void))enc_newctx },                           \
+        { OSSL_FUNC_ENCODER_FREECTX, (void (*)(void))enc_freectx },                         \
+        { OSSL_FUNC_ENCODER_DOES_SELECTION, (void (*)(void))enc_public_does_selection },    \
+        { OSSL_FUNC_ENCODER_ENCODE, (void (*)(void))fn },                                   \
+        { 0, NULL },                                                                        \
+    };
+
+PUBLIC_ENCODER(encoder_spki_der, "DER", "SubjectPublicKeyInfo")
+PUBLIC_ENCODER(encoder_spki_pem, "PEM", "SubjectPublicKeyInfo")
+/* PKCS#1 RSAPublicKey ("RSA PUBLIC KEY"): the apps say pkcs1, type-specific or rsa */
+PUBLIC_ENCODER(encoder_pkcs1_der, "DER", "pkcs1")
+PUBLIC_ENCODER(encoder_pkcs1_pem, "PEM", "pkcs1")
+
 /* `openssl pkey -text`: what the key is, then its public half as libcrypto prints it. */
 /* TPMA_OBJECT bits, in the spelling tpm2-tools uses. */
 static const struct {
@@ -122,8 +193,10 @@ static int encode_text(void *vctx, OSSL_CORE_BIO *cout, const void *obj_raw,
     (void)obj_abstract;
     (void)cb;
     (void)cbarg;
-    if (key == NULL || key->pub == NULL)
+    if (key == NULL || key->pub == NULL) {
+        TPMB_RAISE(prov, TPMB_R_BAD_KEY, "the TPM key has no public key to print");
         return 0;
+    }
     bio = BIO_new_from_core_bio(prov->libctx, cout);
     if (bio == NULL)
         return 0;

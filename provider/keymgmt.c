@@ -742,6 +742,19 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
             return 0;
         }
     }
+    p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_PRIMES);
+    if (p != NULL && g->type != WIRE_KEY_TYPE_EC) {
+        /* `openssl genrsa` always sets it (2 unless -primes) */
+        size_t primes;
+
+        if (!OSSL_PARAM_get_size_t(p, &primes))
+            return 0;
+        if (primes != 2) {
+            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "RSA keys with %zu primes: the TPM makes "
+                       "two-prime keys only (-primes 2)", primes);
+            return 0;
+        }
+    }
     p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_MGF1_DIGEST);
     if (p != NULL && g->type == WIRE_KEY_TYPE_RSA_PSS) {
         const char *md;
@@ -869,6 +882,7 @@ static const OSSL_PARAM ec_gen_settable[] = {
 
 static const OSSL_PARAM rsa_gen_settable[] = {
     OSSL_PARAM_uint(OSSL_PKEY_PARAM_RSA_BITS, NULL),
+    OSSL_PARAM_size_t(OSSL_PKEY_PARAM_RSA_PRIMES, NULL),
     OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
     GEN_SETTABLE_COMMON,
     OSSL_PARAM_END,
@@ -876,6 +890,7 @@ static const OSSL_PARAM rsa_gen_settable[] = {
 
 static const OSSL_PARAM rsapss_gen_settable[] = {
     OSSL_PARAM_uint(OSSL_PKEY_PARAM_RSA_BITS, NULL),
+    OSSL_PARAM_size_t(OSSL_PKEY_PARAM_RSA_PRIMES, NULL),
     OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
     OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_MGF1_DIGEST, NULL, 0),
     GEN_SETTABLE_COMMON,

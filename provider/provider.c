@@ -115,7 +115,9 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
         break;
     case WIRE_STATUS_BAD_KEY:
         reason = TPMB_R_BAD_KEY;
-        hint = "; was the key made on this TPM, under this parent?";
+        /* an NV index is no key: its message (no NV index at ...) says all */
+        if (strstr(what, "NV index") == NULL)
+            hint = "; was the key made on this TPM, under this parent?";
         break;
     case WIRE_STATUS_UNSUPPORTED:
     case WIRE_STATUS_BAD_DIGEST:
@@ -224,23 +226,33 @@ static const OSSL_ALGORITHM decoder_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+/* One entry per key type, output and structure the apps ask for. */
+#define ENCODER(type, props, fns) { type, TPMBROKER_PROPS "," props, fns, NULL }
+#define PUBLIC_ENCODERS(type)                                                                \
+    ENCODER(type, "output=der,structure=SubjectPublicKeyInfo", tpmb_encoder_spki_der_functions), \
+    ENCODER(type, "output=pem,structure=SubjectPublicKeyInfo", tpmb_encoder_spki_pem_functions)
+#define KEY_FILE_ENCODERS(type)                                                              \
+    ENCODER(type, "output=der,structure=PrivateKeyInfo", tpmb_encoder_der_functions),          \
+    ENCODER(type, "output=pem,structure=PrivateKeyInfo", tpmb_encoder_pem_functions),          \
+    ENCODER(type, "output=text", tpmb_encoder_text_functions)
+
 static const OSSL_ALGORITHM encoder_algs[] = {
     /* apps ask for PrivateKeyInfo; a TPM key can only be written as TSS2 PRIVATE KEY */
-    { "EC", TPMBROKER_PROPS ",output=der,structure=PrivateKeyInfo", tpmb_encoder_der_functions,
-      NULL },
-    { "EC", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo", tpmb_encoder_pem_functions,
-      NULL },
-    { "RSA", TPMBROKER_PROPS ",output=der,structure=PrivateKeyInfo",
-      tpmb_encoder_der_functions, NULL },
-    { "RSA", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo",
-      tpmb_encoder_pem_functions, NULL },
-    { "EC", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
-    { "RSA", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
-    { "RSA-PSS", TPMBROKER_PROPS ",output=der,structure=PrivateKeyInfo",
-      tpmb_encoder_der_functions, NULL },
-    { "RSA-PSS", TPMBROKER_PROPS ",output=pem,structure=PrivateKeyInfo",
-      tpmb_encoder_pem_functions, NULL },
-    { "RSA-PSS", TPMBROKER_PROPS ",output=text", tpmb_encoder_text_functions, NULL },
+    KEY_FILE_ENCODERS("EC"),
+    KEY_FILE_ENCODERS("RSA"),
+    KEY_FILE_ENCODERS("RSA-PSS"),
+    PUBLIC_ENCODERS("EC"),
+    PUBLIC_ENCODERS("RSA"),
+    PUBLIC_ENCODERS("RSA-PSS"),
+    /* PKCS#1 RSAPublicKey, `rsa -RSAPublicKey_out`: OpenSSL's names for it */
+    ENCODER("RSA", "output=der,structure=pkcs1", tpmb_encoder_pkcs1_der_functions),
+    ENCODER("RSA", "output=pem,structure=pkcs1", tpmb_encoder_pkcs1_pem_functions),
+    ENCODER("RSA", "output=der,structure=type-specific", tpmb_encoder_pkcs1_der_functions),
+    ENCODER("RSA", "output=pem,structure=type-specific", tpmb_encoder_pkcs1_pem_functions),
+    ENCODER("RSA", "output=der,structure=rsa", tpmb_encoder_pkcs1_der_functions),
+    ENCODER("RSA", "output=pem,structure=rsa", tpmb_encoder_pkcs1_pem_functions),
+    ENCODER("RSA-PSS", "output=der,structure=pkcs1", tpmb_encoder_pkcs1_der_functions),
+    ENCODER("RSA-PSS", "output=pem,structure=pkcs1", tpmb_encoder_pkcs1_pem_functions),
     { NULL, NULL, NULL, NULL },
 };
 

@@ -1,23 +1,31 @@
 /*
  * Store loader for persistent TPM keys, by the URIs tpm2-openssl users know:
  *   handle:0x81000001        the persistent handle itself;
- *   handle:0x01000010        an NV index holding a DER certificate (x509 -in, s_server -cert);
+ *   handle:0x01000010        an NV index holding a certificate, DER or PEM, as tpm2_nvwrite
+ *                            wrote it (x509 -in, s_server -cert);
  *   object:PATH              a file tpm2-tools wrote with `tpm2_evictcontrol -o`: a
  *                            serialized ESYS_TR, whose first field is the TPM handle;
  * either with `?pass` when the key has a password (asked through the passphrase callback).
  *
- * A URI of ours that cannot be used still opens, and its load raises the reason: OpenSSL
- * tries its file loader on the same URI first and keeps that loader's errors unless a
- * loader opens, so refusing at open would bury our message under unrelated file errors.
+ * Failures come where OpenSSL's apps (and tpm2-openssl) put them: an object: file that
+ * cannot be opened fails the open ("Could not open file or uri"); a URI that opens but
+ * names nothing usable (handle:0xBAD, a file that is no serialized handle, a handle with
+ * no key) fails the load ("Could not read"/"Could not find"). Either way our reason is on
+ * the error stack, after whatever OpenSSL's own file loader said about the same URI.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/asn1.h>
+#include <openssl/bio.h>
 #include <openssl/core_names.h>
 #include <openssl/core_object.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/params.h>
+#include <openssl/pem.h>
 
 #include "provider.h"
 
@@ -76,7 +84,8 @@ static void open_handle(STORE_CTX *ctx, const char *uri, const char *rest)
     ctx->nv = !is_persistent(h);
 }
 
-static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
+/* 0: the file cannot be opened at all, raised, and the open fails. */
+static int open_object(STORE_CTX *ctx, const char *uri, const char *rest)
 {
     char path[4096];
     uint8_t buf[MAX_OBJECT_FILE + 1];
@@ -88,19 +97,21 @@ static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
     if (pass < 0 || path[0] == '\0') {
         snprintf(ctx->error, sizeof(ctx->error), "%.400s: give the file tpm2_evictcontrol -o "
                  "wrote, e.g. object:key.tr (add ?pass if the key has a password)", uri);
-        return;
+        return 1;
     }
     f = fopen(path, "rb");
     if (f == NULL) {
-        snprintf(ctx->error, sizeof(ctx->error), "Could not open %.400s for reading", path);
-        return;
+        TPMB_RAISE(ctx->prov, TPMB_R_INVALID_ARGUMENT, "%.400s: cannot open %.400s: %s; give "
+                   "the file tpm2_evictcontrol -o wrote", uri, path, strerror(errno));
+        return 0;
     }
     n = fread(buf, 1, sizeof(buf), f);
     fclose(f);
     if (n < 4 || n > MAX_OBJECT_FILE) {
         snprintf(ctx->error, sizeof(ctx->error), "Could not read %.400s: not a serialized TPM "
-                 "object (%zu bytes)", path, n);
-        return;
+                 "object (%s %d bytes)", path, n > MAX_OBJECT_FILE ? "more than" : "less than",
+                 n > MAX_OBJECT_FILE ? MAX_OBJECT_FILE : 4);
+        return 1;
     }
     /* Esys_TR_Serialize writes the TPM handle first, big-endian. */
     h = (unsigned long)buf[0] << 24 | (unsigned long)buf[1] << 16
@@ -108,10 +119,11 @@ static void open_object(STORE_CTX *ctx, const char *uri, const char *rest)
     if (!is_persistent(h)) {
         snprintf(ctx->error, sizeof(ctx->error), "Could not read %.400s: it names TPM handle "
                  "0x%08lx, not a persistent key (0x81xxxxxx)", path, h);
-        return;
+        return 1;
     }
     ctx->handle = (uint32_t)h;
     ctx->need_pass = pass;
+    return 1;
 }
 
 static void *store_open(void *provctx, const char *uri)
@@ -122,35 +134,114 @@ static void *store_open(void *provctx, const char *uri)
         && OPENSSL_strncasecmp(uri, "object:", 7) != 0)
         return NULL;
     ctx = calloc(1, sizeof(*ctx));
-    if (ctx == NULL)
+    if (ctx == NULL) {
+        TPMB_RAISE(provctx, TPMB_R_MALLOC, "out of memory");
         return NULL;
+    }
     ctx->prov = provctx;
-    if (OPENSSL_strncasecmp(uri, "handle:", 7) == 0)
+    if (OPENSSL_strncasecmp(uri, "handle:", 7) == 0) {
         open_handle(ctx, uri, uri + 7);
-    else
-        open_object(ctx, uri, uri + 7);
+    } else if (!open_object(ctx, uri, uri + 7)) {
+        free(ctx);
+        return NULL;
+    }
     return ctx;
+}
+
+/*
+ * The certificate in an NV index's contents, as DER: tpm2_nvwrite stores a file as it is,
+ * DER or PEM, and an index larger than the file keeps its padding after it. PEM armour is
+ * taken off here (PEM_read_bio needs no provider: with -provider tpmbroker alone there are
+ * no decoders); DER is cut at the end of its outer SEQUENCE. 0: neither, raised.
+ */
+static int nv_certificate(STORE_CTX *ctx, const uint8_t *data, size_t len, uint8_t **der,
+                          size_t *derlen)
+{
+    static const char begin[] = "-----BEGIN ";
+    size_t start = 0;
+
+    /* leading whitespace may precede PEM armour */
+    while (start < len && (data[start] == ' ' || data[start] == '\t' || data[start] == '\r'
+                           || data[start] == '\n'))
+        start++;
+    if (len - start >= sizeof(begin) - 1
+        && memcmp(data + start, begin, sizeof(begin) - 1) == 0) {
+        BIO *mem = BIO_new_mem_buf(data + start, (int)(len - start));
+        char *name = NULL, *header = NULL;
+        unsigned char *body = NULL;
+        long bodylen = 0;
+        int read;
+
+        ERR_set_mark();
+        read = mem != NULL && PEM_read_bio(mem, &name, &header, &body, &bodylen) > 0;
+        ERR_pop_to_mark();
+        BIO_free(mem);
+        if (read && (strcmp(name, "CERTIFICATE") == 0 || strcmp(name, "X509 CERTIFICATE") == 0)
+            && bodylen > 0 && (*der = malloc((size_t)bodylen)) != NULL) {
+            memcpy(*der, body, (size_t)bodylen);
+            *derlen = (size_t)bodylen;
+        } else {
+            TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "NV index 0x%08x holds PEM %s%.64s%s, "
+                       "not a certificate (BEGIN CERTIFICATE)", (unsigned int)ctx->handle,
+                       read ? "of type \"" : "that cannot be read", read ? name : "",
+                       read ? "\"" : "");
+            read = 0;
+        }
+        OPENSSL_free(name);
+        OPENSSL_free(header);
+        OPENSSL_free(body);
+        return read;
+    }
+    if (len >= 2 && data[0] == 0x30) {
+        const unsigned char *p = data;
+        long content = 0;
+        int tag, xclass;
+        int rc = ASN1_get_object(&p, &content, &tag, &xclass, (long)len);
+
+        if (!(rc & 0x80) && tag == V_ASN1_SEQUENCE
+            && (size_t)(p - data) + (size_t)content <= len) {
+            *derlen = (size_t)(p - data) + (size_t)content;
+            *der = malloc(*derlen);
+            if (*der == NULL) {
+                TPMB_RAISE(ctx->prov, TPMB_R_MALLOC, "out of memory");
+                return 0;
+            }
+            memcpy(*der, data, *derlen);
+            return 1;
+        }
+    }
+    TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "NV index 0x%08x holds no certificate: neither "
+               "DER nor PEM (first byte 0x%02x)", (unsigned int)ctx->handle,
+               len > 0 ? data[0] : 0);
+    return 0;
 }
 
 /* An NV index's contents, handed to OpenSSL as a DER certificate. */
 static int load_certificate(STORE_CTX *ctx, OSSL_CALLBACK *object_cb, void *object_cbarg)
 {
     CLIENT_ERR err;
-    uint8_t *der = NULL;
-    size_t len = 0;
+    uint8_t *data = NULL, *der = NULL;
+    size_t len = 0, derlen = 0;
     int object_type = OSSL_OBJECT_CERT, ok;
     OSSL_PARAM params[3];
     char what[64];
 
     snprintf(what, sizeof(what), "reading NV index 0x%08x", (unsigned int)ctx->handle);
-    if (!client_nv_read(ctx->prov->client, ctx->handle, &der, &len, &err)) {
+    if (!client_nv_read(ctx->prov->client, ctx->handle, &data, &len, &err)) {
         TPMB_RAISE_CLIENT(ctx->prov, what, &err);
         return 0;
     }
+    ok = nv_certificate(ctx, data, len, &der, &derlen);
+    free(data);
+    if (!ok)
+        return 0;
     params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type);
-    params[1] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, der, len);
+    params[1] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, der, derlen);
     params[2] = OSSL_PARAM_construct_end();
     ok = object_cb(params, object_cbarg);
+    if (!ok)
+        TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "NV index 0x%08x: OpenSSL cannot read the "
+                   "certificate in it", (unsigned int)ctx->handle);
     free(der);
     return ok;
 }

@@ -440,6 +440,10 @@ class TpmWorker:
         entry = self.objects.keys.get(key_id)
         return None if entry is None else entry.restricted
 
+    def signs(self, key_id: bytes) -> bool | None:
+        entry = self.objects.keys.get(key_id)
+        return None if entry is None else entry.can_sign
+
     def sign_message(self, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
                      message: bytes, deadline: float, peer: int = -1) -> bytes:
         """Sign `message`. A restricted key's message is hashed by the TPM, whose ticket
@@ -980,8 +984,8 @@ class TpmWorker:
             raise UnsupportedError(
                 "this TPM signs RSA-PSS with a salt longer than the digest, which TLS 1.3 "
                 "verifiers reject, and the key lacks the decrypt attribute the broker needs "
-                "to pad PSS itself; make the key with `tpmbroker keygen --usage "
-                "sign,decrypt` (or -pkeyopt usage:sign,decrypt), use an EC key, or sign "
+                "to pad PSS itself; make the key without `--usage sign` (or -pkeyopt "
+                "usage:sign): the default signs and decrypts; or use an EC key, or sign "
                 "with PKCS#1 v1.5")
         return bool(entry.pss_by_broker)
 

@@ -36,6 +36,9 @@ class Worker(Protocol):
     def restricted(self, key_id: bytes) -> bool | None:
         """On the event loop, no TPM: is the key a restricted signing key (None: the
         worker does not know the key now)."""
+    def signs(self, key_id: bytes) -> bool | None:
+        """On the event loop, no TPM: has the key the sign attribute (None: the worker
+        does not know the key now)."""
     def random(self, count: int, deadline: float) -> bytes: ...
     def nv_read(self, index: int, deadline: float) -> bytes: ...
     def decrypt(self, key_id: bytes, auth: bytes, padding: Padding, hash: Hash, mgf1: Hash,
@@ -82,8 +85,10 @@ class Request(Protocol):
         its result into the answer on the event loop. `lane`, if given, prepares the
         same TPM command for the event loop to send itself (tpmbroker.server)."""
 
-    def key_auth(self, key_id: bytes) -> bytes:
-        """The password this connection loaded `key_id` with; UnknownKeyError if none."""
+    def key_auth(self, key_id: bytes, operations: tuple[str, ...] = ()) -> bytes:
+        """The password this connection loaded `key_id` with; UnknownKeyError if none,
+        PermissionDeniedError if the key policy refuses the key or one of `operations`
+        (tpmbroker.policy.OPERATIONS) to this peer."""
 
     def check_key(self, key_id: bytes, public_key: bytes) -> None:
         """PermissionDeniedError unless the key policy lets this peer use the key."""

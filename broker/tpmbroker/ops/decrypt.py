@@ -42,8 +42,11 @@ class DecryptResult(Result):
 
 
 def serve(request: Request, msg: Decrypt) -> None:
-    auth = request.key_auth(msg.key_id)
     padding = member(Padding, msg.padding, "padding")
+    # Raw decryption (m^d mod n) with a key that can sign is a signature by another name:
+    # the key policy must grant both (an unknown key counts as one that signs).
+    raw_signature = padding is Padding.NONE and request.worker.signs(msg.key_id) is not False
+    auth = request.key_auth(msg.key_id, ("decrypt", "sign") if raw_signature else ("decrypt",))
     if msg.flags & ~_KNOWN_FLAGS:
         raise UnsupportedError(f"unknown DECRYPT flags 0x{msg.flags & ~_KNOWN_FLAGS:02x}")
     implicit = bool(msg.flags & DecryptFlag.IMPLICIT_REJECTION)

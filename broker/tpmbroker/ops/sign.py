@@ -65,7 +65,7 @@ def scheme_and_hash(scheme: int, hash: int) -> tuple[Scheme, Hash]:
 
 
 def serve(request: Request, msg: Sign) -> None:
-    auth = request.key_auth(msg.key_id)
+    auth = request.key_auth(msg.key_id, ("sign",))
     scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
     key_id, digest = msg.key_id, msg.digest
     if len(digest) != hash.digest_size:

@@ -41,7 +41,7 @@ class SignMessageResult(SignResult):
 
 
 def serve(request: Request, msg: SignMessage) -> None:
-    auth = request.key_auth(msg.key_id)
+    auth = request.key_auth(msg.key_id, ("sign",))
     scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
     key_id, message = msg.key_id, msg.message
     if len(message) > MAX_MESSAGE:

@@ -93,7 +93,11 @@ class Keys:
 
     def decrypt(self, key: Path, data: bytes, *options: str,
                 check: bool = True) -> tuple[int, bytes, str]:
-        ciphertext = self.rsa_encrypted(key, data, *options)
+        # implicit-rejection is for decryption only (and OpenSSL 3.0's own RSA lacks it)
+        pairs = zip(options[::2], options[1::2], strict=True)  # -pkeyopt NAME:VALUE
+        padding = [o for pair in pairs if not pair[1].startswith("implicit-rejection")
+                   for o in pair]
+        ciphertext = self.rsa_encrypted(key, data, *padding)
         res = self.env.openssl("pkeyutl", "-decrypt", *PROV, "-inkey", str(key), *options,
                                "-in", str(ciphertext), check=check)
         return res.returncode, res.stdout, res.stderr.decode(errors="replace")
@@ -212,7 +216,8 @@ def test_a_padding_failure_stays_silent(keys: Keys) -> None:
     res = keys.env.openssl("pkeyutl", "-decrypt", *PROV, "-inkey", str(rsa), "-pkeyopt",
                            "implicit-rejection:0", "-in", str(ciphertext), check=False)
     err = res.stderr.decode(errors="replace")
-    assert res.returncode != 0 and "decryption error" in err, err
+    # "decryption error", or "not below the key's modulus" when the other key's is larger
+    assert res.returncode != 0 and "decrypting with the TPM key: " in err, err
     assert not any(line.startswith("tpmbroker: ") for line in err.splitlines()), err
 
 
@@ -230,9 +235,9 @@ POLICY_KEYS = {
 
 def test_policy_operations_grant_and_refuse(swtpm: Swtpm, tmp_path: Path) -> None:
     """Each key entry's `operations` grants sign, decrypt and derive; an entry without it
-    grants all. Raw decryption with a key that can sign needs sign too; with a key that
-    cannot, decrypt alone. Every refusal names the entry and the right, reaches the user
-    through CMS, and is audited."""
+    grants all. Raw decryption, and PKCS#1 v1.5 without implicit rejection, with a key
+    that can sign need sign too; with a key that cannot, decrypt alone. Every refusal
+    names the entry and the right, reaches the user through CMS, and is audited."""
     paths: dict[str, Path] = {}
     uid = os.getuid()
     keygen = Broker(swtpm.tcti, tmp_path / "keygen").start()
@@ -273,19 +278,27 @@ def test_policy_operations_grant_and_refuse(swtpm: Swtpm, tmp_path: Path) -> Non
         code, out, err = keys.decrypt(paths["rsa_sign"], MESSAGE, check=False)
         assert code != 0 and out == b"" and "PERMISSION_DENIED" in err and refused in err, err
 
-        # Decrypt only: padded decryptions; no signatures, and no raw decryption, which
-        # with this key (it can sign) is a signature.
+        # Decrypt only: padded decryptions (PKCS#1 v1.5 with implicit rejection, OAEP);
+        # no signatures, and none of the decryptions that give signatures with this key
+        # (it can sign): raw, and PKCS#1 v1.5 that reports a bad padding (Bleichenbacher).
+        oaep = ("-pkeyopt", "rsa_padding_mode:oaep")
+        explicit = ("-pkeyopt", "implicit-rejection:0")
         assert keys.decrypt(paths["rsa_decrypt"], MESSAGE)[1] == MESSAGE
+        assert keys.decrypt(paths["rsa_decrypt"], MESSAGE, *oaep)[1] == MESSAGE
         code, _, err = keys.sign(paths["rsa_decrypt"], check=False)
         assert code != 0 and "does not grant sign" in err, err
-        code, out, err = keys.decrypt(paths["rsa_decrypt"], raw, *none, check=False)
-        assert code != 0 and out == b"", err
-        assert f"policy key rsa_decrypt does not grant sign to uid {uid}" in err, err
+        for data, options in ((raw, none), (MESSAGE, explicit)):
+            code, out, err = keys.decrypt(paths["rsa_decrypt"], data, *options, check=False)
+            assert code != 0 and out == b"", err
+            assert f"policy key rsa_decrypt does not grant sign to uid {uid}" in err, err
+            assert "(operations = [decrypt]); this decrypt needs sign too" in err, err
 
-        # Decrypt and sign: raw decryption too.
+        # Decrypt and sign: those too.
         assert keys.decrypt(paths["rsa_raw"], raw, *none)[1] == raw
-        # A key that cannot sign decrypts raw with the decrypt right alone.
+        assert keys.decrypt(paths["rsa_raw"], MESSAGE, *explicit)[1] == MESSAGE
+        # A key that cannot sign gives no signatures: the decrypt right alone will do.
         assert keys.decrypt(paths["rsa_decrypt_only"], raw, *none)[1] == raw
+        assert keys.decrypt(paths["rsa_decrypt_only"], MESSAGE, *explicit)[1] == MESSAGE
 
         # ECDH: derive, not sign; and the other way round.
         ec_derive, ec_sign = paths["ec_derive"], paths["ec_sign"]
@@ -339,6 +352,11 @@ handle = 0x81000011
     assert not refused.allowed and refused.operation == "decrypt"
     assert "policy key signer does not grant decrypt to uid 1000" in refused.reason
     assert not loaded.decide(user, handle_id, b"", ("decrypt", "sign")).allowed
+    staff = Peer(2000, frozenset({50}), None)  # the decrypter entry only
+    assert loaded.decide(staff, handle_id, b"", ("decrypt",)).allowed
+    needs_sign = loaded.decide(staff, handle_id, b"", ("decrypt", "sign"))
+    assert not needs_sign.allowed and needs_sign.operation == "sign"
+    assert "this decrypt needs sign too: with a key that can sign" in needs_sign.reason
     assert loaded.decide(both, handle_id, b"", ("decrypt", "sign")).allowed
     assert not loaded.decide(both, handle_id, b"", ("derive",)).allowed
     other = key_id_for(KeySource.PERSISTENT_HANDLE, (0x81000011).to_bytes(4, "big"))

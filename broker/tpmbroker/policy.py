@@ -19,12 +19,13 @@ allowed or refused by `default`.
 
 `operations` says what an admitted peer may do with the key: "sign" (SIGN, SIGN_MESSAGE),
 "decrypt" (DECRYPT) and "derive" (DERIVE, ECDH). Without it, every operation the key's TPM
-attributes allow, so a file written before `operations` keeps its meaning. Raw RSA
-decryption (padding none) of a key that can also sign is a signature by another name
-(m^d mod n), so it needs "sign" as well as "decrypt". Entries for the same key add up: a
-peer gets the operations of every entry that admits it. A peer may LOAD a key it is
-admitted to even with `operations = []` (it reads the public key); each operation is
-checked when it is asked for.
+attributes allow, so a file written before `operations` keeps its meaning. With a key
+that can also sign, RSA decryption without padding is a signature by another name
+(m^d mod n), and PKCS#1 v1.5 decryption that reports bad padding (implicit rejection
+off) is a Bleichenbacher oracle that computes m^d too: both need "sign" as well as
+"decrypt". Entries for the same key add up: a peer gets the operations of every entry
+that admits it. A peer may LOAD a key it is admitted to even with `operations = []` (it
+reads the public key); each operation is checked when it is asked for.
 
 Keys named by `file` are recognised by their public key, whatever the bytes a client sends
 (another encoding of the same key is the same key); `key_id` names exact LOAD bytes, and
@@ -55,6 +56,8 @@ _ENTRY_FIELDS = {"file", "key_id", "handle", "uids", "gids", "executables", "ope
 # The rights a key entry grants (`operations`): SIGN and SIGN_MESSAGE need "sign", DECRYPT
 # "decrypt", DERIVE "derive".
 OPERATIONS = ("sign", "decrypt", "derive")
+_WHY_SIGN = (": with a key that can sign, decryption without padding, or PKCS#1 v1.5 "
+             "without implicit rejection, gives signatures")
 
 
 class PolicyError(ValueError):
@@ -135,9 +138,12 @@ class KeyPolicy:
         for operation in operations:
             if operation not in granted:
                 names = ", ".join(rule.name for rule in admitting)
+                also = (f"; this {operations[0]} needs {operation} too"
+                        + (_WHY_SIGN if operation == "sign" else "")
+                        if operation != operations[0] else "")
                 return Decision(False, admitting[0].name,
                                 f"policy key {names} does not grant {operation} to {who}"
-                                f" (operations = [{', '.join(sorted(granted))}])",
+                                f" (operations = [{', '.join(sorted(granted))}]){also}",
                                 operation)
         return Decision(True, admitting[0].name, f"policy key {admitting[0].name}")
 

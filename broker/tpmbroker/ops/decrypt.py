@@ -43,13 +43,17 @@ class DecryptResult(Result):
 
 def serve(request: Request, msg: Decrypt) -> None:
     padding = member(Padding, msg.padding, "padding")
-    # Raw decryption (m^d mod n) with a key that can sign is a signature by another name:
-    # the key policy must grant both (an unknown key counts as one that signs).
-    raw_signature = padding is Padding.NONE and request.worker.signs(msg.key_id) is not False
-    auth = request.key_auth(msg.key_id, ("decrypt", "sign") if raw_signature else ("decrypt",))
     if msg.flags & ~_KNOWN_FLAGS:
         raise UnsupportedError(f"unknown DECRYPT flags 0x{msg.flags & ~_KNOWN_FLAGS:02x}")
     implicit = bool(msg.flags & DecryptFlag.IMPLICIT_REJECTION)
+    # With a key that can sign (an unknown key counts as one), raw decryption is m^d mod n,
+    # a signature by another name, and PKCS#1 v1.5 that answers a bad padding with an
+    # error is a Bleichenbacher oracle, which computes m^d too: the key policy must grant
+    # sign as well as decrypt. OAEP and implicit rejection give no such answer.
+    gives_signatures = (padding is Padding.NONE or (padding is Padding.PKCS1 and not implicit))
+    rights = ("decrypt", "sign") if gives_signatures and request.worker.signs(msg.key_id) \
+        is not False else ("decrypt",)
+    auth = request.key_auth(msg.key_id, rights)
     if padding is Padding.OAEP:
         hash = member(Hash, msg.hash, "OAEP hash")
         mgf1 = member(Hash, msg.mgf1_hash or msg.hash, "MGF1 hash")

@@ -231,6 +231,7 @@ static int cipher_decrypt(void *vctx, unsigned char *out, size_t *outlen, size_t
                        "decrypting with the TPM key: %s", err.message);
         else
             TPMB_RAISE_CLIENT(ctx->prov, "decrypting with the TPM key", &err);
+        tpmb_tell_refusal(ctx->key, "decrypting with the TPM key", &err);
         goto end;
     }
     if (plainlen > outsize) {

@@ -627,7 +627,7 @@ typedef struct gen_ctx {
     unsigned int bits;
     uint32_t parent;
     char *auth;
-    uint8_t usage;    /* WIRE_USAGE_*; DEFAULT lets the broker choose (sign) */
+    uint8_t usage;    /* WIRE_USAGE_*; DEFAULT: sign and decrypt (RSA-PSS: sign) */
     uint16_t hash;    /* RSA-PSS: the hash the key's scheme is bound to */
     uint16_t mgf1;    /* RSA-PSS: the MGF1 hash asked for, 0 = the same */
     char *parent_auth; /* -pkeyopt parent-auth: */

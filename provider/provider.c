@@ -138,7 +138,8 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
         break;
     case WIRE_STATUS_PERMISSION_DENIED:
         reason = TPMB_R_BROKER_REFUSED;
-        hint = "; ask the broker's administrator to allow this user (--allow-uid/--allow-gid)";
+        hint = "; ask the broker's administrator to allow this user (--allow-uid/--allow-gid, "
+               "or the key's entry in the key policy)";
         break;
     default:
         reason = TPMB_R_BROKER_REFUSED;
@@ -152,6 +153,17 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
                    wire_status_name(err->status), err->message, hint);
     else
         tpmb_raise(ctx, file, line, func, reason, "%s: %s", what, err->message);
+}
+
+void tpmb_tell_refusal(TPMB_KEY *key, const char *what, const CLIENT_ERR *err)
+{
+    if (err->status != WIRE_STATUS_UNSUPPORTED && err->status != WIRE_STATUS_PERMISSION_DENIED)
+        return;
+    if (debug_enabled || key->refusal_told) /* debug output has every error already */
+        return;
+    key->refusal_told = 1;
+    fprintf(stderr, "tpmbroker: %s: %s: %s\n", what, wire_status_name(err->status),
+            err->message);
 }
 
 static const OSSL_PARAM provider_param_types[] = {

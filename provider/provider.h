@@ -76,6 +76,7 @@ typedef struct tpmb_key {
     uint32_t attributes;   /* TPMA_OBJECT */
     int empty_auth;        /* the file says the key has no password */
     char *parent_auth;     /* -pkeyopt parent-auth: at generation; NULL: the provider's */
+    int refusal_told;      /* tpmb_tell_refusal wrote this key's refusal to stderr */
 } TPMB_KEY;
 
 void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,
@@ -87,6 +88,14 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
                        const char *what, const CLIENT_ERR *err);
 #define TPMB_RAISE_CLIENT(ctx, what, err) \
     tpmb_raise_client((ctx), __FILE__, __LINE__, __func__, (what), (err))
+/*
+ * An RSA decryption the broker refused for the key's sake (its usage, the key policy) is
+ * also written to stderr, once per key: CMS clears OpenSSL's error queue after a failed
+ * key decryption (its defence against padding oracles) and reports only "bad decrypt".
+ * A refusal does not depend on the ciphertext, so saying it tells an attacker nothing; a
+ * padding failure (BAD_DIGEST) is never written. (CMS keeps ECDH errors on the queue.)
+ */
+void tpmb_tell_refusal(TPMB_KEY *key, const char *what, const CLIENT_ERR *err);
 
 void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -152,12 +152,13 @@ def test_sizes_and_curves_no_tpm_has_are_refused_with_the_tpms_reason(env: Env) 
 
 
 @pytest.mark.parametrize(("usage", "sign", "decrypt"), [
-    (None, True, False), ("sign", True, False), ("decrypt", False, True),
+    (None, True, True), ("sign", True, False), ("decrypt", False, True),
     ("sign,decrypt", True, True)])
 def test_usage_sets_the_key_attributes(env: Env, usage: str | None, sign: bool,
                                        decrypt: bool) -> None:
     """The same usage through openssl, tpmbroker keygen and Python gives the same TPM
-    attributes, read back from each key file's public area."""
+    attributes, read back from each key file's public area. Without a usage, keys sign
+    and decrypt, as tpm2-openssl's genpkey makes them; `sign` and `decrypt` narrow."""
     name = usage.replace(",", "-") if usage else "default"
     made: dict[str, int] = {}
     for alg, args in (("ec", ["-algorithm", "EC", "-pkeyopt", "group:P-256"]),
@@ -176,6 +177,10 @@ def test_usage_sets_the_key_attributes(env: Env, usage: str | None, sign: bool,
                 "sign,decrypt": p.Usage.SIGN_DECRYPT}[usage]
         der, _ = client.generate_key(p.KeyType.RSA, 2048, usage=wire)
         made["python rsa"] = _attributes(der_to_pem(der))
+        if usage in (None, "sign"):  # RSA-PSS keys only sign, whatever the default
+            der, _ = client.generate_key(p.KeyType.RSA_PSS, 2048, usage=wire)
+            pss = _attributes(der_to_pem(der))
+            assert pss & TPMA_OBJECT.SIGN_ENCRYPT and not pss & TPMA_OBJECT.DECRYPT
     for where, attributes in made.items():
         assert bool(attributes & TPMA_OBJECT.SIGN_ENCRYPT) == sign, where
         assert bool(attributes & TPMA_OBJECT.DECRYPT) == decrypt, where

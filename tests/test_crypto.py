@@ -26,10 +26,10 @@ from .tpmfixtures import Broker
 
 
 def _key_file(broker: Broker, tmp_path: Path, key_type: p.KeyType, param: int,
-              password: str | None = None) -> Path:
+              password: str | None = None, usage: p.Usage = p.Usage.DEFAULT) -> Path:
     with Client(broker.socket) as client:
-        der, _ = client.generate_key(key_type, param, password)
-    path = tmp_path / f"{key_type.name}-{param}.pem"
+        der, _ = client.generate_key(key_type, param, password, usage=usage)
+    path = tmp_path / f"{key_type.name}-{param}-{usage.name}.pem"
     path.write_bytes(der_to_pem(der))
     return path
 
@@ -65,7 +65,8 @@ def _self_signed(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cn: str,
 
 
 def test_key_classes_are_cryptography_keys(ec_key: ec.EllipticCurvePrivateKey,
-                                           rsa_key: rsa.RSAPrivateKey) -> None:
+                                           rsa_key: rsa.RSAPrivateKey, broker: Broker,
+                                           tmp_path: Path) -> None:
     assert isinstance(ec_key, ec.EllipticCurvePrivateKey)
     assert isinstance(ec_key.curve, ec.SECP256R1) and ec_key.key_size == 256
     assert isinstance(rsa_key, rsa.RSAPrivateKey) and rsa_key.key_size == 2048
@@ -77,10 +78,25 @@ def test_key_classes_are_cryptography_keys(ec_key: ec.EllipticCurvePrivateKey,
             key.private_numbers()
     with pytest.raises(UnsupportedAlgorithm):
         rsa_key.decrypt(b"x", padding.PSS(padding.MGF1(hashes.SHA256()), 32))  # no cipher
-    with pytest.raises(UnsupportedAlgorithm, match="decrypt attribute"):  # keygen: sign-only
-        rsa_key.decrypt(b"x", padding.PKCS1v15())
-    with pytest.raises(UnsupportedAlgorithm, match="sign-only"):  # keygen's EC keys
-        ec_key.exchange(ec.ECDH(), ec.generate_private_key(ec.SECP256R1()).public_key())
+    # Keys made with the default usage decrypt and derive (as tpm2-openssl's do) ...
+    ciphertext = rsa_key.public_key().encrypt(b"x", padding.PKCS1v15())
+    assert rsa_key.decrypt(ciphertext, padding.PKCS1v15()) == b"x"
+    peer = ec.generate_private_key(ec.SECP256R1())
+    assert ec_key.exchange(ec.ECDH(), peer.public_key()) == peer.exchange(
+        ec.ECDH(), ec_key.public_key())
+    # ... and sign-only keys (usage SIGN) refuse with the reason.
+    rsa_signer = tpmbroker.load_private_key(
+        _key_file(broker, tmp_path, p.KeyType.RSA, 2048, usage=p.Usage.SIGN),
+        socket=broker.socket)
+    ec_signer = tpmbroker.load_private_key(
+        _key_file(broker, tmp_path, p.KeyType.EC, p.Curve.P256, usage=p.Usage.SIGN),
+        socket=broker.socket)
+    assert isinstance(rsa_signer, rsa.RSAPrivateKey)
+    assert isinstance(ec_signer, ec.EllipticCurvePrivateKey)
+    with pytest.raises(UnsupportedAlgorithm, match="decrypt attribute"):
+        rsa_signer.decrypt(ciphertext, padding.PKCS1v15())
+    with pytest.raises(UnsupportedAlgorithm, match="sign-only"):
+        ec_signer.exchange(ec.ECDH(), peer.public_key())
 
 
 def test_refusals_are_cryptography_exceptions(ec_key: ec.EllipticCurvePrivateKey,

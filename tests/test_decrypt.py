@@ -93,10 +93,9 @@ class Env:
 
 
 def keygen(broker: Broker, alg: str, out: Path, *extra: str) -> Path:
-    """`tpmbroker keygen`; RSA keys with sign and decrypt (keygen's default is sign only)."""
-    usage = ["--usage", "sign,decrypt"] if alg.startswith("rsa") else []
+    """`tpmbroker keygen` with its default usage: the keys sign and decrypt."""
     subprocess.run([TPMBROKER, "keygen", "--alg", alg, "-o", str(out), "--socket", broker.socket,
-                    *usage, *extra], check=True, capture_output=True, timeout=180)
+                    *extra], check=True, capture_output=True, timeout=180)
     return out
 
 

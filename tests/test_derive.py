@@ -257,7 +257,7 @@ def test_ecdh_only_key_derives_and_refuses_to_sign(env: Env) -> None:
 
 def test_sign_only_key_is_refused_with_the_reason(env: Env) -> None:
     with env.client() as client:
-        der, _ = client.generate_key(p.KeyType.EC, p.Curve.P256)  # keygen's: sign only
+        der, _ = client.generate_key(p.KeyType.EC, p.Curve.P256, usage=p.Usage.SIGN)
         (env.dir / "sign-only.pem").write_bytes(der_to_pem(der))
         loaded = client.load_key(env.dir / "sign-only.pem")
         point = _point(ec.generate_private_key(ec.SECP256R1()).public_key())

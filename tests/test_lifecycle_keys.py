@@ -94,9 +94,9 @@ def test_persist_keys_evict_round_trip(abrmd: Abrmd, abrmd_broker: Broker,
         (entry,) = [o for o in listing["persistent"] if o["handle"] == f"0x{HANDLE:08x}"]
         assert entry["type"] == "EC" and entry["curve"] == "P-256"
         assert entry["name"] == name and entry["policy"] is False
-        assert {"sign", "fixedtpm", "fixedparent", "sensitivedataorigin",
-                "userwithauth"} <= set(entry["attributes"])
-        assert not {"restricted", "decrypt"} & set(entry["attributes"])
+        assert {"sign", "decrypt", "fixedtpm", "fixedparent", "sensitivedataorigin",
+                "userwithauth"} <= set(entry["attributes"])  # the default: sign and decrypt
+        assert "restricted" not in entry["attributes"]
         # What the broker holds: the key by handle and by file, each on the client's
         # connection (the CLI's own connection asks, and holds nothing).
         loaded = {k["key_id"]: k for k in listing["loaded"]}

@@ -190,23 +190,23 @@ def test_tls13_with_broker_padded_pss(swtpm: Swtpm, tmp_path: Path) -> None:
 
 
 def test_keys_the_broker_can_pad_for_are_asked_for(swtpm: Swtpm) -> None:
-    """Sign-only by default (docs/security.md, Key usage); sign,decrypt gives the broker
-    the raw RSA operation it pads PSS with, and a sign-only key that would need it says
-    how to make one that has it."""
+    """Sign and decrypt by default (docs/security.md, Key usage) gives the broker the raw
+    RSA operation it pads PSS with; a key narrowed to sign that would need it says how to
+    make one that has it."""
     worker = TpmWorker(swtpm.tcti, pss_padding="broker")
     deadline = time.monotonic() + 60
     worker.open(deadline)
     try:
-        der, _ = generate_key(worker, KeyType.RSA, 2048, b"", 0, deadline,
-                                     usage=Usage.SIGN_DECRYPT)
-        plain, _ = generate_key(worker, KeyType.RSA, 2048, b"", 0, deadline)
-        info = load_key(worker, KeySource.TSS2_DER, plain, deadline)
-        with pytest.raises(UnsupportedError, match="sign,decrypt"):
+        der, _ = generate_key(worker, KeyType.RSA, 2048, b"", 0, deadline)
+        signer, _ = generate_key(worker, KeyType.RSA, 2048, b"", 0, deadline,
+                                 usage=Usage.SIGN)
+        info = load_key(worker, KeySource.TSS2_DER, signer, deadline)
+        with pytest.raises(UnsupportedError, match="without `--usage sign`"):
             sign_digest(worker, info.key_id, b"", Scheme.PSS, Hash.SHA256, bytes(32), deadline)
     finally:
         worker.close()
     attributes = int(TSSPrivKey.from_der(der).public.publicArea.objectAttributes)
-    plain_attributes = int(TSSPrivKey.from_der(plain).public.publicArea.objectAttributes)
+    signer_attributes = int(TSSPrivKey.from_der(signer).public.publicArea.objectAttributes)
     assert attributes & TPMA_OBJECT.DECRYPT and attributes & TPMA_OBJECT.SIGN_ENCRYPT
-    assert plain_attributes & TPMA_OBJECT.SIGN_ENCRYPT
-    assert not plain_attributes & TPMA_OBJECT.DECRYPT
+    assert signer_attributes & TPMA_OBJECT.SIGN_ENCRYPT
+    assert not signer_attributes & TPMA_OBJECT.DECRYPT

@@ -172,7 +172,8 @@ def test_generated_key_is_a_tss2_key_that_loads_again(shared: Shared) -> None:
     assert tss.parent == 0x40000001
     attributes = tss.public.publicArea.objectAttributes
     assert attributes & TPMA_OBJECT.SIGN_ENCRYPT and attributes & TPMA_OBJECT.USERWITHAUTH
-    assert not attributes & (TPMA_OBJECT.NODA | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.RESTRICTED)
+    assert attributes & TPMA_OBJECT.DECRYPT  # the default usage: sign and decrypt
+    assert not attributes & (TPMA_OBJECT.NODA | TPMA_OBJECT.RESTRICTED)
     assert TSSPrivKey.from_der(shared.keys["ec-p256"][0]).empty_auth is True
 
     info = load_key(shared.worker, KeySource.TSS2_DER, der, soon())

@@ -5,7 +5,8 @@ log collector can filter on the logger and parse the fields. Events (docs/securi
 
 - `auth_failure`: the TPM refused a key's password (AUTH_FAILED).
 - `peer_refused`: a connection from a uid/gid the broker does not admit.
-- `key_refused`: the key policy refused a peer a key (PERMISSION_DENIED).
+- `key_refused`: the key policy refused a peer a key, or (with `operation=`) one
+  operation with it (PERMISSION_DENIED).
 - `tpm_reset`, `recovery`: the TPM restarted or the link broke, and the broker recovered.
 - `lockout_reserve`: the dictionary-attack shield refused password attempts.
 - `usage`: every --usage-interval, one line per (peer, key) that signed: "who signed with

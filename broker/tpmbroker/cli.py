@@ -22,7 +22,7 @@ SCHEMES = {"ecdsa": 1, "pkcs1": 2, "pss": 3}
 CURVES = {"P-192": 0x0001, "P-224": 0x0002, "P-256": 0x0003, "P-384": 0x0004,
           "P-521": 0x0005}
 KEY_TYPES = {"ec": 1, "rsa": 2, "rsa-pss": 3}
-USAGES = {"sign": 1, "decrypt": 2, "sign,decrypt": 3, "decrypt,sign": 3}
+USAGES = {None: 0, "sign": 1, "decrypt": 2, "sign,decrypt": 3, "decrypt,sign": 3}
 
 
 def _alg(text: str) -> tuple[int, int]:
@@ -742,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alg", type=_alg, default=None,
                     help="ec:P-192|P-224|P-256|P-384|P-521, rsa:BITS (1024 to 4096, as the "
                          "TPM has them), rsa-pss:BITS (scheme bound to RSASSA-PSS)")
-    sp.add_argument("--usage", choices=["sign", "decrypt", "sign,decrypt"], default="sign",
-                    help="what the key may do (default sign; docs/security.md, Key usage)")
+    sp.add_argument("--usage", choices=["sign", "decrypt", "sign,decrypt"], default=None,
+                    help="narrow what the key may do (default: sign and decrypt, as "
+                         "tpm2-openssl; rsa-pss keys sign; docs/security.md, Key usage)")
     sp.add_argument("--digest", help="rsa-pss keys: the hash the key signs with "
                                      "(default sha256)")
     sp.add_argument("--password-file", help="file whose first line is the key's password")

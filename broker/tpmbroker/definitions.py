@@ -155,7 +155,7 @@ class Curve(enum.IntEnum):
 class Usage(enum.IntEnum):
     """What a GENERATEd key may do (docs/security.md, "Key usage"): its TPM attributes."""
 
-    DEFAULT = 0  # the broker's default: SIGN
+    DEFAULT = 0  # the broker's default: SIGN_DECRYPT, as tpm2-openssl; SIGN for RSA-PSS
     SIGN = 1
     DECRYPT = 2  # RSA decryption, ECDH
     SIGN_DECRYPT = 3  # both, as tpm2-openssl makes its keys

@@ -9,12 +9,23 @@ The policy file is TOML:
     uids = ["root", 1000]             # user names or numbers
     gids = ["pki"]                    # groups, primary or supplementary
     executables = ["/usr/bin/openssl"]
+    operations = ["sign"]             # what it may do: sign, decrypt, derive (default: all)
 
 A key entry names one key, by exactly one of `file`, `key_id` or `handle`. A peer may use
 the key if its uid is in `uids` or one of its groups in `gids` (any admitted peer when both
 are absent), and, when `executables` is given, its /proc/PID/exe is one of them. Root is
 not exempt. Several entries naming the same key each grant it. A key named by no entry is
 allowed or refused by `default`.
+
+`operations` says what an admitted peer may do with the key: "sign" (SIGN, SIGN_MESSAGE),
+"decrypt" (DECRYPT) and "derive" (DERIVE, ECDH). Without it, every operation the key's TPM
+attributes allow, so a file written before `operations` keeps its meaning. With a key
+that can also sign, RSA decryption without padding is a signature by another name
+(m^d mod n), and PKCS#1 v1.5 decryption that reports bad padding (implicit rejection
+off) is a Bleichenbacher oracle that computes m^d too: both need "sign" as well as
+"decrypt". Entries for the same key add up: a peer gets the operations of every entry
+that admits it. A peer may LOAD a key it is admitted to even with `operations = []` (it
+reads the public key); each operation is checked when it is asked for.
 
 Keys named by `file` are recognised by their public key, whatever the bytes a client sends
 (another encoding of the same key is the same key); `key_id` names exact LOAD bytes, and
@@ -40,7 +51,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_ENTRY_FIELDS = {"file", "key_id", "handle", "uids", "gids", "executables"}
+_ENTRY_FIELDS = {"file", "key_id", "handle", "uids", "gids", "executables", "operations"}
+
+# The rights a key entry grants (`operations`): SIGN and SIGN_MESSAGE need "sign", DECRYPT
+# "decrypt", DERIVE "derive".
+OPERATIONS = ("sign", "decrypt", "derive")
+_WHY_SIGN = (": with a key that can sign, decryption without padding, or PKCS#1 v1.5 "
+             "without implicit rejection, gives signatures")
 
 
 class PolicyError(ValueError):
@@ -79,6 +96,7 @@ class KeyRule:
     uids: frozenset[int]
     gids: frozenset[int]
     executables: frozenset[str]
+    operations: frozenset[str] = frozenset(OPERATIONS)
 
     def names(self, key_id: bytes, public_key: bytes) -> bool:
         return key_id in self.key_ids or public_key in self.public_keys
@@ -94,6 +112,7 @@ class Decision:
     allowed: bool
     key: str  # the rule's name, or the key id in hex when no rule names the key
     reason: str
+    operation: str | None = None  # the right refused; None: the key itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +121,31 @@ class KeyPolicy:
     default_allow: bool = True
     path: str = ""
 
-    def decide(self, peer: Peer, key_id: bytes, public_key: bytes) -> Decision:
+    def decide(self, peer: Peer, key_id: bytes, public_key: bytes,
+               operations: tuple[str, ...] = ()) -> Decision:
+        """May `peer` use the key, and do each of `operations` with it (none: LOAD)?"""
         matching = [rule for rule in self.rules if rule.names(key_id, public_key)]
         if not matching:
             return Decision(self.default_allow, key_id.hex()[:16],
                             f"not named in the policy (default {self.default_name})")
-        for rule in matching:
-            if rule.admits(peer):
-                return Decision(True, rule.name, f"policy key {rule.name}")
-        names = ", ".join(rule.name for rule in matching)
-        return Decision(False, matching[0].name,
-                        f"policy key {names} does not admit uid {peer.uid}"
-                        + (f" ({peer.exe})" if peer.exe else ""))
+        admitting = [rule for rule in matching if rule.admits(peer)]
+        who = f"uid {peer.uid}" + (f" ({peer.exe})" if peer.exe else "")
+        if not admitting:
+            names = ", ".join(rule.name for rule in matching)
+            return Decision(False, matching[0].name,
+                            f"policy key {names} does not admit {who}")
+        granted = frozenset().union(*(rule.operations for rule in admitting))
+        for operation in operations:
+            if operation not in granted:
+                names = ", ".join(rule.name for rule in admitting)
+                also = (f"; this {operations[0]} needs {operation} too"
+                        + (_WHY_SIGN if operation == "sign" else "")
+                        if operation != operations[0] else "")
+                return Decision(False, admitting[0].name,
+                                f"policy key {names} does not grant {operation} to {who}"
+                                f" (operations = [{', '.join(sorted(granted))}]){also}",
+                                operation)
+        return Decision(True, admitting[0].name, f"policy key {admitting[0].name}")
 
     def name_of(self, key_id: bytes, public_key: bytes) -> str:
         for rule in self.rules:
@@ -182,10 +214,17 @@ def _rule(where: str, name: str, entry: Any) -> KeyRule:
         if not isinstance(exes, list) or not all(isinstance(e, str) and e.startswith("/")
                                                  for e in exes):
             raise ValueError("executables must be a list of absolute paths")
+        operations = entry.get("operations", list(OPERATIONS))
+        if not isinstance(operations, list) or not all(isinstance(o, str) for o in operations):
+            raise ValueError(f"operations must be a list of {', '.join(OPERATIONS)}")
+        unknown_operations = [o for o in operations if o not in OPERATIONS]
+        if unknown_operations:
+            raise ValueError(f"unknown operation(s) {', '.join(unknown_operations)}: give "
+                             f"{', '.join(OPERATIONS)}")
     except (ValueError, KeyError, TypeError, TpmBrokerError) as exc:
         raise PolicyError(f"{at}: {exc}") from None
     return KeyRule(name, frozenset(key_ids), frozenset(public_keys), uids, gids,
-                   frozenset(os.path.realpath(e) for e in exes))
+                   frozenset(os.path.realpath(e) for e in exes), frozenset(operations))
 
 
 def _ids(values: Any, lookup: Any, attr: str) -> set[int]:

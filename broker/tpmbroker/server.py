@@ -336,19 +336,22 @@ class Connection(asyncio.Protocol):
             self._who = Peer.of(self.peer.pid, self.peer.uid, self.peer.gid)
         return self._who
 
-    def check_key(self, key_id: bytes, public_key: bytes) -> None:
-        """PermissionDeniedError unless the key policy lets this peer use the key."""
+    def check_key(self, key_id: bytes, public_key: bytes,
+                  operations: tuple[str, ...] = ()) -> None:
+        """PermissionDeniedError unless the key policy lets this peer use the key, and
+        do each of `operations` with it (tpmbroker.policy.OPERATIONS; none: LOAD)."""
         policy = self.server.config.policy
         if policy is None:
             self.key_names[key_id] = (key_id.hex()[:16], b"")
             return
-        decision = policy.decide(self.who, key_id, public_key)
+        decision = policy.decide(self.who, key_id, public_key, operations)
         if not decision.allowed:
             self.server.stats.refused_keys += 1
             audit("key_refused", pid=self.peer.pid, uid=self.peer.uid, exe=self.who.exe,
-                  key=decision.key, reason=decision.reason)
-            self.keys.pop(key_id, None)
-            self.key_names.pop(key_id, None)
+                  key=decision.key, operation=decision.operation, reason=decision.reason)
+            if decision.operation is None:  # the key itself, not one use of it
+                self.keys.pop(key_id, None)
+                self.key_names.pop(key_id, None)
             raise PermissionDeniedError(f"key {decision.key}: {decision.reason}")
         self.key_names[key_id] = (decision.key, public_key)
 
@@ -449,14 +452,15 @@ class Incoming:
         conn.pending.add(pending)
         server.enqueue(pending.job)
 
-    def key_auth(self, key_id: bytes) -> bytes:
+    def key_auth(self, key_id: bytes, operations: tuple[str, ...] = ()) -> bytes:
         keys = self.conn.keys
         auth = keys.pop(key_id, None)
         if auth is None:
             raise UnknownKeyError("key not loaded on this connection; send LOAD first")
         keys[key_id] = auth  # most recently used last
         if self.conn.server.config.policy is not None:  # refused since it was loaded?
-            self.conn.check_key(key_id, self.conn.key_names.get(key_id, ("", b""))[1])
+            self.conn.check_key(key_id, self.conn.key_names.get(key_id, ("", b""))[1],
+                                operations)
         self.key_id = key_id
         return auth
 

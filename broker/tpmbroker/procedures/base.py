@@ -40,8 +40,10 @@ class Request(Protocol):
         its result into the answer on the event loop. `lane`, if given, prepares the
         same TPM command for the event loop to send itself (tpmbroker.server)."""
 
-    def key_auth(self, key_id: bytes) -> bytes:
-        """The password this connection loaded `key_id` with; UnknownKeyError if none."""
+    def key_auth(self, key_id: bytes, operations: tuple[str, ...] = ()) -> bytes:
+        """The password this connection loaded `key_id` with; UnknownKeyError if none,
+        PermissionDeniedError if the key policy refuses the key or one of `operations`
+        (tpmbroker.policy.OPERATIONS) to this peer."""
 
     def check_key(self, key_id: bytes, public_key: bytes) -> None:
         """PermissionDeniedError unless the key policy lets this peer use the key."""

@@ -18,11 +18,19 @@ TPM_RC_VALUE = 0x084
 
 
 def serve(request: Request, msg: Decrypt) -> None:
-    auth = request.key_auth(msg.key_id)
     padding = member(Padding, msg.padding, "padding")
     if msg.flags & ~KNOWN_FLAGS:
         raise UnsupportedError(f"unknown DECRYPT flags 0x{msg.flags & ~KNOWN_FLAGS:02x}")
     implicit = bool(msg.flags & DecryptFlag.IMPLICIT_REJECTION)
+    # With a key that can sign (an unknown key counts as one), raw decryption is m^d mod n,
+    # a signature by another name, and PKCS#1 v1.5 that answers a bad padding with an
+    # error is a Bleichenbacher oracle, which computes m^d too: the key policy must grant
+    # sign as well as decrypt. OAEP and implicit rejection give no such answer.
+    gives_signatures = padding is Padding.NONE or (padding is Padding.PKCS1 and not implicit)
+    known = request.worker.known(msg.key_id)
+    signs = known is None or known.can_sign
+    auth = request.key_auth(msg.key_id, ("decrypt", "sign") if gives_signatures and signs
+                            else ("decrypt",))
     if padding is Padding.OAEP:
         hash = member(Hash, msg.hash, "OAEP hash")
         mgf1 = member(Hash, msg.mgf1_hash or msg.hash, "MGF1 hash")

@@ -12,7 +12,7 @@ from .base import Request
 
 
 def serve(request: Request, msg: Derive) -> None:
-    auth = request.key_auth(msg.key_id)
+    auth = request.key_auth(msg.key_id, ("derive",))
     point = msg.point
     if not (3 <= len(point) <= MAX_POINT and len(point) % 2 == 1 and point[0] == 0x04):
         raise BadDigestError("the peer's public key must be an uncompressed EC point "

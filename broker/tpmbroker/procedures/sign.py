@@ -19,7 +19,7 @@ from .base import Request
 
 
 def serve(request: Request, msg: Sign) -> None:
-    auth = request.key_auth(msg.key_id)
+    auth = request.key_auth(msg.key_id, ("sign",))
     scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
     key_id, digest = msg.key_id, msg.digest
     if len(digest) != hash.digest_size:
@@ -121,8 +121,8 @@ def _pss_by_broker(tpm: TpmWorker, entry: CachedKey) -> bool:
         raise UnsupportedError(
             "this TPM signs RSA-PSS with a salt longer than the digest, which TLS 1.3 "
             "verifiers reject, and the key lacks the decrypt attribute the broker needs "
-            "to pad PSS itself; make the key with `tpmbroker keygen --usage "
-            "sign,decrypt` (or -pkeyopt usage:sign,decrypt), use an EC key, or sign "
+            "to pad PSS itself; make the key without `--usage sign` (or -pkeyopt "
+            "usage:sign): the default signs and decrypts; or use an EC key, or sign "
             "with PKCS#1 v1.5")
     return bool(entry.pss_by_broker)
 

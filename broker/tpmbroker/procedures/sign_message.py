@@ -27,14 +27,15 @@ TPM_GENERATED_VALUE = b"\xffTCG"
 
 
 def serve(request: Request, msg: SignMessage) -> None:
-    auth = request.key_auth(msg.key_id)
+    auth = request.key_auth(msg.key_id, ("sign",))
     scheme, hash = scheme_and_hash(msg.scheme, msg.hash)
     key_id, message = msg.key_id, msg.message
     if len(message) > MAX_MESSAGE:
         raise UnsupportedError(f"message of {len(message)} bytes: SIGN_MESSAGE carries at "
                                f"most {MAX_MESSAGE} (MAX_MESSAGE)")
     worker, deadline, peer = request.worker, request.deadline, request.peer_uid
-    if worker.restricted(key_id) is False:
+    known = worker.known(key_id)
+    if known is not None and not known.restricted:
         # An ordinary key: hash here and sign the digest as SIGN does, lane and all.
         digest = hashlib.new(hash.hashlib_name, message).digest()
         sign.submit(request, key_id, auth, scheme, hash, digest, SignMessageResult)

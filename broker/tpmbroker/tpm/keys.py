@@ -279,7 +279,8 @@ def decryption_scheme(public: Any, padding: Padding, hash: Hash, mgf1: Hash,
     attributes = int(public.objectAttributes)
     if not attributes & TPMA_OBJECT.DECRYPT:
         raise UnsupportedError("the key cannot decrypt: its decrypt attribute is clear "
-                               "(a signing-only key)")
+                               "(a sign-only key, made with usage sign); keys made without "
+                               "a usage both sign and decrypt")
     if attributes & TPMA_OBJECT.RESTRICTED:
         raise UnsupportedError("the key is a restricted decryption key (a storage parent): "
                                "the TPM decrypts only its own objects with it")
@@ -313,7 +314,8 @@ def check_ecdh_key(public: Any) -> None:
     attributes = int(public.objectAttributes)
     if not attributes & TPMA_OBJECT.DECRYPT:
         raise UnsupportedError("the key cannot do ECDH: it is a sign-only key (decrypt "
-                               "attribute clear); ECDH needs a key made with decrypt")
+                               "attribute clear, made with usage sign); keys made without "
+                               "a usage both sign and derive")
     if attributes & TPMA_OBJECT.RESTRICTED:
         raise UnsupportedError("the key cannot do ECDH: it is a restricted decryption "
                                "key (a storage parent)")
@@ -387,10 +389,12 @@ def storage_parent_template(rsa: bool) -> Any:
 
 def usage_attributes(key_type: KeyType, usage: Usage) -> int:
     """TPMA_OBJECT bits SIGN_ENCRYPT and DECRYPT for a usage (docs/security.md, "Key
-    usage"). The default is SIGN alone: a key that also decrypts with scheme NULL makes
-    TPM2_RSA_Decrypt a raw private-key operation, that is a signing oracle, and a key
-    that signs and does ECDH mixes two uses. RSA-PSS keys only sign."""
-    usage = Usage.SIGN if usage is Usage.DEFAULT else usage
+    usage"). The default is both, as tpm2-openssl and tpm2_create make keys: what a
+    client may do with a key it may use is the key policy's to say (tpmbroker.policy,
+    operations); SIGN or DECRYPT alone narrows the key for good. RSA-PSS keys only sign:
+    their scheme is bound to PSS."""
+    if usage is Usage.DEFAULT:
+        usage = Usage.SIGN if key_type is KeyType.RSA_PSS else Usage.SIGN_DECRYPT
     if key_type is KeyType.RSA_PSS and usage is not Usage.SIGN:
         raise UnsupportedError("an RSA-PSS key only signs: its scheme is bound to PSS; "
                                "make an RSA key for decryption")
@@ -545,6 +549,10 @@ class CachedKey:
     def restricted(self) -> bool:
         """An attestation key: it signs only what the TPM hashed itself (SIGN_MESSAGE)."""
         return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.RESTRICTED))
+
+    @property
+    def can_sign(self) -> bool:
+        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.SIGN_ENCRYPT))
 
     @property
     def can_decrypt(self) -> bool:

@@ -156,11 +156,10 @@ class TpmWorker:
             raise UnknownKeyError("unknown key id; send LOAD first")
         return entry
 
-    def restricted(self, key_id: bytes) -> bool | None:
-        """On the event loop, no TPM: is the key a restricted signing key (None: the
-        worker does not know the key now)."""
-        entry = self.objects.keys.get(key_id)
-        return None if entry is None else entry.restricted
+    def known(self, key_id: bytes) -> CachedKey | None:
+        """On the event loop, no TPM: the key LOAD made known by this id, if the worker
+        knows it now (its attributes tell a procedure's check what the key can do)."""
+        return self.objects.keys.get(key_id)
 
     def with_password(self, entry: CachedKey, auth: bytes, peer: int, deadline: float,
                       operation: Callable[[], T]) -> T:

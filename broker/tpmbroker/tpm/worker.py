@@ -910,13 +910,14 @@ class TpmWorker:
         if key_type is KeyType.EC:
             if param not in self._tpm_curves():
                 raise UnsupportedError(f"this TPM has no curve {_curve_name(param)} "
-                                       "(TPM2_GetCapability "
-                                       "TPM_CAP_ECC_CURVES does not list it)")
+                                       "(TPM2_GetCapability TPM_CAP_ECC_CURVES does not list "
+                                       "it; `tpmbroker status` lists tpm_curves)")
             return
         rc = self._rsa_size_rc(param)
         if rc is not None:
             raise UnsupportedError(f"this TPM has no RSA-{param} (TPM2_TestParms: "
-                                   f"{_rc_name(rc)})", tpm_rc=rc)
+                                   f"{_rc_name(rc)}); `tpmbroker status` lists the sizes "
+                                   "it has (tpm_rsa_bits)", tpm_rc=rc)
 
     def _tpm_curves(self) -> list[int]:
         if self._curves is None:

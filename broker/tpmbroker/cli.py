@@ -722,6 +722,23 @@ def _cmd_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pcrread(args: argparse.Namespace) -> int:
+    try:
+        from .keypolicy import parse_pcr_lock
+
+        parse_pcr_lock(args.pcrs)
+    except ValueError as exc:
+        raise UsageError(f"PCRS {args.pcrs!r}: {exc}") from None
+    with _client(args) as client:
+        values = client.pcr_read(args.pcrs)
+    if args.values:
+        print(",".join(value.hex() for _, _, value in values))
+    else:
+        for bank, pcr, value in values:
+            print(f"{bank}:{pcr} {value.hex()}")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.status()
@@ -992,6 +1009,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     client_opts(sp)
     sp.set_defaults(func=_cmd_random)
+
+    sp = sub.add_parser("pcrread", help="PCR values, read through the broker (for "
+                                        "--pcr-values)")
+    sp.add_argument("pcrs", metavar="[BANK:]PCRS", nargs="?", default="sha256:0-23",
+                    help="as --pcr-lock spells them: 16, sha256:16,17, sha1:0+sha256:7 "
+                         "(default sha256:0-23)")
+    sp.add_argument("--values", action="store_true",
+                    help="only the values, comma-separated in PCR order, as --pcr-values "
+                         "takes them")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_pcrread)
 
     sp = sub.add_parser("status", help="pool, TPM sessions, queue and counters")
     sp.add_argument("--json", action="store_true")

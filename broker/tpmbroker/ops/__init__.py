@@ -17,6 +17,7 @@ from . import (
     lifecycle,
     load,
     nv_read,
+    pcr_read,
     random,
     sign,
     sign_message,
@@ -32,6 +33,7 @@ from .import_key import Import, ImportResult
 from .lifecycle import Evict, EvictResult, KeysRequest, KeysResult, Persist, PersistResult
 from .load import Load, LoadResult
 from .nv_read import NvRead, NvReadResult
+from .pcr_read import PcrRead, PcrReadResult
 from .random import Random, RandomResult
 from .sign import Sign, SignResult
 from .sign_message import SignMessage, SignMessageResult
@@ -54,6 +56,7 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.EVICT: Operation(Evict, EvictResult, lifecycle.serve_evict),
     Opcode.KEYS: Operation(KeysRequest, KeysResult, lifecycle.serve_keys),
     Opcode.IMPORT: Operation(Import, ImportResult, import_key.serve),
+    Opcode.PCR_READ: Operation(PcrRead, PcrReadResult, pcr_read.serve),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
@@ -82,6 +85,8 @@ __all__ = [
     "NvRead",
     "NvReadResult",
     "Operation",
+    "PcrRead",
+    "PcrReadResult",
     "Persist",
     "PersistResult",
     "Random",

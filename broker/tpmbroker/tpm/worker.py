@@ -694,6 +694,13 @@ class TpmWorker:
         return self._execute(deadline, lambda session: command.prepare_get_random(
             session, want), command.sized_result)
 
+    def pcr_read(self, selection: bytes, deadline: float) -> tuple[bytes, bytes]:
+        """TPM2_PCR_Read of a TPML_PCR_SELECTION: (the selection the TPM answered for,
+        the values one after the other). It needs no authorization: no session."""
+        answered, values = self._run(deadline, "reading PCRs",
+                                     lambda: command.pcr_read(self.link.require(), selection))
+        return answered, b"".join(values)
+
     def nv_read(self, index: int, deadline: float) -> bytes:
         """The whole contents of NV index `index`, read through a pool session that
         encrypts each chunk on its way back.

@@ -310,7 +310,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             config.policy = load_policy(args.policy)
         except PolicyError as exc:
-            print(f"tpmbroker: policy: {exc}", file=sys.stderr)
+            print(f"tpmbroker serve: --policy {exc}", file=sys.stderr)
             return 2
         logging.getLogger("tpmbroker.server").info(
             "key policy %s: %d key(s), default %s", args.policy, len(config.policy.rules),
@@ -491,7 +491,7 @@ def _cmd_wrap(args: argparse.Namespace) -> int:
             else:
                 raise
     except ValueError as exc:
-        raise SystemExit(f"tpmbroker keygen: {args.wrap}: {exc}") from None
+        raise SystemExit(f"tpmbroker keygen: --wrap {args.wrap}: {exc}") from None
     del data
     password = _key_password(args)
     usage = p.Usage(USAGES[args.usage])

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -232,3 +233,36 @@ def test_doc_runs_as_written(path: Path, tmp_path: Path) -> None:
     ran, marked = run_file(path, tmp_path)
     print(f"{path.relative_to(ROOT)}: {ran} blocks run, {marked} marked")
     assert ran == len(runnable) - marked
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="no nginx")
+def test_nginx_samples_pass_nginx_t(broker: Broker, tmp_path: Path) -> None:
+    """docs/nginx.md's openssl.cnf and nginx.conf for a server, with this machine's paths
+    for the module, the socket and the key: `nginx -t` accepts them and loads the key."""
+    from tpmbroker.client import Client
+    from tpmbroker.keyfile import der_to_pem
+    from tpmbroker.paths import provider_path
+    from tpmbroker.protocol import Curve, KeyType
+
+    samples = {b.lang: b.text for b in blocks(ROOT / "docs" / "nginx.md")
+               if b.lang == "nginx" or (b.lang == "ini" and "[tpmbroker_sect]" in b.text)}
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    with Client(broker.socket) as client:
+        der, _ = client.generate_key(KeyType.EC, Curve.P256)
+    (tls / "site.key").write_bytes(der_to_pem(der))
+    subprocess.run(["openssl", "req", "-new", "-x509", "-provider-path",
+                    str(provider_path().parent), "-provider", "default", "-provider",
+                    "tpmbroker", "-key", str(tls / "site.key"), "-subj", "/CN=site",
+                    "-out", str(tls / "site.crt")], check=True, capture_output=True,
+                   env=dict(os.environ, TPMBROKER_SOCKET=broker.socket), timeout=60)
+    cnf = re.sub(r"(?m)^module = .*$", f"module = {provider_path()}", samples["ini"])
+    cnf = cnf.replace("/run/tpmbroker/tpmbroker.sock", broker.socket)
+    (tmp_path / "openssl.cnf").write_text(cnf)
+    (tmp_path / "nginx.conf").write_text(samples["nginx"].replace("/etc/nginx/tls", str(tls)))
+    out = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                          "-g", f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, OPENSSL_CONF=str(tmp_path / "openssl.cnf")))
+    assert out.returncode == 0, out.stderr
+    assert "test is successful" in out.stderr

@@ -170,7 +170,8 @@ def test_serve_ignores_an_openssl_conf_that_loads_tpmbroker(swtpm: Swtpm, tmp_pa
 
 MISSING = "/nonexistent-dir/file"
 # (arguments, what the line must name). `{key}` is a key file the broker made, `{soft}`
-# a software key, `{dir}` the test's directory. Every subcommand appears (checked below).
+# a software key, `{enc}` the same encrypted, `{dir}` the test's directory. Every
+# subcommand appears (checked below).
 BAD_INPUTS: list[tuple[tuple[str, ...], str]] = [
     (("serve", "--socket-mode", "99x", "--tcti", "x"), "--socket-mode"),
     (("serve", "--allow-uid", "no-such-user", "--tcti", "x"), "--allow-uid"),
@@ -192,6 +193,8 @@ BAD_INPUTS: list[tuple[tuple[str, ...], str]] = [
     (("keygen", "--wrap", "{soft}", "--passin", f"file:{MISSING}", "-o", "{dir}/k.pem"),
      "--passin"),
     (("keygen", "--usage", "everything", "-o", "{dir}/k.pem"), "--usage"),
+    (("keygen", "--wrap", "{enc}", "-o", "{dir}/k.pem"), "--passin"),
+    (("keygen", "--wrap", "{enc}", "--passin", "pass:wrong", "-o", "{dir}/k.pem"), "--wrap"),
     (("parent-pubkey", "--parent", "0x1"), "--parent"),
     (("parent-pubkey", "-o", MISSING), "-o/--output"),
     (("policy", "sign", "--signing-key", MISSING, "{key}"), "--signing-key"),
@@ -239,15 +242,20 @@ def test_bad_input_gets_one_line_naming_the_option(broker: Broker, tmp_path: Pat
     with Client(broker.socket) as client:
         der, _ = client.generate_key(KeyType.EC, Curve.P256)
     key.write_bytes(der_to_pem(der))
+    software = ec.generate_private_key(ec.SECP256R1())
     soft = tmp_path / "software.pem"  # a software key, to wrap or to sign policies with
-    soft.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    soft.write_bytes(software.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    enc = tmp_path / "encrypted.pem"  # the same, with a passphrase
+    enc.write_bytes(software.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.BestAvailableEncryption(b"right")))
     env = {k: v for k, v in os.environ.items() if k != "TPMBROKER_TCTI"}
     env["TPMBROKER_SOCKET"] = broker.socket
     before = sorted(tmp_path.iterdir())
     for args, option in BAD_INPUTS:
-        argv = [a.format(key=key, soft=soft, dir=tmp_path) for a in args]
+        argv = [a.format(key=key, soft=soft, enc=enc, dir=tmp_path) for a in args]
         # No terminal (a new session, stdin from /dev/null), as under cron or CI.
         out = subprocess.run([TPMBROKER, *argv], capture_output=True, text=True, timeout=60,
                              env=env, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -428,9 +428,14 @@ def _write(path: str, data: bytes, mode: int = 0o644) -> None:
     if path == "-":
         sys.stdout.buffer.write(data)
         return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write names no file: this one (main names it)
+            exc.filename = path
+        raise
 
 
 def _passin(spec: str | None) -> bytes | None:
@@ -491,7 +496,9 @@ def _cmd_wrap(args: argparse.Namespace) -> int:
             else:
                 raise
     except ValueError as exc:
-        raise SystemExit(f"tpmbroker keygen: --wrap {args.wrap}: {exc}") from None
+        fix = (" with --passin (pass:, file:, env:, fd:), or on a terminal"
+               if passphrase is None and "encrypted" in str(exc) else "")
+        raise SystemExit(f"tpmbroker keygen: --wrap {args.wrap}: {exc}{fix}") from None
     del data
     password = _key_password(args)
     usage = p.Usage(USAGES[args.usage])

@@ -31,3 +31,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
 echo "tpmbroker installed in .venv; provider at $(.venv/bin/tpmbroker provider-path)"
+echo "put the tpmbroker command on your PATH: source .venv/bin/activate"

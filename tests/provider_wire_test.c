@@ -167,6 +167,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
         break;
     case WIRE_OPCODE_GENERATE:
     case WIRE_OPCODE_IMPORT:
+    case WIRE_OPCODE_PCR_READ:
         a = wire_get_bytes(r);
         b = wire_get_bytes(r);
         printf(" ");

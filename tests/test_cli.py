@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tpmbroker.client import Client
 from tpmbroker.errors import TpmBrokerError
@@ -161,3 +164,129 @@ def test_serve_ignores_an_openssl_conf_that_loads_tpmbroker(swtpm: Swtpm, tmp_pa
         assert "tpmbroker.so" not in maps
     finally:
         broker.stop()
+
+
+# --- bad input: one line naming the option and the fix, never a traceback ---------------
+
+MISSING = "/nonexistent-dir/file"
+# (arguments, what the line must name). `{key}` is a key file the broker made, `{soft}`
+# a software key, `{enc}` the same encrypted, `{dir}` the test's directory. Every
+# subcommand appears (checked below).
+BAD_INPUTS: list[tuple[tuple[str, ...], str]] = [
+    (("serve", "--socket-mode", "99x", "--tcti", "x"), "--socket-mode"),
+    (("serve", "--allow-uid", "no-such-user", "--tcti", "x"), "--allow-uid"),
+    (("serve", "--socket-group", "no-such-group", "--tcti", "x"), "--socket-group"),
+    (("serve", "--policy", MISSING, "--tcti", "x"), "--policy"),
+    (("serve", "--sessions", "seven"), "--sessions"),
+    (("keygen", "-o", MISSING), "-o/--output"),
+    (("keygen", "-a", "-o", "{dir}/k.pem"), "-a/--auth"),
+    (("keygen", "--wrap", MISSING, "-o", "{dir}/k.pem"), "--wrap"),
+    (("keygen", "--parent", "foo", "-o", "{dir}/k.pem"), "--parent"),
+    (("keygen", "--password-file", MISSING, "-o", "{dir}/k.pem"), "--password-file"),
+    (("keygen", "--parent-auth-file", MISSING, "-o", "{dir}/k.pem"), "--parent-auth-file"),
+    (("keygen", "--auth-policy", MISSING, "-o", "{dir}/k.pem"), "--auth-policy"),
+    (("keygen", "--alg", "ec:P-999", "-o", "{dir}/k.pem"), "--alg"),
+    (("keygen", "--pcr-lock", "99", "-o", "{dir}/k.pem"), "--pcr-lock"),
+    (("keygen", "--pcr-lock", "16", "--pcr-values", "zz", "-o", "{dir}/k.pem"),
+     "--pcr-values"),
+    (("keygen", "--wrap", "{soft}", "--import", MISSING, "-o", "{dir}/k.pem"), "--import"),
+    (("keygen", "--wrap", "{soft}", "--passin", f"file:{MISSING}", "-o", "{dir}/k.pem"),
+     "--passin"),
+    (("keygen", "--usage", "everything", "-o", "{dir}/k.pem"), "--usage"),
+    (("keygen", "--wrap", "{enc}", "-o", "{dir}/k.pem"), "--passin"),
+    (("keygen", "--wrap", "{enc}", "--passin", "pass:wrong", "-o", "{dir}/k.pem"), "--wrap"),
+    (("parent-pubkey", "--parent", "0x1"), "--parent"),
+    (("parent-pubkey", "-o", MISSING), "-o/--output"),
+    (("policy", "sign", "--signing-key", MISSING, "{key}"), "--signing-key"),
+    (("policy", "sign", "--signing-key", "{soft}", "--pcr-lock", "16", "--pcr-values", "HEX",
+      "{key}"), "--pcr-values"),
+    (("policy", "sign", "--signing-key", "{soft}", MISSING), "KEYFILE"),
+    (("pubkey", MISSING), "KEY"),
+    (("pubkey", "{key}", "-o", MISSING), "-o/--output"),
+    (("sign", "--key", "{key}", "--in", MISSING, "--out", "{dir}/s"), "--in"),
+    (("sign", "--key", "{key}", "--in", "{key}", "--out", MISSING), "--out"),
+    (("sign", "--key", MISSING, "--in", "{key}", "--out", "{dir}/s"), "--key"),
+    (("sign", "--key", "{key}", "--in", "{key}", "--out", "{dir}/s", "--hash", "md5"),
+     "--hash"),
+    (("decrypt", "--key", "{key}", "--in", MISSING), "--in"),
+    (("decrypt", "--key", MISSING, "--in", "{key}"), "--key"),
+    (("decrypt", "--key", "{key}", "--in", "{key}", "--padding", "oaep", "--label-hex",
+      "zz"), "--label-hex"),
+    (("random", "8", "-o", MISSING), "-o/--output"),
+    (("random", "many"), "count"),
+    (("pcrread", "sha3:16"), "PCRS"),
+    (("status", "--timeout", "0"), "--timeout"),
+    (("load", "--key", "{key}", "--clients", "0"), "--clients"),
+    (("load", "--key", MISSING), "--key"),
+    (("persist", "{key}", "0x80000010"), "handle"),
+    (("persist", "{key}", "0x81000010", "--owner-auth-file", MISSING), "--owner-auth-file"),
+    (("evict", "0x81000010", "--owner-auth-file", MISSING), "--owner-auth-file"),
+    (("evict", "handle:zz"), "handle"),
+    (("keys", "--socket", MISSING), MISSING),
+    (("simulator", "--state-dir", "/proc/nonexistent"), "--state-dir"),
+    (("simulator", "--port", "70000"), "--port"),
+    (("provider-path", "--extra"), "--extra"),
+]
+
+
+def test_bad_inputs_cover_every_subcommand() -> None:
+    out = run("no-such-command")
+    assert out.returncode == 2
+    listed = set(out.stderr.split("(choose from ", 1)[1].split(")", 1)[0]
+                 .replace("'", "").split(", "))
+    assert listed == {args[0] for args, _ in BAD_INPUTS}
+
+
+def test_bad_input_gets_one_line_naming_the_option(broker: Broker, tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    with Client(broker.socket) as client:
+        der, _ = client.generate_key(KeyType.EC, Curve.P256)
+    key.write_bytes(der_to_pem(der))
+    software = ec.generate_private_key(ec.SECP256R1())
+    soft = tmp_path / "software.pem"  # a software key, to wrap or to sign policies with
+    soft.write_bytes(software.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    enc = tmp_path / "encrypted.pem"  # the same, with a passphrase
+    enc.write_bytes(software.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.BestAvailableEncryption(b"right")))
+    env = {k: v for k, v in os.environ.items() if k != "TPMBROKER_TCTI"}
+    env["TPMBROKER_SOCKET"] = broker.socket
+    before = sorted(tmp_path.iterdir())
+    for args, option in BAD_INPUTS:
+        argv = [a.format(key=key, soft=soft, enc=enc, dir=tmp_path) for a in args]
+        # No terminal (a new session, stdin from /dev/null), as under cron or CI.
+        out = subprocess.run([TPMBROKER, *argv], capture_output=True, text=True, timeout=60,
+                             env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        line = out.stderr.strip()
+        assert out.returncode in (1, 2), (argv, out.returncode, out.stderr)
+        assert "Traceback" not in out.stderr and "\n" not in line, (argv, out.stderr)
+        assert line.startswith(f"tpmbroker {argv[0]}") or line.startswith("tpmbroker:"), line
+        assert option in line, (argv, line)
+    assert sorted(tmp_path.iterdir()) == before  # nothing written on the way
+
+
+def test_pcrread_shows_what_the_tpm_holds(abrmd_broker: Broker, abrmd: Any) -> None:
+    """Values extended by another TPM user (through tpm2-abrmd) read back through the
+    broker, as --pcr-values takes them."""
+    from tpm2_pytss import ESAPI, TCTILdr
+
+    from .test_policy_keys import pcr16_extend
+
+    with ESAPI(TCTILdr.parse(abrmd.tcti)) as ectx:
+        pcr16_extend(ectx, b"measured")
+    expected = hashlib.sha256(bytes(32) + hashlib.sha256(b"measured").digest()).hexdigest()
+    env = dict(os.environ, TPMBROKER_SOCKET=abrmd_broker.socket)
+    out = subprocess.run([TPMBROKER, "pcrread", "sha1:16+sha256:16,17"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[0] == "sha1:16" and len(lines[0].split()[1]) == 40
+    # PCRs 17 to 22 reset to all ones, the others to zeros.
+    assert lines[1:] == [f"sha256:16 {expected}", f"sha256:17 {'ff' * 32}"]
+    out = subprocess.run([TPMBROKER, "pcrread", "16", "--values"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.stdout.strip() == expected
+    with Client(abrmd_broker.socket) as client:
+        assert client.pcr_read("sha256:16") == [("sha256", 16, bytes.fromhex(expected))]

@@ -102,6 +102,10 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "evict_response": (17, ops.EvictResult(), 0),
     "keys_request": (18, ops.KeysRequest(), 0),
     "keys_response": (18, ops.KeysResult('{"loaded":[],"persistent":[]}'), 0),
+    # sha256 PCR 16. The provider reads no PCRs, so not *_request (the C encoder's).
+    "pcr_read_frame": (19, ops.PcrRead(bytes.fromhex("00000001000b03000001")), 5000),
+    "pcr_read_response": (19, ops.PcrReadResult(bytes.fromhex("00000001000b03000001"),
+                                                 bytes(32)), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import grp
 import json
 import os
@@ -39,6 +40,145 @@ def _alg(text: str) -> tuple[int, int]:
         f"{text!r}: give ec:CURVE ({', '.join(CURVES)}), rsa:BITS or rsa-pss:BITS")
 
 
+class UsageError(Exception):
+    """Bad input found after parsing: the command prints the message, one line, naming the
+    option and the fix, and exits 2 as argparse does."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, that remembers how each of its options is spelled,
+    so that what goes wrong after parsing (a file that cannot be read or written) names
+    the option it came from."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.option_names: dict[str, str] = {}  # before argparse adds -h/--help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.option_names[action.dest] = ("/".join(action.option_strings)
+                                          or str(action.metavar or action.dest).upper())
+        return action
+
+    def set_defaults(self, **kwargs: Any) -> None:
+        super().set_defaults(**kwargs, parser=self)
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _parent_handle(text: str) -> int:
+    """--parent: the storage primary 0x40000001 or a persistent handle 0x81xxxxxx."""
+    try:
+        handle = int(text, 0)
+    except ValueError:
+        handle = -1
+    if handle != 0x40000001 and not 0x81000000 <= handle <= 0x81FFFFFF:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give 0x40000001 (the storage primary) or a persistent 0x81xxxxxx")
+    return handle
+
+
+def _hash_name(text: str) -> str:
+    """A hash name the broker knows (sha256, SHA2-256, ...), as given."""
+    from . import protocol as p
+
+    try:
+        p.Hash.from_name(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give sha1, sha256, sha384 or sha512") from None
+    return text
+
+
+def _hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not hex: give bytes as hex digits, "
+                                         "e.g. 6162") from None
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r}: give permissions in octal, e.g. 660")
+    return mode
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+        return value
+    return parse
+
+
+def _os_error_text(args: argparse.Namespace, exc: OSError) -> str:
+    """One line for a file that could not be used: the option it came from, what is wrong
+    and what to do."""
+    path = exc.filename
+    if path is None:
+        return exc.strerror or str(exc) or type(exc).__name__
+    path = os.fsdecode(path)
+    option = ""
+    names: dict[str, str] = getattr(args, "parser", _Parser()).option_names
+    for dest, value in vars(args).items():
+        if isinstance(value, str) and path in (value, value.partition(":")[2]) \
+                and dest in names:
+            option = names[dest] + " "
+            break
+    parent = Path(path).parent
+    if exc.errno == errno.ENOENT and not parent.is_dir():
+        fix = f"the directory {parent} does not exist: create it first (mkdir -p {parent})"
+    elif exc.errno == errno.ENOENT:
+        fix = "no such file: check the path"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "permission denied: check its permissions, or run as a user who may use it"
+    elif exc.errno == errno.EISDIR:
+        fix = "is a directory: give a file"
+    elif exc.errno == errno.ENOTDIR:
+        fix = "a part of the path is not a directory: check the path"
+    else:
+        fix = exc.strerror or str(exc)
+    return f"{option}{path}: {fix}"
+
+
+def _ask(prompt: str, option: str) -> bytes:
+    """A password typed on the terminal; without a terminal, a UsageError naming `option`
+    and the way to give it otherwise."""
+    import getpass
+    import termios
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            return getpass.getpass(prompt).encode()
+    except (EOFError, termios.error, OSError, getpass.GetPassWarning):
+        raise UsageError(f"{option}: no terminal to ask the password on: give it in a file "
+                         "instead (--password-file FILE)") from None
+
+
+def _check_output(path: str, option: str = "-o/--output") -> None:
+    """Refuse an output path that cannot be written before the TPM does any work."""
+    if path == "-":
+        return
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: the directory {parent} does not exist: create it "
+                         f"first (mkdir -p {parent})")
+    if Path(path).is_dir():
+        raise UsageError(f"{option} {path}: is a directory: give a file")
+
+
 def _neutral_openssl_conf() -> None:
     """The broker's own libcrypto must never load the tpmbroker provider (it would call the
     broker)."""
@@ -57,19 +197,23 @@ def resolve_tcti(explicit: str | None) -> str | None:
     return None
 
 
-def _ids(values: list[str], lookup: str) -> frozenset[int]:
+def _ids(values: list[str], lookup: str, option: str) -> frozenset[int]:
     out: set[int] = set()
     for value in values:
         for item in value.split(","):
             item = item.strip()
             if not item:
                 continue
-            if item.isdigit():
-                out.add(int(item))
-            elif lookup == "user":
-                out.add(pwd.getpwnam(item).pw_uid)
-            else:
-                out.add(grp.getgrnam(item).gr_gid)
+            try:
+                if item.isdigit():
+                    out.add(int(item))
+                elif lookup == "user":
+                    out.add(pwd.getpwnam(item).pw_uid)
+                else:
+                    out.add(grp.getgrnam(item).gr_gid)
+            except KeyError:
+                raise UsageError(f"{option}: no {lookup} {item!r} on this machine: give a "
+                                 f"{lookup} name or number that exists") from None
     return frozenset(out)
 
 
@@ -144,19 +288,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "%d HMAC and %d policy sessions: a TPM holds 3 loaded sessions, so keys with a "
             "policy may find no slot (NO_SESSIONS); use --sessions %d",
             args.sessions, args.policy_sessions, 3 - args.policy_sessions)
+    if args.socket_group is not None:
+        _ids([args.socket_group], "group", "--socket-group")
     _raise_fd_limit()
     config = ServerConfig(
         socket_path=args.socket or default_socket(),
-        socket_mode=int(args.socket_mode, 8),
+        socket_mode=args.socket_mode,
         socket_group=args.socket_group,
-        allow_uids=_ids(args.allow_uid, "user"),
-        allow_gids=_ids(args.allow_gid, "group"),
+        allow_uids=_ids(args.allow_uid, "user", "--allow-uid"),
+        allow_gids=_ids(args.allow_gid, "group", "--allow-gid"),
         default_timeout=args.timeout,
         max_keys_per_connection=args.max_keys_per_connection,
         frame_timeout=args.frame_timeout,
         usage_interval=args.usage_interval,
-        admin_uids=_ids(args.admin_uid, "user"),
-        admin_gids=_ids(args.admin_gid, "group"),
+        admin_uids=_ids(args.admin_uid, "user", "--admin-uid"),
+        admin_gids=_ids(args.admin_gid, "group", "--admin-gid"),
     )
     if args.policy is not None:
         from .policy import PolicyError, load_policy
@@ -164,7 +310,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             config.policy = load_policy(args.policy)
         except PolicyError as exc:
-            print(f"tpmbroker: policy: {exc}", file=sys.stderr)
+            print(f"tpmbroker serve: --policy {exc}", file=sys.stderr)
             return 2
         logging.getLogger("tpmbroker.server").info(
             "key policy %s: %d key(s), default %s", args.policy, len(config.policy.rules),
@@ -195,11 +341,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .errors import TpmBrokerError
 
+    tcti = resolve_tcti(args.tcti)
     try:
-        with _tpm(resolve_tcti(args.tcti), Path(args.state_dir)) as (tcti, simulator):
+        with _tpm(tcti, Path(args.state_dir)) as (tcti, simulator):
             asyncio.run(run(tcti, simulator))
-    except (TpmBrokerError, OSError) as exc:
+    except TpmBrokerError as exc:
         print(f"tpmbroker: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"tpmbroker serve: --tcti {tcti}: the TPM did not answer in time: is another "
+              "program (another broker) using it?", file=sys.stderr)
         return 1
     return 0
 
@@ -262,7 +413,10 @@ def _load(client: Any, args: argparse.Namespace) -> Any:
 
     from .keyfile import KeySpec, tss2_parent
 
-    spec = KeySpec.from_any(args.key, _password(args))
+    key: str | bytes = args.key
+    if not args.key.startswith("handle:") and not args.key.lower().startswith("0x81"):
+        key = Path(args.key).read_bytes()  # an OSError names --key (main)
+    spec = KeySpec.from_any(key, _password(args))
     if spec.source == 1:  # a key file: its parent may need a password
         parent_auth = _parent_auth(args, tss2_parent(spec.key))
         if parent_auth:
@@ -274,9 +428,14 @@ def _write(path: str, data: bytes, mode: int = 0o644) -> None:
     if path == "-":
         sys.stdout.buffer.write(data)
         return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write names no file: this one (main names it)
+            exc.filename = path
+        raise
 
 
 def _passin(spec: str | None) -> bytes | None:
@@ -306,11 +465,9 @@ def _key_password(args: argparse.Namespace) -> bytes | None:
     """--password-file, or with -a/--auth (as create_tpm2_key) a prompt, twice."""
     if not args.auth:
         return _password(args)
-    import getpass
-
-    first = getpass.getpass("Enter TPM key authority: ").encode()
-    if getpass.getpass("Verifying - Enter TPM key authority: ").encode() != first:
-        raise SystemExit("tpmbroker keygen: the passwords do not match")
+    first = _ask("Enter TPM key authority: ", "-a/--auth")
+    if _ask("Verifying - Enter TPM key authority: ", "-a/--auth") != first:
+        raise UsageError("-a/--auth: the passwords do not match: type the same one twice")
     return first
 
 
@@ -326,6 +483,7 @@ def _cmd_wrap(args: argparse.Namespace) -> int:
     if args.alg is not None or args.digest is not None:
         raise SystemExit("tpmbroker keygen: --wrap takes the algorithm from the key; "
                          "drop --alg and --digest")
+    _check_output(args.output)
     data = Path(args.wrap).read_bytes()
     passphrase = _passin(args.passin)
     try:
@@ -333,18 +491,18 @@ def _cmd_wrap(args: argparse.Namespace) -> int:
             key = read_private_key(data, passphrase)
         except ValueError as exc:
             if passphrase is None and "encrypted" in str(exc) and _sys.stdin.isatty():
-                import getpass
-
-                passphrase = getpass.getpass(f"Enter pass phrase for {args.wrap}: ").encode()
+                passphrase = _ask(f"Enter pass phrase for {args.wrap}: ", "--passin")
                 key = read_private_key(data, passphrase)
             else:
                 raise
     except ValueError as exc:
-        raise SystemExit(f"tpmbroker keygen: {args.wrap}: {exc}") from None
+        fix = (" with --passin (pass:, file:, env:, fd:), or on a terminal"
+               if passphrase is None and "encrypted" in str(exc) else "")
+        raise SystemExit(f"tpmbroker keygen: --wrap {args.wrap}: {exc}{fix}") from None
     del data
     password = _key_password(args)
     usage = p.Usage(USAGES[args.usage])
-    parent = int(args.parent, 0)
+    parent = args.parent
     try:
         if args.import_parent:
             # A TPM elsewhere: nothing here talks to any TPM or broker.
@@ -372,6 +530,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         return _cmd_wrap(args)
     if args.import_parent:
         raise SystemExit("tpmbroker keygen: --import wraps an existing key: give --wrap KEY")
+    _check_output(args.output)
     key_type, param = args.alg or _alg("ec:P-256")
     if args.digest is not None and key_type != p.KeyType.RSA_PSS:
         raise SystemExit("tpmbroker keygen: --digest binds the hash of rsa-pss keys only")
@@ -383,9 +542,9 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     policy = _keygen_policy(args, bool(password))
     with _client(args) as client:
         der, _spki = client.generate_key(p.KeyType(key_type), param, password,
-                                         int(args.parent, 0), usage=p.Usage(USAGES[args.usage]),
+                                         args.parent, usage=p.Usage(USAGES[args.usage]),
                                          hash_alg=digest,
-                                         parent_auth=_parent_auth(args, int(args.parent, 0)),
+                                         parent_auth=_parent_auth(args, args.parent),
                                          policy=policy)
     _write(args.output, der_to_pem(der), 0o600)
     return 0
@@ -443,25 +602,27 @@ def _pcr_step(args: argparse.Namespace, command: str, required: bool) -> Any:
     try:
         selections = keypolicy.parse_pcr_lock(args.pcr_lock)
     except ValueError as exc:
-        raise SystemExit(f"tpmbroker {command}: --pcr-lock: {exc}") from None
+        raise UsageError(f"--pcr-lock: {exc}") from None
     digest = b""
     if args.pcr_values is None and required:
-        raise SystemExit(f"tpmbroker {command}: --pcr-values: the values the policy allows "
-                         "(read them with tpm2_pcrread, or compute them for a new boot)")
+        raise UsageError(f"--pcr-values: give the values the policy allows (read them with "
+                         f"`tpmbroker pcrread {args.pcr_lock}`, or compute them for a new boot)")
     if args.pcr_values is not None:
         wanted = sum(len(s.pcrs) for s in selections)
         try:
             values = [bytes.fromhex(v.strip()) for v in args.pcr_values.split(",")]
         except ValueError:
-            raise SystemExit("tpmbroker keygen: --pcr-values: hex values, comma-separated"
-                             ) from None
+            raise UsageError(f"--pcr-values {args.pcr_values!r}: give the PCR values in hex, "
+                             f"comma-separated (`tpmbroker pcrread {args.pcr_lock}` prints "
+                             "them)") from None
         if len(values) != wanted:
-            raise SystemExit(f"tpmbroker keygen: --pcr-values: {len(values)} values for "
-                             f"{wanted} PCRs")
+            raise UsageError(f"--pcr-values: {len(values)} values for {wanted} PCRs: give "
+                             "one per PCR of --pcr-lock, in PCR order")
         for selection, value in zip((s for s in selections for _ in s.pcrs), values, strict=True):
             if len(value) != selection.bank.digest_size:
-                raise SystemExit(f"tpmbroker keygen: --pcr-values: a {selection.bank.name} "
-                                 f"PCR value is {selection.bank.digest_size} bytes")
+                raise UsageError(f"--pcr-values: a {selection.bank.name.lower()} PCR value"
+                                 f" is {selection.bank.digest_size} bytes "
+                                 f"({2 * selection.bank.digest_size} hex digits)")
         digest = keypolicy.pcr_digest(values)
     return keypolicy.pcr_step(selections, digest)
 
@@ -478,8 +639,9 @@ def _cmd_policy_sign(args: argparse.Namespace) -> int:
     try:
         signer = serialization.load_pem_private_key(Path(args.signing_key).read_bytes(),
                                                     _password(args))
-    except (ValueError, TypeError, OSError) as exc:
-        raise SystemExit(f"tpmbroker policy sign: {args.signing_key}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"tpmbroker policy sign: --signing-key {args.signing_key}: {exc}"
+                         ) from None
     body = [_pcr_step(args, "policy sign", required=True)] if args.pcr_lock else []
     approved = keypolicy.approved_digest(body)
     public = keypolicy.tpmt_public_of(signer.public_key())
@@ -489,7 +651,7 @@ def _cmd_policy_sign(args: argparse.Namespace) -> int:
         key_file = Path(args.key_file)
         updated = keypolicy.add_signed_policy(pem_to_der(key_file.read_bytes()),
                                               args.name or "", [*body, step])
-    except (TpmBrokerError, OSError, ValueError) as exc:
+    except (TpmBrokerError, ValueError) as exc:
         raise SystemExit(f"tpmbroker policy sign: {exc}") from None
     tmp = key_file.with_name(key_file.name + ".new")
     _write(str(tmp), der_to_pem(updated), 0o600)
@@ -509,7 +671,7 @@ def _cmd_parent_pubkey(args: argparse.Namespace) -> int:
     from .wrap import parent_public_pem
 
     with _client(args) as client:
-        public = client.parent_public(int(args.parent, 0))
+        public = client.parent_public(args.parent)
     _write(args.output, public if args.format == "tpm" else parent_public_pem(public))
     return 0
 
@@ -527,6 +689,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     from . import protocol as p
 
     hash_alg = p.Hash.from_name(args.hash)
+    _check_output(args.output, "--out")
     data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
     digest = hashlib.new(hash_alg.hashlib_name, data).digest()
     with _client(args) as client:
@@ -545,11 +708,11 @@ def _cmd_decrypt(args: argparse.Namespace) -> int:
     padding = p.Padding[args.padding.upper()]
     oaep = padding is p.Padding.OAEP
     with _client(args) as client:
-        key = client.load_key(args.key, _password(args))
+        key = _load(client, args)
         plaintext = client.decrypt(key, data, padding,
                                    args.oaep_hash if oaep else None,
                                    args.mgf1_hash if oaep else None,
-                                   bytes.fromhex(args.label_hex) if oaep else b"")
+                                   args.label_hex if oaep else b"")
     _write(args.output, plaintext)
     return 0
 
@@ -563,6 +726,23 @@ def _cmd_random(args: argparse.Namespace) -> int:
     if args.hex:
         data = data.hex().encode() + b"\n"
     _write(args.output, data)
+    return 0
+
+
+def _cmd_pcrread(args: argparse.Namespace) -> int:
+    try:
+        from .keypolicy import parse_pcr_lock
+
+        parse_pcr_lock(args.pcrs)
+    except ValueError as exc:
+        raise UsageError(f"PCRS {args.pcrs!r}: {exc}") from None
+    with _client(args) as client:
+        values = client.pcr_read(args.pcrs)
+    if args.values:
+        print(",".join(value.hex() for _, _, value in values))
+    else:
+        for bank, pcr, value in values:
+            print(f"{bank}:{pcr} {value.hex()}")
     return 0
 
 
@@ -668,14 +848,15 @@ def _cmd_provider_path(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tpmbroker", description=__doc__)
+    parser = _Parser(prog="tpmbroker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tpmbroker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--socket", help="broker socket (default: $TPMBROKER_SOCKET, "
                         "$XDG_RUNTIME_DIR/tpmbroker.sock, /run/tpmbroker/tpmbroker.sock)")
-        sp.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+        sp.add_argument("--timeout", type=_positive(float), default=30.0,
+                        help="seconds (default 30)")
 
     sp = sub.add_parser("serve", help="run the broker")
     sp.add_argument("--socket", help="socket path (default as for the clients)")
@@ -702,11 +883,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="RSA-PSS: the TPM's own (tpm), padded by the broker with salt = "
                     "digest length and a raw RSA operation in the TPM (broker), or the "
                     "TPM's own unless its first signature shows another salt (auto)")
-    sp.add_argument("--socket-mode", default="660", help="octal permissions (default 660)")
+    sp.add_argument("--socket-mode", type=_octal_mode, default="660",
+                    help="octal permissions (default 660)")
     sp.add_argument("--socket-group", help="group owning the socket")
     sp.add_argument("--state-dir", default=str(default_state_dir()),
                     help="where the embedded simulator keeps its state")
-    sp.add_argument("--timeout", type=float, default=30.0,
+    sp.add_argument("--timeout", type=_positive(float), default=30.0,
                     help="default request deadline in seconds")
     sp.add_argument("--drain-timeout", type=float, default=5.0,
                     help="on SIGTERM/SIGINT, seconds to serve requests already received "
@@ -748,7 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--digest", help="rsa-pss keys: the hash the key signs with "
                                      "(default sha256)")
     sp.add_argument("--password-file", help="file whose first line is the key's password")
-    sp.add_argument("-p", "--parent", "--parent-handle", dest="parent", default="0x40000001",
+    sp.add_argument("-p", "--parent", "--parent-handle", dest="parent", type=_parent_handle,
+                    default="0x40000001",
                     help="parent: 0x40000001 (storage primary) or a persistent 0x81xxxxxx")
     sp.add_argument("--parent-auth-file", metavar="FILE",
                     help="file whose first line is the parent's password (default: "
@@ -769,7 +952,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("parent-pubkey", help="print the public key of the TPM's storage "
                                               "parent, to wrap keys for this TPM elsewhere")
-    sp.add_argument("--parent", default="0x40000001",
+    sp.add_argument("--parent", type=_parent_handle, default="0x40000001",
                     help="0x40000001 (storage primary) or a persistent 0x81xxxxxx")
     sp.add_argument("--format", choices=["pem", "tpm"], default="pem",
                     help="pem: SubjectPublicKeyInfo; tpm: the whole TPM2B_PUBLIC")
@@ -805,7 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--password-file")
     sp.add_argument("--parent-auth-file", metavar="FILE",
                     help="file whose first line is the password of the key's parent")
-    sp.add_argument("--hash", default="sha256")
+    sp.add_argument("--hash", type=_hash_name, default="sha256")
     sp.add_argument("--scheme", choices=["ecdsa", "pkcs1", "pss"])
     sp.add_argument("--in", dest="input", required=True, help="file to sign, - for stdin")
     sp.add_argument("--out", dest="output", required=True, help="signature file, - for stdout")
@@ -818,9 +1001,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--password-file")
     sp.add_argument("--padding", choices=["pkcs1", "oaep", "none"], default="pkcs1",
                     help="pkcs1 uses implicit rejection, as OpenSSL 3.2 does")
-    sp.add_argument("--oaep-hash", default="sha256", help="OAEP's hash (default sha256)")
-    sp.add_argument("--mgf1-hash", help="MGF1's hash (default: the OAEP hash)")
-    sp.add_argument("--label-hex", default="", help="OAEP label, in hex")
+    sp.add_argument("--oaep-hash", type=_hash_name, default="sha256",
+                    help="OAEP's hash (default sha256)")
+    sp.add_argument("--mgf1-hash", type=_hash_name, help="MGF1's hash (default: the OAEP hash)")
+    sp.add_argument("--label-hex", type=_hex, default="", help="OAEP label, in hex")
     sp.add_argument("--in", dest="input", required=True, help="ciphertext, - for stdin")
     sp.add_argument("--out", dest="output", default="-", help="plaintext file (default: "
                                                                 "stdout)")
@@ -834,6 +1018,17 @@ def build_parser() -> argparse.ArgumentParser:
     client_opts(sp)
     sp.set_defaults(func=_cmd_random)
 
+    sp = sub.add_parser("pcrread", help="PCR values, read through the broker (for "
+                                        "--pcr-values)")
+    sp.add_argument("pcrs", metavar="[BANK:]PCRS", nargs="?", default="sha256:0-23",
+                    help="as --pcr-lock spells them: 16, sha256:16,17, sha1:0+sha256:7 "
+                         "(default sha256:0-23)")
+    sp.add_argument("--values", action="store_true",
+                    help="only the values, comma-separated in PCR order, as --pcr-values "
+                         "takes them")
+    client_opts(sp)
+    sp.set_defaults(func=_cmd_pcrread)
+
     sp = sub.add_parser("status", help="pool, TPM sessions, queue and counters")
     sp.add_argument("--json", action="store_true")
     client_opts(sp)
@@ -844,9 +1039,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--password-file")
     sp.add_argument("--parent-auth-file", metavar="FILE",
                     help="file whose first line is the password of the key's parent")
-    sp.add_argument("--clients", type=int, default=64)
-    sp.add_argument("--seconds", type=float, default=5.0)
-    sp.add_argument("--hash", default="sha256")
+    sp.add_argument("--clients", type=_positive(int), default=64)
+    sp.add_argument("--seconds", type=_positive(float), default=5.0)
+    sp.add_argument("--hash", type=_hash_name, default="sha256")
     sp.add_argument("--scheme", choices=["ecdsa", "pkcs1", "pss"])
     sp.add_argument("--json", action="store_true")
     client_opts(sp)
@@ -879,7 +1074,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("simulator", help="run the embedded simulated TPM alone; prints its TCTI")
     sp.add_argument("--state-dir", default=str(default_state_dir()))
-    sp.add_argument("--port", type=int, default=0, help="command port (control: port+1)")
+    sp.add_argument("--port", type=int, choices=range(0, 65535), metavar="PORT", default=0,
+                    help="command port (control: port+1; default: a free one)")
     sp.set_defaults(func=_cmd_simulator)
 
     sp = sub.add_parser("provider-path", help="print the path of the OpenSSL provider module")
@@ -893,12 +1089,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Before anything loads an OpenSSL (hashlib, ssl via asyncio, cryptography,
         # tss2-esys all read OPENSSL_CONF once, when they first start OpenSSL).
         _neutral_openssl_conf()
+    import termios
+
     from .errors import TpmBrokerError
 
+    prog = args.parser.prog
+    # The one place where what went wrong becomes one line for the user: the option, what
+    # is wrong, the fix. No traceback: a traceback tells a user nothing they can act on.
     try:
         result: int = args.func(args)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
     except TpmBrokerError as exc:
-        print(f"tpmbroker {args.command}: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{prog}: {_os_error_text(args, exc)}", file=sys.stderr)
+        return 1
+    except (EOFError, termios.error):
+        print(f"{prog}: no terminal to read from: give the input in a file", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -520,6 +520,30 @@ class Client:
             out += result.random
         return bytes(out)
 
+    def pcr_read(self, pcrs: str, timeout: float | None = None) -> list[tuple[str, int, bytes]]:
+        """The values of the PCRs `pcrs` names, spelled as --pcr-lock is (`16`,
+        `sha256:16,17`, `sha1:0+sha256:7`; tpmbroker.keypolicy.parse_pcr_lock): a list of
+        (bank, PCR, value) in that order. A bank the TPM has not allocated raises
+        UnsupportedError."""
+        from .keypolicy import HASH_NAMES, PcrSelection, marshal_selection, parse_pcr_lock
+
+        out = []
+        for selection in parse_pcr_lock(pcrs):
+            bank = HASH_NAMES[selection.bank]
+            for pcr in selection.pcrs:
+                # One PCR per request: a TPM answers at most 8 values per TPM2_PCR_Read.
+                wanted = marshal_selection([PcrSelection(selection.bank, (pcr,))])
+                result = self._call(ops.PcrRead(wanted), timeout)
+                assert isinstance(result, ops.PcrReadResult)
+                if result.selection != wanted:
+                    raise UnsupportedError(f"this TPM has no {bank} PCR {pcr} (its {bank} "
+                                           "bank is not allocated)")
+                if len(result.values) != selection.bank.digest_size:
+                    raise ProtocolError(f"the broker sent a {len(result.values)}-byte value "
+                                        f"for {bank} PCR {pcr}")
+                out.append((bank, pcr, result.values))
+        return out
+
     def nv_read(self, index: int, timeout: float | None = None) -> bytes:
         """The contents of NV index `index` (0x01xxxxxx), e.g. a certificate."""
         result = self._call(ops.NvRead(index), timeout)

@@ -45,6 +45,7 @@ class Opcode(enum.IntEnum):
     EVICT = 0x0D  # a persistent handle out of the TPM (TPM2_EvictControl); admins only
     KEYS = 0x0E  # persistent handles and the keys the broker holds, as JSON
     IMPORT = 0x0F  # a key wrapped to the TPM's parent (TPM2_Import) into a loadable key file
+    PCR_READ = 0x10  # PCR values (TPM2_PCR_Read, no authorization)
 
 
 class Status(enum.IntEnum):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from .definitions import Status as Status  # re-exported: errors carry it
 
 
@@ -55,7 +57,12 @@ class BadDigestError(TpmBrokerError):
     status = Status.BAD_DIGEST
 
 
-class UnsupportedError(TpmBrokerError):
+class UnsupportedError(TpmBrokerError, UnsupportedAlgorithm):
+    """What the key or the TPM cannot do (a sign-only key asked to decrypt, a decrypt-only
+    key asked to sign, a scheme the TPM turns down). It is cryptography's
+    UnsupportedAlgorithm too, so one `except UnsupportedAlgorithm` catches every such
+    refusal, whether the client or the broker found it."""
+
     status = Status.UNSUPPORTED
 
 

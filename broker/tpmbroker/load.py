@@ -32,6 +32,7 @@ class LoadReport:
     per_client: list[int] = dataclasses.field(default_factory=list, repr=False)
     max_active_sessions: int = 0
     pool_size: int = 0
+    policy_sessions: int = 0  # the policy pool's sessions (keys with a policy; docs/keys.md)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
                                               compare=False)
 
@@ -70,7 +71,16 @@ class LoadReport:
                 f"({self.rate:.0f}/s), {self.failures} failed, {self.bad_signatures} bad; "
                 f"p50 {median:.2f} ms, p99 {self.percentile(99):.2f} ms; min/max per client "
                 f"{fairness:.2f}; TPM active sessions at most {self.max_active_sessions} "
-                f"(pool {self.pool_size})")
+                f"({self.sessions_text()})")
+
+    def sessions_text(self) -> str:
+        """Whose the TPM's active sessions are: the HMAC pool's, and the policy pool's
+        once a key with a policy has been used."""
+        text = f"pool {self.pool_size}"
+        if self.policy_sessions:
+            text += (f" + {self.policy_sessions} policy session"
+                     f"{'s' if self.policy_sessions > 1 else ''}")
+        return text
 
 
 def verify(public_key_der: bytes, key_type: p.KeyType, signature: bytes, digest: bytes,
@@ -112,6 +122,9 @@ def sample_sessions(client: Client, stop: threading.Event, report: LoadReport,
         pool = status.get("pool_size")
         if isinstance(pool, int):
             report.pool_size = pool
+        policy = status.get("policy_pool_sessions")
+        if isinstance(policy, int):
+            report.policy_sessions = max(report.policy_sessions, policy)
         stop.wait(interval)
 
 

@@ -16,6 +16,7 @@ from .hello import Hello, HelloResult
 from .import_key import Import, ImportResult
 from .load import Load, LoadResult
 from .nv_read import NvRead, NvReadResult
+from .pcr_read import PcrRead, PcrReadResult
 from .persistence import Evict, EvictResult, KeysRequest, KeysResult, Persist, PersistResult
 from .random import Random, RandomResult
 from .sign import Sign, SignResult
@@ -39,6 +40,7 @@ OPERATIONS: dict[Opcode, Operation] = {
     Opcode.EVICT: Operation(Evict, EvictResult),
     Opcode.KEYS: Operation(KeysRequest, KeysResult),
     Opcode.IMPORT: Operation(Import, ImportResult),
+    Opcode.PCR_READ: Operation(PcrRead, PcrReadResult),
 }
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
@@ -66,6 +68,8 @@ __all__ = [
     "LoadResult",
     "NvRead",
     "NvReadResult",
+    "PcrRead",
+    "PcrReadResult",
     "Operation",
     "Persist",
     "PersistResult",

@@ -21,6 +21,7 @@ from . import (
     import_key,
     load,
     nv_read,
+    pcr_read,
     persistence,
     random,
     sign,
@@ -46,6 +47,7 @@ SERVE: dict[Opcode, Callable[[Request, Any], None]] = {
     Opcode.EVICT: persistence.serve_evict,
     Opcode.KEYS: persistence.serve_keys,
     Opcode.IMPORT: import_key.serve,
+    Opcode.PCR_READ: pcr_read.serve,
 }
 
 __all__ = ["SERVE", "Request"]

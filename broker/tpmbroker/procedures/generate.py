@@ -130,13 +130,14 @@ def check_tpm_has(tpm: TpmWorker, key_type: KeyType, param: int) -> None:
     if key_type is KeyType.EC:
         if param not in tpm_curves(tpm):
             raise UnsupportedError(f"this TPM has no curve {curve_name(param)} "
-                                   "(TPM2_GetCapability "
-                                   "TPM_CAP_ECC_CURVES does not list it)")
+                                   "(TPM2_GetCapability TPM_CAP_ECC_CURVES does not list "
+                                   "it; `tpmbroker status` lists tpm_curves)")
         return
     rc = rsa_size_rc(tpm, param)
     if rc is not None:
         raise UnsupportedError(f"this TPM has no RSA-{param} (TPM2_TestParms: "
-                               f"{rc_name(rc)})", tpm_rc=rc)
+                               f"{rc_name(rc)}); `tpmbroker status` lists the sizes "
+                               "it has (tpm_rsa_bits)", tpm_rc=rc)
 
 
 def tpm_curves(tpm: TpmWorker) -> list[int]:

@@ -177,6 +177,10 @@ SHA1_FOR_KEY_ID = ("not in issue 18's list: `req -new -x509` with -provider tpmb
                    "provider has SHA-1 (`Algorithm (SHA1 : 94)` unsupported, `name="
                    "subjectKeyIdentifier, value=hash`); tpm2-openssl 1.1.1 passes with its "
                    "TPM digests")
+DIGEST_SHA384 = ("not in issue 18's list: keys.md's `-pkeyopt digest:` is refused for any hash "
+                 "but SHA-256: `Error setting digest:sha384 parameter` and `digest sha384: "
+                 "tpmbroker keys use SHA-256 names; any hash can still be used for signing` "
+                 "(tpm2-openssl 1.1.1 makes the key)")
 PARAMFILE_DEFAULT = ("not in issue 18's list: with the default provider loaded, "
                      "`genpkey -paramfile` makes a software key (`BEGIN PRIVATE KEY`), not a "
                      "TPM key: the parameters decoded from the file are the default "
@@ -212,6 +216,30 @@ FLOWS: tuple[Flow, ...] = (
         Expect("openssl pkeyutl -verify -pubin -inkey testkey.pub -rawin -digest sha256 "
                "-in testdata -sigfile testdata.sig", VERIFIED),
     )),
+    Flow("genpkey-rsa-exponent-digest", "keys.md: Key Generation (bits, e, digest)", (
+        # e:65537: swtpm refuses other exponents (TPM_RC_VALUE), with tpm2-openssl too.
+        "openssl genpkey {providers} -algorithm RSA -pkeyopt bits:2048 -pkeyopt e:65537 "
+        "-pkeyopt digest:sha256 -out testkey.priv",
+        Expect("head -1 testkey.priv", "BEGIN TSS2 PRIVATE KEY"),
+        f"openssl pkey {CHECK} -in testkey.priv -pubout -out testkey.pub",
+        Expect("openssl pkey -pubin -in testkey.pub -text -noout",
+               r"(?s)Public-Key: \(2048 bit\).*Exponent: 65537 "),
+        # Signed without -digest: the key's own hash is the one used.
+        f"openssl pkeyutl {CHECK} -sign -inkey testkey.priv -rawin -in testdata "
+        "-out testdata.sig",
+        Expect("openssl pkeyutl -verify -pubin -inkey testkey.pub -rawin -digest sha256 "
+               "-in testdata -sigfile testdata.sig", VERIFIED),
+    )),
+    Flow("genpkey-ec-p384-digest", "keys.md: Key Generation (group, digest)", (
+        "openssl genpkey {providers} -algorithm EC -pkeyopt group:secp384r1 "
+        "-pkeyopt digest:sha384 -out testkey.priv",
+        f"openssl pkey {CHECK} -in testkey.priv -pubout -out testkey.pub",
+        Expect("openssl pkey -pubin -in testkey.pub -text -noout", "ASN1 OID: secp384r1"),
+        f"openssl pkeyutl {CHECK} -sign -inkey testkey.priv -rawin -digest sha384 "
+        "-in testdata -out testdata.sig",
+        Expect("openssl pkeyutl -verify -pubin -inkey testkey.pub -rawin -digest sha384 "
+               "-in testdata -sigfile testdata.sig", VERIFIED),
+    ), known=dict.fromkeys(VARIANTS, DIGEST_SHA384)),
     Flow("genpkey-ec-paramfile", "keys.md: Key Generation", (
         "openssl ecparam -name prime256v1 -out testparam.pem",
         "openssl genpkey {providers} -paramfile testparam.pem -out testkey.priv",
@@ -485,6 +513,20 @@ FLOWS: tuple[Flow, ...] = (
                "--resolve foo:{port}:127.0.0.1 https://foo:{port}/",
                "Ciphers supported in s_server binary"),
     ), not_for={"alone": TLS_NEEDS_DEFAULT, "base": KEYOUT_NEEDS_CIPHER}),
+    Flow("tls-server-handle", "certificates.md: TLS Handshake (-key by persistent handle)", (
+        *EC_AK,
+        "openssl req {providers} -new -x509 -key handle:0x81000000 -subj \"/C=GB/CN=foo\" "
+        "-out testcert.pem",
+        TOOLS_PUBLIC,
+        "openssl x509 -in testcert.pem -pubkey -noout > testcert.pub",
+        same_public_key("testcert.pub"),
+        Serve("openssl s_server {providers} -accept 127.0.0.1:{port} -www "
+              "-key handle:0x81000000 -cert testcert.pem"),
+        Expect("curl --silent --show-error --cacert testcert.pem "
+               "--resolve foo:{port}:127.0.0.1 https://foo:{port}/",
+               "Ciphers supported in s_server binary"),
+    ), not_for={"alone": TLS_NEEDS_DEFAULT, "base": TLS_NEEDS_DEFAULT},
+       known={"default": ITEM4_AUTH}),
     Flow("tls-client-handle", "certificates.md: TLS Handshake (mTLS client, key by handle)", (
         *EC_AK,
         "openssl req {providers} -new -x509 -key handle:0x81000000 -subj /CN=client "

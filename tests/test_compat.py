@@ -234,9 +234,6 @@ def _lockout_counter(world: CompatWorld) -> int:
     return int(found.group(1), 0)
 
 
-@pytest.mark.xfail(PROVIDER == "tpmbroker", strict=True,
-                   reason="issue 18 item 4: signing with the key rotated in at 0x81000000 is "
-                          "refused with AUTH_FAILED and the TPM's lockout counter goes 0 -> 1")
 def test_the_flows_spent_no_lockout_try(world: CompatWorld) -> None:
     """After every flow above, in sequence on one TPM: no try counted toward the TPM's
     dictionary-attack lockout (every password given was right)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DeadlineError, NotForLane, TpmUnavailableError
 from .scheduler import FairQueue, Job
+from .tpm.link import split_response
 
 if TYPE_CHECKING:
     from .tpm.worker import TpmWorker
@@ -199,7 +200,7 @@ class Lane:
             data = out.sock.recv(65536)
             if data:
                 received = out.received + data if out.received else data
-                response = self.worker.split_response(received)
+                response = split_response(received)
                 if response is None:
                     out.received = received
                     return  # more to come

@@ -141,25 +141,6 @@ class Stats:
         self.by_status[name] += 1
 
 
-class Pending:
-    """A request handed to the worker, until it is answered (by result or deadline)."""
-
-    __slots__ = ("conn", "finish", "job", "key_id", "opcode", "request_id", "timer")
-
-    def __init__(self, conn: Connection, request_id: int, opcode: int,
-                 finish: Callable[[Any], p.Message]) -> None:
-        self.conn = conn
-        self.request_id = request_id
-        self.opcode = opcode
-        self.finish = finish  # worker result -> response, run on the loop thread
-        self.job: Job | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.key_id: bytes | None = None  # the key a SIGN used (audit, usage)
-
-    def __call__(self, result: Any, error: BaseException | None) -> None:
-        self.conn.complete(self, result, error)
-
-
 class Connection(asyncio.Protocol):
     """One client connection: its frames, its loaded keys and their passwords."""
 
@@ -172,7 +153,7 @@ class Connection(asyncio.Protocol):
         self.peer = PeerCred(0, -1, -1)
         self.frames = p.FrameReader()
         self.keys: dict[bytes, bytes] = {}  # key id -> auth this connection presented
-        self.pending: set[Pending] = set()
+        self.in_flight: set[Request] = set()  # submitted, not answered yet
         self.eof = False  # the client half-closed: answer what it sent, then close
         self.key_names: dict[bytes, tuple[str, bytes]] = {}  # key id -> (name, public key)
         self._who: Peer | None = None
@@ -245,7 +226,7 @@ class Connection(asyncio.Protocol):
         return True  # keep the write side open for the answers
 
     def _close_if_done(self) -> None:
-        if self.eof and not self.pending and self.transport is not None:
+        if self.eof and not self.in_flight and self.transport is not None:
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -254,12 +235,12 @@ class Connection(asyncio.Protocol):
         self.server.connections.pop(self.id, None)
         for job in self.server.queue.drop_owner(self.id):
             job.cancelled = True
-        for pending in self.pending:
-            if pending.job is not None:
-                pending.job.cancelled = True
-            if pending.timer is not None:
-                pending.timer.cancel()
-        self.pending.clear()
+        for request in self.in_flight:
+            if request.job is not None:
+                request.job.cancelled = True
+            if request.timer is not None:
+                request.timer.cancel()
+        self.in_flight.clear()
         self.keys.clear()
         log.debug("conn %d closed", self.id)
 
@@ -302,7 +283,7 @@ class Connection(asyncio.Protocol):
             return
         try:
             msg = p.decode_request(header, body)
-            if len(self.pending) >= MAX_IN_FLIGHT:
+            if len(self.in_flight) >= MAX_IN_FLIGHT:
                 self.send(request_id, opcode, p.ErrorResult(
                     Status.OVERLOADED, f"more than {MAX_IN_FLIGHT} requests in flight"))
                 return
@@ -313,8 +294,8 @@ class Connection(asyncio.Protocol):
             # The worker's deadline comes first, so that its errors (no sessions, TPM
             # unreachable) are the answer; the broker's own DEADLINE answer still comes
             # before the client stops waiting.
-            request = Incoming(self, request_id, opcode, client_deadline - margin / 2,
-                               client_deadline - margin, header.timeout_ms != 0)
+            request = Request(self, request_id, opcode, client_deadline - margin / 2,
+                              client_deadline - margin, header.timeout_ms != 0)
             _SERVE[msg.OPCODE](request, msg)
         except Exception as exc:
             self.fail(request_id, opcode, exc)
@@ -359,20 +340,20 @@ class Connection(asyncio.Protocol):
         known = self.key_names.get(key_id)
         return known[0] if known is not None else key_id.hex()[:16]
 
-    def signed(self, pending: Pending, error: BaseException | None) -> None:
+    def signed(self, request: Request, error: BaseException | None) -> None:
         """Audit trail of one SIGN: usage, or an auth failure."""
-        assert pending.key_id is not None
+        assert request.key_id is not None
         if error is None:
-            self.server.usage.add(self.peer.uid, self.who.exe, self.key_name(pending.key_id))
+            self.server.usage.add(self.peer.uid, self.who.exe, self.key_name(request.key_id))
         elif isinstance(error, AuthFailedError):
             audit("auth_failure", pid=self.peer.pid, uid=self.peer.uid, exe=self.who.exe,
-                  key=self.key_name(pending.key_id), tpm_rc=f"0x{error.tpm_rc:x}")
+                  key=self.key_name(request.key_id), tpm_rc=f"0x{error.tpm_rc:x}")
 
     def shut_down(self) -> int:
         """The broker is stopping: answer every request still pending SHUTTING_DOWN, then
         close once the answers are written. Returns how many were answered so."""
-        pending, self.pending = self.pending, set()
-        for item in pending:
+        in_flight, self.in_flight = self.in_flight, set()
+        for item in in_flight:
             if item.timer is not None:
                 item.timer.cancel()
             if item.job is not None:
@@ -381,43 +362,46 @@ class Connection(asyncio.Protocol):
                 "the broker is shutting down before it could serve the request"))
         if self.transport is not None:
             self.transport.close()
-        return len(pending)
+        return len(in_flight)
 
-    def expire(self, pending: Pending) -> None:
-        if pending not in self.pending:
+    def expire(self, request: Request) -> None:
+        if request not in self.in_flight:
             return  # answered already
-        self.pending.remove(pending)
-        assert pending.job is not None
-        pending.job.cancelled = True
-        self.fail(pending.request_id, pending.opcode,
+        self.in_flight.remove(request)
+        assert request.job is not None
+        request.job.cancelled = True
+        self.fail(request.request_id, request.opcode,
                   DeadlineError("deadline passed before the TPM could serve the request"))
         self._close_if_done()
 
-    def complete(self, pending: Pending, result: Any, error: BaseException | None) -> None:
-        if pending not in self.pending:
+    def complete(self, request: Request, result: Any, error: BaseException | None) -> None:
+        if request not in self.in_flight:
             return  # expired, or the connection is gone
-        self.pending.remove(pending)
-        if pending.timer is not None:
-            pending.timer.cancel()
-        if pending.key_id is not None:
-            self.signed(pending, error)
+        self.in_flight.remove(request)
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.key_id is not None:
+            self.signed(request, error)
         if error is None:
+            assert request.finish is not None
             try:
-                self.send(pending.request_id, pending.opcode, pending.finish(result))
+                self.send(request.request_id, request.opcode, request.finish(result))
             except Exception as exc:
-                self.fail(pending.request_id, pending.opcode, exc)
+                self.fail(request.request_id, request.opcode, exc)
             else:
-                self.server.stats.answered[pending.opcode] += 1
+                self.server.stats.answered[request.opcode] += 1
         else:
-            self.fail(pending.request_id, pending.opcode, error)
+            self.fail(request.request_id, request.opcode, error)
         self._close_if_done()
 
 
-class Incoming:
-    """One decoded request, as its procedure sees it (tpmbroker.procedures.Request)."""
+class Request:
+    """One request, from its decoded frame to its answer: what its procedure sees of it
+    (tpmbroker.procedures.Request), and, once submitted, its TPM work (a scheduler Job),
+    how its result becomes the answer, and the timer of its deadline."""
 
-    __slots__ = ("checked", "conn", "deadline", "key_id", "opcode", "reply_by", "request_id",
-                 "worker")
+    __slots__ = ("checked", "conn", "deadline", "finish", "job", "key_id", "opcode",
+                 "reply_by", "request_id", "timer", "worker")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int, reply_by: float,
                  deadline: float, checked: bool = False) -> None:
@@ -429,6 +413,13 @@ class Incoming:
         self.checked = checked  # the client set the deadline: admission may refuse (BUSY)
         self.worker: TpmWorker = conn.server.worker
         self.key_id: bytes | None = None  # the loaded key this request uses, if any
+        self.finish: Callable[[Any], p.Message] | None = None  # result -> answer, on the loop
+        self.job: Job | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        """The TPM work is done (the scheduler calls this on the event loop)."""
+        self.conn.complete(self, result, error)
 
     @property
     def peer_uid(self) -> int:
@@ -441,16 +432,15 @@ class Incoming:
                lane: Callable[[], Any] | None = None) -> None:
         conn = self.conn
         server = conn.server
-        pending = Pending(conn, self.request_id, self.opcode, finish)
-        pending.key_id = self.key_id
+        self.finish = finish
         # Service times are measured per operation and key; a key's generation varies
         # by seconds with the TPM's luck and is never refused.
         kind = None if self.opcode == p.Opcode.GENERATE else (self.opcode, self.key_id)
-        pending.job = Job(conn.id, self.deadline, run, pending, lane, kind)
-        server.admission.admit(pending.job, self.checked, server.in_service())  # or BUSY
-        pending.timer = server.loop.call_at(self.reply_by, conn.expire, pending)
-        conn.pending.add(pending)
-        server.enqueue(pending.job)
+        self.job = Job(conn.id, self.deadline, run, self, lane, kind)
+        server.admission.admit(self.job, self.checked, server.in_service())  # or BUSY
+        self.timer = server.loop.call_at(self.reply_by, conn.expire, self)
+        conn.in_flight.add(self)
+        server.enqueue(self.job)
 
     def key_auth(self, key_id: bytes, operations: tuple[str, ...] = ()) -> bytes:
         keys = self.conn.keys
@@ -721,12 +711,12 @@ class BrokerServer:
         # Frames already in the connections' sockets are read (and queued, or answered
         # SHUTTING_DOWN) before anything is closed.
         await asyncio.sleep(READ_GRACE_SECONDS)
-        in_flight = sum(len(conn.pending) for conn in self.connections.values())
+        in_flight = sum(len(conn.in_flight) for conn in self.connections.values())
         log.info("stopping: %d requests in flight on %d connections", in_flight,
                  len(self.connections))
         end = time.monotonic() + drain
         while (time.monotonic() < end and self._loop is not None
-               and any(conn.pending for conn in self.connections.values())):
+               and any(conn.in_flight for conn in self.connections.values())):
             await asyncio.sleep(0.01)
         refused = sum(conn.shut_down() for conn in list(self.connections.values()))
         if refused:

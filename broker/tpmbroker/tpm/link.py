@@ -265,6 +265,24 @@ class Link:
     def up(self) -> bool:
         return self.ectx is not None
 
+    def tpm_property(self, prop: int) -> int | None:
+        """A TPM property (TPM2_GetCapability TPM_CAP_TPM_PROPERTIES); None if the link
+        is down or the TPM does not say."""
+        if not self.up:
+            return None
+        try:
+            _, data = self.ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 1)
+        except TSS2_Exception:
+            return None
+        for entry in data.data.tpmProperties:
+            if entry.property == prop:
+                return int(entry.value)
+        return None
+
+    def has_algorithm(self, alg: int) -> bool:
+        _, data = self.ectx.get_capability(TPM2_CAP.ALGS, alg, 1)
+        return any(int(entry.alg) == int(alg) for entry in data.data.algorithms)
+
     def connect(self, deadline: float) -> tuple[int, int]:
         """Connect, retrying with backoff until `deadline`; start the TPM up if nobody
         did. Returns (resetCount, restartCount): the caller compares them with the last

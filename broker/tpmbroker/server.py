@@ -640,7 +640,7 @@ class BrokerServer:
                            + self.stats.answered[p.Opcode.SIGN_MESSAGE]),
             **dict.fromkeys(ops.COUNTERS, 0),
             **self.stats.served,
-            "lane_signatures": self.lane.served,
+            "lane_commands": self.lane.served,
             "busy_refusals": self.admission.refused,
             "tpm_service_ms": self.admission.times.snapshot(),
             "errors": self.stats.errors,

@@ -504,6 +504,8 @@ class BrokerServer:
         # command; the link belongs to whichever of the two has the TPM.
         self._worker_busy = False
         self.lane = Lane(worker, self.queue, self._to_worker, self._pump, self._measured)
+        # Turn-around counts only while more TPM work is ready (tpm/turnaround.py).
+        worker.link.turnaround.waiting = lambda: self.queue.depth > 0 or self.lane.has_next
         self.admission = Admission(self.queue)
         self._on_worker: Job | None = None  # the job the worker thread has
         self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()

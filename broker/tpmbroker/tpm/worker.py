@@ -492,6 +492,7 @@ class TpmWorker:
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
+            "tpm_turnaround": self.link.turnaround.status(),
             **self.counters,
             **(self.shield.status() if self.shield is not None else {}),
             **self.parents.status(),

@@ -203,7 +203,14 @@ def pkcs11_rows(abrmd_tcti: str, env: dict[str, str], relay: Any, files: Files, 
         return [{"system": "tpm2-pkcs11", "operation": op, "runs": 0, "ok": 0,
                  "failures": {why: 1}} for op in OPERATIONS]
     rows: list[dict[str, Any]] = []
-    with pkcs11.Token(abrmd_tcti, env, work) as token:
+    token = pkcs11.Token(abrmd_tcti, env, work)
+    try:
+        token.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        token.stop()
+        return [{"system": "tpm2-pkcs11", "operation": op, "runs": 0, "ok": 0,
+                 "failures": {f"setup failed: {exc}"[:400]: 1}} for op in OPERATIONS]
+    try:
         base = ["-engine", "pkcs11", "-keyform", "engine"]
         for operation in OPERATIONS:
             key = operation.split()[1]
@@ -212,6 +219,8 @@ def pkcs11_rows(abrmd_tcti: str, env: dict[str, str], relay: Any, files: Files, 
             rows.append(measure("tpm2-pkcs11", operation, base, pkcs11.private_uri(key),
                                 token.publics[key], token.client_env, files, inputs, runs,
                                 relay))
+    finally:
+        token.stop()
     return rows
 
 

@@ -441,6 +441,11 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                         end = start + options.seconds
                     elif system == "tpm2-pkcs11":
                         if token is None:
+                            # engine-style, run before, leaves tpm2-abrmd's connection
+                            # table full ("MAX_COMMANDS exceeded") and tpm2_ptool could not
+                            # connect: the token starts on a fresh one.
+                            assert abrmd is not None
+                            probe = _restart_abrmd(abrmd, phase)
                             token = _pkcs11_token(abrmd, workdir, phase)
                         report, start = s.run_processes(
                             target, token.client_env, pkcs11.private_uri(key_name), clients,

@@ -76,7 +76,8 @@ def write_markdown(results: Results, path: Path) -> None:
         f"load average {meta['loadavg_before']} before, {meta.get('loadavg_after', '?')} "
         "after.\n",
         markdown_table(results),
-        "\nx direct: signatures/s over direct-password's (one client, same key)."
+        "\nx direct: operations/s over direct-password's (one client, same key and "
+        "operation: TPM2_Sign, TPM2_RSA_Decrypt or TPM2_ECDH_ZGen in a loop)."
         + (" (1) see below." if any(pt.note for pt in results.points) else "") + "\n",
     ]
     idle = meta.get("idle_connections")

@@ -174,12 +174,33 @@ def abrmd_session_probe(tcti: str) -> tuple[Callable[[], int | None], Callable[[
 
 # --- 1, 2: ESAPI straight to the TPM ------------------------------------------------------
 
-def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
+# One TPM command of a direct loop: (ectx, key handle, session, n) -> a check of its result,
+# called outside the timed part, and only now and then.
+DirectCommand = Callable[[ESAPI, ESYS_TR, ESYS_TR, int], Callable[[], bool]]
+
+
+def sign_command(key: Key) -> DirectCommand:
+    """TPM2_Sign of a SHA-256 digest that changes with every call."""
+    scheme = _sig_scheme(key)
+    ticket = null_ticket()
+
+    def command(ectx: ESAPI, handle: ESYS_TR, session: ESYS_TR, n: int) -> Callable[[], bool]:
+        digest = hashlib.sha256(f"{n}".encode()).digest()
+        signature = ectx.sign(handle, digest, scheme, ticket, session1=session)
+        return lambda: _verify_digest(key, _tpm_signature_der(key, signature), digest)
+
+    return command
+
+
+def run_direct(tcti: str, key: Key, seconds: float, hmac: bool,
+               command: DirectCommand | None = None) -> LoadReport:
     """One thread, one ESAPI context, the key loaded once; optionally one salted session.
 
+    `command` is the TPM command of the loop: TPM2_Sign (sign_command) unless given.
     A raw TPM has no resource manager, so no second connection can watch it: active
-    sessions are read in-process between signatures, four times a second.
+    sessions are read in-process between commands, four times a second.
     """
+    run_command = command if command is not None else sign_command(key)
     report = LoadReport(1, seconds, per_client=[0])
     with ESAPI(TCTILdr.parse(tcti)) as ectx:
         tss = TSSPrivKey.from_der(key.der)
@@ -189,8 +210,6 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
         if hmac:
             session = salted_session(ectx, parent)
         ectx.flush_context(parent)
-        scheme = _sig_scheme(key)
-        ticket = null_ticket()
         done = failed = bad = 0
         errors: dict[str, int] = {}
         latencies: list[float] = []
@@ -206,18 +225,16 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
                     report.max_active_sessions = max(report.max_active_sessions,
                                                      _active_sessions(ectx))
                     next_probe = now + 0.25
-                digest = hashlib.sha256(f"{done}:{failed}".encode()).digest()
                 t0 = time.perf_counter()
                 try:
-                    signature = ectx.sign(handle, digest, scheme, ticket, session1=session)
+                    check = run_command(ectx, handle, session, done + failed)
                 except TSS2_Exception as exc:
                     failed += 1
                     name = f"rc 0x{exc.rc:x}"
                     errors[name] = errors.get(name, 0) + 1
                     continue
                 latencies.append((time.perf_counter() - t0) * 1000)
-                if done % CHECK_EVERY == 0 and not _verify_digest(
-                        key, _tpm_signature_der(key, signature), digest):
+                if done % CHECK_EVERY == 0 and not check():
                     bad += 1
                 done += 1
             report.seconds = time.monotonic() - t_start

@@ -11,6 +11,7 @@ request) and each request's deadline is a loop timer.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -44,6 +45,7 @@ from .errors import (
 )
 from .lane import Lane
 from .listener import Listener
+from .metrics import SERVICE_BOUNDS, TextfileWriter
 from .policy import KeyPolicy, Peer
 from .scheduler import FairQueue, Job
 from .tpm.worker import TpmWorker
@@ -89,6 +91,10 @@ class ServerConfig:
     # own uid (docs/security.md, Persistent handles).
     admin_uids: frozenset[int] = frozenset()
     admin_gids: frozenset[int] = frozenset()
+    # Prometheus metrics written to this file (node_exporter's textfile collector reads
+    # it) every metrics_interval seconds; None: none (tpmbroker.metrics).
+    metrics_file: str | None = None
+    metrics_interval: float = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,16 @@ class Stats:
         self.connections_total = 0
         self.refused_peers = 0
         self.refused_keys = 0
+        # (operation, key type) -> answers (metrics); opcode -> TPM service time counts
+        # per tpmbroker.metrics.SERVICE_BOUNDS bucket, the last one +Inf.
+        self.by_key_type: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.service: dict[int, list[int]] = {}
+
+    def served_by(self, opcode: int, seconds: float) -> None:
+        counts = self.service.get(opcode)
+        if counts is None:
+            counts = self.service[opcode] = [0] * (len(SERVICE_BOUNDS) + 1)
+        counts[bisect.bisect_left(SERVICE_BOUNDS, seconds)] += 1
 
     def error(self, status: int) -> None:
         self.errors += 1
@@ -389,7 +405,13 @@ class Connection(asyncio.Protocol):
             except Exception as exc:
                 self.fail(request.request_id, request.opcode, exc)
             else:
-                self.server.stats.answered[request.opcode] += 1
+                stats = self.server.stats
+                stats.answered[request.opcode] += 1
+                if request.key_id is not None:
+                    key = self.server.worker.known(request.key_id)
+                    if key is not None:
+                        stats.by_key_type[(p.Opcode(request.opcode).name.lower(),
+                                           key.info.key_type.name)] += 1
         else:
             self.fail(request.request_id, request.opcode, error)
         self._close_if_done()
@@ -496,6 +518,7 @@ class BrokerServer:
         self.connections: dict[int, Connection] = {}
         self.usage = Usage()
         self._usage_timer: asyncio.TimerHandle | None = None
+        self.metrics: TextfileWriter | None = None
         self._thread: threading.Thread | None = None
         self._server: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -504,6 +527,8 @@ class BrokerServer:
         # command; the link belongs to whichever of the two has the TPM.
         self._worker_busy = False
         self.lane = Lane(worker, self.queue, self._to_worker, self._pump, self._measured)
+        # Turn-around counts only while more TPM work is ready (tpm/turnaround.py).
+        worker.link.turnaround.waiting = lambda: self.queue.depth > 0 or self.lane.has_next
         self.admission = Admission(self.queue)
         self._on_worker: Job | None = None  # the job the worker thread has
         self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -557,6 +582,8 @@ class BrokerServer:
         """A job held the TPM `seconds` and succeeded: the admission's estimate learns."""
         if job.kind is not None:
             self.admission.times.record(job.kind, seconds)
+            if isinstance(job.kind, tuple):  # (opcode, key id)
+                self.stats.served_by(job.kind[0], seconds)
 
     def _to_worker(self, job: Job) -> None:
         job.lane = None
@@ -692,6 +719,10 @@ class BrokerServer:
         sock = self._bind()
         self._server = Listener(self.loop, sock, lambda: Connection(self))
         self._usage_timer = self.loop.call_later(self.config.usage_interval, self._usage)
+        if self.config.metrics_file is not None:
+            self.metrics = TextfileWriter(self, self.config.metrics_file,
+                                          self.config.metrics_interval)
+            self.metrics.start()
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
 
     def _usage(self) -> None:
@@ -738,6 +769,8 @@ class BrokerServer:
         if self._thread is not None:
             await self.loop.run_in_executor(None, self._thread.join, JOIN_SECONDS)
         self._remove_socket()
+        if self.metrics is not None:
+            await self.metrics.stop()
 
     def _remove_socket(self) -> None:
         """Unlink the socket, unless a successor has bound its own there already."""

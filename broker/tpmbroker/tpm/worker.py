@@ -97,7 +97,7 @@ class TpmWorker:
         self._rsa_only: bool | None = None
         self._counts: tuple[int, int] | None = None  # (resetCount, restartCount)
         self._active_sessions_max = 0
-        self._restarts_recovered = 0
+        self.recoveries = 0
         self._opened = False
         # Password attempts on DA-protected keys go through the shield (tpm/lockout.py);
         # None turns it off (tests of the TPM's own lockout).
@@ -390,10 +390,10 @@ class TpmWorker:
         except TpmBrokerError:
             self._drop_link()
             raise
-        self._restarts_recovered += 1
+        self.recoveries += 1
         if self._counts != counts_before and self._counts is not None:
             audit("tpm_reset", reset_count=self._counts[0], restart_count=self._counts[1])
-        audit("recovery", level=logging.INFO, recoveries=self._restarts_recovered)
+        audit("recovery", level=logging.INFO, recoveries=self.recoveries)
 
     def _build(self, deadline: float, stale_handles: list[int]) -> None:
         counts = self.link.connect(deadline)
@@ -488,10 +488,11 @@ class TpmWorker:
             "tpm_active_sessions_max": self._active_sessions_max or None,
             "loaded_keys": len(self.objects.keys),
             "resident_keys": sum(1 for _ in self.objects.resident_keys()),
-            "tpm_restarts_recovered": self._restarts_recovered,
+            "tpm_restarts_recovered": self.recoveries,
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
+            "tpm_turnaround": self.link.turnaround.status(),
             **self.counters,
             **(self.shield.status() if self.shield is not None else {}),
             **self.parents.status(),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from . import targets
+from . import turnaround as ta
 from .results import REFERENCE, Point, Results
 
 
@@ -31,8 +32,9 @@ def markdown_table(results: Results) -> str:
     refs = reference_rates(results.points)
     lines = [
         "| system | key | clients | signatures/s | x direct | p50 ms | p99 ms | failures "
-        "| max TPM sessions | TPM utilization | broker CPU µs/sig | min/max per signer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max TPM sessions | TPM utilization | broker CPU µs/sig | min/max per signer "
+        "| turn-around p50 / p90 µs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for pt in results.points:
         ref = refs.get(pt.key)
@@ -46,11 +48,36 @@ def markdown_table(results: Results) -> str:
         row = (f"| {pt.system} | {pt.key} | {pt.clients} | {pt.rate:.0f} | {ratio} "
                f"| {pt.p50_ms:.2f} | {pt.p99_ms:.2f} | {failures} "
                f"| {_fmt(pt.max_active_sessions, 'd')} | {util} "
-               f"| {_fmt(pt.broker_cpu_us, '.0f')} | {_fmt(pt.fairness, '.2f')} |")
+               f"| {_fmt(pt.broker_cpu_us, '.0f')} | {_fmt(pt.fairness, '.2f')} "
+               f"| {ta.cell(pt.turnaround)} |")
         if pt.note:
             row = (f"| {pt.system} | {pt.key} | {pt.clients} | not run (1) "
-                   "| - | - | - | - | - | - | - | - |")
+                   "| - | - | - | - | - | - | - | - | - |")
         lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def turnaround_section(results: Results) -> str:
+    """The broker's turn-around histogram of each tpmbroker point: samples per bucket."""
+    rows = [pt for pt in results.points
+            if pt.turnaround is not None and pt.turnaround.get("count")]
+    if not rows:
+        if any(pt.turnaround is not None for pt in results.points):
+            return ("\nTurn-around: n/a (this broker's STATUS has no tpm_turnaround).\n")
+        return ""
+    labels: list[str] = list(dict.fromkeys(
+        label for pt in rows for label in (pt.turnaround or {}).get("buckets_us", {})))
+    heads = [f"<= {label}" if label != ta.INF else "more" for label in labels]
+    lines = ["\nTurn-around (the broker's time from the TPM's answer to the next command "
+             "leaving, while work waited), samples per bucket in µs:\n",
+             "| system | key | clients | TPM command | samples | " + " | ".join(heads) + " |",
+             "|---|---|---:|---|---:|" + "---:|" * len(heads)]
+    for pt in rows:
+        t = pt.turnaround or {}
+        buckets = t.get("buckets_us", {})
+        lines.append(f"| {pt.system} | {pt.key} | {pt.clients} | {t['command']} "
+                     f"| {t['count']} | " + " | ".join(str(buckets.get(label, 0))
+                                                      for label in labels) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,6 +112,9 @@ def write_markdown(results: Results, path: Path) -> None:
         parts.append(f"\nBroker memory with {idle['connections']} idle client connections: "
                      f"{idle['rss_mib_idle']} MiB resident ({idle['rss_mib_before']} MiB "
                      "before they connected).\n")
+    histograms = turnaround_section(results)
+    if histograms:
+        parts.append(histograms)
     errors = _errors_section(results)
     if errors:
         parts.append("\nFailures and errors:\n\n" + errors + "\n")

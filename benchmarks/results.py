@@ -41,6 +41,9 @@ class Point:
     note: str = ""
     broker_cpu_us: float | None = None  # broker process CPU per signature
     fairness: float | None = None  # slowest signer's count over the fastest's
+    # tpmbroker systems: the broker's turn-around for this point's TPM command
+    # (benchmarks.turnaround.summary); None for the others
+    turnaround: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass

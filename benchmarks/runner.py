@@ -30,6 +30,7 @@ from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 from . import operations as ops
 from . import pkcs11
 from . import systems as s
+from . import turnaround as ta
 from .chip import MODELS, ChipRelay
 from .machine import machine_description
 from .results import ABRMD, BROKER, DIRECT, Point, Results
@@ -181,7 +182,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def _point(system: str, key: str, clients: int, report: LoadReport | None,
            utilization: float | None, sessions_known: bool, note: str = "",
-           broker_cpu: float | None = None) -> Point:
+           broker_cpu: float | None = None,
+           turnaround: dict[str, Any] | None = None) -> Point:
     if report is None:
         return Point(system, key, clients, 0.0, 0, 0.0, 0.0, 0.0, 0, 0, None, utilization,
                      {}, note)
@@ -194,7 +196,8 @@ def _point(system: str, key: str, clients: int, report: LoadReport | None,
                  dict(sorted(report.errors.items(), key=lambda kv: -kv[1])[:8]), note,
                  None if broker_cpu is None or not report.signatures
                  else round(broker_cpu / report.signatures * 1e6, 1),
-                 round(report.fairness, 3) if len(report.per_client) > 1 else None)
+                 round(report.fairness, 3) if len(report.per_client) > 1 else None,
+                 turnaround)
 
 
 def _tpm2_openssl_available() -> str | None:
@@ -282,6 +285,19 @@ def _orderly_restart(swtpm: Any, tcti: str) -> None:
     with contextlib.suppress(Exception), ESAPI(TCTILdr.parse(tcti)) as ectx:
         ectx.shutdown(TPM2_SU.STATE)
     swtpm.restart()
+
+
+def _broker_turnaround(socket: str) -> ta.Histograms | None:
+    """The broker's turn-around histograms now; None when its STATUS has none (or it
+    does not answer)."""
+    from tpmbroker import TpmBrokerError
+    from tpmbroker.client import Client
+
+    try:
+        with Client(socket, timeout=10) as client:
+            return ta.read(client.status())
+    except (TpmBrokerError, OSError):
+        return None
 
 
 def _restart_abrmd(abrmd: Abrmd, phase: contextlib.ExitStack) -> Any:
@@ -424,6 +440,8 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     # in an unknown state: every point starts with a fresh one.
                     probe = _restart_abrmd(abrmd, phase)
                 work = works.get(key_name)
+                turnaround_before = (_broker_turnaround(broker.socket)
+                                     if broker is not None else None)
                 try:
                     if system == "tpm2-openssl" and tpm2_openssl_missing:
                         note = tpm2_openssl_missing
@@ -492,10 +510,16 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 utilization = meter.utilization(start, end) if report is not None else None
                 broker_share = (broker_meter.utilization(start, end)
                                 if report is not None else None)
+                turnaround = None
+                if broker is not None and report is not None:
+                    turnaround = ta.summary(ta.difference(
+                        turnaround_before, _broker_turnaround(broker.socket)),
+                        ops.split(key_name)[1])
                 points.append(_point(system, key_name, clients, report, utilization,
                                      sessions_known=True, note=note,
                                      broker_cpu=None if broker_share is None
-                                     else broker_share * (end - start)))
+                                     else broker_share * (end - start),
+                                     turnaround=turnaround))
                 if note:
                     progress.message(f"{system} {key_name} {clients}: {note}")
                 progress.advance()

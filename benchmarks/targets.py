@@ -40,6 +40,7 @@ def _useful(points: Iterable[Point]) -> list[Point]:
 
 
 MODEL_MIN_UTILIZATION = 0.99  # on the chip model: the chip never waits for the broker
+MODEL_MAX_TURNAROUND_P50_US = 300  # on the chip model: the broker's p50 turn-around
 
 
 def check(points: list[Point], meta: dict[str, Any]) -> list[Check]:
@@ -141,6 +142,14 @@ def check_model(points: list[Point], meta: dict[str, Any]) -> list[Check]:
             limit = MAX_P99_OVER_FAIR_SHARE * fair_share_ms
             out.append(Check("p99 <= 1.5x fair share", where,
                              f"{pt.p99_ms:.0f} ms (limit {limit:.0f})", pt.p99_ms <= limit))
+        turnaround = pt.turnaround or {}
+        if turnaround.get("count") and turnaround.get("p50_us") is not None:
+            p50 = str(turnaround["p50_us"])
+            met = p50 != "inf" and float(p50) <= MODEL_MAX_TURNAROUND_P50_US
+            out.append(Check(f"p50 turn-around <= {MODEL_MAX_TURNAROUND_P50_US} µs", where,
+                             f"<= {p50} µs ({turnaround['command']}, "
+                             f"{turnaround['count']} samples)" if p50 != "inf"
+                             else f"over the last bound ({turnaround['command']})", met))
         if pt.clients > 1:
             fairness = pt.fairness if pt.fairness is not None else 0.0
             out.append(Check("min/max per client >= 0.7", where, f"{fairness:.2f}",

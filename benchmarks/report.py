@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import targets
 from . import turnaround as ta
-from .results import REFERENCE, Point, Results
+from .results import REFERENCE, VERIFY_OFF, Point, Results
 
 
 def reference_rates(points: list[Point]) -> dict[str, float]:
@@ -55,6 +55,29 @@ def markdown_table(results: Results) -> str:
                    "| - | - | - | - | - | - | - | - | - |")
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def verification_section(results: Results) -> str:
+    """What the signer's own verification costs per signature: each -noverify point beside
+    the same system, key and concurrency with verification on, in the same run."""
+    by = {(pt.system, pt.key, pt.clients): pt for pt in results.points
+          if not pt.note and pt.signatures}
+    lines: list[str] = []
+    for (system, key, clients), off in by.items():
+        on = by.get((VERIFY_OFF.get(system, ""), key, clients))
+        if on is None:
+            continue
+        cpu = ("-" if on.signer_cpu_us is None or off.signer_cpu_us is None
+               else f"{on.signer_cpu_us - off.signer_cpu_us:+.0f}")
+        lines.append(f"| {on.system} | {key} | {clients} | {cpu} "
+                     f"| {1000 * (on.p50_ms - off.p50_ms):+.0f} "
+                     f"| {1e6 / on.rate - 1e6 / off.rate:+.0f} |")
+    if not lines:
+        return ""
+    return ("\nThe signer's verification of each signature (on by default), per signature: "
+            "verification on minus off, same run:\n\n"
+            "| system | key | clients | signer CPU µs | p50 µs | wall µs (1/rate) |\n"
+            "|---|---|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
 
 
 def turnaround_section(results: Results) -> str:
@@ -112,6 +135,9 @@ def write_markdown(results: Results, path: Path) -> None:
         parts.append(f"\nBroker memory with {idle['connections']} idle client connections: "
                      f"{idle['rss_mib_idle']} MiB resident ({idle['rss_mib_before']} MiB "
                      "before they connected).\n")
+    verification = verification_section(results)
+    if verification:
+        parts.append(verification)
     histograms = turnaround_section(results)
     if histograms:
         parts.append(histograms)

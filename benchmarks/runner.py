@@ -28,12 +28,12 @@ from tpmbroker.load import LoadReport
 from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
 from . import operations as ops
-from . import pkcs11
+from . import pkcs11, tpm2_openssl
 from . import systems as s
 from . import turnaround as ta
 from .chip import MODELS, ChipRelay
 from .machine import machine_description
-from .results import ABRMD, BROKER, DIRECT, Point, Results
+from .results import ABRMD, BROKER, DIRECT, TPM2_OPENSSL, Point, Results
 from .services import CpuMeter, process_rss_mib
 
 
@@ -63,7 +63,7 @@ def plan(options: Options) -> list[tuple[str, str, int]]:
             for key in options.keys:
                 if system in DIRECT:
                     levels = [1]  # a raw TPM: one connection, three object slots
-                elif system in ("tpm2-openssl", "tpm2-pkcs11"):
+                elif system in (*TPM2_OPENSSL, "tpm2-pkcs11"):
                     levels = sorted({min(c, options.max_processes) for c in options.clients})
                 elif system == "engine-style" and not key.startswith("ec:"):
                     continue
@@ -79,7 +79,7 @@ def plan(options: Options) -> list[tuple[str, str, int]]:
                     continue
                 if system in DIRECT:
                     levels = [1]
-                elif system == "tpm2-openssl":
+                elif system in TPM2_OPENSSL:
                     levels = sorted({min(c, options.max_processes) for c in options.clients})
                 else:
                     levels = list(options.clients)
@@ -183,7 +183,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
 def _point(system: str, key: str, clients: int, report: LoadReport | None,
            utilization: float | None, sessions_known: bool, note: str = "",
            broker_cpu: float | None = None,
-           turnaround: dict[str, Any] | None = None) -> Point:
+           turnaround: dict[str, Any] | None = None,
+           signer_cpu: float | None = None) -> Point:
     if report is None:
         return Point(system, key, clients, 0.0, 0, 0.0, 0.0, 0.0, 0, 0, None, utilization,
                      {}, note)
@@ -197,26 +198,14 @@ def _point(system: str, key: str, clients: int, report: LoadReport | None,
                  None if broker_cpu is None or not report.signatures
                  else round(broker_cpu / report.signatures * 1e6, 1),
                  round(report.fairness, 3) if len(report.per_client) > 1 else None,
-                 turnaround)
+                 turnaround,
+                 None if signer_cpu is None or not report.signatures
+                 else round(signer_cpu / report.signatures * 1e6, 1))
 
 
-def _tpm2_openssl_available() -> str | None:
-    """None when tpm2-openssl's module is installed, else why not.
-
-    Not by loading it here: it opens a TPM connection (default TCTI) when it is loaded.
-    """
-    import re
-    import subprocess
-
-    try:
-        out = subprocess.run(["openssl", "version", "-m"], capture_output=True, text=True,
-                             timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"tpm2-openssl not checked: {exc}"
-    match = re.search(r'MODULESDIR: "([^"]+)"', out)
-    if match is None or not (Path(match.group(1)) / "tpm2.so").exists():
-        return "tpm2-openssl is not installed (Debian package: tpm2-openssl)"
-    return None
+def _modules_env(env: dict[str, str], module: tpm2_openssl.Module) -> dict[str, str]:
+    """The environment of processes that load this tpm2-openssl (`-provider tpm2`)."""
+    return dict(env, OPENSSL_MODULES=module.directory)
 
 
 def run(options: Options, stream: TextIO = sys.stderr) -> Results:
@@ -230,6 +219,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
                 descriptions={k: v for k, v in s.DESCRIPTIONS.items() if k in options.systems})
     saved_env = {k: os.environ.get(k) for k in ("TPMBROKER_SOCKET", "DBUS_SESSION_BUS_ADDRESS")}
     idle: dict[int, dict[str, float]] = {}
+    found_modules: dict[str, Any] = {}  # tpm2-openssl system -> version and directory
     workdir = Path(tempfile.mkdtemp(prefix="tpmbroker-bench-"))
     try:
         with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
@@ -237,7 +227,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
             if stream is sys.stderr:  # survives _quiet_stderr()
                 stream = stack.enter_context(open(os.dup(2), "w", buffering=1))
             progress = stack.enter_context(Progress(len(todo), stream))
-            _run_all(options, todo, points, workdir, stack, progress, idle)
+            _run_all(options, todo, points, workdir, stack, progress, idle, found_modules)
     finally:
         for name, value in saved_env.items():
             if value is None:
@@ -245,6 +235,8 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
             else:
                 os.environ[name] = value
     meta["loadavg_after"] = _loadavg()
+    if found_modules:
+        meta["tpm2_openssl_modules"] = found_modules
     if idle:
         meta["idle_connections"] = next(iter(idle.values()))
     return Results(meta, points)
@@ -285,6 +277,15 @@ def _orderly_restart(swtpm: Any, tcti: str) -> None:
     with contextlib.suppress(Exception), ESAPI(TCTILdr.parse(tcti)) as ectx:
         ectx.shutdown(TPM2_SU.STATE)
     swtpm.restart()
+
+
+def _own_cpu_seconds() -> float:
+    """CPU of this process and of its children that have ended (the load generator):
+    what the signing side spends, the broker (a child still running) not included."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _broker_turnaround(socket: str) -> ta.Histograms | None:
@@ -350,7 +351,8 @@ def idle_connections_rss(broker: BrokerProcess, count: int) -> dict[str, float]:
 
 def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Point],
              workdir: Path, stack: contextlib.ExitStack, progress: Progress,
-             idle: dict[int, dict[str, float]]) -> None:
+             idle: dict[int, dict[str, float]],
+             found_modules: dict[str, Any]) -> None:
     from tpmbroker.simulator import Swtpm
 
     swtpm: Swtpm | None = None
@@ -386,8 +388,17 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
         stack.callback(bus.stop)
         os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
 
-    tpm2_openssl_missing = (_tpm2_openssl_available()
-                            if any(x[0] == "tpm2-openssl" for x in todo) else None)
+    modules: dict[str, tpm2_openssl.Module] = {}
+    tpm2_openssl_missing: dict[str, str] = {}
+    if any(x[0] in TPM2_OPENSSL for x in todo):
+        progress.message("looking for tpm2-openssl modules")
+        modules, tpm2_openssl_missing = tpm2_openssl.find(tcti)
+        meta_modules = {system: dataclasses.asdict(m) for system, m in modules.items()}
+        progress.message("tpm2-openssl: " + (", ".join(
+            f"{system} is {m.version} ({m.directory})" for system, m in modules.items())
+            or "none") + "".join(f"; {system}: {why}"
+                                 for system, why in tpm2_openssl_missing.items()))
+        found_modules.update(meta_modules)
 
     for group in (DIRECT, BROKER, ABRMD):
         group_todo = [x for x in todo if x[0] in group]
@@ -442,9 +453,10 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 work = works.get(key_name)
                 turnaround_before = (_broker_turnaround(broker.socket)
                                      if broker is not None else None)
+                cpu_before = _own_cpu_seconds()
                 try:
-                    if system == "tpm2-openssl" and tpm2_openssl_missing:
-                        note = tpm2_openssl_missing
+                    if system in TPM2_OPENSSL and system not in modules:
+                        note = tpm2_openssl_missing.get(system, "tpm2-openssl not found")
                     elif system == "tpm2-pkcs11" and (pkcs11.missing() or abrmd is None):
                         note = pkcs11.missing() or "needs the benchmark's own tpm2-abrmd"
                     elif work is not None and system in DIRECT:
@@ -457,27 +469,30 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     elif work is not None and system == "client":
                         assert broker is not None
                         report = ops.run_client(broker.socket, work, clients, options.seconds)
-                    elif work is not None and system == "tpm2-openssl":
+                    elif work is not None and system in TPM2_OPENSSL:
                         key_path, data, expected = work.write(workdir)
                         report, start = s.run_processes(
-                            target, env, key_path, clients, options.seconds, probe,
+                            target, _modules_env(env, modules[system]), key_path, clients,
+                            options.seconds, probe,
                             mode=("--mode", work.op, "--input", str(data), "--expect",
                                   str(expected)))
                         end = start + options.seconds
                     elif system in DIRECT:
                         report = s.run_direct(target, key, options.seconds,
                                               hmac=system == "direct-hmac")
-                    elif system == "provider":
+                    elif system in ("provider", "provider-noverify"):
                         assert broker is not None
                         report = s.run_provider(broker.socket, workdir, key, clients,
-                                                options.seconds)
-                    elif system == "client":
+                                                options.seconds, verify=system == "provider")
+                    elif system in ("client", "client-noverify"):
                         assert broker is not None
-                        report = s.run_client(broker.socket, key, clients, options.seconds)
-                    elif system == "tpm2-openssl":
+                        report = s.run_client(broker.socket, key, clients, options.seconds,
+                                              verify=system == "client")
+                    elif system in TPM2_OPENSSL:
                         key_path = workdir / f"{key_name.replace(':', '-')}.pem"
-                        report, start = s.run_processes(target, env, key_path, clients,
-                                                        options.seconds, probe)
+                        report, start = s.run_processes(
+                            target, _modules_env(env, modules[system]), key_path, clients,
+                            options.seconds, probe)
                         end = start + options.seconds
                     elif system == "tpm2-pkcs11":
                         if token is None:
@@ -510,6 +525,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 utilization = meter.utilization(start, end) if report is not None else None
                 broker_share = (broker_meter.utilization(start, end)
                                 if report is not None else None)
+                signer_cpu = _own_cpu_seconds() - cpu_before
                 turnaround = None
                 if broker is not None and report is not None:
                     turnaround = ta.summary(ta.difference(
@@ -519,7 +535,8 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                                      sessions_known=True, note=note,
                                      broker_cpu=None if broker_share is None
                                      else broker_share * (end - start),
-                                     turnaround=turnaround))
+                                     turnaround=turnaround,
+                                     signer_cpu=signer_cpu if group is BROKER else None))
                 if note:
                     progress.message(f"{system} {key_name} {clients}: {note}")
                 progress.advance()

@@ -40,8 +40,11 @@ DESCRIPTIONS = {
                 "load generator benchmarks/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
     "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
               "share one Client",
-    "tpm2-openssl": "tpm2-openssl 1.1.1 through tpm2-abrmd: N processes (it is not "
-                    "thread-safe), each EVP_DigestSign in a loop, password auth",
+    "tpm2-openssl-1.1": "tpm2-openssl 1.1 (Debian 12: 1.1.1) through tpm2-abrmd: N "
+                        "processes (it is not thread-safe), each EVP_DigestSign in a loop, "
+                        "password auth",
+    "tpm2-openssl-1.3": "tpm2-openssl 1.3 (Debian 13: 1.3.0, one global lock per process) "
+                        "through tpm2-abrmd: N processes, as tpm2-openssl-1.1",
     "engine-style": "N threads through tpm2-abrmd, each starting 3 salted sessions per "
                     "signature (as per-operation engines do), EC only",
     "tpm2-pkcs11": "tpm2-pkcs11 1.9 through the PKCS#11 engine (libp11) and p11-kit's "
@@ -284,8 +287,9 @@ def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
 
 
 def run_provider(socket: str, workdir: Path, key: Key, clients: int,
-                 seconds: float) -> LoadReport:
-    """C threads of one process calling EVP_DigestSign through the provider."""
+                 seconds: float, verify: bool = True) -> LoadReport:
+    """C threads of one process calling EVP_DigestSign through the provider; `verify`
+    False turns the provider's check of each signature off (TPMBROKER_VERIFY=0)."""
     from tpmbroker.client import Client
 
     exe = build_loadgen(workdir)
@@ -295,7 +299,8 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
     public = serialization.load_der_public_key(key.public)
     pub_path.write_bytes(public.public_bytes(serialization.Encoding.PEM,
                                              serialization.PublicFormat.SubjectPublicKeyInfo))
-    env = dict(os.environ, TPMBROKER_SOCKET=socket, OPENSSL_CONF=os.devnull)
+    env = dict(os.environ, TPMBROKER_SOCKET=socket, OPENSSL_CONF=os.devnull,
+               TPMBROKER_VERIFY="1" if verify else "0")
     with Client(socket, timeout=10) as status_client:
         stop = threading.Event()
         holder = LoadReport(clients, seconds)
@@ -322,11 +327,12 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
 
 # --- 4: the Python client ---------------------------------------------------------------------
 
-def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadReport:
+def run_client(socket: str, key: Key, clients: int, seconds: float,
+               verify: bool = True) -> LoadReport:
     from tpmbroker.client import Client
     from tpmbroker.load import run_threads
 
-    with Client(socket, timeout=30, max_connections=clients + 1) as client:
+    with Client(socket, timeout=30, max_connections=clients + 1, verify=verify) as client:
         loaded = client.load_key(key.der)
         return run_threads(client, loaded, clients, seconds, check_every=CHECK_EVERY)
 

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .results import ABRMD as ABRMD_SYSTEMS
-from .results import BROKER as BROKER_SYSTEMS
-from .results import PEER, REFERENCE, Point
+from .results import JUDGED as BROKER_SYSTEMS
+from .results import PEERS, REFERENCE, Point
 
 MIN_UTILIZATION = 0.90  # swtpm CPU over wall time, 8 signers and more
 MIN_RATE_OVER_DIRECT = 1.0
@@ -77,15 +77,17 @@ def check(points: list[Point], meta: dict[str, Any]) -> list[Check]:
                     out.append(Check("one signer: p50 at most 150 µs over the direct loop's",
                                      f"{pt.system} {key}", f"{1000 * extra:+.0f} µs",
                                      extra <= MAX_EXTRA_P50_MS))
-        peers = {pt.clients: pt for pt in pts if pt.key == key and pt.system == PEER}
-        for pt in broker:
-            peer = peers.get(pt.clients)
-            if pt.system == "provider" and peer is not None:
-                ratio = pt.rate / peer.rate
-                out.append(Check(f"2x {PEER} at equal concurrency",
-                                 f"provider {key}, {_signers(pt.clients)}",
-                                 f"{ratio:.2f}x ({pt.rate:.0f} vs {peer.rate:.0f}/s)",
-                                 ratio >= MIN_RATE_OVER_PEER))
+        for peer_system in PEERS:
+            peers = {pt.clients: pt for pt in pts
+                     if pt.key == key and pt.system == peer_system}
+            for pt in broker:
+                peer = peers.get(pt.clients)
+                if pt.system == "provider" and peer is not None:
+                    ratio = pt.rate / peer.rate
+                    out.append(Check(f"2x {peer_system} at equal concurrency",
+                                     f"provider {key}, {_signers(pt.clients)}",
+                                     f"{ratio:.2f}x ({pt.rate:.0f} vs {peer.rate:.0f}/s)",
+                                     ratio >= MIN_RATE_OVER_PEER))
         for pt in broker:
             if pt.clients != FAIRNESS_CLIENTS:
                 continue

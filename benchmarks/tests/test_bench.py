@@ -47,7 +47,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "Against the targets:" in table
     assert {c["target"] for c in data["targets"]} == {
         "one signer: p50 at most 150 µs over the direct loop's",
-        "2x tpm2-openssl at equal concurrency", "broker CPU <= 100 µs per signature",
+        "2x tpm2-openssl-1.1 at equal concurrency", "broker CPU <= 100 µs per signature",
         "broker RSS <= 100 MB with 1001 idle connections"}
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -28,7 +28,7 @@ from .systems import CHECK_EVERY, Key
 OPS = ("sign", "decrypt", "derive")
 KEY_FOR = {"decrypt": "rsa:2048", "derive": "ec:P-256"}  # the key type each one needs
 SYSTEMS = ("direct-password", "direct-hmac", "provider", "client",
-           "tpm2-openssl")  # the systems that have them
+           "tpm2-openssl-1.1", "tpm2-openssl-1.3")  # the systems that have them
 STORAGE_PRIMARY_FROM_TEMPLATE = 0x40000001
 ATTRIBUTES = "userwithauth|sign|decrypt|fixedtpm|fixedparent|sensitivedataorigin"
 

@@ -54,9 +54,12 @@ def candidate_directories() -> list[str]:
     return list(dict.fromkeys(d for d in found if d and (Path(d) / "tpm2.so").exists()))
 
 
-def version_of(directory: str, tcti: str) -> tuple[str | None, str]:
-    """(version, "") of the tpm2.so in `directory`, or (None, why not)."""
-    env = dict(os.environ, TPM2OPENSSL_TCTI=tcti, TSS2_LOG="all+none")
+def version_of(directory: str, tcti: str,
+               env: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """(version, "") of the tpm2.so in `directory`, or (None, why not). `env`: the
+    environment the TCTI needs (tpm2-abrmd's bus), os.environ by default."""
+    env = dict(os.environ if env is None else env, TPM2OPENSSL_TCTI=tcti,
+               TSS2_LOG="all+none")
     env.pop("OPENSSL_CONF", None)
     try:
         out = subprocess.run(["openssl", "list", "-providers", "-provider-path", directory,
@@ -71,12 +74,13 @@ def version_of(directory: str, tcti: str) -> tuple[str | None, str]:
     return match.group(1), ""
 
 
-def find(tcti: str) -> tuple[dict[str, Module], dict[str, str]]:
+def find(tcti: str, env: dict[str, str] | None = None,
+         ) -> tuple[dict[str, Module], dict[str, str]]:
     """({system: module}, {system: why it cannot run}) for both release lines."""
     modules: dict[str, Module] = {}
     problems: list[str] = []
     for directory in candidate_directories():
-        version, why = version_of(directory, tcti)
+        version, why = version_of(directory, tcti, env)
         if version is None:
             problems.append(why)
             continue
@@ -87,9 +91,9 @@ def find(tcti: str) -> tuple[dict[str, Module], dict[str, str]]:
             continue
         line = system.rsplit("-", 1)[1]
         others = ", ".join(f"{m.version} in {m.directory}" for m in modules.values())
-        missing[system] = (f"no tpm2-openssl {line} installed"
+        missing[system] = ((f"no tpm2-openssl {line} that loads: " + "; ".join(problems))
+                           if problems else f"no tpm2-openssl {line} installed"
                            + (f" (found {others})" if others else "")
-                           + ("; " + "; ".join(problems) if problems else "")
                            + (" (Debian 13: tpm2-openssl 1.3.0; elsewhere put its tpm2.so "
                               "in a directory named by TPMBROKER_BENCH_TPM2_OPENSSL)"
                               if line == "1.3" else " (Debian 12: tpm2-openssl)"))

@@ -33,13 +33,17 @@ from .tss import null_ticket, salted_session, storage_primary
 
 DESCRIPTIONS = {
     "direct-password": "tpm2-pytss ESAPI loop in the benchmark process, password auth, key "
-                       "loaded once, straight to the TPM (no resource manager): the reference",
+                       "loaded once, straight to the TPM (no resource manager): the reference "
+                       "(TPM2_Sign; TPM2_RSA_Decrypt and TPM2_ECDH_ZGen for --ops)",
     "direct-hmac": "as direct-password, through one reused salted HMAC session with "
                    "parameter encryption (tss2-esys computes the HMACs)",
     "provider": "tpmbroker through its OpenSSL provider: N C threads of one process (the "
                 "load generator benchmarks/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
     "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
               "share one Client",
+    "provider-noverify": "as provider, with the provider's check of each signature against "
+                         "the key's public key off (TPMBROKER_VERIFY=0)",
+    "client-noverify": "as client, with Client(verify=False)",
     "tpm2-openssl-1.1": "tpm2-openssl 1.1 (Debian 12: 1.1.1) through tpm2-abrmd: N "
                         "processes (it is not thread-safe), each EVP_DigestSign in a loop, "
                         "password auth",

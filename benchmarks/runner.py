@@ -413,6 +413,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
             probe = None
             abrmd: Abrmd | None = None
             token: pkcs11.Token | None = None
+            token_failed = ""  # why the token could not be set up: once is enough
             try:
                 if group is BROKER:
                     broker = BrokerProcess(tcti, workdir / "broker", sessions=options.sessions)
@@ -457,8 +458,10 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 try:
                     if system in TPM2_OPENSSL and system not in modules:
                         note = tpm2_openssl_missing.get(system, "tpm2-openssl not found")
-                    elif system == "tpm2-pkcs11" and (pkcs11.missing() or abrmd is None):
-                        note = pkcs11.missing() or "needs the benchmark's own tpm2-abrmd"
+                    elif system == "tpm2-pkcs11" and (pkcs11.missing() or abrmd is None
+                                                      or token_failed):
+                        note = (pkcs11.missing() or token_failed
+                                or "needs the benchmark's own tpm2-abrmd")
                     elif work is not None and system in DIRECT:
                         report = ops.run_direct(target, work, options.seconds,
                                                 hmac=system == "direct-hmac")
@@ -501,7 +504,11 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                             # connect: the token starts on a fresh one.
                             assert abrmd is not None
                             probe = _restart_abrmd(abrmd, phase)
-                            token = _pkcs11_token(abrmd, workdir, phase)
+                            try:
+                                token = _pkcs11_token(abrmd, workdir, phase)
+                            except (RuntimeError, OSError) as exc:
+                                token_failed = f"token setup failed: {exc}"[:600]
+                                raise
                         report, start = s.run_processes(
                             target, token.client_env, pkcs11.private_uri(key_name), clients,
                             options.seconds, probe, providers="",

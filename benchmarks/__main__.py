@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .results import KEYS, SYSTEMS  # plain data: loads no OpenSSL
+from .results import DEFAULT_SYSTEMS, KEYS, SYSTEMS, TPM2_OPENSSL  # plain data
 
 PROG = "python -m benchmarks"
 
@@ -17,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="signatures/s, latency and TPM sessions of tpmbroker beside "
         "its peers, on a simulated TPM of its own")
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="comma-separated (default: all)")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help="comma-separated from " + ", ".join(SYSTEMS) + " (default: all "
+                        "but the -noverify ones; tpm2-openssl: every release line)")
     parser.add_argument("--keys", default=",".join(KEYS),
                         help="comma-separated key types")
     parser.add_argument("--clients", default="1,8,64,256",
@@ -58,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import Options, run
 
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    if "tpm2-openssl" in systems:  # every release line found (benchmarks/tpm2_openssl.py)
+        at = systems.index("tpm2-openssl")
+        systems[at:at + 1] = [x for x in TPM2_OPENSSL if x not in systems]
     keys = [x.strip() for x in args.keys.split(",") if x.strip()]
     try:
         clients = sorted({int(x) for x in args.clients.split(",") if x.strip()})

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 OPERATIONS = ("sign ec:P-256", "sign rsa:2048", "decrypt rsa:2048", "derive ec:P-256")
-SYSTEMS = ("tpmbroker", "tpm2-openssl", "tpm2-pkcs11")
+SYSTEMS = ("tpmbroker", "tpm2-openssl-1.1", "tpm2-openssl-1.3", "tpm2-pkcs11")
+TPM2_OPENSSL = ("tpm2-openssl-1.1", "tpm2-openssl-1.3")  # "tpm2-openssl": both
 
 
 class Files:
@@ -180,16 +181,25 @@ def tpmbroker_rows(tcti: str, relay: Any, files: Files, keys: dict[str, Any], ru
     return rows
 
 
-def tpm2_openssl_rows(tcti: str, env: dict[str, str], relay: Any, files: Files,
-                      keys: dict[str, Any], runs: int) -> list[dict[str, Any]]:
+def tpm2_openssl_rows(system: str, found: tuple[Any, str], tcti: str, env: dict[str, str],
+                      relay: Any, files: Files, keys: dict[str, Any],
+                      runs: int) -> list[dict[str, Any]]:
+    """One release line of tpm2-openssl (benchmarks/tpm2_openssl.py); `found` is its module
+    or None and why it is missing."""
+    module, why = found
+    if module is None:
+        return [{"system": system, "operation": op, "runs": 0, "ok": 0, "failures": {why: 1}}
+                for op in OPERATIONS]
     rows: list[dict[str, Any]] = []
     child = {k: v for k, v in env.items() if k != "OPENSSL_CONF"}
-    child.update(TPM2OPENSSL_TCTI=tcti, TSS2_LOG="all+none")
+    child.update(TPM2OPENSSL_TCTI=tcti, TSS2_LOG="all+none", OPENSSL_MODULES=module.directory)
     for operation in OPERATIONS:
         key = keys[operation.split()[1]]
-        rows.append(measure("tpm2-openssl", operation, ["-provider", "tpm2", "-provider",
-                                                        "base"], str(key["path"]),
-                            key["public"], child, files, key["inputs"], runs, relay))
+        row = measure(system, operation, ["-provider", "tpm2", "-provider", "base"],
+                      str(key["path"]), key["public"], child, files, key["inputs"], runs,
+                      relay)
+        row["version"] = module.version
+        rows.append(row)
     return rows
 
 
@@ -203,7 +213,14 @@ def pkcs11_rows(abrmd_tcti: str, env: dict[str, str], relay: Any, files: Files, 
         return [{"system": "tpm2-pkcs11", "operation": op, "runs": 0, "ok": 0,
                  "failures": {why: 1}} for op in OPERATIONS]
     rows: list[dict[str, Any]] = []
-    with pkcs11.Token(abrmd_tcti, env, work) as token:
+    token = pkcs11.Token(abrmd_tcti, env, work)
+    try:
+        token.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        token.stop()
+        return [{"system": "tpm2-pkcs11", "operation": op, "runs": 0, "ok": 0,
+                 "failures": {f"setup failed: {exc}"[:400]: 1}} for op in OPERATIONS]
+    try:
         base = ["-engine", "pkcs11", "-keyform", "engine"]
         for operation in OPERATIONS:
             key = operation.split()[1]
@@ -212,6 +229,8 @@ def pkcs11_rows(abrmd_tcti: str, env: dict[str, str], relay: Any, files: Files, 
             rows.append(measure("tpm2-pkcs11", operation, base, pkcs11.private_uri(key),
                                 token.publics[key], token.client_env, files, inputs, runs,
                                 relay))
+    finally:
+        token.stop()
     return rows
 
 
@@ -241,6 +260,7 @@ def make_keys(tcti: str, files: Files, work: Path) -> dict[str, Any]:
 def run(models: list[str], runs: int, systems: list[str]) -> dict[str, Any]:
     from tpmbroker.processes import Abrmd, DbusDaemon
 
+    from . import tpm2_openssl
     from .machine import machine_description
 
     results: dict[str, Any] = {"meta": machine_description(), "rows": []}
@@ -253,16 +273,23 @@ def run(models: list[str], runs: int, systems: list[str]) -> dict[str, Any]:
                 rows: list[dict[str, Any]] = []
                 if "tpmbroker" in systems:
                     rows += tpmbroker_rows(tcti, relay, files, keys, runs, work)
-                if {"tpm2-openssl", "tpm2-pkcs11"} & set(systems):
+                if {*TPM2_OPENSSL, "tpm2-pkcs11"} & set(systems):
                     swtpm.restart()  # swtpm serves one connection: the broker has gone
                     bus = DbusDaemon()
                     try:
                         abrmd = Abrmd(tcti, work / "abrmd", bus, max_connections=100)
                         abrmd.start()
                         try:
-                            if "tpm2-openssl" in systems:
-                                rows += tpm2_openssl_rows(abrmd.tcti, abrmd.env(), relay,
-                                                          files, keys, runs)
+                            modules: dict[str, Any] = {}
+                            missing: dict[str, str] = {}
+                            if set(TPM2_OPENSSL) & set(systems):
+                                modules, missing = tpm2_openssl.find(abrmd.tcti,
+                                                                     abrmd.env())
+                            for system in TPM2_OPENSSL:
+                                if system in systems:
+                                    rows += tpm2_openssl_rows(
+                                        system, (modules.get(system), missing.get(system, "")),
+                                        abrmd.tcti, abrmd.env(), relay, files, keys, runs)
                             if "tpm2-pkcs11" in systems:
                                 rows += pkcs11_rows(abrmd.tcti, abrmd.env(), relay, files,
                                                     runs, work)
@@ -283,19 +310,23 @@ def markdown(results: dict[str, Any]) -> str:
                                                   SYSTEMS.index(r["system"])))
     for r in rows:
         failed = r["runs"] - r["ok"] if r["runs"] else "not run"
-        lines.append(f"| {r['tpm']} | {r['operation']} | {r['system']} "
+        system = r["system"] + (f" ({r['version']})" if r.get("version") else "")
+        lines.append(f"| {r['tpm']} | {r['operation']} | {system} "
                      f"| {r.get('median_ms', '-')} | {r.get('max_ms', '-')} "
                      f"| {r.get('tpm_commands', '-')} | {failed} |")
-    notes = [f"- {r['tpm']}, {r['system']} {r['operation']}: "
-             + "; ".join(f"{k} x {v}" for k, v in r["failures"].items())
-             for r in rows if r["failures"]]
+    notes = list(dict.fromkeys(  # a system not run: once per TPM, not once per operation
+        f"- {r['tpm']}, {r['system']}: not run: " + "; ".join(r["failures"])
+        if not r["runs"] else
+        f"- {r['tpm']}, {r['system']} {r['operation']}: "
+        + "; ".join(f"{k} x {v}" for k, v in r["failures"].items())
+        for r in rows if r["failures"]))
     ratios: list[str] = []
     for tpm_name in dict.fromkeys(r["tpm"] for r in rows):
         for operation in OPERATIONS:
             by = {r["system"]: r for r in rows if r["tpm"] == tpm_name
                   and r["operation"] == operation and "median_ms" in r}
             ours = by.get("tpmbroker")
-            for peer in ("tpm2-openssl", "tpm2-pkcs11"):
+            for peer in (*TPM2_OPENSSL, "tpm2-pkcs11"):
                 if ours and peer in by:
                     ratios.append(f"| {tpm_name} | {operation} | {peer} "
                                   f"| {by[peer]['median_ms'] / ours['median_ms']:.1f}x |")
@@ -321,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
 
     models = [m.strip() for m in args.tpm_model.split(",") if m.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if "tpm2-openssl" in systems:  # every release line
+        at = systems.index("tpm2-openssl")
+        systems[at:at + 1] = [x for x in TPM2_OPENSSL if x not in systems]
     if not models or any(m not in MODELS for m in models) or args.runs < 1 or any(
             s not in SYSTEMS for s in systems):
         print(f"models from {', '.join(MODELS)}; systems from {', '.join(SYSTEMS)}; "

@@ -22,11 +22,13 @@ from tpm2_pytss.types import TPMT_PUBLIC
 
 from tpmbroker.load import LoadReport, run_for, sample_sessions
 
+from . import systems
 from .systems import CHECK_EVERY, Key
 
 OPS = ("sign", "decrypt", "derive")
 KEY_FOR = {"decrypt": "rsa:2048", "derive": "ec:P-256"}  # the key type each one needs
-SYSTEMS = ("provider", "client", "tpm2-openssl")  # the systems that have them
+SYSTEMS = ("direct-password", "direct-hmac", "provider", "client",
+           "tpm2-openssl-1.1", "tpm2-openssl-1.3")  # the systems that have them
 STORAGE_PRIMARY_FROM_TEMPLATE = 0x40000001
 ATTRIBUTES = "userwithauth|sign|decrypt|fixedtpm|fixedparent|sensitivedataorigin"
 
@@ -176,3 +178,40 @@ def run_provider(socket: str, work: Work, clients: int, seconds: float) -> LoadR
             os.environ.pop("TPMBROKER_SOCKET", None)
         else:
             os.environ["TPMBROKER_SOCKET"] = previous
+
+
+def direct_command(work: Work) -> systems.DirectCommand:
+    """TPM2_RSA_Decrypt (RSAES: the TPM removes the PKCS#1 v1.5 padding) or TPM2_ECDH_ZGen
+    (Z is the shared point's x), the TPM commands behind a decryption and a derivation."""
+    from collections.abc import Callable
+
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+    from tpm2_pytss.types import TPM2B_ECC_POINT, TPMS_ECC_POINT, TPMT_RSA_DECRYPT
+
+    if work.op == "decrypt":
+        scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.RSAES)
+
+        def decrypt(ectx: ESAPI, handle: ESYS_TR, session: ESYS_TR,
+                    n: int) -> Callable[[], bool]:
+            message = ectx.rsa_decrypt(handle, work.data, scheme, session1=session)
+            return lambda: bytes(message) == work.expected
+
+        return decrypt
+    if work.op != "derive":
+        raise ValueError(f"no direct loop for {work.op}")
+    size = (len(work.peer_point) - 1) // 2
+    point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=work.peer_point[1:1 + size],
+                                           y=work.peer_point[1 + size:]))
+
+    def derive(ectx: ESAPI, handle: ESYS_TR, session: ESYS_TR,
+               n: int) -> Callable[[], bool]:
+        shared = ectx.ecdh_zgen(handle, point, session1=session)
+        return lambda: bytes(shared.point.x) == work.expected
+
+    return derive
+
+
+def run_direct(tcti: str, work: Work, seconds: float, hmac: bool) -> LoadReport:
+    """The direct loop of decryption or ECDH: one ESAPI context straight to the TPM, as
+    direct-password and direct-hmac are for signing."""
+    return systems.run_direct(tcti, work.key, seconds, hmac, direct_command(work))

@@ -48,12 +48,16 @@ class Token:
                         TPM2_PKCS11_STORE=str(self.store), TSS2_LOG="all+none")
         self.env.pop("OPENSSL_CONF", None)
         self.server: subprocess.Popen[bytes] | None = None
+        self.log = work / "p11-kit-server.log"
         self.client_env: dict[str, str] = {}
         self.publics: dict[str, bytes] = {}
 
     def _ptool(self, *args: str) -> None:
-        subprocess.run(["tpm2_ptool", *args, f"--path={self.store}"], env=self.env,
-                       check=True, capture_output=True, timeout=300)
+        out = subprocess.run(["tpm2_ptool", *args, f"--path={self.store}"], env=self.env,
+                             capture_output=True, text=True, timeout=300, check=False)
+        if out.returncode != 0:
+            said = (out.stderr.strip() or out.stdout.strip() or "no output")[-600:]
+            raise RuntimeError(f"tpm2_ptool {args[0]} exited {out.returncode}: {said}")
 
     def start(self) -> Token:
         self.store.mkdir(exist_ok=True)
@@ -64,14 +68,18 @@ class Token:
             self._ptool("addkey", f"--algorithm={algorithm}", "--label=bench",
                         f"--userpin={PIN}", f"--key-label={label}")
         socket = self.work / "p11-kit.sock"
-        self.server = subprocess.Popen(
-            [P11KIT_SERVER, "-f", "--provider", PKCS11_MODULE, "-n", str(socket),
-             "pkcs11:token=bench"], env=self.env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(self.log, "wb") as log:
+            self.server = subprocess.Popen(
+                [P11KIT_SERVER, "-f", "--provider", PKCS11_MODULE, "-n", str(socket),
+                 "pkcs11:token=bench"], env=self.env, stdout=subprocess.DEVNULL,
+                stderr=log, start_new_session=True)
         for _ in range(200):
-            if socket.exists():
+            if socket.exists() or self.server.poll() is not None:
                 break
             time.sleep(0.05)
+        if not socket.exists():
+            said = self.log.read_text(errors="replace").strip()[-600:] or "no output"
+            raise RuntimeError(f"p11-kit-server did not open {socket}: {said}")
         conf = self.work / "pkcs11-engine.cnf"
         conf.write_text("openssl_conf = openssl_init\n[openssl_init]\nengines = engines\n"
                         "[engines]\npkcs11 = pkcs11\n[pkcs11]\nengine_id = pkcs11\n"
@@ -83,7 +91,12 @@ class Token:
                                   "-pubin", "-in", f"pkcs11:token=bench;object={label};"
                                   "type=public", "-pubout"], env=self.client_env,
                                  capture_output=True, timeout=60, check=False)
-            self.publics[key] = out.stdout[out.stdout.find(b"-----BEGIN"):]
+            begin = out.stdout.find(b"-----BEGIN")
+            if out.returncode != 0 or begin < 0:
+                said = out.stderr.decode(errors="replace").strip()[-600:] or "no output"
+                raise RuntimeError(f"openssl pkey could not read the token's {label} "
+                                   f"public key (exit {out.returncode}): {said}")
+            self.publics[key] = out.stdout[begin:]
         return self
 
     def stop(self) -> None:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from . import targets
-from .results import REFERENCE, Point, Results
+from . import turnaround as ta
+from .results import REFERENCE, VERIFY_OFF, Point, Results
 
 
 def reference_rates(points: list[Point]) -> dict[str, float]:
@@ -31,8 +32,9 @@ def markdown_table(results: Results) -> str:
     refs = reference_rates(results.points)
     lines = [
         "| system | key | clients | signatures/s | x direct | p50 ms | p99 ms | failures "
-        "| max TPM sessions | TPM utilization | broker CPU µs/sig | min/max per signer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max TPM sessions | TPM utilization | broker CPU µs/sig | min/max per signer "
+        "| turn-around p50 / p90 µs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for pt in results.points:
         ref = refs.get(pt.key)
@@ -46,11 +48,59 @@ def markdown_table(results: Results) -> str:
         row = (f"| {pt.system} | {pt.key} | {pt.clients} | {pt.rate:.0f} | {ratio} "
                f"| {pt.p50_ms:.2f} | {pt.p99_ms:.2f} | {failures} "
                f"| {_fmt(pt.max_active_sessions, 'd')} | {util} "
-               f"| {_fmt(pt.broker_cpu_us, '.0f')} | {_fmt(pt.fairness, '.2f')} |")
+               f"| {_fmt(pt.broker_cpu_us, '.0f')} | {_fmt(pt.fairness, '.2f')} "
+               f"| {ta.cell(pt.turnaround)} |")
         if pt.note:
             row = (f"| {pt.system} | {pt.key} | {pt.clients} | not run (1) "
-                   "| - | - | - | - | - | - | - | - |")
+                   "| - | - | - | - | - | - | - | - | - |")
         lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def verification_section(results: Results) -> str:
+    """What the signer's own verification costs per signature: each -noverify point beside
+    the same system, key and concurrency with verification on, in the same run."""
+    by = {(pt.system, pt.key, pt.clients): pt for pt in results.points
+          if not pt.note and pt.signatures}
+    lines: list[str] = []
+    for (system, key, clients), off in by.items():
+        on = by.get((VERIFY_OFF.get(system, ""), key, clients))
+        if on is None:
+            continue
+        cpu = ("-" if on.signer_cpu_us is None or off.signer_cpu_us is None
+               else f"{on.signer_cpu_us - off.signer_cpu_us:+.0f}")
+        lines.append(f"| {on.system} | {key} | {clients} | {cpu} "
+                     f"| {1000 * (on.p50_ms - off.p50_ms):+.0f} "
+                     f"| {1e6 / on.rate - 1e6 / off.rate:+.0f} |")
+    if not lines:
+        return ""
+    return ("\nThe signer's verification of each signature (on by default), per signature: "
+            "verification on minus off, same run:\n\n"
+            "| system | key | clients | signer CPU µs | p50 µs | wall µs (1/rate) |\n"
+            "|---|---|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
+
+
+def turnaround_section(results: Results) -> str:
+    """The broker's turn-around histogram of each tpmbroker point: samples per bucket."""
+    rows = [pt for pt in results.points
+            if pt.turnaround is not None and pt.turnaround.get("count")]
+    if not rows:
+        if any(pt.turnaround is not None for pt in results.points):
+            return ("\nTurn-around: n/a (this broker's STATUS has no tpm_turnaround).\n")
+        return ""
+    labels: list[str] = list(dict.fromkeys(
+        label for pt in rows for label in (pt.turnaround or {}).get("buckets_us", {})))
+    heads = [f"<= {label}" if label != ta.INF else "more" for label in labels]
+    lines = ["\nTurn-around (the broker's time from the TPM's answer to the next command "
+             "leaving, while work waited), samples per bucket in µs:\n",
+             "| system | key | clients | TPM command | samples | " + " | ".join(heads) + " |",
+             "|---|---|---:|---|---:|" + "---:|" * len(heads)]
+    for pt in rows:
+        t = pt.turnaround or {}
+        buckets = t.get("buckets_us", {})
+        lines.append(f"| {pt.system} | {pt.key} | {pt.clients} | {t['command']} "
+                     f"| {t['count']} | " + " | ".join(str(buckets.get(label, 0))
+                                                      for label in labels) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +126,8 @@ def write_markdown(results: Results, path: Path) -> None:
         f"load average {meta['loadavg_before']} before, {meta.get('loadavg_after', '?')} "
         "after.\n",
         markdown_table(results),
-        "\nx direct: signatures/s over direct-password's (one client, same key)."
+        "\nx direct: operations/s over direct-password's (one client, same key and "
+        "operation: TPM2_Sign, TPM2_RSA_Decrypt or TPM2_ECDH_ZGen in a loop)."
         + (" (1) see below." if any(pt.note for pt in results.points) else "") + "\n",
     ]
     idle = meta.get("idle_connections")
@@ -84,6 +135,12 @@ def write_markdown(results: Results, path: Path) -> None:
         parts.append(f"\nBroker memory with {idle['connections']} idle client connections: "
                      f"{idle['rss_mib_idle']} MiB resident ({idle['rss_mib_before']} MiB "
                      "before they connected).\n")
+    verification = verification_section(results)
+    if verification:
+        parts.append(verification)
+    histograms = turnaround_section(results)
+    if histograms:
+        parts.append(histograms)
     errors = _errors_section(results)
     if errors:
         parts.append("\nFailures and errors:\n\n" + errors + "\n")

@@ -28,11 +28,12 @@ from tpmbroker.load import LoadReport
 from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
 from . import operations as ops
-from . import pkcs11
+from . import pkcs11, tpm2_openssl
 from . import systems as s
+from . import turnaround as ta
 from .chip import MODELS, ChipRelay
 from .machine import machine_description
-from .results import ABRMD, BROKER, DIRECT, Point, Results
+from .results import ABRMD, BROKER, DIRECT, TPM2_OPENSSL, Point, Results
 from .services import CpuMeter, process_rss_mib
 
 
@@ -62,7 +63,7 @@ def plan(options: Options) -> list[tuple[str, str, int]]:
             for key in options.keys:
                 if system in DIRECT:
                     levels = [1]  # a raw TPM: one connection, three object slots
-                elif system in ("tpm2-openssl", "tpm2-pkcs11"):
+                elif system in (*TPM2_OPENSSL, "tpm2-pkcs11"):
                     levels = sorted({min(c, options.max_processes) for c in options.clients})
                 elif system == "engine-style" and not key.startswith("ec:"):
                     continue
@@ -72,12 +73,16 @@ def plan(options: Options) -> list[tuple[str, str, int]]:
     for op in options.ops:  # decryption and ECDH: the systems that have them, their key
         if op == "sign" or ops.KEY_FOR[op] not in options.keys:
             continue
-        for group in (BROKER, ABRMD):
+        for group in (DIRECT, BROKER, ABRMD):
             for system in group:
                 if system not in options.systems or system not in ops.SYSTEMS:
                     continue
-                levels = (sorted({min(c, options.max_processes) for c in options.clients})
-                          if system == "tpm2-openssl" else list(options.clients))
+                if system in DIRECT:
+                    levels = [1]
+                elif system in TPM2_OPENSSL:
+                    levels = sorted({min(c, options.max_processes) for c in options.clients})
+                else:
+                    levels = list(options.clients)
                 out.extend((system, ops.label(ops.KEY_FOR[op], op), c) for c in levels)
     order = {system: n for n, system in enumerate(DIRECT + BROKER + ABRMD)}
     return sorted(out, key=lambda x: order[x[0]])  # stable: grouped by what runs them
@@ -177,7 +182,9 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def _point(system: str, key: str, clients: int, report: LoadReport | None,
            utilization: float | None, sessions_known: bool, note: str = "",
-           broker_cpu: float | None = None) -> Point:
+           broker_cpu: float | None = None,
+           turnaround: dict[str, Any] | None = None,
+           signer_cpu: float | None = None) -> Point:
     if report is None:
         return Point(system, key, clients, 0.0, 0, 0.0, 0.0, 0.0, 0, 0, None, utilization,
                      {}, note)
@@ -190,26 +197,15 @@ def _point(system: str, key: str, clients: int, report: LoadReport | None,
                  dict(sorted(report.errors.items(), key=lambda kv: -kv[1])[:8]), note,
                  None if broker_cpu is None or not report.signatures
                  else round(broker_cpu / report.signatures * 1e6, 1),
-                 round(report.fairness, 3) if len(report.per_client) > 1 else None)
+                 round(report.fairness, 3) if len(report.per_client) > 1 else None,
+                 turnaround,
+                 None if signer_cpu is None or not report.signatures
+                 else round(signer_cpu / report.signatures * 1e6, 1))
 
 
-def _tpm2_openssl_available() -> str | None:
-    """None when tpm2-openssl's module is installed, else why not.
-
-    Not by loading it here: it opens a TPM connection (default TCTI) when it is loaded.
-    """
-    import re
-    import subprocess
-
-    try:
-        out = subprocess.run(["openssl", "version", "-m"], capture_output=True, text=True,
-                             timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"tpm2-openssl not checked: {exc}"
-    match = re.search(r'MODULESDIR: "([^"]+)"', out)
-    if match is None or not (Path(match.group(1)) / "tpm2.so").exists():
-        return "tpm2-openssl is not installed (Debian package: tpm2-openssl)"
-    return None
+def _modules_env(env: dict[str, str], module: tpm2_openssl.Module) -> dict[str, str]:
+    """The environment of processes that load this tpm2-openssl (`-provider tpm2`)."""
+    return dict(env, OPENSSL_MODULES=module.directory)
 
 
 def run(options: Options, stream: TextIO = sys.stderr) -> Results:
@@ -223,6 +219,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
                 descriptions={k: v for k, v in s.DESCRIPTIONS.items() if k in options.systems})
     saved_env = {k: os.environ.get(k) for k in ("TPMBROKER_SOCKET", "DBUS_SESSION_BUS_ADDRESS")}
     idle: dict[int, dict[str, float]] = {}
+    found_modules: dict[str, Any] = {}  # tpm2-openssl system -> version and directory
     workdir = Path(tempfile.mkdtemp(prefix="tpmbroker-bench-"))
     try:
         with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
@@ -230,7 +227,7 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
             if stream is sys.stderr:  # survives _quiet_stderr()
                 stream = stack.enter_context(open(os.dup(2), "w", buffering=1))
             progress = stack.enter_context(Progress(len(todo), stream))
-            _run_all(options, todo, points, workdir, stack, progress, idle)
+            _run_all(options, todo, points, workdir, stack, progress, idle, found_modules)
     finally:
         for name, value in saved_env.items():
             if value is None:
@@ -238,6 +235,8 @@ def run(options: Options, stream: TextIO = sys.stderr) -> Results:
             else:
                 os.environ[name] = value
     meta["loadavg_after"] = _loadavg()
+    if found_modules:
+        meta["tpm2_openssl_modules"] = found_modules
     if idle:
         meta["idle_connections"] = next(iter(idle.values()))
     return Results(meta, points)
@@ -263,6 +262,43 @@ def _quiet_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
+
+
+def _orderly_restart(swtpm: Any, tcti: str) -> None:
+    """Restart the swtpm (Startup CLEAR) after a TPM2_Shutdown(STATE).
+
+    Stopping a TPM without it after DA-protected keys were used counts as a failure in
+    its dictionary-attack counter; phases of direct loops add one each, and the broker
+    then (rightly) refuses to spend the last ones.
+    """
+    from tpm2_pytss import ESAPI, TCTILdr
+    from tpm2_pytss.constants import TPM2_SU
+
+    with contextlib.suppress(Exception), ESAPI(TCTILdr.parse(tcti)) as ectx:
+        ectx.shutdown(TPM2_SU.STATE)
+    swtpm.restart()
+
+
+def _own_cpu_seconds() -> float:
+    """CPU of this process and of its children that have ended (the load generator):
+    what the signing side spends, the broker (a child still running) not included."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _broker_turnaround(socket: str) -> ta.Histograms | None:
+    """The broker's turn-around histograms now; None when its STATUS has none (or it
+    does not answer)."""
+    from tpmbroker import TpmBrokerError
+    from tpmbroker.client import Client
+
+    try:
+        with Client(socket, timeout=10) as client:
+            return ta.read(client.status())
+    except (TpmBrokerError, OSError):
+        return None
 
 
 def _restart_abrmd(abrmd: Abrmd, phase: contextlib.ExitStack) -> Any:
@@ -315,7 +351,8 @@ def idle_connections_rss(broker: BrokerProcess, count: int) -> dict[str, float]:
 
 def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Point],
              workdir: Path, stack: contextlib.ExitStack, progress: Progress,
-             idle: dict[int, dict[str, float]]) -> None:
+             idle: dict[int, dict[str, float]],
+             found_modules: dict[str, Any]) -> None:
     from tpmbroker.simulator import Swtpm
 
     swtpm: Swtpm | None = None
@@ -351,15 +388,24 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
         stack.callback(bus.stop)
         os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
 
-    tpm2_openssl_missing = (_tpm2_openssl_available()
-                            if any(x[0] == "tpm2-openssl" for x in todo) else None)
+    modules: dict[str, tpm2_openssl.Module] = {}
+    tpm2_openssl_missing: dict[str, str] = {}
+    if any(x[0] in TPM2_OPENSSL for x in todo):
+        progress.message("looking for tpm2-openssl modules")
+        modules, tpm2_openssl_missing = tpm2_openssl.find(tcti)
+        meta_modules = {system: dataclasses.asdict(m) for system, m in modules.items()}
+        progress.message("tpm2-openssl: " + (", ".join(
+            f"{system} is {m.version} ({m.directory})" for system, m in modules.items())
+            or "none") + "".join(f"; {system}: {why}"
+                                 for system, why in tpm2_openssl_missing.items()))
+        found_modules.update(meta_modules)
 
     for group in (DIRECT, BROKER, ABRMD):
         group_todo = [x for x in todo if x[0] in group]
         if not group_todo:
             continue
         if swtpm is not None:
-            swtpm.restart()  # a clean TPM for each phase
+            _orderly_restart(swtpm, tcti)  # a clean TPM for each phase
         with contextlib.ExitStack() as phase:
             target = tcti
             env = dict(os.environ)
@@ -367,6 +413,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
             probe = None
             abrmd: Abrmd | None = None
             token: pkcs11.Token | None = None
+            token_failed = ""  # why the token could not be set up: once is enough
             try:
                 if group is BROKER:
                     broker = BrokerProcess(tcti, workdir / "broker", sessions=options.sessions)
@@ -405,11 +452,19 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     # in an unknown state: every point starts with a fresh one.
                     probe = _restart_abrmd(abrmd, phase)
                 work = works.get(key_name)
+                turnaround_before = (_broker_turnaround(broker.socket)
+                                     if broker is not None else None)
+                cpu_before = _own_cpu_seconds()
                 try:
-                    if system == "tpm2-openssl" and tpm2_openssl_missing:
-                        note = tpm2_openssl_missing
-                    elif system == "tpm2-pkcs11" and (pkcs11.missing() or abrmd is None):
-                        note = pkcs11.missing() or "needs the benchmark's own tpm2-abrmd"
+                    if system in TPM2_OPENSSL and system not in modules:
+                        note = tpm2_openssl_missing.get(system, "tpm2-openssl not found")
+                    elif system == "tpm2-pkcs11" and (pkcs11.missing() or abrmd is None
+                                                      or token_failed):
+                        note = (pkcs11.missing() or token_failed
+                                or "needs the benchmark's own tpm2-abrmd")
+                    elif work is not None and system in DIRECT:
+                        report = ops.run_direct(target, work, options.seconds,
+                                                hmac=system == "direct-hmac")
                     elif work is not None and system == "provider":
                         assert broker is not None
                         report = ops.run_provider(broker.socket, work, clients,
@@ -417,31 +472,43 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                     elif work is not None and system == "client":
                         assert broker is not None
                         report = ops.run_client(broker.socket, work, clients, options.seconds)
-                    elif work is not None and system == "tpm2-openssl":
+                    elif work is not None and system in TPM2_OPENSSL:
                         key_path, data, expected = work.write(workdir)
                         report, start = s.run_processes(
-                            target, env, key_path, clients, options.seconds, probe,
+                            target, _modules_env(env, modules[system]), key_path, clients,
+                            options.seconds, probe,
                             mode=("--mode", work.op, "--input", str(data), "--expect",
                                   str(expected)))
                         end = start + options.seconds
                     elif system in DIRECT:
                         report = s.run_direct(target, key, options.seconds,
                                               hmac=system == "direct-hmac")
-                    elif system == "provider":
+                    elif system in ("provider", "provider-noverify"):
                         assert broker is not None
                         report = s.run_provider(broker.socket, workdir, key, clients,
-                                                options.seconds)
-                    elif system == "client":
+                                                options.seconds, verify=system == "provider")
+                    elif system in ("client", "client-noverify"):
                         assert broker is not None
-                        report = s.run_client(broker.socket, key, clients, options.seconds)
-                    elif system == "tpm2-openssl":
+                        report = s.run_client(broker.socket, key, clients, options.seconds,
+                                              verify=system == "client")
+                    elif system in TPM2_OPENSSL:
                         key_path = workdir / f"{key_name.replace(':', '-')}.pem"
-                        report, start = s.run_processes(target, env, key_path, clients,
-                                                        options.seconds, probe)
+                        report, start = s.run_processes(
+                            target, _modules_env(env, modules[system]), key_path, clients,
+                            options.seconds, probe)
                         end = start + options.seconds
                     elif system == "tpm2-pkcs11":
                         if token is None:
-                            token = _pkcs11_token(abrmd, workdir, phase)
+                            # engine-style, run before, leaves tpm2-abrmd's connection
+                            # table full ("MAX_COMMANDS exceeded") and tpm2_ptool could not
+                            # connect: the token starts on a fresh one.
+                            assert abrmd is not None
+                            probe = _restart_abrmd(abrmd, phase)
+                            try:
+                                token = _pkcs11_token(abrmd, workdir, phase)
+                            except (RuntimeError, OSError) as exc:
+                                token_failed = f"token setup failed: {exc}"[:600]
+                                raise
                         report, start = s.run_processes(
                             target, token.client_env, pkcs11.private_uri(key_name), clients,
                             options.seconds, probe, providers="",
@@ -465,10 +532,18 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                 utilization = meter.utilization(start, end) if report is not None else None
                 broker_share = (broker_meter.utilization(start, end)
                                 if report is not None else None)
+                signer_cpu = _own_cpu_seconds() - cpu_before
+                turnaround = None
+                if broker is not None and report is not None:
+                    turnaround = ta.summary(ta.difference(
+                        turnaround_before, _broker_turnaround(broker.socket)),
+                        ops.split(key_name)[1])
                 points.append(_point(system, key_name, clients, report, utilization,
                                      sessions_known=True, note=note,
                                      broker_cpu=None if broker_share is None
-                                     else broker_share * (end - start)))
+                                     else broker_share * (end - start),
+                                     turnaround=turnaround,
+                                     signer_cpu=signer_cpu if group is BROKER else None))
                 if note:
                     progress.message(f"{system} {key_name} {clients}: {note}")
                 progress.advance()

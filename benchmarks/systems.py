@@ -33,15 +33,22 @@ from .tss import null_ticket, salted_session, storage_primary
 
 DESCRIPTIONS = {
     "direct-password": "tpm2-pytss ESAPI loop in the benchmark process, password auth, key "
-                       "loaded once, straight to the TPM (no resource manager): the reference",
+                       "loaded once, straight to the TPM (no resource manager): the reference "
+                       "(TPM2_Sign; TPM2_RSA_Decrypt and TPM2_ECDH_ZGen for --ops)",
     "direct-hmac": "as direct-password, through one reused salted HMAC session with "
                    "parameter encryption (tss2-esys computes the HMACs)",
     "provider": "tpmbroker through its OpenSSL provider: N C threads of one process (the "
                 "load generator benchmarks/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
     "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
               "share one Client",
-    "tpm2-openssl": "tpm2-openssl 1.1.1 through tpm2-abrmd: N processes (it is not "
-                    "thread-safe), each EVP_DigestSign in a loop, password auth",
+    "provider-noverify": "as provider, with the provider's check of each signature against "
+                         "the key's public key off (TPMBROKER_VERIFY=0)",
+    "client-noverify": "as client, with Client(verify=False)",
+    "tpm2-openssl-1.1": "tpm2-openssl 1.1 (Debian 12: 1.1.1) through tpm2-abrmd: N "
+                        "processes (it is not thread-safe), each EVP_DigestSign in a loop, "
+                        "password auth",
+    "tpm2-openssl-1.3": "tpm2-openssl 1.3 (Debian 13: 1.3.0, one global lock per process) "
+                        "through tpm2-abrmd: N processes, as tpm2-openssl-1.1",
     "engine-style": "N threads through tpm2-abrmd, each starting 3 salted sessions per "
                     "signature (as per-operation engines do), EC only",
     "tpm2-pkcs11": "tpm2-pkcs11 1.9 through the PKCS#11 engine (libp11) and p11-kit's "
@@ -174,12 +181,33 @@ def abrmd_session_probe(tcti: str) -> tuple[Callable[[], int | None], Callable[[
 
 # --- 1, 2: ESAPI straight to the TPM ------------------------------------------------------
 
-def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
+# One TPM command of a direct loop: (ectx, key handle, session, n) -> a check of its result,
+# called outside the timed part, and only now and then.
+DirectCommand = Callable[[ESAPI, ESYS_TR, ESYS_TR, int], Callable[[], bool]]
+
+
+def sign_command(key: Key) -> DirectCommand:
+    """TPM2_Sign of a SHA-256 digest that changes with every call."""
+    scheme = _sig_scheme(key)
+    ticket = null_ticket()
+
+    def command(ectx: ESAPI, handle: ESYS_TR, session: ESYS_TR, n: int) -> Callable[[], bool]:
+        digest = hashlib.sha256(f"{n}".encode()).digest()
+        signature = ectx.sign(handle, digest, scheme, ticket, session1=session)
+        return lambda: _verify_digest(key, _tpm_signature_der(key, signature), digest)
+
+    return command
+
+
+def run_direct(tcti: str, key: Key, seconds: float, hmac: bool,
+               command: DirectCommand | None = None) -> LoadReport:
     """One thread, one ESAPI context, the key loaded once; optionally one salted session.
 
+    `command` is the TPM command of the loop: TPM2_Sign (sign_command) unless given.
     A raw TPM has no resource manager, so no second connection can watch it: active
-    sessions are read in-process between signatures, four times a second.
+    sessions are read in-process between commands, four times a second.
     """
+    run_command = command if command is not None else sign_command(key)
     report = LoadReport(1, seconds, per_client=[0])
     with ESAPI(TCTILdr.parse(tcti)) as ectx:
         tss = TSSPrivKey.from_der(key.der)
@@ -189,8 +217,6 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
         if hmac:
             session = salted_session(ectx, parent)
         ectx.flush_context(parent)
-        scheme = _sig_scheme(key)
-        ticket = null_ticket()
         done = failed = bad = 0
         errors: dict[str, int] = {}
         latencies: list[float] = []
@@ -206,18 +232,16 @@ def run_direct(tcti: str, key: Key, seconds: float, hmac: bool) -> LoadReport:
                     report.max_active_sessions = max(report.max_active_sessions,
                                                      _active_sessions(ectx))
                     next_probe = now + 0.25
-                digest = hashlib.sha256(f"{done}:{failed}".encode()).digest()
                 t0 = time.perf_counter()
                 try:
-                    signature = ectx.sign(handle, digest, scheme, ticket, session1=session)
+                    check = run_command(ectx, handle, session, done + failed)
                 except TSS2_Exception as exc:
                     failed += 1
                     name = f"rc 0x{exc.rc:x}"
                     errors[name] = errors.get(name, 0) + 1
                     continue
                 latencies.append((time.perf_counter() - t0) * 1000)
-                if done % CHECK_EVERY == 0 and not _verify_digest(
-                        key, _tpm_signature_der(key, signature), digest):
+                if done % CHECK_EVERY == 0 and not check():
                     bad += 1
                 done += 1
             report.seconds = time.monotonic() - t_start
@@ -267,8 +291,9 @@ def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
 
 
 def run_provider(socket: str, workdir: Path, key: Key, clients: int,
-                 seconds: float) -> LoadReport:
-    """C threads of one process calling EVP_DigestSign through the provider."""
+                 seconds: float, verify: bool = True) -> LoadReport:
+    """C threads of one process calling EVP_DigestSign through the provider; `verify`
+    False turns the provider's check of each signature off (TPMBROKER_VERIFY=0)."""
     from tpmbroker.client import Client
 
     exe = build_loadgen(workdir)
@@ -278,7 +303,8 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
     public = serialization.load_der_public_key(key.public)
     pub_path.write_bytes(public.public_bytes(serialization.Encoding.PEM,
                                              serialization.PublicFormat.SubjectPublicKeyInfo))
-    env = dict(os.environ, TPMBROKER_SOCKET=socket, OPENSSL_CONF=os.devnull)
+    env = dict(os.environ, TPMBROKER_SOCKET=socket, OPENSSL_CONF=os.devnull,
+               TPMBROKER_VERIFY="1" if verify else "0")
     with Client(socket, timeout=10) as status_client:
         stop = threading.Event()
         holder = LoadReport(clients, seconds)
@@ -305,11 +331,12 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
 
 # --- 4: the Python client ---------------------------------------------------------------------
 
-def run_client(socket: str, key: Key, clients: int, seconds: float) -> LoadReport:
+def run_client(socket: str, key: Key, clients: int, seconds: float,
+               verify: bool = True) -> LoadReport:
     from tpmbroker.client import Client
     from tpmbroker.load import run_threads
 
-    with Client(socket, timeout=30, max_connections=clients + 1) as client:
+    with Client(socket, timeout=30, max_connections=clients + 1, verify=verify) as client:
         loaded = client.load_key(key.der)
         return run_threads(client, loaded, clients, seconds, check_every=CHECK_EVERY)
 

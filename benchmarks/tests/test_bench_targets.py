@@ -26,8 +26,8 @@ def good_run() -> list[Point]:
         point("provider", 1, 1400, p50_ms=0.60, broker_cpu_us=90.0),
         point("provider", 8, 2000, broker_cpu_us=80.0),
         point("provider", 64, 2000, p99_ms=40.0, fairness=0.95, broker_cpu_us=85.0),
-        point("tpm2-openssl", 1, 600),
-        point("tpm2-openssl", 8, 700),
+        point("tpm2-openssl-1.1", 1, 600),
+        point("tpm2-openssl-1.1", 8, 700),
     ]
 
 
@@ -62,7 +62,7 @@ def test_each_target_can_fail() -> None:
 
 
 def test_points_not_run_are_left_out_not_passed() -> None:
-    run = [pt for pt in good_run() if pt.system != "tpm2-openssl"]
+    run = [pt for pt in good_run() if pt.system != "tpm2-openssl-1.1"]
     assert not any("tpm2-openssl" in target for target, _ in verdicts(run))
     unmeasured = [dataclasses.replace(pt, tpm_utilization=None) for pt in run]
     assert not any("utilization" in target for target, _ in verdicts(unmeasured))

@@ -125,16 +125,20 @@ def test_the_targets_on_the_model_can_each_fail() -> None:
         return Point(**values)  # type: ignore[arg-type]
 
     meta = {"tpm_model": "discrete", "pool_sessions": 2}
-    good = [pt("provider", 8, 39.0), pt("tpm2-openssl", 8, 19.0),
+    good = [pt("provider", 8, 39.0), pt("tpm2-openssl-1.1", 8, 19.0),
             pt("direct-password", 1, 40.0)]  # a reference, not a peer
     checks = targets.check(good, meta)
     assert checks and all(c.met for c in checks), checks
+    assert any("the chip's rate" in c.target for c in checks)
+    slow = [pt("provider", 8, 38.0), pt("direct-password", 1, 40.0)]
+    failed = [c.target for c in targets.check(slow, meta) if not c.met]
+    assert failed and all("the chip's rate" in target for target in failed), failed
     bad: dict[str, dict[str, Any]] = {
-        "TPM busy": {"tpm_utilization": 0.98}, "no failures": {"failures": 1},
+        "no failures": {"failures": 1},
         "sessions": {"max_active_sessions": 3}, "p99": {"p99_ms": 400.0},
         "min/max": {"fairness": 0.5}, "2x each peer": {"rate": 30.0}}
     for words, fields in bad.items():
         changed: dict[str, Any] = {"rate": 39.0, **fields}
-        points = [pt("provider", 8, **changed), pt("tpm2-openssl", 8, 19.0)]
+        points = [pt("provider", 8, **changed), pt("tpm2-openssl-1.1", 8, 19.0)]
         failed = [c.target for c in targets.check(points, meta) if not c.met]
         assert failed and all(words in target for target in failed), (words, failed)

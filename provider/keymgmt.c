@@ -839,26 +839,16 @@ static int gen_set_params(void *genctx, const OSSL_PARAM params[])
             return 0;
     }
     p = OSSL_PARAM_locate_const(params, "digest");
-    if (p != NULL && g->type == WIRE_KEY_TYPE_RSA_PSS) {
+    if (p != NULL) {
+        /* the key's hash: its nameAlg, and what an RSA-PSS key's scheme is bound to */
         const char *md;
 
         if (!OSSL_PARAM_get_utf8_string_ptr(p, &md))
             return 0;
         g->hash = hash_from_name(g->prov, md);
         if (g->hash == 0) {
-            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "digest %s: RSA-PSS TPM keys are bound to "
-                       "SHA-1, SHA-256, SHA-384 or SHA-512", md);
-            return 0;
-        }
-    } else if (p != NULL) {
-        const char *md;
-
-        if (!OSSL_PARAM_get_utf8_string_ptr(p, &md))
-            return 0;
-        if (OPENSSL_strcasecmp(md, "SHA256") != 0 && OPENSSL_strcasecmp(md, "SHA2-256") != 0
-            && OPENSSL_strcasecmp(md, "SHA-256") != 0) {
-            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "digest %s: tpmbroker keys use SHA-256 "
-                       "names; any hash can still be used for signing", md);
+            TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "digest %s: a TPM key's hash is SHA-1, "
+                       "SHA-256, SHA-384 or SHA-512", md);
             return 0;
         }
     }

@@ -169,11 +169,6 @@ ITEM5_CMS = ("issue 18 item 5: the key req -x509 made is sign-only and CMS hides
 ITEM7 = ("issue 18 item 7: a PEM certificate in NV does not load: `x509 -in handle:0x1000011` "
          "prints `Could not read certificate from handle:0x1000011` and "
          "`ossl_store_handle_load_result:unsupported`")
-NV_PUBLIC_KEY = ("not in issue 18's list (next to item 7): a public key in NV "
-                 "(SubjectPublicKeyInfo DER, as keys.md stores the peer) does not load: "
-                 "`Could not read peer key from handle:0x1000010` and "
-                 "`ossl_store_handle_load_result:unsupported` (the handle: store hands NV "
-                 "contents on as certificates only)")
 SHA1_FOR_KEY_ID = ("not in issue 18's list: `req -new -x509` with -provider tpmbroker -provider "
                    "base fails: the subject key identifier is a SHA-1 hash and no loaded "
                    "provider has SHA-1 (`Algorithm (SHA1 : 94)` unsupported, `name="
@@ -360,8 +355,7 @@ FLOWS: tuple[Flow, ...] = (
         "openssl pkeyutl -derive -inkey testkey2.priv -peerkey tools.pub -out secret2.key",
         "cmp secret.key secret2.key",
     ), not_for={"alone": "the peer key in NV is SubjectPublicKeyInfo DER, read by the base "
-                         "provider's decoders; the docs add -provider base"},
-       known=dict.fromkeys(("base", "default"), NV_PUBLIC_KEY)),
+                         "provider's decoders; the docs add -provider base"}),
     Flow("nv-certificate-der", "keys.md: Using NV Index (certificates)", (
         "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
         "-keyout cert.key -subj /CN=nv -out cert.pem",

@@ -229,8 +229,11 @@ static const OSSL_ALGORITHM signature_algs[] = {
 };
 
 static const OSSL_ALGORITHM decoder_algs[] = {
-    /* PEM armour off, for the label TSS2 PRIVATE KEY only */
+    /* PEM armour off, for the labels TSS2 PRIVATE KEY and EC PARAMETERS only */
     { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL },
+    /* a named curve, for genpkey -paramfile: a TPM key's template */
+    { "EC", TPMBROKER_PROPS ",input=der,structure=type-specific",
+      tpmb_ecparams_decoder_functions, NULL },
     { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },
     { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL },
     { "RSA-PSS", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsapss_decoder_functions,

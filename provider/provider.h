@@ -145,6 +145,7 @@ extern const OSSL_DISPATCH tpmb_signature_functions[];
 extern const OSSL_DISPATCH tpmb_pem_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_ec_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_rsa_decoder_functions[];
+extern const OSSL_DISPATCH tpmb_ecparams_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_der_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_pem_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_text_functions[];

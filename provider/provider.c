@@ -7,6 +7,7 @@
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/params.h>
+#include <openssl/provider.h>
 
 #include "provider.h"
 
@@ -291,10 +292,41 @@ static const OSSL_ALGORITHM rand_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+/* digest.c: software digests for setups that have none (-provider base); see digests_wanted */
+#define DIGEST_PROPS TPMBROKER_PROPS ",tpmbroker.digest=yes"
+static const OSSL_ALGORITHM digest_algs[] = {
+    { "SHA1:SHA-1:SSL3-SHA1", DIGEST_PROPS, tpmb_sha1_functions, "SHA-1, in software" },
+    { "SHA2-224:SHA-224:SHA224", DIGEST_PROPS, tpmb_sha224_functions, "SHA-224, in software" },
+    { "SHA2-256:SHA-256:SHA256", DIGEST_PROPS, tpmb_sha256_functions, "SHA-256, in software" },
+    { "SHA2-384:SHA-384:SHA384", DIGEST_PROPS, tpmb_sha384_functions, "SHA-384, in software" },
+    { "SHA2-512:SHA-512:SHA512", DIGEST_PROPS, tpmb_sha512_functions, "SHA-512, in software" },
+    { NULL, NULL, NULL, NULL },
+};
+
+/*
+ * Our digests only where the application has no provider of digests: with the default or
+ * the FIPS provider available they would compete with it (a fetch without a query takes
+ * whichever was registered first, and `-propquery ?provider=tpmbroker` would prefer ours),
+ * moving hashing out of the FIPS provider. Not cached, so a provider loaded later counts.
+ */
+static int digests_wanted(TPMBROKER_CTX *prov)
+{
+    OSSL_LIB_CTX *app;
+
+    if (prov->get_libctx == NULL)
+        return 0;
+    /* the core's context is the application's library context: we share its libcrypto */
+    app = (OSSL_LIB_CTX *)prov->get_libctx(prov->core);
+    return !OSSL_PROVIDER_available(app, "default") && !OSSL_PROVIDER_available(app, "fips");
+}
+
 static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int *no_cache)
 {
-    (void)provctx;
     *no_cache = 0;
+    if (operation_id == OSSL_OP_DIGEST) {
+        *no_cache = 1;
+        return digests_wanted(provctx) ? digest_algs : NULL;
+    }
     switch (operation_id) {
     case OSSL_OP_KEYMGMT:
         return keymgmt_algs;
@@ -427,6 +459,9 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
             break;
         case OSSL_FUNC_CORE_VSET_ERROR:
             ctx->vset_error = OSSL_FUNC_core_vset_error(d);
+            break;
+        case OSSL_FUNC_CORE_GET_LIBCTX:
+            ctx->get_libctx = OSSL_FUNC_core_get_libctx(d);
             break;
         default:
             break;

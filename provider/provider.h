@@ -29,6 +29,7 @@ typedef struct tpmbroker_ctx {
     OSSL_FUNC_core_new_error_fn *new_error;
     OSSL_FUNC_core_set_error_debug_fn *set_error_debug;
     OSSL_FUNC_core_vset_error_fn *vset_error;
+    OSSL_FUNC_core_get_libctx_fn *get_libctx; /* the application's, for digest.c's gate */
 } TPMBROKER_CTX;
 
 /* Reason codes; the strings are in provider.c. */
@@ -146,6 +147,11 @@ extern const OSSL_DISPATCH tpmb_pem_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_ec_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_rsa_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_ecparams_decoder_functions[];
+extern const OSSL_DISPATCH tpmb_sha1_functions[];
+extern const OSSL_DISPATCH tpmb_sha224_functions[];
+extern const OSSL_DISPATCH tpmb_sha256_functions[];
+extern const OSSL_DISPATCH tpmb_sha384_functions[];
+extern const OSSL_DISPATCH tpmb_sha512_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_der_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_pem_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_text_functions[];

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import re
 import subprocess
@@ -335,7 +336,30 @@ def test_nv_public_key_pem_or_der(world: World, order: tuple[str, ...], index: s
     assert res.returncode != 0
 
 
-# --- 8. no silent failure --------------------------------------------------------------------
+# --- 8. digests where no provider has them ---------------------------------------------------
+
+DIGESTS = ("sha1", "sha224", "sha256", "sha384", "sha512")
+DEFAULT_QUERIED = ("tpmbroker", "default")
+
+
+@pytest.mark.parametrize("order", [ALONE, WITH_BASE, DEFAULT_FIRST, DEFAULT_QUERIED],
+                         ids=order_id)
+def test_digests_only_where_no_provider_has_them(world: World, order: tuple[str, ...]) -> None:
+    """tpmbroker's software digests serve `-provider base` (req's subject key identifier
+    needs SHA-1) and tpmbroker alone; with the default provider loaded, in either order
+    and even when the query prefers tpmbroker, hashing stays with the default provider."""
+    query = ["-propquery", "?provider=tpmbroker"] if order == DEFAULT_QUERIED else []
+    listed = world.openssl("list", "-digest-algorithms", *prov(order), *query).stdout
+    ours = b"@ tpmbroker" in listed
+    assert ours == ("default" not in order), listed.decode()
+    data = world.dir / "digest-input"
+    data.write_bytes(b"hash me" * 1000)
+    for md in DIGESTS:
+        out = world.openssl("dgst", f"-{md}", "-r", *prov(order), *query, str(data)).stdout
+        assert out.split()[0].decode() == hashlib.new(md, data.read_bytes()).hexdigest()
+
+
+# --- 9. no silent failure --------------------------------------------------------------------
 
 def test_every_failure_says_why(world: World) -> None:
     data = world.dir / "data"

@@ -26,7 +26,8 @@
 #include <openssl/crypto.h>
 
 #include "client.h"
-#include "provider.h"
+#include "debug.h"
+#include "version.h"
 
 #define POOL_MAX 16
 #define LOADED_MAX 16

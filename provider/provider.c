@@ -73,16 +73,27 @@ static const OSSL_ALGORITHM signature_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+/* PEM armour off, for the labels TSS2 PRIVATE KEY and EC PARAMETERS only */
+#define PEM_DECODER { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL }
+#define TSS2_DECODERS                                                                     \
+    { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },   \
+    { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL }, \
+    { "RSA-PSS", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsapss_decoder_functions, \
+      NULL }
+
 static const OSSL_ALGORITHM decoder_algs[] = {
-    /* PEM armour off, for the labels TSS2 PRIVATE KEY and EC PARAMETERS only */
-    { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL },
-    /* a named curve, for genpkey -paramfile: a TPM key's template */
+    PEM_DECODER,
+    TSS2_DECODERS,
+    { NULL, NULL, NULL, NULL },
+};
+
+/* Where no other provider reads EC parameters (tpmbroker alone, or with base): a named
+ * curve becomes a tpmbroker key holding it, so genpkey -paramfile makes a TPM key. */
+static const OSSL_ALGORITHM decoder_algs_with_ec_params[] = {
+    PEM_DECODER,
     { "EC", TPMBROKER_PROPS ",input=der,structure=type-specific",
       tpmb_ecparams_decoder_functions, NULL },
-    { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },
-    { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL },
-    { "RSA-PSS", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsapss_decoder_functions,
-      NULL },
+    TSS2_DECODERS,
     { NULL, NULL, NULL, NULL },
 };
 
@@ -136,7 +147,7 @@ static const OSSL_ALGORITHM rand_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
-/* digest.c: software digests for setups that have none (-provider base); see digests_wanted */
+/* digest.c: software digests for setups that have none (-provider base); see standing_in */
 #define DIGEST_PROPS TPMBROKER_PROPS ",tpmbroker.digest=yes"
 static const OSSL_ALGORITHM digest_algs[] = {
     { "SHA1:SHA-1:SSL3-SHA1", DIGEST_PROPS, tpmb_sha1_functions, "SHA-1, in software" },
@@ -148,12 +159,15 @@ static const OSSL_ALGORITHM digest_algs[] = {
 };
 
 /*
- * Our digests only where the application has no provider of digests: with the default or
- * the FIPS provider available they would compete with it (a fetch without a query takes
- * whichever was registered first, and `-propquery ?provider=tpmbroker` would prefer ours),
- * moving hashing out of the FIPS provider. Not cached, so a provider loaded later counts.
+ * 1 when the application has neither the default nor the FIPS provider: only then does
+ * tpmbroker stand in for them, with digests and an EC PARAMETERS decoder. Beside either,
+ * ours would compete with theirs (a fetch without a query takes whichever was registered
+ * first, `-propquery ?provider=tpmbroker` would prefer ours, and the decoders of the
+ * provider loaded last are tried first), moving hashing out of the FIPS provider and
+ * turning software keys made from parameter files into TPM keys. Asked at every fetch
+ * (not cached), so a provider loaded later counts.
  */
-static int digests_wanted(TPMBROKER_CTX *prov)
+static int standing_in(TPMBROKER_CTX *prov)
 {
     OSSL_LIB_CTX *app;
 
@@ -169,7 +183,11 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
     *no_cache = 0;
     if (operation_id == OSSL_OP_DIGEST) {
         *no_cache = 1;
-        return digests_wanted(provctx) ? digest_algs : NULL;
+        return standing_in(provctx) ? digest_algs : NULL;
+    }
+    if (operation_id == OSSL_OP_DECODER) {
+        *no_cache = 1;
+        return standing_in(provctx) ? decoder_algs_with_ec_params : decoder_algs;
     }
     switch (operation_id) {
     case OSSL_OP_KEYMGMT:
@@ -178,8 +196,6 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
         return signature_algs;
     case OSSL_OP_KEYEXCH:
         return keyexch_algs;
-    case OSSL_OP_DECODER:
-        return decoder_algs;
     case OSSL_OP_ENCODER:
         return encoder_algs;
     case OSSL_OP_STORE:

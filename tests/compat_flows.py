@@ -170,11 +170,12 @@ ITEM7 = ("issue 18 item 7: a PEM certificate in NV does not load: `x509 -in hand
          "prints `Could not read certificate from handle:0x1000011` and "
          "`ossl_store_handle_load_result:unsupported`")
 PARAMFILE_DEFAULT = ("with the default provider loaded, `genpkey -paramfile` makes a software "
-                     "key (`BEGIN PRIVATE KEY`): OpenSSL 3.0 tries the default provider's EC "
-                     "PARAMETERS decoders before tpmbroker's whatever the provider order and "
-                     "-propquery, and genpkey keeps the keymgmt of the parameters it decoded "
-                     "(tpmbroker's decoder serves -provider tpmbroker alone and with base; "
-                     "tpm2-openssl 1.3 has none and its docs use -provider base here)")
+                     "key (`BEGIN PRIVATE KEY`): OpenSSL 3.0 tries the decoders of the provider "
+                     "loaded last first, whatever -propquery, and genpkey keeps the keymgmt of "
+                     "the parameters it decoded; tpmbroker's EC PARAMETERS decoder is offered "
+                     "only where neither default nor fips is loaded (alone, with base), so "
+                     "that loading tpmbroker never turns other software keys into TPM keys "
+                     "(tpm2-openssl 1.3 has no such decoder; its docs use -provider base)")
 
 # --- the flows, in the order of the docs' pages ----------------------------------------------
 

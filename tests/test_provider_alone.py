@@ -359,6 +359,21 @@ def test_digests_only_where_no_provider_has_them(world: World, order: tuple[str,
         assert out.split()[0].decode() == hashlib.new(md, data.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("order", [ALONE, WITH_BASE, DEFAULT_FIRST], ids=order_id)
+def test_ec_parameters_make_tpm_keys_only_where_no_provider_reads_them(
+        world: World, order: tuple[str, ...]) -> None:
+    """`genpkey -paramfile` (parameters from `openssl ecparam`) makes a TPM key with
+    tpmbroker alone or with base; beside the default provider, which reads EC parameters
+    itself, tpmbroker's decoder stays out and the key is the default provider's, as before."""
+    params = world.dir / "p256.pem"
+    world.openssl("ecparam", "-name", "prime256v1", "-out", str(params))
+    key = world.dir / f"paramfile-{order_id(order)}.pem"
+    world.openssl("genpkey", *prov(order), "-paramfile", str(params), "-out", str(key))
+    first = key.read_text().splitlines()[0]
+    tpm = "default" not in order
+    assert first == ("-----BEGIN TSS2 PRIVATE KEY-----" if tpm else "-----BEGIN PRIVATE KEY-----")
+
+
 # --- 9. no silent failure --------------------------------------------------------------------
 
 def test_every_failure_says_why(world: World) -> None:

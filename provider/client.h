@@ -69,7 +69,7 @@ typedef struct {
     size_t authlen;
     uint32_t parent;        /* WIRE_STORAGE_PRIMARY or a persistent handle */
     uint8_t usage;          /* WIRE_USAGE_*; DEFAULT lets the broker choose */
-    uint16_t hash;          /* RSA-PSS: the hash the scheme is bound to, 0 = SHA-256 */
+    uint16_t hash;          /* the key's nameAlg (and RSA-PSS scheme hash), 0 = SHA-256 */
     const uint8_t *parent_auth;
     size_t parent_authlen;
 } CLIENT_KEYGEN;

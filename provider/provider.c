@@ -7,164 +7,9 @@
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/params.h>
+#include <openssl/provider.h>
 
 #include "provider.h"
-
-static int debug_enabled;
-
-void tpmb_debug(const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!debug_enabled)
-        return;
-    va_start(ap, fmt);
-    fputs("tpmbroker: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
-static const OSSL_ITEM reason_strings[] = {
-    { TPMB_R_BROKER_UNREACHABLE, "cannot reach the tpmbroker daemon" },
-    { TPMB_R_BROKER_TIMEOUT, "tpmbroker did not answer in time" },
-    { TPMB_R_BROKER_PROTOCOL, "tpmbroker protocol error" },
-    { TPMB_R_BROKER_REFUSED, "tpmbroker refused the request" },
-    { TPMB_R_AUTH_FAILED, "wrong TPM key password" },
-    { TPMB_R_BAD_KEY, "the TPM cannot use this key" },
-    { TPMB_R_UNSUPPORTED, "not supported by tpmbroker" },
-    { TPMB_R_PRIVATE_EXPORT, "a TPM private key cannot be exported" },
-    { TPMB_R_INVALID_ARGUMENT, "invalid argument" },
-    { TPMB_R_NO_PRIVATE_KEY, "the key has no TPM private part" },
-    { TPMB_R_MALLOC, "out of memory" },
-    { TPMB_R_INTERNAL, "internal error" },
-    { TPMB_R_TPM_BUSY, "the TPM is busy" },
-    { TPMB_R_LOCKOUT, "the TPM is in dictionary-attack lockout" },
-    { TPMB_R_PASSWORD_NEEDED, "the TPM key needs a password" },
-    { TPMB_R_PARENT_AUTH_FAILED, "wrong or missing password for the key's parent" },
-    { TPMB_R_POLICY_FAILED, "the TPM key's policy does not hold" },
-    { 0, NULL },
-};
-
-void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,
-                const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    if (debug_enabled) {
-        va_list cp;
-
-        va_copy(cp, ap);
-        fputs("tpmbroker: error: ", stderr);
-        vfprintf(stderr, fmt, cp);
-        fputc('\n', stderr);
-        va_end(cp);
-    }
-    if (ctx != NULL && ctx->new_error != NULL && ctx->vset_error != NULL) {
-        ctx->new_error(ctx->core);
-        if (ctx->set_error_debug != NULL)
-            ctx->set_error_debug(ctx->core, file, line, func);
-        ctx->vset_error(ctx->core, reason, fmt, ap);
-    }
-    va_end(ap);
-}
-
-void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const char *func,
-                       const char *what, const CLIENT_ERR *err)
-{
-    int reason;
-    const char *hint = "";
-
-    switch (err->status) {
-    case CLIENT_E_CONNECT:
-    case WIRE_STATUS_SHUTTING_DOWN: /* a stopping broker: the next request reconnects */
-        reason = TPMB_R_BROKER_UNREACHABLE;
-        break;
-    case CLIENT_E_TIMEOUT:
-    case WIRE_STATUS_DEADLINE:
-        reason = TPMB_R_BROKER_TIMEOUT;
-        break;
-    case CLIENT_E_IO:
-    case CLIENT_E_PROTOCOL:
-    case WIRE_STATUS_MALFORMED:
-    case WIRE_STATUS_UNSUPPORTED_VERSION:
-    case WIRE_STATUS_UNKNOWN_OPCODE:
-    case WIRE_STATUS_TOO_LARGE:
-        reason = TPMB_R_BROKER_PROTOCOL;
-        break;
-    case CLIENT_E_NOMEM:
-        reason = TPMB_R_MALLOC;
-        break;
-    case CLIENT_E_ARG:
-        reason = TPMB_R_INVALID_ARGUMENT;
-        break;
-    case WIRE_STATUS_AUTH_FAILED:
-        reason = TPMB_R_AUTH_FAILED;
-        hint = "; give the key's password with -passin/-pass (wrong tries count toward the "
-               "TPM's lockout)";
-        break;
-    case WIRE_STATUS_PARENT_AUTH_FAILED:
-        reason = TPMB_R_PARENT_AUTH_FAILED;
-        hint = "; give the parent's password: -pkeyopt parent-auth: (genpkey), "
-               "TPMBROKER_PARENT_AUTH or parent-auth in the provider's config section";
-        break;
-    case WIRE_STATUS_POLICY_FAILED:
-        reason = TPMB_R_POLICY_FAILED;
-        hint = "; the key is bound to the platform's state (PCRs), which differs now";
-        break;
-    case WIRE_STATUS_BAD_KEY:
-        reason = TPMB_R_BAD_KEY;
-        /* an NV index is no key: its message (no NV index at ...) says all */
-        if (strstr(what, "NV index") == NULL)
-            hint = "; was the key made on this TPM, under this parent?";
-        break;
-    case WIRE_STATUS_UNSUPPORTED:
-    case WIRE_STATUS_BAD_DIGEST:
-        reason = TPMB_R_UNSUPPORTED;
-        break;
-    case WIRE_STATUS_NO_SESSIONS:
-    case WIRE_STATUS_OVERLOADED:
-    case WIRE_STATUS_TPM_UNAVAILABLE:
-        reason = TPMB_R_TPM_BUSY;
-        break;
-    case WIRE_STATUS_BUSY: /* refused on arrival: the provider does not retry it */
-        reason = TPMB_R_TPM_BUSY;
-        hint = "; retry later, or raise `timeout` in the provider's config section";
-        break;
-    case WIRE_STATUS_LOCKOUT:
-        reason = TPMB_R_LOCKOUT;
-        hint = "; wait for the lockout to expire or reset it (tpm2_dictionarylockout)";
-        break;
-    case WIRE_STATUS_PERMISSION_DENIED:
-        reason = TPMB_R_BROKER_REFUSED;
-        hint = "; ask the broker's administrator to allow this user (--allow-uid/--allow-gid, "
-               "or the key's entry in the key policy)";
-        break;
-    default:
-        reason = TPMB_R_BROKER_REFUSED;
-        break;
-    }
-    if (err->status > 0 && err->tpm_rc != 0)
-        tpmb_raise(ctx, file, line, func, reason, "%s: %s: %s (TPM rc 0x%03x)%s", what,
-                   wire_status_name(err->status), err->message, err->tpm_rc, hint);
-    else if (err->status > 0)
-        tpmb_raise(ctx, file, line, func, reason, "%s: %s: %s%s", what,
-                   wire_status_name(err->status), err->message, hint);
-    else
-        tpmb_raise(ctx, file, line, func, reason, "%s: %s", what, err->message);
-}
-
-void tpmb_tell_refusal(TPMB_KEY *key, const char *what, const CLIENT_ERR *err)
-{
-    if (err->status != WIRE_STATUS_UNSUPPORTED && err->status != WIRE_STATUS_PERMISSION_DENIED)
-        return;
-    if (debug_enabled || key->refusal_told) /* debug output has every error already */
-        return;
-    key->refusal_told = 1;
-    fprintf(stderr, "tpmbroker: %s: %s: %s\n", what, wire_status_name(err->status),
-            err->message);
-}
 
 static const OSSL_PARAM provider_param_types[] = {
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_NAME, OSSL_PARAM_UTF8_PTR, NULL, 0),
@@ -228,13 +73,27 @@ static const OSSL_ALGORITHM signature_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+/* PEM armour off, for the labels TSS2 PRIVATE KEY and EC PARAMETERS only */
+#define PEM_DECODER { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL }
+#define TSS2_DECODERS                                                                     \
+    { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },   \
+    { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL }, \
+    { "RSA-PSS", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsapss_decoder_functions, \
+      NULL }
+
 static const OSSL_ALGORITHM decoder_algs[] = {
-    /* PEM armour off, for the label TSS2 PRIVATE KEY only */
-    { "DER", TPMBROKER_PROPS ",input=pem", tpmb_pem_decoder_functions, NULL },
-    { "EC", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_ec_decoder_functions, NULL },
-    { "RSA", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsa_decoder_functions, NULL },
-    { "RSA-PSS", TPMBROKER_PROPS ",input=der,structure=TSS2", tpmb_rsapss_decoder_functions,
-      NULL },
+    PEM_DECODER,
+    TSS2_DECODERS,
+    { NULL, NULL, NULL, NULL },
+};
+
+/* Where no other provider reads EC parameters (tpmbroker alone, or with base): a named
+ * curve becomes a tpmbroker key holding it, so genpkey -paramfile makes a TPM key. */
+static const OSSL_ALGORITHM decoder_algs_with_ec_params[] = {
+    PEM_DECODER,
+    { "EC", TPMBROKER_PROPS ",input=der,structure=type-specific",
+      tpmb_ecparams_decoder_functions, NULL },
+    TSS2_DECODERS,
     { NULL, NULL, NULL, NULL },
 };
 
@@ -288,10 +147,48 @@ static const OSSL_ALGORITHM rand_algs[] = {
     { NULL, NULL, NULL, NULL },
 };
 
+/* digest.c: software digests for setups that have none (-provider base); see standing_in */
+#define DIGEST_PROPS TPMBROKER_PROPS ",tpmbroker.digest=yes"
+static const OSSL_ALGORITHM digest_algs[] = {
+    { "SHA1:SHA-1:SSL3-SHA1", DIGEST_PROPS, tpmb_sha1_functions, "SHA-1, in software" },
+    { "SHA2-224:SHA-224:SHA224", DIGEST_PROPS, tpmb_sha224_functions, "SHA-224, in software" },
+    { "SHA2-256:SHA-256:SHA256", DIGEST_PROPS, tpmb_sha256_functions, "SHA-256, in software" },
+    { "SHA2-384:SHA-384:SHA384", DIGEST_PROPS, tpmb_sha384_functions, "SHA-384, in software" },
+    { "SHA2-512:SHA-512:SHA512", DIGEST_PROPS, tpmb_sha512_functions, "SHA-512, in software" },
+    { NULL, NULL, NULL, NULL },
+};
+
+/*
+ * 1 when the application has neither the default nor the FIPS provider: only then does
+ * tpmbroker stand in for them, with digests and an EC PARAMETERS decoder. Beside either,
+ * ours would compete with theirs (a fetch without a query takes whichever was registered
+ * first, `-propquery ?provider=tpmbroker` would prefer ours, and the decoders of the
+ * provider loaded last are tried first), moving hashing out of the FIPS provider and
+ * turning software keys made from parameter files into TPM keys. Asked at every fetch
+ * (not cached), so a provider loaded later counts.
+ */
+static int standing_in(TPMBROKER_CTX *prov)
+{
+    OSSL_LIB_CTX *app;
+
+    if (prov->get_libctx == NULL)
+        return 0;
+    /* the core's context is the application's library context: we share its libcrypto */
+    app = (OSSL_LIB_CTX *)prov->get_libctx(prov->core);
+    return !OSSL_PROVIDER_available(app, "default") && !OSSL_PROVIDER_available(app, "fips");
+}
+
 static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int *no_cache)
 {
-    (void)provctx;
     *no_cache = 0;
+    if (operation_id == OSSL_OP_DIGEST) {
+        *no_cache = 1;
+        return standing_in(provctx) ? digest_algs : NULL;
+    }
+    if (operation_id == OSSL_OP_DECODER) {
+        *no_cache = 1;
+        return standing_in(provctx) ? decoder_algs_with_ec_params : decoder_algs;
+    }
     switch (operation_id) {
     case OSSL_OP_KEYMGMT:
         return keymgmt_algs;
@@ -299,8 +196,6 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
         return signature_algs;
     case OSSL_OP_KEYEXCH:
         return keyexch_algs;
-    case OSSL_OP_DECODER:
-        return decoder_algs;
     case OSSL_OP_ENCODER:
         return encoder_algs;
     case OSSL_OP_STORE:
@@ -317,7 +212,7 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
 static const OSSL_ITEM *provider_reason_strings(void *provctx)
 {
     (void)provctx;
-    return reason_strings;
+    return tpmb_reason_strings;
 }
 
 static void provider_teardown(void *provctx)
@@ -425,6 +320,9 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
         case OSSL_FUNC_CORE_VSET_ERROR:
             ctx->vset_error = OSSL_FUNC_core_vset_error(d);
             break;
+        case OSSL_FUNC_CORE_GET_LIBCTX:
+            ctx->get_libctx = OSSL_FUNC_core_get_libctx(d);
+            break;
         default:
             break;
         }
@@ -443,7 +341,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
     }
     if ((env_debug != NULL && strcmp(env_debug, "0") != 0 && *env_debug != '\0')
         || (cfg_debug != NULL && strcmp(cfg_debug, "1") == 0))
-        debug_enabled = 1;
+        tpmb_debug_enable();
     /* verify: on unless turned off; the environment overrides the config file */
     ctx->verify = 1;
     if (env_verify != NULL && *env_verify != '\0')

@@ -10,10 +10,11 @@
 #include <openssl/evp.h>
 
 #include "client.h"
+#include "debug.h"
+#include "version.h"
 #include "wire.h"
 
 #define TPMBROKER_NAME "tpmbroker"
-#define TPMBROKER_VERSION "0.1.0"
 #define TPMBROKER_PROPS "provider=tpmbroker"
 #define TPMBROKER_DEFAULT_TIMEOUT_MS 30000
 /* The key exchange of TPM EC keys (exchange.c); ecdhe.c's TPMBROKER-ECDH is TLS's. */
@@ -29,9 +30,11 @@ typedef struct tpmbroker_ctx {
     OSSL_FUNC_core_new_error_fn *new_error;
     OSSL_FUNC_core_set_error_debug_fn *set_error_debug;
     OSSL_FUNC_core_vset_error_fn *vset_error;
+    OSSL_FUNC_core_get_libctx_fn *get_libctx; /* the application's, for digest.c's gate */
 } TPMBROKER_CTX;
 
-/* Reason codes; the strings are in provider.c. */
+/* Reason codes; the strings are in errors.c. */
+extern const OSSL_ITEM tpmb_reason_strings[];
 enum tpmb_reason {
     TPMB_R_BROKER_UNREACHABLE = 1,
     TPMB_R_BROKER_TIMEOUT,
@@ -97,7 +100,6 @@ void tpmb_raise_client(TPMBROKER_CTX *ctx, const char *file, int line, const cha
  */
 void tpmb_tell_refusal(TPMB_KEY *key, const char *what, const CLIENT_ERR *err);
 
-void tpmb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* tss2.c: the TSS2 PRIVATE KEY file format; pointers point into the DER given. */
 typedef struct tss2_info {
@@ -145,6 +147,12 @@ extern const OSSL_DISPATCH tpmb_signature_functions[];
 extern const OSSL_DISPATCH tpmb_pem_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_ec_decoder_functions[];
 extern const OSSL_DISPATCH tpmb_rsa_decoder_functions[];
+extern const OSSL_DISPATCH tpmb_ecparams_decoder_functions[];
+extern const OSSL_DISPATCH tpmb_sha1_functions[];
+extern const OSSL_DISPATCH tpmb_sha224_functions[];
+extern const OSSL_DISPATCH tpmb_sha256_functions[];
+extern const OSSL_DISPATCH tpmb_sha384_functions[];
+extern const OSSL_DISPATCH tpmb_sha512_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_der_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_pem_functions[];
 extern const OSSL_DISPATCH tpmb_encoder_text_functions[];

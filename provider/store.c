@@ -1,8 +1,9 @@
 /*
  * Store loader for persistent TPM keys, by the URIs tpm2-openssl users know:
  *   handle:0x81000001        the persistent handle itself;
- *   handle:0x01000010        an NV index holding a certificate, DER or PEM, as tpm2_nvwrite
- *                            wrote it (x509 -in, s_server -cert);
+ *   handle:0x01000010        an NV index holding a certificate or a public key
+ *                            (SubjectPublicKeyInfo), DER or PEM, as tpm2_nvwrite wrote it
+ *                            (x509 -in, s_server -cert, pkeyutl -peerkey);
  *   object:PATH              a file tpm2-tools wrote with `tpm2_evictcontrol -o`: a
  *                            serialized ESYS_TR, whose first field is the TPM handle;
  * either with `?pass` when the key has a password (asked through the passphrase callback).
@@ -39,7 +40,7 @@ typedef struct store_ctx {
     TPMBROKER_CTX *prov;
     uint32_t handle;
     int need_pass;
-    int nv;          /* an NV index: its contents are a certificate */
+    int nv;          /* an NV index: its contents are a certificate or a public key */
     int done;
     char error[512]; /* set: the URI cannot be used; raised at load (paths cut at 400) */
 } STORE_CTX;
@@ -76,7 +77,7 @@ static void open_handle(STORE_CTX *ctx, const char *uri, const char *rest)
         || !(is_persistent(h) || (h >= NV_FIRST && h <= NV_LAST && !pass))) {
         snprintf(ctx->error, sizeof(ctx->error), "%.300s: give a persistent handle, e.g. "
                  "handle:0x81000001 (add ?pass if the key has a password), or an NV index "
-                 "holding a certificate, e.g. handle:0x01000010", uri);
+                 "holding a certificate or public key, e.g. handle:0x01000010", uri);
         return;
     }
     ctx->handle = (uint32_t)h;
@@ -148,14 +149,53 @@ static void *store_open(void *provctx, const char *uri)
     return ctx;
 }
 
+/* What an NV index holds for OpenSSL: a certificate or a public key, both as DER. */
+enum nv_kind { NV_CERTIFICATE, NV_PUBLIC_KEY };
+
+/* The tag of the first element inside the DER SEQUENCE at `der`, -1 if unreadable. */
+static int first_inner_tag(const uint8_t *der, size_t len, const uint8_t **inner,
+                           long *innerlen)
+{
+    const unsigned char *p = der;
+    long content = 0;
+    int tag, xclass;
+
+    if (ASN1_get_object(&p, &content, &tag, &xclass, (long)len) & 0x80
+        || tag != V_ASN1_SEQUENCE)
+        return -1;
+    *inner = p;
+    *innerlen = content;
+    if (ASN1_get_object(&p, &content, &tag, &xclass, content) & 0x80)
+        return -1;
+    return xclass == V_ASN1_UNIVERSAL ? tag : -1;
+}
+
 /*
- * The certificate in an NV index's contents, as DER: tpm2_nvwrite stores a file as it is,
- * DER or PEM, and an index larger than the file keeps its padding after it. PEM armour is
- * taken off here (PEM_read_bio needs no provider: with -provider tpmbroker alone there are
- * no decoders); DER is cut at the end of its outer SEQUENCE. 0: neither, raised.
+ * A DER SEQUENCE's kind, by its shape (no decoder needed: with -provider tpmbroker alone
+ * there are none): a SubjectPublicKeyInfo starts with its AlgorithmIdentifier, a SEQUENCE
+ * whose first element is an OID; a Certificate with its TBSCertificate, whose first
+ * element is the [0] version or the serial INTEGER.
  */
-static int nv_certificate(STORE_CTX *ctx, const uint8_t *data, size_t len, uint8_t **der,
-                          size_t *derlen)
+static enum nv_kind der_kind(const uint8_t *der, size_t len)
+{
+    const uint8_t *inner;
+    long innerlen;
+
+    if (first_inner_tag(der, len, &inner, &innerlen) == V_ASN1_SEQUENCE
+        && first_inner_tag(inner, (size_t)innerlen, &inner, &innerlen) == V_ASN1_OBJECT)
+        return NV_PUBLIC_KEY;
+    return NV_CERTIFICATE;
+}
+
+/*
+ * The certificate or public key in an NV index's contents, as DER: tpm2_nvwrite stores a
+ * file as it is, DER or PEM, and an index larger than the file keeps its padding after it.
+ * PEM armour is taken off here (PEM_read_bio needs no provider: with -provider tpmbroker
+ * alone there are no decoders); DER is cut at the end of its outer SEQUENCE. 0: neither,
+ * raised.
+ */
+static int nv_object(STORE_CTX *ctx, const uint8_t *data, size_t len, uint8_t **der,
+                     size_t *derlen, enum nv_kind *kind)
 {
     static const char begin[] = "-----BEGIN ";
     size_t start = 0;
@@ -170,19 +210,23 @@ static int nv_certificate(STORE_CTX *ctx, const uint8_t *data, size_t len, uint8
         char *name = NULL, *header = NULL;
         unsigned char *body = NULL;
         long bodylen = 0;
-        int read;
+        int read, known;
 
         ERR_set_mark();
         read = mem != NULL && PEM_read_bio(mem, &name, &header, &body, &bodylen) > 0;
         ERR_pop_to_mark();
         BIO_free(mem);
-        if (read && (strcmp(name, "CERTIFICATE") == 0 || strcmp(name, "X509 CERTIFICATE") == 0)
-            && bodylen > 0 && (*der = malloc((size_t)bodylen)) != NULL) {
+        known = read && (strcmp(name, "CERTIFICATE") == 0
+                         || strcmp(name, "X509 CERTIFICATE") == 0
+                         || strcmp(name, "PUBLIC KEY") == 0);
+        if (known && bodylen > 0 && (*der = malloc((size_t)bodylen)) != NULL) {
             memcpy(*der, body, (size_t)bodylen);
             *derlen = (size_t)bodylen;
+            *kind = strcmp(name, "PUBLIC KEY") == 0 ? NV_PUBLIC_KEY : NV_CERTIFICATE;
         } else {
             TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "NV index 0x%08x holds PEM %s%.64s%s, "
-                       "not a certificate (BEGIN CERTIFICATE)", (unsigned int)ctx->handle,
+                       "not a certificate (BEGIN CERTIFICATE) or a public key (BEGIN PUBLIC "
+                       "KEY)", (unsigned int)ctx->handle,
                        read ? "of type \"" : "that cannot be read", read ? name : "",
                        read ? "\"" : "");
             read = 0;
@@ -207,23 +251,29 @@ static int nv_certificate(STORE_CTX *ctx, const uint8_t *data, size_t len, uint8
                 return 0;
             }
             memcpy(*der, data, *derlen);
+            *kind = der_kind(*der, *derlen);
             return 1;
         }
     }
-    TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "NV index 0x%08x holds no certificate: neither "
-               "DER nor PEM (first byte 0x%02x)", (unsigned int)ctx->handle,
+    TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "NV index 0x%08x holds no certificate or public "
+               "key: neither DER nor PEM (first byte 0x%02x)", (unsigned int)ctx->handle,
                len > 0 ? data[0] : 0);
     return 0;
 }
 
-/* An NV index's contents, handed to OpenSSL as a DER certificate. */
-static int load_certificate(STORE_CTX *ctx, OSSL_CALLBACK *object_cb, void *object_cbarg)
+/*
+ * An NV index's contents, handed to OpenSSL as DER: a certificate, or a public key as a
+ * SubjectPublicKeyInfo for OpenSSL's decoders to read (tpm2-openssl's keys.md keeps a
+ * peer key for -peerkey there).
+ */
+static int load_nv(STORE_CTX *ctx, OSSL_CALLBACK *object_cb, void *object_cbarg)
 {
     CLIENT_ERR err;
     uint8_t *data = NULL, *der = NULL;
     size_t len = 0, derlen = 0;
-    int object_type = OSSL_OBJECT_CERT, ok;
-    OSSL_PARAM params[3];
+    enum nv_kind kind = NV_CERTIFICATE;
+    int object_type, ok;
+    OSSL_PARAM params[4], *param = params;
     char what[64];
 
     snprintf(what, sizeof(what), "reading NV index 0x%08x", (unsigned int)ctx->handle);
@@ -231,17 +281,24 @@ static int load_certificate(STORE_CTX *ctx, OSSL_CALLBACK *object_cb, void *obje
         TPMB_RAISE_CLIENT(ctx->prov, what, &err);
         return 0;
     }
-    ok = nv_certificate(ctx, data, len, &der, &derlen);
+    ok = nv_object(ctx, data, len, &der, &derlen, &kind);
     free(data);
     if (!ok)
         return 0;
-    params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type);
-    params[1] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, der, derlen);
-    params[2] = OSSL_PARAM_construct_end();
+    object_type = kind == NV_PUBLIC_KEY ? OSSL_OBJECT_PKEY : OSSL_OBJECT_CERT;
+    *param++ = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type);
+    *param++ = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, der, derlen);
+    if (kind == NV_PUBLIC_KEY)
+        *param++ = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_STRUCTURE,
+                                                    (char *)"SubjectPublicKeyInfo", 0);
+    *param = OSSL_PARAM_construct_end();
     ok = object_cb(params, object_cbarg);
     if (!ok)
         TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "NV index 0x%08x: OpenSSL cannot read the "
-                   "certificate in it", (unsigned int)ctx->handle);
+                   "%s in it%s", (unsigned int)ctx->handle,
+                   kind == NV_PUBLIC_KEY ? "public key" : "certificate",
+                   kind == NV_PUBLIC_KEY ? " (its decoders come with -provider base or "
+                                           "default)" : "");
     free(der);
     return ok;
 }
@@ -263,7 +320,7 @@ static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
         return 0;
     }
     if (ctx->nv)
-        return load_certificate(ctx, object_cb, object_cbarg);
+        return load_nv(ctx, object_cb, object_cbarg);
     if (ctx->need_pass) {
         OSSL_PARAM info[] = {
             OSSL_PARAM_utf8_string(OSSL_PASSPHRASE_PARAM_INFO, (char *)"TPM key", 0),

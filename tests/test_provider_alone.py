@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import re
 import subprocess
@@ -43,6 +44,8 @@ NV_PEM = "0x01000001"          # a PEM certificate, the index exactly its size
 NV_PEM_PADDED = "0x01000002"   # the same in a larger index: what follows it is padding
 NV_DER_PADDED = "0x01000003"
 NV_JUNK = "0x01000004"
+NV_SPKI_PEM_PADDED = "0x01000005"  # a public key (SubjectPublicKeyInfo), PEM, padded
+NV_SPKI_DER_PADDED = "0x01000006"  # the same as DER
 
 
 def prov(order: tuple[str, ...]) -> list[str]:
@@ -124,10 +127,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_bus: DbusDaemon) -> 
             (d / "cert.pem").write_bytes(pem)
             (d / "cert.der").write_bytes(der)
             (d / "junk").write_bytes(b"no certificate here\n")
+            (d / "spki.der").write_bytes(public[EC_HANDLE])
+            tools("openssl", "pkey", "-pubin", "-inform", "DER", "-in", "spki.der",
+                  "-out", "spki.pem")
             for index, size, source in ((NV_PEM, len(pem), "cert.pem"),
                                         (NV_PEM_PADDED, 1500, "cert.pem"),
                                         (NV_DER_PADDED, 1500, "cert.der"),
-                                        (NV_JUNK, 64, "junk")):
+                                        (NV_JUNK, 64, "junk"),
+                                        (NV_SPKI_PEM_PADDED, 400, "spki.pem"),
+                                        (NV_SPKI_DER_PADDED, 400, "spki.der")):
                 tools("tpm2_nvdefine", index, "-C", "o", "-s", str(size), "-a",
                       "ownerread|ownerwrite|authread|authwrite")
                 tools("tpm2_nvwrite", index, "-C", "o", "-i", source)
@@ -310,11 +318,63 @@ def test_nv_index_without_a_certificate(world: World) -> None:
     res = world.openssl("x509", *prov(WITH_BASE), "-in", f"handle:{NV_JUNK}", "-noout",
                         check=False)
     assert res.returncode != 0
-    assert re.search(rb":tpmbroker:.*NV index 0x01000004 holds no certificate: neither DER "
-                     rb"nor PEM", res.stderr)
+    assert re.search(rb":tpmbroker:.*NV index 0x01000004 holds no certificate or public key: "
+                     rb"neither DER nor PEM", res.stderr)
 
 
-# --- 8. no silent failure --------------------------------------------------------------------
+@pytest.mark.parametrize("order", [WITH_BASE, DEFAULT_FIRST], ids=order_id)
+@pytest.mark.parametrize("index", [NV_SPKI_PEM_PADDED, NV_SPKI_DER_PADDED])
+def test_nv_public_key_pem_or_der(world: World, order: tuple[str, ...], index: str) -> None:
+    """A public key in NV (tpm2-openssl's keys.md keeps a -peerkey there) is handed on
+    as a SubjectPublicKeyInfo, for the decoders of -provider base or default to read."""
+    res = world.openssl("pkey", *prov(order), "-pubin", "-in", f"handle:{index}", "-pubout",
+                        "-outform", "DER")
+    assert res.stdout == world.tpm_public[EC_HANDLE]
+    # a certificate index is not a public key
+    res = world.openssl("pkey", *prov(order), "-pubin", "-in", f"handle:{NV_DER_PADDED}",
+                        "-noout", check=False)
+    assert res.returncode != 0
+
+
+# --- 8. digests where no provider has them ---------------------------------------------------
+
+DIGESTS = ("sha1", "sha224", "sha256", "sha384", "sha512")
+DEFAULT_QUERIED = ("tpmbroker", "default")
+
+
+@pytest.mark.parametrize("order", [ALONE, WITH_BASE, DEFAULT_FIRST, DEFAULT_QUERIED],
+                         ids=order_id)
+def test_digests_only_where_no_provider_has_them(world: World, order: tuple[str, ...]) -> None:
+    """tpmbroker's software digests serve `-provider base` (req's subject key identifier
+    needs SHA-1) and tpmbroker alone; with the default provider loaded, in either order
+    and even when the query prefers tpmbroker, hashing stays with the default provider."""
+    query = ["-propquery", "?provider=tpmbroker"] if order == DEFAULT_QUERIED else []
+    listed = world.openssl("list", "-digest-algorithms", *prov(order), *query).stdout
+    ours = b"@ tpmbroker" in listed
+    assert ours == ("default" not in order), listed.decode()
+    data = world.dir / "digest-input"
+    data.write_bytes(b"hash me" * 1000)
+    for md in DIGESTS:
+        out = world.openssl("dgst", f"-{md}", "-r", *prov(order), *query, str(data)).stdout
+        assert out.split()[0].decode() == hashlib.new(md, data.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("order", [ALONE, WITH_BASE, DEFAULT_FIRST], ids=order_id)
+def test_ec_parameters_make_tpm_keys_only_where_no_provider_reads_them(
+        world: World, order: tuple[str, ...]) -> None:
+    """`genpkey -paramfile` (parameters from `openssl ecparam`) makes a TPM key with
+    tpmbroker alone or with base; beside the default provider, which reads EC parameters
+    itself, tpmbroker's decoder stays out and the key is the default provider's, as before."""
+    params = world.dir / "p256.pem"
+    world.openssl("ecparam", "-name", "prime256v1", "-out", str(params))
+    key = world.dir / f"paramfile-{order_id(order)}.pem"
+    world.openssl("genpkey", *prov(order), "-paramfile", str(params), "-out", str(key))
+    first = key.read_text().splitlines()[0]
+    tpm = "default" not in order
+    assert first == ("-----BEGIN TSS2 PRIVATE KEY-----" if tpm else "-----BEGIN PRIVATE KEY-----")
+
+
+# --- 9. no silent failure --------------------------------------------------------------------
 
 def test_every_failure_says_why(world: World) -> None:
     data = world.dir / "data"

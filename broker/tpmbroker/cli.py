@@ -534,8 +534,6 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         raise SystemExit("tpmbroker keygen: --import wraps an existing key: give --wrap KEY")
     _check_output(args.output)
     key_type, param = args.alg or _alg("ec:P-256")
-    if args.digest is not None and key_type != p.KeyType.RSA_PSS:
-        raise SystemExit("tpmbroker keygen: --digest binds the hash of rsa-pss keys only")
     try:
         digest = p.Hash.from_name(args.digest) if args.digest is not None else None
     except ValueError as exc:
@@ -934,8 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--usage", choices=["sign", "decrypt", "sign,decrypt"], default=None,
                     help="narrow what the key may do (default: sign and decrypt, as "
                          "tpm2-openssl; rsa-pss keys sign; docs/security.md, Key usage)")
-    sp.add_argument("--digest", help="rsa-pss keys: the hash the key signs with "
-                                     "(default sha256)")
+    sp.add_argument("--digest", help="the key's hash (default sha256): its name hash, "
+                                     "and the hash an rsa-pss key signs with")
     sp.add_argument("--password-file", help="file whose first line is the key's password")
     sp.add_argument("-p", "--parent", "--parent-handle", dest="parent", type=_parent_handle,
                     default="0x40000001",

@@ -482,11 +482,11 @@ class Client:
         `param` is a curve (p.Curve) for EC keys, the modulus bits for RSA and RSA-PSS;
         the TPM decides which it has. `usage` sets the key's sign and decrypt attributes
         (default: both, as tpm2-openssl; RSA-PSS keys sign only; Usage.SIGN or
-        Usage.DECRYPT narrows the key for good); `hash_alg` is the hash an RSA-PSS key's
-        scheme is bound to (default SHA-256). `parent_auth`: the parent's password (for
-        0x40000001, the owner hierarchy's). `policy`: the key's policy
-        (keypolicy.encode_request), e.g. a PCR lock; the key file carries it and the
-        broker satisfies it at each use."""
+        Usage.DECRYPT narrows the key for good); `hash_alg` is the key's hash (default
+        SHA-256): its nameAlg, and the hash an RSA-PSS key's scheme is bound to.
+        `parent_auth`: the parent's password (for 0x40000001, the owner hierarchy's).
+        `policy`: the key's policy (keypolicy.encode_request), e.g. a PCR lock; the key
+        file carries it and the broker satisfies it at each use."""
         auth = password.encode() if isinstance(password, str) else (password or b"")
         pauth = (parent_auth.encode() if isinstance(parent_auth, str)
                  else (parent_auth or b""))

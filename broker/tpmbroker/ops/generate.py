@@ -23,7 +23,8 @@ class Generate(Message):
     auth: bytes = b""
     parent: int = 0
     usage: int = Usage.DEFAULT  # Usage
-    hash: int = 0  # RSA-PSS: the hash the key's scheme is bound to; 0 = SHA-256
+    # The key's hash, 0 = SHA-256: its nameAlg, and an RSA-PSS key's scheme hash too.
+    hash: int = 0
     parent_auth: bytes = b""  # the parent's password; omitted when empty
     # The key's policy, DER SEQUENCE OF TPMPolicy (keypolicy.py); a PolicyPCR entry
     # without a digest takes the PCRs' current values. Omitted when empty.

@@ -26,7 +26,7 @@ from ..tpm import keys as keymod
 from ..tpm.objects import RECOVERABLE
 from ..tpm.parents import refusal
 from ..tpm.rc import classify, rc_name
-from ..tpm.worker import MAX_AUTH, TpmWorker
+from ..tpm.worker import TpmWorker
 from . import parent_passwords
 from .base import Request
 from .import_key import check_parent
@@ -54,6 +54,9 @@ def generate_key(tpm: TpmWorker, key_type: KeyType, param: int, auth: bytes, par
     template = keymod.generation_template(key_type, param, password=bool(auth),
                                           usage=usage, hash_alg=hash_alg)
     steps = keypolicy.decode_request(policy) if policy else []
+    if steps and hash_alg not in (None, Hash.SHA256):
+        # Policies are replayed on SHA-256 policy sessions: the key's nameAlg must match.
+        raise UnsupportedError("a key with a policy has a SHA-256 name; leave its hash out")
     if steps:
         keypolicy.check_steps(steps, digests_needed=False)
         if bool(auth) != keypolicy.needs_password(steps):
@@ -69,8 +72,10 @@ def generate_key(tpm: TpmWorker, key_type: KeyType, param: int, auth: bytes, par
     parent = check_parent(parent)
     tpm.run(deadline, "asking the TPM about the key's algorithm",
             lambda: check_tpm_has(tpm, key_type, param))
-    if len(auth) > MAX_AUTH:
-        raise UnsupportedError(f"passwords are at most {MAX_AUTH} bytes")
+    if len(auth) > keymod.auth_limit(template):
+        raise UnsupportedError(f"a password is at most {keymod.auth_limit(template)} bytes: "
+                               "the digest size of the key's name hash "
+                               f"({(hash_alg or Hash.SHA256).name})")
     parent_passwords.check_length(parent, parent_auth)
     create_auth = parent_passwords.load_auth(parent, parent_auth)
     parent_passwords.owner_auth(tpm, parent, parent_auth, deadline)

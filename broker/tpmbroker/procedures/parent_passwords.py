@@ -21,9 +21,10 @@ from ..definitions import STORAGE_PRIMARY
 from ..errors import AuthFailedError, LockoutError, ParentAuthFailedError
 from ..tpm import command
 from ..tpm import keys as keymod
+from ..tpm.keys import MAX_AUTH_ANY as MAX_AUTH
 from ..tpm.keys import CachedKey
 from ..tpm.parents import describe
-from ..tpm.worker import MAX_AUTH, TpmWorker
+from ..tpm.worker import TpmWorker
 
 T = TypeVar("T")
 

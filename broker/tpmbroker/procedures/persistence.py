@@ -25,8 +25,9 @@ from ..ops.persistence import (
 )
 from ..tpm import command, persistent
 from ..tpm import keys as keymod
+from ..tpm.keys import MAX_AUTH_ANY as MAX_AUTH
 from ..tpm.rc import tpm_code
-from ..tpm.worker import MAX_AUTH, TpmWorker
+from ..tpm.worker import TpmWorker
 from .base import Request
 
 T = TypeVar("T")

@@ -55,6 +55,8 @@ CURVE_NAMES = {Curve.P192: "P-192", Curve.P224: "P-224", Curve.P256: "P-256",
 # RSA sizes the broker asks the TPM about (TPM2_TestParms) for STATUS; GENERATE asks the
 # TPM about whatever size it is given, and refuses only what the TPM refuses.
 RSA_SIZES = (1024, 2048, 3072, 4096)
+# A TPM2B_AUTH holds at most a digest of the key's nameAlg: SHA-512's is the largest.
+MAX_AUTH_ANY = 64
 
 
 def is_persistent(handle: int) -> bool:
@@ -429,7 +431,9 @@ def generation_template(key_type: KeyType, param: int, password: bool = False,
 
     Attributes follow tpm2-openssl's key templates, except for sign and decrypt, which
     come from `usage` (usage_attributes). Scheme NULL leaves the scheme and hash to each
-    signature; an RSA-PSS key's scheme is RSAPSS with `hash_alg` (SHA-256 by default).
+    signature. `hash_alg` (SHA-256 by default) is the key's hash: its nameAlg, which
+    names the key and bounds its password's length (auth_limit), and for an RSA-PSS key
+    also the hash its RSAPSS scheme is bound to.
     A key without a password gets noDA: there is nothing to guess, and a DA-protected key
     makes every TPM crash after its use count toward the lockout. A key with a password
     stays DA-protected, so that guessing it is throttled by the TPM. Sizes and curves
@@ -440,21 +444,29 @@ def generation_template(key_type: KeyType, param: int, password: bool = False,
     attributes |= usage_attributes(key_type, usage)
     if not password:
         attributes |= TPMA_OBJECT.NODA
-    if hash_alg is not None and key_type is not KeyType.RSA_PSS:
-        raise UnsupportedError("a hash is bound to RSA-PSS keys only")
+    name_alg = hash_alg or Hash.SHA256
     if key_type is KeyType.EC:
         if param not in CURVE_BITS:
             raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}: "
                                    "OpenSSL has no ECDSA for it")
-        return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
+        return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=name_alg,
                            objectAttributes=attributes,
                            parameters=TPMU_PUBLIC_PARMS(eccDetail=ecc_parms(param)))
     if key_type in (KeyType.RSA, KeyType.RSA_PSS):
-        pss_hash = (hash_alg or Hash.SHA256) if key_type is KeyType.RSA_PSS else None
-        return TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=TPM2_ALG.SHA256,
+        pss_hash = name_alg if key_type is KeyType.RSA_PSS else None
+        return TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=name_alg,
                            objectAttributes=attributes,
                            parameters=TPMU_PUBLIC_PARMS(rsaDetail=rsa_parms(param, pss_hash)))
     raise UnsupportedError(f"unsupported key type {key_type!r}")
+
+
+def auth_limit(public: Any) -> int:
+    """The longest password a key can have: a TPM2B_AUTH is at most its nameAlg's digest
+    (TPM 2.0 Part 1, 27.2.3); MAX_AUTH_ANY for a nameAlg the broker does not know."""
+    try:
+        return Hash(int(public.nameAlg)).digest_size
+    except ValueError:
+        return MAX_AUTH_ANY
 
 
 def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int,
@@ -521,9 +533,12 @@ class CachedKey:
     parent_auth: bytes = dataclasses.field(default=b"", repr=False)
     # Without noDA, a failed authorization counts toward the TPM's lockout.
     da_protected: bool = dataclasses.field(init=False)
+    # The longest password the key can have (auth_limit), read once: off the hot path.
+    max_auth: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+        self.max_auth = auth_limit(self.public)
 
     @functools.cached_property
     def name(self) -> bytes:

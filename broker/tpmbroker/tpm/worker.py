@@ -51,8 +51,6 @@ from .sessions import SessionPool
 T = TypeVar("T")
 log = logging.getLogger("tpmbroker.tpm")
 
-# A TPM2B_AUTH holds at most the name hash's digest (SHA-256 for every key we make).
-MAX_AUTH = 32
 PSS_PADDINGS = ("auto", "tpm", "broker")
 Prepare = Callable[[SessionState, int, bytes], command.PendingCommand]
 
@@ -160,9 +158,11 @@ class TpmWorker:
                       operation: Callable[[], T]) -> T:
         """`operation()` with the key's password: through the dictionary-attack shield
         when the key counts failures (sign, sign the message, derive, decrypt)."""
-        if len(auth) > MAX_AUTH:
-            # No key can have such a password; asking the TPM would only count a failure.
-            raise AuthFailedError(f"password longer than {MAX_AUTH} bytes")
+        limit = entry.max_auth
+        if len(auth) > limit:
+            # The key cannot have such a password; asking the TPM would only count a failure.
+            raise AuthFailedError(f"password longer than {limit} bytes, the most this key "
+                                  "can have (its name hash's digest)")
         shield = self.shield if entry.da_protected else None
         if shield is None:
             return operation()
@@ -286,7 +286,7 @@ class TpmWorker:
         lane_abort) says how the command went.
         """
         if (entry.handle is None or not self.link.up or entry.policy or not self.pool.full
-                or len(auth) > MAX_AUTH):
+                or len(auth) > entry.max_auth):
             return None
         if (entry.da_protected and self.shield is not None
                 and not self.shield.known_good(entry.shield_id, auth)):

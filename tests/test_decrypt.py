@@ -471,7 +471,7 @@ def test_decryptions_and_signatures_at_once_stay_within_the_pool(env: Env) -> No
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from tpmbroker.load import verify
+    from tpmbroker.loadgen import verify
 
     with env.client() as client:
         key = client.load_key(env.keys["rsa2048"])

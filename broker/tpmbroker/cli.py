@@ -305,11 +305,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         admin_gids=_ids(args.admin_gid, "group", "--admin-gid"),
     )
     if args.policy is not None:
-        from .policy import PolicyError, load_policy
+        from .access import AccessPolicyError, load_policy
 
         try:
             config.policy = load_policy(args.policy)
-        except PolicyError as exc:
+        except AccessPolicyError as exc:
             print(f"tpmbroker serve: --policy {exc}", file=sys.stderr)
             return 2
         logging.getLogger("tpmbroker.server").info(
@@ -761,7 +761,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_load(args: argparse.Namespace) -> int:
     from . import protocol as p
     from .client import Client
-    from .load import run_threads
+    from .loadgen import run_threads
 
     with Client(args.socket, timeout=args.timeout, max_connections=args.clients + 1) as client:
         key = _load(client, args)

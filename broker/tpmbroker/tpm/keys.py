@@ -390,7 +390,7 @@ def storage_parent_template(rsa: bool) -> Any:
 def usage_attributes(key_type: KeyType, usage: Usage) -> int:
     """TPMA_OBJECT bits SIGN_ENCRYPT and DECRYPT for a usage (docs/security.md, "Key
     usage"). The default is both, as tpm2-openssl and tpm2_create make keys: what a
-    client may do with a key it may use is the key policy's to say (tpmbroker.policy,
+    client may do with a key it may use is the key policy's to say (tpmbroker.access,
     operations); SIGN or DECRYPT alone narrows the key for good. RSA-PSS keys only sign:
     their scheme is bound to PSS."""
     if usage is Usage.DEFAULT:

@@ -38,7 +38,8 @@ from tpmbroker.procedures.load import load_key
 from tpmbroker.procedures.sign_message import sign_message
 from tpmbroker.protocol import Hash, KeySource, Scheme
 from tpmbroker.simulator import Swtpm
-from tpmbroker.tpm.keys import storage_parent_template, tss2_key_der
+from tpmbroker.templates import storage_parent_template
+from tpmbroker.tpm.keys import tss2_key_der
 
 from .tpmfixtures import Abrmd, Broker, DbusDaemon, have, running_swtpm
 

@@ -28,8 +28,7 @@ import tpmbroker
 from tpmbroker import ops
 from tpmbroker.client import Client
 from tpmbroker.errors import AuthFailedError, BadKeyError
-from tpmbroker.keyfile import pem_to_der
-from tpmbroker.keypolicy import TPMKeyAsn1
+from tpmbroker.keyfile import TPMKeyAsn1, pem_to_der
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 from tpmbroker.wrap import WrappableKey

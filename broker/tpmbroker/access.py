@@ -243,14 +243,14 @@ def _ids(values: Any, lookup: Any, attr: str) -> set[int]:
 
 def _key_file(path: str) -> tuple[bytes, bytes]:
     """(DER, SubjectPublicKeyInfo DER) of a TSS2 PRIVATE KEY file."""
-    from .keyfile import pem_to_der
+    from .keyfile import to_der_if_pem
     from .tpm import keys
 
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    der = pem_to_der(data) if b"-----BEGIN" in data else data
+    der = to_der_if_pem(data)
     parsed = keys.parse_tss2_key(der)
     info = keys.key_info(b"", parsed.public.publicArea)
     return der, info.public_key

@@ -411,7 +411,8 @@ def _load(client: Any, args: argparse.Namespace) -> Any:
     """LOAD the key named by args.key, with its password and its parent's."""
     import dataclasses
 
-    from .keyfile import KeySpec, tss2_parent
+    from .keyfile import tss2_parent
+    from .keyref import KeySpec
 
     key: str | bytes = args.key
     if not args.key.startswith("handle:") and not args.key.lower().startswith("0x81"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +34,6 @@ from .relay import Relay
 from .tpmfixtures import Broker, BrokerEnv, running_swtpm
 
 MODULE = provider_path()
-OPENSSL = shutil.which("openssl") or "openssl"
 PROV = ["-provider-path", str(MODULE.parent), "-provider", "default", "-provider", "tpmbroker"]
 
 pytestmark = pytest.mark.skipif(not MODULE.exists(), reason="provider not built")

@@ -8,6 +8,7 @@ PACKAGES=(
     libssl-dev openssl pkg-config gcc binutils python3 python3-venv python3-dev
     nginx curl dbus tpm2-openssl
     libtpm2-pkcs11-1 libtpm2-pkcs11-tools libengine-pkcs11-openssl p11-kit
+    prometheus prometheus-node-exporter
 )
 
 missing=()
@@ -22,10 +23,12 @@ if ((${#missing[@]})); then
     $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# nginx is a test dependency, not a service of this machine.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
-    systemctl stop nginx || true
-fi
+# nginx and Prometheus are test dependencies, not services of this machine.
+for service in nginx prometheus prometheus-node-exporter; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
+        systemctl stop "$service" || true
+    fi
+done
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

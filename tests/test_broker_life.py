@@ -328,7 +328,8 @@ def test_sigkill_under_load_then_restart_signs_again_within_2s(
             assert not [t for s, t in seen if s == "bad"], f"bad signature in {out.name}"
             first_ok = min(t for s, t in seen if s == "ok" and t > killed_at)
             assert first_ok - ready_at < 2.0, (out.name, first_ok - ready_at)
-            assert any(s == "fail" and killed_at < t < ready_at for s, t in seen), out.name
+            # The signers may fail while no broker is there, or wait for its successor
+            # (the client waits RESTART_GRACE for a broker it reached before).
         assert "clean start: flushed" in broker.log() or mode == "embedded"
     finally:
         broker.stop()

@@ -31,7 +31,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tpm": (("tpm",), ("foundation", "codec", "key formats")),
     # the broker around it: procedures, queue, lane, connections, access control
     "broker": (("procedures", "scheduler", "admission", "lane", "listener", "access",
-                "server"), ("foundation", "codec", "key formats", "tpm")),
+                "metrics", "server"), ("foundation", "codec", "key formats", "tpm")),
     # programs: the command, the simulator, helper processes, the package's lazy names
     "programs": (("cli", "keypolicy_authoring", "simulator", "processes", "__init__"),
                  ("foundation", "codec", "key formats", "client", "tpm", "broker")),

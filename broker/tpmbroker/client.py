@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import ops
 from . import protocol as p
-from .definitions import CURVES
+from .definitions import CURVES, REPEATABLE
 from .errors import (
     BadKeyError,
     BrokerUnavailableError,
@@ -48,6 +48,12 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 DEFAULT_TIMEOUT = 30.0
+# A request a restarting broker could not serve is sent again after RETRY_FIRST seconds,
+# doubling to RETRY_MAX; a broker's socket may be away for RESTART_GRACE seconds.
+RETRY_FIRST = 0.01
+RETRY_MAX = 0.25
+RESTART_GRACE = 3.0
+MAX_LOST_CONNECTIONS = 2  # a request goes out at most this many times more after a loss
 
 
 
@@ -204,6 +210,7 @@ class Client:
         self.timeout = timeout
         self.verify = verify
         self.max_connections = max_connections
+        self._reached = False  # a broker answered this client once: a restart is waited for
         self._reset()
         _live_clients.add(self)
 
@@ -289,29 +296,50 @@ class Client:
 
     def _call(self, msg: p.Message, timeout: float | None = None,
               key: LoadedKey | None = None) -> p.Message:
-        """One request, retried once on a fresh connection if the broker went away."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        for attempt in range(2):
+        """One request. A broker restart goes unnoticed within the deadline: a request
+        it could not serve (SHUTTING_DOWN, or a connection lost with the request out) is
+        sent again to its successor if it may be repeated (REPEATABLE), and a broker
+        this client reached before is waited for while its socket is away."""
+        now = time.monotonic()
+        deadline = now + (self.timeout if timeout is None else timeout)
+        repeatable = msg.OPCODE in REPEATABLE
+        delay, away_since, lost = RETRY_FIRST, None, 0
+        while True:
             try:
                 with self._connection(deadline) as conn:
                     if key is not None and conn.loaded.get(key.key_id) != key.spec.auth:
                         self._reload(conn, key, deadline)
                     try:
-                        return conn.round_trip(msg, deadline)
+                        result = conn.round_trip(msg, deadline)
                     except UnknownKeyError:
                         if key is None:
                             raise
                         self._reload(conn, key, deadline)  # broker restarted or evicted
-                        return conn.round_trip(msg, deadline)
+                        result = conn.round_trip(msg, deadline)
+                self._reached = True
+                return result
             except TimeoutError:
                 raise DeadlineError("the broker did not answer before the deadline") from None
+            except ShuttingDownError:
+                if not repeatable or time.monotonic() + delay >= deadline:
+                    raise
             except (ConnectionError, BrokenPipeError) as exc:
                 self._drop_idle()  # every idle connection went to the same dead broker
-                if attempt or time.monotonic() >= deadline:
+                lost += 1  # a broker that drops every request is not waited out
+                if (not repeatable or lost > MAX_LOST_CONNECTIONS
+                        or time.monotonic() + delay >= deadline):
                     raise BrokerUnavailableError(
                         f"lost the connection to tpmbroker at {self.socket_path}: {exc}"
                     ) from None
-        raise AssertionError("unreachable")
+            except BrokerUnavailableError:
+                # Nothing was sent. A broker that answered before is being restarted.
+                now = time.monotonic()
+                away_since = away_since or now
+                if (not self._reached or now + delay >= deadline
+                        or now - away_since > RESTART_GRACE):
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
 
     @classmethod
     def _reload(cls, conn: _Connection, key: LoadedKey, deadline: float) -> None:

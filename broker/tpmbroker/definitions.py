@@ -49,6 +49,17 @@ class Opcode(enum.IntEnum):
     PCR_READ = 0x10  # PCR values (TPM2_PCR_Read, no authorization)
 
 
+# Requests a client may send again, to a restarted broker, when it cannot know whether
+# the first was served: doing them twice changes nothing. GENERATE, IMPORT, PERSIST and
+# EVICT are never sent twice.
+REPEATABLE = frozenset({
+    Opcode.HELLO, Opcode.LOAD, Opcode.SIGN, Opcode.STATUS, Opcode.UNLOAD, Opcode.RANDOM,
+    Opcode.NV_READ, Opcode.DECRYPT, Opcode.DERIVE, Opcode.SIGN_MESSAGE, Opcode.KEYS,
+    Opcode.PCR_READ,
+})
+REPEATABLE_OPCODES = sum(1 << opcode for opcode in REPEATABLE)  # C: a bit per opcode
+
+
 class Status(enum.IntEnum):
     """Response status codes (docs/protocol.md)."""
 
@@ -258,6 +269,7 @@ SHARED_CONSTANTS: tuple[tuple[str, int], ...] = (
     ("STORAGE_PRIMARY", STORAGE_PRIMARY),
     ("MAX_RANDOM", MAX_RANDOM),
     ("MAX_MESSAGE", MAX_MESSAGE),
+    ("REPEATABLE_OPCODES", REPEATABLE_OPCODES),
 )
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DeadlineError, NotForLane, TpmUnavailableError
 from .scheduler import FairQueue, Job
+from .tpm.link import split_response
 
 if TYPE_CHECKING:
     from .tpm.worker import TpmWorker
@@ -90,6 +91,11 @@ class Lane:
         command = self._prepare(job)
         return command is not None and self._send(job, command)
 
+    @property
+    def has_next(self) -> bool:
+        """A command is prepared to go out as soon as the TPM answers the current one."""
+        return self._next is not None
+
     def prepare_next(self) -> None:
         """While a command is out, prepare the next job's (if it can take the lane)."""
         if self._next is not None or self._out is None:
@@ -139,6 +145,7 @@ class Lane:
         if sock is None:
             self.worker.lane_cancel(command)
             return False
+        self.worker.link.turnaround.sent(command.pending.command)
         try:
             sent = sock.send(command.frame)
         except OSError:
@@ -199,7 +206,7 @@ class Lane:
             data = out.sock.recv(65536)
             if data:
                 received = out.received + data if out.received else data
-                response = self.worker.split_response(received)
+                response = split_response(received)
                 if response is None:
                     out.received = received
                     return  # more to come
@@ -214,7 +221,9 @@ class Lane:
             self._abort(out.command)
             self.to_worker(job)
         else:
-            took = time.monotonic() - out.sent
+            now = time.monotonic()
+            took = now - out.sent
+            self.worker.link.turnaround.answered(now)
             self._send_next()  # the TPM starts on the next one while we finish this
             try:
                 result = self.worker.lane_finish(out.command, response)

@@ -11,6 +11,7 @@ request) and each request's deadline is a loop timer.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -45,6 +46,7 @@ from .errors import (
 )
 from .lane import Lane
 from .listener import Listener
+from .metrics import SERVICE_BOUNDS, TextfileWriter
 from .scheduler import FairQueue, Job
 from .tpm.worker import TpmWorker
 from .version import __version__
@@ -89,6 +91,10 @@ class ServerConfig:
     # own uid (docs/security.md, Persistent handles).
     admin_uids: frozenset[int] = frozenset()
     admin_gids: frozenset[int] = frozenset()
+    # Prometheus metrics written to this file (node_exporter's textfile collector reads
+    # it) every metrics_interval seconds; None: none (tpmbroker.metrics).
+    metrics_file: str | None = None
+    metrics_interval: float = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,30 +140,21 @@ class Stats:
         self.connections_total = 0
         self.refused_peers = 0
         self.refused_keys = 0
+        # (operation, key type) -> answers (metrics); opcode -> TPM service time counts
+        # per tpmbroker.metrics.SERVICE_BOUNDS bucket, the last one +Inf.
+        self.by_key_type: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.service: dict[int, list[int]] = {}
+
+    def served_by(self, opcode: int, seconds: float) -> None:
+        counts = self.service.get(opcode)
+        if counts is None:
+            counts = self.service[opcode] = [0] * (len(SERVICE_BOUNDS) + 1)
+        counts[bisect.bisect_left(SERVICE_BOUNDS, seconds)] += 1
 
     def error(self, status: int) -> None:
         self.errors += 1
         name = Status(status).name if status in Status._value2member_map_ else str(status)
         self.by_status[name] += 1
-
-
-class Pending:
-    """A request handed to the worker, until it is answered (by result or deadline)."""
-
-    __slots__ = ("conn", "finish", "job", "key_id", "opcode", "request_id", "timer")
-
-    def __init__(self, conn: Connection, request_id: int, opcode: int,
-                 finish: Callable[[Any], p.Message]) -> None:
-        self.conn = conn
-        self.request_id = request_id
-        self.opcode = opcode
-        self.finish = finish  # worker result -> response, run on the loop thread
-        self.job: Job | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.key_id: bytes | None = None  # the key a SIGN used (audit, usage)
-
-    def __call__(self, result: Any, error: BaseException | None) -> None:
-        self.conn.complete(self, result, error)
 
 
 class Connection(asyncio.Protocol):
@@ -172,7 +169,7 @@ class Connection(asyncio.Protocol):
         self.peer = PeerCred(0, -1, -1)
         self.frames = p.FrameReader()
         self.keys: dict[bytes, bytes] = {}  # key id -> auth this connection presented
-        self.pending: set[Pending] = set()
+        self.in_flight: set[Request] = set()  # submitted, not answered yet
         self.eof = False  # the client half-closed: answer what it sent, then close
         self.key_names: dict[bytes, tuple[str, bytes]] = {}  # key id -> (name, public key)
         self._who: Peer | None = None
@@ -245,7 +242,7 @@ class Connection(asyncio.Protocol):
         return True  # keep the write side open for the answers
 
     def _close_if_done(self) -> None:
-        if self.eof and not self.pending and self.transport is not None:
+        if self.eof and not self.in_flight and self.transport is not None:
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -254,12 +251,12 @@ class Connection(asyncio.Protocol):
         self.server.connections.pop(self.id, None)
         for job in self.server.queue.drop_owner(self.id):
             job.cancelled = True
-        for pending in self.pending:
-            if pending.job is not None:
-                pending.job.cancelled = True
-            if pending.timer is not None:
-                pending.timer.cancel()
-        self.pending.clear()
+        for request in self.in_flight:
+            if request.job is not None:
+                request.job.cancelled = True
+            if request.timer is not None:
+                request.timer.cancel()
+        self.in_flight.clear()
         self.keys.clear()
         log.debug("conn %d closed", self.id)
 
@@ -302,7 +299,7 @@ class Connection(asyncio.Protocol):
             return
         try:
             msg = p.decode_request(header, body)
-            if len(self.pending) >= MAX_IN_FLIGHT:
+            if len(self.in_flight) >= MAX_IN_FLIGHT:
                 self.send(request_id, opcode, p.ErrorResult(
                     Status.OVERLOADED, f"more than {MAX_IN_FLIGHT} requests in flight"))
                 return
@@ -313,8 +310,8 @@ class Connection(asyncio.Protocol):
             # The worker's deadline comes first, so that its errors (no sessions, TPM
             # unreachable) are the answer; the broker's own DEADLINE answer still comes
             # before the client stops waiting.
-            request = Incoming(self, request_id, opcode, client_deadline - margin / 2,
-                               client_deadline - margin, header.timeout_ms != 0)
+            request = Request(self, request_id, opcode, client_deadline - margin / 2,
+                              client_deadline - margin, header.timeout_ms != 0)
             _SERVE[msg.OPCODE](request, msg)
         except Exception as exc:
             self.fail(request_id, opcode, exc)
@@ -359,20 +356,20 @@ class Connection(asyncio.Protocol):
         known = self.key_names.get(key_id)
         return known[0] if known is not None else key_id.hex()[:16]
 
-    def signed(self, pending: Pending, error: BaseException | None) -> None:
+    def signed(self, request: Request, error: BaseException | None) -> None:
         """Audit trail of one SIGN: usage, or an auth failure."""
-        assert pending.key_id is not None
+        assert request.key_id is not None
         if error is None:
-            self.server.usage.add(self.peer.uid, self.who.exe, self.key_name(pending.key_id))
+            self.server.usage.add(self.peer.uid, self.who.exe, self.key_name(request.key_id))
         elif isinstance(error, AuthFailedError):
             audit("auth_failure", pid=self.peer.pid, uid=self.peer.uid, exe=self.who.exe,
-                  key=self.key_name(pending.key_id), tpm_rc=f"0x{error.tpm_rc:x}")
+                  key=self.key_name(request.key_id), tpm_rc=f"0x{error.tpm_rc:x}")
 
     def shut_down(self) -> int:
         """The broker is stopping: answer every request still pending SHUTTING_DOWN, then
         close once the answers are written. Returns how many were answered so."""
-        pending, self.pending = self.pending, set()
-        for item in pending:
+        in_flight, self.in_flight = self.in_flight, set()
+        for item in in_flight:
             if item.timer is not None:
                 item.timer.cancel()
             if item.job is not None:
@@ -381,43 +378,52 @@ class Connection(asyncio.Protocol):
                 "the broker is shutting down before it could serve the request"))
         if self.transport is not None:
             self.transport.close()
-        return len(pending)
+        return len(in_flight)
 
-    def expire(self, pending: Pending) -> None:
-        if pending not in self.pending:
+    def expire(self, request: Request) -> None:
+        if request not in self.in_flight:
             return  # answered already
-        self.pending.remove(pending)
-        assert pending.job is not None
-        pending.job.cancelled = True
-        self.fail(pending.request_id, pending.opcode,
+        self.in_flight.remove(request)
+        assert request.job is not None
+        request.job.cancelled = True
+        self.fail(request.request_id, request.opcode,
                   DeadlineError("deadline passed before the TPM could serve the request"))
         self._close_if_done()
 
-    def complete(self, pending: Pending, result: Any, error: BaseException | None) -> None:
-        if pending not in self.pending:
+    def complete(self, request: Request, result: Any, error: BaseException | None) -> None:
+        if request not in self.in_flight:
             return  # expired, or the connection is gone
-        self.pending.remove(pending)
-        if pending.timer is not None:
-            pending.timer.cancel()
-        if pending.key_id is not None:
-            self.signed(pending, error)
+        self.in_flight.remove(request)
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.key_id is not None:
+            self.signed(request, error)
         if error is None:
+            assert request.finish is not None
             try:
-                self.send(pending.request_id, pending.opcode, pending.finish(result))
+                self.send(request.request_id, request.opcode, request.finish(result))
             except Exception as exc:
-                self.fail(pending.request_id, pending.opcode, exc)
+                self.fail(request.request_id, request.opcode, exc)
             else:
-                self.server.stats.answered[pending.opcode] += 1
+                stats = self.server.stats
+                stats.answered[request.opcode] += 1
+                if request.key_id is not None:
+                    key = self.server.worker.known(request.key_id)
+                    if key is not None:
+                        stats.by_key_type[(p.Opcode(request.opcode).name.lower(),
+                                           key.info.key_type.name)] += 1
         else:
-            self.fail(pending.request_id, pending.opcode, error)
+            self.fail(request.request_id, request.opcode, error)
         self._close_if_done()
 
 
-class Incoming:
-    """One decoded request, as its procedure sees it (tpmbroker.procedures.Request)."""
+class Request:
+    """One request, from its decoded frame to its answer: what its procedure sees of it
+    (tpmbroker.procedures.Request), and, once submitted, its TPM work (a scheduler Job),
+    how its result becomes the answer, and the timer of its deadline."""
 
-    __slots__ = ("checked", "conn", "deadline", "key_id", "opcode", "reply_by", "request_id",
-                 "worker")
+    __slots__ = ("checked", "conn", "deadline", "finish", "job", "key_id", "opcode",
+                 "reply_by", "request_id", "timer", "worker")
 
     def __init__(self, conn: Connection, request_id: int, opcode: int, reply_by: float,
                  deadline: float, checked: bool = False) -> None:
@@ -429,6 +435,13 @@ class Incoming:
         self.checked = checked  # the client set the deadline: admission may refuse (BUSY)
         self.worker: TpmWorker = conn.server.worker
         self.key_id: bytes | None = None  # the loaded key this request uses, if any
+        self.finish: Callable[[Any], p.Message] | None = None  # result -> answer, on the loop
+        self.job: Job | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        """The TPM work is done (the scheduler calls this on the event loop)."""
+        self.conn.complete(self, result, error)
 
     @property
     def peer_uid(self) -> int:
@@ -441,16 +454,15 @@ class Incoming:
                lane: Callable[[], Any] | None = None) -> None:
         conn = self.conn
         server = conn.server
-        pending = Pending(conn, self.request_id, self.opcode, finish)
-        pending.key_id = self.key_id
+        self.finish = finish
         # Service times are measured per operation and key; a key's generation varies
         # by seconds with the TPM's luck and is never refused.
         kind = None if self.opcode == p.Opcode.GENERATE else (self.opcode, self.key_id)
-        pending.job = Job(conn.id, self.deadline, run, pending, lane, kind)
-        server.admission.admit(pending.job, self.checked, server.in_service())  # or BUSY
-        pending.timer = server.loop.call_at(self.reply_by, conn.expire, pending)
-        conn.pending.add(pending)
-        server.enqueue(pending.job)
+        self.job = Job(conn.id, self.deadline, run, self, lane, kind)
+        server.admission.admit(self.job, self.checked, server.in_service())  # or BUSY
+        self.timer = server.loop.call_at(self.reply_by, conn.expire, self)
+        conn.in_flight.add(self)
+        server.enqueue(self.job)
 
     def key_auth(self, key_id: bytes, operations: tuple[str, ...] = ()) -> bytes:
         keys = self.conn.keys
@@ -506,6 +518,7 @@ class BrokerServer:
         self.connections: dict[int, Connection] = {}
         self.usage = Usage()
         self._usage_timer: asyncio.TimerHandle | None = None
+        self.metrics: TextfileWriter | None = None
         self._thread: threading.Thread | None = None
         self._server: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -514,6 +527,8 @@ class BrokerServer:
         # command; the link belongs to whichever of the two has the TPM.
         self._worker_busy = False
         self.lane = Lane(worker, self.queue, self._to_worker, self._pump, self._measured)
+        # Turn-around counts only while more TPM work is ready (tpm/turnaround.py).
+        worker.link.turnaround.waiting = lambda: self.queue.depth > 0 or self.lane.has_next
         self.admission = Admission(self.queue)
         self._on_worker: Job | None = None  # the job the worker thread has
         self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -567,6 +582,8 @@ class BrokerServer:
         """A job held the TPM `seconds` and succeeded: the admission's estimate learns."""
         if job.kind is not None:
             self.admission.times.record(job.kind, seconds)
+            if isinstance(job.kind, tuple):  # (opcode, key id)
+                self.stats.served_by(job.kind[0], seconds)
 
     def _to_worker(self, job: Job) -> None:
         job.lane = None
@@ -650,7 +667,7 @@ class BrokerServer:
                            + self.stats.answered[p.Opcode.SIGN_MESSAGE]),
             **dict.fromkeys(ops.COUNTERS, 0),
             **self.stats.served,
-            "lane_signatures": self.lane.served,
+            "lane_commands": self.lane.served,
             "busy_refusals": self.admission.refused,
             "tpm_service_ms": self.admission.times.snapshot(),
             "errors": self.stats.errors,
@@ -702,6 +719,10 @@ class BrokerServer:
         sock = self._bind()
         self._server = Listener(self.loop, sock, lambda: Connection(self))
         self._usage_timer = self.loop.call_later(self.config.usage_interval, self._usage)
+        if self.config.metrics_file is not None:
+            self.metrics = TextfileWriter(self, self.config.metrics_file,
+                                          self.config.metrics_interval)
+            self.metrics.start()
         log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
 
     def _usage(self) -> None:
@@ -721,12 +742,12 @@ class BrokerServer:
         # Frames already in the connections' sockets are read (and queued, or answered
         # SHUTTING_DOWN) before anything is closed.
         await asyncio.sleep(READ_GRACE_SECONDS)
-        in_flight = sum(len(conn.pending) for conn in self.connections.values())
+        in_flight = sum(len(conn.in_flight) for conn in self.connections.values())
         log.info("stopping: %d requests in flight on %d connections", in_flight,
                  len(self.connections))
         end = time.monotonic() + drain
         while (time.monotonic() < end and self._loop is not None
-               and any(conn.pending for conn in self.connections.values())):
+               and any(conn.in_flight for conn in self.connections.values())):
             await asyncio.sleep(0.01)
         refused = sum(conn.shut_down() for conn in list(self.connections.values()))
         if refused:
@@ -748,6 +769,8 @@ class BrokerServer:
         if self._thread is not None:
             await self.loop.run_in_executor(None, self._thread.join, JOIN_SECONDS)
         self._remove_socket()
+        if self.metrics is not None:
+            await self.metrics.stop()
 
     def _remove_socket(self) -> None:
         """Unlink the socket, unless a successor has bound its own there already."""

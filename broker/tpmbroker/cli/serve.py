@@ -133,6 +133,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         usage_interval=args.usage_interval,
         admin_uids=_ids(args.admin_uid, "user", "--admin-uid"),
         admin_gids=_ids(args.admin_gid, "group", "--admin-gid"),
+        metrics_file=args.metrics_file,
+        metrics_interval=args.metrics_interval,
     )
     if args.policy is not None:
         from ..access import AccessPolicyError, load_policy
@@ -253,6 +255,11 @@ SERVE = Command("serve", "run the broker", _cmd_serve, (
              "(default 5)"),
     arg("--policy", metavar="FILE",
         help="per-key access control, TOML (docs/security.md)"),
+    arg("--metrics-file", metavar="FILE",
+        help="write Prometheus metrics to FILE (a .prom file in node_exporter's "
+             "textfile directory; docs/broker.md, Metrics)"),
+    arg("--metrics-interval", type=float, default=15.0, metavar="SECONDS",
+        help="how often the metrics file is written (default 15)"),
     arg("--usage-interval", type=float, default=3600.0, metavar="SECONDS",
         help="how often the audit log sums up who signed with which key "
              "(default 3600)"),

@@ -5,13 +5,14 @@ in C (tpm/depad.c) for keys whose scheme is NULL."""
 from __future__ import annotations
 
 from ..definitions import DecryptFlag, Hash, Padding
-from ..errors import BadDigestError, TpmError, UnsupportedError
+from ..errors import BadDigestError, TpmBrokerError, TpmError, UnsupportedError
 from ..ops.base import member
 from ..ops.decrypt import KNOWN_FLAGS, Decrypt, DecryptResult
 from ..tpm import command, depad
 from ..tpm import keys as keymod
+from ..tpm.keys import CachedKey
 from ..tpm.rc import tpm_code
-from ..tpm.worker import TpmWorker
+from ..tpm.worker import LaneCommand, TpmWorker
 from .base import Request
 
 TPM_RC_VALUE = 0x084
@@ -49,12 +50,14 @@ def serve(request: Request, msg: Decrypt) -> None:
         return DecryptResult(plaintext)
 
     request.submit(lambda: decrypt(worker, key_id, auth, padding, hash, mgf1, label,
-                                   ciphertext, implicit, deadline, peer), served)
+                                   ciphertext, implicit, deadline, peer), served,
+                   lane=lambda: lane(worker, key_id, auth, padding, hash, mgf1, label,
+                                     ciphertext, implicit, peer))
 
 
-def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash, mgf1: Hash,
-            label: bytes, ciphertext: bytes, implicit_rejection: bool, deadline: float,
-            peer: int = -1) -> bytes:
+def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash,
+            mgf1: Hash, label: bytes, ciphertext: bytes, implicit_rejection: bool,
+            deadline: float, peer: int = -1) -> bytes:
     """RSA decryption with TPM2_RSA_Decrypt through a pool session that encrypts the
     plaintext on its way back.
 
@@ -66,13 +69,7 @@ def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: 
     """
     entry = tpm.loaded(key_id)
     tpm_scheme = keymod.decryption_scheme(entry.public, padding, hash, mgf1, label)
-    modulus, _ = entry.rsa_public_numbers
-    size = (modulus.bit_length() + 7) // 8
-    if len(ciphertext) != size:
-        raise BadDigestError(f"a ciphertext for this {modulus.bit_length()}-bit key is "
-                             f"{size} bytes, not {len(ciphertext)}")
-    if int.from_bytes(ciphertext, "big") >= modulus:
-        raise BadDigestError("the ciphertext is not below the key's modulus")
+    size = _check_ciphertext(entry, ciphertext)
 
     def tpm_decrypt(block: bytes, scheme: tuple[int, int, bytes] | None) -> bytes:
         alg, hash_alg, tpm_label = scheme or (command.ALG_NULL, 0, b"")
@@ -90,17 +87,60 @@ def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: 
                     raise BadDigestError(depad.DECRYPTION_ERROR) from None
                 raise
         if padding is Padding.PKCS1 and entry.kdk_secret is None:
-            name = bytes(entry.public.get_name())  # the same by file or by handle
-            entry.kdk_secret = depad.kdk_secret(
-                tpm_decrypt(depad.kdk_block(name, size), None).rjust(size, b"\0"))
-        em = tpm_decrypt(ciphertext, None).rjust(size, b"\0")
-        if padding is Padding.NONE:
-            return em
-        if padding is Padding.OAEP:
-            return depad.oaep(em, label, hash, mgf1)
-        assert entry.kdk_secret is not None
-        return depad.pkcs1(em, ciphertext, entry.kdk_secret, implicit_rejection)
+            entry.kdk_secret = depad.kdk_secret(  # the key's Name: the same by file or handle
+                tpm_decrypt(depad.kdk_block(entry.name, size), None).rjust(size, b"\0"))
+        return _unpad(entry, tpm_decrypt(ciphertext, None), size, padding, hash, mgf1,
+                      label, ciphertext, implicit_rejection)
 
     plaintext = tpm.with_password(entry, auth, peer, deadline, decrypt)
     tpm.objects.keys.touch(key_id)
     return plaintext
+
+
+def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash,
+         mgf1: Hash, label: bytes, ciphertext: bytes, implicit_rejection: bool,
+         peer: int = -1) -> LaneCommand | None:
+    """The raw TPM2_RSA_Decrypt for the lane, its padding removed when the answer comes,
+    or None: the worker thread serves it (a key whose scheme makes the TPM unpad, one
+    whose implicit-rejection secret is not known yet, a ciphertext it must refuse)."""
+    entry = tpm.known(key_id)
+    if entry is None or (padding is Padding.PKCS1 and entry.kdk_secret is None):
+        return None
+    try:
+        if keymod.decryption_scheme(entry.public, padding, hash, mgf1, label) is not None:
+            return None
+        size = _check_ciphertext(entry, ciphertext)
+    except TpmBrokerError:
+        return None
+    return tpm.lane_command(
+        entry, auth, peer, "decrypting", lambda session, handle, name:
+        command.prepare_rsa_decrypt(session, handle, name, auth, ciphertext,
+                                    command.ALG_NULL, 0, b""),
+        lambda parameters: _unpad(entry, command.sized_result(parameters), size, padding,
+                                  hash, mgf1, label, ciphertext, implicit_rejection))
+
+
+def _check_ciphertext(entry: CachedKey, ciphertext: bytes) -> int:
+    """The key's modulus length; BadDigestError unless `ciphertext` is that long and
+    below the modulus."""
+    modulus, _ = entry.rsa_public_numbers
+    size = (modulus.bit_length() + 7) // 8
+    if len(ciphertext) != size:
+        raise BadDigestError(f"a ciphertext for this {modulus.bit_length()}-bit key is "
+                             f"{size} bytes, not {len(ciphertext)}")
+    if int.from_bytes(ciphertext, "big") >= modulus:
+        raise BadDigestError("the ciphertext is not below the key's modulus")
+    return size
+
+
+def _unpad(entry: CachedKey, raw: bytes, size: int, padding: Padding, hash: Hash,
+           mgf1: Hash, label: bytes, ciphertext: bytes, implicit_rejection: bool) -> bytes:
+    """The plaintext in the TPM's raw private operation's answer, its padding removed in
+    constant time (tpm/depad.c)."""
+    em = raw.rjust(size, b"\0")
+    if padding is Padding.NONE:
+        return em
+    if padding is Padding.OAEP:
+        return depad.oaep(em, label, hash, mgf1)
+    assert entry.kdk_secret is not None
+    return depad.pkcs1(em, ciphertext, entry.kdk_secret, implicit_rejection)

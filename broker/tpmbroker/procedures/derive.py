@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from ..errors import BadDigestError, TpmError
+from ..errors import BadDigestError, TpmBrokerError, TpmError
 from ..ops.derive import MAX_POINT, Derive, DeriveResult
 from ..tpm import command
 from ..tpm import keys as keymod
-from ..tpm.worker import TpmWorker
+from ..tpm.worker import LaneCommand, TpmWorker
 from .base import Request
 
 
@@ -27,7 +27,8 @@ def serve(request: Request, msg: Derive) -> None:
         request.count("derivations")
         return DeriveResult(secret)
 
-    request.submit(lambda: derive(worker, key_id, auth, point, deadline, peer), served)
+    request.submit(lambda: derive(worker, key_id, auth, point, deadline, peer), served,
+                   lane=lambda: lane(worker, key_id, auth, point, peer))
 
 
 def derive(tpm: TpmWorker, key_id: bytes, auth: bytes, point: bytes, deadline: float,
@@ -46,7 +47,30 @@ def derive(tpm: TpmWorker, key_id: bytes, auth: bytes, point: bytes, deadline: f
             entry, auth, deadline, lambda session, handle, name: command.prepare_ecdh_zgen(
                 session, handle, name, auth, x, y), command.ecdh_zgen_result)))
     tpm.objects.keys.touch(key_id)
-    if len(z) > len(x):
+    return _field_long(z, len(x))
+
+
+def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, point: bytes,
+         peer: int = -1) -> LaneCommand | None:
+    """The TPM2_ECDH_ZGen for the lane, or None: the worker thread serves it (and says
+    what is wrong with the key or the point, if anything)."""
+    entry = tpm.known(key_id)
+    if entry is None:
+        return None
+    try:
+        keymod.check_ecdh_key(entry.public)
+        x, y = keymod.check_peer_point(entry.info.curve, point)
+    except TpmBrokerError:
+        return None
+    return tpm.lane_command(
+        entry, auth, peer, "deriving the shared secret", lambda session, handle, name:
+        command.prepare_ecdh_zgen(session, handle, name, auth, x, y),
+        lambda parameters: _field_long(command.ecdh_zgen_result(parameters), len(x)))
+
+
+def _field_long(z: bytes, field: int) -> bytes:
+    """Z as long as the curve's field (the TPM may drop leading zero bytes)."""
+    if len(z) > field:
         raise TpmError(f"the TPM returned a {len(z)}-byte x-coordinate for a "
-                       f"{len(x)}-byte curve")
-    return z.rjust(len(x), b"\0")
+                       f"{field}-byte curve")
+    return z.rjust(field, b"\0")

@@ -59,7 +59,7 @@ def _nv_read_once(tpm: TpmWorker, index: int, deadline: float) -> bytes:
     if not attributes & TPMA_NV.WRITTEN:
         raise BadKeyError(f"NV index 0x{index:08x} was never written")
     size = int(public.dataSize)
-    chunk = tpm.tpm_property(TPM2_PT_NV.BUFFER_MAX) or 512
+    chunk = tpm.link.tpm_property(TPM2_PT_NV.BUFFER_MAX) or 512
     data = bytearray()
     while len(data) < size:
         want = min(chunk, size - len(data))

@@ -81,7 +81,7 @@ def _tpm_hash(tpm: TpmWorker, entry: CachedKey, hash: Hash, message: bytes,
     command, else a hash sequence. The worker thread runs one job at a time, so at
     most one sequence object is in the TPM; it is flushed on any failure."""
     chunk = tpm.fact("input_buffer", lambda: min(
-        tpm.tpm_property(TPM2_PT.INPUT_BUFFER) or 1024, 1024))
+        tpm.link.tpm_property(TPM2_PT.INPUT_BUFFER) or 1024, 1024))
     tpm.counters["tpm_hashed_messages"] += 1
     if len(message) <= chunk:
         return tpm.execute(deadline, lambda session: command.prepare_hash(

@@ -41,6 +41,7 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
 from ..errors import TpmUnavailableError
 from .rc import Kind, classify
+from .turnaround import TurnAround
 
 MAX_RESPONSE = 4096
 CONNECT_BACKOFF_FIRST = 0.01
@@ -94,16 +95,19 @@ class SwtpmSocket:
         self.locality = locality
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self.turnaround = TurnAround()  # the Link gives its own
 
     def transact(self, command: bytes) -> bytes:
         with self._lock:
             try:
                 sock = self._sock or self._connect()
+                self.turnaround.sent(command)
                 sock.sendall(frame_command(command, self.locality))
                 response = self._read_response(sock)
             except OSError as exc:
                 self._drop()
                 raise io_error() from exc
+            self.turnaround.answered()
             return response
 
     def open(self) -> None:
@@ -161,11 +165,15 @@ class TctiTransport:
     def __init__(self, tcti: Any) -> None:
         self.tcti = tcti
         self._lock = threading.Lock()
+        self.turnaround = TurnAround()  # the Link gives its own
 
     def transact(self, command: bytes) -> bytes:
         with self._lock:
+            self.turnaround.sent(command)
             self.tcti.transmit(command)
-            return bytes(self.tcti.receive(MAX_RESPONSE))
+            response = bytes(self.tcti.receive(MAX_RESPONSE))
+            self.turnaround.answered()
+            return response
 
     def open(self) -> None:
         """tss2 TCTIs connect when they are loaded."""
@@ -260,10 +268,29 @@ class Link:
         self._tcti_object: Any = None
         # No resource manager in front: leftovers are flushed, and stops are orderly.
         self.owns_tpm = owns_tpm_alone(tcti)
+        self.turnaround = TurnAround()  # kept across reconnections
 
     @property
     def up(self) -> bool:
         return self.ectx is not None
+
+    def tpm_property(self, prop: int) -> int | None:
+        """A TPM property (TPM2_GetCapability TPM_CAP_TPM_PROPERTIES); None if the link
+        is down or the TPM does not say."""
+        if not self.up:
+            return None
+        try:
+            _, data = self.ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 1)
+        except TSS2_Exception:
+            return None
+        for entry in data.data.tpmProperties:
+            if entry.property == prop:
+                return int(entry.value)
+        return None
+
+    def has_algorithm(self, alg: int) -> bool:
+        _, data = self.ectx.get_capability(TPM2_CAP.ALGS, alg, 1)
+        return any(int(entry.alg) == int(alg) for entry in data.data.algorithms)
 
     def connect(self, deadline: float) -> tuple[int, int]:
         """Connect, retrying with backoff until `deadline`; start the TPM up if nobody
@@ -287,6 +314,7 @@ class Link:
         # swtpm serves one connection at a time and a resource manager keeps sessions per
         # connection: ESAPI and raw commands must share one.
         transport, tcti = open_transport(self.tcti)
+        transport.turnaround = self.turnaround
         try:
             transport.open()
             ectx = ESAPI(tcti)

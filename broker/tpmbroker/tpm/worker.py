@@ -1,24 +1,19 @@
 """The TPM worker: the one place that talks to the TPM, and the core every operation's
-procedure (tpmbroker.procedures) is written against.
+procedure (tpmbroker.procedures) is written against. It composes the layers: link.py
+(the connection, recovery, a clean start), sessions.py (pools of salted HMAC and policy
+sessions), objects.py (primaries, keys, persistent handles, resident or evicted) and
+command.py (authorized commands; policy_session.py for keys with a policy).
 
-It composes the layers:
-- link.py: the connection, its recovery and a clean start;
-- sessions.py: the pools of salted HMAC and policy sessions;
-- objects.py: storage primaries, keys and persistent handles, resident or evicted;
-- command.py: authorized commands, one path that computes session HMACs and parameter
-  encryption (in C) and checks responses; policy_session.py for keys with a policy.
+A procedure uses `run` (TPM work, with recovery), `execute` (a command on a pool
+session), `authorized` (a command on a key, resident, with its password or its policy
+session), `with_password` (the dictionary-attack shield), `loaded` and the lane. Adding
+an operation adds nothing here.
 
-The core a procedure uses: `run` (one piece of TPM work, with recovery), `execute` (a
-command on a pool session), `authorized` (a command on a key, made resident, with its
-password or its policy session), `with_password` (the dictionary-attack shield around a
-key's password), `loaded` (a key LOAD made known), and the lane. Adding an operation
-adds nothing here.
-
-One thread calls every method (the worker thread of tpmbroker.server), except the lane_*
-methods, which the event loop calls while the worker thread is idle (tpmbroker.lane).
-When the TPM restarts or the link breaks, the next request rebuilds the link, the pool
-and the primaries and is retried once; no command is sent with a session that may be
-stale, so recovery never costs dictionary-attack failures.
+The worker thread of tpmbroker.server calls every method, except the lane_* methods,
+which the event loop calls while that thread is idle (tpmbroker.lane). When the TPM
+restarts or the link breaks, the next request rebuilds the link, the pool and the
+primaries and is retried once; no command is sent with a session that may be stale, so
+recovery never costs dictionary-attack failures.
 """
 
 from __future__ import annotations
@@ -45,7 +40,7 @@ from ..errors import (
 )
 from . import command, policy_session
 from .keys import CachedKey
-from .link import Link, frame_command, split_response
+from .link import Link, frame_command
 from .lockout import DEFAULT_RESERVE, DaParameters, Shield
 from .objects import RECOVERABLE, Objects
 from .parents import ParentPasswords
@@ -102,7 +97,7 @@ class TpmWorker:
         self._rsa_only: bool | None = None
         self._counts: tuple[int, int] | None = None  # (resetCount, restartCount)
         self._active_sessions_max = 0
-        self._restarts_recovered = 0
+        self.recoveries = 0
         self._opened = False
         # Password attempts on DA-protected keys go through the shield (tpm/lockout.py);
         # None turns it off (tests of the TPM's own lockout).
@@ -250,30 +245,26 @@ class TpmWorker:
                 prepare: Callable[[SessionState], command.PendingCommand],
                 result: Callable[[bytes], T]) -> T:
         """Take a pool session, prepare the command with it, send it, check the answer."""
-        session = self.pool.acquire(deadline)
-        self.check_deadline(deadline)
-        pending = prepare(session)
-        try:
-            _, parameters = command.execute(self.link.require(), pending)
-        except command.ResponseAuthError:
-            self.pool.discard(session)  # not to be trusted with another HMAC
-            raise
-        return result(parameters)
+        return result(self._send(deadline, prepare)[1])
 
     def execute_handle(self, deadline: float,
                        prepare: Callable[[SessionState], command.PendingCommand]) -> int:
         """execute for a command that answers with one handle (Load, CreatePrimary)."""
+        handles, _ = self._send(deadline, prepare)
+        if len(handles) != 1:
+            raise command.malformed()
+        return handles[0]
+
+    def _send(self, deadline: float, prepare: Callable[[SessionState], command.PendingCommand]
+              ) -> tuple[list[int], bytes]:
         session = self.pool.acquire(deadline)
         self.check_deadline(deadline)
         pending = prepare(session)
         try:
-            handles, _ = command.execute(self.link.require(), pending)
+            return command.execute(self.link.require(), pending)
         except command.ResponseAuthError:
-            self.pool.discard(session)
+            self.pool.discard(session)  # not to be trusted with another HMAC
             raise
-        if len(handles) != 1:
-            raise command.malformed()
-        return handles[0]
 
     # --- the lane: commands the event loop sends itself -----------------------------------
     # The common case (key resident, pool session ready, swtpm link) needs no TPM command
@@ -356,11 +347,6 @@ class TpmWorker:
         the next command reconnects; the session stays unusable and is replaced."""
         self.link.drop_connection()
 
-    @staticmethod
-    def split_response(data: bytes | bytearray) -> bytes | None:
-        """The TPM's answer once `data` holds all of it (lane_socket's framing)."""
-        return split_response(data)
-
     # --- one piece of TPM work, with recovery -----------------------------------------------
 
     def run(self, deadline: float, doing: str, operation: Callable[[], T]) -> T:
@@ -404,10 +390,10 @@ class TpmWorker:
         except TpmBrokerError:
             self._drop_link()
             raise
-        self._restarts_recovered += 1
+        self.recoveries += 1
         if self._counts != counts_before and self._counts is not None:
             audit("tpm_reset", reset_count=self._counts[0], restart_count=self._counts[1])
-        audit("recovery", level=logging.INFO, recoveries=self._restarts_recovered)
+        audit("recovery", level=logging.INFO, recoveries=self.recoveries)
 
     def _build(self, deadline: float, stale_handles: list[int]) -> None:
         counts = self.link.connect(deadline)
@@ -427,9 +413,9 @@ class TpmWorker:
         self._counts = counts
         if self._rsa_only is None:
             # The rule for parent 0x40000001: ECC P-256 unless the TPM lacks ECC.
-            self._rsa_only = not self._has_algorithm(TPM2_ALG.ECC)
+            self._rsa_only = not self.link.has_algorithm(TPM2_ALG.ECC)
         self.objects.rsa_only = self._rsa_only
-        self._active_sessions_max = self.tpm_property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
+        self._active_sessions_max = self.link.tpm_property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
         self._lockout_counter()
         self.pool.fill()
 
@@ -461,18 +447,6 @@ class TpmWorker:
         value: T = self.facts[name]
         return value
 
-    def tpm_property(self, prop: int) -> int | None:
-        if not self.link.up:
-            return None
-        try:
-            _, data = self.link.ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 1)
-        except TSS2_Exception:
-            return None
-        for entry in data.data.tpmProperties:
-            if entry.property == prop:
-                return int(entry.value)
-        return None
-
     def _lockout_counter(self) -> int | None:
         try:
             return self.read_lockout()
@@ -498,10 +472,6 @@ class TpmWorker:
                 values[int(TPM2_PT.LOCKOUT_RECOVERY)]))
         return counter
 
-    def _has_algorithm(self, alg: int) -> bool:
-        _, data = self.link.ectx.get_capability(TPM2_CAP.ALGS, alg, 1)
-        return any(int(entry.alg) == int(alg) for entry in data.data.algorithms)
-
     @staticmethod
     def check_deadline(deadline: float) -> None:
         if time.monotonic() >= deadline:
@@ -514,14 +484,15 @@ class TpmWorker:
             "pool_sessions": self.pool.count,
             "policy_pool_size": self.policy_pool.size,
             "policy_pool_sessions": self.policy_pool.count,
-            "tpm_active_sessions": self.tpm_property(TPM2_PT_HR.ACTIVE),
+            "tpm_active_sessions": self.link.tpm_property(TPM2_PT_HR.ACTIVE),
             "tpm_active_sessions_max": self._active_sessions_max or None,
             "loaded_keys": len(self.objects.keys),
             "resident_keys": sum(1 for _ in self.objects.resident_keys()),
-            "tpm_restarts_recovered": self._restarts_recovered,
+            "tpm_restarts_recovered": self.recoveries,
             # Dictionary-attack failures the TPM counts now (wrong passwords, mostly).
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
+            "tpm_turnaround": self.link.turnaround.status(),
             **self.counters,
             **(self.shield.status() if self.shield is not None else {}),
             **self.parents.status(),

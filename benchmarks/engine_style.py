@@ -19,7 +19,7 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_SIG_SCHEME
 
-from tpmbroker.load import LoadReport, run_for
+from tpmbroker.loadgen import LoadReport, run_for
 
 from .tss import null_ticket, salted_session, storage_primary
 

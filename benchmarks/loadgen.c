@@ -14,7 +14,7 @@
  *   loadgen watch MODDIR KEY PUB
  *       signs and verifies every 10 ms until stdin closes, printing "ok|fail|bad T" per
  *       signature, T being CLOCK_MONOTONIC seconds: a long-lived signer across broker
- *       crashes and restarts (tests/test_lifecycle.py).
+ *       crashes and restarts (tests/test_broker_life.py).
  *   loadgen timed MODDIR KEY PUB THREADS SECONDS
  *       THREADS threads sign for SECONDS, verifying one signature in 50; prints a line per
  *       thread ("thread I signed N failed F bad B") and one "latencies_us" line with every

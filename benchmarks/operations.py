@@ -20,7 +20,7 @@ from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_PUBLIC
 
-from tpmbroker.load import LoadReport, run_for, sample_sessions
+from tpmbroker.loadgen import LoadReport, run_for, sample_sessions
 
 from . import systems
 from .systems import CHECK_EVERY, Key

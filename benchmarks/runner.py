@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from tpmbroker.load import LoadReport
+from tpmbroker.loadgen import LoadReport
 from tpmbroker.processes import Abrmd, BrokerProcess, DbusDaemon
 
 from . import operations as ops

@@ -26,7 +26,7 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT_HR
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_SIG_SCHEME
 
-from tpmbroker.load import BUSY, LoadReport, sample_sessions
+from tpmbroker.loadgen import BUSY, LoadReport, sample_sessions
 from tpmbroker.paths import provider_path
 
 from .tss import null_ticket, salted_session, storage_primary
@@ -39,7 +39,7 @@ DESCRIPTIONS = {
                    "parameter encryption (tss2-esys computes the HMACs)",
     "provider": "tpmbroker through its OpenSSL provider: N C threads of one process (the "
                 "load generator benchmarks/loadgen.c) call EVP_DigestSign on one EVP_PKEY",
-    "client": "tpmbroker through the Python client (tpmbroker.load.run_threads): N threads "
+    "client": "tpmbroker through the Python client (tpmbroker.loadgen.run_threads): N threads "
               "share one Client",
     "provider-noverify": "as provider, with the provider's check of each signature against "
                          "the key's public key off (TPMBROKER_VERIFY=0)",
@@ -334,7 +334,7 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
 def run_client(socket: str, key: Key, clients: int, seconds: float,
                verify: bool = True) -> LoadReport:
     from tpmbroker.client import Client
-    from tpmbroker.load import run_threads
+    from tpmbroker.loadgen import run_threads
 
     with Client(socket, timeout=30, max_connections=clients + 1, verify=verify) as client:
         loaded = client.load_key(key.der)

@@ -30,7 +30,7 @@ from tpmbroker.errors import (
     UnknownKeyError,
 )
 from tpmbroker.keyfile import der_to_pem
-from tpmbroker.load import run_threads, verify
+from tpmbroker.loadgen import run_threads, verify
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Broker

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tpmbroker.client import Client
 from tpmbroker.errors import TpmBrokerError
 from tpmbroker.keyfile import der_to_pem
-from tpmbroker.load import verify
+from tpmbroker.loadgen import verify
 from tpmbroker.paths import provider_path
 from tpmbroker.protocol import Curve, Hash, KeyType, Scheme
 from tpmbroker.simulator import Swtpm

@@ -36,10 +36,10 @@ from tpmbroker.procedures.sign import sign as sign_digest
 from tpmbroker.procedures.status import status as tpm_status
 from tpmbroker.protocol import Curve, Hash, KeySource, KeyType, Scheme
 from tpmbroker.simulator import Swtpm
+from tpmbroker.templates import storage_parent_template
 from tpmbroker.tpm import KeyInfo, TpmWorker, command, reference
 from tpmbroker.tpm import link as tpm_link
 from tpmbroker.tpm import session_crypto as sc
-from tpmbroker.tpm.keys import storage_parent_template
 from tpmbroker.tpm.rc import Kind, classify
 
 AUTH_FAIL_SESSION_1 = 0x98E

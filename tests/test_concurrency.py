@@ -9,17 +9,15 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from tpmbroker.client import Client
 from tpmbroker.paths import provider_path
 
-from .tpmfixtures import Broker, active_sessions, running_swtpm
+from .tpmfixtures import Broker, BrokerEnv, active_sessions, running_swtpm
 
 MODULE = provider_path()
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
@@ -116,24 +114,12 @@ _SCRIPT = textwrap.dedent("""\
     """)
 
 
-@dataclass
-class Env:
-    broker: Broker
-    dir: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(os.environ, TPMBROKER_SOCKET=self.broker.socket)
-
+class Env(BrokerEnv):
     def keygen(self, name: str, alg: str, usage: str) -> Path:
         path = self.dir / name
         subprocess.run([TPMBROKER, "keygen", "--alg", alg, "--usage", usage, "-o", str(path)],
-                       check=True, capture_output=True, env=self.env, timeout=120)
+                       check=True, capture_output=True, env=self.environ, timeout=120)
         return path
-
-    def status(self) -> dict[str, object]:
-        with Client(self.broker.socket) as client:
-            return client.status()
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +132,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 def public_key_of(env: Env, key: Path) -> bytes:
     return subprocess.run([TPMBROKER, "pubkey", str(key)], check=True, capture_output=True,
-                          env=env.env, timeout=60).stdout
+                          env=env.environ, timeout=60).stdout
 
 
 def test_threads_and_forked_children_decrypt_and_derive_while_others_sign(env: Env) -> None:
@@ -173,7 +159,7 @@ def test_threads_and_forked_children_decrypt_and_derive_while_others_sign(env: E
              str(MODULE.parent), str(signer), str(decrypter), str(deriver), str(peer_pem),
              ciphertext.hex(), plaintext.hex(), secret.hex(),
              str(ROUNDS), str(THREADS), str(CHILDREN)],
-            capture_output=True, text=True, timeout=600, env=env.env)
+            capture_output=True, text=True, timeout=600, env=env.environ)
     assert res.returncode == 0, res.stderr + env.broker.log()
     assert res.stdout.split() == ["0"] + ["0"] * CHILDREN  # no failure anywhere
     after = env.status()

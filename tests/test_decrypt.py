@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from tpmbroker.paths import provider_path
 from .malicious_broker import Action, FakeBroker
 from .malicious_broker import Request as FakeRequest
 from .relay import Relay
-from .tpmfixtures import Abrmd, Broker, active_sessions, raise_max_tries, running_swtpm
+from .tpmfixtures import Abrmd, Broker, BrokerEnv, active_sessions, raise_max_tries, running_swtpm
 
 MODULE = provider_path()
 MODDIR = str(MODULE.parent)
@@ -44,24 +43,10 @@ PLAINTEXT = b"the launch code is 0000, do not tell anyone"
 pytestmark = pytest.mark.skipif(not MODULE.exists(), reason="provider not built")
 
 
-@dataclass
-class Env:
-    broker: Broker
-    dir: Path
-    keys: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(os.environ, TPMBROKER_SOCKET=self.broker.socket)
-
-    def openssl(self, *args: str, check: bool = True,
-                input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run([OPENSSL, *args], capture_output=True, input=input, env=self.env,
-                             timeout=120, cwd=self.dir)
-        if check and res.returncode != 0:
-            raise AssertionError(f"openssl {' '.join(args)} failed:\n"
-                                 f"{res.stderr.decode(errors='replace')}\n{self.broker.log()}")
-        return res
+class Env(BrokerEnv):
+    def __init__(self, broker: Broker, base: Path) -> None:
+        super().__init__(broker, base)
+        self.keys: dict[str, Path] = {}
 
     def pubkey(self, name: str) -> Path:
         pub = self.dir / f"{name}.pub"
@@ -87,9 +72,6 @@ class Env:
                 check: bool = True) -> subprocess.CompletedProcess[bytes]:
         return self.openssl("pkeyutl", "-decrypt", *PROV, "-inkey", str(self.keys[name]),
                             "-in", str(ciphertext), *opts, check=check)
-
-    def client(self) -> Client:
-        return Client(self.broker.socket)
 
 
 def keygen(broker: Broker, alg: str, out: Path, *extra: str) -> Path:
@@ -471,7 +453,7 @@ def test_decryptions_and_signatures_at_once_stay_within_the_pool(env: Env) -> No
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from tpmbroker.load import verify
+    from tpmbroker.loadgen import verify
 
     with env.client() as client:
         key = client.load_key(env.keys["rsa2048"])

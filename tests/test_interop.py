@@ -16,7 +16,7 @@ import pytest
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.keyfile import der_to_pem
-from tpmbroker.load import verify
+from tpmbroker.loadgen import verify
 
 from .tpmfixtures import Abrmd, Broker
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tpmbroker.access import AccessPolicyError, Peer, load_policy
 from tpmbroker.client import Client
 from tpmbroker.keyfile import der_to_pem
 from tpmbroker.paths import provider_path
-from tpmbroker.policy import Peer, PolicyError, load_policy
 from tpmbroker.protocol import Curve, KeySource, KeyType, Usage, key_id_for
 from tpmbroker.simulator import Swtpm
 
@@ -366,7 +366,7 @@ handle = 0x81000011
                         ('operations = "sign"', "operations must be a list"),
                         ("operations = [1]", "operations must be a list")):
         policy.write_text(f"[keys.a]\nhandle = 0x81000001\n{text}\n")
-        with pytest.raises(PolicyError, match=r"\[keys\.a\].*" + words.replace("(", r"\(")
+        with pytest.raises(AccessPolicyError, match=r"\[keys\.a\].*" + words.replace("(", r"\(")
                            .replace(")", r"\)")):
             load_policy(policy)
     policy.write_text("[keys.a]\nhandle = 0x81000001\noperations = []\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 
-from tpmbroker.tpm.keys import storage_parent_template
+from tpmbroker.templates import storage_parent_template
 
 
 @pytest.mark.parametrize("rsa", [False, True])

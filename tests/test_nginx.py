@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tpmbroker.client import Client
-from tpmbroker.load import LoadReport, sample_sessions
+from tpmbroker.loadgen import LoadReport, sample_sessions
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 

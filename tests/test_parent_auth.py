@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 
 from .relay import Relay
-from .tpmfixtures import Broker, raise_max_tries, running_swtpm
+from .tpmfixtures import Broker, BrokerEnv, raise_max_tries, running_swtpm
 
 PARENT = "0x81000002"
 PARENT_PASS = "parentpass"
@@ -100,41 +99,34 @@ def lockout_counter(client: Client) -> int:
     return value
 
 
-@dataclass
-class World:
-    tpm: Swtpm
-    relay: Relay
-    broker: Broker
-    dir: Path
-    keys: dict[str, Path]
+class World(BrokerEnv):
+    def __init__(self, tpm: Swtpm, relay: Relay, broker: Broker, base: Path,
+                 keys: dict[str, Path]) -> None:
+        super().__init__(broker, base, openssl_conf=None)
+        self.tpm = tpm
+        self.relay = relay
+        self.keys = keys
+        for name in ("TPMBROKER_PARENT_AUTH", "TPM2OPENSSL_PARENT_AUTH"):
+            self.environ.pop(name, None)  # each test says which parent password it gives
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("TPMBROKER_PARENT_AUTH", "TPM2OPENSSL_PARENT_AUTH", "OPENSSL_CONF")}
-        return dict(env, TPMBROKER_SOCKET=self.broker.socket, **extra)
-
-    def client(self) -> Client:
-        return Client(self.broker.socket)
-
-    def openssl(self, *args: str, env: dict[str, str] | None = None,
-                ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([OPENSSL, *args], capture_output=True, timeout=60,
-                              env=env if env is not None else self.env())
+        return dict(self.environ, **extra)
 
     def sign_and_verify(self, key: Path, env: dict[str, str]) -> None:
         """openssl pkey -pubout and dgst -sign through tpmbroker.so, verified by the
         default provider alone."""
         data, sig, pub = self.dir / "data", self.dir / "sig", self.dir / f"{key.stem}.spki"
         data.write_bytes(b"under a parent with a password")
-        res = self.openssl("pkey", *PROV, "-in", str(key), "-pubout", "-out", str(pub), env=env)
+        res = self.openssl("pkey", *PROV, "-in", str(key), "-pubout", "-out", str(pub), env=env,
+                           check=False)
         assert res.returncode == 0, (res.stderr, self.broker.log())
         # tpm2_encodeobject (tpm2-tools 5.4) writes emptyAuth FALSE for a key without a
         # password: give the empty one rather than be asked
         res = self.openssl("dgst", "-sha256", *PROV, "-sign", str(key), "-passin", "pass:",
-                           "-out", str(sig), str(data), env=env)
+                           "-out", str(sig), str(data), env=env, check=False)
         assert res.returncode == 0, (res.stderr, self.broker.log())
         res = self.openssl("dgst", "-sha256", "-verify", str(pub), "-signature", str(sig),
-                           str(data), env=self.env())
+                           str(data), env=self.env(), check=False)
         assert b"Verified OK" in res.stdout, res.stderr
 
 
@@ -212,7 +204,7 @@ def test_genpkey_with_pkeyopt_parent_auth_makes_a_key_that_signs(world: World) -
     out = world.dir / "genpkey.pem"
     res = world.openssl("genpkey", *GEN_PROV, "-algorithm", "EC", "-pkeyopt", "group:P-256",
                         "-pkeyopt", f"parent:{PARENT}", "-pkeyopt",
-                        f"parent-auth:{PARENT_PASS}", "-out", str(out))
+                        f"parent-auth:{PARENT_PASS}", "-out", str(out), check=False)
     assert res.returncode == 0, (res.stderr, world.broker.log())
     assert out.read_text().startswith("-----BEGIN TSS2 PRIVATE KEY-----")
     world.sign_and_verify(out, world.env(TPMBROKER_PARENT_AUTH=PARENT_PASS))
@@ -292,7 +284,8 @@ def test_wrong_and_missing_parent_passwords_name_the_parent(world: World) -> Non
     # openssl signing with a key file under the parent, without its password.
     (world.dir / "data").write_bytes(b"never signed")
     out = world.openssl("dgst", "-sha256", *PROV, "-sign", str(world.keys["tpm2-openssl"]),
-                        "-out", str(world.dir / "never.sig"), str(world.dir / "data"))
+                        "-out", str(world.dir / "never.sig"), str(world.dir / "data"),
+                        check=False)
     assert out.returncode != 0
     assert b"password for the parent 0x81000002" in out.stderr, out.stderr
     assert b"parent-auth" in out.stderr  # says where to give it

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 
-from .tpmfixtures import Broker, raise_max_tries, running_swtpm
+from .tpmfixtures import Broker, BrokerEnv, raise_max_tries, running_swtpm
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = provider_path()
@@ -36,26 +35,11 @@ PROV = ["-provider-path", MODDIR, "-provider", "default", "-provider", "tpmbroke
 pytestmark = pytest.mark.skipif(not MODULE.exists(), reason="provider not built")
 
 
-@dataclass
-class Env:
-    tpm: Swtpm
-    broker: Broker
-    dir: Path
-    keys: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(os.environ, TPMBROKER_SOCKET=self.broker.socket)
-
-    def openssl(self, *args: str, check: bool = True, input: bytes | None = None,
-                env: dict[str, str] | None = None,
-                timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run([OPENSSL, *args], capture_output=True, input=input,
-                             env=env or self.env, timeout=timeout, cwd=self.dir)
-        if check and res.returncode != 0:
-            raise AssertionError(f"openssl {' '.join(args)} failed:\n"
-                                 f"{res.stderr.decode(errors='replace')}\n{self.broker.log()}")
-        return res
+class Env(BrokerEnv):
+    def __init__(self, tpm: Swtpm, broker: Broker, base: Path) -> None:
+        super().__init__(broker, base)
+        self.tpm = tpm
+        self.keys: dict[str, Path] = {}
 
     def pubkey(self, name: str) -> Path:
         pub = self.dir / f"{name}.pub"
@@ -327,7 +311,7 @@ def s_server(env: Env, cert: Path, key: Path, port: int,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([OPENSSL, "s_server", *prov, "-accept", f"127.0.0.1:{port}",
                                  "-cert", str(cert), "-key", str(key), "-www"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env.env,
+                                stdout=log, stderr=subprocess.STDOUT, env=env.environ,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 20
@@ -536,7 +520,7 @@ def test_64_threads_and_8_forked_children_through_one_key(env: Env, loadgen: Pat
     iters = "6" if name == "ec256" else "2"
     res = subprocess.run([str(loadgen), "stress", MODDIR, str(env.keys[name]),
                           str(env.pubkey(name)), "64", iters, "8", "8"],
-                         capture_output=True, text=True, env=env.env, timeout=300)
+                         capture_output=True, text=True, env=env.environ, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr + env.broker.log()
     lines = [line for line in res.stdout.splitlines() if line.startswith("pid ")]
     assert len(lines) == 9
@@ -819,7 +803,7 @@ def test_debug_log(env: Env, tmp_path: Path) -> None:
     data = tmp_path / "d"
     data.write_bytes(b"x")
     res = env.openssl("dgst", "-sha256", *PROV, "-sign", str(env.keys["ec256"]), "-out",
-                      str(tmp_path / "s"), str(data), env=dict(env.env, TPMBROKER_DEBUG="1"))
+                      str(tmp_path / "s"), str(data), env=dict(env.environ, TPMBROKER_DEBUG="1"))
     assert b"tpmbroker: connected to " + env.broker.socket.encode() in res.stderr
     quiet = env.openssl("dgst", "-sha256", *PROV, "-sign", str(env.keys["ec256"]), "-out",
                         str(tmp_path / "s"), str(data))

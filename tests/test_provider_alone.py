@@ -10,7 +10,6 @@ the NV indexes beside the broker, as users do.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import os
@@ -28,7 +27,7 @@ from tpm2_pytss.tsskey import TSSPrivKey
 
 import tpmbroker
 
-from .tpmfixtures import Abrmd, Broker, DbusDaemon, have, running_swtpm
+from .tpmfixtures import Abrmd, Broker, BrokerEnv, DbusDaemon, have, running_swtpm
 
 pytestmark = pytest.mark.skipif(not have("tpm2_evictcontrol"), reason="tpm2-tools not installed")
 
@@ -59,21 +58,12 @@ def order_id(order: tuple[str, ...]) -> str:
     return "+".join(order)
 
 
-@dataclasses.dataclass
-class World:
-    dir: Path
-    broker: Broker
-    env: dict[str, str]
-    tpm_public: dict[str, bytes]  # handle -> SubjectPublicKeyInfo DER, as tpm2-tools read it
-    certificate: bytes            # DER of the certificate in the NV indexes
-
-    def openssl(self, *args: str, check: bool = True,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run(["openssl", *args], capture_output=True, cwd=self.dir,
-                             env=env or self.env, timeout=180)
-        if check:
-            assert res.returncode == 0, (args, res.stderr.decode(), self.broker.log()[-2000:])
-        return res
+class World(BrokerEnv):
+    def __init__(self, base: Path, broker: Broker, tpm_public: dict[str, bytes],
+                 certificate: bytes) -> None:
+        super().__init__(broker, base)
+        self.tpm_public = tpm_public  # handle -> SubjectPublicKeyInfo DER, as tpm2-tools read it
+        self.certificate = certificate  # DER of the certificate in the NV indexes
 
 
 def self_signed_certificate() -> x509.Certificate:
@@ -140,8 +130,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_bus: DbusDaemon) -> 
                       "ownerread|ownerwrite|authread|authwrite")
                 tools("tpm2_nvwrite", index, "-C", "o", "-i", source)
             with Broker(rm.tcti, d / "broker", env=rm.env()) as broker:
-                env = dict(os.environ, TPMBROKER_SOCKET=broker.socket, OPENSSL_CONF=os.devnull)
-                yield World(d, broker, env, public, der)
+                yield World(d, broker, public, der)
         finally:
             rm.stop()
 
@@ -379,7 +368,7 @@ def test_ec_parameters_make_tpm_keys_only_where_no_provider_reads_them(
 def test_every_failure_says_why(world: World) -> None:
     data = world.dir / "data"
     data.write_bytes(b"to sign")
-    down = dict(world.env, TPMBROKER_SOCKET=str(world.dir / "no-broker.sock"))
+    down = dict(world.environ, TPMBROKER_SOCKET=str(world.dir / "no-broker.sock"))
     cases: list[tuple[list[str], dict[str, str] | None, str]] = [
         (["pkey", "-in", "handle:0x81000099", "-pubout"], None,
          "no persistent key at 0x81000099"),

@@ -5,13 +5,11 @@ CLI); and proof that they cross the TPM link encrypted."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,36 +22,20 @@ from tpmbroker.errors import BrokerUnavailableError, UnsupportedError
 from tpmbroker.paths import provider_path
 
 from .relay import Relay
-from .tpmfixtures import Broker, running_swtpm
+from .tpmfixtures import Broker, BrokerEnv, running_swtpm
 
 MODULE = provider_path()
 MODDIR = str(MODULE.parent)
 TPMBROKER = str(Path(sys.executable).parent / "tpmbroker")
-OPENSSL = shutil.which("openssl") or "openssl"
 
 
-@dataclass
-class Env:
-    broker: Broker
-    dir: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(os.environ, TPMBROKER_SOCKET=self.broker.socket)
-
-    def client(self) -> Client:
-        return Client(self.broker.socket)
-
+class Env(BrokerEnv):
     def served(self) -> int:
-        with self.client() as client:
-            value = client.status()["random_bytes"]
-        assert isinstance(value, int)
-        return value
+        return self.counter("random_bytes")
 
     def openssl_rand(self, *args: str, env: dict[str, str] | None = None,
                      ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([OPENSSL, "rand", *args], capture_output=True, timeout=60,
-                              env=env or self.env)
+        return self.openssl("rand", *args, check=False, env=env, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +167,7 @@ def test_random_section_of_openssl_cnf_picks_tpmbroker_in_any_order(env: Env,
         properties = provider=tpmbroker
         """))
     before = env.served()
-    res = env.openssl_rand("-hex", "64", env=dict(env.env, OPENSSL_CONF=str(cnf)))
+    res = env.openssl_rand("-hex", "64", env=dict(env.environ, OPENSSL_CONF=str(cnf)))
     assert res.returncode == 0, res.stderr
     assert len(bytes.fromhex(res.stdout.decode().strip())) == 64
     assert env.served() - before >= 64
@@ -232,7 +214,7 @@ def test_provider_rand_from_threads_and_a_forked_child(env: Env) -> None:
         """)
     before = env.served()
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, env=env.env)
+                         timeout=120, env=env.environ)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", "0"]
     assert env.served() - before >= 8 * 20 * 100 + 100

@@ -9,7 +9,6 @@ with tpm2-tools is most of the time.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import os
 import signal
@@ -38,9 +37,10 @@ from tpmbroker.procedures.load import load_key
 from tpmbroker.procedures.sign_message import sign_message
 from tpmbroker.protocol import Hash, KeySource, Scheme
 from tpmbroker.simulator import Swtpm
-from tpmbroker.tpm.keys import storage_parent_template, tss2_key_der
+from tpmbroker.templates import storage_parent_template
+from tpmbroker.tpm.keys import tss2_key_der
 
-from .tpmfixtures import Abrmd, Broker, DbusDaemon, have, running_swtpm
+from .tpmfixtures import Abrmd, Broker, BrokerEnv, DbusDaemon, have, running_swtpm
 
 pytestmark = pytest.mark.skipif(not have("tpm2_createak"), reason="tpm2-tools not installed")
 
@@ -51,26 +51,14 @@ SRK_HANDLE = "0x81000001"
 TPM_GENERATED = b"\xffTCG"
 
 
-@dataclasses.dataclass
-class World:
-    dir: Path
-    broker: Broker
-    keys: dict[str, str]  # name -> what openssl and the Python client are given
-    pubs: dict[str, Path]  # name -> public key PEM
-    tcti: str
-    env: dict[str, str]
-
-    def openssl(self, *args: str, check: bool = True,
-                stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run([OPENSSL, *args], capture_output=True, env=self.penv,
-                             input=stdin, timeout=120, cwd=self.dir)
-        if check:
-            assert res.returncode == 0, (args, res.stderr.decode(), self.broker.log()[-3000:])
-        return res
-
-    @property
-    def penv(self) -> dict[str, str]:
-        return dict(self.env, TPMBROKER_SOCKET=self.broker.socket)
+class World(BrokerEnv):
+    def __init__(self, base: Path, broker: Broker, keys: dict[str, str], tcti: str,
+                 environ: dict[str, str]) -> None:
+        super().__init__(broker, base, openssl_conf=None)  # CA certificates by req -x509
+        self.keys = keys  # name -> what openssl and the Python client are given
+        self.pubs: dict[str, Path] = {}  # name -> public key PEM
+        self.tcti = tcti
+        self.environ.update(environ)  # tpm2-abrmd's, for tpm2-tools
 
 
 PROV = ["-provider-path", str(Path(tpmbroker.__file__).parent), "-provider", "default",
@@ -119,7 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_bus: DbusDaemon) -> 
                     "ec-object": f"object:{d / 'akec.tr'}",
                     "rsa-object": f"object:{d / 'akrsa.tr'}",
                     "ec-file": str(d / "rk.pem"),
-                }, {}, rm.tcti, dict(os.environ, **rm.env()))
+                }, rm.tcti, rm.env())
                 for name, uri in w.keys.items():
                     w.pubs[name] = d / f"{name}.pub.pem"
                     w.openssl("pkey", *PROV, "-in", uri, "-pubout", "-out", str(w.pubs[name]))
@@ -352,7 +340,7 @@ def test_tls_server_with_an_attestation_key(world: World, name: str) -> None:
     with open(log, "wb") as out:
         proc = subprocess.Popen([OPENSSL, "s_server", *PROV, "-accept", f"127.0.0.1:{port}",
                                  "-cert", str(cert), "-key", world.keys[name], "-www"],
-                                stdout=out, stderr=subprocess.STDOUT, env=world.penv,
+                                stdout=out, stderr=subprocess.STDOUT, env=world.environ,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 20

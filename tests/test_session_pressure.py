@@ -19,7 +19,7 @@ from benchmarks import engine_style
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import NoSessionsError
-from tpmbroker.load import run_threads
+from tpmbroker.loadgen import run_threads
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Abrmd, Broker

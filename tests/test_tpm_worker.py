@@ -48,9 +48,9 @@ from tpmbroker.procedures.sign import sign as sign_digest
 from tpmbroker.procedures.status import status as tpm_status
 from tpmbroker.protocol import Curve, Hash, KeySource, KeyType, Scheme, key_id_for
 from tpmbroker.simulator import Swtpm, free_port_pair
+from tpmbroker.templates import storage_parent_template
 from tpmbroker.tpm import KeyInfo, TpmWorker
 from tpmbroker.tpm import sessions as sessions_module
-from tpmbroker.tpm.keys import storage_parent_template
 
 from .tpmfixtures import Abrmd, running_swtpm
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from tpmbroker.client import Client
-from tpmbroker.load import run_threads
+from tpmbroker.loadgen import run_threads
 from tpmbroker.tpm.turnaround import BOUNDS_US, TurnAround
 
 from .test_provider import TPMBROKER

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,19 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 import tpmbroker
 from tpmbroker import ops
-from tpmbroker.client import Client
 from tpmbroker.errors import AuthFailedError, BadKeyError
-from tpmbroker.keyfile import pem_to_der
-from tpmbroker.keypolicy import TPMKeyAsn1
+from tpmbroker.keyfile import TPMKeyAsn1, pem_to_der
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 from tpmbroker.wrap import WrappableKey
 
 from .relay import Relay
-from .tpmfixtures import Broker, running_swtpm
+from .tpmfixtures import Broker, BrokerEnv, running_swtpm
 
 MODULE = provider_path()
-OPENSSL = shutil.which("openssl") or "openssl"
 PROV = ["-provider-path", str(MODULE.parent), "-provider", "default", "-provider", "tpmbroker"]
 
 pytestmark = pytest.mark.skipif(not MODULE.exists(), reason="provider not built")
@@ -86,19 +81,19 @@ class SocketRelay:
         self._listener.close()
 
 
-@dataclass
-class Side:
-    """One TPM with its broker."""
+class Side(BrokerEnv):
+    """One TPM with its broker; openssl signs through it."""
 
-    tpm: Swtpm
-    broker: Broker
+    def __init__(self, tpm: Swtpm, broker: Broker, base: Path) -> None:
+        super().__init__(broker, base)
+        self.tpm = tpm
 
     @property
     def socket(self) -> str:
         return self.broker.socket
 
-    def client(self) -> Client:
-        return Client(self.socket)
+    def openssl_sign(self, key: str, data: str) -> bytes:
+        return self.ok("dgst", "-sha256", *PROV, "-sign", key, data)
 
 
 @dataclass
@@ -119,13 +114,6 @@ class Env:
             assert res.returncode == 0, res.stderr.decode()
         return res
 
-    def openssl_sign(self, key: str, socket_path: str, data: str) -> bytes:
-        res = subprocess.run([OPENSSL, "dgst", "-sha256", *PROV, "-sign", key, data],
-                             capture_output=True, cwd=self.dir, timeout=120,
-                             env=dict(os.environ, TPMBROKER_SOCKET=socket_path))
-        assert res.returncode == 0, res.stderr.decode()
-        return res.stdout
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
@@ -137,7 +125,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     Broker(there.tcti, base / "broker-there") as bt:
                 sock = SocketRelay(bh.socket, str(base / "relayed.sock"))
                 try:
-                    yield Env(Side(here, bh), Side(there, bt), relay, sock, base)
+                    yield Env(Side(here, bh, base), Side(there, bt, base), relay, sock, base)
                 finally:
                     sock.close()
         finally:
@@ -197,7 +185,7 @@ def test_wrapped_key_signs_and_verifies_with_the_original_public_key(env: Env,
     assert oct((env.dir / f"{kind}.tpm.pem").stat().st_mode & 0o777) == "0o600"
     (env.dir / "data").write_bytes(b"wrapped, then signed by the TPM")
     # the openssl CLI through the provider
-    signature = env.openssl_sign(f"{kind}.tpm.pem", env.here.socket, "data")
+    signature = env.here.openssl_sign(f"{kind}.tpm.pem", "data")
     verify(key, signature, b"wrapped, then signed by the TPM")
     # the Python client
     with env.here.client() as client:
@@ -259,7 +247,7 @@ def test_encrypted_input_with_its_passphrase(env: Env) -> None:
     env.cli("keygen", "--wrap", "enc.soft.pem", "--passin", "pass:input-pass",
             "-o", "enc.tpm.pem")
     (env.dir / "enc-data").write_bytes(b"from an encrypted PEM")
-    verify(key, env.openssl_sign("enc.tpm.pem", env.here.socket, "enc-data"),
+    verify(key, env.here.openssl_sign("enc.tpm.pem", "enc-data"),
            b"from an encrypted PEM")
 
 
@@ -300,7 +288,7 @@ def test_wrapping_for_a_tpm_elsewhere(env: Env, kind: str) -> None:
     assert secret is not None and int.from_bytes(secret[:2], "big") == len(secret) - 2
     # that TPM loads it and signs, through the provider and through Python
     (env.dir / "far-data").write_bytes(b"provisioned from afar")
-    verify(key, env.openssl_sign(f"far-{kind}.tpm.pem", env.there.socket, "far-data"),
+    verify(key, env.there.openssl_sign(f"far-{kind}.tpm.pem", "far-data"),
            b"provisioned from afar")
     with env.there.client() as client:
         loaded = client.load_key(der)

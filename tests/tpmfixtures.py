@@ -11,9 +11,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from tpmbroker.client import Client
 from tpmbroker.processes import Abrmd, DbusDaemon
 from tpmbroker.processes import BrokerProcess as Broker
 from tpmbroker.simulator import Swtpm
+
+OPENSSL = shutil.which("openssl") or "openssl"
 
 __all__ = ["Abrmd", "Broker", "BrokerEnv", "DbusDaemon", "active_sessions", "have",
            "raise_max_tries", "running_swtpm", "swtpm_broker"]
@@ -45,19 +48,48 @@ def raise_max_tries(tpm: Swtpm, max_tries: int = 32) -> None:
 
 
 class BrokerEnv:
-    """A broker and a directory, with the openssl CLI pointed at that broker."""
+    """The test environment: a broker and a directory, with the openssl CLI and the Python
+    client pointed at that broker. Test modules subclass it for their own helpers."""
 
-    def __init__(self, broker: Broker, base: Path) -> None:
+    def __init__(self, broker: Broker, base: Path, *,
+                 openssl_conf: str | None = os.devnull) -> None:
+        """`openssl_conf` None: the system's openssl.cnf (whose [v3_ca] makes `req -x509`
+        certificates CA certificates); by default none, so nothing but the command line
+        decides which providers load."""
         self.broker = broker
         self.dir = base
-        self.environ = dict(os.environ, TPMBROKER_SOCKET=broker.socket, OPENSSL_CONF=os.devnull)
+        self.environ = dict(os.environ, TPMBROKER_SOCKET=broker.socket)
+        if openssl_conf is not None:
+            self.environ["OPENSSL_CONF"] = openssl_conf
 
-    def openssl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run(["openssl", *args], capture_output=True, env=self.environ,
-                             timeout=180)
-        if check:
-            assert res.returncode == 0, res.stderr.decode()
+    def openssl(self, *args: str, check: bool = True, input: bytes | None = None,
+                env: dict[str, str] | None = None,
+                timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
+        """openssl ARGS in the directory; with `check`, its failure fails the test with
+        openssl's words and the broker's log."""
+        res = subprocess.run([OPENSSL, *args], capture_output=True, input=input,
+                             env=env or self.environ, timeout=timeout, cwd=self.dir)
+        if check and res.returncode != 0:
+            raise AssertionError(f"openssl {' '.join(args)} failed:\n"
+                                 f"{res.stderr.decode(errors='replace')}\n{self.broker.log()}")
         return res
+
+    def ok(self, *args: str) -> bytes:
+        """What a successful openssl ARGS printed."""
+        return self.openssl(*args).stdout
+
+    def client(self) -> Client:
+        return Client(self.broker.socket)
+
+    def status(self) -> dict[str, object]:
+        with self.client() as client:
+            return client.status()
+
+    def counter(self, name: str) -> int:
+        """One of the broker's STATUS counters (random_bytes, derivations, ...)."""
+        value = self.status()[name]
+        assert isinstance(value, int)
+        return value
 
 
 @contextlib.contextmanager

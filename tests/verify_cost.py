@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from tpmbroker import protocol as p
 from tpmbroker.client import LoadedKey, check_signature
-from tpmbroker.keyfile import KeySpec
+from tpmbroker.keyref import KeySpec
 from tpmbroker.paths import provider_path
 
 from .malicious_broker import FakeBroker

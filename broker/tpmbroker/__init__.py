@@ -17,9 +17,9 @@ _EXPORTS = {
     "Client": "client",
     "LoadedKey": "client",
     "TpmBrokerError": "errors",
-    "TpmEllipticCurvePrivateKey": "crypto",
-    "TpmRSAPrivateKey": "crypto",
-    "load_private_key": "crypto",
+    "TpmEllipticCurvePrivateKey": "cryptography_keys",
+    "TpmRSAPrivateKey": "cryptography_keys",
+    "load_private_key": "cryptography_keys",
     "wrap_key": "wrap",
 }
 
@@ -37,9 +37,9 @@ __all__ = [
 if TYPE_CHECKING:
     from .client import Client as Client
     from .client import LoadedKey as LoadedKey
-    from .crypto import TpmEllipticCurvePrivateKey as TpmEllipticCurvePrivateKey
-    from .crypto import TpmRSAPrivateKey as TpmRSAPrivateKey
-    from .crypto import load_private_key as load_private_key
+    from .cryptography_keys import TpmEllipticCurvePrivateKey as TpmEllipticCurvePrivateKey
+    from .cryptography_keys import TpmRSAPrivateKey as TpmRSAPrivateKey
+    from .cryptography_keys import load_private_key as load_private_key
     from .errors import TpmBrokerError as TpmBrokerError
     from .wrap import wrap_key as wrap_key
 

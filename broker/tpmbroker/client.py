@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import ops
 from . import protocol as p
-from .definitions import REPEATABLE
+from .definitions import CURVES, REPEATABLE
 from .errors import (
     BadKeyError,
     BrokerUnavailableError,
@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedError,
     error_for_status,
 )
-from .keyfile import KeySpec
+from .keyref import KeySpec
 from .paths import default_socket
 from .version import __version__
 
@@ -55,17 +55,6 @@ RETRY_MAX = 0.25
 RESTART_GRACE = 3.0
 MAX_LOST_CONNECTIONS = 2  # a request goes out at most this many times more after a loss
 
-# The order n of the curves the broker signs with (SEC 2, FIPS 186-4 D.1.2).
-_CURVE_ORDERS = {
-    p.Curve.P192: 0xFFFFFFFFFFFFFFFFFFFFFFFF99DEF836146BC9B1B4D22831,
-    p.Curve.P224: 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFF16A2E0B8F03E13DD29455C5C2A3D,
-    p.Curve.P256: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-    p.Curve.P384: int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
-                      "581A0DB248B0A77AECEC196ACCC52973", 16),
-    p.Curve.P521: int("01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
-                      "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
-                      16),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,7 +637,7 @@ def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    from .tss2public import public_key_der
+    from .keyfile import public_key_der
 
     try:
         key_type, curve = p.KeyType(result.key_type), p.Curve(result.curve)
@@ -657,8 +646,8 @@ def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
                             f"and curve {result.curve}") from None
     public = _public_key(result.public_key)
     if key_type == p.KeyType.EC:
-        fits = (isinstance(public, ec.EllipticCurvePublicKey) and curve in _CURVE_ORDERS
-                and public.curve.name == _CURVE_NAMES[curve]
+        fits = (isinstance(public, ec.EllipticCurvePublicKey) and curve in CURVES
+                and public.curve.name == curve.pyca_name
                 and result.bits == public.curve.key_size)
     else:
         fits = (isinstance(public, rsa.RSAPublicKey) and curve == p.Curve.NONE
@@ -679,9 +668,6 @@ def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
     return LoadedKey(spec, result.key_id, key_type, result.bits, curve, spki)
 
 
-_CURVE_NAMES = {p.Curve.P192: "secp192r1", p.Curve.P224: "secp224r1",
-                p.Curve.P256: "secp256r1", p.Curve.P384: "secp384r1",
-                p.Curve.P521: "secp521r1"}
 
 
 @functools.lru_cache(maxsize=256)
@@ -713,7 +699,7 @@ def check_signature(key: LoadedKey, digest: bytes, hash_alg: p.Hash, scheme: p.S
     if isinstance(public, ec.EllipticCurvePublicKey):
         if scheme != p.Scheme.ECDSA:
             raise ProtocolError(f"scheme {scheme.name} for an EC key")
-        n = _CURVE_ORDERS[key.curve]
+        n = key.curve.order
         try:
             r, s = utils.decode_dss_signature(signature)
         except ValueError:

@@ -12,6 +12,7 @@ Numbers are stable: never renumber, only add.
 from __future__ import annotations
 
 import enum
+import typing
 
 VERSION = 1
 MAX_FRAME = 65536
@@ -154,7 +155,13 @@ class DecryptFlag(enum.IntEnum):
 
 
 class Curve(enum.IntEnum):
-    """Elliptic curves, by their TPM2_ECC_CURVE ids."""
+    """Elliptic curves, by their TPM2_ECC_CURVE ids.
+
+    The curves a key may be on are the NIST curves OpenSSL's default provider signs with;
+    `CURVES` says what each is called and how large it is, for every module that needs
+    to know. The BN curves (0x0010, 0x0011) have no OpenSSL name, and SM2 (0x0020) is its
+    own key type in OpenSSL, with SM2 signatures, not ECDSA: keys on those are refused.
+    """
 
     NONE = 0x0000
     P256 = 0x0003
@@ -162,6 +169,70 @@ class Curve(enum.IntEnum):
     P192 = 0x0001
     P224 = 0x0002
     P521 = 0x0005
+
+    @property
+    def bits(self) -> int:
+        return CURVES[self].bits
+
+    @property
+    def nist_name(self) -> str:
+        """'P-256', as OpenSSL's `group:` and the CLI's `ec:` spell it."""
+        return CURVES[self].nist_name
+
+    @property
+    def pyca_name(self) -> str:
+        """'secp256r1', as cryptography's `ec.EllipticCurve.name` spells it."""
+        return CURVES[self].pyca_name
+
+    @property
+    def order(self) -> int:
+        """The order of the curve's group (what an ECDSA signature's r and s are below)."""
+        return CURVES[self].order
+
+    @classmethod
+    def from_nist_name(cls, name: str) -> Curve:
+        """KeyError unless `name` ('P-256', any case) names a key curve."""
+        return _BY_NIST_NAME[name.upper()]
+
+    @classmethod
+    def from_pyca_name(cls, name: str) -> Curve:
+        """KeyError unless `name` ('secp256r1') names a key curve."""
+        return _BY_PYCA_NAME[name]
+
+
+class CurveFacts(typing.NamedTuple):
+    bits: int
+    nist_name: str
+    pyca_name: str
+    order: int
+
+
+# The curves keys may be on, in size order: the one table of them. Orders from SEC 2
+# and FIPS 186-4 D.1.2.
+CURVES: dict[Curve, CurveFacts] = {
+    Curve.P192: CurveFacts(192, "P-192", "secp192r1",
+                           0xFFFFFFFFFFFFFFFFFFFFFFFF99DEF836146BC9B1B4D22831),
+    Curve.P224: CurveFacts(224, "P-224", "secp224r1",
+                           0xFFFFFFFFFFFFFFFFFFFFFFFFFFFF16A2E0B8F03E13DD29455C5C2A3D),
+    Curve.P256: CurveFacts(256, "P-256", "secp256r1",
+                           0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551),
+    Curve.P384: CurveFacts(384, "P-384", "secp384r1", int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+        "581A0DB248B0A77AECEC196ACCC52973", 16)),
+    Curve.P521: CurveFacts(521, "P-521", "secp521r1", int(
+        "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+        "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409", 16)),
+}
+_BY_NIST_NAME = {facts.nist_name: curve for curve, facts in CURVES.items()}
+_BY_PYCA_NAME = {facts.pyca_name: curve for curve, facts in CURVES.items()}
+
+
+def curve_name(curve_id: int) -> str:
+    """'P-256' and the like; the TPM's id ('0x0010') for a curve keys cannot be on."""
+    try:
+        return CURVES[Curve(curve_id)].nist_name
+    except (ValueError, KeyError):
+        return f"0x{curve_id:04x}"
 
 
 class Usage(enum.IntEnum):

@@ -39,13 +39,13 @@ import dataclasses
 import hashlib
 import struct
 from collections.abc import Sequence
-from typing import Annotated
 
 from cryptography.hazmat import asn1
-from cryptography.x509 import ObjectIdentifier
 
-from .definitions import Hash
+from . import keyfile
+from .definitions import Curve, Hash
 from .errors import BadKeyError, UnsupportedError
+from .keyfile import AuthPolicyAsn1, PolicyAsn1
 
 CC_POLICY_PCR = 0x0000017F
 CC_POLICY_AUTH_VALUE = 0x0000016B
@@ -62,52 +62,11 @@ HASH_NAMES = {Hash.SHA1: "sha1", Hash.SHA256: "sha256", Hash.SHA384: "sha384",
               Hash.SHA512: "sha512"}
 
 
-@asn1.sequence
-class PolicyAsn1:
-    """TPMPolicy ::= SEQUENCE { commandCode [0] EXPLICIT INTEGER,
-    commandPolicy [1] EXPLICIT OCTET STRING }"""
-
-    command_code: Annotated[int, asn1.Explicit(0)]
-    command_policy: Annotated[bytes, asn1.Explicit(1)]
-
-
-@asn1.sequence
-class AuthPolicyAsn1:
-    """TPMAuthPolicy ::= SEQUENCE { name [0] EXPLICIT UTF8String OPTIONAL,
-    policy [1] EXPLICIT SEQUENCE OF TPMPolicy }"""
-
-    name: Annotated[str | None, asn1.Explicit(0)]
-    policy: Annotated[list[PolicyAsn1], asn1.Explicit(1)]
-
-
-@asn1.sequence
-class TPMKeyAsn1:
-    """TSS2 PRIVATE KEY (TPM 2.0 Key File spec).
-
-    emptyAuth may be absent (then the key needs a password); policy [1] and authPolicy [3]
-    are this module's; secret [2], description [4] and rsaParent [5] may appear.
-    """
-
-    object_type: ObjectIdentifier
-    empty_auth: Annotated[bool | None, asn1.Explicit(0)]
-    policy: Annotated[list[PolicyAsn1] | None, asn1.Explicit(1)]
-    secret: Annotated[bytes | None, asn1.Explicit(2)]
-    auth_policy: Annotated[list[AuthPolicyAsn1] | None, asn1.Explicit(3)]
-    description: Annotated[str | None, asn1.Explicit(4)]
-    rsa_parent: Annotated[bool | None, asn1.Explicit(5)]
-    parent: int
-    public: bytes
-    private: bytes
-
-
 def add_signed_policy(key_der: bytes, name: str, steps: Sequence[PolicyStep]) -> bytes:
     """The key file with one more signed policy (authPolicy [3]), placed first so the
     newest is tried first; the rest of the file is kept as it is."""
     signed_policy_steps(steps)
-    try:
-        seq = asn1.decode_der(TPMKeyAsn1, key_der)
-    except (ValueError, TypeError) as exc:
-        raise BadKeyError(f"not a DER TSS2 PRIVATE KEY: {exc}") from None
+    seq = keyfile.decode(key_der)
     if not seq.policy or seq.policy[0].command_code != CC_POLICY_AUTHORIZE:
         raise BadKeyError("the key's policy does not start with TPM2_PolicyAuthorize: "
                           "signed policies cannot open it (make it with --auth-policy)")
@@ -118,7 +77,7 @@ def add_signed_policy(key_der: bytes, name: str, steps: Sequence[PolicyStep]) ->
                           "file's TPM2_PolicyAuthorize names")
     entry = AuthPolicyAsn1(name=name or None, policy=to_asn1(steps))
     seq.auth_policy = [entry, *(seq.auth_policy or [])]
-    return bytes(asn1.encode_der(seq))
+    return keyfile.to_der(seq)
 
 
 @asn1.sequence
@@ -294,6 +253,10 @@ def authorize_step(key_public: bytes, policy_ref: bytes = b"",
                                                      signature).encode())
 
 
+# Policy signing keys may be on P-256, P-384 or P-521.
+_POLICY_KEY_CURVES = {c.pyca_name: c for c in (Curve.P256, Curve.P384, Curve.P521)}
+
+
 def tpmt_public_of(public_key: object) -> bytes:
     """TPMT_PUBLIC of a software EC (P-256/384/521) or RSA public key (cryptography), as
     LoadExternal takes it to verify signatures: sign attribute, NULL scheme, SHA-256
@@ -303,14 +266,14 @@ def tpmt_public_of(public_key: object) -> bytes:
     attributes = 0x00040000 | 0x00000040  # sign, userWithAuth
     head = struct.pack(">HI", int(Hash.SHA256), attributes) + struct.pack(">H", 0)
     if isinstance(public_key, ec.EllipticCurvePublicKey):
-        curves = {"secp256r1": 0x0003, "secp384r1": 0x0004, "secp521r1": 0x0005}
-        if public_key.curve.name not in curves:
+        curve = _POLICY_KEY_CURVES.get(public_key.curve.name)
+        if curve is None:
             raise UnsupportedError(f"policy keys on {public_key.curve.name} are not supported")
         size = (public_key.curve.key_size + 7) // 8
         numbers = public_key.public_numbers()
         x, y = numbers.x.to_bytes(size, "big"), numbers.y.to_bytes(size, "big")
         return (struct.pack(">H", 0x0023) + head
-                + struct.pack(">HHHH", ALG_NULL, ALG_NULL, curves[public_key.curve.name],
+                + struct.pack(">HHHH", ALG_NULL, ALG_NULL, curve,
                               ALG_NULL)
                 + struct.pack(">H", size) + x + struct.pack(">H", size) + y)
     if isinstance(public_key, rsa.RSAPublicKey):

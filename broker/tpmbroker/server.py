@@ -31,6 +31,7 @@ from typing import Any
 
 from . import ops, procedures
 from . import protocol as p
+from .access import AccessPolicy, Peer
 from .admission import Admission
 from .audit import Usage, audit
 from .errors import (
@@ -46,7 +47,6 @@ from .errors import (
 from .lane import Lane
 from .listener import Listener
 from .metrics import SERVICE_BOUNDS, TextfileWriter
-from .policy import KeyPolicy, Peer
 from .scheduler import FairQueue, Job
 from .tpm.worker import TpmWorker
 from .version import __version__
@@ -85,7 +85,7 @@ class ServerConfig:
     max_keys_per_connection: int = 1024
     # An incomplete frame older than this closes its connection (slowloris).
     frame_timeout: float = FRAME_TIMEOUT
-    policy: KeyPolicy | None = None  # per-key access control (tpmbroker.policy)
+    policy: AccessPolicy | None = None  # per-key access control (tpmbroker.access)
     usage_interval: float = 3600.0  # seconds between audit usage summaries
     # Who may change persistent handles (PERSIST, EVICT), besides root and the broker's
     # own uid (docs/security.md, Persistent handles).
@@ -336,7 +336,7 @@ class Connection(asyncio.Protocol):
     def check_key(self, key_id: bytes, public_key: bytes,
                   operations: tuple[str, ...] = ()) -> None:
         """PermissionDeniedError unless the key policy lets this peer use the key, and
-        do each of `operations` with it (tpmbroker.policy.OPERATIONS; none: LOAD)."""
+        do each of `operations` with it (tpmbroker.access.OPERATIONS; none: LOAD)."""
         policy = self.server.config.policy
         if policy is None:
             self.key_names[key_id] = (key_id.hex()[:16], b"")

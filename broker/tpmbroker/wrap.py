@@ -12,7 +12,8 @@ LOAD accepts it as it is (TPM2_Import, then TPM2_Load, on first use).
 
 Nothing here writes anything: the private key lives in this process's memory only, and
 leaves it encrypted to the parent. This module needs tpm2-pytss (its public `wrap()`
-and TPM types); importing tpmbroker or its client does not load it.
+and TPM types), but nothing of the broker's tpm/; importing tpmbroker or its client does
+not load it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from . import keyfile
 from .definitions import STORAGE_PRIMARY, Curve, KeyType, Usage
 
-# Curves a TPM key may have, by cryptography's name.
-_CURVES = {"secp192r1": Curve.P192, "secp224r1": Curve.P224, "secp256r1": Curve.P256,
-           "secp384r1": Curve.P384, "secp521r1": Curve.P521}
 _MAX_PASSWORD = 32  # the TPM's authValue for a SHA-256 name: at most the digest size
 
 WrappableKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -61,7 +60,7 @@ def parent_public(data: bytes, rsa_parent: bool = False) -> Any:
     the TCG template (SHA-256 name, AES-128-CFB), as 0x40000001 is."""
     from tpm2_pytss.types import TPM2B_PUBLIC
 
-    from .tpm.keys import storage_parent_template
+    from .templates import storage_parent_template
 
     text = data.lstrip()
     if text.startswith(b"-----") or text[:1] == b"\x30":
@@ -126,15 +125,16 @@ def key_areas(key: WrappableKey, password: bytes = b"",
         TPMU_SENSITIVE_COMPOSITE,
     )
 
-    from .tpm.keys import ecc_parms, rsa_parms, usage_attributes
+    from .templates import ecc_parms, rsa_parms, usage_attributes
 
     if len(password) > _MAX_PASSWORD:
         raise ValueError(f"a key password is at most {_MAX_PASSWORD} bytes")
     base = int(TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA)
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        curve = _CURVES.get(key.curve.name)
-        if curve is None:
-            raise ValueError(f"a TPM has no curve {key.curve.name}")
+        try:
+            curve = Curve.from_pyca_name(key.curve.name)
+        except KeyError:
+            raise ValueError(f"a TPM has no curve {key.curve.name}") from None
         size = (key.curve.key_size + 7) // 8
         numbers = key.private_numbers()
         public = TPMT_PUBLIC(
@@ -178,8 +178,6 @@ def wrap_key(key: WrappableKey | bytes, parent: bytes | Any, *,
     (0x40000001: its storage primary, or a persistent 0x81xxxxxx)."""
     from tpm2_pytss.utils import wrap
 
-    from .tpm.keys import tss2_der
-
     if isinstance(key, bytes):
         key = read_private_key(key, passphrase)
     auth = password.encode() if isinstance(password, str) else (password or b"")
@@ -189,5 +187,6 @@ def wrap_key(key: WrappableKey | bytes, parent: bytes | Any, *,
     # is all the file carries, as importable key files have no place for another key.
     _, duplicate, seed = wrap(parent_area, public, sensitive)
     rsa_parent = parent_handle == STORAGE_PRIMARY and int(parent_area.type) == 0x0001
-    return tss2_der(public=public, private=duplicate, parent=parent_handle,
-                    empty_auth=not auth, rsa_parent=rsa_parent, import_secret=bytes(seed))
+    return keyfile.encode(public=bytes(public.marshal()), private=bytes(duplicate.marshal()),
+                          parent=parent_handle, empty_auth=True if not auth else None,
+                          rsa_parent=rsa_parent, secret=bytes(seed.marshal()))

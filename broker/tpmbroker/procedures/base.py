@@ -43,7 +43,7 @@ class Request(Protocol):
     def key_auth(self, key_id: bytes, operations: tuple[str, ...] = ()) -> bytes:
         """The password this connection loaded `key_id` with; UnknownKeyError if none,
         PermissionDeniedError if the key policy refuses the key or one of `operations`
-        (tpmbroker.policy.OPERATIONS) to this peer."""
+        (tpmbroker.access.OPERATIONS) to this peer."""
 
     def check_key(self, key_id: bytes, public_key: bytes) -> None:
         """PermissionDeniedError unless the key policy lets this peer use the key."""

@@ -16,8 +16,8 @@ from tpm2_pytss.types import (
     TPMU_PUBLIC_PARMS,
 )
 
-from .. import keypolicy
-from ..definitions import Curve, Hash, KeyType, Usage
+from .. import keypolicy, templates
+from ..definitions import Hash, KeyType, Usage, curve_name
 from ..errors import UnsupportedError
 from ..ops.base import member
 from ..ops.generate import Generate, GenerateResult
@@ -159,7 +159,7 @@ def rsa_size_rc(tpm: TpmWorker, bits: int) -> int | None:
     (asked once per size)."""
     def ask() -> int | None:
         parms = TPMT_PUBLIC_PARMS(type=TPM2_ALG.RSA, parameters=TPMU_PUBLIC_PARMS(
-            rsaDetail=keymod.rsa_parms(bits)))
+            rsaDetail=templates.rsa_parms(bits)))
         try:
             tpm.link.ectx.test_parms(parms)
         except TSS2_Exception as exc:
@@ -183,9 +183,3 @@ def algorithms(tpm: TpmWorker) -> dict[str, object]:
     return {"tpm_curves": [curve_name(curve) for curve in curves], "tpm_rsa_bits": rsa}
 
 
-def curve_name(curve: int) -> str:
-    """P-256 and the like; the TPM's id for curves OpenSSL has no ECDSA name for."""
-    try:
-        return keymod.CURVE_NAMES[Curve(curve)]
-    except (ValueError, KeyError):
-        return f"0x{curve:04x}"

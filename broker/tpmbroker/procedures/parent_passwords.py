@@ -17,10 +17,10 @@ from typing import TypeVar
 from tpm2_pytss.constants import TPM2_RH
 from tpm2_pytss.types import TPM2B_PUBLIC
 
+from .. import templates
 from ..definitions import STORAGE_PRIMARY
 from ..errors import AuthFailedError, LockoutError, ParentAuthFailedError
 from ..tpm import command
-from ..tpm import keys as keymod
 from ..tpm.keys import MAX_AUTH_ANY as MAX_AUTH
 from ..tpm.keys import CachedKey
 from ..tpm.parents import describe
@@ -56,7 +56,7 @@ def owner_auth(tpm: TpmWorker, parent: int, parent_auth: bytes, deadline: float)
         return
 
     def create_primary() -> int:
-        template = TPM2B_PUBLIC(publicArea=keymod.storage_parent_template(
+        template = TPM2B_PUBLIC(publicArea=templates.storage_parent_template(
             tpm.objects.rsa_only))
         return tpm.objects.with_room(None, lambda: tpm.execute_handle(
             deadline, lambda session: command.prepare_create_primary(

@@ -76,13 +76,6 @@ CC_IMPORT = 0x00000156
 SE_HMAC = 0x00
 SE_POLICY = 0x01
 CC_PCR_READ = 0x0000017E
-CC_POLICY_PCR = 0x0000017F
-CC_POLICY_AUTH_VALUE = 0x0000016B
-CC_POLICY_RESTART = 0x00000180
-CC_POLICY_AUTHORIZE = 0x0000016A
-CC_POLICY_GET_DIGEST = 0x00000189
-CC_LOAD_EXTERNAL = 0x00000167
-CC_VERIFY_SIGNATURE = 0x00000177
 RH_OWNER = 0x40000001
 RC_SUCCESS = 0
 # Warnings after which the TPM did nothing and the same bytes may be sent again (libtpms
@@ -235,54 +228,6 @@ def start_salted_session(transport: Transport, salt_handle: int, salt_public: An
     nonce_tpm = bytes(nonce_tpm)
     key = sc.session_key(name, b"", salt, nonce_tpm, nonce_caller)
     return sc.SessionState(handle, hash_alg, key, nonce_tpm)
-
-
-# --- policy sessions: commands that need no authorization ---------------------------------
-# The policy session is their handle, not their authorization; nothing they carry is
-# secret (PCR selections and digests, command codes), so they go without sessions.
-
-def policy_restart(transport: Transport, session_handle: int) -> None:
-    plain_command(CC_POLICY_RESTART, (session_handle,), b"", transport)
-
-
-def policy_pcr(transport: Transport, session_handle: int, pcr_digest: bytes,
-               selection: bytes) -> None:
-    """TPM2_PolicyPCR: `selection` is a marshalled TPML_PCR_SELECTION."""
-    plain_command(CC_POLICY_PCR, (session_handle,), tpm2b(pcr_digest) + selection,
-                  transport)
-
-
-def policy_auth_value(transport: Transport, session_handle: int) -> None:
-    plain_command(CC_POLICY_AUTH_VALUE, (session_handle,), b"", transport)
-
-
-def policy_get_digest(transport: Transport, session_handle: int) -> bytes:
-    body = plain_command(CC_POLICY_GET_DIGEST, (session_handle,), b"", transport)
-    size = first_sized_length(body)
-    return body[2:2 + size]
-
-
-def load_external_public(transport: Transport, public: bytes) -> int:
-    """TPM2_LoadExternal of a public key alone (a TPMT_PUBLIC) in the owner hierarchy,
-    so that its verification tickets count for PolicyAuthorize; returns its handle."""
-    body = plain_command(CC_LOAD_EXTERNAL, (), U16.pack(0) + tpm2b(public)
-                         + U32.pack(RH_OWNER), transport)
-    if len(body) < 4:
-        raise malformed()
-    return int(U32.unpack_from(body)[0])
-
-
-def verify_signature(transport: Transport, key_handle: int, digest: bytes,
-                     signature: bytes) -> bytes:
-    """TPM2_VerifySignature: the TPMT_TK_VERIFIED ticket, marshalled."""
-    return plain_command(CC_VERIFY_SIGNATURE, (key_handle,), tpm2b(digest) + signature,
-                         transport)
-
-
-def policy_authorize(transport: Transport, session_handle: int, approved: bytes,
-                     policy_ref: bytes, key_name: bytes, ticket: bytes) -> None:
-    plain_command(CC_POLICY_AUTHORIZE, (session_handle,), tpm2b(approved) + tpm2b(policy_ref)
-                  + tpm2b(key_name) + ticket, transport)
 
 
 def pcr_read(transport: Transport, selection: bytes) -> tuple[bytes, list[bytes]]:

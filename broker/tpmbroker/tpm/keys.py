@@ -8,50 +8,27 @@ import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from cryptography.hazmat import asn1
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509 import ObjectIdentifier
-from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
-    TPMS_ECC_PARMS,
-    TPMS_RSA_PARMS,
-    TPMT_ECC_SCHEME,
-    TPMT_KDF_SCHEME,
     TPMT_PUBLIC,
-    TPMT_RSA_SCHEME,
-    TPMT_SYM_DEF_OBJECT,
     TPMU_PUBLIC_PARMS,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
 )
 
-from .. import keypolicy
-from ..definitions import Padding
+from .. import keyfile, keypolicy
+from ..definitions import CURVES, Padding
 from ..errors import BadDigestError, BadKeyError, UnsupportedError
 from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
+from ..templates import ecc_parms, rsa_parms, usage_attributes
 
 PERSISTENT_FIRST = 0x81000000
 PERSISTENT_LAST = 0x81FFFFFF
 
-_TSS2_KEY_OID = ObjectIdentifier("2.23.133.10.1.3")
-# An importable key (TPM 2.0 Key File spec, as openssl_tpm2_engine's create_tpm2_key
-# --import writes it): privkey is a duplicate (TPM2B_PRIVATE) whose outer wrapper's seed,
-# encrypted to the parent's public key, is the `secret` [2]: a marshalled
-# TPM2B_ENCRYPTED_SECRET, size first, as create_tpm2_key writes and its loader reads it.
-IMPORTABLE_KEY_OID = ObjectIdentifier("2.23.133.10.1.4")
-_TSS2_OID_DER = bytes.fromhex("06066781050a0103")
-# Every TPM curve OpenSSL's default provider signs with under a NIST name. The BN
-# curves (0x0010, 0x0011) have no OpenSSL name, and SM2 (0x0020) is its own key type
-# in OpenSSL, with SM2 signatures, not ECDSA: keys on those are refused as unsupported.
-CURVE_BITS = {Curve.P192: 192, Curve.P224: 224, Curve.P256: 256, Curve.P384: 384,
-              Curve.P521: 521}
-CURVE_NAMES = {Curve.P192: "P-192", Curve.P224: "P-224", Curve.P256: "P-256",
-               Curve.P384: "P-384", Curve.P521: "P-521"}
 # RSA sizes the broker asks the TPM about (TPM2_TestParms) for STATUS; GENERATE asks the
 # TPM about whatever size it is given, and refuses only what the TPM refuses.
 RSA_SIZES = (1024, 2048, 3072, 4096)
@@ -70,10 +47,6 @@ class KeyInfo:
     bits: int
     curve: Curve
     public_key: bytes  # SubjectPublicKeyInfo DER
-
-
-# TSS2 PRIVATE KEY, decoded as strict DER (the ASN.1 is keypolicy.TPMKeyAsn1's).
-_Tss2KeyAsn1 = keypolicy.TPMKeyAsn1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,22 +81,12 @@ class Tss2Key:
 def parse_tss2_key(der: bytes) -> Tss2Key:
     """Parse a DER TSS2 PRIVATE KEY; BadKeyError or UnsupportedError if it cannot be used.
 
-    Strict: DER only (no BER lengths, booleans or trailing bytes), and the public and
-    private TPM2B blobs must fill their OCTET STRINGs exactly and re-marshal to the same
-    bytes. Whatever does not parse is BAD_KEY, never a broker error.
+    Strict: the file as keyfile.decode reads it, and the public and private TPM2B blobs
+    must fill their OCTET STRINGs exactly and re-marshal to the same bytes. Whatever does
+    not parse is BAD_KEY, never a broker error.
     """
-    try:
-        seq = asn1.decode_der(_Tss2KeyAsn1, _tolerate_true_01(der))
-    except (ValueError, TypeError) as exc:
-        raise BadKeyError(f"not a DER TSS2 PRIVATE KEY: {exc}") from None
-    importable = seq.object_type == IMPORTABLE_KEY_OID
-    if seq.object_type != _TSS2_KEY_OID and not importable:
-        raise BadKeyError("neither a loadable nor an importable TSS2 key (OID "
-                          f"{seq.object_type.dotted_string})")
-    if importable and not seq.secret:
-        raise BadKeyError("an importable TSS2 key without its encrypted seed (secret [2])")
-    if not 0 <= seq.parent <= 0xFFFFFFFF:
-        raise BadKeyError(f"key parent {seq.parent} is not a TPM handle")
+    seq = keyfile.decode(der)
+    importable = seq.object_type == keyfile.IMPORTABLE_OID
     public = _tpm2b(TPM2B_PUBLIC, seq.public, "public")
     private = _tpm2b(TPM2B_PRIVATE, seq.private, "private")
     # emptyAuth absent means the key has a password (TPM 2.0 Key File spec).
@@ -162,19 +125,6 @@ def check_key_policy(public: Any, policy: Sequence[keypolicy.PolicyStep]) -> Non
     if bytes(public.authPolicy) != keypolicy.policy_digest(policy, name_alg):
         raise BadKeyError("the key file's policy does not give the key's authPolicy: "
                           "the TPM would refuse every use")
-
-
-def _tolerate_true_01(der: bytes) -> bytes:
-    """The one BER form accepted: tpm2-openssl writes emptyAuth TRUE as 0x01, not DER's
-    0xff. Only that byte, only there, only 0x01; everything else stays strict."""
-    if len(der) < 2 or der[0] != 0x30:
-        return der
-    header = 2 + (der[1] - 0x80 if der[1] & 0x80 else 0)
-    at = header + len(_TSS2_OID_DER)
-    if (der[header:at] == _TSS2_OID_DER and der[at:at + 4] == b"\xa0\x03\x01\x01"
-            and der[at + 4:at + 5] == b"\x01"):
-        return der[:at + 4] + b"\xff" + der[at + 5:]
-    return der
 
 
 def _tpm2b(kind: Any, raw: bytes, what: str) -> Any:
@@ -218,7 +168,7 @@ def describe(public: Any) -> tuple[KeyType, int, Curve]:
             raise UnsupportedError(f"unsupported curve 0x{curve_id:04x}") from None
         if curve is Curve.NONE:
             raise UnsupportedError("EC key without a curve")
-        return KeyType.EC, CURVE_BITS[curve], curve
+        return KeyType.EC, curve.bits, curve
     if public.type == TPM2_ALG.RSA:
         bound = public.parameters.rsaDetail.scheme.scheme == TPM2_ALG.RSAPSS
         return (KeyType.RSA_PSS if bound else KeyType.RSA,
@@ -327,26 +277,25 @@ def check_ecdh_key(public: Any) -> None:
                                "and ECDH needs scheme NULL or ECDH")
 
 
-# TPM2_ECC_CURVE ids of the curves cryptography knows (NIST P-256, P-384, P-521).
-_EC_CURVES: dict[int, type[ec.EllipticCurve]] = {
-    0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
+# Curves ECDH is done on: the ones cryptography checks peer points on.
+_ECDH_CURVES = (Curve.P256, Curve.P384, Curve.P521)
 
 
 def check_peer_point(curve: int, point: bytes) -> tuple[bytes, bytes]:
     """(x, y) of an uncompressed SEC1 `point` on `curve` (a TPM2_ECC_CURVE id), each as
     long as the curve's field; BadDigestError if it is not a point of that curve (off
     the curve, the point at infinity, another curve's size, compressed)."""
-    curve_class = _EC_CURVES.get(int(curve))
-    if curve_class is None:
+    ec_curve = keyfile.pyca_curve(curve) if curve in _ECDH_CURVES else None
+    if ec_curve is None:
         raise UnsupportedError(f"ECDH on curve 0x{int(curve):04x} is not supported")
-    bits = curve_class().key_size
-    name = f"P-{bits}"
+    bits = ec_curve.key_size
+    name = Curve(curve).nist_name
     field = (bits + 7) // 8
     if len(point) != 1 + 2 * field or point[:1] != b"\x04":
         raise BadDigestError(f"the peer's public key is not an uncompressed {name} point "
                              f"({1 + 2 * field} bytes starting 04), but {len(point)} bytes")
     try:
-        ec.EllipticCurvePublicKey.from_encoded_point(curve_class(), point)  # on the curve
+        ec.EllipticCurvePublicKey.from_encoded_point(ec_curve, point)  # on the curve
     except ValueError:
         raise BadDigestError(f"the peer's public key is not a point on {name}, the "
                              "key's curve") from None
@@ -358,71 +307,6 @@ def _alg_name(alg: Any) -> str:
         return str(TPM2_ALG.to_string(alg))
     except ValueError:  # a corrupted or future algorithm id
         return f"0x{int(alg):04x}"
-
-
-def storage_parent_template(rsa: bool) -> Any:
-    """TPMT_PUBLIC of the storage primary that parents keys under 0x40000001.
-
-    The TCG EK/SRK-style templates tpm2-pytss (TSSPrivKey) creates that parent from,
-    so a key either library made loads under the other's primary: H-2 (ECC P-256), or
-    H-1 (RSA-2048) for a TPM without ECC or a key file asking for the RSA parent.
-    AES-128-CFB for the children's protection, SHA-256 name, no policy, and an empty
-    unique, as tpm2-pytss leaves it. tests/test_keys.py holds them to tpm2-pytss's.
-    """
-    attributes = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
-                  | TPMA_OBJECT.NODA | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-                  | TPMA_OBJECT.SENSITIVEDATAORIGIN)
-    symmetric = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.AES,
-                                    keyBits=TPMU_SYM_KEY_BITS(aes=128),
-                                    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB))
-    if rsa:
-        parameters = TPMU_PUBLIC_PARMS(rsaDetail=TPMS_RSA_PARMS(
-            symmetric=symmetric, scheme=TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL),
-            keyBits=2048, exponent=0))
-        return TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=TPM2_ALG.SHA256,
-                           objectAttributes=attributes, authPolicy=b"",
-                           parameters=parameters)
-    parameters = TPMU_PUBLIC_PARMS(eccDetail=TPMS_ECC_PARMS(
-        symmetric=symmetric, scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
-        curveID=TPM2_ECC.NIST_P256, kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL)))
-    return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
-                       objectAttributes=attributes, authPolicy=b"", parameters=parameters)
-
-
-def usage_attributes(key_type: KeyType, usage: Usage) -> int:
-    """TPMA_OBJECT bits SIGN_ENCRYPT and DECRYPT for a usage (docs/security.md, "Key
-    usage"). The default is both, as tpm2-openssl and tpm2_create make keys: what a
-    client may do with a key it may use is the key policy's to say (tpmbroker.policy,
-    operations); SIGN or DECRYPT alone narrows the key for good. RSA-PSS keys only sign:
-    their scheme is bound to PSS."""
-    if usage is Usage.DEFAULT:
-        usage = Usage.SIGN if key_type is KeyType.RSA_PSS else Usage.SIGN_DECRYPT
-    if key_type is KeyType.RSA_PSS and usage is not Usage.SIGN:
-        raise UnsupportedError("an RSA-PSS key only signs: its scheme is bound to PSS; "
-                               "make an RSA key for decryption")
-    bits = 0
-    if usage in (Usage.SIGN, Usage.SIGN_DECRYPT):
-        bits |= int(TPMA_OBJECT.SIGN_ENCRYPT)
-    if usage in (Usage.DECRYPT, Usage.SIGN_DECRYPT):
-        bits |= int(TPMA_OBJECT.DECRYPT)
-    return bits
-
-
-def ecc_parms(curve: int) -> Any:
-    """TPMS_ECC_PARMS of an unrestricted key on `curve`, scheme NULL (TestParms, Create)."""
-    return TPMS_ECC_PARMS(symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                          scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL), curveID=curve,
-                          kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL))
-
-
-def rsa_parms(bits: int, pss_hash: Hash | None = None) -> Any:
-    """TPMS_RSA_PARMS of an unrestricted key: scheme NULL, or RSAPSS bound to a hash."""
-    scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL)
-    if pss_hash is not None:
-        scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.RSAPSS)
-        scheme.details.anySig.hashAlg = int(pss_hash)
-    return TPMS_RSA_PARMS(symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                          scheme=scheme, keyBits=bits, exponent=0)
 
 
 def generation_template(key_type: KeyType, param: int, password: bool = False,
@@ -446,7 +330,7 @@ def generation_template(key_type: KeyType, param: int, password: bool = False,
         attributes |= TPMA_OBJECT.NODA
     name_alg = hash_alg or Hash.SHA256
     if key_type is KeyType.EC:
-        if param not in CURVE_BITS:
+        if param not in CURVES:
             raise UnsupportedError(f"cannot generate EC keys on curve 0x{param:04x}: "
                                    "OpenSSL has no ECDSA for it")
         return TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=name_alg,
@@ -471,12 +355,12 @@ def auth_limit(public: Any) -> int:
 
 def tss2_key_der(private: Any, public: Any, empty_auth: bool, parent: int,
                  policy: Sequence[keypolicy.PolicyStep] = ()) -> bytes:
-    """DER TSS2 PRIVATE KEY for a key made by TPM2_Create, with its policy [1] if any."""
-    if not policy:
-        return bytes(TSSPrivKey(private, public, empty_auth=empty_auth,
-                                parent=parent).to_der())
-    return tss2_der(public=public, private=private, parent=parent, empty_auth=empty_auth,
-                    policy=policy)
+    """DER TSS2 PRIVATE KEY for a key made by TPM2_Create, with its policy [1] if any.
+    Without a policy, emptyAuth is written TRUE or FALSE, as tpm2-pytss writes it."""
+    return keyfile.encode(public=bytes(public.marshal()), private=bytes(private.marshal()),
+                          parent=parent, empty_auth=empty_auth if not policy else
+                          (True if empty_auth else None),
+                          policy=keypolicy.to_asn1(policy) if policy else None)
 
 
 def imported(key: Tss2Key, private: Any) -> Tss2Key:
@@ -493,15 +377,12 @@ def tss2_der(*, public: Any, private: Any, parent: int, empty_auth: bool,
              policy: Sequence[keypolicy.PolicyStep] = ()) -> bytes:
     """DER TSS2 PRIVATE KEY: loadable, or importable when `import_secret` is given.
     emptyAuth is written TRUE or left out (a password), as the spec asks."""
-    seq = _Tss2KeyAsn1(
-        object_type=_TSS2_KEY_OID if import_secret is None else IMPORTABLE_KEY_OID,
-        empty_auth=True if empty_auth else None,
-        policy=keypolicy.to_asn1(policy) if policy else None,
+    return keyfile.encode(
+        public=bytes(public.marshal()), private=bytes(private.marshal()), parent=parent,
+        empty_auth=True if empty_auth else None, rsa_parent=rsa_parent,
         secret=(bytes(TPM2B_ENCRYPTED_SECRET(import_secret).marshal())
                 if import_secret is not None else None),
-        auth_policy=None, description=None, rsa_parent=True if rsa_parent else None,
-        parent=parent, public=bytes(public.marshal()), private=bytes(private.marshal()))
-    return bytes(asn1.encode_der(seq))
+        policy=keypolicy.to_asn1(policy) if policy else None)
 
 
 def loadable_der(key: Tss2Key) -> bytes:

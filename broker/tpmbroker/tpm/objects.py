@@ -18,6 +18,7 @@ from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
+from .. import templates
 from ..definitions import STORAGE_PRIMARY
 from ..errors import BadKeyError
 from . import keys as keymod
@@ -57,7 +58,7 @@ class Objects:
         rsa = self.rsa_only if rsa is None else rsa
         primary = self._primaries.get(rsa)
         if primary is None:
-            template = keymod.storage_parent_template(rsa)
+            template = templates.storage_parent_template(rsa)
             primary, public, *_ = self.with_room(None, lambda: self._ectx.create_primary(
                 TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template),
                 ESYS_TR.RH_OWNER))

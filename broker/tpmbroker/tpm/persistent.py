@@ -6,8 +6,8 @@ from typing import Any
 
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 
-from ..definitions import Curve, Hash
-from .keys import CURVE_NAMES, CachedKey
+from ..definitions import Curve, Hash, curve_name
+from .keys import CachedKey
 
 # TPMA_OBJECT bits, spelt as tpm2-tools spells them (tpm2_create -a, tpm2_print).
 ATTRIBUTES = (
@@ -38,11 +38,6 @@ def _hash_name(alg: int) -> str:
         return f"0x{alg:04x}"
 
 
-def _curve_name(curve: int) -> str:
-    try:
-        return CURVE_NAMES[Curve(curve)]
-    except (ValueError, KeyError):
-        return f"0x{curve:04x}"
 
 
 def describe_object(handle: int, public: Any, name: bytes) -> dict[str, object]:
@@ -57,7 +52,7 @@ def describe_object(handle: int, public: Any, name: bytes) -> dict[str, object]:
         "name": name.hex(),
     }
     if kind == int(TPM2_ALG.ECC):
-        out["curve"] = _curve_name(int(public.parameters.eccDetail.curveID))
+        out["curve"] = curve_name(int(public.parameters.eccDetail.curveID))
     elif kind == int(TPM2_ALG.RSA):
         out["bits"] = int(public.parameters.rsaDetail.keyBits)
     return out
@@ -74,7 +69,7 @@ def describe_loaded(entry: CachedKey) -> dict[str, object]:
         "attributes": attribute_names(int(entry.public.objectAttributes)),
     }
     if info.curve != Curve.NONE:
-        out["curve"] = _curve_name(info.curve)
+        out["curve"] = curve_name(info.curve)
     if entry.blob is not None:
         out["source"] = "file"
         out["parent"] = f"0x{entry.blob.parent:08x}"

@@ -1,6 +1,7 @@
 """Commands on keys with a policy (tpmbroker.keypolicy): a policy session from the
 worker's policy pool is restarted, the key's policy replayed on it (PCRs, the password,
-a signed policy checked by the TPM), and the command authorized by it.
+a signed policy checked by the TPM), and the command authorized by it. The policy
+commands themselves (TPM2_PolicyPCR and the others) are at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from .. import keypolicy
 from ..errors import AuthFailedError, BadKeyError, PolicyFailedError
 from . import command
+from .command import (
+    RH_OWNER,
+    U16,
+    U32,
+    Transport,
+    first_sized_length,
+    malformed,
+    plain_command,
+    tpm2b,
+)
 from .keys import CachedKey
 from .rc import Kind, classify, tpm_code
 from .session_crypto import SessionState
@@ -45,7 +56,7 @@ def execute(tpm: TpmWorker, entry: CachedKey, auth: bytes, deadline: float,
     session = tpm.policy_pool.acquire(deadline)
     tpm.check_deadline(deadline)
     transport = tpm.link.require()
-    command.policy_restart(transport, session.handle)
+    policy_restart(transport, session.handle)
     if steps[0].command_code == keypolicy.CC_POLICY_AUTHORIZE:
         _signed_policy(tpm, entry, session.handle, steps[0])
         steps = steps[1:]
@@ -72,7 +83,7 @@ def _replay(tpm: TpmWorker, session_handle: int, steps: Sequence[keypolicy.Polic
         if step.command_code == keypolicy.CC_POLICY_PCR:
             selections, digest = keypolicy.split_pcr_step(step)
             try:
-                command.policy_pcr(transport, session_handle, digest,
+                policy_pcr(transport, session_handle, digest,
                                    keypolicy.marshal_selection(selections))
             except TSS2_Exception as exc:
                 if tpm_code(int(exc.rc)) == TPM_RC_VALUE:
@@ -80,7 +91,7 @@ def _replay(tpm: TpmWorker, session_handle: int, steps: Sequence[keypolicy.Polic
                                             tpm_rc=int(exc.rc)) from None
                 raise
         elif step.command_code == keypolicy.CC_POLICY_AUTH_VALUE:
-            command.policy_auth_value(transport, session_handle)
+            policy_auth_value(transport, session_handle)
         else:  # keys.check_key_policy allows PolicyAuthorize first only
             raise BadKeyError(f"{step.name} out of place in the key's policy")
 
@@ -104,18 +115,18 @@ def _signed_policy(tpm: TpmWorker, entry: CachedKey, session_handle: int,
                                                             main.policy_ref):
             refusals.append(f"{label} is signed by another key")
             continue
-        command.policy_restart(transport, session_handle)
+        policy_restart(transport, session_handle)
         try:
             _replay(tpm, session_handle, body)
         except PolicyFailedError as exc:
             refusals.append(f"{label}: {exc.message}")
             continue
-        approved = command.policy_get_digest(transport, session_handle)
+        approved = policy_get_digest(transport, session_handle)
         a_hash = hashlib.sha256(approved + main.policy_ref).digest()
-        handle = tpm.objects.with_room(entry, lambda: command.load_external_public(
+        handle = tpm.objects.with_room(entry, lambda: load_external_public(
             transport, main.key_public))
         try:
-            ticket = command.verify_signature(transport, handle, a_hash,
+            ticket = verify_signature(transport, handle, a_hash,
                                               signature.signature)
         except TSS2_Exception as exc:
             if classify(exc) is not Kind.OTHER:
@@ -125,7 +136,60 @@ def _signed_policy(tpm: TpmWorker, entry: CachedKey, session_handle: int,
         finally:
             with contextlib.suppress(TSS2_Exception):
                 command.flush_context(transport, handle)
-        command.policy_authorize(transport, session_handle, approved, main.policy_ref,
+        policy_authorize(transport, session_handle, approved, main.policy_ref,
                                  main.key_name, ticket)
         return
     raise PolicyFailedError("no signed policy of the key holds: " + "; ".join(refusals))
+
+
+# --- the policy commands ------------------------------------------------------------------
+# The policy session is their handle, not their authorization; nothing they carry is
+# secret (PCR selections and digests, command codes), so they go without sessions.
+
+CC_POLICY_GET_DIGEST = 0x00000189
+CC_LOAD_EXTERNAL = 0x00000167
+CC_VERIFY_SIGNATURE = 0x00000177
+
+
+def policy_restart(transport: Transport, session_handle: int) -> None:
+    plain_command(keypolicy.CC_POLICY_RESTART, (session_handle,), b"", transport)
+
+
+def policy_pcr(transport: Transport, session_handle: int, pcr_digest: bytes,
+               selection: bytes) -> None:
+    """TPM2_PolicyPCR: `selection` is a marshalled TPML_PCR_SELECTION."""
+    plain_command(keypolicy.CC_POLICY_PCR, (session_handle,), tpm2b(pcr_digest) + selection,
+                  transport)
+
+
+def policy_auth_value(transport: Transport, session_handle: int) -> None:
+    plain_command(keypolicy.CC_POLICY_AUTH_VALUE, (session_handle,), b"", transport)
+
+
+def policy_get_digest(transport: Transport, session_handle: int) -> bytes:
+    body = plain_command(CC_POLICY_GET_DIGEST, (session_handle,), b"", transport)
+    size = first_sized_length(body)
+    return body[2:2 + size]
+
+
+def load_external_public(transport: Transport, public: bytes) -> int:
+    """TPM2_LoadExternal of a public key alone (a TPMT_PUBLIC) in the owner hierarchy,
+    so that its verification tickets count for PolicyAuthorize; returns its handle."""
+    body = plain_command(CC_LOAD_EXTERNAL, (), U16.pack(0) + tpm2b(public)
+                         + U32.pack(RH_OWNER), transport)
+    if len(body) < 4:
+        raise malformed()
+    return int(U32.unpack_from(body)[0])
+
+
+def verify_signature(transport: Transport, key_handle: int, digest: bytes,
+                     signature: bytes) -> bytes:
+    """TPM2_VerifySignature: the TPMT_TK_VERIFIED ticket, marshalled."""
+    return plain_command(CC_VERIFY_SIGNATURE, (key_handle,), tpm2b(digest) + signature,
+                         transport)
+
+
+def policy_authorize(transport: Transport, session_handle: int, approved: bytes,
+                     policy_ref: bytes, key_name: bytes, ticket: bytes) -> None:
+    plain_command(keypolicy.CC_POLICY_AUTHORIZE, (session_handle,), tpm2b(approved)
+                  + tpm2b(policy_ref) + tpm2b(key_name) + ticket, transport)

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from ..keyfile import pyca_curve
+
 # TPM2_ALG ids of the hashes a session may use, with hashlib names.
 HASH_NAMES = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
 _CRYPTOGRAPHY_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
@@ -94,10 +96,6 @@ def strip_auth(auth: bytes) -> bytes:
 
 # --- salting --------------------------------------------------------------------------
 
-_CURVES: dict[int, ec.EllipticCurve] = {0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1(),
-                                         0x0005: ec.SECP521R1()}
-
-
 @dataclasses.dataclass(frozen=True)
 class SaltKey:
     """What salting needs from the salt key's TPMT_PUBLIC, as plain values."""
@@ -118,7 +116,7 @@ def ecdh_salt(salt_key: SaltKey,
     contents of the TPM2B_ENCRYPTED_SECRET). salt = KDFe(nameAlg, Z, "SECRET", Qe.x,
     Qs.x, digest bits).
     """
-    curve = _CURVES.get(salt_key.ecc_curve)
+    curve = pyca_curve(salt_key.ecc_curve)
     if curve is None:
         raise ValueError(f"unsupported salt key curve 0x{salt_key.ecc_curve:04x}")
     size = (curve.key_size + 7) // 8

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tpmbroker.access import AccessPolicyError, Peer, load_policy
 from tpmbroker.client import Client
 from tpmbroker.errors import PermissionDeniedError
 from tpmbroker.keyfile import der_to_pem, pem_to_der
 from tpmbroker.paths import provider_path
-from tpmbroker.policy import Peer, PolicyError, load_policy
 from tpmbroker.protocol import Curve, KeySource, KeyType, key_id_for
 from tpmbroker.simulator import Swtpm
 
@@ -138,7 +138,7 @@ def test_policy_file_errors_are_clear(tmp_path: Path) -> None:
                         ('[keys.a]\nhandle = 0x81000001\nexecutables = ["nginx"]', "absolute"),
                         ("default = ", "p.toml")):
         policy.write_text(text)
-        with pytest.raises(PolicyError, match=words):
+        with pytest.raises(AccessPolicyError, match=words):
             load_policy(policy)
 
 

@@ -30,7 +30,8 @@ from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.definitions import Hash, KeySource, KeyType, Scheme, Status
-from tpmbroker.keyfile import KeySpec, der_to_pem
+from tpmbroker.keyfile import der_to_pem
+from tpmbroker.keyref import KeySpec
 from tpmbroker.procedures.generate import generate_key
 from tpmbroker.procedures.load import load_key
 from tpmbroker.procedures.sign import sign as sign_digest

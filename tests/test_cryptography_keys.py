@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 import tpmbroker
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
-from tpmbroker.crypto import _references, _rsa_scheme
+from tpmbroker.cryptography_keys import _references, _rsa_scheme
 from tpmbroker.errors import TpmBrokerError
 from tpmbroker.keyfile import der_to_pem
 

@@ -60,7 +60,7 @@ _WHY_SIGN = (": with a key that can sign, decryption without padding, or PKCS#1 
              "without implicit rejection, gives signatures")
 
 
-class PolicyError(ValueError):
+class AccessPolicyError(ValueError):
     """The policy file cannot be used; the message says where."""
 
 
@@ -116,7 +116,7 @@ class Decision:
 
 
 @dataclasses.dataclass(frozen=True)
-class KeyPolicy:
+class AccessPolicy:
     rules: tuple[KeyRule, ...]
     default_allow: bool = True
     path: str = ""
@@ -158,38 +158,38 @@ class KeyPolicy:
         return "allow" if self.default_allow else "deny"
 
 
-def load_policy(path: str | os.PathLike[str]) -> KeyPolicy:
-    """Read and check a policy file; PolicyError says what is wrong and where."""
+def load_policy(path: str | os.PathLike[str]) -> AccessPolicy:
+    """Read and check a policy file; AccessPolicyError says what is wrong and where."""
     where = os.fspath(path)
     try:
         data = tomllib.loads(Path(where).read_text())
     except OSError as exc:
-        raise PolicyError(f"{where}: {exc.strerror}") from None
+        raise AccessPolicyError(f"{where}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{where}: {exc}") from None
+        raise AccessPolicyError(f"{where}: {exc}") from None
     unknown = set(data) - {"default", "keys"}
     if unknown:
-        raise PolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+        raise AccessPolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
     default = data.get("default", "allow")
     if default not in ("allow", "deny"):
-        raise PolicyError(f"{where}: default must be \"allow\" or \"deny\", not {default!r}")
+        raise AccessPolicyError(f"{where}: default must be \"allow\" or \"deny\", not {default!r}")
     keys = data.get("keys", {})
     if not isinstance(keys, dict):
-        raise PolicyError(f"{where}: keys must be tables ([keys.NAME])")
+        raise AccessPolicyError(f"{where}: keys must be tables ([keys.NAME])")
     rules = tuple(_rule(where, name, entry) for name, entry in keys.items())
-    return KeyPolicy(rules, default_allow=default == "allow", path=where)
+    return AccessPolicy(rules, default_allow=default == "allow", path=where)
 
 
 def _rule(where: str, name: str, entry: Any) -> KeyRule:
     at = f"{where}: [keys.{name}]"
     if not isinstance(entry, dict):
-        raise PolicyError(f"{at} must be a table")
+        raise AccessPolicyError(f"{at} must be a table")
     unknown = set(entry) - _ENTRY_FIELDS
     if unknown:
-        raise PolicyError(f"{at}: unknown field(s) {', '.join(sorted(unknown))}")
+        raise AccessPolicyError(f"{at}: unknown field(s) {', '.join(sorted(unknown))}")
     named_by = [field for field in ("file", "key_id", "handle") if field in entry]
     if len(named_by) != 1:
-        raise PolicyError(f"{at} needs exactly one of file, key_id, handle")
+        raise AccessPolicyError(f"{at} needs exactly one of file, key_id, handle")
     key_ids: set[bytes] = set()
     public_keys: set[bytes] = set()
     try:
@@ -222,7 +222,7 @@ def _rule(where: str, name: str, entry: Any) -> KeyRule:
             raise ValueError(f"unknown operation(s) {', '.join(unknown_operations)}: give "
                              f"{', '.join(OPERATIONS)}")
     except (ValueError, KeyError, TypeError, TpmBrokerError) as exc:
-        raise PolicyError(f"{at}: {exc}") from None
+        raise AccessPolicyError(f"{at}: {exc}") from None
     return KeyRule(name, frozenset(key_ids), frozenset(public_keys), uids, gids,
                    frozenset(os.path.realpath(e) for e in exes), frozenset(operations))
 
@@ -243,14 +243,14 @@ def _ids(values: Any, lookup: Any, attr: str) -> set[int]:
 
 def _key_file(path: str) -> tuple[bytes, bytes]:
     """(DER, SubjectPublicKeyInfo DER) of a TSS2 PRIVATE KEY file."""
-    from .keyfile import pem_to_der
+    from .keyfile import to_der_if_pem
     from .tpm import keys
 
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    der = pem_to_der(data) if b"-----BEGIN" in data else data
+    der = to_der_if_pem(data)
     parsed = keys.parse_tss2_key(der)
     info = keys.key_info(b"", parsed.public.publicArea)
     return der, info.public_key

@@ -1,7 +1,7 @@
 """Persistent keys through the broker: `tpmbroker persist`, `keys`, `evict` (PERSIST,
 KEYS, EVICT) against swtpm, the real broker and the real openssl CLI.
 
-(tests/test_lifecycle.py is about the broker's own start and stop.)
+(tests/test_broker_life.py is about the broker's own start and stop.)
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ if typing.TYPE_CHECKING:
 from . import protocol as p
 from .client import Client, LoadedKey
 from .errors import UnsupportedError
-from .tss2public import RESTRICTED, object_attributes
+from .keyfile import RESTRICTED, object_attributes
 
 _clients: dict[tuple[str, float, bool], Client] = {}
 _clients_lock = threading.Lock()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite in a Debian 13 (trixie) root: OpenSSL 3.5, Python 3.13, tss2 4.1.
 #   sudo bash scripts/debian13.sh [pytest arguments]
+#   sudo bash scripts/debian13.sh --shell [command...]   a fresh root, no set-up, no tests
 # The root is made with debootstrap from the host's Debian mirror and the packages
 # `setup.sh --packages trixie` names, and cached under $TPMBROKER_CI_CACHE (default
 # /var/cache/tpmbroker-ci), keyed by a hash of mirror, suite and package list. Each run
@@ -107,6 +108,21 @@ while IFS='=' read -r name value; do
     pip_env+=("$name=$value")
 done < <(env | grep -E '^PIP_[A-Z_]+=' || true)
 
+if [ "${1:-}" = "--shell" ]; then
+    shift
+    ((${#@})) || set -- bash -i
+    inner=(bash -c 'cd /srv/tpmbroker && exec "$@"' sh "$@")
+else
+    inner=(bash -c '
+        set -euo pipefail
+        cd /srv/tpmbroker
+        . /etc/os-release
+        echo "debian13.sh: Debian $VERSION_ID ($VERSION_CODENAME), $(openssl version | cut -d" " -f1-2), $(python3 --version)"
+        bash scripts/setup.sh
+        exec bash scripts/test.sh "$@"
+    ' sh "$@")
+fi
+
 set +e
 unshare --mount --propagation private --pid --fork bash -euo pipefail -c '
     run=$1 base=$2 cache=$3; shift 3
@@ -133,14 +149,7 @@ unshare --mount --propagation private --pid --fork bash -euo pipefail -c '
     tar -C "$root/srv/tpmbroker" -xf "$run/src.tar"
     chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
-' sh "$run" "$base" "$CACHE" "${pip_dirs[@]}" -- "${pip_env[@]}" bash -c '
-    set -euo pipefail
-    cd /srv/tpmbroker
-    . /etc/os-release
-    echo "debian13.sh: Debian $VERSION_ID ($VERSION_CODENAME), $(openssl version), $(python3 --version)"
-    bash scripts/setup.sh
-    exec bash scripts/test.sh "$@"
-' sh "$@"
+' sh "$run" "$base" "$CACHE" "${pip_dirs[@]}" -- "${pip_env[@]}" "${inner[@]}"
 status=$?
 set -e
 exit "$status"

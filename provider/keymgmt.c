@@ -2,7 +2,7 @@
  * Key management for TPM EC and RSA keys.
  *
  * A key object holds the TPM key blob and its password, never private key material; the
- * public half is an ordinary EVP_PKEY of the private libctx, so parameters, public export
+ * public half is an ordinary EVP_PKEY of tpmb_crypto_libctx, so parameters, public export
  * and comparisons are answered by libcrypto itself. Export of the private half is refused:
  * that refusal is what makes OpenSSL bring signing back to this provider whatever the
  * provider order.
@@ -100,7 +100,7 @@ static EVP_PKEY *rsa_pub(TPMBROKER_CTX *prov, int type, const BIGNUM *n, const B
         || !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, e))
         goto end;
     if (md != NULL) {
-        EVP_MD *mdp = EVP_MD_fetch(prov->libctx, md, NULL);
+        EVP_MD *mdp = EVP_MD_fetch(tpmb_crypto_libctx(prov), md, tpmb_crypto_propq(prov));
         int saltlen = mdp != NULL ? EVP_MD_get_size(mdp) : 0;
 
         EVP_MD_free(mdp);
@@ -110,7 +110,8 @@ static EVP_PKEY *rsa_pub(TPMBROKER_CTX *prov, int type, const BIGNUM *n, const B
             goto end;
     }
     params = OSSL_PARAM_BLD_to_param(bld);
-    pctx = EVP_PKEY_CTX_new_from_name(prov->libctx, tpmb_key_type_name(type), NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(prov), tpmb_key_type_name(type),
+                                      tpmb_crypto_propq(prov));
     if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
         || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
         pub = NULL;
@@ -188,7 +189,7 @@ int tpmb_key_ready(TPMBROKER_CTX *prov, const TPMB_KEY *key, const char *doing)
 static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
                       uint8_t out[WIRE_KEY_ID_SIZE])
 {
-    EVP_MD *md = EVP_MD_fetch(prov->libctx, "SHA256", NULL);
+    EVP_MD *md = EVP_MD_fetch(tpmb_crypto_libctx(prov), "SHA256", tpmb_crypto_propq(prov));
     EVP_MD_CTX *mctx = EVP_MD_CTX_new();
     unsigned int n = 0;
     int ok;
@@ -249,7 +250,8 @@ TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob
         goto fail;
     }
     p = res.spki;
-    key->pub = d2i_PUBKEY_ex(NULL, &p, (long)res.spkilen, prov->libctx, NULL);
+    key->pub = d2i_PUBKEY_ex(NULL, &p, (long)res.spkilen, tpmb_crypto_libctx(prov),
+                             tpmb_crypto_propq(prov));
     free(res.spki);
     if (key->pub == NULL) {
         TPMB_RAISE(prov, TPMB_R_BROKER_PROTOCOL, "tpmbroker returned an unreadable public key");
@@ -290,7 +292,7 @@ fail:
     return NULL;
 }
 
-/* The public key of a TSS2 file as an EVP_PKEY of the private libctx. */
+/* The public key of a TSS2 file as an EVP_PKEY of tpmb_crypto_libctx. */
 static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
 {
     OSSL_PARAM_BLD *bld = NULL;
@@ -326,7 +328,8 @@ static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
             goto end;
     }
     params = OSSL_PARAM_BLD_to_param(bld);
-    pctx = EVP_PKEY_CTX_new_from_name(prov->libctx, tpmb_key_type_name(info->type), NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(prov), tpmb_key_type_name(info->type),
+                                      tpmb_crypto_propq(prov));
     if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
         || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
         pub = NULL;
@@ -480,7 +483,8 @@ static int key_import(void *keydata, int selection, const OSSL_PARAM params[])
         sel = EVP_PKEY_KEY_PARAMETERS;
     else
         return 0;
-    pctx = EVP_PKEY_CTX_new_from_name(key->prov->libctx, tpmb_key_type_name(key->type), NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(key->prov), tpmb_key_type_name(key->type),
+                                      tpmb_crypto_propq(key->prov));
     if (pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
         || EVP_PKEY_fromdata(pctx, &pub, sel, (OSSL_PARAM *)params) <= 0) {
         EVP_PKEY_CTX_free(pctx);
@@ -699,7 +703,7 @@ static void *rsapss_gen_init(void *provctx, int selection, const OSSL_PARAM para
 /* OpenSSL's digest name as a wire hash, 0 for none the TPM keys sign with. */
 static uint16_t hash_from_name(TPMBROKER_CTX *prov, const char *name)
 {
-    EVP_MD *md = EVP_MD_fetch(prov->libctx, name, NULL);
+    EVP_MD *md = EVP_MD_fetch(tpmb_crypto_libctx(prov), name, tpmb_crypto_propq(prov));
     uint16_t hash = 0;
 
     if (md != NULL) {
@@ -1044,7 +1048,8 @@ static int ec_set_params(void *keydata, const OSSL_PARAM params[])
     build[0] = OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0);
     build[1] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, p->data, p->data_size);
     build[2] = OSSL_PARAM_construct_end();
-    pctx = EVP_PKEY_CTX_new_from_name(key->prov->libctx, "EC", NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(key->prov), "EC",
+                                      tpmb_crypto_propq(key->prov));
     ok = pctx != NULL && EVP_PKEY_fromdata_init(pctx) > 0
          && EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, build) > 0;
     EVP_PKEY_CTX_free(pctx);

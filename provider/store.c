@@ -173,6 +173,8 @@ static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
     }
     if (ctx->nv)
         return load_certificate(ctx, object_cb, object_cbarg);
+    if (!tpmb_fips_permits_keys(ctx->prov))
+        return 0;
     if (ctx->need_pass) {
         OSSL_PARAM info[] = {
             OSSL_PARAM_utf8_string(OSSL_PASSPHRASE_PARAM_INFO, (char *)"TPM key", 0),

@@ -38,6 +38,7 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v unshare >/dev/null || need+=(util-linux)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 if ((${#need[@]})); then
+    apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
@@ -73,17 +74,21 @@ build_root() {
         || { tail -30 "$CACHE/.build-$SUITE.log"; rm -rf "$tmp"; exit 1; }
     rm -rf "$tmp/var/lib/apt/lists/"* "$tmp/tmp/"*
     touch "$tmp/.tpmbroker-root-complete"
-    mv "$tmp" "$base"
+    mv -T "$tmp" "$base"
     # Roots of older keys are no longer used.
     find "$CACHE" -maxdepth 1 -name "$SUITE-*" ! -name "$SUITE-$key" -exec rm -rf {} +
 }
 
+# One build at a time; runs that find the root complete share it read-only (overlay).
+exec 9>"$CACHE/.lock"
+flock 9
 if [ ! -e "$base/.tpmbroker-root-complete" ]; then
-    rm -rf "$base"
+    rm -rf "$base" "$CACHE"/.build-"$SUITE"-*
     build_root
 else
     echo "debian13.sh: cached $SUITE root $base"
 fi
+exec 9>&-  # closing the lock file releases it
 
 run=$(mktemp -d /var/tmp/tpmbroker-debian13.XXXXXX)
 cleanup() {

@@ -152,8 +152,12 @@ unshare --mount --propagation private --pid --fork bash -euo pipefail -c '
         install -m 644 /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
     mkdir -m 755 -p "$root/srv/tpmbroker"
     tar -C "$root/srv/tpmbroker" -xf "$run/src.tar"
+    # Not exec: this shell stays PID 1 of the namespace and reaps orphans, so the tests
+    # run as ordinary processes (PID 1 ignores signals it has no handler for).
+    status=0
     chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@" || status=$?
+    exit "$status"
 ' sh "$run" "$base" "$CACHE" "${pip_dirs[@]}" -- "${pip_env[@]}" "${inner[@]}"
 status=$?
 set -e

@@ -193,7 +193,17 @@ def __getattr__(name: str) -> Any:
     return getattr(_setuptools(), name)
 
 
+def _require_build_tools() -> None:
+    missing = [name for name in ("setuptools", "cffi") if importlib.util.find_spec(name) is None]
+    if missing:
+        # Python 3.12+ venvs have no setuptools; the dev extra brings both.
+        raise SystemExit(f"build_provider: {' and '.join(missing)} missing in {sys.prefix}: "
+                         f"{sys.executable} -m pip install {' '.join(missing)}  "
+                         "(or pip install -e '.[dev]')")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _require_build_tools()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -5,7 +5,7 @@
  * rejection by default (a bad padding gives a synthetic message, as OpenSSL 3.2 does),
  * which "implicit-rejection" = 0 turns off.
  *
- * Encryption needs only the public key: it runs in software, in the private libctx, with
+ * Encryption needs only the public key: it runs in software (tpmb_crypto_libctx), with
  * the same parameters, so `pkeyutl -encrypt -inkey <TPM key>` works too.
  */
 #include <stdlib.h>
@@ -115,7 +115,7 @@ static size_t modulus_size(const CIPHER_CTX *ctx)
 /* The wire's hash id of a digest name, 0 if the broker has none such. */
 static uint16_t wire_hash_of(CIPHER_CTX *ctx, const char *name)
 {
-    EVP_MD *md = EVP_MD_fetch(ctx->prov->libctx, name, NULL);
+    EVP_MD *md = EVP_MD_fetch(tpmb_crypto_libctx(ctx->prov), name, tpmb_crypto_propq(ctx->prov));
     uint16_t id = 0;
 
     if (md == NULL)
@@ -132,7 +132,7 @@ static uint16_t wire_hash_of(CIPHER_CTX *ctx, const char *name)
     return id;
 }
 
-/* Encryption: software, with the public key, in the private libctx. */
+/* Encryption: software, with the public key, in tpmb_crypto_libctx. */
 static int cipher_encrypt(void *vctx, unsigned char *out, size_t *outlen, size_t outsize,
                           const unsigned char *in, size_t inlen)
 {
@@ -144,7 +144,8 @@ static int cipher_encrypt(void *vctx, unsigned char *out, size_t *outlen, size_t
         *outlen = modulus_size(ctx);
         return 1;
     }
-    pctx = EVP_PKEY_CTX_new_from_pkey(ctx->prov->libctx, ctx->key->pub, NULL);
+    pctx = EVP_PKEY_CTX_new_from_pkey(tpmb_crypto_libctx(ctx->prov), ctx->key->pub,
+                                      tpmb_crypto_propq(ctx->prov));
     if (pctx == NULL || EVP_PKEY_encrypt_init(pctx) <= 0
         || EVP_PKEY_CTX_set_rsa_padding(pctx, ctx->pad) <= 0)
         goto end;
@@ -271,7 +272,7 @@ static int get_md_name(CIPHER_CTX *ctx, const OSSL_PARAM *p, char *out)
 
     if (!OSSL_PARAM_get_utf8_string_ptr(p, &name) || strlen(name) >= MDNAME_MAX)
         return 0;
-    md = EVP_MD_fetch(ctx->prov->libctx, name, NULL);
+    md = EVP_MD_fetch(tpmb_crypto_libctx(ctx->prov), name, tpmb_crypto_propq(ctx->prov));
     if (md == NULL) {
         TPMB_RAISE(ctx->prov, TPMB_R_UNSUPPORTED, "unknown digest %s", name);
         return 0;

@@ -141,6 +141,10 @@ static int der_decode(TPMBROKER_CTX *prov, int expected, OSSL_CORE_BIO *cin, int
         free(der); /* not ours, or the other key type's decoder will take it */
         return 1;
     }
+    if (!tpmb_fips_permits_keys(prov)) {
+        free(der); /* ours, but OpenSSL would only say "unsupported": say what to set */
+        return 0;
+    }
     /*
      * No password at hand is not a decoding error: OpenSSL would hide ours behind
      * "unsupported". The key decodes (its public half is usable) and signing says why not.

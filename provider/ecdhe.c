@@ -5,7 +5,7 @@
  * "EC" one found. With tpmbroker listed first that is ours, whose keys live in the TPM, and
  * TLS 1.2 with ECDSA certificates fails ("no shared cipher"). This file announces
  * secp256r1 and secp384r1 itself, with a key type of its own, TPMBROKER-ECDHE: ordinary
- * software keys of the private libctx, wrapped, plus the matching key exchange. Nothing here
+ * software keys of tpmb_crypto_libctx, wrapped, plus the matching key exchange. Nothing here
  * touches the broker. With the default provider first, libssl uses the default provider's
  * groups and none of this runs.
  */
@@ -144,7 +144,8 @@ static int ek_match(const void *keydata1, const void *keydata2, int selection)
 static int ek_import(void *keydata, int selection, const OSSL_PARAM params[])
 {
     ECDHE_KEY *k = keydata;
-    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(k->prov->libctx, "EC", NULL);
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(k->prov), "EC",
+                                                    tpmb_crypto_propq(k->prov));
     EVP_PKEY *pkey = NULL;
     int sel = (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) ? EVP_PKEY_KEYPAIR
               : (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) ? EVP_PKEY_PUBLIC_KEY
@@ -230,7 +231,8 @@ static int ek_validate(const void *keydata, int selection, int checktype)
     (void)checktype;
     if (k->pkey == NULL)
         return 0;
-    pctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, k->pkey, NULL);
+    pctx = EVP_PKEY_CTX_new_from_pkey(tpmb_crypto_libctx(k->prov), k->pkey,
+                                      tpmb_crypto_propq(k->prov));
     if (pctx == NULL)
         return 0;
     if (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)
@@ -321,10 +323,12 @@ static void *ek_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     params[0] = OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, g->group, 0);
     params[1] = OSSL_PARAM_construct_end();
     if (g->selection & OSSL_KEYMGMT_SELECT_KEYPAIR) {
-        k->pkey = EVP_PKEY_Q_keygen(g->prov->libctx, NULL, "EC", g->group);
+        k->pkey = EVP_PKEY_Q_keygen(tpmb_crypto_libctx(g->prov), tpmb_crypto_propq(g->prov), "EC",
+                                    g->group);
     } else {
         /* parameters only: the peer's public point is set on it afterwards */
-        EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(g->prov->libctx, "EC", NULL);
+        EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(g->prov), "EC",
+                                                        tpmb_crypto_propq(g->prov));
 
         if (pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
             || EVP_PKEY_fromdata(pctx, &k->pkey, EVP_PKEY_KEY_PARAMETERS, params) <= 0)
@@ -424,7 +428,8 @@ static int kx_derive(void *vctx, unsigned char *secret, size_t *secretlen, size_
 
     if (c->key == NULL || c->peer == NULL)
         return 0;
-    pctx = EVP_PKEY_CTX_new_from_pkey(c->prov->libctx, c->key->pkey, NULL);
+    pctx = EVP_PKEY_CTX_new_from_pkey(tpmb_crypto_libctx(c->prov), c->key->pkey,
+                                      tpmb_crypto_propq(c->prov));
     *secretlen = outlen;
     ok = pctx != NULL && EVP_PKEY_derive_init(pctx) > 0
          && EVP_PKEY_derive_set_peer_ex(pctx, c->peer->pkey, 0) > 0

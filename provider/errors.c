@@ -24,6 +24,7 @@ const OSSL_ITEM tpmb_reason_strings[] = {
     { TPMB_R_PASSWORD_NEEDED, "the TPM key needs a password" },
     { TPMB_R_PARENT_AUTH_FAILED, "wrong or missing password for the key's parent" },
     { TPMB_R_POLICY_FAILED, "the TPM key's policy does not hold" },
+    { TPMB_R_FIPS_NOT_DECLARED, "FIPS mode: tpmbroker's algorithms are not declared fips=yes" },
     { 0, NULL },
 };
 

@@ -193,7 +193,8 @@ static int derive_z(EXCH_CTX *ctx, unsigned char *z, size_t *zlen)
 static int run_kdf(EXCH_CTX *ctx, const unsigned char *z, size_t zlen, unsigned char *out,
                    size_t outlen)
 {
-    EVP_KDF *kdf = EVP_KDF_fetch(ctx->prov->libctx, ctx->kdf, NULL);
+    EVP_KDF *kdf = EVP_KDF_fetch(tpmb_crypto_libctx(ctx->prov), ctx->kdf,
+                                 tpmb_crypto_propq(ctx->prov));
     EVP_KDF_CTX *kctx = kdf != NULL ? EVP_KDF_CTX_new(kdf) : NULL;
     OSSL_PARAM params[5], *p = params;
     int ok;

@@ -1,7 +1,7 @@
 /*
  * The TPM key object (TPMB_KEY) every operation uses: the TPM key blob (or persistent
  * handle) and its password, never private key material, the broker's key id, and the public
- * half as an ordinary EVP_PKEY of the private libctx. Made from a key file (decoders), by
+ * half as an ordinary EVP_PKEY of tpmb_crypto_libctx. Made from a key file (decoders), by
  * LOAD from the broker (store, generation), and freed here; keymgmt*.c hand it to OpenSSL.
  */
 #include <stdlib.h>
@@ -97,7 +97,7 @@ static EVP_PKEY *rsa_pub(TPMBROKER_CTX *prov, int type, const BIGNUM *n, const B
         || !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, e))
         goto end;
     if (md != NULL) {
-        EVP_MD *mdp = EVP_MD_fetch(prov->libctx, md, NULL);
+        EVP_MD *mdp = EVP_MD_fetch(tpmb_crypto_libctx(prov), md, tpmb_crypto_propq(prov));
         int saltlen = mdp != NULL ? EVP_MD_get_size(mdp) : 0;
 
         EVP_MD_free(mdp);
@@ -107,7 +107,8 @@ static EVP_PKEY *rsa_pub(TPMBROKER_CTX *prov, int type, const BIGNUM *n, const B
             goto end;
     }
     params = OSSL_PARAM_BLD_to_param(bld);
-    pctx = EVP_PKEY_CTX_new_from_name(prov->libctx, tpmb_key_type_name(type), NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(prov), tpmb_key_type_name(type),
+                                      tpmb_crypto_propq(prov));
     if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
         || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
         pub = NULL;
@@ -185,7 +186,7 @@ int tpmb_key_ready(TPMBROKER_CTX *prov, const TPMB_KEY *key, const char *doing)
 static int key_id_for(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob, size_t len,
                       uint8_t out[WIRE_KEY_ID_SIZE])
 {
-    EVP_MD *md = EVP_MD_fetch(prov->libctx, "SHA256", NULL);
+    EVP_MD *md = EVP_MD_fetch(tpmb_crypto_libctx(prov), "SHA256", tpmb_crypto_propq(prov));
     EVP_MD_CTX *mctx = EVP_MD_CTX_new();
     unsigned int n = 0;
     int ok;
@@ -246,7 +247,8 @@ TPMB_KEY *tpmb_key_load(TPMBROKER_CTX *prov, uint8_t source, const uint8_t *blob
         goto fail;
     }
     p = res.spki;
-    key->pub = d2i_PUBKEY_ex(NULL, &p, (long)res.spkilen, prov->libctx, NULL);
+    key->pub = d2i_PUBKEY_ex(NULL, &p, (long)res.spkilen, tpmb_crypto_libctx(prov),
+                             tpmb_crypto_propq(prov));
     free(res.spki);
     if (key->pub == NULL) {
         TPMB_RAISE(prov, TPMB_R_BROKER_PROTOCOL, "tpmbroker returned an unreadable public key");
@@ -287,7 +289,7 @@ fail:
     return NULL;
 }
 
-/* The public key of a TSS2 file as an EVP_PKEY of the private libctx. */
+/* The public key of a TSS2 file as an EVP_PKEY of tpmb_crypto_libctx. */
 static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
 {
     OSSL_PARAM_BLD *bld = NULL;
@@ -323,7 +325,8 @@ static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
             goto end;
     }
     params = OSSL_PARAM_BLD_to_param(bld);
-    pctx = EVP_PKEY_CTX_new_from_name(prov->libctx, tpmb_key_type_name(info->type), NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(prov), tpmb_key_type_name(info->type),
+                                      tpmb_crypto_propq(prov));
     if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
         || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
         pub = NULL;

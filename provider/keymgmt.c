@@ -3,7 +3,7 @@
  * dispatch table is in its own file (keymgmt_ec.c, keymgmt_rsa.c, keymgmt_rsapss.c), key
  * generation in keymgmt_gen.c, the key object in key.c.
  *
- * The public half is an ordinary EVP_PKEY of the private libctx, so parameters, public
+ * The public half is an ordinary EVP_PKEY of tpmb_crypto_libctx, so parameters, public
  * export and comparisons are answered by libcrypto itself. Export of the private half is
  * refused: that refusal is what makes OpenSSL bring signing back to this provider whatever
  * the provider order.
@@ -119,7 +119,8 @@ int km_key_import(void *keydata, int selection, const OSSL_PARAM params[])
         sel = EVP_PKEY_KEY_PARAMETERS;
     else
         return 0;
-    pctx = EVP_PKEY_CTX_new_from_name(key->prov->libctx, tpmb_key_type_name(key->type), NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(key->prov), tpmb_key_type_name(key->type),
+                                      tpmb_crypto_propq(key->prov));
     if (pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
         || EVP_PKEY_fromdata(pctx, &pub, sel, (OSSL_PARAM *)params) <= 0) {
         EVP_PKEY_CTX_free(pctx);

@@ -100,7 +100,8 @@ static int ec_set_params(void *keydata, const OSSL_PARAM params[])
     build[0] = OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0);
     build[1] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, p->data, p->data_size);
     build[2] = OSSL_PARAM_construct_end();
-    pctx = EVP_PKEY_CTX_new_from_name(key->prov->libctx, "EC", NULL);
+    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(key->prov), "EC",
+                                      tpmb_crypto_propq(key->prov));
     ok = pctx != NULL && EVP_PKEY_fromdata_init(pctx) > 0
          && EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, build) > 0;
     EVP_PKEY_CTX_free(pctx);

@@ -51,7 +51,7 @@ static uint16_t curve_from_name(const char *name)
 /* OpenSSL's digest name as a wire hash, 0 for none the TPM keys sign with. */
 static uint16_t hash_from_name(TPMBROKER_CTX *prov, const char *name)
 {
-    EVP_MD *md = EVP_MD_fetch(prov->libctx, name, NULL);
+    EVP_MD *md = EVP_MD_fetch(tpmb_crypto_libctx(prov), name, tpmb_crypto_propq(prov));
     uint16_t hash = 0;
 
     if (md != NULL) {

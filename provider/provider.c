@@ -178,8 +178,31 @@ static int standing_in(TPMBROKER_CTX *prov)
     return !OSSL_PROVIDER_available(app, "default") && !OSSL_PROVIDER_available(app, "fips");
 }
 
+/* The tables provider_query answers with, by tpmb_operation_table. Those that do no
+ * cryptography are always declared fips=yes; the others only with `fips = yes`. The random
+ * source never is: the FIPS provider's DRBG stays the application's. */
+static const struct {
+    const OSSL_ALGORITHM *algs;
+    int crypto;
+} operation_tables[TPMB_OPERATION_TABLES] = {
+    [TPMB_TABLE_KEYMGMT] = { keymgmt_algs, 1 },
+    [TPMB_TABLE_SIGNATURE] = { signature_algs, 1 },
+    [TPMB_TABLE_KEYEXCH] = { keyexch_algs, 1 },
+    [TPMB_TABLE_ASYM_CIPHER] = { asym_cipher_algs, 1 },
+    [TPMB_TABLE_DECODER] = { decoder_algs, 0 },
+    [TPMB_TABLE_ENCODER] = { encoder_algs, 0 },
+    [TPMB_TABLE_STORE] = { store_algs, 0 },
+};
+
+static const OSSL_ALGORITHM *table(const TPMBROKER_CTX *ctx, enum tpmb_operation_table t)
+{
+    return ctx->tables[t] != NULL ? ctx->tables[t] : operation_tables[t].algs;
+}
+
 static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int *no_cache)
 {
+    const TPMBROKER_CTX *ctx = provctx;
+
     *no_cache = 0;
     if (operation_id == OSSL_OP_DIGEST) {
         *no_cache = 1;
@@ -187,26 +210,137 @@ static const OSSL_ALGORITHM *provider_query(void *provctx, int operation_id, int
     }
     if (operation_id == OSSL_OP_DECODER) {
         *no_cache = 1;
-        return standing_in(provctx) ? decoder_algs_with_ec_params : decoder_algs;
+        return standing_in(provctx) ? decoder_algs_with_ec_params
+                                    : table(ctx, TPMB_TABLE_DECODER);
     }
     switch (operation_id) {
     case OSSL_OP_KEYMGMT:
-        return keymgmt_algs;
+        return table(ctx, TPMB_TABLE_KEYMGMT);
     case OSSL_OP_SIGNATURE:
-        return signature_algs;
+        return table(ctx, TPMB_TABLE_SIGNATURE);
     case OSSL_OP_KEYEXCH:
-        return keyexch_algs;
+        return table(ctx, TPMB_TABLE_KEYEXCH);
     case OSSL_OP_ENCODER:
-        return encoder_algs;
+        return table(ctx, TPMB_TABLE_ENCODER);
     case OSSL_OP_STORE:
-        return store_algs;
+        return table(ctx, TPMB_TABLE_STORE);
     case OSSL_OP_RAND:
         return rand_algs;
     case OSSL_OP_ASYM_CIPHER:
-        return asym_cipher_algs;
+        return table(ctx, TPMB_TABLE_ASYM_CIPHER);
     default:
         return NULL;
     }
+}
+
+static void free_table(OSSL_ALGORITHM *algs)
+{
+    size_t i;
+
+    if (algs == NULL)
+        return;
+    for (i = 0; algs[i].algorithm_names != NULL; i++)
+        free((char *)algs[i].property_definition);
+    free(algs);
+}
+
+/* A copy of `algs` with TPMBROKER_FIPS_PROP added to every property definition. */
+static OSSL_ALGORITHM *declared_fips(const OSSL_ALGORITHM *algs)
+{
+    OSSL_ALGORITHM *copy;
+    size_t n = 0, i;
+
+    while (algs[n].algorithm_names != NULL)
+        n++;
+    copy = calloc(n + 1, sizeof(*copy));
+    if (copy == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        size_t len = strlen(algs[i].property_definition) + sizeof(TPMBROKER_FIPS_PROP);
+        char *props = malloc(len);
+
+        if (props == NULL) {
+            free_table(copy);
+            return NULL;
+        }
+        snprintf(props, len, "%s" TPMBROKER_FIPS_PROP, algs[i].property_definition);
+        copy[i] = algs[i];
+        copy[i].property_definition = props;
+    }
+    return copy;
+}
+
+static int make_tables(TPMBROKER_CTX *ctx)
+{
+    int t;
+
+    for (t = 0; t < TPMB_OPERATION_TABLES; t++) {
+        if (!operation_tables[t].crypto || ctx->fips) {
+            ctx->tables[t] = declared_fips(operation_tables[t].algs);
+            if (ctx->tables[t] == NULL)
+                return 0;
+        }
+    }
+    return 1;
+}
+
+static void free_tables(TPMBROKER_CTX *ctx)
+{
+    int t;
+
+    for (t = 0; t < TPMB_OPERATION_TABLES; t++) {
+        free_table(ctx->tables[t]);
+        ctx->tables[t] = NULL;
+    }
+}
+
+/* In FIPS mode everything is fetched from the application's providers but ours. */
+#define FIPS_MODE_PROPQ "provider!=" TPMBROKER_NAME
+
+static int crypto_mode(TPMBROKER_CTX *ctx)
+{
+    int mode = __atomic_load_n(&ctx->crypto_mode, __ATOMIC_ACQUIRE);
+
+    if (mode == TPMB_CRYPTO_UNDECIDED) {
+        /* Decided once, at the first operation: by then the application's configuration
+         * has set its default properties. Racing threads decide the same. */
+        mode = ctx->app_libctx != NULL && EVP_default_properties_is_fips_enabled(ctx->app_libctx)
+                   ? TPMB_CRYPTO_FIPS : TPMB_CRYPTO_PRIVATE;
+        tpmb_debug("software cryptography from %s", mode == TPMB_CRYPTO_FIPS
+                   ? "the application's FIPS providers (default_properties fips=yes)"
+                   : "the private library context");
+        __atomic_store_n(&ctx->crypto_mode, mode, __ATOMIC_RELEASE);
+    }
+    return mode;
+}
+
+OSSL_LIB_CTX *tpmb_crypto_libctx(TPMBROKER_CTX *ctx)
+{
+    return crypto_mode(ctx) == TPMB_CRYPTO_FIPS ? ctx->app_libctx : ctx->libctx;
+}
+
+const char *tpmb_crypto_propq(TPMBROKER_CTX *ctx)
+{
+    return crypto_mode(ctx) == TPMB_CRYPTO_FIPS ? FIPS_MODE_PROPQ : NULL;
+}
+
+#define FIPS_NOT_DECLARED_HINT \
+    "the application asks for FIPS-approved algorithms (default_properties = fips=yes); " \
+    "if the TPM is FIPS 140 certified, set `fips = yes` in tpmbroker's provider section " \
+    "of openssl.cnf (docs/provider.md, \"FIPS mode\")"
+
+int tpmb_fips_permits_keys(TPMBROKER_CTX *ctx)
+{
+    static int told;
+
+    if (ctx->fips || crypto_mode(ctx) != TPMB_CRYPTO_FIPS)
+        return 1;
+    /* OpenSSL's file store drops what a decoder raises and reports "unsupported" alone:
+     * a misconfiguration this plain is also said on stderr, once per process. */
+    if (!tpmb_debug_on() && !__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
+        fputs("tpmbroker: " FIPS_NOT_DECLARED_HINT "\n", stderr);
+    TPMB_RAISE(ctx, TPMB_R_FIPS_NOT_DECLARED, FIPS_NOT_DECLARED_HINT);
+    return 0;
 }
 
 static const OSSL_ITEM *provider_reason_strings(void *provctx)
@@ -222,7 +356,9 @@ static void provider_teardown(void *provctx)
     if (ctx == NULL)
         return;
     client_free(ctx->client);
+    OSSL_LIB_CTX_free(ctx->app_libctx);
     OSSL_LIB_CTX_free(ctx->libctx);
+    free_tables(ctx);
     if (ctx->parent_auth != NULL) {
         OPENSSL_cleanse(ctx->parent_auth, strlen(ctx->parent_auth));
         free(ctx->parent_auth);
@@ -296,7 +432,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
     TPMBROKER_CTX *ctx;
     const OSSL_DISPATCH *d;
     char *cfg_socket = NULL, *cfg_timeout = NULL, *cfg_debug = NULL, *cfg_verify = NULL;
-    char *cfg_parent_auth = NULL;
+    char *cfg_parent_auth = NULL, *cfg_fips = NULL;
     const char *env_verify = getenv("TPMBROKER_VERIFY");
     unsigned int timeout_ms = TPMBROKER_DEFAULT_TIMEOUT_MS;
     const char *env_debug = getenv("TPMBROKER_DEBUG");
@@ -334,6 +470,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
             OSSL_PARAM_utf8_ptr("debug", &cfg_debug, 0),
             OSSL_PARAM_utf8_ptr("verify", &cfg_verify, 0),
             OSSL_PARAM_utf8_ptr("parent-auth", &cfg_parent_auth, 0),
+            OSSL_PARAM_utf8_ptr("fips", &cfg_fips, 0),
             OSSL_PARAM_END,
         };
 
@@ -358,21 +495,28 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
         else
             tpmb_debug("ignoring timeout = %s (seconds, 0 < t <= 300)", cfg_timeout);
     }
+    /* fips: off unless the site declares it (docs/provider.md, "FIPS mode") */
+    ctx->fips = cfg_fips != NULL && *cfg_fips != '\0' && !is_off(cfg_fips);
     /* the core BIO upcalls are needed to read the decoders' input */
     ctx->libctx = OSSL_LIB_CTX_new_from_dispatch(core, in);
+    ctx->app_libctx = OSSL_LIB_CTX_new_child(core, in);
     path = socket_path(cfg_socket);
-    if (ctx->libctx == NULL || path == NULL) {
+    if (ctx->libctx == NULL || ctx->app_libctx == NULL || path == NULL || !make_tables(ctx)) {
         free(path);
+        free_tables(ctx);
+        OSSL_LIB_CTX_free(ctx->app_libctx);
         OSSL_LIB_CTX_free(ctx->libctx);
         free(ctx);
         return 0;
     }
     ctx->parent_auth = parent_auth(cfg_parent_auth);
     ctx->client = client_new(path, timeout_ms);
-    tpmb_debug("loaded; socket %s, timeout %u ms, verify %s", path, timeout_ms,
-               ctx->verify ? "on" : "off");
+    tpmb_debug("loaded; socket %s, timeout %u ms, verify %s, fips %s", path, timeout_ms,
+               ctx->verify ? "on" : "off", ctx->fips ? "declared" : "not declared");
     free(path);
     if (ctx->client == NULL) {
+        free_tables(ctx);
+        OSSL_LIB_CTX_free(ctx->app_libctx);
         OSSL_LIB_CTX_free(ctx->libctx);
         free(ctx->parent_auth);
         free(ctx);

@@ -16,14 +16,33 @@
 
 #define TPMBROKER_NAME "tpmbroker"
 #define TPMBROKER_PROPS "provider=tpmbroker"
+/* Added to every property definition with `fips = yes` (all but the random source), and
+ * always to decoders, encoders and store loaders, which do no cryptography (as OpenSSL's
+ * base provider declares its own). */
+#define TPMBROKER_FIPS_PROP ",fips=yes"
 #define TPMBROKER_DEFAULT_TIMEOUT_MS 30000
 /* The key exchange of TPM EC keys (exchange.c); ecdhe.c's TPMBROKER-ECDH is TLS's. */
 #define TPMB_TPM_ECDH_NAME "TPMBROKER-TPM-ECDH"
+
+/* provider.c keeps copies of these operations' tables with fips=yes declared. */
+enum tpmb_operation_table {
+    TPMB_TABLE_KEYMGMT, TPMB_TABLE_SIGNATURE, TPMB_TABLE_KEYEXCH, TPMB_TABLE_ASYM_CIPHER,
+    TPMB_TABLE_DECODER, TPMB_TABLE_ENCODER, TPMB_TABLE_STORE, TPMB_OPERATION_TABLES
+};
+
+enum tpmb_crypto_mode { TPMB_CRYPTO_UNDECIDED, TPMB_CRYPTO_PRIVATE, TPMB_CRYPTO_FIPS };
 
 /* Per-load provider context, handed to every operation. */
 typedef struct tpmbroker_ctx {
     const OSSL_CORE_HANDLE *core;
     OSSL_LIB_CTX *libctx; /* private: hashing here never recurses into us */
+    /* The application's providers and default properties (a child library context).
+     * When those ask for fips=yes, hashing and every other software operation of ours
+     * come from there, with tpmbroker itself excluded: tpmb_crypto_libctx(). */
+    OSSL_LIB_CTX *app_libctx;
+    int crypto_mode;      /* TPMB_CRYPTO_*: decided at first use */
+    int fips;             /* `fips = yes`: the site declares our algorithms fips=yes */
+    OSSL_ALGORITHM *tables[TPMB_OPERATION_TABLES]; /* with TPMBROKER_FIPS_PROP added */
     TPMB_CLIENT *client;
     int verify;           /* verify every signature the broker returns (default 1) */
     char *parent_auth;    /* password of persistent parents: env or config; NULL: none */
@@ -53,11 +72,24 @@ enum tpmb_reason {
     TPMB_R_PASSWORD_NEEDED,
     TPMB_R_PARENT_AUTH_FAILED,
     TPMB_R_POLICY_FAILED,
+    TPMB_R_FIPS_NOT_DECLARED,
 };
 
 /*
+ * Where the provider's own software cryptography (hashing, checking signatures with the
+ * public key, encryption to it, ephemeral ECDH) is fetched from: the private libctx, or,
+ * when the application's default properties ask for fips=yes, the application's
+ * providers (its FIPS provider) without tpmbroker. Pass tpmb_crypto_propq() with it.
+ */
+OSSL_LIB_CTX *tpmb_crypto_libctx(TPMBROKER_CTX *ctx);
+const char *tpmb_crypto_propq(TPMBROKER_CTX *ctx);
+/* 0, with an error saying what to set, when the application asks for fips=yes and this
+ * site has not declared tpmbroker's algorithms fips=yes; 1 otherwise. */
+int tpmb_fips_permits_keys(TPMBROKER_CTX *ctx);
+
+/*
  * A key object: the TPM key blob (or persistent handle) and password, the broker's key id
- * and the public key as an EVP_PKEY of the private libctx. blob == NULL means public only
+ * and the public key as an EVP_PKEY of tpmb_crypto_libctx. blob == NULL means public only
  * (imported, e.g. from a certificate, to be matched against a TPM key).
  */
 typedef struct tpmb_key {

@@ -2,7 +2,9 @@
  * Signatures with TPM keys: ECDSA, RSA PKCS#1 v1.5 and RSA-PSS.
  *
  * Hashing happens here, with libcrypto's digests from the private libctx (the model is
- * OpenSSL's ecdsa_sig.c); only the digest travels to the broker in one SIGN request.
+ * OpenSSL's ecdsa_sig.c), or from the application's FIPS provider when its default
+ * properties ask for fips=yes (tpmb_crypto_libctx); only the digest travels to the broker
+ * in one SIGN request.
  * Verification uses the public key locally, so verify never needs the broker.
  *
  * Restricted signing keys (attestation keys) sign only what the TPM hashed itself: for
@@ -27,6 +29,7 @@
 #include <openssl/evp.h>
 #include <openssl/objects.h>
 #include <openssl/params.h>
+#include <openssl/provider.h>
 #include <openssl/rsa.h>
 
 #include "provider.h"
@@ -66,7 +69,7 @@ static void *sig_newctx(void *provctx, const char *propq)
 {
     SIG_CTX *ctx = calloc(1, sizeof(*ctx));
 
-    (void)propq; /* digests come from the private libctx, never from us */
+    (void)propq; /* digests come from tpmb_crypto_libctx, never from us */
     if (ctx == NULL)
         return NULL;
     ctx->prov = provctx;
@@ -135,7 +138,7 @@ static uint16_t hash_id(const EVP_MD *md)
 
 static int set_md(SIG_CTX *ctx, const char *name)
 {
-    EVP_MD *md = EVP_MD_fetch(ctx->prov->libctx, name, NULL);
+    EVP_MD *md = EVP_MD_fetch(tpmb_crypto_libctx(ctx->prov), name, tpmb_crypto_propq(ctx->prov));
     uint16_t id;
 
     if (md == NULL) {
@@ -156,6 +159,8 @@ static int set_md(SIG_CTX *ctx, const char *name)
         EVP_MD_free(md);
         return 0;
     }
+    tpmb_debug("digest %s from provider %s", name,
+               OSSL_PROVIDER_get0_name(EVP_MD_get0_provider(md)));
     EVP_MD_free(ctx->md);
     ctx->md = md;
     ctx->hash = id;
@@ -246,7 +251,8 @@ static int ecdsa_shape_ok(const SIG_CTX *ctx, const unsigned char *sig, size_t s
     if (!EVP_PKEY_get_utf8_string_param(ctx->key->pub, OSSL_PKEY_PARAM_GROUP_NAME, curve,
                                         sizeof(curve), NULL))
         goto end;
-    group = EC_GROUP_new_by_curve_name_ex(ctx->prov->libctx, NULL, OBJ_sn2nid(curve));
+    group = EC_GROUP_new_by_curve_name_ex(tpmb_crypto_libctx(ctx->prov),
+                                          tpmb_crypto_propq(ctx->prov), OBJ_sn2nid(curve));
     if (group == NULL)
         goto end;
     n = EC_GROUP_get0_order(group);
@@ -392,11 +398,12 @@ static int sig_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsi
     return do_sign(ctx, sig, siglen, sigsize, tbs, tbslen, NULL, 0);
 }
 
-/* Verifies with the public key in the private libctx, with the same parameters. */
+/* Verifies with the public key in its libctx (tpmb_crypto_libctx), same parameters. */
 static int do_verify(SIG_CTX *ctx, const unsigned char *sig, size_t siglen,
                      const unsigned char *tbs, size_t tbslen)
 {
-    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(ctx->prov->libctx, ctx->key->pub, NULL);
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(tpmb_crypto_libctx(ctx->prov), ctx->key->pub,
+                                                    tpmb_crypto_propq(ctx->prov));
     int ok = 0;
 
     if (pctx == NULL || EVP_PKEY_verify_init(pctx) <= 0)

@@ -321,6 +321,8 @@ static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
     }
     if (ctx->nv)
         return load_nv(ctx, object_cb, object_cbarg);
+    if (!tpmb_fips_permits_keys(ctx->prov))
+        return 0;
     if (ctx->need_pass) {
         OSSL_PARAM info[] = {
             OSSL_PARAM_utf8_string(OSSL_PASSPHRASE_PARAM_INFO, (char *)"TPM key", 0),
@@ -337,8 +339,8 @@ static int store_load(void *vctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
     be[1] = (uint8_t)(ctx->handle >> 16);
     be[2] = (uint8_t)(ctx->handle >> 8);
     be[3] = (uint8_t)ctx->handle;
-    key = tpmb_key_load(ctx->prov, WIRE_KEY_SOURCE_PERSISTENT_HANDLE, be, sizeof(be), (const uint8_t *)pw,
-                        pwlen);
+    key = tpmb_key_load(ctx->prov, WIRE_KEY_SOURCE_PERSISTENT_HANDLE, be, sizeof(be),
+                        (const uint8_t *)pw, pwlen);
     OPENSSL_cleanse(pw, sizeof(pw));
     if (key == NULL)
         return 0;

@@ -48,8 +48,11 @@ openssl dgst -sha256 -verify "$WORK/rsa.pub" -sigopt rsa_padding_mode:pss \
 PROVIDER_DIR=$(dirname "$("$BIN/tpmbroker" provider-path)")
 OSSL=(-provider-path "$PROVIDER_DIR" -provider default -provider tpmbroker)
 step "openssl -provider tpmbroker: a self-signed certificate from the TPM key"
+# It issues a certificate below, so it says it is a CA: OpenSSL 3.5 refuses to chain to
+# one that does not, whatever the system's openssl.cnf adds by default.
 openssl req -new -x509 "${OSSL[@]}" -key "$WORK/ec.pem" -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost -days 30 -out "$WORK/ec.crt"
+    -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:TRUE \
+    -addext keyUsage=critical,digitalSignature,keyCertSign -days 30 -out "$WORK/ec.crt"
 openssl x509 -in "$WORK/ec.crt" -noout -subject -issuer
 openssl verify -CAfile "$WORK/ec.crt" "$WORK/ec.crt"
 

@@ -37,6 +37,22 @@ pytestmark = pytest.mark.skipif(not (MODULES / "tpm2.so").exists(),
                                 reason="tpm2-openssl is not installed")
 
 
+def tpm2_openssl_version(env: dict[str, str]) -> tuple[int, ...]:
+    """tpm2-openssl's version as the provider reports it (1.1.1 in Debian 12, 1.3.0 in 13);
+    it loads only with a TPM to talk to, hence the environment naming one."""
+    out = subprocess.run([OPENSSL, "list", "-providers", *TPM2], capture_output=True,
+                         text=True, timeout=60, env=env).stdout
+    section = ""
+    for line in out.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            section = line.strip()  # a provider's name, its fields indented below
+            continue
+        name, _, value = line.strip().partition(":")
+        if section == "tpm2" and name == "version":
+            return tuple(int(part) for part in value.strip().split(".") if part.isdigit())
+    return (0,)
+
+
 @dataclass
 class Bus:
     """One swtpm behind a relay, driven by `env`'s provider through openssl."""
@@ -135,8 +151,9 @@ def test_a_keys_password(bus: Bus) -> None:
 @pytest.mark.parametrize("padding", [[], ["-pkeyopt", "pad-mode:oaep",
                                          "-pkeyopt", "digest:sha256"]])
 def test_a_decrypted_plaintext(bus: Bus, padding: list[str]) -> None:
-    if padding and in_the_clear(bus):
-        pytest.skip("tpm2-openssl 1.1 takes no padding parameters (\"Can't set parameter\")")
+    if padding and in_the_clear(bus) and (version := tpm2_openssl_version(bus.env)) < (1, 3):
+        pytest.skip(f"tpm2-openssl {'.'.join(map(str, version))} takes no "
+                    "padding parameters (\"Can't set parameter\"); 1.3 does")
     key = bus.file("decrypt.pem")
     if not (bus.dir / "decrypt.pem").exists():
         bus.with_provider("genpkey", "-algorithm", "RSA", "-pkeyopt", "bits:2048",

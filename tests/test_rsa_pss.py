@@ -111,8 +111,11 @@ def test_req_and_x509_with_an_rsa_pss_key(env: Env) -> None:
     key = env.dir / "ca.pem"
     env.openssl("genpkey", *PROV, "-algorithm", "RSA-PSS", "-out", str(key))
     cert = env.dir / "ca.crt"
+    # A CA says so: OpenSSL 3.5 refuses to chain to a v3 certificate without
+    # basicConstraints CA:TRUE ("invalid CA certificate"), which 3.0 let pass.
     env.openssl("req", "-new", "-x509", *PROV, "-key", str(key), "-subj", "/CN=pss ca",
-                "-days", "2", "-out", str(cert))
+                "-days", "2", "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", str(cert))
     text = env.openssl("x509", "-in", str(cert), "-noout", "-text").stdout
     assert b"Signature Algorithm: rsassaPss" in text
     assert b"Public Key Algorithm: rsassaPss" in text

@@ -91,6 +91,9 @@ class _References:
     _DATA = b"tpmbroker reference"
     _OAEP_DATA = b"tpmb"  # fits OAEP with SHA-512 (at most 6 bytes with this key)
     _KEY_BITS = 1088
+    # A FIPS 140-3 provider (cryptography under default_properties = fips=yes) makes no
+    # RSA key below 2048 bits; 2048 keeps both properties above, at a slower reference.
+    _FIPS_KEY_BITS = 2048
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,9 +104,21 @@ class _References:
     def _private_key(self) -> rsa.RSAPrivateKey:
         with self._lock:
             if self._key is None:
-                self._key = rsa.generate_private_key(public_exponent=65537,
-                                                     key_size=self._KEY_BITS)
+                self._key = (self._usable_key(self._KEY_BITS)
+                             or rsa.generate_private_key(public_exponent=65537,
+                                                         key_size=self._FIPS_KEY_BITS))
             return self._key
+
+    @classmethod
+    def _usable_key(cls, bits: int) -> rsa.RSAPrivateKey | None:
+        """A key of `bits` that this OpenSSL makes and signs with, else None (FIPS mode
+        refuses one or the other below 2048 bits)."""
+        try:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+            key.sign(cls._DATA, padding.PKCS1v15(), hashes.SHA256())
+        except (ValueError, UnsupportedAlgorithm, InternalError):
+            return None
+        return key
 
     @staticmethod
     def _tpm_pss(hash_alg: p.Hash) -> padding.PSS:

@@ -100,8 +100,10 @@ class Shell:
     def __init__(self, base: Path, socket: str) -> None:
         self.dir = base / "work"
         self.dir.mkdir()
-        # The docs speak from the checkout's root, where set-up made .venv.
+        # The docs speak from the checkout's root, where set-up made .venv and where the
+        # benchmark harness lives (`python -m benchmarks`).
         (self.dir / ".venv").symlink_to(Path(sys.executable).parent.parent)
+        (self.dir / "benchmarks").symlink_to(ROOT / "benchmarks")
         self.state = base / "exported.sh"
         bindir = str(Path(sys.executable).parent)
         env = {k: v for k, v in os.environ.items()

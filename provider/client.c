@@ -78,23 +78,27 @@ static int conn_load(struct tpmb_client *c, struct conn *cn, const CLIENT_KEY *k
 }
 
 /*
- * Runs op on a pooled connection. A reused connection may have died with a restarted broker:
- * if it fails before any answer came, one fresh connection gets one more try. UNKNOWN_KEY
- * (a broker that forgot the key) is answered with LOAD and one retry.
+ * Runs op, a request with `opcode`, on a pooled connection. UNKNOWN_KEY (a broker that
+ * forgot the key) is answered with LOAD and one retry. A restart goes unnoticed within the
+ * deadline: a request the stopping broker could not serve (SHUTTING_DOWN, or its connection
+ * lost with the request out) is sent again to the successor if doing it twice changes
+ * nothing (WIRE_REPEATABLE_OPCODES); a key generation is never sent twice.
  */
 typedef int (*conn_op)(struct tpmb_client *c, struct conn *cn, int64_t deadline, void *arg,
                        CLIENT_ERR *err);
 
-static int run(struct tpmb_client *c, unsigned int timeout_ms, conn_op op, void *arg,
-               CLIENT_ERR *err)
+static int run(struct tpmb_client *c, uint8_t opcode, unsigned int timeout_ms, conn_op op,
+               void *arg, CLIENT_ERR *err)
 {
     int64_t deadline = now_ms() + timeout_ms;
     struct conn *cn = conn_acquire(c, deadline, err);
-    int attempt, ok = 0, reloaded = 0;
+    int repeatable = opcode < 32 && ((WIRE_REPEATABLE_OPCODES >> opcode) & 1u);
+    int ok = 0, reloaded = 0, lost = 0;
+    unsigned int delay = RETRY_FIRST_MS;
 
     if (cn == NULL)
         return 0;
-    for (attempt = 0; attempt < 3; attempt++) {
+    for (;;) {
         int fresh = 0;
 
         if (cn->fd >= 0 && conn_unsolicited(cn)) {
@@ -110,11 +114,24 @@ static int run(struct tpmb_client *c, unsigned int timeout_ms, conn_op op, void 
         ok = op(c, cn, deadline, arg, err);
         if (ok)
             break;
-        if (err->status == CLIENT_E_IO && !fresh)
-            continue; /* stale connection: cn was closed, reconnect */
         if (err->status == WIRE_STATUS_UNKNOWN_KEY && !reloaded) {
             reloaded = 1;
             continue; /* op dropped the key from the cache: it LOADs again */
+        }
+        if (!repeatable)
+            break;
+        if (err->status == CLIENT_E_IO && !fresh && lost == 0) {
+            lost++;
+            continue; /* a pooled connection the broker closed: reconnect at once */
+        }
+        if ((err->status == WIRE_STATUS_SHUTTING_DOWN
+             || (err->status == CLIENT_E_IO && lost++ < MAX_LOST_CONNECTIONS))
+            && pause_until(delay, deadline)) {
+            tpmb_debug("the broker went away with the request (%s): sending it again",
+                       err->message);
+            conn_close(cn); /* the next try connects to the successor */
+            delay = delay < RETRY_MAX_MS ? delay * 2 : RETRY_MAX_MS;
+            continue;
         }
         break;
     }
@@ -172,7 +189,7 @@ int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, 
     struct load_arg a = { key, out };
 
     memset(out, 0, sizeof(*out));
-    return run(c, c->timeout_ms, op_load, &a, err);
+    return run(c, WIRE_OPCODE_LOAD, c->timeout_ms, op_load, &a, err);
 }
 
 /* --- operations on a LOADed key: one table, one call ------------------------------------ */
@@ -183,6 +200,7 @@ int client_load(TPMB_CLIENT *c, const CLIENT_KEY *key, CLIENT_LOAD_RESULT *out, 
  * buffer. Each row says how its request is written and what its answer is called.
  */
 struct key_call {
+    uint8_t opcode;
     const char *name;   /* the opcode's name, for errors */
     size_t (*encode)(WIRE_WRITER *w, uint32_t id, uint32_t timeout_ms, const uint8_t *key_id,
                      const void *args);
@@ -263,13 +281,15 @@ static void ciphertext_too_large(CLIENT_ERR *err, const void *args)
     set_err(err, CLIENT_E_ARG, 0, "ciphertext or label too large");
 }
 
-static const struct key_call CALL_SIGN = { "SIGN", encode_sign, sign_too_large, "signature", 0 };
-static const struct key_call CALL_SIGN_MESSAGE = { "SIGN_MESSAGE", encode_sign_message,
-                                              message_too_large, "signature", 0 };
-static const struct key_call CALL_DERIVE = { "DERIVE", encode_derive, point_too_large,
-                                        "shared secret", 1 };
-static const struct key_call CALL_DECRYPT = { "DECRYPT", encode_decrypt, ciphertext_too_large,
-                                         "plaintext", 1 };
+static const struct key_call CALL_SIGN = { WIRE_OPCODE_SIGN, "SIGN", encode_sign,
+                                          sign_too_large, "signature", 0 };
+static const struct key_call CALL_SIGN_MESSAGE = { WIRE_OPCODE_SIGN_MESSAGE, "SIGN_MESSAGE",
+                                                  encode_sign_message, message_too_large,
+                                                  "signature", 0 };
+static const struct key_call CALL_DERIVE = { WIRE_OPCODE_DERIVE, "DERIVE", encode_derive,
+                                            point_too_large, "shared secret", 1 };
+static const struct key_call CALL_DECRYPT = { WIRE_OPCODE_DECRYPT, "DECRYPT", encode_decrypt,
+                                             ciphertext_too_large, "plaintext", 1 };
 
 struct key_call_arg {
     const struct key_call *call;
@@ -308,7 +328,7 @@ static int key_call(TPMB_CLIENT *c, const struct key_call *call, const CLIENT_KE
 {
     struct key_call_arg a = { call, key, args, out, outlen };
 
-    return run(c, c->timeout_ms, op_key_call, &a, err);
+    return run(c, call->opcode, c->timeout_ms, op_key_call, &a, err);
 }
 
 int client_sign(TPMB_CLIENT *c, const CLIENT_KEY *key, uint8_t scheme, uint16_t hash,
@@ -384,7 +404,7 @@ int client_generate(TPMB_CLIENT *c, const CLIENT_KEYGEN *req, uint8_t **key, siz
     /* RSA key generation on a TPM can take tens of seconds */
     unsigned int timeout_ms = c->timeout_ms > 120000 ? c->timeout_ms : 120000;
 
-    return run(c, timeout_ms, op_generate, &a, err);
+    return run(c, WIRE_OPCODE_GENERATE, timeout_ms, op_generate, &a, err);
 }
 
 /* --- RANDOM ----------------------------------------------------------------------------- */
@@ -426,7 +446,7 @@ int client_random(TPMB_CLIENT *c, uint8_t *out, size_t n, CLIENT_ERR *err)
 {
     struct random_arg a = { out, n, 0 };
 
-    return run(c, c->timeout_ms, op_random, &a, err);
+    return run(c, WIRE_OPCODE_RANDOM, c->timeout_ms, op_random, &a, err);
 }
 
 struct nv_read_arg {
@@ -458,5 +478,5 @@ int client_nv_read(TPMB_CLIENT *c, uint32_t index, uint8_t **data, size_t *len,
 {
     struct nv_read_arg a = { index, data, len };
 
-    return run(c, c->timeout_ms, op_nv_read, &a, err);
+    return run(c, WIRE_OPCODE_NV_READ, c->timeout_ms, op_nv_read, &a, err);
 }

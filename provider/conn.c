@@ -473,6 +473,72 @@ int response_ok(struct tpmb_client *c, struct conn *cn, WIRE_READER *body,
     return 0;
 }
 
+int pause_until(unsigned int ms, int64_t deadline)
+{
+    struct timespec ts;
+    int64_t left = deadline - now_ms();
+
+    if (left <= (int64_t)ms)
+        return 0;
+    ts.tv_sec = ms / 1000;
+    ts.tv_nsec = (long)(ms % 1000) * 1000000L;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+    return 1;
+}
+
+/*
+ * A connected socket to the broker, or -1 (err filled in). On a Unix socket a connect that
+ * fails with EAGAIN (the listen backlog is full, as when every nginx worker reconnects at
+ * once) has not connected at all: it is tried again, until the deadline. A socket that is
+ * away or refuses (ENOENT, ECONNREFUSED) is a broker restarting if this client reached one
+ * before: it is waited for, RESTART_GRACE_MS at most.
+ */
+static int connect_socket(struct tpmb_client *c, const struct sockaddr_un *sa, int64_t deadline,
+                          CLIENT_ERR *err)
+{
+    unsigned int delay = 1;
+    int64_t away_since = 0;
+
+    for (;;) {
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        int e;
+
+        if (fd < 0) {
+            set_err(err, CLIENT_E_CONNECT, 0, "cannot create a socket: %s", strerror(errno));
+            return -1;
+        }
+        if (connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0)
+            return fd;
+        e = errno;
+        close(fd);
+        if (e == EAGAIN) {
+            if (pause_until(delay, deadline)) {
+                delay = delay < 50 ? delay * 2 : 50;
+                continue;
+            }
+            e = ETIMEDOUT; /* the broker did not take the connection before the deadline */
+        } else if ((e == ENOENT || e == ECONNREFUSED)
+                   && __atomic_load_n(&c->reached, __ATOMIC_RELAXED)) {
+            int64_t now = now_ms();
+
+            if (away_since == 0)
+                away_since = now;
+            if (now - away_since < RESTART_GRACE_MS && pause_until(delay, deadline)) {
+                tpmb_debug("tpmbroker at %s is away (%s): waiting for it", c->path,
+                           strerror(e));
+                delay = delay < RETRY_MAX_MS ? delay * 2 : RETRY_MAX_MS;
+                continue;
+            }
+        }
+        set_err(err, CLIENT_E_CONNECT, 0,
+                "cannot reach tpmbroker at %s: %s: is `tpmbroker serve` running? "
+                "(set TPMBROKER_SOCKET or `socket` in the provider's config section)",
+                c->path, strerror(e));
+        return -1;
+    }
+}
+
 int conn_open(struct tpmb_client *c, struct conn *cn, int64_t deadline, CLIENT_ERR *err)
 {
     struct sockaddr_un sa;
@@ -487,32 +553,9 @@ int conn_open(struct tpmb_client *c, struct conn *cn, int64_t deadline, CLIENT_E
     memset(&sa, 0, sizeof(sa));
     sa.sun_family = AF_UNIX;
     memcpy(sa.sun_path, c->path, strlen(c->path));
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) {
-        set_err(err, CLIENT_E_CONNECT, 0, "cannot create a socket: %s", strerror(errno));
+    fd = connect_socket(c, &sa, deadline, err);
+    if (fd < 0)
         return 0;
-    }
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
-        int e = errno;
-
-        if (e == EAGAIN || e == EINPROGRESS) {
-            /* listen backlog full: wait for the broker to accept, up to the deadline */
-            socklen_t len = sizeof(e);
-
-            if (wait_fd(fd, POLLOUT, deadline) <= 0)
-                e = ETIMEDOUT;
-            else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len) != 0)
-                e = errno;
-        }
-        if (e != 0) {
-            close(fd);
-            set_err(err, CLIENT_E_CONNECT, 0,
-                    "cannot reach tpmbroker at %s: %s: is `tpmbroker serve` running? "
-                    "(set TPMBROKER_SOCKET or `socket` in the provider's config section)",
-                    c->path, strerror(e));
-            return 0;
-        }
-    }
     cn->fd = fd;
     cn->next_id = 0;
     conn_forget_keys(cn);
@@ -536,6 +579,7 @@ int conn_open(struct tpmb_client *c, struct conn *cn, int64_t deadline, CLIENT_E
         }
         tpmb_debug("connected to %s (%.*s)", c->path, (int)server.len, (const char *)server.p);
     }
+    __atomic_store_n(&c->reached, 1, __ATOMIC_RELAXED);
     return 1;
 }
 

@@ -49,12 +49,26 @@ struct waiter {
 struct tpmb_client {
     char *path;
     unsigned int timeout_ms;
+    int reached; /* a broker answered HELLO once: when its socket is away, it is restarting */
     pthread_mutex_t lock;
     struct waiter *first, *last; /* FIFO of waiting threads */
     pid_t pid;
     struct conn conns[POOL_MAX];
     struct tpmb_client *next; /* all clients, for the fork handlers */
 };
+
+/*
+ * A request a restarting broker could not serve goes out again after RETRY_FIRST_MS,
+ * doubling to RETRY_MAX_MS; a broker's socket may be away RESTART_GRACE_MS (as the Python
+ * client: tpmbroker/client.py).
+ */
+#define RETRY_FIRST_MS 10
+#define RETRY_MAX_MS 250
+#define RESTART_GRACE_MS 3000
+#define MAX_LOST_CONNECTIONS 2
+
+/* Sleeps `ms` milliseconds, but not past `deadline`; 0 if the deadline came first. */
+int pause_until(unsigned int ms, int64_t deadline);
 
 void set_err(CLIENT_ERR *err, int status, uint32_t tpm_rc, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

@@ -533,7 +533,7 @@ def test_64_threads_and_8_forked_children_through_one_key(env: Env, loadgen: Pat
     assert all(" failed 0 bad 0" in line for line in lines)
 
 
-def test_broker_down_fails_fast_and_recovers_in_the_same_process(
+def test_broker_down_fails_after_the_restart_grace_and_recovers_in_the_same_process(
         swtpm: Swtpm, tmp_path: Path, loadgen: Path) -> None:
     broker = Broker(swtpm.tcti, tmp_path / "broker").start()
     try:
@@ -554,7 +554,9 @@ def test_broker_down_fails_fast_and_recovers_in_the_same_process(
         down = proc.stdout.readline()
         assert down.startswith("down fail"), down
         elapsed_ms = int(down.split()[2])
-        assert elapsed_ms < 2000, down
+        # A broker the process reached is waited for RESTART_GRACE_MS (3 s, a restart's
+        # gap), no longer: then the error, naming the socket.
+        assert 3000 <= elapsed_ms < 4500, down
         assert broker.socket in down and "tpmbroker serve" in down, down
         assert proc.stdout.readline().startswith("start the broker")
         broker.start()

@@ -270,3 +270,43 @@ def test_nginx_outlives_its_broker(swtpm: Swtpm, world_dir: Path) -> None:
             broker.stop()
     finally:
         nginx.stop()
+
+
+def test_a_broker_restart_fails_no_handshake(nginx_broker: Broker, world_dir: Path) -> None:
+    """`systemctl restart tpmbroker` under load: the broker stopped (SIGTERM) and started
+    again while nginx serves rounds of 200 concurrent fresh handshakes; the workers' provider
+    sends the signatures the stopping broker could not serve to its successor."""
+    env = dict(os.environ, OPENSSL_CONF=str(openssl_conf(world_dir / "openssl.cnf",
+                                                         nginx_broker.socket)))
+    key, cert = make_key_and_cert(nginx_broker, world_dir, "ec:P-256", env)
+    port = free_port()
+    nginx = Nginx(world_dir, env)
+    nginx.write([(port, cert, key)])
+    assert nginx.check().returncode == 0
+    nginx.start([port])
+    results: list[str] = []
+    stop = threading.Event()
+
+    def rounds() -> None:
+        while not stop.is_set():
+            handshakes(port, cert, 200, results)
+
+    load = threading.Thread(target=rounds)
+    try:
+        load.start()
+        time.sleep(0.5)
+        restarted_at = len(results)
+        nginx_broker.stop()
+        nginx_broker.start()
+        time.sleep(1.0)
+        stop.set()
+        load.join(120)
+        failures = [r for r in results if r != "ok"]
+        print(f"{len(results)} handshakes ({restarted_at} before the restart), "
+              f"{len(failures)} failed")
+        assert not load.is_alive()
+        assert failures == [], f"{len(failures)} failed: {failures[:5]}\n{nginx.log()}"
+        assert len(results) > restarted_at + 200  # handshakes went on after the restart
+    finally:
+        stop.set()
+        nginx.stop()

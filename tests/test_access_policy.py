@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -163,3 +164,47 @@ gids = [50]
     assert loaded.decide(staff, other_id, b"").allowed
     assert not loaded.decide(user, other_id, b"").allowed
     assert loaded.decide(user, bytes(32), b"").allowed  # unnamed: default allow
+
+
+def test_sighup_reloads_the_policy_and_a_broken_one_changes_nothing(
+        swtpm: Swtpm, tmp_path: Path) -> None:
+    """SIGHUP reads the policy file again; a malformed one is refused with its line number
+    and the policy in force stays; a request is judged by the policy in force when it is
+    served, also on a connection that loaded the key before."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "allow"\n')
+    broker = Broker(swtpm.tcti, tmp_path / "broker",
+                    extra_args=("--policy", str(policy))).start()
+    try:
+        assert broker.proc is not None
+        with Client(broker.socket) as client:
+            der, _ = client.generate_key(KeyType.EC, Curve.P256)
+            key = client.load_key(der)
+            assert client.sign(key, bytes(32))
+
+            def reload(text: str, wait_for: str) -> None:
+                policy.write_text(text)
+                before = full_log(broker).count(wait_for)
+                assert broker.proc is not None
+                broker.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 10
+                while full_log(broker).count(wait_for) == before:
+                    assert time.monotonic() < deadline, full_log(broker)
+                    time.sleep(0.05)
+
+            key_id = key_id_for(KeySource.TSS2_DER, der).hex()
+            reload(f'default = "allow"\n\n[keys.tpm]\nkey_id = "{key_id}"\nuids = [12345]\n',
+                   "event=policy_reloaded")
+            with pytest.raises(PermissionDeniedError, match="key tpm"):
+                client.sign(key, bytes(32))
+            # Broken twice: the TOML itself on line 3, then a key entry on line 4.
+            reload('default = "allow"\n\n[keys.tpm\n', "event=policy_refused")
+            assert "line 3" in events(full_log(broker), "policy_refused")[-1]["reason"]
+            reload('default = "allow"\n\n\n[keys.tpm]\nhandle = 7\n', "event=policy_refused")
+            assert "policy.toml:4" in events(full_log(broker), "policy_refused")[-1]["reason"]
+            with pytest.raises(PermissionDeniedError):  # the last good policy is in force
+                client.sign(key, bytes(32))
+            reload('default = "allow"\n', "event=policy_reloaded")
+            assert client.sign(key, bytes(32))
+    finally:
+        broker.stop()

@@ -162,22 +162,38 @@ def load_policy(path: str | os.PathLike[str]) -> AccessPolicy:
     """Read and check a policy file; AccessPolicyError says what is wrong and where."""
     where = os.fspath(path)
     try:
-        data = tomllib.loads(Path(where).read_text())
+        text = Path(where).read_text()
+        data = tomllib.loads(text)
     except OSError as exc:
         raise AccessPolicyError(f"{where}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except tomllib.TOMLDecodeError as exc:  # it names the line and column
         raise AccessPolicyError(f"{where}: {exc}") from None
     unknown = set(data) - {"default", "keys"}
     if unknown:
-        raise AccessPolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+        first = sorted(unknown)[0]
+        raise AccessPolicyError(f"{where}:{_line_of(text, first)}: unknown setting(s) "
+                                f"{', '.join(sorted(unknown))}")
     default = data.get("default", "allow")
     if default not in ("allow", "deny"):
-        raise AccessPolicyError(f"{where}: default must be \"allow\" or \"deny\", not {default!r}")
+        raise AccessPolicyError(f"{where}:{_line_of(text, 'default')}: default must be "
+                                f"\"allow\" or \"deny\", not {default!r}")
     keys = data.get("keys", {})
     if not isinstance(keys, dict):
-        raise AccessPolicyError(f"{where}: keys must be tables ([keys.NAME])")
-    rules = tuple(_rule(where, name, entry) for name, entry in keys.items())
+        raise AccessPolicyError(f"{where}:{_line_of(text, 'keys')}: keys must be tables "
+                                "([keys.NAME])")
+    rules = tuple(_rule(f"{where}:{_line_of(text, f'keys.{name}')}", name, entry)
+                  for name, entry in keys.items())
     return AccessPolicy(rules, default_allow=default == "allow", path=where)
+
+
+def _line_of(text: str, key: str) -> int:
+    """The line (from 1) that sets `key` or opens the table `[key]`, for errors; the first
+    line if it cannot be told."""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip().replace(" ", "")
+        if stripped.startswith(f"[{key}]") or stripped.startswith(f"{key}="):
+            return number
+    return 1
 
 
 def _rule(where: str, name: str, entry: Any) -> KeyRule:

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import ops, procedures
 from . import protocol as p
-from .access import AccessPolicy, Peer
+from .access import AccessPolicy, AccessPolicyError, Peer, load_policy
 from .admission import Admission
 from .audit import Usage, audit
 from .errors import (
@@ -86,6 +86,7 @@ class ServerConfig:
     # An incomplete frame older than this closes its connection (slowloris).
     frame_timeout: float = FRAME_TIMEOUT
     policy: AccessPolicy | None = None  # per-key access control (tpmbroker.access)
+    policy_path: str | None = None  # where it was read from: SIGHUP reads it again
     usage_interval: float = 3600.0  # seconds between audit usage summaries
     # Who may change persistent handles (PERSIST, EVICT), besides root and the broker's
     # own uid (docs/security.md, Persistent handles).
@@ -655,6 +656,26 @@ class BrokerServer:
             return False
         groups = {peer.gid} | _supplementary_groups(peer.pid)
         return bool(groups & self.config.admin_gids)
+
+    def reload_policy(self) -> bool:
+        """SIGHUP: read the access policy file again. A policy that does not load is
+        refused, saying where, and the one in force stays; every request checks the policy
+        in force when it is served."""
+        path = self.config.policy_path
+        if path is None:
+            log.info("SIGHUP: no access policy (--policy) to read again")
+            return False
+        try:
+            policy = load_policy(path)
+        except AccessPolicyError as exc:
+            log.error("SIGHUP: the access policy was not changed: %s", exc)
+            audit("policy_refused", path=path, reason=str(exc))
+            return False
+        self.config.policy = policy
+        log.info("SIGHUP: access policy %s: %d key(s), default %s", path, len(policy.rules),
+                 policy.default_name)
+        audit("policy_reloaded", level=logging.INFO, path=path, keys=len(policy.rules))
+        return True
 
     def status(self, tpm: dict[str, object]) -> dict[str, object]:
         return {

@@ -141,6 +141,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         try:
             config.policy = load_policy(args.policy)
+            config.policy_path = args.policy
         except AccessPolicyError as exc:
             print(f"tpmbroker serve: --policy {exc}", file=sys.stderr)
             return 2
@@ -157,6 +158,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
         await server.start()
         watchdog = None
         if simulator is not None:

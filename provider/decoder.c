@@ -115,11 +115,23 @@ static unsigned char *read_all(BIO *bio, size_t *len)
     return NULL;
 }
 
+/* The whole of the core's input, or NULL. */
+static unsigned char *read_input(TPMBROKER_CTX *prov, OSSL_CORE_BIO *cin, size_t *len)
+{
+    BIO *bio = BIO_new_from_core_bio(prov->libctx, cin);
+    unsigned char *data;
+
+    if (bio == NULL)
+        return NULL;
+    data = read_all(bio, len);
+    BIO_free(bio);
+    return data;
+}
+
 static int der_decode(TPMBROKER_CTX *prov, int expected, OSSL_CORE_BIO *cin, int selection,
                       OSSL_CALLBACK *object_cb, void *object_cbarg,
                       OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
 {
-    BIO *bio;
     unsigned char *der;
     size_t len = 0, pwlen = 0;
     char pw[PASSWORD_MAX];
@@ -130,11 +142,7 @@ static int der_decode(TPMBROKER_CTX *prov, int expected, OSSL_CORE_BIO *cin, int
     if (selection != 0 && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) == 0
         && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0)
         return 1;
-    bio = BIO_new_from_core_bio(prov->libctx, cin);
-    if (bio == NULL)
-        return 0;
-    der = read_all(bio, &len);
-    BIO_free(bio);
+    der = read_input(prov, cin, &len);
     if (der == NULL)
         return 0;
     if (!tss2_parse(der, len, &info) || info.type != expected) {
@@ -229,18 +237,13 @@ static int ecparams_decode(void *vctx, OSSL_CORE_BIO *cin, int selection,
     ASN1_OBJECT *oid = NULL;
     const char *group = NULL;
     TPMB_KEY *key = NULL;
-    BIO *bio;
     int ok = 1;
 
     (void)pw_cb;
     (void)pw_cbarg;
     if (selection != 0 && (selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) == 0)
         return 1;
-    bio = BIO_new_from_core_bio(prov->libctx, cin);
-    if (bio == NULL)
-        return 0;
-    der = read_all(bio, &len);
-    BIO_free(bio);
+    der = read_input(prov, cin, &len);
     if (der == NULL)
         return 0;
     p = der;

@@ -79,6 +79,23 @@ int tpmb_rsa_pad_mode(const OSSL_PARAM *p, int *pad)
     return 1;
 }
 
+/* The public key of `type` that the parameters in `bld` describe, in tpmb_crypto_libctx. */
+static EVP_PKEY *pub_from_params(TPMBROKER_CTX *prov, int type, OSSL_PARAM_BLD *bld)
+{
+    OSSL_PARAM *params = OSSL_PARAM_BLD_to_param(bld);
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(prov),
+                                                    tpmb_key_type_name(type),
+                                                    tpmb_crypto_propq(prov));
+    EVP_PKEY *pub = NULL;
+
+    if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
+        || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
+        pub = NULL;
+    EVP_PKEY_CTX_free(pctx);
+    OSSL_PARAM_free(params);
+    return pub;
+}
+
 /*
  * An RSA or RSA-PSS public key from its modulus and exponent. An RSA-PSS key whose TPM
  * scheme binds a hash carries OpenSSL's PSS restrictions: that hash, MGF1 with it, and a
@@ -88,8 +105,6 @@ static EVP_PKEY *rsa_pub(TPMBROKER_CTX *prov, int type, const BIGNUM *n, const B
                          uint16_t pss_hash)
 {
     OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
-    OSSL_PARAM *params = NULL;
-    EVP_PKEY_CTX *pctx = NULL;
     EVP_PKEY *pub = NULL;
     const char *md = type == WIRE_KEY_TYPE_RSA_PSS ? tpmb_hash_name(pss_hash) : NULL;
 
@@ -106,15 +121,8 @@ static EVP_PKEY *rsa_pub(TPMBROKER_CTX *prov, int type, const BIGNUM *n, const B
             || !OSSL_PARAM_BLD_push_int(bld, OSSL_PKEY_PARAM_RSA_PSS_SALTLEN, saltlen))
             goto end;
     }
-    params = OSSL_PARAM_BLD_to_param(bld);
-    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(prov), tpmb_key_type_name(type),
-                                      tpmb_crypto_propq(prov));
-    if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
-        || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
-        pub = NULL;
+    pub = pub_from_params(prov, type, bld);
 end:
-    EVP_PKEY_CTX_free(pctx);
-    OSSL_PARAM_free(params);
     OSSL_PARAM_BLD_free(bld);
     return pub;
 }
@@ -293,8 +301,6 @@ fail:
 static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
 {
     OSSL_PARAM_BLD *bld = NULL;
-    OSSL_PARAM *params = NULL;
-    EVP_PKEY_CTX *pctx = NULL;
     EVP_PKEY *pub = NULL;
     BIGNUM *n = NULL, *e = NULL;
     unsigned char point[1 + 2 * 66];
@@ -324,15 +330,8 @@ static EVP_PKEY *pub_from_tss2(TPMBROKER_CTX *prov, const TSS2_INFO *info)
                                                  1 + 2 * field))
             goto end;
     }
-    params = OSSL_PARAM_BLD_to_param(bld);
-    pctx = EVP_PKEY_CTX_new_from_name(tpmb_crypto_libctx(prov), tpmb_key_type_name(info->type),
-                                      tpmb_crypto_propq(prov));
-    if (params == NULL || pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
-        || EVP_PKEY_fromdata(pctx, &pub, EVP_PKEY_PUBLIC_KEY, params) <= 0)
-        pub = NULL;
+    pub = pub_from_params(prov, info->type, bld);
 end:
-    EVP_PKEY_CTX_free(pctx);
-    OSSL_PARAM_free(params);
     OSSL_PARAM_BLD_free(bld);
     BN_free(n);
     BN_free(e);

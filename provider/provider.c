@@ -167,15 +167,23 @@ static const OSSL_ALGORITHM digest_algs[] = {
  * turning software keys made from parameter files into TPM keys. Asked at every fetch
  * (not cached), so a provider loaded later counts.
  */
+static int crypto_mode(TPMBROKER_CTX *ctx);
+
 static int standing_in(TPMBROKER_CTX *prov)
 {
-    OSSL_LIB_CTX *app;
+    /*
+     * Asked of the child of the application's context (its providers, in this module's
+     * libcrypto), never of the core's own pointer: the core may be another copy of
+     * libcrypto (Python cryptography's, reading the same OPENSSL_CONF). An application in
+     * FIPS mode is never stood in for, and its FIPS provider is not looked up: fips.so is
+     * one module shared by every libcrypto of the process, and looking it up from a child
+     * context instantiates it again under another core, which leaves the other copies'
+     * FIPS provider unusable ("unsupported" for every digest).
+     */
+    OSSL_LIB_CTX *app = prov->app_libctx;
 
-    if (prov->get_libctx == NULL)
-        return 0;
-    /* the core's context is the application's library context: we share its libcrypto */
-    app = (OSSL_LIB_CTX *)prov->get_libctx(prov->core);
-    return !OSSL_PROVIDER_available(app, "default") && !OSSL_PROVIDER_available(app, "fips");
+    return app != NULL && crypto_mode(prov) != TPMB_CRYPTO_FIPS
+           && !OSSL_PROVIDER_available(app, "default");
 }
 
 /* The tables provider_query answers with, by tpmb_operation_table. Those that do no
@@ -455,9 +463,6 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *core, const OSSL_DISPATCH *in,
             break;
         case OSSL_FUNC_CORE_VSET_ERROR:
             ctx->vset_error = OSSL_FUNC_core_vset_error(d);
-            break;
-        case OSSL_FUNC_CORE_GET_LIBCTX:
-            ctx->get_libctx = OSSL_FUNC_core_get_libctx(d);
             break;
         default:
             break;

@@ -49,7 +49,6 @@ typedef struct tpmbroker_ctx {
     OSSL_FUNC_core_new_error_fn *new_error;
     OSSL_FUNC_core_set_error_debug_fn *set_error_debug;
     OSSL_FUNC_core_vset_error_fn *vset_error;
-    OSSL_FUNC_core_get_libctx_fn *get_libctx; /* the application's, for digest.c's gate */
 } TPMBROKER_CTX;
 
 /* Reason codes; the strings are in errors.c. */

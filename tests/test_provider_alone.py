@@ -299,7 +299,8 @@ def test_nv_certificate_pem_or_der(world: World, order: tuple[str, ...], index: 
     if order != ALONE:  # printing the certificate's key needs a decoder for it
         text = world.openssl("x509", *prov(order), "-in", f"handle:{index}", "-text",
                              "-noout")
-        assert b"Subject: CN = certificate in NV" in text.stdout
+        # OpenSSL 3.0 writes "CN = ...", 3.5 "CN=..."
+        assert re.search(rb"Subject: CN ?= ?certificate in NV", text.stdout), text.stdout
         assert b"Public-Key: (256 bit)" in text.stdout and text.stderr == b""
 
 

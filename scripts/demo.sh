@@ -3,7 +3,8 @@
 # machine has no /dev/tpmrm0), keys made in the TPM, signatures checked by openssl,
 # the provider signing a certificate and serving TLS, and the session pool holding
 # while many clients sign at once; a CMS message decrypted and an ECDH secret derived
-# with TPM keys; a software key moved into the TPM, a PCR-bound key, persistent keys.
+# with TPM keys; a software key moved into the TPM, a PCR-bound key, persistent keys; a
+# restart the signing clients do not notice, and the broker's Prometheus metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -21,13 +22,17 @@ trap cleanup EXIT
 step() { printf '\n== %s\n' "$*"; }
 
 step "broker: tpmbroker serve (TPM: ${TPMBROKER_TCTI:-default})"
-"$BIN/tpmbroker" serve --state-dir "$WORK/state" --sessions 2 --log-level warning &
-BROKER_PID=$!
-for _ in $(seq 100); do
-    "$BIN/tpmbroker" status >/dev/null 2>&1 && break
-    kill -0 "$BROKER_PID" 2>/dev/null || { echo "broker failed to start" >&2; exit 1; }
-    sleep 0.1
-done
+start_broker() {
+    "$BIN/tpmbroker" serve --state-dir "$WORK/state" --sessions 2 --log-level warning \
+        --metrics-file "$WORK/tpmbroker.prom" --metrics-interval 1 &
+    BROKER_PID=$!
+    for _ in $(seq 100); do
+        "$BIN/tpmbroker" status >/dev/null 2>&1 && break
+        kill -0 "$BROKER_PID" 2>/dev/null || { echo "broker failed to start" >&2; exit 1; }
+        sleep 0.1
+    done
+}
+start_broker
 "$BIN/tpmbroker" status
 
 step "keys made inside the TPM (TSS2 PRIVATE KEY files)"
@@ -132,5 +137,18 @@ fi
 step "64 clients signing at once for 5 s through the pool of 2 sessions"
 "$BIN/tpmbroker" load --key "$WORK/ec.pem" --clients 64 --seconds 5
 "$BIN/tpmbroker" status
+
+step "the broker restarted while 16 clients sign: nobody notices"
+"$BIN/tpmbroker" load --key "$WORK/ec.pem" --clients 16 --seconds 4 &
+LOAD_PID=$!
+sleep 1.5
+kill "$BROKER_PID" && wait "$BROKER_PID" 2>/dev/null || true
+start_broker
+wait "$LOAD_PID"
+
+step "Prometheus metrics, for node_exporter's textfile collector (--metrics-file)"
+sleep 1.2
+grep -E '^tpmbroker_(operations_total|pool_sessions|tpm_lockout_counter|connections_accepted_total)' \
+    "$WORK/tpmbroker.prom"
 echo
 echo "demo complete"

@@ -141,35 +141,33 @@ static int set_exponent(GEN_CTX *g, const OSSL_PARAM *p)
     return ok;
 }
 
-static int set_mgf1(GEN_CTX *g, const OSSL_PARAM *p)
+/* The wire hash a digest-name parameter names, into *out; `what` and `why` word the
+ * refusal of one the TPM keys cannot take. */
+static int set_hash(GEN_CTX *g, const OSSL_PARAM *p, uint16_t *out, const char *what,
+                    const char *why)
 {
     const char *md;
 
     if (!OSSL_PARAM_get_utf8_string_ptr(p, &md))
         return 0;
-    g->mgf1 = hash_from_name(g->prov, md);
-    if (g->mgf1 == 0) {
-        TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "MGF1 digest %s: the TPM uses the signature "
-                   "digest for MGF1", md);
+    *out = hash_from_name(g->prov, md);
+    if (*out == 0) {
+        TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "%s %s: %s", what, md, why);
         return 0;
     }
     return 1;
 }
 
+static int set_mgf1(GEN_CTX *g, const OSSL_PARAM *p)
+{
+    return set_hash(g, p, &g->mgf1, "MGF1 digest", "the TPM uses the signature digest for MGF1");
+}
+
 /* The key's hash: its nameAlg, and what an RSA-PSS key's scheme is bound to. */
 static int set_digest(GEN_CTX *g, const OSSL_PARAM *p)
 {
-    const char *md;
-
-    if (!OSSL_PARAM_get_utf8_string_ptr(p, &md))
-        return 0;
-    g->hash = hash_from_name(g->prov, md);
-    if (g->hash == 0) {
-        TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "digest %s: a TPM key's hash is SHA-1, "
-                   "SHA-256, SHA-384 or SHA-512", md);
-        return 0;
-    }
-    return 1;
+    return set_hash(g, p, &g->hash, "digest",
+                    "a TPM key's hash is SHA-1, SHA-256, SHA-384 or SHA-512");
 }
 
 static int set_usage(GEN_CTX *g, const OSSL_PARAM *p)

@@ -31,7 +31,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .definitions import Opcode
+from .definitions import KeyType, Opcode
 from .tpm.turnaround import BOUNDS_US
 
 if TYPE_CHECKING:
@@ -70,8 +70,8 @@ class BrokerCollector(Collector):
         operations = CounterMetricFamily(
             "tpmbroker_operations", "Requests answered, by operation and key type.",
             labels=["operation", "key_type"])
-        for (operation, key_type), count in sorted(stats.by_key_type.items()):
-            operations.add_metric([operation, key_type], count)
+        for (opcode, key_type), count in sorted(stats.by_key_type.items()):
+            operations.add_metric([_operation(opcode), KeyType(key_type).name], count)
         yield operations
         answered = CounterMetricFamily("tpmbroker_answers", "Successful answers, by opcode.",
                                        labels=["operation"])

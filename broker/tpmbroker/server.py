@@ -143,7 +143,8 @@ class Stats:
         self.refused_keys = 0
         # (operation, key type) -> answers (metrics); opcode -> TPM service time counts
         # per tpmbroker.metrics.SERVICE_BOUNDS bucket, the last one +Inf.
-        self.by_key_type: collections.Counter[tuple[str, str]] = collections.Counter()
+        # (opcode, KeyType): named only when the metrics are written, off the hot path.
+        self.by_key_type: collections.Counter[tuple[int, int]] = collections.Counter()
         self.service: dict[int, list[int]] = {}
 
     def served_by(self, opcode: int, seconds: float) -> None:
@@ -411,8 +412,7 @@ class Connection(asyncio.Protocol):
                 if request.key_id is not None:
                     key = self.server.worker.known(request.key_id)
                     if key is not None:
-                        stats.by_key_type[(p.Opcode(request.opcode).name.lower(),
-                                           key.info.key_type.name)] += 1
+                        stats.by_key_type[(request.opcode, key.info.key_type)] += 1
         else:
             self.fail(request.request_id, request.opcode, error)
         self._close_if_done()

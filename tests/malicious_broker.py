@@ -23,9 +23,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.errors import Status
+from tpmbroker.ops.hello import Hello, HelloResult
+from tpmbroker.ops.load import Load, LoadResult
+from tpmbroker.ops.random import RandomResult
+from tpmbroker.ops.sign import Sign, SignResult
 
 Action = bytes | float | str
 
@@ -79,11 +82,11 @@ class Request:
 
     @property
     def digest(self) -> bytes:
-        assert isinstance(self.msg, ops.Sign)
+        assert isinstance(self.msg, Sign)
         return self.msg.digest
 
     def true_signature(self, digest: bytes | None = None) -> bytes:
-        assert isinstance(self.msg, ops.Sign)
+        assert isinstance(self.msg, Sign)
         digest = self.digest if digest is None else digest
         hash_cls: dict[p.Hash, Callable[[], hashes.HashAlgorithm]] = {
             p.Hash.SHA1: hashes.SHA1, p.Hash.SHA256: hashes.SHA256,
@@ -95,7 +98,7 @@ class Request:
         return key.sign(digest, padding.PKCS1v15(), algorithm)
 
     def sig(self, signature: bytes) -> bytes:
-        return self.ok(ops.SignResult(signature))
+        return self.ok(SignResult(signature))
 
     def rs(self) -> tuple[int, int]:
         return utils.decode_dss_signature(self.true_signature())
@@ -193,15 +196,15 @@ MISBEHAVIOURS: dict[str, Callable[[Request], list[Action]]] = {
     "wrong-version": lambda q: [_raw_sign_answer(q, _ok_body(q.true_signature()),
                                                  version=2)],
     "nonzero-flags": lambda q: [_raw_sign_answer(q, _ok_body(q.true_signature()), flags=1)],
-    "wrong-request-id": lambda q: [q.ok(ops.SignResult(q.true_signature()),
+    "wrong-request-id": lambda q: [q.ok(SignResult(q.true_signature()),
                                         request_id=q.request_id + 1), "hang"],
-    "request-id-zero-ok": lambda q: [q.ok(ops.SignResult(q.true_signature()), request_id=0),
+    "request-id-zero-ok": lambda q: [q.ok(SignResult(q.true_signature()), request_id=0),
                                      "hang"],
     "opcode-without-response-bit": lambda q: [_raw_sign_answer(
         q, _ok_body(q.true_signature()), opcode=p.Opcode.SIGN)],
-    "opcode-of-random": lambda q: [q.ok(ops.RandomResult(q.true_signature()),
+    "opcode-of-random": lambda q: [q.ok(RandomResult(q.true_signature()),
                                         opcode=p.Opcode.RANDOM)],
-    "opcode-of-hello": lambda q: [q.ok(ops.HelloResult(1, "fake", p.MAX_FRAME),
+    "opcode-of-hello": lambda q: [q.ok(HelloResult(1, "fake", p.MAX_FRAME),
                                        opcode=p.Opcode.HELLO)],
     "opcode-unknown": lambda q: [_raw_sign_answer(q, _ok_body(q.true_signature()),
                                                   opcode=0xEE)],
@@ -215,7 +218,7 @@ MISBEHAVIOURS: dict[str, Callable[[Request], list[Action]]] = {
     "connection-error-deadline-status": lambda q: [
         q.error(Status.DEADLINE, "late", request_id=0, opcode=p.CONNECTION_ERROR), "hang"],
     "unsolicited-before-answer": lambda q: [
-        q.ok(ops.SignResult(q.true_signature()), request_id=q.request_id + 7),
+        q.ok(SignResult(q.true_signature()), request_id=q.request_id + 7),
         q.sig(q.true_signature())],
     "unknown-status": lambda q: [q.error(999, "what")],
     "error-message-not-utf8": lambda q: [_raw_sign_answer(
@@ -310,9 +313,9 @@ class FakeBroker:
 
     def _answer(self, q: Request) -> list[Action]:
         msg = q.msg
-        if isinstance(msg, ops.Hello):
-            return [q.ok(ops.HelloResult(p.VERSION, "fake-broker", p.MAX_FRAME))]
-        if isinstance(msg, ops.Load):
+        if isinstance(msg, Hello):
+            return [q.ok(HelloResult(p.VERSION, "fake-broker", p.MAX_FRAME))]
+        if isinstance(msg, Load):
             public = self.key.public_key()
             if self.lie_on_load == "other-public-key":
                 public = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -322,14 +325,14 @@ class FakeBroker:
             if self.lie_on_load == "other-key-id":
                 key_id = bytes(32)
             if isinstance(self.key, ec.EllipticCurvePrivateKey):
-                result = ops.LoadResult(key_id, p.KeyType.EC, self.key.curve.key_size,
+                result = LoadResult(key_id, p.KeyType.EC, self.key.curve.key_size,
                                         p.Curve.P256 if self.key.curve.key_size == 256
                                         else p.Curve.P384, spki)
             else:
-                result = ops.LoadResult(key_id, p.KeyType.RSA, self.key.key_size,
+                result = LoadResult(key_id, p.KeyType.RSA, self.key.key_size,
                                         p.Curve.NONE, spki)
             return [q.ok(result)]
-        if isinstance(msg, ops.Sign):
+        if isinstance(msg, Sign):
             if self.lie_on_load == "other-public-key":
                 other = ec.generate_private_key(ec.SECP256R1())
                 return [q.sig(other.sign(msg.digest,
@@ -349,7 +352,7 @@ class FakeBroker:
                     return
                 for header, body in reader.feed(data):
                     msg = p.decode_request(header, body)
-                    if isinstance(msg, ops.Sign):
+                    if isinstance(msg, Sign):
                         signs += 1
                     q = Request(header.request_id, header.opcode, msg, self, signs)
                     if not self._act(conn, self._answer(q)):

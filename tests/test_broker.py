@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import RESTART_GRACE, Client
 from tpmbroker.errors import (
@@ -31,6 +30,10 @@ from tpmbroker.errors import (
 )
 from tpmbroker.keyfile import der_to_pem
 from tpmbroker.loadgen import run_threads, verify
+from tpmbroker.ops.hello import Hello, HelloResult
+from tpmbroker.ops.load import LoadResult
+from tpmbroker.ops.sign import Sign, SignResult
+from tpmbroker.ops.status import StatusRequest
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Broker
@@ -185,32 +188,32 @@ def test_bad_frames_get_clear_errors_and_the_broker_keeps_serving(
         assert isinstance(result, p.ErrorResult) and result.status == Status.MALFORMED
     # Unknown opcode, bad version, truncated body: answered, connection stays usable.
     with _raw(broker) as s:
-        frame = bytearray(p.encode_request(7, ops.StatusRequest()))
+        frame = bytearray(p.encode_request(7, StatusRequest()))
         frame[5] = 0x6F
         s.sendall(frame)
         header, result = _read_frame(s)
         assert header.request_id == 7
         assert isinstance(result, p.ErrorResult) and result.status == Status.UNKNOWN_OPCODE
-        frame = bytearray(p.encode_request(8, ops.StatusRequest()))
+        frame = bytearray(p.encode_request(8, StatusRequest()))
         frame[4] = 9
         s.sendall(frame)
         _, result = _read_frame(s)
         assert isinstance(result, p.ErrorResult)
         assert result.status == Status.UNSUPPORTED_VERSION
-        sign = p.encode_request(9, ops.Sign(bytes(32), 1, 0x0B, bytes(32)))
+        sign = p.encode_request(9, Sign(bytes(32), 1, 0x0B, bytes(32)))
         s.sendall(struct.pack(">I", len(sign) - 4 - 3) + sign[4:-3])
         _, result = _read_frame(s)
         assert isinstance(result, p.ErrorResult) and result.status == Status.MALFORMED
-        s.sendall(p.encode_request(10, ops.Hello(0, "too old")))
+        s.sendall(p.encode_request(10, Hello(0, "too old")))
         _, result = _read_frame(s)
         assert isinstance(result, p.ErrorResult)
         assert result.status == Status.UNSUPPORTED_VERSION
-        s.sendall(p.encode_request(10, ops.Hello(1, "still here")))
+        s.sendall(p.encode_request(10, Hello(1, "still here")))
         _, result = _read_frame(s)
-        assert isinstance(result, ops.HelloResult) and result.version == 1
+        assert isinstance(result, HelloResult) and result.version == 1
     # A client that sends half a frame and goes away.
     with _raw(broker) as s:
-        s.sendall(p.encode_request(11, ops.StatusRequest())[:7])
+        s.sendall(p.encode_request(11, StatusRequest())[:7])
     _assert_still_serving(broker, ec_key)
 
 
@@ -218,7 +221,7 @@ def test_key_ids_are_not_bearer_tokens(broker: Broker, ec_key: Path) -> None:
     with Client(broker.socket) as owner:
         loaded = owner.load_key(ec_key)
         with _raw(broker) as s:  # another connection presenting the owner's key id
-            s.sendall(p.encode_request(1, ops.Sign(loaded.key_id, 1, 0x0B, bytes(32))))
+            s.sendall(p.encode_request(1, Sign(loaded.key_id, 1, 0x0B, bytes(32))))
             _, result = _read_frame(s)
             assert isinstance(result, p.ErrorResult) and result.status == Status.UNKNOWN_KEY
         assert owner.sign(loaded, bytes(32))
@@ -237,13 +240,13 @@ def test_bad_keys_digests_and_ids(broker: Broker, ec_key: Path, tmp_path: Path) 
             client.sign(loaded, bytes(20), "sha256")
         for hash_id, digest in ((0x0B, bytes(20)), (0x0C, bytes(32)), (0x0B, b"")):
             with pytest.raises(BadDigestError):  # the broker's own check, not the client's
-                client._call(ops.Sign(loaded.key_id, 1, hash_id, digest), key=loaded)
+                client._call(Sign(loaded.key_id, 1, hash_id, digest), key=loaded)
         with _raw(broker) as s:
-            s.sendall(p.encode_request(1, ops.Sign(os.urandom(32), 1, 0x0B, bytes(32))))
+            s.sendall(p.encode_request(1, Sign(os.urandom(32), 1, 0x0B, bytes(32))))
             _, result = _read_frame(s)
             assert isinstance(result, p.ErrorResult) and result.status == Status.UNKNOWN_KEY
         with pytest.raises(UnknownKeyError):
-            client._call(ops.Sign(os.urandom(32), 1, 0x0B, bytes(32)))
+            client._call(Sign(os.urandom(32), 1, 0x0B, bytes(32)))
     _assert_still_serving(broker, ec_key)
 
 
@@ -253,9 +256,9 @@ def test_pipelined_requests_on_one_connection(broker: Broker, ec_key: Path) -> N
     with _raw(broker) as s:
         s.sendall(p.encode_request(1, loaded.spec.load_request()))
         _, result = _read_frame(s)
-        assert isinstance(result, ops.LoadResult)
+        assert isinstance(result, LoadResult)
         digests = {rid: hashlib.sha256(str(rid).encode()).digest() for rid in range(100, 132)}
-        s.sendall(b"".join(p.encode_request(rid, ops.Sign(loaded.key_id, 1, 0x0B, d))
+        s.sendall(b"".join(p.encode_request(rid, Sign(loaded.key_id, 1, 0x0B, d))
                            for rid, d in digests.items()))
         reader = p.FrameReader()
         seen: dict[int, bytes] = {}
@@ -264,7 +267,7 @@ def test_pipelined_requests_on_one_connection(broker: Broker, ec_key: Path) -> N
             assert data
             for header, body in reader.feed(data):
                 result = p.decode_response(header, body)
-                assert isinstance(result, ops.SignResult)
+                assert isinstance(result, SignResult)
                 seen[header.request_id] = result.signature
     for rid, sig in seen.items():
         assert verify(loaded.public_key, loaded.key_type, sig, digests[rid], p.Hash.SHA256,
@@ -313,9 +316,9 @@ def test_a_tpm_that_stops_answering_costs_deadlines_not_the_broker(
             # The broker's answer, not the client giving up, and not a signature.
             assert "broker did not answer" not in message and message != "signed"
         with _raw(broker) as s:  # a newcomer is still greeted
-            s.sendall(p.encode_request(1, ops.Hello(1, "meanwhile")))
+            s.sendall(p.encode_request(1, Hello(1, "meanwhile")))
             _, result = _read_frame(s)
-            assert isinstance(result, ops.HelloResult)
+            assert isinstance(result, HelloResult)
     finally:
         os.kill(swtpm.pid, signal.SIGCONT)
     give_up = time.monotonic() + 120

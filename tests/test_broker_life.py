@@ -26,12 +26,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.definitions import Hash, KeySource, KeyType, Scheme, Status
 from tpmbroker.keyfile import der_to_pem
 from tpmbroker.keyref import KeySpec
+from tpmbroker.ops.sign import Sign
 from tpmbroker.procedures.generate import generate_key
 from tpmbroker.procedures.load import load_key
 from tpmbroker.procedures.sign import sign as sign_digest
@@ -385,7 +385,7 @@ def test_sigterm_answers_every_pipelined_request_and_stops_in_order(
             assert answer == Status.OK, answer
             key_id = spec.key_id
             frames = b"".join(
-                p.encode_request(i, ops.Sign(key_id, Scheme.ECDSA, Hash.SHA256,
+                p.encode_request(i, Sign(key_id, Scheme.ECDSA, Hash.SHA256,
                                              hashlib.sha256(b"%d" % i).digest()), 30_000)
                 for i in range(2, 2 + 64))
             conns.append(sock)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import Status
+from tpmbroker.ops.hello import Hello
+from tpmbroker.ops.random import Random
 from tpmbroker.simulator import Swtpm
 
 from .test_key_blobs import read_frame
@@ -60,7 +61,7 @@ def still_serves(broker: Broker) -> None:
 
 
 def test_slowloris_is_closed_with_a_reason(edge_broker: Broker) -> None:
-    frame = p.encode_request(1, ops.Hello(p.VERSION, "slow"))
+    frame = p.encode_request(1, Hello(p.VERSION, "slow"))
     sock = connect(edge_broker.socket)
     sent = 0
     start = time.monotonic()
@@ -92,7 +93,7 @@ def test_whole_frames_slowly_are_not_slowloris(edge_broker: Broker) -> None:
     whole frames, or frames that each arrive in time, are served."""
     sock = connect(edge_broker.socket)
     for request_id in range(1, 3):
-        frame = p.encode_request(request_id, ops.Hello(p.VERSION, "patient"))
+        frame = p.encode_request(request_id, Hello(p.VERSION, "patient"))
         sock.sendall(frame[:10])
         time.sleep(FRAME_TIMEOUT * 0.6)
         sock.sendall(frame[10:])
@@ -104,8 +105,8 @@ def test_whole_frames_slowly_are_not_slowloris(edge_broker: Broker) -> None:
 def test_half_closed_connections_get_their_answers(edge_broker: Broker) -> None:
     sock = connect(edge_broker.socket)
     count = 40
-    frames = b"".join(p.encode_request(i, ops.Random(16)) for i in range(1, count + 1))
-    frames += p.encode_request(count + 1, ops.Hello(p.VERSION, "half"))
+    frames = b"".join(p.encode_request(i, Random(16)) for i in range(1, count + 1))
+    frames += p.encode_request(count + 1, Hello(p.VERSION, "half"))
     sock.sendall(frames)
     sock.shutdown(socket.SHUT_WR)
     answered = set()
@@ -120,7 +121,7 @@ def test_half_closed_connections_get_their_answers(edge_broker: Broker) -> None:
 
 def test_half_close_inside_a_frame_says_so(edge_broker: Broker) -> None:
     sock = connect(edge_broker.socket)
-    sock.sendall(p.encode_request(1, ops.Hello(p.VERSION, "x"))[:7])
+    sock.sendall(p.encode_request(1, Hello(p.VERSION, "x"))[:7])
     sock.shutdown(socket.SHUT_WR)
     _, answer = connection_error(sock)
     assert answer.status == Status.MALFORMED and "half-closed" in answer.message
@@ -145,7 +146,7 @@ def test_descriptor_exhaustion_pauses_accepting_and_logs_one_line(edge_broker: B
         # one 'conn N' line per admitted client, and the pause: nothing per failure
         assert grown < 256 * 120 + 1000, grown
         waiting = socks[-1]  # in the backlog: connected, not yet accepted
-        waiting.sendall(p.encode_request(7, ops.Hello(p.VERSION, "waiting")))
+        waiting.sendall(p.encode_request(7, Hello(p.VERSION, "waiting")))
         for sock in socks[:200]:
             sock.close()
         header, _ = read_frame(waiting)

@@ -27,10 +27,11 @@ from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_CAP, TPM2_PT, TPMA_OBJECT
 from tpm2_pytss.tsskey import TSSPrivKey
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client, LoadedKey
 from tpmbroker.errors import TpmBrokerError
+from tpmbroker.ops.load import Load, LoadResult
+from tpmbroker.ops.sign import Sign
 from tpmbroker.simulator import Swtpm
 
 from .tpmfixtures import Broker
@@ -111,15 +112,15 @@ def flood(socket_path: str, key: bytes, attempts: int) -> collections.Counter[st
                     yield header.opcode & ~p.RESPONSE_BIT, p.decode_response(header, body)
 
         stream = answers()
-        sock.sendall(p.encode_request(0, ops.Load(p.KeySource.TSS2_DER, key, b"wrong")))
+        sock.sendall(p.encode_request(0, Load(p.KeySource.TSS2_DER, key, b"wrong")))
         _, answer = next(stream)
-        assert isinstance(answer, ops.LoadResult), answer
+        assert isinstance(answer, LoadResult), answer
 
         def requests() -> Iterator[bytes]:
-            sign = ops.Sign(key_id, p.Scheme.ECDSA, p.Hash.SHA256, bytes(32))
+            sign = Sign(key_id, p.Scheme.ECDSA, p.Hash.SHA256, bytes(32))
             for n in range(attempts):
                 if n >= attempts // 2:
-                    yield p.encode_request(n, ops.Load(p.KeySource.TSS2_DER, key,
+                    yield p.encode_request(n, Load(p.KeySource.TSS2_DER, key,
                                                        b"guess-%d" % n))
                 yield p.encode_request(n, sign)
 
@@ -128,7 +129,7 @@ def flood(socket_path: str, key: bytes, attempts: int) -> collections.Counter[st
             if opcode == p.Opcode.SIGN:
                 statuses[status_name(answer)] += 1
             else:
-                assert isinstance(answer, ops.LoadResult), answer
+                assert isinstance(answer, LoadResult), answer
 
         pending = 0
         for frame in requests():

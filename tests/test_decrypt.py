@@ -21,10 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from tpmbroker import load_private_key, ops
+from tpmbroker import load_private_key
 from tpmbroker import protocol as p
 from tpmbroker.client import Client, LoadedKey
 from tpmbroker.errors import AuthFailedError, BadDigestError, ProtocolError, UnsupportedError
+from tpmbroker.ops.decrypt import Decrypt, DecryptResult
 from tpmbroker.paths import provider_path
 
 from .malicious_broker import Action, FakeBroker
@@ -488,10 +489,10 @@ class _LyingDecrypter(FakeBroker):
     lie = "too-long"
 
     def _answer(self, q: FakeRequest) -> list[Action]:
-        if isinstance(q.msg, ops.Decrypt):
+        if isinstance(q.msg, Decrypt):
             if self.lie == "too-long":
-                return [q.ok(ops.DecryptResult(b"A" * 300))]
-            frame = bytearray(q.ok(ops.DecryptResult(PLAINTEXT)) + b"\0")
+                return [q.ok(DecryptResult(b"A" * 300))]
+            frame = bytearray(q.ok(DecryptResult(PLAINTEXT)) + b"\0")
             frame[0:4] = (len(frame) - 4).to_bytes(4, "big")
             return [bytes(frame)]
         return super()._answer(q)

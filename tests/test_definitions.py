@@ -3,6 +3,7 @@ having its place on both sides (ops table, error classes, golden frames)."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 
 import build_provider
 from tpmbroker import definitions as d
-from tpmbroker import errors, ops
+from tpmbroker import errors
+from tpmbroker import protocol as p
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,10 +52,14 @@ def test_c_status_names_match_python(c_view: list[str]) -> None:
     assert names == [[str(int(s)), s.name] for s in d.Status]
 
 
-def test_every_opcode_has_an_operation() -> None:
-    assert set(ops.OPERATIONS) == set(d.Opcode)
-    for opcode, operation in ops.OPERATIONS.items():
-        assert operation.request.OPCODE == opcode == operation.result.OPCODE
+def test_every_opcode_has_its_messages_and_a_procedure() -> None:
+    importlib.import_module("tpmbroker.ops")
+    assert set(p.REQUESTS) == set(p.RESULTS) == set(d.Opcode)
+    for opcode in d.Opcode:
+        assert p.REQUESTS[opcode].OPCODE == opcode == p.RESULTS[opcode].OPCODE
+    from tpmbroker import procedures
+
+    assert set(procedures.SERVE) == set(d.Opcode)
 
 
 def test_every_status_has_an_exception_class() -> None:

@@ -20,11 +20,11 @@ from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMT_PUBLIC
 
 import tpmbroker
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client, LoadedKey
 from tpmbroker.errors import AuthFailedError, BadDigestError, UnsupportedError
 from tpmbroker.keyfile import der_to_pem
+from tpmbroker.ops.derive import DeriveResult
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 
@@ -305,7 +305,7 @@ def test_wrong_password_is_refused_and_the_right_one_works(env: Env) -> None:
 
 
 def test_result_repr_never_shows_the_secret() -> None:
-    assert "abcdef" not in repr(ops.DeriveResult(bytes.fromhex("abcdef")))
+    assert "abcdef" not in repr(DeriveResult(bytes.fromhex("abcdef")))
 
 
 # --- Python -----------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import Status
+from tpmbroker.ops.load import Load
 
 from .tpmfixtures import Broker
 
@@ -33,7 +33,7 @@ class RawConnection:
     def load(self, blob: bytes) -> int:
         """LOAD `blob` as a TSS2 DER key; the answer's status."""
         request_id, self.next_id = self.next_id, self.next_id + 1
-        self.sock.sendall(p.encode_request(request_id, ops.Load(p.KeySource.TSS2_DER, blob)))
+        self.sock.sendall(p.encode_request(request_id, Load(p.KeySource.TSS2_DER, blob)))
         header, body = read_frame(self.sock)
         assert header.request_id == request_id
         answer = p.decode_response(header, body)

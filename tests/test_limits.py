@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import Status, UnknownKeyError
+from tpmbroker.ops.load import Load, LoadResult
+from tpmbroker.ops.sign import Sign, SignResult
 from tpmbroker.procedures.generate import generate_key
 from tpmbroker.procedures.load import load_key
 from tpmbroker.procedures.sign import sign as sign_digest
@@ -46,22 +47,22 @@ def test_a_connection_forgets_its_least_recently_used_keys(swtpm: Swtpm,
             sock.connect(broker.socket)
             ids = []
             for rid, der in enumerate(keys[:2], 1):
-                result = _round_trip(sock, rid, ops.Load(p.KeySource.TSS2_DER, der))
-                assert isinstance(result, ops.LoadResult)
+                result = _round_trip(sock, rid, Load(p.KeySource.TSS2_DER, der))
+                assert isinstance(result, LoadResult)
                 ids.append(result.key_id)
 
             def sign(rid: int, key_id: bytes) -> p.Message | p.ErrorResult:
-                return _round_trip(sock, rid, ops.Sign(key_id, p.Scheme.ECDSA,
+                return _round_trip(sock, rid, Sign(key_id, p.Scheme.ECDSA,
                                                        p.Hash.SHA256, bytes(32)))
 
-            assert isinstance(sign(10, ids[0]), ops.SignResult)  # key 0 is now the fresher
-            third = _round_trip(sock, 11, ops.Load(p.KeySource.TSS2_DER, keys[2]))
-            assert isinstance(third, ops.LoadResult)
+            assert isinstance(sign(10, ids[0]), SignResult)  # key 0 is now the fresher
+            third = _round_trip(sock, 11, Load(p.KeySource.TSS2_DER, keys[2]))
+            assert isinstance(third, LoadResult)
             forgotten = sign(12, ids[1])
             assert isinstance(forgotten, p.ErrorResult)
             assert forgotten.status == Status.UNKNOWN_KEY
-            assert isinstance(sign(13, ids[0]), ops.SignResult)
-            assert isinstance(sign(14, third.key_id), ops.SignResult)
+            assert isinstance(sign(13, ids[0]), SignResult)
+            assert isinstance(sign(14, third.key_id), SignResult)
         with Client(broker.socket) as client:  # the client library reloads by itself
             loaded = [client.load_key(der) for der in keys]
             for key in loaded + loaded:

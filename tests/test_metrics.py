@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tpmbroker import ops
 from tpmbroker.client import Client
 from tpmbroker.errors import BadDigestError
+from tpmbroker.ops.sign import Sign
 from tpmbroker.simulator import Swtpm
 
 from .test_provider import TPMBROKER
@@ -77,7 +77,7 @@ def test_the_metrics_file_counts_what_was_served(metered: tuple[Broker, Path],
         for _ in range(3):
             client.sign(rsa, bytes(32))
         with pytest.raises(BadDigestError):
-            client._call(ops.Sign(ec.key_id, 1, 0x0B, bytes(20)), key=ec)
+            client._call(Sign(ec.key_id, 1, 0x0B, bytes(20)), key=ec)
         time.sleep(0.5)
         found = samples(metrics)
         assert found[("tpmbroker_operations_total",

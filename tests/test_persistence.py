@@ -16,11 +16,12 @@ import pytest
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_CAP
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import BadKeyError, PermissionDeniedError, UnknownKeyError
 from tpmbroker.keyfile import pem_to_der
+from tpmbroker.ops.load import Load, LoadResult
+from tpmbroker.ops.persistence import Evict, EvictResult, KeysRequest, KeysResult, Persist
 from tpmbroker.protocol import Curve, Hash, KeyType
 from tpmbroker.protocol import key_id_for as _key_id_for
 from tpmbroker.simulator import Swtpm
@@ -142,7 +143,7 @@ def test_persist_an_rsa_key_from_the_python_api(broker: Broker, tmp_path: Path) 
         key = client.load_key(der)
         with pytest.raises(UnknownKeyError):
             # PERSIST names a key LOADed on the connection; an unknown id is refused.
-            client._call(ops.Persist(bytes(32), HANDLE))
+            client._call(Persist(bytes(32), HANDLE))
         name = client.persist(key, HANDLE)
         by_handle = client.load_key(HANDLE)
         assert by_handle.public_key == spki
@@ -244,21 +245,21 @@ def test_only_administrators_persist_and_evict(swtpm: Swtpm, world_dir: Path) ->
     try:
         key = make_key(broker, world_dir / "key.pem")
         der = pem_to_der(key.read_bytes())
-        load = ops.Load(p.KeySource.TSS2_DER, der)
-        loaded, persist = as_www_data(broker, load, ops.Persist(load_key_id(der), HANDLE))
-        assert isinstance(loaded, ops.LoadResult)  # www-data may use the key ...
+        load = Load(p.KeySource.TSS2_DER, der)
+        loaded, persist = as_www_data(broker, load, Persist(load_key_id(der), HANDLE))
+        assert isinstance(loaded, LoadResult)  # www-data may use the key ...
         assert isinstance(persist, p.ErrorResult)  # ... not persist it
         assert persist.status == PermissionDeniedError.status
         assert "uid 33 may not persist keys" in persist.message
         cli(broker, "persist", str(key), f"0x{HANDLE:08x}")  # root may
-        (evict,) = as_www_data(broker, ops.Evict(HANDLE))
+        (evict,) = as_www_data(broker, Evict(HANDLE))
         assert isinstance(evict, p.ErrorResult) and evict.status == PermissionDeniedError.status
         assert "may not evict" in evict.message
         # Listing is for every admitted peer; who holds a key is not told them.
         with Client(broker.socket) as client:
             client.load_key(HANDLE)
-            (keys,) = as_www_data(broker, ops.KeysRequest())
-            assert isinstance(keys, ops.KeysResult)
+            (keys,) = as_www_data(broker, KeysRequest())
+            assert isinstance(keys, KeysResult)
             listing = json.loads(keys.json)
             assert [o["handle"] for o in listing["persistent"]] == [f"0x{HANDLE:08x}"]
             (held,) = [k for k in listing["loaded"] if k["source"] == "handle"]
@@ -272,8 +273,8 @@ def test_only_administrators_persist_and_evict(swtpm: Swtpm, world_dir: Path) ->
     # With --admin-uid www-data, the same user may.
     broker = Broker(swtpm.tcti, run, extra_args=(*admitted, "--admin-uid", "www-data")).start()
     try:
-        (evict,) = as_www_data(broker, ops.Evict(HANDLE))
-        assert isinstance(evict, ops.EvictResult), evict
+        (evict,) = as_www_data(broker, Evict(HANDLE))
+        assert isinstance(evict, EvictResult), evict
         with Client(broker.socket) as client:
             assert client.keys()["persistent"] == []
     finally:

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.errors import (
     FrameTooLargeError,
@@ -19,6 +18,27 @@ from tpmbroker.errors import (
     UnknownOpcodeError,
     UnsupportedVersionError,
 )
+from tpmbroker.ops.decrypt import Decrypt, DecryptResult
+from tpmbroker.ops.derive import Derive, DeriveResult
+from tpmbroker.ops.generate import Generate, GenerateResult
+from tpmbroker.ops.hello import Hello, HelloResult
+from tpmbroker.ops.import_key import Import, ImportResult
+from tpmbroker.ops.load import Load, LoadResult
+from tpmbroker.ops.nv_read import NvRead, NvReadResult
+from tpmbroker.ops.pcr_read import PcrRead, PcrReadResult
+from tpmbroker.ops.persistence import (
+    Evict,
+    EvictResult,
+    KeysRequest,
+    KeysResult,
+    Persist,
+    PersistResult,
+)
+from tpmbroker.ops.random import Random, RandomResult
+from tpmbroker.ops.sign import Sign, SignResult
+from tpmbroker.ops.sign_message import SignMessage, SignMessageResult
+from tpmbroker.ops.status import StatusRequest, StatusResult
+from tpmbroker.ops.unload import Unload, UnloadResult
 
 GOLDEN = {
     name: bytes.fromhex(hexdata)
@@ -30,81 +50,81 @@ GOLDEN = {
 KID = bytes(range(32))
 
 EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
-    "hello_request": (1, ops.Hello(1, "tpmbroker-provider/0.1.0"), 5000),
-    "load_request": (2, ops.Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"), b"pw"), 30000),
-    "load_handle_request": (3, ops.Load(p.KeySource.PERSISTENT_HANDLE, b"\x81\x00\x00\x01"), 0),
-    "sign_request": (4, ops.Sign(KID, p.Scheme.ECDSA, p.Hash.SHA256, bytes(32)), 1000),
-    "sign_pss_request": (0xFFFFFFFE, ops.Sign(KID, p.Scheme.PSS, p.Hash.SHA384, b"\xaa" * 48), 0),
-    "generate_request": (6, ops.Generate(p.KeyType.RSA, 2048, b"", 0x40000001), 60000),
-    "generate_rsa_pss_request": (6, ops.Generate(p.KeyType.RSA_PSS, 3072, b"", 0x40000001,
+    "hello_request": (1, Hello(1, "tpmbroker-provider/0.1.0"), 5000),
+    "load_request": (2, Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"), b"pw"), 30000),
+    "load_handle_request": (3, Load(p.KeySource.PERSISTENT_HANDLE, b"\x81\x00\x00\x01"), 0),
+    "sign_request": (4, Sign(KID, p.Scheme.ECDSA, p.Hash.SHA256, bytes(32)), 1000),
+    "sign_pss_request": (0xFFFFFFFE, Sign(KID, p.Scheme.PSS, p.Hash.SHA384, b"\xaa" * 48), 0),
+    "generate_request": (6, Generate(p.KeyType.RSA, 2048, b"", 0x40000001), 60000),
+    "generate_rsa_pss_request": (6, Generate(p.KeyType.RSA_PSS, 3072, b"", 0x40000001,
                                                  p.Usage.SIGN, p.Hash.SHA384), 60000),
-    "status_request": (7, ops.StatusRequest(), 0),
-    "unload_request": (8, ops.Unload(KID), 0),
-    "hello_response": (1, ops.HelloResult(1, "tpmbroker/0.1.0", 65536), 0),
-    "load_response": (2, ops.LoadResult(KID, p.KeyType.EC, 256, p.Curve.P256,
+    "status_request": (7, StatusRequest(), 0),
+    "unload_request": (8, Unload(KID), 0),
+    "hello_response": (1, HelloResult(1, "tpmbroker/0.1.0", 65536), 0),
+    "load_response": (2, LoadResult(KID, p.KeyType.EC, 256, p.Curve.P256,
                                       bytes.fromhex("3059")), 0),
-    "sign_response": (4, ops.SignResult(bytes.fromhex("3006020101020102")), 0),
+    "sign_response": (4, SignResult(bytes.fromhex("3006020101020102")), 0),
     "error_unknown_key": (4, p.ErrorResult(Status.UNKNOWN_KEY,
                                            "key not loaded on this connection"), 0),
     "error_tpm": (5, p.ErrorResult(Status.AUTH_FAILED, "wrong password", 0x98E), 0),
-    "generate_response": (6, ops.GenerateResult(b"\x30\x00", b"\x30\x01"), 0),
-    "status_response": (7, ops.StatusResult('{"pool_size":2}'), 0),
-    "unload_response": (8, ops.UnloadResult(), 0),
-    "random_request": (9, ops.Random(48), 2000),
-    "random_max_request": (10, ops.Random(p.MAX_RANDOM), 0),
-    "random_response": (9, ops.RandomResult(bytes(range(48))), 0),
-    "random_empty_response": (10, ops.RandomResult(b""), 0),
-    "nv_read_request": (12, ops.NvRead(0x01000010), 5000),
-    "nv_read_response": (12, ops.NvReadResult(bytes.fromhex("3082000130")), 0),
-    "load_parent_auth_request": (13, ops.Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"),
+    "generate_response": (6, GenerateResult(b"\x30\x00", b"\x30\x01"), 0),
+    "status_response": (7, StatusResult('{"pool_size":2}'), 0),
+    "unload_response": (8, UnloadResult(), 0),
+    "random_request": (9, Random(48), 2000),
+    "random_max_request": (10, Random(p.MAX_RANDOM), 0),
+    "random_response": (9, RandomResult(bytes(range(48))), 0),
+    "random_empty_response": (10, RandomResult(b""), 0),
+    "nv_read_request": (12, NvRead(0x01000010), 5000),
+    "nv_read_response": (12, NvReadResult(bytes.fromhex("3082000130")), 0),
+    "load_parent_auth_request": (13, Load(p.KeySource.TSS2_DER, bytes.fromhex("3003020101"),
                                               b"", b"parentpass"), 0),
-    "generate_parent_auth_request": (14, ops.Generate(p.KeyType.EC, p.Curve.P256, b"pw",
+    "generate_parent_auth_request": (14, Generate(p.KeyType.EC, p.Curve.P256, b"pw",
                                                       0x81000002,
                                                       parent_auth=b"parentpass"), 0),
     # A PCR lock on PCR 16 (sha256) at its current value: the tail carries parent_auth
     # even when empty, then the policy (tpmbroker.keypolicy). Python clients alone send
     # it (the provider makes no policy keys), so it is not named *_request, the frames the
     # C encoder must write too.
-    "generate_policy_frame": (15, ops.Generate(
+    "generate_policy_frame": (15, Generate(
         p.KeyType.EC, p.Curve.P256, b"", 0x40000001, policy=bytes.fromhex(
             "301830163014a0040202017fa10c040a00000001000b03000001")), 0),
-    "decrypt_request": (13, ops.Decrypt(KID, p.Padding.PKCS1, p.DecryptFlag.IMPLICIT_REJECTION,
+    "decrypt_request": (13, Decrypt(KID, p.Padding.PKCS1, p.DecryptFlag.IMPLICIT_REJECTION,
                                         0, 0, b"", bytes(range(16))), 3000),
-    "decrypt_oaep_request": (14, ops.Decrypt(KID, p.Padding.OAEP, 0, p.Hash.SHA256, p.Hash.SHA1,
+    "decrypt_oaep_request": (14, Decrypt(KID, p.Padding.OAEP, 0, p.Hash.SHA256, p.Hash.SHA1,
                                              b"label", b"\xee" * 8), 0),
-    "decrypt_response": (13, ops.DecryptResult(b"secret"), 0),
+    "decrypt_response": (13, DecryptResult(b"secret"), 0),
     "error_random_too_many": (11, p.ErrorResult(Status.UNSUPPORTED,
                                                 "at most 1024 random bytes per request"), 0),
-    "sign_message_request": (13, ops.SignMessage(KID, p.Scheme.ECDSA, p.Hash.SHA256,
+    "sign_message_request": (13, SignMessage(KID, p.Scheme.ECDSA, p.Hash.SHA256,
                                                  b"hello, world"), 3000),
-    "sign_message_empty_request": (14, ops.SignMessage(KID, p.Scheme.PSS, p.Hash.SHA384,
+    "sign_message_empty_request": (14, SignMessage(KID, p.Scheme.PSS, p.Hash.SHA384,
                                                        b""), 0),
-    "sign_message_response": (13, ops.SignMessageResult(bytes.fromhex("3006020101020102")),
+    "sign_message_response": (13, SignMessageResult(bytes.fromhex("3006020101020102")),
                               0),
     "error_sign_message_too_long": (15, p.ErrorResult(
         Status.UNSUPPORTED, "message of 65281 bytes: SIGN_MESSAGE carries at most 65280 "
         "(MAX_MESSAGE)"), 0),
-    "derive_request": (13, ops.Derive(KID, b"\x04" + bytes(range(0x40, 0x80))), 3000),
-    "derive_response": (13, ops.DeriveResult(bytes(range(0x80, 0xA0))), 0),
-    "import_request": (16, ops.Import(0x40000001, bytes.fromhex("3003020101"),
+    "derive_request": (13, Derive(KID, b"\x04" + bytes(range(0x40, 0x80))), 3000),
+    "derive_response": (13, DeriveResult(bytes(range(0x80, 0xA0))), 0),
+    "import_request": (16, Import(0x40000001, bytes.fromhex("3003020101"),
                                       b"parentpass"), 60000),
-    "import_parent_public_request": (17, ops.Import(0), 5000),
-    "import_response": (16, ops.ImportResult(bytes.fromhex("0004aabbccdd"),
+    "import_parent_public_request": (17, Import(0), 5000),
+    "import_response": (16, ImportResult(bytes.fromhex("0004aabbccdd"),
                                              bytes.fromhex("3003020102")), 0),
-    "import_parent_public_response": (17, ops.ImportResult(bytes.fromhex("0004aabbccdd")), 0),
-    "persist_request": (15, ops.Persist(KID, 0x81000010), 30000),
-    "persist_owner_auth_request": (16, ops.Persist(KID, 0x81000010, b"ownerpass"), 0),
-    "persist_response": (15, ops.PersistResult(0x81000010, bytes.fromhex("000b")
+    "import_parent_public_response": (17, ImportResult(bytes.fromhex("0004aabbccdd")), 0),
+    "persist_request": (15, Persist(KID, 0x81000010), 30000),
+    "persist_owner_auth_request": (16, Persist(KID, 0x81000010, b"ownerpass"), 0),
+    "persist_response": (15, PersistResult(0x81000010, bytes.fromhex("000b")
                                                + bytes(range(0x40, 0x60))), 0),
     "error_persist_in_use": (15, p.ErrorResult(
         Status.BAD_KEY, "0x81000010 is in use by another persistent object"), 0),
-    "evict_request": (17, ops.Evict(0x81000010), 30000),
-    "evict_response": (17, ops.EvictResult(), 0),
-    "keys_request": (18, ops.KeysRequest(), 0),
-    "keys_response": (18, ops.KeysResult('{"loaded":[],"persistent":[]}'), 0),
+    "evict_request": (17, Evict(0x81000010), 30000),
+    "evict_response": (17, EvictResult(), 0),
+    "keys_request": (18, KeysRequest(), 0),
+    "keys_response": (18, KeysResult('{"loaded":[],"persistent":[]}'), 0),
     # sha256 PCR 16. The provider reads no PCRs, so not *_request (the C encoder's).
-    "pcr_read_frame": (19, ops.PcrRead(bytes.fromhex("00000001000b03000001")), 5000),
-    "pcr_read_response": (19, ops.PcrReadResult(bytes.fromhex("00000001000b03000001"),
+    "pcr_read_frame": (19, PcrRead(bytes.fromhex("00000001000b03000001")), 5000),
+    "pcr_read_response": (19, PcrReadResult(bytes.fromhex("00000001000b03000001"),
                                                  bytes(32)), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
@@ -197,40 +217,40 @@ def test_truncated_and_trailing_bodies_are_malformed() -> None:
 
 def test_oversized_field_and_frame_are_refused_when_encoding() -> None:
     with pytest.raises(ProtocolError):
-        p.encode_request(1, ops.Sign(KID, 1, 0x0B, bytes(70000)))
+        p.encode_request(1, Sign(KID, 1, 0x0B, bytes(70000)))
     with pytest.raises(FrameTooLargeError):
-        p.encode_request(1, ops.Load(1, bytes(40000), bytes(40000)))
+        p.encode_request(1, Load(1, bytes(40000), bytes(40000)))
 
 
 def test_random_bytes_never_appear_in_reprs() -> None:
-    assert "abcdef" not in repr(ops.RandomResult(bytes.fromhex("abcdef")))
+    assert "abcdef" not in repr(RandomResult(bytes.fromhex("abcdef")))
 
 
 def test_shared_secrets_never_appear_in_reprs() -> None:
-    assert "abcdef" not in repr(ops.DeriveResult(bytes.fromhex("abcdef")))
+    assert "abcdef" not in repr(DeriveResult(bytes.fromhex("abcdef")))
 
 
 def test_plaintexts_never_appear_in_reprs() -> None:
-    assert "secret" not in repr(ops.DecryptResult(b"secret"))
+    assert "secret" not in repr(DecryptResult(b"secret"))
 
 
 def test_passwords_never_appear_in_reprs() -> None:
-    assert "secret" not in repr(ops.Persist(KID, 0x81000010, b"secret"))
-    assert "secret" not in repr(ops.Evict(0x81000010, b"secret"))
-    assert "secret" not in repr(ops.Load(1, b"k", b"secret"))
-    assert "secret" not in repr(ops.Generate(1, 3, b"secret"))
-    assert "secret" not in repr(ops.Load(1, b"k", b"", b"secret"))
-    assert "secret" not in repr(ops.Generate(1, 3, b"", 0x81000002, parent_auth=b"secret"))
+    assert "secret" not in repr(Persist(KID, 0x81000010, b"secret"))
+    assert "secret" not in repr(Evict(0x81000010, b"secret"))
+    assert "secret" not in repr(Load(1, b"k", b"secret"))
+    assert "secret" not in repr(Generate(1, 3, b"secret"))
+    assert "secret" not in repr(Load(1, b"k", b"", b"secret"))
+    assert "secret" not in repr(Generate(1, 3, b"", 0x81000002, parent_auth=b"secret"))
 
 
 def test_a_parent_password_is_a_trailing_field_absent_when_empty() -> None:
     # Frames without it keep their bytes (and brokers before it read them); with it, the
     # field follows the last one, and an explicitly empty one reads as absent.
-    plain = p.encode_request(1, ops.Load(1, b"k", b"pw"))
-    with_parent = p.encode_request(1, ops.Load(1, b"k", b"pw", b"pp"))
+    plain = p.encode_request(1, Load(1, b"k", b"pw"))
+    with_parent = p.encode_request(1, Load(1, b"k", b"pw", b"pp"))
     assert with_parent == plain[:3] + bytes([plain[3] + 4]) + plain[4:] + b"\x00\x02pp"
     header = p.decode_header(plain)
-    assert p.decode_request(header, plain[p.HEADER_SIZE:] + b"\x00\x00") == ops.Load(
+    assert p.decode_request(header, plain[p.HEADER_SIZE:] + b"\x00\x00") == Load(
         1, b"k", b"pw")
     with pytest.raises(ProtocolError):
         p.decode_request(header, plain[p.HEADER_SIZE:] + b"\x00\x03pp")
@@ -261,7 +281,7 @@ def test_garbage_bodies_never_crash_the_decoder(body: bytes) -> None:
        st.sampled_from(list(p.Hash)), st.binary(max_size=64), st.integers(0, 2**32 - 1))
 def test_sign_round_trips(kid: bytes, scheme: p.Scheme, hash_alg: p.Hash, digest: bytes,
                           request_id: int) -> None:
-    msg = ops.Sign(kid, scheme, hash_alg, digest)
+    msg = Sign(kid, scheme, hash_alg, digest)
     frame = p.encode_request(request_id, msg, 7)
     ((header, body),) = p.FrameReader().feed(frame)
     assert header.request_id == request_id
@@ -271,7 +291,7 @@ def test_sign_round_trips(kid: bytes, scheme: p.Scheme, hash_alg: p.Hash, digest
 def _generic_sign(body: bytes) -> object:
     try:
         # The general decoder every message inherits, past Sign's unrolled one.
-        return super(ops.Sign, ops.Sign).decode_body(memoryview(body), 0)
+        return super(Sign, Sign).decode_body(memoryview(body), 0)
     except ProtocolError as exc:
         return type(exc)
 

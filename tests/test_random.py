@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from tpm2_pytss import ESAPI, TCTILdr
 
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client
 from tpmbroker.errors import BrokerUnavailableError, UnsupportedError
+from tpmbroker.ops.random import Random, RandomResult
 from tpmbroker.paths import provider_path
 
 from .relay import Relay
@@ -61,15 +61,15 @@ def test_client_gets_exactly_the_bytes_asked_for(env: Env, count: int) -> None:
 
 def test_more_than_the_maximum_per_request_is_refused_clearly(env: Env) -> None:
     with env.client() as client, pytest.raises(UnsupportedError, match="at most 1024"):
-        client._call(ops.Random(p.MAX_RANDOM + 1))
+        client._call(Random(p.MAX_RANDOM + 1))
     with env.client() as client:  # the connection stays usable
         assert len(client.random(8)) == 8
 
 
 def test_the_broker_answers_count_zero_with_nothing(env: Env) -> None:
     with env.client() as client:
-        result = client._call(ops.Random(0))
-    assert result == ops.RandomResult(b"")
+        result = client._call(Random(0))
+    assert result == RandomResult(b"")
 
 
 def test_bytes_look_random(env: Env) -> None:

@@ -29,10 +29,10 @@ from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
 
 import tpmbroker
-from tpmbroker import ops
 from tpmbroker import protocol as p
 from tpmbroker.client import Client, LoadedKey
 from tpmbroker.errors import DeadlineError, UnsupportedError
+from tpmbroker.ops.sign_message import SignMessage
 from tpmbroker.procedures.load import load_key
 from tpmbroker.procedures.sign_message import sign_message
 from tpmbroker.protocol import Hash, KeySource, Scheme
@@ -156,7 +156,7 @@ def test_refusals_name_why_and_spend_no_tpm_command(world: World) -> None:
         with pytest.raises(UnsupportedError, match=f"at most {p.MAX_MESSAGE}"):
             client.sign_message(key, bytes(p.MAX_MESSAGE + 1))
         with pytest.raises(UnsupportedError, match=rf"at most {p.MAX_MESSAGE}.*MAX_MESSAGE"):
-            client._call(ops.SignMessage(key.key_id, p.Scheme.ECDSA, p.Hash.SHA256,
+            client._call(SignMessage(key.key_id, p.Scheme.ECDSA, p.Hash.SHA256,
                                          bytes(p.MAX_MESSAGE + 1)), None, key)
         # What could pass for an attestation the TPM made, short and long.
         for size in (4, 100, 5000):

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 import tpmbroker
-from tpmbroker import ops
 from tpmbroker.errors import AuthFailedError, BadKeyError
 from tpmbroker.keyfile import TPMKeyAsn1, pem_to_der
+from tpmbroker.ops.import_key import Import
 from tpmbroker.paths import provider_path
 from tpmbroker.simulator import Swtpm
 from tpmbroker.wrap import WrappableKey
@@ -328,4 +328,4 @@ def test_other_encodings_of_the_software_key(env: Env, form: str) -> None:
 
 
 def test_import_message_hides_passwords() -> None:
-    assert "parentpass" not in repr(ops.Import(0, b"k", b"parentpass"))
+    assert "parentpass" not in repr(Import(0, b"k", b"parentpass"))

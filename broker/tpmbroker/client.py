@@ -26,7 +26,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from . import ops
 from . import protocol as p
 from .definitions import CURVES, REPEATABLE
 from .errors import (
@@ -41,6 +40,19 @@ from .errors import (
     error_for_status,
 )
 from .keyref import KeySpec
+from .ops.decrypt import Decrypt, DecryptResult
+from .ops.derive import Derive, DeriveResult
+from .ops.generate import Generate, GenerateResult
+from .ops.hello import Hello, HelloResult
+from .ops.import_key import Import, ImportResult
+from .ops.load import LoadResult
+from .ops.nv_read import NvRead, NvReadResult
+from .ops.pcr_read import PcrRead, PcrReadResult
+from .ops.persistence import Evict, EvictResult, KeysRequest, KeysResult, Persist, PersistResult
+from .ops.random import Random, RandomResult
+from .ops.sign import Sign, SignResult
+from .ops.sign_message import SignMessage, SignMessageResult
+from .ops.status import StatusRequest, StatusResult
 from .paths import default_socket
 from .version import __version__
 
@@ -354,18 +366,18 @@ class Client:
                 "load the handle again")
 
     @staticmethod
-    def _load_on(conn: _Connection, spec: KeySpec, deadline: float) -> ops.LoadResult:
+    def _load_on(conn: _Connection, spec: KeySpec, deadline: float) -> LoadResult:
         result = conn.round_trip(spec.load_request(), deadline)
-        assert isinstance(result, ops.LoadResult)  # the opcode was checked
+        assert isinstance(result, LoadResult)  # the opcode was checked
         if result.key_id != spec.key_id:
             conn.broken = True
             raise ProtocolError("the broker answered LOAD with the id of another key")
         conn.loaded[result.key_id] = spec.auth
         return result
 
-    def hello(self) -> ops.HelloResult:
-        result = self._call(ops.Hello(p.VERSION, f"tpmbroker-python/{__version__}"))
-        assert isinstance(result, ops.HelloResult)
+    def hello(self) -> HelloResult:
+        result = self._call(Hello(p.VERSION, f"tpmbroker-python/{__version__}"))
+        assert isinstance(result, HelloResult)
         return result
 
     def load_key(self, key: KeySpec | bytes | str | os.PathLike[str] | int,
@@ -399,8 +411,8 @@ class Client:
         if scheme is None:
             scheme = {p.KeyType.EC: p.Scheme.ECDSA,
                       p.KeyType.RSA_PSS: p.Scheme.PSS}.get(key.key_type, p.Scheme.PKCS1)
-        result = self._call(ops.Sign(key.key_id, scheme, hash_alg, digest), timeout, key)
-        assert isinstance(result, ops.SignResult)  # the opcode was checked
+        result = self._call(Sign(key.key_id, scheme, hash_alg, digest), timeout, key)
+        assert isinstance(result, SignResult)  # the opcode was checked
         check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
                         verify=self.verify)
         return result.signature
@@ -423,9 +435,9 @@ class Client:
             raise ValueError("a hash, an MGF1 hash or a label are for OAEP only")
         if padding is p.Padding.PKCS1 and implicit_rejection:
             flags |= p.DecryptFlag.IMPLICIT_REJECTION
-        result = self._call(ops.Decrypt(key.key_id, padding, flags, hash_id, mgf1_id, label,
+        result = self._call(Decrypt(key.key_id, padding, flags, hash_id, mgf1_id, label,
                                         ciphertext), timeout, key)
-        assert isinstance(result, ops.DecryptResult)
+        assert isinstance(result, DecryptResult)
         if len(result.plaintext) > (key.bits + 7) // 8:  # no padding makes a message longer
             raise ProtocolError(f"the broker sent a plaintext of {len(result.plaintext)} "
                                 f"bytes for a {key.bits}-bit key")
@@ -442,9 +454,9 @@ class Client:
         if len(message) > p.MAX_MESSAGE:
             raise UnsupportedError(f"message of {len(message)} bytes: the broker signs "
                                    f"messages of at most {p.MAX_MESSAGE} bytes (MAX_MESSAGE)")
-        result = self._call(ops.SignMessage(key.key_id, scheme, hash_alg, message), timeout,
+        result = self._call(SignMessage(key.key_id, scheme, hash_alg, message), timeout,
                             key)
-        assert isinstance(result, ops.SignMessageResult)  # the opcode was checked
+        assert isinstance(result, SignMessageResult)  # the opcode was checked
         digest = hashlib.new(hash_alg.hashlib_name, message).digest()
         check_signature(key, digest, hash_alg, p.Scheme(scheme), result.signature,
                         verify=self.verify)
@@ -453,8 +465,8 @@ class Client:
     def derive(self, key: LoadedKey, peer_point: bytes, timeout: float | None = None) -> bytes:
         """ECDH with an EC key: Z, the shared point's x-coordinate, from the peer's
         public key as an uncompressed point (0x04 || x || y)."""
-        result = self._call(ops.Derive(key.key_id, peer_point), timeout, key)
-        assert isinstance(result, ops.DeriveResult)
+        result = self._call(Derive(key.key_id, peer_point), timeout, key)
+        assert isinstance(result, DeriveResult)
         if len(result.secret) != (key.bits + 7) // 8:
             raise ProtocolError(f"the broker sent a {len(result.secret)}-byte secret for "
                                 f"a {key.bits}-bit curve")
@@ -479,19 +491,19 @@ class Client:
         auth = password.encode() if isinstance(password, str) else (password or b"")
         pauth = (parent_auth.encode() if isinstance(parent_auth, str)
                  else (parent_auth or b""))
-        result = self._call(ops.Generate(key_type, param, auth, parent, usage,
+        result = self._call(Generate(key_type, param, auth, parent, usage,
                                          int(hash_alg) if hash_alg is not None else 0, pauth,
                                          policy),
                             timeout if timeout is not None else max(self.timeout, 120.0))
-        assert isinstance(result, ops.GenerateResult)
+        assert isinstance(result, GenerateResult)
         return result.key, result.public_key
 
     def parent_public(self, parent: int = p.STORAGE_PRIMARY,
                       timeout: float | None = None) -> bytes:
         """The TPM2B_PUBLIC of a parent in the broker's TPM (the storage primary
         0x40000001, or a persistent 0x81xxxxxx): what keys are wrapped to."""
-        result = self._call(ops.Import(parent), timeout)
-        assert isinstance(result, ops.ImportResult)
+        result = self._call(Import(parent), timeout)
+        assert isinstance(result, ImportResult)
         return result.parent_public
 
     def import_key(self, key: bytes, parent_auth: bytes | str | None = None,
@@ -501,8 +513,8 @@ class Client:
         `parent_auth`: the parent's password (for 0x40000001, the owner hierarchy's)."""
         pauth = (parent_auth.encode() if isinstance(parent_auth, str)
                  else (parent_auth or b""))
-        result = self._call(ops.Import(0, key, pauth), timeout)
-        assert isinstance(result, ops.ImportResult)
+        result = self._call(Import(0, key, pauth), timeout)
+        assert isinstance(result, ImportResult)
         if not result.key:
             raise ProtocolError("the broker answered IMPORT without a key")
         return result.key
@@ -530,8 +542,8 @@ class Client:
         out = bytearray()
         while len(out) < count:
             wanted = min(count - len(out), p.MAX_RANDOM)
-            result = self._call(ops.Random(wanted), timeout)
-            assert isinstance(result, ops.RandomResult)
+            result = self._call(Random(wanted), timeout)
+            assert isinstance(result, RandomResult)
             if len(result.random) != wanted:
                 raise ProtocolError(f"the broker sent {len(result.random)} random bytes "
                                     f"for {wanted}")
@@ -551,8 +563,8 @@ class Client:
             for pcr in selection.pcrs:
                 # One PCR per request: a TPM answers at most 8 values per TPM2_PCR_Read.
                 wanted = marshal_selection([PcrSelection(selection.bank, (pcr,))])
-                result = self._call(ops.PcrRead(wanted), timeout)
-                assert isinstance(result, ops.PcrReadResult)
+                result = self._call(PcrRead(wanted), timeout)
+                assert isinstance(result, PcrReadResult)
                 if result.selection != wanted:
                     raise UnsupportedError(f"this TPM has no {bank} PCR {pcr} (its {bank} "
                                            "bank is not allocated)")
@@ -564,13 +576,13 @@ class Client:
 
     def nv_read(self, index: int, timeout: float | None = None) -> bytes:
         """The contents of NV index `index` (0x01xxxxxx), e.g. a certificate."""
-        result = self._call(ops.NvRead(index), timeout)
-        assert isinstance(result, ops.NvReadResult)
+        result = self._call(NvRead(index), timeout)
+        assert isinstance(result, NvReadResult)
         return result.data
 
     def status(self, timeout: float | None = None) -> dict[str, object]:
-        result = self._call(ops.StatusRequest(), timeout)
-        assert isinstance(result, ops.StatusResult)
+        result = self._call(StatusRequest(), timeout)
+        assert isinstance(result, StatusResult)
         try:
             data = json.loads(result.json)
         except ValueError:
@@ -591,9 +603,9 @@ class Client:
         Returns the key's TPM Name; afterwards load_key(handle) uses it by handle."""
         loaded = key if isinstance(key, LoadedKey) else self.load_key(
             key, timeout=timeout, parent_auth=parent_auth)
-        result = self._call(ops.Persist(loaded.key_id, handle, _password(owner_auth)),
+        result = self._call(Persist(loaded.key_id, handle, _password(owner_auth)),
                             timeout, loaded)
-        assert isinstance(result, ops.PersistResult)
+        assert isinstance(result, PersistResult)
         if result.handle != handle:
             raise ProtocolError(f"the broker persisted at 0x{result.handle:08x}, not at "
                                 f"0x{handle:08x}")
@@ -602,14 +614,14 @@ class Client:
     def evict(self, handle: int, *, owner_auth: bytes | str | None = None,
               timeout: float | None = None) -> None:
         """Take the persistent object at `handle` out of the TPM (administrators only)."""
-        result = self._call(ops.Evict(handle, _password(owner_auth)), timeout)
-        assert isinstance(result, ops.EvictResult)
+        result = self._call(Evict(handle, _password(owner_auth)), timeout)
+        assert isinstance(result, EvictResult)
 
     def keys(self, timeout: float | None = None) -> dict[str, list[dict[str, object]]]:
         """{"persistent": [...], "loaded": [...]}: the TPM's persistent objects and the
         keys the broker holds (docs/broker.md, Persistent keys)."""
-        result = self._call(ops.KeysRequest(), timeout)
-        assert isinstance(result, ops.KeysResult)
+        result = self._call(KeysRequest(), timeout)
+        assert isinstance(result, KeysResult)
         try:
             data = json.loads(result.json)
         except ValueError:
@@ -631,7 +643,7 @@ def _hash(value: p.Hash | str) -> p.Hash:
     return value if isinstance(value, p.Hash) else p.Hash.from_name(value)
 
 
-def _loaded_key(spec: KeySpec, result: ops.LoadResult) -> LoadedKey:
+def _loaded_key(spec: KeySpec, result: LoadResult) -> LoadedKey:
     """The LOAD answer, checked: known type and curve, a public key of that kind, and for
     a key file the file's own public key (the broker's word is not taken for it)."""
     from cryptography.hazmat.primitives import serialization

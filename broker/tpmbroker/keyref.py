@@ -8,10 +8,10 @@ import os
 import re
 from pathlib import Path
 
-from . import ops
 from . import protocol as p
 from .errors import BadKeyError
 from .keyfile import to_der_if_pem
+from .ops.load import Load
 
 _HANDLE_RE = re.compile(r"^(?:handle:)?(0x81[0-9a-fA-F]{6})$")
 
@@ -31,8 +31,8 @@ class KeySpec:
     def key_id(self) -> bytes:
         return p.key_id_for(self.source, self.key)
 
-    def load_request(self) -> ops.Load:
-        return ops.Load(self.source, self.key, self.auth, self.parent_auth)
+    def load_request(self) -> Load:
+        return Load(self.source, self.key, self.auth, self.parent_auth)
 
     @classmethod
     def from_handle(cls, handle: int, password: bytes | str | None = None) -> KeySpec:

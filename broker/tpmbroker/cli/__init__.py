@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 from collections.abc import Sequence
 
 from ..version import __version__
 from .common import Command, Parser, UsageError, neutral_openssl_conf, os_error_text
-from .keys import DECRYPT, EVICT, KEYGEN, KEYS, PARENT_PUBKEY, PERSIST, POLICY, PUBKEY, SIGN
-from .serve import PROVIDER_PATH, SERVE, SIMULATOR
-from .tools import LOAD, PCRREAD, RANDOM, STATUS
 
-# In the order `tpmbroker --help` lists them.
-COMMANDS: tuple[Command, ...] = (
-    SERVE, KEYGEN, PARENT_PUBKEY, POLICY, PUBKEY, SIGN, DECRYPT, RANDOM, PCRREAD, STATUS,
-    LOAD, PERSIST, EVICT, KEYS, SIMULATOR, PROVIDER_PATH)
+
+def all_commands() -> tuple[Command, ...]:
+    """Every module's COMMANDS, serve's first, so adding a subcommand edits no list here."""
+    names = sorted((m.name for m in pkgutil.iter_modules(__path__)
+                    if m.name not in ("common", "__main__")),
+                   key=lambda name: (name != "serve", name))
+    found: list[Command] = []
+    for name in names:
+        found.extend(getattr(importlib.import_module(f"{__name__}.{name}"), "COMMANDS", ()))
+    return tuple(found)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tpmbroker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tpmbroker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in all_commands():
         command.add_to(commands)
     return parser
 

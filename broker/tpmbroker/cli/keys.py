@@ -406,3 +406,6 @@ EVICT = Command(
 
 KEYS = Command("keys", "persistent handles and the keys the broker holds", _cmd_keys,
                (arg("--json", action="store_true"),), client=True)
+
+# In the order `tpmbroker --help` lists them (tpmbroker.cli gathers every module's).
+COMMANDS = (KEYGEN, PARENT_PUBKEY, POLICY, PUBKEY, SIGN, DECRYPT, PERSIST, EVICT, KEYS)

@@ -277,3 +277,6 @@ SIMULATOR = Command(
 
 PROVIDER_PATH = Command("provider-path", "print the path of the OpenSSL provider module",
                         _cmd_provider_path)
+
+# In the order `tpmbroker --help` lists them (tpmbroker.cli gathers every module's).
+COMMANDS = (SERVE, SIMULATOR, PROVIDER_PATH)

@@ -115,3 +115,6 @@ LOAD = Command(
         arg("--scheme", choices=list(SCHEMES)),
         arg("--json", action="store_true"),
     ), client=True)
+
+# In the order `tpmbroker --help` lists them (tpmbroker.cli gathers every module's).
+COMMANDS = (RANDOM, PCRREAD, STATUS, LOAD)

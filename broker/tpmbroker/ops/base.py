@@ -1,5 +1,5 @@
-"""What every operation's message half shares: the opcode table's row and the check
-that turns a wire number into its enum.
+"""What every operation's message half shares: the check that turns a wire number into
+its enum.
 
 The message half of an operation (this package) is what clients import: its request and
 result messages and the checks of their fields, with no TPM code. The broker's half, the
@@ -8,11 +8,9 @@ procedure, lives under the same name in tpmbroker.procedures.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ..errors import UnsupportedError
-from ..protocol import Message
 
 
 def member(cls: Any, value: int, what: str) -> Any:
@@ -21,11 +19,3 @@ def member(cls: Any, value: int, what: str) -> Any:
         return cls(value)
     except ValueError:
         raise UnsupportedError(f"unknown {what} {value}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Operation:
-    """One row of the opcode table: what an opcode's request and result are."""
-
-    request: type[Message]
-    result: type[Message]

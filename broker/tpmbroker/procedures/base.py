@@ -10,12 +10,30 @@ or a policy session, the key made resident, recovery).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from ..definitions import Opcode
 from ..protocol import Message
 
 if TYPE_CHECKING:
     from ..tpm.worker import TpmWorker
+
+Serve = Callable[["Request", Any], None]
+_S = TypeVar("_S", bound=Callable[..., None])
+
+# The server's dispatch table: opcode -> the `serve` of its operation. Each module fills
+# in its own row (@serves), so adding an operation edits no list.
+SERVE: dict[Opcode, Serve] = {}
+
+
+def serves(opcode: Opcode) -> Callable[[_S], _S]:
+    """Make the decorated function the one that serves `opcode`'s requests."""
+    def register(serve: _S) -> _S:
+        if opcode in SERVE:
+            raise TypeError(f"two procedures serve {opcode!r}")
+        SERVE[opcode] = serve
+        return serve
+    return register
 
 
 class Request(Protocol):

@@ -4,7 +4,7 @@ in C (tpm/depad.c) for keys whose scheme is NULL."""
 
 from __future__ import annotations
 
-from ..definitions import DecryptFlag, Hash, Padding
+from ..definitions import DecryptFlag, Hash, Opcode, Padding
 from ..errors import BadDigestError, TpmBrokerError, TpmError, UnsupportedError
 from ..ops.base import member
 from ..ops.decrypt import KNOWN_FLAGS, Decrypt, DecryptResult
@@ -13,11 +13,12 @@ from ..tpm import keys as keymod
 from ..tpm.keys import CachedKey
 from ..tpm.rc import tpm_code
 from ..tpm.worker import LaneCommand, TpmWorker
-from .base import Request
+from .base import Request, serves
 
 TPM_RC_VALUE = 0x084
 
 
+@serves(Opcode.DECRYPT)
 def serve(request: Request, msg: Decrypt) -> None:
     padding = member(Padding, msg.padding, "padding")
     if msg.flags & ~KNOWN_FLAGS:

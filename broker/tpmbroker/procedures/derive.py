@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+from ..definitions import Opcode
 from ..errors import BadDigestError, TpmBrokerError, TpmError
 from ..ops.derive import MAX_POINT, Derive, DeriveResult
 from ..tpm import command
 from ..tpm import keys as keymod
 from ..tpm.worker import LaneCommand, TpmWorker
-from .base import Request
+from .base import Request, serves
 
 
+@serves(Opcode.DERIVE)
 def serve(request: Request, msg: Derive) -> None:
     auth = request.key_auth(msg.key_id, ("derive",))
     point = msg.point

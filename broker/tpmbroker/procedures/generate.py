@@ -17,7 +17,7 @@ from tpm2_pytss.types import (
 )
 
 from .. import keypolicy, templates
-from ..definitions import Hash, KeyType, Usage, curve_name
+from ..definitions import Hash, KeyType, Opcode, Usage, curve_name
 from ..errors import UnsupportedError
 from ..ops.base import member
 from ..ops.generate import Generate, GenerateResult
@@ -28,10 +28,11 @@ from ..tpm.parents import refusal
 from ..tpm.rc import classify, rc_name
 from ..tpm.worker import TpmWorker
 from . import parent_passwords
-from .base import Request
+from .base import Request, serves
 from .import_key import check_parent
 
 
+@serves(Opcode.GENERATE)
 def serve(request: Request, msg: Generate) -> None:
     key_type = member(KeyType, msg.key_type, "key type")
     usage = member(Usage, msg.usage, "usage")

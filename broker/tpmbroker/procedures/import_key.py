@@ -9,7 +9,7 @@ from typing import Any
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from ..definitions import STORAGE_PRIMARY
+from ..definitions import STORAGE_PRIMARY, Opcode
 from ..errors import BadKeyError, UnsupportedError
 from ..ops.import_key import Import, ImportResult
 from ..tpm import command
@@ -19,9 +19,10 @@ from ..tpm.parents import describe, refusal
 from ..tpm.rc import Kind, classify, rc_name
 from ..tpm.worker import TpmWorker
 from . import parent_passwords
-from .base import Request
+from .base import Request, serves
 
 
+@serves(Opcode.IMPORT)
 def serve(request: Request, msg: Import) -> None:
     worker, deadline, peer = request.worker, request.deadline, request.peer_uid
     if not msg.key:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..definitions import KeySource
+from ..definitions import KeySource, Opcode
 from ..ops.base import member
 from ..ops.load import Load, LoadResult
 from ..protocol import key_id_for
@@ -14,10 +14,11 @@ from ..tpm import keys as keymod
 from ..tpm.keys import CachedKey, KeyInfo
 from ..tpm.worker import TpmWorker
 from . import parent_passwords
-from .base import Request
+from .base import Request, serves
 from .import_key import import_file
 
 
+@serves(Opcode.LOAD)
 def serve(request: Request, msg: Load) -> None:
     source = member(KeySource, msg.source, "key source")
     worker, deadline = request.worker, request.deadline

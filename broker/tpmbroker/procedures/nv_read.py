@@ -8,14 +8,16 @@ import functools
 from tpm2_pytss.constants import TPM2_PT_NV, TPM2_RH, TPMA_NV
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
+from ..definitions import Opcode
 from ..errors import BadKeyError, UnsupportedError
 from ..ops.nv_read import NV_FIRST, NV_LAST, NvRead, NvReadResult
 from ..tpm import command
 from ..tpm.rc import tpm_code
 from ..tpm.worker import TpmWorker
-from .base import Request
+from .base import Request, serves
 
 
+@serves(Opcode.NV_READ)
 def serve(request: Request, msg: NvRead) -> None:
     if not NV_FIRST <= msg.index <= NV_LAST:
         raise BadKeyError(f"0x{msg.index:08x} is not an NV index (0x01xxxxxx)")

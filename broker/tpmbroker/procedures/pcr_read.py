@@ -3,14 +3,16 @@ session; PCR values are not secret)."""
 
 from __future__ import annotations
 
+from ..definitions import Opcode
 from ..errors import BadKeyError, ProtocolError
 from ..keypolicy import unmarshal_selection
 from ..ops.pcr_read import PcrRead, PcrReadResult
 from ..tpm import command
 from ..tpm.worker import TpmWorker
-from .base import Request
+from .base import Request, serves
 
 
+@serves(Opcode.PCR_READ)
 def serve(request: Request, msg: PcrRead) -> None:
     try:
         _, used = unmarshal_selection(msg.selection)  # an unknown bank: UnsupportedError

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from tpm2_pytss.constants import TPM2_CAP
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
+from ..definitions import Opcode
 from ..errors import AuthFailedError, BadKeyError, PermissionDeniedError, TpmError
 from ..ops.persistence import (
     Evict,
@@ -28,7 +29,7 @@ from ..tpm import keys as keymod
 from ..tpm.keys import MAX_AUTH_ANY as MAX_AUTH
 from ..tpm.rc import tpm_code
 from ..tpm.worker import TpmWorker
-from .base import Request
+from .base import Request, serves
 
 T = TypeVar("T")
 log = logging.getLogger("tpmbroker.tpm")
@@ -41,6 +42,7 @@ def _admin(request: Request, what: str) -> None:
             "administrators' (root, the broker's uid, --admin-uid, --admin-gid)")
 
 
+@serves(Opcode.PERSIST)
 def serve_persist(request: Request, msg: Persist) -> None:
     _admin(request, f"persist keys (0x{msg.handle:08x})")
     check_owner_handle(msg.handle)
@@ -56,6 +58,7 @@ def serve_persist(request: Request, msg: Persist) -> None:
                                    peer=peer), persisted)
 
 
+@serves(Opcode.EVICT)
 def serve_evict(request: Request, msg: Evict) -> None:
     _admin(request, f"evict persistent handles (0x{msg.handle:08x})")
     check_owner_handle(msg.handle)
@@ -69,6 +72,7 @@ def serve_evict(request: Request, msg: Evict) -> None:
     request.submit(lambda: evict(worker, handle, deadline, owner_auth=owner_auth), evicted)
 
 
+@serves(Opcode.KEYS)
 def serve_keys(request: Request, msg: KeysRequest) -> None:
     def listed(tpm: dict[str, Any]) -> KeysResult:
         holders = request.key_holders()

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import functools
 
-from ..definitions import MAX_RANDOM
+from ..definitions import MAX_RANDOM, Opcode
 from ..errors import TpmError, UnsupportedError
 from ..ops.random import Random, RandomResult
 from ..tpm import command
 from ..tpm.worker import TpmWorker
-from .base import Request
+from .base import Request, serves
 
 
+@serves(Opcode.RANDOM)
 def serve(request: Request, msg: Random) -> None:
     if msg.count > MAX_RANDOM:
         raise UnsupportedError(f"at most {MAX_RANDOM} random bytes per request, "

@@ -8,16 +8,17 @@ private operation (tpm/pss.py), which needs a key that may decrypt.
 
 from __future__ import annotations
 
-from ..definitions import MAX_MESSAGE, Hash, KeyType, Scheme
+from ..definitions import MAX_MESSAGE, Hash, KeyType, Opcode, Scheme
 from ..errors import BadDigestError, TpmBrokerError, UnsupportedError
 from ..ops.sign import Sign, SignResult, scheme_and_hash
 from ..tpm import command, pss
 from ..tpm import keys as keymod
 from ..tpm.keys import CachedKey
 from ..tpm.worker import LaneCommand, TpmWorker
-from .base import Request
+from .base import Request, serves
 
 
+@serves(Opcode.SIGN)
 def serve(request: Request, msg: Sign) -> None:
     auth = request.key_auth(msg.key_id, ("sign",))
     scheme, hash = scheme_and_hash(msg.scheme, msg.hash)

@@ -10,7 +10,7 @@ import hashlib
 from tpm2_pytss.constants import TPM2_PT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
-from ..definitions import MAX_MESSAGE, Hash, Scheme
+from ..definitions import MAX_MESSAGE, Hash, Opcode, Scheme
 from ..errors import UnsupportedError
 from ..ops.sign import scheme_and_hash
 from ..ops.sign_message import SignMessage, SignMessageResult
@@ -18,7 +18,7 @@ from ..tpm import command
 from ..tpm.keys import CachedKey
 from ..tpm.worker import TpmWorker
 from . import sign
-from .base import Request
+from .base import Request, serves
 
 # TPM_GENERATED_VALUE: what the TPM puts first in every structure it signs (quotes,
 # certifications). The TPM gives no ticket for a message starting with it, so that a
@@ -26,6 +26,7 @@ from .base import Request
 TPM_GENERATED_VALUE = b"\xffTCG"
 
 
+@serves(Opcode.SIGN_MESSAGE)
 def serve(request: Request, msg: SignMessage) -> None:
     auth = request.key_auth(msg.key_id, ("sign",))
     scheme, hash = scheme_and_hash(msg.scheme, msg.hash)

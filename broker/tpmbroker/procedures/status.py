@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 
+from ..definitions import Opcode
 from ..ops.status import StatusRequest, StatusResult
 from ..tpm.worker import TpmWorker
 from . import generate
-from .base import Request
+from .base import Request, serves
 
 # Counters procedures keep in the worker (TpmWorker.counters), shown from zero.
 PROCEDURE_COUNTERS = ("tpm_hashed_messages",)
 
 
+@serves(Opcode.STATUS)
 def serve(request: Request, msg: StatusRequest) -> None:
     worker = request.worker
     request.submit(lambda: status(worker),

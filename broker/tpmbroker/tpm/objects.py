@@ -20,8 +20,9 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from .. import templates
 from ..definitions import STORAGE_PRIMARY
-from ..errors import BadKeyError
+from ..errors import BadKeyError, UnknownKeyError
 from . import keys as keymod
+from .command import read_public
 from .keys import CachedKey, KeyCache
 from .link import Link
 from .parents import refusal
@@ -74,7 +75,30 @@ class Objects:
     def parent(self, parent: int, rsa_parent: bool = False) -> Any:
         if parent == STORAGE_PRIMARY:
             return self.storage_primary(rsa=rsa_parent or self.rsa_only)
+        if parent in self._persistent and not self.link.owns_tpm:
+            self._check_parent(parent)
         return self.persistent(parent, "parent")
+
+    def parent_name(self, parent: int) -> bytes:
+        """The Name of the persistent parent at `parent` now (b"" for the storage
+        primary, which the broker made): what its password is remembered by."""
+        if parent == STORAGE_PRIMARY:
+            return b""
+        return self.handle_and_name(self.parent(parent))[1]
+
+    def _check_parent(self, handle: int) -> None:
+        """A handle is only a place: another TPM user may have evicted the parent there
+        and persisted another. A load or create authorized with the old Name would fail
+        its HMAC, and the TPM would count that toward its lockout. One TPM2_ReadPublic,
+        which needs no authorization, tells; a replaced parent is read again."""
+        try:
+            now: bytes | None = read_public(self.link.require(), handle)[1]
+        except TSS2_Exception as exc:
+            if tpm_code(int(exc.rc)) not in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                raise
+            now = None
+        if now != self.handle_and_name(self._persistent[handle])[1]:
+            self.forget_persistent(handle)
 
     def parent_public(self, parent: int) -> Any:
         """The TPMT_PUBLIC of a parent (the storage primary or a persistent key)."""
@@ -161,6 +185,15 @@ class Objects:
             return entry.handle
         blob = entry.blob
         parent = self.parent(blob.parent, blob.rsa_parent)
+        parent_name = self.handle_and_name(parent)[1]
+        if (blob.parent != STORAGE_PRIMARY and entry.parent_name
+                and entry.parent_name != parent_name):
+            # Its blob cannot load under another parent, and the password it was given
+            # is not the new parent's: said, not tried. (The storage primary's Name
+            # changes only with the owner seed: a cleared TPM, whose old keys are bad.)
+            self.keys.remove(entry.info.key_id)
+            raise UnknownKeyError(f"the parent 0x{blob.parent:08x} of the key was replaced "
+                                  "by another TPM user; load the key again")
         parent_auth, authorized_load = entry.parent_auth, self.authorized_load
         if parent_auth and authorized_load is not None:
             # A parent password goes only into a pool session's HMAC (never on the link).
@@ -173,6 +206,7 @@ class Objects:
                 return self._ectx.load(parent, blob.private, blob.public)
         try:
             entry.handle = self.with_room(entry, load, parent)
+            entry.parent_name = parent_name
         except TSS2_Exception as exc:
             refused = refusal(exc, blob.parent, parent_auth, "TPM2_Load")
             if refused is not None:

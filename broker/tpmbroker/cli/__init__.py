@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from ..version import __version__
 from .common import Command, Parser, UsageError, neutral_openssl_conf, os_error_text
 from .keys import DECRYPT, EVICT, KEYGEN, KEYS, PARENT_PUBKEY, PERSIST, POLICY, PUBKEY, SIGN
-from .serve import PROVIDER_PATH, SERVE, SIMULATOR
+from .serve import ENROLL, PROVIDER_PATH, SERVE, SIMULATOR
 from .tools import LOAD, PCRREAD, RANDOM, STATUS
 
 # In the order `tpmbroker --help` lists them.
 COMMANDS: tuple[Command, ...] = (
-    SERVE, KEYGEN, PARENT_PUBKEY, POLICY, PUBKEY, SIGN, DECRYPT, RANDOM, PCRREAD, STATUS,
+    SERVE, ENROLL, KEYGEN, PARENT_PUBKEY, POLICY, PUBKEY, SIGN, DECRYPT, RANDOM, PCRREAD, STATUS,
     LOAD, PERSIST, EVICT, KEYS, SIMULATOR, PROVIDER_PATH)
 
 

@@ -142,7 +142,7 @@ def test_enroll_pins_the_ek_and_later_starts_compare(tmp_path: Path) -> None:
             der, _ = client.generate_key(KeyType.EC, Curve.P256)
             signs(client, der)
         assert status["tpm_identity"] == "verified-by-pin"
-        assert status["tpm_ek"] in out.stdout
+        assert str(status["tpm_ek"]) in out.stdout
     with running_swtpm(tmp_path / "tpm-b") as other:  # another TPM: other seeds
         log = refused_start(other.tcti, tmp_path / "broker-b", "--state-dir", str(state))
         assert "is not the pinned one" in log

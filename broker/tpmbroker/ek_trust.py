@@ -81,7 +81,11 @@ def load_anchors(path: str | os.PathLike[str]) -> list[x509.Certificate]:
             data = file.read_bytes()
         except OSError as exc:
             raise EkTrustError(f"{file}: {exc.strerror}") from None
+        if len(files) > 1 and b"-----BEGIN" in data and b"CERTIFICATE-----" not in data:
+            continue  # a key or a CSR beside the certificates in a CA's directory
         anchors += load_certificates(data, str(file))
+    if not anchors:
+        raise EkTrustError(f"{where}: no certificates in the directory")
     return anchors
 
 

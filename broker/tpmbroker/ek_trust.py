@@ -130,9 +130,11 @@ def verify_ek_certificate(cert_der: bytes, anchors: Sequence[x509.Certificate],
     try:
         builder.build_client_verifier().verify(cert, [*intermediates, *anchors])
     except VerificationError as exc:
+        reason = str(exc)
+        if "with no interior errors" in reason:  # no issuer found among the certificates
+            reason = "none of them issued it, or an intermediate up to one"
         raise EkTrustError(f"the EK certificate ({describe(cert)}) does not chain to the "
-                           f"trust anchors (is its issuer among them, or the "
-                           f"intermediates up to one?): {exc}") from None
+                           f"trust anchors: {reason}") from None
     return cert
 
 

@@ -229,7 +229,8 @@ def _by_certificate(transport: command.Transport, create_ek: Create,
         return Endorsement(identity, public_template, public, handle)
     raise IdentityError("no EK certificate of this TPM chains to the trust anchors"
                         + (f" ({trust.anchors_source})" if trust.anchors_source else "")
-                        + ": " + "; ".join(refusals))
+                        + "; give the CA that issued it with its intermediates: "
+                        + "; ".join(refusals))
 
 
 def _by_pin(transport: command.Transport, create_ek: Create, pin: EkPin) -> Endorsement:

@@ -2,8 +2,8 @@
 against the operator's trust anchors, or its EK public key compared with a pin.
 
 Pure: no TPM, no tpm2-pytss. tpm/endorsement.py reads the certificates from the TPM and
-makes the EK; this module decides whether to trust what it read. The key attestation
-verifier checks EK certificates from statements with the same functions.
+makes the EK; this module decides whether to trust what it read. Needing no TPM, it
+can check EK certificates that come from elsewhere too.
 
 Chains are checked with cryptography's x509 verification API (a ClientVerifier): the CA
 certificates are held to its Web PKI profile for CAs (basic constraints, key usage,

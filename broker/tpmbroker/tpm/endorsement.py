@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import datetime
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -208,9 +208,9 @@ def _by_certificate(transport: command.Transport, create_ek: Create,
     found = certificates(transport)
     if not found:
         raise IdentityError(
-            "the TPM holds no EK certificate (NV "
-            + ", ".join(f"0x{certificate_index(kind):08x}" for kind in KINDS[:1] + KINDS[4:5])
-            + " and the high range): pin its EK with `tpmbroker enroll` instead of --ek-ca")
+            f"the TPM holds no EK certificate (NV 0x{NV_EK_RSA2048:08x}, "
+            f"0x{NV_EK_ECC256:08x} and the high range): pin its EK with `tpmbroker "
+            "enroll` instead of --ek-ca")
     refusals = []
     for kind, der in found:
         try:
@@ -253,7 +253,3 @@ def enroll(transport: command.Transport, create_ek: Create, flush: Callable[[Any
         flush(handle)
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     return EkPin(kind, spki(public), now.isoformat())
-
-
-def kinds() -> Sequence[str]:
-    return KINDS

@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from tpm2_pytss.constants import TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC
 
+from tpmbroker import keypolicy
 from tpmbroker.client import Client
 from tpmbroker.errors import TpmError, TpmUnavailableError
 from tpmbroker.keyfile import der_to_pem, pyca_curve
@@ -248,34 +249,42 @@ def flip_signature_bit(command: bytes, response: bytes) -> bytes:
     return response[:last] + bytes([response[last] ^ 0x01]) + response[last + 1:]
 
 
+@pytest.mark.parametrize("policy", [False, True], ids=["pool-session", "policy-session"])
 def test_case_2_a_forged_answer_is_dropped(relay: TamperingRelay,
                                            certified_tpm: CertifiedTpm,
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, policy: bool) -> None:
+    """A key without a policy signs in a pool session (on the event loop's lane), a
+    PCR-locked key in a policy session (on the worker thread): either way the forged
+    answer is dropped and its session replaced."""
+    request = (keypolicy.encode_request([keypolicy.pcr_step(keypolicy.parse_pcr_lock("16"))])
+               if policy else b"")
     with Broker(relay.tcti, tmp_path / "broker",
-                extra_args=("--ek-ca", str(certified_tpm.anchors))) as broker:
-        with Client(broker.socket) as client:
-            assert client.status()["tpm_identity"] == "verified-by-certificate"
-            der, _ = client.generate_key(KeyType.EC, Curve.P256)
+                extra_args=("--ek-ca", str(certified_tpm.anchors))) as broker, \
+            Client(broker.socket) as client:
+        assert client.status()["tpm_identity"] == "verified-by-certificate"
+        der, _ = client.generate_key(KeyType.EC, Curve.P256, policy=request)
+        signs(client, der)
+        relay.tamper = flip_signature_bit
+        key = client.load_key(der_to_pem(der))
+        with pytest.raises(TpmError, match="failed its HMAC check: it was altered on "
+                                           "the TPM's bus or did not come from the TPM"):
+            client.sign(key, bytes(32))
+        relay.tamper = lambda command, response: response
+        assert [cc for cc, _, _ in relay.tampered] == [CC_SIGN]
+        for _ in range(20):  # the next requests are served, with a new session
             signs(client, der)
-            relay.tamper = flip_signature_bit
-            key = client.load_key(der_to_pem(der))
-            with pytest.raises(TpmError, match="failed its HMAC check: it was altered on "
-                                               "the TPM's bus or did not come from the TPM"):
-                client.sign(key, bytes(32))
-            relay.tamper = lambda command, response: response
-            assert [cc for cc, _, _ in relay.tampered] == [CC_SIGN]
-            for _ in range(20):  # the next requests are served, with a new session
-                signs(client, der)
-            status = client.status()
-            assert status["tpm_forged_answers"] == 1
-            assert status["pool_sessions"] == status["pool_size"] == 2
-            # The session of the forged answer was flushed, not left in the TPM.
-            assert status["tpm_active_sessions"] == 2
-            drawn = client.random(64)
+        status = client.status()
+        assert status["tpm_forged_answers"] == 1
+        assert status["pool_sessions"] == status["pool_size"] == 2
+        # The session of the forged answer was flushed, not left in the TPM.
+        assert status["tpm_active_sessions"] == 2 + int(policy)
+        assert status["policy_pool_sessions"] == int(policy)
+        drawn = client.random(64)
         log = broker.log_path.read_text()
     forged = re.findall(r"WARNING tpmbroker\.audit: event=tpm_response_forged "
-                        r"command=TPM2_CC_Sign session=(0x02[0-9a-f]{6}) ", log)
-    assert len(forged) == 1, log
+                        r"command=TPM2_CC_Sign session=(0x0[23][0-9a-f]{6}) ", log)
+    # Policy sessions have handles 0x03..., HMAC sessions 0x02...
+    assert [handle[:4] for handle in forged] == ["0x03" if policy else "0x02"], log
     assert not relay.seen(drawn, window=16)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
+import secrets
 import struct
 import subprocess
 import sys
@@ -35,10 +36,11 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmbroker import keypolicy
 from tpmbroker.client import Client
-from tpmbroker.errors import TpmError, TpmUnavailableError
+from tpmbroker.errors import TpmBrokerError, TpmError, TpmUnavailableError
 from tpmbroker.keyfile import der_to_pem, pyca_curve
 from tpmbroker.protocol import Curve, KeyType
 from tpmbroker.simulator import Swtpm
+from tpmbroker.tpm import session_crypto as sc
 
 from .relay import TamperingRelay
 from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
@@ -46,6 +48,8 @@ from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
 TPMBROKER = [sys.executable, "-m", "tpmbroker.cli"]
 CC_SIGN = 0x15D
 CC_START_AUTH_SESSION = 0x176
+CC_CREATE = 0x153
+RH_OWNER = 0x40000001
 CC_CREATE_PRIMARY = 0x131
 RH_ENDORSEMENT = 0x4000000B
 _U32 = struct.Struct(">I")
@@ -238,6 +242,99 @@ def test_case_1_after_a_tpm_restart(relay: TamperingRelay, certified_swtpm: Swtp
         assert len(client.random(16)) == 16
         log = broker.log_path.read_text()
     assert "event=tpm_identity_refused" in log
+
+
+class KeyThief:
+    """An interposer that puts its own key in the storage primary's answer (TPM2_CreatePrimary
+    under the owner hierarchy), then works out the salt of every session salted to it
+    and reads what the broker encrypts in TPM2_Create: a new key's password."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.substituted = False
+        self.session_keys: dict[int, tuple[bytes, bytes]] = {}  # handle -> (key, nonceTPM)
+        self.read: list[bytes] = []  # what it decrypted of TPM2_Create's inSensitive
+
+    def __call__(self, command: bytes, response: bytes) -> bytes:
+        code = _U32.unpack_from(command, 6)[0]
+        if code == CC_CREATE:  # what the broker sent is readable, whatever the TPM says
+            self._read(command)
+        if _U32.unpack_from(response, 6)[0] != 0:
+            return response
+        if code == CC_CREATE_PRIMARY and _U32.unpack_from(command, 10)[0] == RH_OWNER:
+            return self._substitute(response)
+        if code == CC_START_AUTH_SESSION:
+            self._salt(command, response)
+        return response
+
+    def _substitute(self, response: bytes) -> bytes:
+        start = 10 + 4 + 4
+        public, used = TPM2B_PUBLIC.unmarshal(response[start:])
+        area = public.publicArea
+        old = hashlib.sha256(bytes(area.marshal())).digest()
+        numbers = self.key.public_key().public_numbers()
+        area.unique.ecc.x = numbers.x.to_bytes(32, "big")
+        area.unique.ecc.y = numbers.y.to_bytes(32, "big")
+        self.substituted = True
+        replaced = (response[:start] + bytes(TPM2B_PUBLIC(publicArea=area).marshal())
+                    + response[start + used:])
+        return replaced.replace(old, hashlib.sha256(bytes(area.marshal())).digest())
+
+    def _salt(self, command: bytes, response: bytes) -> None:
+        pos = 10 + 8  # header, tpmKey, bind
+        nonce_caller, pos = _sized(command, pos)
+        point, pos = _sized(command, pos)
+        x, at = _sized(point, 0)
+        y, _ = _sized(point, at)
+        if len(x) != 32:
+            return  # salted to a key on another curve: not the thief's
+        ephemeral = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"),
+                                                  int.from_bytes(y, "big"),
+                                                  ec.SECP256R1()).public_key()
+        z = self.key.exchange(ec.ECDH(), ephemeral)
+        mine = self.key.public_key().public_numbers().x.to_bytes(32, "big")
+        salt = sc.kdfe("sha256", z, b"SECRET", x, mine, 256)
+        handle = _U32.unpack_from(response, 10)[0]
+        nonce_tpm, _ = _sized(response, 14)
+        self.session_keys[handle] = (sc.session_key("sha256", b"", salt, nonce_tpm,
+                                                    nonce_caller), nonce_tpm)
+
+    def _read(self, command: bytes) -> None:
+        session = _U32.unpack_from(command, 18)  # after the parent handle and authSize
+        known = self.session_keys.get(session[0])
+        if known is None:
+            return
+        nonce_caller, pos = _sized(command, 22)
+        pos += 1  # session attributes
+        _, pos = _sized(command, pos)  # the HMAC
+        encrypted, _ = _sized(command, pos)  # inSensitive
+        key, nonce_tpm = known
+        self.read.append(sc.cfb_decrypt("sha256", key, nonce_caller, nonce_tpm, encrypted))
+
+
+def _sized(data: bytes, pos: int) -> tuple[bytes, int]:
+    (size,) = struct.unpack_from(">H", data, pos)
+    return data[pos + 2:pos + 2 + size], pos + 2 + size
+
+
+@pytest.mark.parametrize("verified", [False, True], ids=["unverified", "verified"])
+def test_what_verification_prevents(relay: TamperingRelay, certified_tpm: CertifiedTpm,
+                                    tmp_path: Path, verified: bool) -> None:
+    """Unverified, an interposer that substitutes the key sessions are salted to reads
+    what they encrypt: here the password of a key being made. Verified, sessions are
+    salted to the EK and the same interposer reads nothing. (The key is never made: the
+    TPM, which holds the real key, refuses the command.)"""
+    thief = KeyThief()
+    relay.tamper = thief
+    password = "pw-" + secrets.token_hex(8)
+    args = ("--ek-ca", str(certified_tpm.anchors)) if verified else ()
+    with Broker(relay.tcti, tmp_path / "broker", extra_args=args) as broker, \
+            Client(broker.socket) as client, pytest.raises(TpmBrokerError):
+        client.generate_key(KeyType.EC, Curve.P256, password=password)
+    assert thief.substituted and CC_CREATE in relay.commands
+    assert not relay.sent(password.encode(), window=len(password))  # never in the clear
+    stolen = any(password.encode() in plain for plain in thief.read)
+    assert stolen is not verified, thief.read
 
 
 def flip_signature_bit(command: bytes, response: bytes) -> bytes:

@@ -11,6 +11,7 @@ drops it all when the link goes.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -19,16 +20,20 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from .. import templates
+from ..audit import audit
 from ..definitions import STORAGE_PRIMARY
 from ..errors import BadKeyError, UnknownKeyError
 from . import keys as keymod
 from .command import read_public
+from .endorsement import Endorsement, IdentityError
+from .endorsement import create as create_ek
 from .keys import CachedKey, KeyCache
 from .link import Link
 from .parents import refusal
 from .rc import Kind, classify, tpm_code
 
 T = TypeVar("T")
+log = logging.getLogger("tpmbroker.tpm")
 MAX_CACHED_KEYS = 4096
 # Failures that mean the TPM lost our state or the link broke: the worker recovers.
 RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
@@ -47,6 +52,9 @@ class Objects:
         # TPM2_Load under a parent with a password, through a pool session (the worker's):
         # (parent ESYS_TR, key blob, parent password) -> ESYS_TR of the loaded key.
         self.authorized_load: Callable[[Any, Any, bytes], Any] | None = None
+        # The verified EK (tpm/endorsement.py), the key sessions are salted to once the
+        # TPM's identity is verified; None: the storage primary is (unverified).
+        self.endorsement: Endorsement | None = None
 
     @property
     def _ectx(self) -> Any:
@@ -68,9 +76,34 @@ class Objects:
         return primary
 
     def salt_key(self) -> tuple[int, Any]:
-        """TPM handle and TPMT_PUBLIC of the key pool sessions are salted to."""
+        """TPM handle and TPMT_PUBLIC of the key pool sessions are salted to: the
+        verified EK, else the storage primary. The salt is always encrypted to the
+        verified public key, never to what the TPM answered just now."""
+        ek = self.endorsement
+        if ek is not None:
+            return self.handle_and_name(self.endorsement_key())[0], ek.public
         primary = self.storage_primary()
         return self.handle_and_name(primary)[0], self._primary_publics[self.rsa_only]
+
+    def endorsement_key(self) -> Any:
+        """The verified EK's handle, made again from its template when it is not loaded
+        (evicted, or the TPM restarted). IdentityError if the TPM now answers another
+        public key: the identity checked at start no longer holds."""
+        ek = self.endorsement
+        assert ek is not None
+        if ek.handle is None:
+            handle, public = self.with_room(None, lambda: create_ek(self._ectx, ek.template))
+            if not ek.matches(public):
+                with contextlib.suppress(TSS2_Exception):
+                    self._ectx.flush_context(handle)
+                reason = ("the TPM answered another EK than the one verified at start: "
+                          "another TPM, or an interposer on the TPM's bus; refusing to "
+                          "salt to it")
+                log.error("TPM identity: refused: %s", reason)
+                audit("tpm_identity_refused", reason=reason, tcti=self.link.tcti)
+                raise IdentityError(reason)
+            ek.handle = handle
+        return ek.handle
 
     def parent(self, parent: int, rsa_parent: bool = False) -> Any:
         if parent == STORAGE_PRIMARY:
@@ -91,13 +124,7 @@ class Objects:
         and persisted another. A load or create authorized with the old Name would fail
         its HMAC, and the TPM would count that toward its lockout. One TPM2_ReadPublic,
         which needs no authorization, tells; a replaced parent is read again."""
-        try:
-            now: bytes | None = read_public(self.link.require(), handle)[1]
-        except TSS2_Exception as exc:
-            if tpm_code(int(exc.rc)) not in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
-                raise
-            now = None
-        if now != self.handle_and_name(self._persistent[handle])[1]:
+        if self.current_name(handle) != self.handle_and_name(self._persistent[handle])[1]:
             self.forget_persistent(handle)
 
     def parent_public(self, parent: int) -> Any:
@@ -133,6 +160,29 @@ class Objects:
                 with contextlib.suppress(TSS2_Exception):
                     self._ectx.tr_close(tr)
         return [key.info.key_id for key in self.keys.remove_persistent(handle)]
+
+    def current_name(self, handle: int) -> bytes | None:
+        """The Name of the object at persistent `handle` now; None if there is none."""
+        try:
+            return read_public(self.link.require(), handle)[1]
+        except TSS2_Exception as exc:
+            if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                return None
+            raise
+
+    def check_persistent(self, entry: CachedKey) -> None:
+        """UnknownKeyError unless the object at `entry`'s persistent handle is still that
+        key. Another TPM user may have evicted it and persisted another key at the same
+        handle (tpm2_evictcontrol takes the first free one): a session HMAC over the old
+        Name would then fail, and that failure counts toward the TPM's lockout. One
+        TPM2_ReadPublic, which needs no authorization, costs nothing of the kind."""
+        handle = entry.persistent_handle
+        if self.current_name(handle) == entry.name:
+            return
+        self.forget_persistent(handle)
+        raise UnknownKeyError(
+            f"the key at persistent handle 0x{handle:08x} was evicted or replaced by "
+            "another TPM user; load the handle again")
 
     def describe_persistent(self, key_id: bytes, key: bytes) -> CachedKey:
         if len(key) != 4:
@@ -253,14 +303,26 @@ class Objects:
                 with contextlib.suppress(TSS2_Exception):
                     self._ectx.flush_context(primary)
                 return True
-        return False
+        return self._flush_endorsement_key()
+
+    def _flush_endorsement_key(self) -> bool:
+        """Unload the EK (made again when a session must be started); False if not loaded."""
+        ek = self.endorsement
+        if ek is None or ek.handle is None:
+            return False
+        handle, ek.handle = ek.handle, None
+        self._names.pop(int(handle), None)
+        with contextlib.suppress(TSS2_Exception):
+            self._ectx.flush_context(handle)
+        return True
 
     # --- the link's life -----------------------------------------------------------------
 
     def held_handles(self) -> list[int]:
         """TPM handles of the transient objects we hold (no TPM command)."""
         handles = []
-        for tr in [*self._primaries.values(),
+        ek = [self.endorsement.handle] if self.endorsement and self.endorsement.handle else []
+        for tr in [*self._primaries.values(), *ek,
                    *(k.handle for k in self.keys.resident() if k.is_transient)]:
             try:
                 handles.append(int(self._ectx.tr_get_tpm_handle(tr)))
@@ -276,6 +338,7 @@ class Objects:
             with contextlib.suppress(TSS2_Exception):
                 self._ectx.flush_context(primary)
         self._primaries.clear()
+        self._flush_endorsement_key()
 
     def forget(self) -> None:
         """Forget every handle (the link's ESAPI context is gone); keys stay known."""
@@ -284,6 +347,8 @@ class Objects:
         self._primary_publics.clear()
         self._persistent.clear()
         self._names.clear()
+        if self.endorsement is not None:
+            self.endorsement.handle = None  # its public stays: the identity verified
 
     def resident_keys(self) -> Iterator[CachedKey]:
         return self.keys.resident()

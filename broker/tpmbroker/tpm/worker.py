@@ -29,6 +29,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TSS2_R
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
 from ..audit import audit
+from ..ek_trust import Identity, TrustConfig
 from ..errors import (
     AuthFailedError,
     DeadlineError,
@@ -38,13 +39,13 @@ from ..errors import (
     TpmUnavailableError,
     UnknownKeyError,
 )
-from . import command, policy_session
+from . import command, endorsement, policy_session
 from .keys import CachedKey
 from .link import Link, frame_command
 from .lockout import DEFAULT_RESERVE, DaParameters, Shield
 from .objects import RECOVERABLE, Objects
 from .parents import ParentPasswords
-from .rc import Kind, classify, to_error, tpm_code
+from .rc import Kind, classify, to_error
 from .session_crypto import SessionState
 from .sessions import SessionPool
 
@@ -71,7 +72,8 @@ class LaneCommand:
 
 class TpmWorker:
     def __init__(self, tcti: str, sessions: int = 2, pss_padding: str = "auto",
-                 da_reserve: int | None = DEFAULT_RESERVE, policy_sessions: int = 1) -> None:
+                 da_reserve: int | None = DEFAULT_RESERVE, policy_sessions: int = 1,
+                 trust: TrustConfig | None = None, unverified_reason: str = "") -> None:
         if not 1 <= sessions <= 3:
             raise ValueError(f"sessions must be 1 to 3, not {sessions}")
         if pss_padding not in PSS_PADDINGS:
@@ -105,6 +107,11 @@ class TpmWorker:
         self.parents = ParentPasswords()
         self.objects.authorized_load = self._authorized_load
         self._op_deadline = 0.0  # the deadline of the request `run` serves
+        # Whom to trust as this TPM (ek_trust.py): checked once, at the first connection;
+        # once verified, sessions are salted to the verified EK (objects.endorsement).
+        self.trust = trust or TrustConfig()
+        self.unverified_reason = unverified_reason
+        self.identity: Identity | None = None
 
     # --- life -----------------------------------------------------------------------------
 
@@ -189,29 +196,6 @@ class TpmWorker:
         if self.shield is not None and entry is not None and entry.da_protected:
             self.shield.check(peer, entry.shield_id, auth, fresh=False)
 
-    def current_name(self, handle: int) -> bytes | None:
-        """The Name of the object at persistent `handle` now; None if there is none."""
-        try:
-            return command.read_public(self.link.require(), handle)[1]
-        except TSS2_Exception as exc:
-            if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
-                return None
-            raise
-
-    def _check_persistent(self, entry: CachedKey) -> None:
-        """UnknownKeyError unless the object at `entry`'s persistent handle is still that
-        key. Another TPM user may have evicted it and persisted another key at the same
-        handle (tpm2_evictcontrol takes the first free one): a session HMAC over the old
-        Name would then fail, and that failure counts toward the TPM's lockout. One
-        TPM2_ReadPublic, which needs no authorization, costs nothing of the kind."""
-        handle = entry.persistent_handle
-        if self.current_name(handle) == entry.name:
-            return
-        self.objects.forget_persistent(handle)
-        raise UnknownKeyError(
-            f"the key at persistent handle 0x{handle:08x} was evicted or replaced by "
-            "another TPM user; load the handle again")
-
     def _authorized_load(self, parent: Any, blob: Any, parent_auth: bytes) -> Any:
         """TPM2_Load under `parent` authorized by a pool session's HMAC with the parent's
         password: the password never crosses the link (ESAPI would send it in a password
@@ -233,7 +217,7 @@ class TpmWorker:
         """One command on `entry`'s key (made resident) with a pool session; a key with a
         policy gets a policy session that has just satisfied it."""
         if entry.persistent_handle and not self.link.owns_tpm:
-            self._check_persistent(entry)
+            self.objects.check_persistent(entry)
         handle, name = self.objects.handle_and_name(self.objects.resident(entry))
         if entry.policy:
             return policy_session.execute(self, entry, auth, deadline,
@@ -263,8 +247,18 @@ class TpmWorker:
         try:
             return command.execute(self.link.require(), pending)
         except command.ResponseAuthError:
-            self.pool.discard(session)  # not to be trusted with another HMAC
+            self.forged_answer(self.pool, pending)
             raise
+
+    def forged_answer(self, pool: SessionPool, pending: command.PendingCommand) -> None:
+        """A response failed its HMAC check: altered on the TPM's bus, or not the TPM's.
+        Its answer is dropped (the caller raises), its session flushed and replaced (its
+        nonces no longer agree with the TPM's, and it may be an interposer's), and the
+        event audited. The client gets the error rc.to_error makes of it."""
+        pool.discard(pending.session)
+        self.counters["tpm_forged_answers"] += 1
+        audit("tpm_response_forged", command=command.command_name(pending.command_code),
+              session=f"0x{pending.session.handle:08x}", tcti=self.tcti)
 
     # --- the lane: commands the event loop sends itself -----------------------------------
     # The common case (key resident, pool session ready, swtpm link) needs no TPM command
@@ -319,7 +313,7 @@ class TpmWorker:
         try:
             _, parameters = command.finish(lane.pending, response)
         except command.ResponseAuthError as exc:
-            self.pool.discard(session)
+            self.forged_answer(self.pool, lane.pending)
             raise to_error(exc, lane.doing) from None
         except TSS2_Exception as exc:
             if int(exc.rc) & int(TSS2_RC.RC_LAYER_MASK) == 0:
@@ -417,6 +411,8 @@ class TpmWorker:
         self.objects.rsa_only = self._rsa_only
         self._active_sessions_max = self.link.tpm_property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
         self._lockout_counter()
+        if self.identity is None:
+            self.identity = endorsement.verify(self.objects, self.trust, self.unverified_reason)
         self.pool.fill()
 
     def _drop_link(self) -> None:
@@ -493,6 +489,8 @@ class TpmWorker:
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
             "tpm_turnaround": self.link.turnaround.status(),
+            **(self.identity or Identity("not checked yet")).status(),
+            "tpm_forged_answers": 0,  # responses that failed their HMAC check
             **self.counters,
             **(self.shield.status() if self.shield is not None else {}),
             **self.parents.status(),

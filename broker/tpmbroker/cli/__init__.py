@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from ..version import __version__
 from .common import Command, Parser, UsageError, neutral_openssl_conf, os_error_text
+from .config import with_config
 from .keys import DECRYPT, EVICT, KEYGEN, KEYS, PARENT_PUBKEY, PERSIST, POLICY, PUBKEY, SIGN
 from .serve import PROVIDER_PATH, SERVE, SIMULATOR
 from .tools import LOAD, PCRREAD, RANDOM, STATUS
@@ -28,7 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.config is not None:
+        try:  # the file's settings, then the command line's again, which win
+            args = parser.parse_args(with_config(argv, SERVE, args.config))
+        except UsageError as exc:
+            print(f"tpmbroker serve: {exc}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         # Before anything loads an OpenSSL (hashlib, ssl via asyncio, cryptography,
         # tss2-esys all read OPENSSL_CONF once, when they first start OpenSSL).

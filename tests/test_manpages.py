@@ -65,7 +65,7 @@ def test_every_subcommand_and_option_of_the_parser_is_in_tpmbroker_1(
     every = commands((), COMMANDS)
     assert len(every) > 15 and ("policy", "sign") in every
     # The parser's own listing of subcommands, level by level, is what the page has.
-    listed = [(name,) for name in subcommands_in(help_of())]
+    listed: list[tuple[str, ...]] = [(name,) for name in subcommands_in(help_of())]
     for words in listed:
         listed += [(*words, name) for name in subcommands_in(help_of(*words))]
     assert sorted(listed) == sorted(every)

@@ -28,6 +28,8 @@ from .common import CLIENT_ARGS, Arg, Command, Parser
 from .config import config_keys, repeatable
 from .serve import SERVE
 
+# broker/tpmbroker/cli/manpages.py in a checkout (an editable install runs from there)
+CHECKOUT = Path(__file__).resolve().parents[3]
 PAGES = ("tpmbroker.1", "tpmbroker.conf.5", "provider-tpmbroker.7")
 MANUAL = "tpmbroker manual"
 
@@ -301,9 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tpmbroker.cli.manpages",
                                      description="write tpmbroker's manual pages")
     parser.add_argument("--out", required=True, help="directory to write the pages in")
-    parser.add_argument("--source", default=".",
-                        help="the checkout (for contrib/ and docs/man/; default .)")
+    parser.add_argument("--source", default=str(CHECKOUT), metavar="CHECKOUT",
+                        help="the checkout, for contrib/ and docs/man/ (default: the one "
+                             "this module runs from)")
     args = parser.parse_args(argv)
+    if not (Path(args.source) / "docs" / "man").is_dir():
+        parser.error(f"--source {args.source}: no docs/man there: give the checkout")
     for path in write_pages(Path(args.out), Path(args.source)):
         print(path)
     return 0

@@ -4,9 +4,13 @@
 # broker as its unit's ExecStart says, as its user, against swtpm (systemd is not PID 1
 # here), sign with `openssl dgst -provider tpmbroker` and nothing else, read the man
 # pages, then remove and purge. Prints `check: NAME VALUE` lines the test reads.
-#   debian_package_check.sh SWTPM_PORT
+# With `upgrade`, instead: install the lowest version in /out, and while clients sign
+# (tpmbroker load through the Python client, C threads through the provider),
+# install the highest and restart the broker as the package's postinst has systemd do.
+#   debian_package_check.sh SWTPM_PORT [upgrade]
 set -euo pipefail
 port=$1
+mode=${2:-use}
 export DEBIAN_FRONTEND=noninteractive
 check() { echo "check: $*"; }
 exists() { if [ -e "$1" ] || [ -L "$1" ]; then echo yes; else echo no; fi; }
@@ -14,7 +18,9 @@ exists() { if [ -e "$1" ] || [ -L "$1" ]; then echo yes; else echo no; fi; }
 apt-get update -q >/dev/null
 # man-db is no dependency: installed here to read the pages as a user would.
 apt-get install -y -q --no-install-recommends man-db >/dev/null
-deb=$(ls /out/tpmbroker_*.deb | sort -V | head -1)
+by_version=$(for f in /out/tpmbroker_*.deb; do echo "$(dpkg-deb -f "$f" Version) $f"; done \
+    | sort -V | cut -d' ' -f2)
+deb=$(head -1 <<<"$by_version")
 apt-get install -y -q --no-install-recommends "$deb" >/tmp/install.log 2>&1 \
     || { cat /tmp/install.log; exit 1; }
 check installed "$(dpkg-query -W -f '${Version}' tpmbroker)"
@@ -56,6 +62,44 @@ echo "signed by the packaged broker" >data
 env -u OPENSSL_MODULES -u TPMBROKER_SOCKET \
     openssl dgst -sha256 -provider tpmbroker -sign key.pem -out data.sig data
 check verify "$(openssl dgst -sha256 -verify key.pub -signature data.sig data)"
+if [ "$mode" = upgrade ]; then
+    next=$(tail -1 <<<"$by_version")
+    [ "$next" != "$deb" ] || { echo "no second version in /out" >&2; exit 1; }
+    tpmbroker load --key key.pem --clients 8 --seconds 30 --timeout 20 >/tmp/load.out 2>&1 &
+    load=$!
+    # The provider in C threads of one long-lived process, as nginx workers sign
+    # (benchmarks/loadgen.c, compiled here against this release's libcrypto).
+    gcc -O1 -o /tmp/loadgen /srv/tpmbroker/benchmarks/loadgen.c -lcrypto -lpthread
+    /tmp/loadgen timed "$(openssl version -m | sed 's/.*"\(.*\)"/\1/')" key.pem key.pub 8 30 \
+        >/tmp/loadgen.out 2>/tmp/loadgen.err &
+    provider_load=$!
+    sleep 3
+    apt-get install -y -q --no-install-recommends "$next" >/tmp/upgrade.log 2>&1 \
+        || { cat /tmp/upgrade.log; exit 1; }
+    check upgraded "$(dpkg-query -W -f '${Version}' tpmbroker)"
+    # both loads still signing when the broker goes
+    check signing_at_restart "$(kill -0 "$load" "$provider_load" 2>/dev/null && echo yes || echo no)"
+    # `systemctl restart`: SIGTERM (KillMode=mixed: to the broker), wait, ExecStart again
+    kill -TERM "$broker"; wait "$broker" || true
+    # shellcheck disable=SC2086
+    runuser -u "$(setting User)" -g "$(setting Group)" "${groups[@]}" -- \
+        env -i "$(setting Environment)" PATH=/usr/bin:/bin \
+        $exec_start --tcti "swtpm:host=127.0.0.1,port=$port" 2>>/tmp/broker.log &
+    broker=$!
+    for _ in $(seq 300); do
+        [ "$(grep -c 'serving on' /tmp/broker.log)" -ge 2 ] && break; sleep 0.1
+    done
+    check signing_after_restart "$(kill -0 "$load" "$provider_load" 2>/dev/null && echo yes || echo no)"
+    wait "$load" || true
+    wait "$provider_load" || true
+    check load "$(tail -1 /tmp/load.out)"
+    # thread I signed N failed F bad B, summed
+    check provider_load "$(awk '/^thread / {n++; s += $4; f += $6; b += $8}
+        END {print n, s, f, b}' /tmp/loadgen.out)"
+    check provider_errors "$(sort /tmp/loadgen.err | uniq -c | head -3 | tr '\n' ' ')"
+    check broker_starts "$(grep -c 'serving on /run/tpmbroker/tpmbroker.sock' /tmp/broker.log)"
+    exit 0
+fi
 check signatures "$(tpmbroker status --json | sed -n 's/^ *"signatures": \([0-9]*\).*/\1/p')"
 
 for page in tpmbroker tpmbroker.conf provider-tpmbroker; do

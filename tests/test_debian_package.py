@@ -58,17 +58,24 @@ def in_root(suite: str, out: Path, *command: str,
                           timeout=timeout)
 
 
-def package(suite: str) -> Path:
-    """The directory holding this tree's .deb for `suite`, built there if not cached."""
+NEXT = "0.1.0+1"  # the version an upgrade goes to
+
+
+def package(suite: str, version: str | None = None) -> Path:
+    """The directory holding this tree's .deb for `suite` (and, given `version`, the same
+    tree built as that version), built there if not cached."""
     out = CACHE / "packages" / f"{suite}-{tree_hash()}"
-    if not list(out.glob("tpmbroker_*.deb")):
+    if not list(out.glob("tpmbroker_0.1.0_*.deb")):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         built = in_root(suite, out, "bash", "scripts/package.sh", "/out")
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-        for old in out.parent.glob(f"{suite}-*"):  # other trees' packages
-            if old != out:
-                shutil.rmtree(old, ignore_errors=True)
+    if version is not None and not list(out.glob(f"tpmbroker_{version}_*.deb")):
+        built = in_root(suite, out, "bash", "scripts/package.sh", "--version", version, "/out")
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    for old in out.parent.glob(f"{suite}-*"):  # other trees' packages
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -95,7 +102,7 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
     checks = dict(re.findall(r"(?m)^check: (\S+) ?(.*)$", ran.stdout))
     print(ran.stdout)  # the run, for the record (pytest -s)
 
-    assert checks["installed"] == "0.1.0" or checks["installed"].startswith("0.1.0")
+    assert checks["installed"] == "0.1.0"
     assert checks["user"].split(",") == ["tpmbroker", "tss"]
     # the provider is in OpenSSL's own modules directory, the command finds it there
     assert checks["modules_dir"] == "/usr/lib/x86_64-linux-gnu/ossl-modules"
@@ -121,3 +128,28 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
     assert checks["after_remove"] == "cmd=no module=no unit=no conf=yes state=yes"
     assert checks["purged"] == "not-installed"
     assert checks["after_purge"] == "conf=no state=no venv=no"
+
+
+def test_an_upgrade_while_clients_sign_fails_no_signature() -> None:
+    """Version N installed and serving; while 8 Python client threads (`tpmbroker load`)
+    and 8 C threads of one process through the provider (benchmarks/loadgen.c, as nginx
+    workers sign) sign, N+1 is installed and the broker restarted as postinst has
+    systemd do (SIGTERM, then ExecStart again)."""
+    suite = "trixie"
+    out = package(suite, NEXT)
+    ran = in_root(suite, out, "bash", "tests/debian_package_check.sh", str(free_port_pair()),
+                  "upgrade")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    checks = dict(re.findall(r"(?m)^check: (\S+) ?(.*)$", ran.stdout))
+    print(ran.stdout)
+    assert (checks["installed"], checks["upgraded"]) == ("0.1.0", NEXT)
+    assert checks["broker_starts"] == "2"
+    # the restart and the new broker's start fell inside both loads' 30 s
+    assert (checks["signing_at_restart"], checks["signing_after_restart"]) == ("yes", "yes")
+    load = re.fullmatch(r"8 clients, .* (\d+) signatures .*, (\d+) failed, (\d+) bad;.*",
+                        checks["load"])
+    assert load is not None, checks["load"]
+    assert int(load[1]) > 0 and (load[2], load[3]) == ("0", "0"), checks["load"]
+    threads, signed, failed, bad = map(int, checks["provider_load"].split())
+    assert threads == 8 and signed > 0, checks
+    assert (failed, bad) == (0, 0), (checks["provider_load"], checks["provider_errors"])

@@ -24,6 +24,8 @@ deb=$(head -1 <<<"$by_version")
 apt-get install -y -q --no-install-recommends "$deb" >/tmp/install.log 2>&1 \
     || { cat /tmp/install.log; exit 1; }
 check installed "$(dpkg-query -W -f '${Version}' tpmbroker)"
+wants=/etc/systemd/system/multi-user.target.wants/tpmbroker.service
+check enabled_without_tpm "$(exists "$wants")"
 check user "$(id -nG tpmbroker | tr ' ' ,)"
 check modules_dir "$(openssl version -m | sed 's/.*"\(.*\)"/\1/')"
 check module "$(exists "$(openssl version -m | sed 's/.*"\(.*\)"/\1/')/tpmbroker.so")"
@@ -115,3 +117,15 @@ check after_remove "cmd=$(exists /usr/bin/tpmbroker) module=$(exists /usr/lib/x8
 apt-get purge -y -q tpmbroker >/dev/null 2>&1
 check purged "$(dpkg-query -W -f '${Status}' tpmbroker 2>/dev/null || echo not-installed)"
 check after_purge "conf=$(exists /etc/tpmbroker) state=$(exists /var/lib/tpmbroker) venv=$(exists /usr/lib/tpmbroker)"
+
+# Where a TPM exists the service is enabled on install. /dev here is the host's: the
+# install runs in a mount namespace of its own whose /dev has a stand-in tpmrm0.
+mkdir /tmp/dev
+cp -a /dev/null /dev/zero /dev/full /dev/random /dev/urandom /dev/tty /tmp/dev/
+touch /tmp/dev/tpmrm0
+unshare --mount --propagation private sh -c '
+    mount --bind /tmp/dev /dev && apt-get install -y -q --no-install-recommends "$1"' \
+    sh "$deb" >/tmp/install-tpm.log 2>&1 || { cat /tmp/install-tpm.log; exit 1; }
+check enabled_with_tpm "$(exists "$wants")"
+apt-get purge -y -q tpmbroker >/dev/null 2>&1
+check enabled_after_purge "$(exists "$wants")"

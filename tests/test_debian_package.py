@@ -128,6 +128,10 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
     assert checks["after_remove"] == "cmd=no module=no unit=no conf=yes state=yes"
     assert checks["purged"] == "not-installed"
     assert checks["after_purge"] == "conf=no state=no venv=no"
+    # enabled on install only where /dev/tpmrm0 exists; purge forgets it
+    assert checks["enabled_without_tpm"] == "no"
+    assert checks["enabled_with_tpm"] == "yes"
+    assert checks["enabled_after_purge"] == "no"
 
 
 def test_an_upgrade_while_clients_sign_fails_no_signature() -> None:

@@ -82,6 +82,7 @@ if [ "$mode" = upgrade ]; then
     # both loads still signing when the broker goes
     check signing_at_restart "$(kill -0 "$load" "$provider_load" 2>/dev/null && echo yes || echo no)"
     # `systemctl restart`: SIGTERM (KillMode=mixed: to the broker), wait, ExecStart again
+    stopped=$(date +%s.%N)
     kill -TERM "$broker"; wait "$broker" || true
     # shellcheck disable=SC2086
     runuser -u "$(setting User)" -g "$(setting Group)" "${groups[@]}" -- \
@@ -91,6 +92,8 @@ if [ "$mode" = upgrade ]; then
     for _ in $(seq 300); do
         [ "$(grep -c 'serving on' /tmp/broker.log)" -ge 2 ] && break; sleep 0.1
     done
+    # seconds from SIGTERM to the new broker serving (polled every 0.1 s)
+    check restart_gap "$(python3 -c "print(round($(date +%s.%N) - $stopped, 1))")"
     check signing_after_restart "$(kill -0 "$load" "$provider_load" 2>/dev/null && echo yes || echo no)"
     wait "$load" || true
     wait "$provider_load" || true

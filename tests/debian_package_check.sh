@@ -33,6 +33,7 @@ check runtime_dir "$(stat -c %U:%a /run/tpmbroker)"
 check state_dir "$(stat -c %U:%a /var/lib/tpmbroker)"
 check conffile "$(dpkg-query -W -f '${Conffiles}' tpmbroker | awk '{print $1}' | tr -d ' \n')"
 check provider_path "$(tpmbroker provider-path)"
+check byte_code "$(find /usr/lib/tpmbroker -name '*.pyc' | grep -c /tpmbroker/cli/)"
 
 # The broker as the unit starts it (ExecStart, User=, SupplementaryGroups=,
 # Environment=); the TPM is swtpm here instead of the config's /dev/tpmrm0.
@@ -116,7 +117,7 @@ check broker_log "$(grep -c 'serving on /run/tpmbroker/tpmbroker.sock' /tmp/brok
 
 apt-get remove -y -q tpmbroker >/dev/null 2>&1
 check removed "$(dpkg-query -W -f '${Status}' tpmbroker)"
-check after_remove "cmd=$(exists /usr/bin/tpmbroker) module=$(exists /usr/lib/x86_64-linux-gnu/ossl-modules/tpmbroker.so) unit=$(exists /lib/systemd/system/tpmbroker.service) conf=$(exists /etc/tpmbroker/tpmbroker.conf) state=$(exists /var/lib/tpmbroker)"
+check after_remove "cmd=$(exists /usr/bin/tpmbroker) module=$(exists /usr/lib/x86_64-linux-gnu/ossl-modules/tpmbroker.so) unit=$(exists /lib/systemd/system/tpmbroker.service) venv=$(exists /usr/lib/tpmbroker) conf=$(exists /etc/tpmbroker/tpmbroker.conf) state=$(exists /var/lib/tpmbroker)"
 apt-get purge -y -q tpmbroker >/dev/null 2>&1
 check purged "$(dpkg-query -W -f '${Status}' tpmbroker 2>/dev/null || echo not-installed)"
 check after_purge "conf=$(exists /etc/tpmbroker) state=$(exists /var/lib/tpmbroker) venv=$(exists /usr/lib/tpmbroker)"

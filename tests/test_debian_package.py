@@ -109,6 +109,8 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
     assert checks["module"] == "yes"
     assert checks["provider_path"] == (f"/usr/lib/tpmbroker/lib/python{PYTHON[suite]}/"
                                        "site-packages/tpmbroker/tpmbroker.so")
+    # byte code made on install (the package carries none)
+    assert int(checks["byte_code"]) >= 5
     # sysusers and tmpfiles entries took effect; the config is a conffile
     assert checks["runtime_dir"] == "tpmbroker:755"
     assert checks["state_dir"] == "tpmbroker:700"
@@ -125,7 +127,7 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
         assert checks[f"man_{page}"].split()[0] == title
     # remove: the programs go, config and state stay; purge: those go too
     assert checks["removed"] == "deinstall ok config-files"
-    assert checks["after_remove"] == "cmd=no module=no unit=no conf=yes state=yes"
+    assert checks["after_remove"] == "cmd=no module=no unit=no venv=no conf=yes state=yes"
     assert checks["purged"] == "not-installed"
     assert checks["after_purge"] == "conf=no state=no venv=no"
     # enabled on install only where /dev/tpmrm0 exists; purge forgets it

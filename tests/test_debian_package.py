@@ -58,14 +58,16 @@ def in_root(suite: str, out: Path, *command: str,
                           timeout=timeout)
 
 
-NEXT = "0.1.0+1"  # the version an upgrade goes to
+# The version debian/changelog gives, and the one an upgrade goes to.
+VERSION = (ROOT / "debian" / "changelog").read_text().split("(", 1)[1].split(")", 1)[0]
+NEXT = f"{VERSION}+1"
 
 
 def package(suite: str, version: str | None = None) -> Path:
     """The directory holding this tree's .deb for `suite` (and, given `version`, the same
     tree built as that version), built there if not cached."""
     out = CACHE / "packages" / f"{suite}-{tree_hash()}"
-    if not list(out.glob("tpmbroker_0.1.0_*.deb")):
+    if not list(out.glob(f"tpmbroker_{VERSION}_*.deb")):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         built = in_root(suite, out, "bash", "scripts/package.sh", "/out")
@@ -102,7 +104,7 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
     checks = dict(re.findall(r"(?m)^check: (\S+) ?(.*)$", ran.stdout))
     print(ran.stdout)  # the run, for the record (pytest -s)
 
-    assert checks["installed"] == "0.1.0"
+    assert checks["installed"] == VERSION
     assert checks["user"].split(",") == ["tpmbroker", "tss"]
     # the provider is in OpenSSL's own modules directory, the command finds it there
     assert checks["modules_dir"] == "/usr/lib/x86_64-linux-gnu/ossl-modules"
@@ -148,7 +150,7 @@ def test_an_upgrade_while_clients_sign_fails_no_signature() -> None:
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     checks = dict(re.findall(r"(?m)^check: (\S+) ?(.*)$", ran.stdout))
     print(ran.stdout)
-    assert (checks["installed"], checks["upgraded"]) == ("0.1.0", NEXT)
+    assert (checks["installed"], checks["upgraded"]) == (VERSION, NEXT)
     assert checks["broker_starts"] == "2"
     # the restart and the new broker's start fell inside both loads' 30 s
     assert (checks["signing_at_restart"], checks["signing_after_restart"]) == ("yes", "yes")

@@ -1,4 +1,5 @@
-"""The shipped service files (contrib/systemd) are valid for systemd.
+"""The shipped service files (contrib/systemd) are valid for systemd, and the Debian
+package (debian/) says the version the program does.
 
 Not under a top-level packaging/: the in-tree build backend puts the repo root on
 sys.path, where such a directory would shadow the `packaging` library."""
@@ -64,3 +65,11 @@ def test_unit_stop_timeout_fits_the_brokers_orderly_stop() -> None:
     bound = server.DRAIN_SECONDS + server.FLUSH_SECONDS + server.CLOSE_SECONDS + server.JOIN_SECONDS
     assert float(settings["TimeoutStopSec"]) >= bound + 5
     assert settings["KillMode"] == "mixed"  # SIGTERM reaches the broker, not its swtpm first
+
+
+def test_the_package_version_is_the_programs() -> None:
+    from tpmbroker import __version__
+
+    first = (ROOT / "debian" / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"tpmbroker ({__version__}) ")
+    assert f'version = "{__version__}"' in (ROOT / "pyproject.toml").read_text()

@@ -25,7 +25,8 @@ apt-get install -y -q --no-install-recommends "$deb" >/tmp/install.log 2>&1 \
     || { cat /tmp/install.log; exit 1; }
 check installed "$(dpkg-query -W -f '${Version}' tpmbroker)"
 wants=/etc/systemd/system/multi-user.target.wants/tpmbroker.service
-check enabled_without_tpm "$(exists "$wants")"
+socket_wants=/etc/systemd/system/sockets.target.wants/tpmbroker.socket
+check enabled_without_tpm "$(exists "$wants")$(exists "$socket_wants")"
 check user "$(id -nG tpmbroker | tr ' ' ,)"
 check modules_dir "$(openssl version -m | sed 's/.*"\(.*\)"/\1/')"
 check module "$(exists "$(openssl version -m | sed 's/.*"\(.*\)"/\1/')/tpmbroker.so")"
@@ -42,6 +43,7 @@ swtpm socket --tpm2 --tpmstate dir=/tmp/tpm --flags not-need-init,startup-clear 
     --server type=tcp,port="$port",bindaddr=127.0.0.1 \
     --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 &
 unit=/lib/systemd/system/tpmbroker.service
+check socket_unit "$(sed -n 's/^ListenStream=//p' /lib/systemd/system/tpmbroker.socket)"
 setting() { sed -n "s/^$1=//p" "$unit"; }
 exec_start=$(setting ExecStart)
 check exec_start "$exec_start"
@@ -117,7 +119,7 @@ check broker_log "$(grep -c 'serving on /run/tpmbroker/tpmbroker.sock' /tmp/brok
 
 apt-get remove -y -q tpmbroker >/dev/null 2>&1
 check removed "$(dpkg-query -W -f '${Status}' tpmbroker)"
-check after_remove "cmd=$(exists /usr/bin/tpmbroker) module=$(exists /usr/lib/x86_64-linux-gnu/ossl-modules/tpmbroker.so) unit=$(exists /lib/systemd/system/tpmbroker.service) venv=$(exists /usr/lib/tpmbroker) conf=$(exists /etc/tpmbroker/tpmbroker.conf) state=$(exists /var/lib/tpmbroker)"
+check after_remove "cmd=$(exists /usr/bin/tpmbroker) module=$(exists /usr/lib/x86_64-linux-gnu/ossl-modules/tpmbroker.so) unit=$(exists /lib/systemd/system/tpmbroker.service) socket_unit=$(exists /lib/systemd/system/tpmbroker.socket) venv=$(exists /usr/lib/tpmbroker) conf=$(exists /etc/tpmbroker/tpmbroker.conf) state=$(exists /var/lib/tpmbroker)"
 apt-get purge -y -q tpmbroker >/dev/null 2>&1
 check purged "$(dpkg-query -W -f '${Status}' tpmbroker 2>/dev/null || echo not-installed)"
 check after_purge "conf=$(exists /etc/tpmbroker) state=$(exists /var/lib/tpmbroker) venv=$(exists /usr/lib/tpmbroker)"
@@ -130,6 +132,6 @@ touch /tmp/dev/tpmrm0
 unshare --mount --propagation private sh -c '
     mount --bind /tmp/dev /dev && apt-get install -y -q --no-install-recommends "$1"' \
     sh "$deb" >/tmp/install-tpm.log 2>&1 || { cat /tmp/install-tpm.log; exit 1; }
-check enabled_with_tpm "$(exists "$wants")"
+check enabled_with_tpm "$(exists "$wants")$(exists "$socket_wants")"
 apt-get purge -y -q tpmbroker >/dev/null 2>&1
-check enabled_after_purge "$(exists "$wants")"
+check enabled_after_purge "$(exists "$wants")$(exists "$socket_wants")"

@@ -120,6 +120,7 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
     # the unit's command, as its user, made the socket the config asks for
     assert checks["exec_start"] == "/usr/bin/tpmbroker serve --config /etc/tpmbroker/tpmbroker.conf"
     assert checks["socket"] == "tpmbroker:www-data:660"
+    assert checks["socket_unit"] == "/run/tpmbroker/tpmbroker.sock"
     assert checks["broker_log"] == "1"
     # `openssl dgst -provider tpmbroker` alone signed through the broker; openssl verified
     assert checks["verify"] == "Verified OK"
@@ -129,13 +130,15 @@ def test_package_installs_signs_and_goes(suite: str) -> None:
         assert checks[f"man_{page}"].split()[0] == title
     # remove: the programs go, config and state stay; purge: those go too
     assert checks["removed"] == "deinstall ok config-files"
-    assert checks["after_remove"] == "cmd=no module=no unit=no venv=no conf=yes state=yes"
+    assert checks["after_remove"] == ("cmd=no module=no unit=no socket_unit=no venv=no conf=yes "
+                                      "state=yes")
     assert checks["purged"] == "not-installed"
     assert checks["after_purge"] == "conf=no state=no venv=no"
     # enabled on install only where /dev/tpmrm0 exists; purge forgets it
-    assert checks["enabled_without_tpm"] == "no"
-    assert checks["enabled_with_tpm"] == "yes"
-    assert checks["enabled_after_purge"] == "no"
+    # The service and, through its Also=, its socket (tpmbroker.socket).
+    assert checks["enabled_without_tpm"] == "nono"
+    assert checks["enabled_with_tpm"] == "yesyes"
+    assert checks["enabled_after_purge"] == "nono"
 
 
 def test_an_upgrade_while_clients_sign_fails_no_signature() -> None:

@@ -27,13 +27,15 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
                    env={**os.environ, "PATH": f"{Path(exe).parent}:{os.environ['PATH']}"})
     unit = (tmp_path / "tpmbroker.service").read_text()
     assert f"ExecStart={exe} serve" in unit and "@TPMBROKER@" not in unit
+    shutil.copy(ROOT / "contrib" / "systemd" / "tpmbroker.socket", tmp_path)
     # --man=no: the pages Documentation= names come with the Debian package
     # (tests/test_debian_package.py reads them there).
     out = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                          str(tmp_path / "tpmbroker.socket"),
                           str(tmp_path / "tpmbroker.service")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "tpmbroker.service" not in out.stderr, out.stderr  # no warning about our unit
+    assert "tpmbroker." not in out.stderr, out.stderr  # no warning about our units
 
 
 def test_unit_reads_the_config_that_admits_nginx_users() -> None:
@@ -54,6 +56,17 @@ def test_unit_reads_the_config_that_admits_nginx_users() -> None:
     # Giving the socket to www-data needs the broker in that group.
     groups = next(line for line in unit.splitlines() if line.startswith("SupplementaryGroups="))
     assert "www-data" in groups.split("=", 1)[1].split()
+    # Under systemd the socket unit makes the socket, and the broker takes it as it is:
+    # the same place, group and mode as the config's, so either way clients find it.
+    socket_unit = dict(line.split("=", 1) for line in
+                       (ROOT / "contrib" / "systemd" / "tpmbroker.socket").read_text().splitlines()
+                       if "=" in line and not line.startswith("#"))
+    assert socket_unit["ListenStream"] == args.socket
+    assert (int(socket_unit["SocketMode"], 8), socket_unit["SocketGroup"]) == (
+        args.socket_mode, args.socket_group)
+    assert "Requires=tpmbroker.socket" in unit and "Also=tpmbroker.socket" in unit
+    # Stopping the service must not take the socket's directory with it.
+    assert "RuntimeDirectoryPreserve=yes" in unit
 
 
 def test_unit_stop_timeout_fits_the_brokers_orderly_stop() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -23,6 +24,31 @@ FIRST_PAUSE = 0.1
 MAX_PAUSE = 2.0
 LOG_EVERY = 30.0
 ACCEPTS_PER_WAKEUP = 64
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor systemd passes
+
+
+def activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation, tpmbroker.socket), or None
+    when the broker was started without one. The socket outlives the broker, so clients
+    that connect while it restarts wait in its backlog for the next one instead of
+    finding no socket. Read once: the variables are removed, as sd_listen_fds(1) does,
+    so no process the broker starts takes them for its own."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count != "1":
+        raise OSError(f"socket activation passed {count or 'no'} sockets; the broker takes "
+                      "one, its Unix socket (one ListenStream= in tpmbroker.socket)")
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+        sock.detach()
+        raise OSError("the socket systemd passed is not a listening Unix stream socket "
+                      "(ListenStream=PATH in tpmbroker.socket)")
+    sock.set_inheritable(False)
+    return sock
 
 
 class Listener:

@@ -12,6 +12,7 @@ import itertools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,19 +114,30 @@ class Abrmd:
         self.proc = None
 
 
+# Starts a program as systemd's socket activation does: the listening socket given as
+# argv[1] becomes descriptor 3, LISTEN_PID names the program (this very process, which
+# exec replaces) and LISTEN_FDS counts one socket.
+_SOCKET_ACTIVATION = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                      "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                      "os.execv(sys.argv[2], sys.argv[2:])")
+
+
 class BrokerProcess:
-    """`tpmbroker serve` of this installation as a subprocess on a private socket."""
+    """`tpmbroker serve` of this installation as a subprocess on a private socket, or on
+    `listening`, a socket that outlives it, passed as systemd's socket activation does."""
 
     def __init__(self, tcti: str, workdir: Path, sessions: int = 2,
                  env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", listening: socket.socket | None = None) -> None:
         self.tcti = tcti
         self.workdir = workdir
         self.sessions = sessions
         self.env = env
         self.extra_args = extra_args
         self.log_level = log_level
-        self.socket = str(workdir / "tpmbroker.sock")
+        self.listening = listening
+        self.socket = (listening.getsockname() if listening is not None
+                       else str(workdir / "tpmbroker.sock"))
         self.log_path = workdir / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -133,16 +145,22 @@ class BrokerProcess:
         from .client import Client
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket)
+        if self.listening is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket)
         # A state directory of its own: an EK pin in the machine's would apply otherwise.
         cmd = [sys.executable, "-m", "tpmbroker.cli", "serve", "--socket", self.socket,
                "--tcti", self.tcti, "--sessions", str(self.sessions),
                "--state-dir", str(self.workdir / "state"),
                "--log-level", self.log_level, *self.extra_args]
+        passed: tuple[int, ...] = ()
+        if self.listening is not None:
+            passed = (self.listening.fileno(),)
+            cmd = [sys.executable, "-c", _SOCKET_ACTIVATION, str(passed[0]), *cmd]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=self.env, start_new_session=True)
+                                         env=self.env, start_new_session=True,
+                                         pass_fds=passed)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

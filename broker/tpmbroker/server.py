@@ -45,7 +45,7 @@ from .errors import (
     UnknownKeyError,
 )
 from .lane import Lane
-from .listener import Listener
+from .listener import Listener, activated_socket
 from .metrics import SERVICE_BOUNDS, TextfileWriter
 from .scheduler import FairQueue, Job
 from .tpm.worker import TpmWorker
@@ -539,6 +539,8 @@ class BrokerServer:
         self._wakeup_pending = False
         self.stopping = False
         self._socket_inode: int | None = None
+        self._activated = False  # the socket came from systemd (listener.activated_socket)
+        self.socket_path = config.socket_path  # where clients connect
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -701,6 +703,14 @@ class BrokerServer:
     # --- lifecycle ---------------------------------------------------------------------
 
     def _bind(self) -> socket.socket:
+        activated = activated_socket()
+        if activated is not None:
+            # systemd made it (its path, owner and mode are tpmbroker.socket's) and keeps
+            # it across restarts: the broker never unlinks it.
+            self.socket_path = activated.getsockname()
+            self._activated = True
+            activated.setblocking(False)
+            return activated
         path = Path(self.config.socket_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -744,7 +754,11 @@ class BrokerServer:
             self.metrics = TextfileWriter(self, self.config.metrics_file,
                                           self.config.metrics_interval)
             self.metrics.start()
-        log.info("listening on %s (mode %o)", self.config.socket_path, self.config.socket_mode)
+        if self._activated:
+            log.info("listening on %s (systemd's socket: its mode and owner are the socket "
+                     "unit's)", self.socket_path)
+        else:
+            log.info("listening on %s (mode %o)", self.socket_path, self.config.socket_mode)
 
     def _usage(self) -> None:
         self.usage.summary()
@@ -794,7 +808,10 @@ class BrokerServer:
             await self.metrics.stop()
 
     def _remove_socket(self) -> None:
-        """Unlink the socket, unless a successor has bound its own there already."""
+        """Unlink the socket, unless a successor has bound its own there already or
+        systemd holds it."""
+        if self._activated:
+            return
         path = Path(self.config.socket_path)
         with contextlib.suppress(FileNotFoundError):
             if self._socket_inode is None or path.lstat().st_ino == self._socket_inode:

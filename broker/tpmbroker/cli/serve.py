@@ -209,7 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             watchdog = loop.create_task(
                 _keep_simulator_running(simulator, logging.getLogger("tpmbroker.simulator")))
         identity = server.worker.identity
-        print(f"tpmbroker: serving on {config.socket_path} ({tcti}, {args.sessions} sessions, "
+        print(f"tpmbroker: serving on {server.socket_path} ({tcti}, {args.sessions} sessions, "
               f"TPM {identity.mode if identity else 'unverified'})", file=sys.stderr, flush=True)
         try:
             await stop.wait()

@@ -104,11 +104,10 @@ def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Has
     or None: the worker thread serves it (a key whose scheme makes the TPM unpad, one
     whose implicit-rejection secret is not known yet, a ciphertext it must refuse)."""
     entry = tpm.known(key_id)
-    if entry is None or (padding is Padding.PKCS1 and entry.kdk_secret is None):
+    if (entry is None or not entry.raw_decryption
+            or (padding is Padding.PKCS1 and entry.kdk_secret is None)):
         return None
     try:
-        if keymod.decryption_scheme(entry.public, padding, hash, mgf1, label) is not None:
-            return None
         size = _check_ciphertext(entry, ciphertext)
     except TpmBrokerError:
         return None
@@ -124,7 +123,7 @@ def _check_ciphertext(entry: CachedKey, ciphertext: bytes) -> int:
     """The key's modulus length; BadDigestError unless `ciphertext` is that long and
     below the modulus."""
     modulus, _ = entry.rsa_public_numbers
-    size = (modulus.bit_length() + 7) // 8
+    size = entry.modulus_bytes
     if len(ciphertext) != size:
         raise BadDigestError(f"a ciphertext for this {modulus.bit_length()}-bit key is "
                              f"{size} bytes, not {len(ciphertext)}")

@@ -55,10 +55,9 @@ def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, point: bytes,
     """The TPM2_ECDH_ZGen for the lane, or None: the worker thread serves it (and says
     what is wrong with the key or the point, if anything)."""
     entry = tpm.known(key_id)
-    if entry is None:
+    if entry is None or not entry.does_ecdh:
         return None
     try:
-        keymod.check_ecdh_key(entry.public)
         x, y = keymod.check_peer_point(entry.info.curve, point)
     except TpmBrokerError:
         return None

@@ -8,7 +8,8 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/core_names.h>
+#include <openssl/params.h>
 #include <openssl/rsa.h>
 
 #define KDK_SIZE 32
@@ -49,29 +50,52 @@ static unsigned int ct_select(unsigned int mask, unsigned int a, unsigned int b)
 
 /* --- implicit rejection: the key derivation of OpenSSL 3.2 (rsa_ossl.c, rsa_pk1.c) ----- */
 
-/* PRF(kdk, label, bits): HMAC-SHA256(kdk, be16(i) || label || be16(bits)), i = 0, 1, ... */
-static int prf(const uint8_t *kdk, const char *label, uint8_t *out, size_t len)
+/* HMAC-SHA256 keyed once: each use re-initialises from the keyed state (EVP_MAC_init
+ * without a key), where a one-shot HMAC() would fetch the MAC and the digest each time. */
+static EVP_MAC_CTX *keyed_hmac(EVP_MAC *mac, const uint8_t *key, size_t keylen)
 {
-    uint8_t msg[2 + 16 + 2], block[32];
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA2-256", 0),
+        OSSL_PARAM_construct_end()
+    };
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac);
+
+    if (ctx != NULL && EVP_MAC_init(ctx, key, keylen, params))
+        return ctx;
+    EVP_MAC_CTX_free(ctx);
+    return NULL;
+}
+
+static int hmac_once(EVP_MAC_CTX *ctx, const uint8_t *msg, size_t len, uint8_t *out)
+{
+    size_t outlen = 0;
+
+    return EVP_MAC_init(ctx, NULL, 0, NULL) && EVP_MAC_update(ctx, msg, len)
+           && EVP_MAC_final(ctx, out, &outlen, KDK_SIZE) && outlen == KDK_SIZE;
+}
+
+/* PRF(kdk, label, bits): HMAC-SHA256(kdk, be16(i) || label || be16(bits)), i = 0, 1, ... */
+static int prf(EVP_MAC_CTX *kdk, const char *label, uint8_t *out, size_t len)
+{
+    uint8_t msg[2 + 16 + 2], block[KDK_SIZE];
     size_t llen = strlen(label), pos;
-    unsigned int bits = (unsigned int)(len * 8), mdlen;
+    unsigned int bits = (unsigned int)(len * 8);
     uint16_t i = 0;
+    int ok = 1;
 
     if (llen > 16 || bits > 0xFFFF)
         return 0;
     memcpy(msg + 2, label, llen);
     msg[2 + llen] = (uint8_t)(bits >> 8);
     msg[3 + llen] = (uint8_t)bits;
-    for (pos = 0; pos < len; pos += sizeof(block), i++) {
+    for (pos = 0; ok && pos < len; pos += sizeof(block), i++) {
         msg[0] = (uint8_t)(i >> 8);
         msg[1] = (uint8_t)i;
-        mdlen = sizeof(block);
-        if (HMAC(EVP_sha256(), kdk, KDK_SIZE, msg, 4 + llen, block, &mdlen) == NULL)
-            return 0;
+        ok = hmac_once(kdk, msg, 4 + llen, block);
         memcpy(out + pos, block, len - pos < sizeof(block) ? len - pos : sizeof(block));
     }
     OPENSSL_cleanse(block, sizeof(block));
-    return 1;
+    return ok;
 }
 
 int td_pkcs1(const uint8_t *em, const uint8_t *ct, size_t k, const uint8_t *kdk_secret,
@@ -79,15 +103,21 @@ int td_pkcs1(const uint8_t *em, const uint8_t *ct, size_t k, const uint8_t *kdk_
 {
     uint8_t kdk[KDK_SIZE], synthetic[MAX_K], lengths[LENGTH_TRIES * 2];
     unsigned int good, found_zero = 0, zero_index = 0, msg_index, synth_index;
-    unsigned int max_len, len_mask, synth_len = 0, candidate, mdlen = KDK_SIZE;
+    unsigned int max_len, len_mask, synth_len = 0, candidate;
     size_t i, j;
     int ret = TD_CRYPTO_ERROR;
+    EVP_MAC *mac = NULL;
+    EVP_MAC_CTX *secret_ctx = NULL, *kdk_ctx = NULL;
 
     if (k < 11 + 2 || k > MAX_K)
         return TD_BAD_ARGUMENT;
     /* The synthetic message is computed every time, good padding or not. */
-    if (HMAC(EVP_sha256(), kdk_secret, KDK_SIZE, ct, k, kdk, &mdlen) == NULL
-        || !prf(kdk, "message", synthetic, k) || !prf(kdk, "length", lengths, sizeof(lengths)))
+    if ((mac = EVP_MAC_fetch(NULL, "HMAC", NULL)) == NULL
+        || (secret_ctx = keyed_hmac(mac, kdk_secret, KDK_SIZE)) == NULL
+        || !hmac_once(secret_ctx, ct, k, kdk)
+        || (kdk_ctx = keyed_hmac(mac, kdk, KDK_SIZE)) == NULL
+        || !prf(kdk_ctx, "message", synthetic, k)
+        || !prf(kdk_ctx, "length", lengths, sizeof(lengths)))
         goto end;
     max_len = len_mask = (unsigned int)k - 2 - 8;
     len_mask |= len_mask >> 1;
@@ -121,6 +151,9 @@ int td_pkcs1(const uint8_t *em, const uint8_t *ct, size_t k, const uint8_t *kdk_
         ret = TD_BAD_PADDING;
     }
 end:
+    EVP_MAC_CTX_free(secret_ctx); /* frees cleanse the keyed states */
+    EVP_MAC_CTX_free(kdk_ctx);
+    EVP_MAC_free(mac);
     OPENSSL_cleanse(kdk, sizeof(kdk));
     OPENSSL_cleanse(synthetic, sizeof(synthetic));
     OPENSSL_cleanse(lengths, sizeof(lengths));

@@ -43,7 +43,7 @@ def serve(request: Request, msg: Decrypt) -> None:
         raise UnsupportedError("implicit rejection is for PKCS#1 v1.5 padding only")
     key_id, label, ciphertext = msg.key_id, msg.label, msg.ciphertext
     worker, deadline, peer = request.worker, request.deadline, request.peer_uid
-    worker.check_password(key_id, auth, peer)
+    known = worker.check_password(key_id, auth, peer)
 
     def served(plaintext: bytes) -> DecryptResult:
         request.count("decryptions")
@@ -52,7 +52,7 @@ def serve(request: Request, msg: Decrypt) -> None:
     request.submit(lambda: decrypt(worker, key_id, auth, padding, hash, mgf1, label,
                                    ciphertext, implicit, deadline, peer), served,
                    lane=lambda: lane(worker, key_id, auth, padding, hash, mgf1, label,
-                                     ciphertext, implicit, peer))
+                                     ciphertext, implicit, peer, known))
 
 
 def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash,
@@ -99,7 +99,7 @@ def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: 
 
 def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash,
          mgf1: Hash, label: bytes, ciphertext: bytes, implicit_rejection: bool,
-         peer: int = -1) -> LaneCommand | None:
+         peer: int = -1, password_known: CachedKey | None = None) -> LaneCommand | None:
     """The raw TPM2_RSA_Decrypt for the lane, its padding removed when the answer comes,
     or None: the worker thread serves it (a key whose scheme makes the TPM unpad, one
     whose implicit-rejection secret is not known yet, a ciphertext it must refuse)."""
@@ -116,7 +116,8 @@ def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Has
         command.prepare_rsa_decrypt(session, handle, name, auth, ciphertext,
                                     command.ALG_NULL, 0, b""),
         lambda parameters: _unpad(entry, command.sized_result(parameters), size, padding,
-                                  hash, mgf1, label, ciphertext, implicit_rejection))
+                                  hash, mgf1, label, ciphertext, implicit_rejection),
+        password_known)
 
 
 def _check_ciphertext(entry: CachedKey, ciphertext: bytes) -> int:

@@ -132,8 +132,9 @@ class Shield:
         """The password has signed with this key before: it cannot cost a count."""
         return self._tag(key_id, auth) in self._good
 
-    def check(self, peer: int, key_id: bytes, auth: bytes, fresh: bool = True) -> None:
-        """Raise unless a password attempt on a DA-protected key may go to the TPM.
+    def check(self, peer: int, key_id: bytes, auth: bytes, fresh: bool = True) -> bool:
+        """Raise unless a password attempt on a DA-protected key may go to the TPM;
+        True: the password is known good (no attempt at all).
 
         AuthFailedError: this peer's password was refused for this key already.
         LockoutError (tpm_rc 0): the peer is throttled, or the attempt would eat into
@@ -144,7 +145,7 @@ class Shield:
         """
         tag = self._tag(key_id, auth)
         if tag in self._good:
-            return
+            return True
         with self._lock:
             if self._refused.get((peer, key_id)) == tag:
                 self.refusals["repeated_password"] += 1
@@ -153,7 +154,7 @@ class Shield:
                     "send it to the TPM again (each try would count toward the TPM's "
                     "dictionary-attack lockout)")
             if not self.active:
-                return
+                return False
             now = self.clock()
             state = self._peers.get(peer)
             if state is not None and now < state.next_attempt:
@@ -164,9 +165,9 @@ class Shield:
                     "password(s) (the broker's dictionary-attack shield)")
             params, counter = self.params, self.estimate()
             if params is None or counter is None:
-                return
+                return False
             if not fresh and now - self._read_at > REREAD:
-                return
+                return False
             if counter >= params.max_tries:
                 self.refusals["lockout"] += 1
                 raise LockoutError(
@@ -188,6 +189,7 @@ class Shield:
                     f"broker keeps {self.reserve} in reserve so the TPM never locks out; "
                     f"it forgets one every {params.recovery_time} s")
             self._in_reserve = False
+        return False
 
     # --- after an attempt -----------------------------------------------------------------
 

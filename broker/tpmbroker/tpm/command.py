@@ -315,6 +315,7 @@ class _Scratch(threading.local):
         self.command_len = ffi.new("size_t *")
         self.result = ffi.new("tb_result *")
         self.signature = ffi.new("uint8_t[]", 1024)
+        self.on_curve = ffi.new("int *")
 
 
 _scratch: _Scratch | None = None
@@ -352,6 +353,20 @@ def _c_prepare(session: sc.SessionState, command_code: int, handles: Sequence[in
     return PendingCommand(session, command_code,
                           ffi.buffer(scratch.command, scratch.command_len[0])[:],
                           b"", b"", attributes, response_handles, c_pending)
+
+
+def ec_point_on_curve(curve: str, point: bytes) -> bool:
+    """Is `point` an uncompressed SEC1 point on the NIST curve `curve` ("P-256", "P-384",
+    "P-521")? ValueError for another curve (tb_ec_point_on_curve)."""
+    lib = _authorize.lib
+    scratch = _c_scratch()
+    status = lib.tb_ec_point_on_curve(scratch.ctx, curve.encode(), point, len(point),
+                                      scratch.on_curve)
+    if status == lib.TB_BAD_ARGUMENT:
+        raise ValueError(f"no ECDH point check for curve {curve}")
+    if status != lib.TB_OK:
+        raise _C_ERRORS[status]()
+    return bool(scratch.on_curve[0])
 
 
 def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:

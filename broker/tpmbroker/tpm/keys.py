@@ -8,7 +8,6 @@ import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.tsskey import TSSPrivKey
@@ -25,6 +24,7 @@ from ..definitions import CURVES, Padding
 from ..errors import BadDigestError, BadKeyError, UnsupportedError
 from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
 from ..templates import ecc_parms, rsa_parms, usage_attributes
+from . import command
 
 _RESTRICTED = int(TPMA_OBJECT.RESTRICTED)
 _SIGN_ENCRYPT = int(TPMA_OBJECT.SIGN_ENCRYPT)
@@ -286,27 +286,24 @@ _ECDH_CURVES = (Curve.P256, Curve.P384, Curve.P521)
 
 
 @functools.lru_cache(maxsize=16)
-def _ecdh_curve(curve: int) -> tuple[ec.EllipticCurve, int, str]:
-    """(cryptography's curve, field bytes, NIST name) of an ECDH curve, once per curve."""
-    ec_curve = keyfile.pyca_curve(curve) if curve in _ECDH_CURVES else None
-    if ec_curve is None:
+def _ecdh_curve(curve: int) -> tuple[int, str]:
+    """(field bytes, NIST name) of an ECDH curve, once per curve."""
+    if curve not in _ECDH_CURVES:
         raise UnsupportedError(f"ECDH on curve 0x{int(curve):04x} is not supported")
-    return ec_curve, (ec_curve.key_size + 7) // 8, Curve(curve).nist_name
+    return (Curve(curve).bits + 7) // 8, Curve(curve).nist_name
 
 
 def check_peer_point(curve: int, point: bytes) -> tuple[bytes, bytes]:
     """(x, y) of an uncompressed SEC1 `point` on `curve` (a TPM2_ECC_CURVE id), each as
     long as the curve's field; BadDigestError if it is not a point of that curve (off
     the curve, the point at infinity, another curve's size, compressed)."""
-    ec_curve, field, name = _ecdh_curve(curve)
+    field, name = _ecdh_curve(curve)
     if len(point) != 1 + 2 * field or point[:1] != b"\x04":
         raise BadDigestError(f"the peer's public key is not an uncompressed {name} point "
                              f"({1 + 2 * field} bytes starting 04), but {len(point)} bytes")
-    try:
-        ec.EllipticCurvePublicKey.from_encoded_point(ec_curve, point)  # on the curve
-    except ValueError:
+    if not command.ec_point_on_curve(name, point):  # in C, the curve's group made once
         raise BadDigestError(f"the peer's public key is not a point on {name}, the "
-                             "key's curve") from None
+                             "key's curve")
     return point[1:1 + field], point[1 + field:]
 
 

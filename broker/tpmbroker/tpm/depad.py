@@ -52,6 +52,7 @@ def kdk_secret(raw: bytes) -> bytes:
 
 
 MAX_K = 1024  # bytes: 8192-bit moduli, as depad.c
+_ZEROS = bytes(MAX_K)  # what a plaintext's buffer is wiped with
 
 
 class _Scratch(threading.local):
@@ -88,7 +89,7 @@ def pkcs1(em: bytes, ciphertext: bytes, secret: bytes, implicit: bool) -> bytes:
             raise InternalError(f"PKCS#1 decoding failed ({status})")
         return bytes(ffi.buffer(out, scratch.out_len[0]))
     finally:
-        ffi.memmove(out, bytes(k), k)
+        ffi.memmove(out, _ZEROS, k)
 
 
 def oaep(em: bytes, label: bytes, hash: Hash, mgf1: Hash) -> bytes:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import hmac
 import logging
 import os
 import threading
@@ -86,8 +85,7 @@ class Shield:
         self.params: DaParameters | None = None
         self.counter: int | None = None  # the TPM's lockout counter when last read
         self._read_at = 0.0
-        # Keyed once; each tag copies the keyed state (half the cost of keying anew).
-        self._keyed = hmac.new(os.urandom(32), digestmod=hashlib.sha256)
+        self._secret = os.urandom(32)
         self._good: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._refused: collections.OrderedDict[tuple[int, bytes], bytes] = (
             collections.OrderedDict())
@@ -124,9 +122,10 @@ class Shield:
     # --- before an attempt ----------------------------------------------------------------
 
     def _tag(self, key_id: bytes, auth: bytes) -> bytes:
-        tag = self._keyed.copy()
-        tag.update(len(key_id).to_bytes(2, "big") + key_id + auth)
-        return tag.digest()[:16]
+        # Keyed BLAKE2s: a MAC in one call, a fifth of an HMAC-SHA256's cost here (the
+        # lane computes one per request on a key without noDA).
+        return hashlib.blake2s(len(key_id).to_bytes(2, "big") + key_id + auth,
+                               key=self._secret, digest_size=16).digest()
 
     def known_good(self, key_id: bytes, auth: bytes) -> bool:
         """The password has signed with this key before: it cannot cost a count."""

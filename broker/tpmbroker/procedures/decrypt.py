@@ -28,9 +28,10 @@ def serve(request: Request, msg: Decrypt) -> None:
     # error is a Bleichenbacher oracle, which computes m^d too: the key policy must grant
     # sign as well as decrypt. OAEP and implicit rejection give no such answer.
     gives_signatures = padding is Padding.NONE or (padding is Padding.PKCS1 and not implicit)
-    known = request.worker.known(msg.key_id)
-    signs = known is None or known.can_sign
-    auth = request.key_auth(msg.key_id, ("decrypt", "sign") if gives_signatures and signs
+    if gives_signatures:
+        known = request.worker.known(msg.key_id)
+        gives_signatures = known is None or known.can_sign
+    auth = request.key_auth(msg.key_id, ("decrypt", "sign") if gives_signatures
                             else ("decrypt",))
     if padding is Padding.OAEP:
         hash = member(Hash, msg.hash, "OAEP hash")

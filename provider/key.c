@@ -137,6 +137,11 @@ TPMB_KEY *tpmb_key_new(TPMBROKER_CTX *prov, int type)
     }
     key->prov = prov;
     key->type = type;
+    if (pthread_mutex_init(&key->verify_lock, NULL) != 0) {
+        free(key);
+        TPMB_RAISE(prov, TPMB_R_MALLOC, "out of memory");
+        return NULL;
+    }
     return key;
 }
 
@@ -153,6 +158,9 @@ void tpmb_key_free(TPMB_KEY *key)
         OPENSSL_cleanse(key->parent_auth, strlen(key->parent_auth));
         free(key->parent_auth);
     }
+    for (int i = 0; i < TPMB_VERIFY_SLOTS; i++)
+        EVP_PKEY_CTX_free(key->verify[i].ctx);
+    pthread_mutex_destroy(&key->verify_lock);
     EVP_PKEY_free(key->pub);
     free(key);
 }

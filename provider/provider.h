@@ -2,6 +2,7 @@
 #ifndef TPMBROKER_PROVIDER_H
 #define TPMBROKER_PROVIDER_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -87,6 +88,22 @@ const char *tpmb_crypto_propq(TPMBROKER_CTX *ctx);
 int tpmb_fips_permits_keys(TPMBROKER_CTX *ctx);
 
 /*
+ * A verification context made ready once per key and parameters: each signature the
+ * broker returns is verified with a duplicate of it (making one afresh fetches the
+ * signature algorithm and the digest again). signature.c fills them.
+ */
+#define TPMB_VERIFY_SLOTS 4
+#define TPMB_VERIFY_NAME_MAX 50
+typedef struct tpmb_verify_slot {
+    EVP_PKEY_CTX *ctx;                 /* NULL: empty; verify-initialised otherwise */
+    const EVP_PKEY *pub;               /* what it was made for: the key's public key, */
+    OSSL_LIB_CTX *libctx;              /* in this library context, */
+    char md[TPMB_VERIFY_NAME_MAX];     /* with this digest ("" none), */
+    int pad, saltlen;                  /* RSA padding and PSS salt length (EC: 0), */
+    char mgf1[TPMB_VERIFY_NAME_MAX];   /* PSS MGF1 digest ("" the digest's) */
+} TPMB_VERIFY_SLOT;
+
+/*
  * A key object: the TPM key blob (or persistent handle) and password, the broker's key id
  * and the public key as an EVP_PKEY of tpmb_crypto_libctx. blob == NULL means public only
  * (imported, e.g. from a certificate, to be matched against a TPM key).
@@ -111,6 +128,9 @@ typedef struct tpmb_key {
     int empty_auth;        /* the file says the key has no password */
     char *parent_auth;     /* -pkeyopt parent-auth: at generation; NULL: the provider's */
     int refusal_told;      /* tpmb_tell_refusal wrote this key's refusal to stderr */
+    pthread_mutex_t verify_lock; /* guards verify[]: threads share a key */
+    TPMB_VERIFY_SLOT verify[TPMB_VERIFY_SLOTS];
+    unsigned int verify_next;    /* the slot a new set of parameters replaces */
 } TPMB_KEY;
 
 void tpmb_raise(TPMBROKER_CTX *ctx, const char *file, int line, const char *func, int reason,

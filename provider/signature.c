@@ -35,6 +35,7 @@
 #include "provider.h"
 
 #define MDNAME_MAX 50
+_Static_assert(MDNAME_MAX <= TPMB_VERIFY_NAME_MAX, "a kept MGF1 name fits its slot");
 
 typedef struct sig_ctx {
     TPMBROKER_CTX *prov;
@@ -398,31 +399,96 @@ static int sig_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsi
     return do_sign(ctx, sig, siglen, sigsize, tbs, tbslen, NULL, 0);
 }
 
+/* A verification context for ctx's key and parameters, in the key's libctx
+ * (tpmb_crypto_libctx), made from nothing. */
+static EVP_PKEY_CTX *new_verify_ctx(SIG_CTX *ctx)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(tpmb_crypto_libctx(ctx->prov), ctx->key->pub,
+                                                    tpmb_crypto_propq(ctx->prov));
+
+    if (pctx == NULL || EVP_PKEY_verify_init(pctx) <= 0)
+        goto fail;
+    if (ctx->md != NULL && EVP_PKEY_CTX_set_signature_md(pctx, ctx->md) <= 0)
+        goto fail;
+    if (ctx->key->type == WIRE_KEY_TYPE_RSA) {
+        if (EVP_PKEY_CTX_set_rsa_padding(pctx, ctx->pad) <= 0)
+            goto fail;
+        if (ctx->pad == RSA_PKCS1_PSS_PADDING) {
+            if (EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, ctx->saltlen) <= 0)
+                goto fail;
+            if (ctx->mgf1[0] != '\0'
+                && EVP_PKEY_CTX_set_rsa_mgf1_md_name(pctx, ctx->mgf1, NULL) <= 0)
+                goto fail;
+        }
+    }
+    return pctx;
+fail:
+    EVP_PKEY_CTX_free(pctx);
+    return NULL;
+}
+
+/* Fills `want` with what a verification context for ctx is made for; 0 if it cannot be
+ * named (a digest name too long), and then is not kept. */
+static int verify_params(SIG_CTX *ctx, TPMB_VERIFY_SLOT *want)
+{
+    const char *md = ctx->md != NULL ? EVP_MD_get0_name(ctx->md) : "";
+    int rsa = ctx->key->type == WIRE_KEY_TYPE_RSA, pss = rsa && ctx->pad == RSA_PKCS1_PSS_PADDING;
+
+    memset(want, 0, sizeof(*want));
+    if (md == NULL || strlen(md) >= sizeof(want->md))
+        return 0;
+    want->pub = ctx->key->pub;
+    want->libctx = tpmb_crypto_libctx(ctx->prov);
+    strcpy(want->md, md);
+    want->pad = rsa ? ctx->pad : 0;
+    want->saltlen = pss ? ctx->saltlen : 0;
+    if (pss)
+        strcpy(want->mgf1, ctx->mgf1); /* fits: see the assertion below MDNAME_MAX */
+    return 1;
+}
+
+static int same_params(const TPMB_VERIFY_SLOT *a, const TPMB_VERIFY_SLOT *b)
+{
+    return a->pub == b->pub && a->libctx == b->libctx && a->pad == b->pad
+           && a->saltlen == b->saltlen && strcmp(a->md, b->md) == 0
+           && strcmp(a->mgf1, b->mgf1) == 0;
+}
+
+/*
+ * A verification context for ctx: a duplicate of the one the key keeps for these
+ * parameters, made and kept on first use. The lock is only tried: a thread that finds it
+ * taken (or a child forked while another thread held it) makes its own, as before.
+ */
+static EVP_PKEY_CTX *verify_ctx(SIG_CTX *ctx)
+{
+    TPMB_KEY *key = ctx->key;
+    TPMB_VERIFY_SLOT want, *slot = NULL;
+    EVP_PKEY_CTX *copy = NULL;
+    int i;
+
+    if (!verify_params(ctx, &want) || pthread_mutex_trylock(&key->verify_lock) != 0)
+        return new_verify_ctx(ctx);
+    for (i = 0; i < TPMB_VERIFY_SLOTS && slot == NULL; i++)
+        if (key->verify[i].ctx != NULL && same_params(&key->verify[i], &want))
+            slot = &key->verify[i];
+    if (slot == NULL && (want.ctx = new_verify_ctx(ctx)) != NULL) {
+        slot = &key->verify[key->verify_next++ % TPMB_VERIFY_SLOTS];
+        EVP_PKEY_CTX_free(slot->ctx);
+        *slot = want;
+    }
+    if (slot != NULL)
+        copy = EVP_PKEY_CTX_dup(slot->ctx);
+    pthread_mutex_unlock(&key->verify_lock);
+    return copy != NULL ? copy : new_verify_ctx(ctx);
+}
+
 /* Verifies with the public key in its libctx (tpmb_crypto_libctx), same parameters. */
 static int do_verify(SIG_CTX *ctx, const unsigned char *sig, size_t siglen,
                      const unsigned char *tbs, size_t tbslen)
 {
-    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(tpmb_crypto_libctx(ctx->prov), ctx->key->pub,
-                                                    tpmb_crypto_propq(ctx->prov));
-    int ok = 0;
+    EVP_PKEY_CTX *pctx = verify_ctx(ctx);
+    int ok = pctx != NULL && EVP_PKEY_verify(pctx, sig, siglen, tbs, tbslen) == 1;
 
-    if (pctx == NULL || EVP_PKEY_verify_init(pctx) <= 0)
-        goto end;
-    if (ctx->md != NULL && EVP_PKEY_CTX_set_signature_md(pctx, ctx->md) <= 0)
-        goto end;
-    if (ctx->key->type == WIRE_KEY_TYPE_RSA) {
-        if (EVP_PKEY_CTX_set_rsa_padding(pctx, ctx->pad) <= 0)
-            goto end;
-        if (ctx->pad == RSA_PKCS1_PSS_PADDING) {
-            if (EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, ctx->saltlen) <= 0)
-                goto end;
-            if (ctx->mgf1[0] != '\0'
-                && EVP_PKEY_CTX_set_rsa_mgf1_md_name(pctx, ctx->mgf1, NULL) <= 0)
-                goto end;
-        }
-    }
-    ok = EVP_PKEY_verify(pctx, sig, siglen, tbs, tbslen) == 1;
-end:
     EVP_PKEY_CTX_free(pctx);
     return ok;
 }

@@ -257,3 +257,32 @@ def test_truncated_encrypted_parameter_is_malformed_in_both(parameters: bytes) -
         with pytest.raises(TSS2_Exception) as caught:
             finish(pending, response)
         assert caught.value.rc == command.malformed().rc
+
+
+@pytest.mark.parametrize("name", ["P-256", "P-384", "P-521"])
+@settings(max_examples=40, deadline=None)
+@given(flip=st.integers(min_value=1, max_value=255), where=st.integers(min_value=1))
+def test_the_c_point_check_agrees_with_cryptography(name: str, flip: int, where: int) -> None:
+    """ECDH peers' points are checked in C; cryptography's point decoder is the oracle,
+    for points on the curve and for the same points with one byte changed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    curve = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}[name]
+    good = ec.generate_private_key(curve).public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    where = 1 + where % (len(good) - 1)
+    changed = good[:where] + bytes([good[where] ^ flip]) + good[where + 1:]
+    for point in (good, changed, b"\x04" + bytes(len(good) - 1), good[:-1], b""):
+        try:
+            ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+        except ValueError:
+            expected = False
+        else:
+            expected = True
+        assert command.ec_point_on_curve(name, point) is expected
+
+
+def test_the_c_point_check_knows_only_the_nist_curves() -> None:
+    with pytest.raises(ValueError, match="P-224"):
+        command.ec_point_on_curve("P-224", b"\x04" + bytes(56))

@@ -522,3 +522,16 @@ def test_swtpm_link_failures_are_transport_errors(reply: bytes) -> None:
     finally:
         link.close()
         thread.join(5)
+
+
+def test_ecdh_zgen_result_reads_x_and_refuses_any_other_layout() -> None:
+    """outPoint is TPM2B_ECC_POINT(size, TPM2B x, TPM2B y), as tpm2-pytss marshals it."""
+    from tpm2_pytss.types import TPM2B_ECC_POINT, TPMS_ECC_POINT
+
+    x, y = bytes(range(1, 33)), bytes(range(33, 65))
+    good = bytes(TPM2B_ECC_POINT(TPMS_ECC_POINT(x=x, y=y)).marshal())
+    assert command.ecdh_zgen_result(good) == x
+    for bad in (good[:-1], good + b"\0", good[:1], b"", good[:2] + b"\x00\x40" + good[4:],
+                struct.pack(">H", len(good) - 1) + good[2:]):
+        with pytest.raises(TSS2_Exception):
+            command.ecdh_zgen_result(bad)

@@ -330,3 +330,53 @@ def test_sanitized_provider_stays_clean(sanitized_module: Path, fake: FakeBroker
             assert b"Sanitizer" not in res.stderr and b"runtime error" not in res.stderr, \
                 (behaviour, res.stderr.decode(errors="replace"))
             assert res.returncode not in (98, 99), behaviour
+
+
+@needs_provider
+@pytest.mark.parametrize("key_type", ["EC", "RSA"])
+def test_a_kept_verification_context_refuses_a_bad_signature_as_a_new_one_would(
+        fake: FakeBroker, rsa_fake: FakeBroker, key_type: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider keeps a verification context per key and duplicates it for every
+    signature: once honest signatures have made it, a signature over another digest is
+    still refused, in both the digest-sign and the pkey-sign paths, and the next honest
+    one passes."""
+    from benchmarks.libcrypto import Libcrypto, LibcryptoError, Signer
+
+    broker = fake if key_type == "EC" else rsa_fake
+    monkeypatch.setenv("TPMBROKER_SOCKET", broker.path)
+    monkeypatch.delenv("TPMBROKER_VERIFY", raising=False)
+    crypto = Libcrypto(["default", "tpmbroker"], search_path=str(MODULE.parent))
+    pkey = None
+    signers: list[Signer] = []
+    try:
+        pkey = crypto.load_pem_key(broker.key_pem())
+        for mode in ("digest-sign", "pkey-sign"):
+            signer = Signer(crypto, pkey, mode)
+            signers.append(signer)
+            broker.behaviour = "honest"
+            for _ in range(3):
+                message = os.urandom(50)
+                assert verifies(broker, signer.sign(message), _sha256(message))
+            # A well-shaped signature over another digest: only the verification finds it.
+            broker.behaviour = "wrong-digest"
+            with pytest.raises(LibcryptoError, match="tpmbroker protocol error"):
+                signer.sign(os.urandom(50))
+            broker.behaviour = "honest"
+            message = os.urandom(50)
+            assert verifies(broker, signer.sign(message), _sha256(message))
+    finally:
+        # Everything the provider made goes before the library context that holds it.
+        for signer in signers:
+            crypto.ffi.release(signer.md_ctx)
+            if signer.pctx is not None:
+                crypto.ffi.release(signer.pctx)
+        if pkey is not None:
+            crypto.ffi.release(pkey)
+        crypto.close()
+
+
+def _sha256(data: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize()

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
 from .definitions import CURVES, REPEATABLE
@@ -699,13 +699,7 @@ def check_signature(key: LoadedKey, digest: bytes, hash_alg: p.Hash, scheme: p.S
     `digest`: ECDSA DER with 0 < r, s < n, RSA exactly as long as the modulus (and below
     it); with `verify`, the signature also verifies against the key's public key."""
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-
-    classes: dict[p.Hash, Callable[[], hashes.HashAlgorithm]] = {
-        p.Hash.SHA1: hashes.SHA1, p.Hash.SHA256: hashes.SHA256,
-        p.Hash.SHA384: hashes.SHA384, p.Hash.SHA512: hashes.SHA512}
-    hash_class = classes[hash_alg]
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 
     public = _public_key(key.public_key)
     if isinstance(public, ec.EllipticCurvePublicKey):
@@ -727,26 +721,62 @@ def check_signature(key: LoadedKey, digest: bytes, hash_alg: p.Hash, scheme: p.S
         if len(signature) != size:
             raise ProtocolError(f"the broker sent a {len(signature)}-byte signature for a "
                                 f"{public.key_size}-bit RSA key ({size} bytes)")
-        if int.from_bytes(signature, "big") >= public.public_numbers().n:
+        if int.from_bytes(signature, "big") >= _modulus(key.public_key):
             raise ProtocolError("the broker sent an RSA signature not below the modulus")
     else:
         raise ProtocolError("the key's public key is neither EC nor RSA")
     if not verify:
         return
-    algorithm = utils.Prehashed(hash_class())
     try:
         if isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, digest, ec.ECDSA(algorithm))
-        elif scheme == p.Scheme.PSS:
-            public.verify(signature, digest,
-                          padding.PSS(padding.MGF1(hash_class()), hash_alg.digest_size),
-                          algorithm)
+            public.verify(signature, digest, _ecdsa(hash_alg))
         else:
-            public.verify(signature, digest, padding.PKCS1v15(), algorithm)
+            public.verify(signature, digest, *_rsa_verify_args(scheme, hash_alg))
     except (InvalidSignature, UnsupportedAlgorithm, ValueError):
         # ValueError: a digest of the wrong length, which the broker should have refused
         raise ProtocolError(f"the broker sent a {scheme.name} signature that does not "
                             "verify with the key's public key") from None
+
+
+# What verifying a signature needs beyond the public key (cached above by key), made
+# once: building them per signature cost as much as the rest of the check around it.
+
+@functools.lru_cache(maxsize=256)
+def _modulus(spki: bytes) -> int:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    public = _public_key(spki)
+    assert isinstance(public, rsa.RSAPublicKey)
+    return public.public_numbers().n
+
+
+def _hash_object(hash_alg: p.Hash) -> Any:
+    from cryptography.hazmat.primitives import hashes
+
+    classes: dict[p.Hash, Callable[[], hashes.HashAlgorithm]] = {
+        p.Hash.SHA1: hashes.SHA1, p.Hash.SHA256: hashes.SHA256,
+        p.Hash.SHA384: hashes.SHA384, p.Hash.SHA512: hashes.SHA512}
+    return classes[hash_alg]()
+
+
+@functools.cache
+def _ecdsa(hash_alg: p.Hash) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    return ec.ECDSA(utils.Prehashed(_hash_object(hash_alg)))
+
+
+@functools.cache
+def _rsa_verify_args(scheme: p.Scheme, hash_alg: p.Hash) -> tuple[Any, Any]:
+    """(padding, algorithm) for RSAPublicKey.verify: PSS as the TPM signs it (MGF1 over
+    the signing hash, salt as long as the digest), else PKCS#1 v1.5."""
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    algorithm = utils.Prehashed(_hash_object(hash_alg))
+    if scheme == p.Scheme.PSS:
+        return (padding.PSS(padding.MGF1(_hash_object(hash_alg)), hash_alg.digest_size),
+                algorithm)
+    return padding.PKCS1v15(), algorithm
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()

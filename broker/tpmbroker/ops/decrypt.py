@@ -8,11 +8,14 @@ answers a bad padding with a synthetic message, never an error (tpm/depad.c).
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 from ..definitions import DecryptFlag, Opcode
-from ..protocol import Message, Result
+from ..protocol import BytesResult, Message
 
 KNOWN_FLAGS = int(DecryptFlag.IMPLICIT_REJECTION)
+_U16 = struct.Struct(">H")
+_MIDDLE = struct.Struct(">BBHHH")  # padding, flags, hash, MGF1 hash, label length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +31,25 @@ class Decrypt(Message):
     label: bytes  # OAEP: the label, exactly as the encrypter used it
     ciphertext: bytes
 
+    @classmethod
+    def decode_body(cls, body: bytes | memoryview, pos: int) -> Message:
+        # Unrolled as SIGN's is: anything off goes to the general decoder, which says what.
+        try:
+            (key_len,) = _U16.unpack_from(body, pos)
+            key_end = pos + 2 + key_len
+            padding, flags, hash, mgf1_hash, label_len = _MIDDLE.unpack_from(body, key_end)
+            label_end = key_end + 8 + label_len
+            (ciphertext_len,) = _U16.unpack_from(body, label_end)
+        except struct.error:
+            return super().decode_body(body, pos)
+        if label_end + 2 + ciphertext_len != len(body):
+            return super().decode_body(body, pos)
+        return cls(bytes(body[pos + 2:key_end]), padding, flags, hash, mgf1_hash,
+                   bytes(body[key_end + 8:label_end]), bytes(body[label_end + 2:]))
+
 
 @dataclasses.dataclass(frozen=True)
-class DecryptResult(Result):
+class DecryptResult(BytesResult):
     OPCODE = Opcode.DECRYPT
     FIELDS = (("plaintext", "bytes"),)
     plaintext: bytes

@@ -6,9 +6,12 @@ SP 800-56A). Both the peer point and the shared point cross the TPM's bus encryp
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 from ..definitions import Opcode
-from ..protocol import Message, Result
+from ..protocol import BytesResult, Message
+
+_U16 = struct.Struct(">H")
 
 # The largest uncompressed point the broker accepts: P-521's 1 + 2 * 66 bytes.
 MAX_POINT = 133
@@ -21,9 +24,22 @@ class Derive(Message):
     key_id: bytes
     point: bytes  # the peer's public key: an uncompressed SEC1 point, 0x04 || x || y
 
+    @classmethod
+    def decode_body(cls, body: bytes | memoryview, pos: int) -> Message:
+        # Unrolled as SIGN's is: anything off goes to the general decoder, which says what.
+        try:
+            (key_len,) = _U16.unpack_from(body, pos)
+            key_end = pos + 2 + key_len
+            (point_len,) = _U16.unpack_from(body, key_end)
+        except struct.error:
+            return super().decode_body(body, pos)
+        if key_end + 2 + point_len != len(body):
+            return super().decode_body(body, pos)
+        return cls(bytes(body[pos + 2:key_end]), bytes(body[key_end + 2:]))
+
 
 @dataclasses.dataclass(frozen=True)
-class DeriveResult(Result):
+class DeriveResult(BytesResult):
     OPCODE = Opcode.DERIVE
     FIELDS = (("secret", "bytes"),)
     secret: bytes  # Z: the shared point's x-coordinate, as long as the curve's field

@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from ..definitions import MAX_FIELD, RESPONSE_BIT, VERSION, Hash, Opcode, Scheme, Status
+from ..definitions import Hash, Opcode, Scheme
 from ..errors import UnsupportedError
-from ..protocol import Message, Result
+from ..protocol import BytesResult, Message
 
 _U16 = struct.Struct(">H")
 _MIDDLE = struct.Struct(">BHH")  # scheme, hash, digest length
-_RESULT_HEAD = struct.Struct(">IBBHIIHH")  # frame header, status, signature length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,19 +39,10 @@ class Sign(Message):
 
 
 @dataclasses.dataclass(frozen=True)
-class SignResult(Result):
+class SignResult(BytesResult):
     OPCODE = Opcode.SIGN
     FIELDS = (("signature", "bytes"),)
     signature: bytes  # DER ECDSA-Sig-Value, or the RSA signature at the modulus' length
-
-    def encode_frame(self, request_id: int, opcode: int) -> bytes:
-        # The answer that goes out thousands of times a second, in one pack.
-        signature = self.signature
-        if len(signature) > MAX_FIELD:
-            return super().encode_frame(request_id, opcode)  # which says what is wrong
-        return _RESULT_HEAD.pack(_RESULT_HEAD.size - 4 + len(signature), VERSION,
-                                 opcode | RESPONSE_BIT, 0, request_id, 0, Status.OK,
-                                 len(signature)) + signature
 
 
 def scheme_and_hash(scheme: int, hash: int) -> tuple[Scheme, Hash]:

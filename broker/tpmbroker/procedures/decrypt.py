@@ -29,9 +29,10 @@ def serve(request: Request, msg: Decrypt) -> None:
     # error is a Bleichenbacher oracle, which computes m^d too: the key policy must grant
     # sign as well as decrypt. OAEP and implicit rejection give no such answer.
     gives_signatures = padding is Padding.NONE or (padding is Padding.PKCS1 and not implicit)
-    known = request.worker.known(msg.key_id)
-    signs = known is None or known.can_sign
-    auth = request.key_auth(msg.key_id, ("decrypt", "sign") if gives_signatures and signs
+    if gives_signatures:
+        known = request.worker.known(msg.key_id)
+        gives_signatures = known is None or known.can_sign
+    auth = request.key_auth(msg.key_id, ("decrypt", "sign") if gives_signatures
                             else ("decrypt",))
     if padding is Padding.OAEP:
         hash = member(Hash, msg.hash, "OAEP hash")
@@ -44,7 +45,7 @@ def serve(request: Request, msg: Decrypt) -> None:
         raise UnsupportedError("implicit rejection is for PKCS#1 v1.5 padding only")
     key_id, label, ciphertext = msg.key_id, msg.label, msg.ciphertext
     worker, deadline, peer = request.worker, request.deadline, request.peer_uid
-    worker.check_password(key_id, auth, peer)
+    known = worker.check_password(key_id, auth, peer)
 
     def served(plaintext: bytes) -> DecryptResult:
         request.count("decryptions")
@@ -53,7 +54,7 @@ def serve(request: Request, msg: Decrypt) -> None:
     request.submit(lambda: decrypt(worker, key_id, auth, padding, hash, mgf1, label,
                                    ciphertext, implicit, deadline, peer), served,
                    lane=lambda: lane(worker, key_id, auth, padding, hash, mgf1, label,
-                                     ciphertext, implicit, peer))
+                                     ciphertext, implicit, peer, known))
 
 
 def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash,
@@ -100,16 +101,15 @@ def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: 
 
 def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Hash,
          mgf1: Hash, label: bytes, ciphertext: bytes, implicit_rejection: bool,
-         peer: int = -1) -> LaneCommand | None:
+         peer: int = -1, password_known: CachedKey | None = None) -> LaneCommand | None:
     """The raw TPM2_RSA_Decrypt for the lane, its padding removed when the answer comes,
     or None: the worker thread serves it (a key whose scheme makes the TPM unpad, one
     whose implicit-rejection secret is not known yet, a ciphertext it must refuse)."""
     entry = tpm.known(key_id)
-    if entry is None or (padding is Padding.PKCS1 and entry.kdk_secret is None):
+    if (entry is None or not entry.raw_decryption
+            or (padding is Padding.PKCS1 and entry.kdk_secret is None)):
         return None
     try:
-        if keymod.decryption_scheme(entry.public, padding, hash, mgf1, label) is not None:
-            return None
         size = _check_ciphertext(entry, ciphertext)
     except TpmBrokerError:
         return None
@@ -118,14 +118,15 @@ def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Has
         command.prepare_rsa_decrypt(session, handle, name, auth, ciphertext,
                                     command.ALG_NULL, 0, b""),
         lambda parameters: _unpad(entry, command.sized_result(parameters), size, padding,
-                                  hash, mgf1, label, ciphertext, implicit_rejection))
+                                  hash, mgf1, label, ciphertext, implicit_rejection),
+        password_known)
 
 
 def _check_ciphertext(entry: CachedKey, ciphertext: bytes) -> int:
     """The key's modulus length; BadDigestError unless `ciphertext` is that long and
     below the modulus."""
     modulus, _ = entry.rsa_public_numbers
-    size = (modulus.bit_length() + 7) // 8
+    size = entry.modulus_bytes
     if len(ciphertext) != size:
         raise BadDigestError(f"a ciphertext for this {modulus.bit_length()}-bit key is "
                              f"{size} bytes, not {len(ciphertext)}")

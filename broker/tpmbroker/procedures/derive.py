@@ -8,6 +8,7 @@ from ..errors import BadDigestError, TpmBrokerError, TpmError
 from ..ops.derive import MAX_POINT, Derive, DeriveResult
 from ..tpm import command
 from ..tpm import keys as keymod
+from ..tpm.keys import CachedKey
 from ..tpm.worker import LaneCommand, TpmWorker
 from .base import Request, serves
 
@@ -23,14 +24,14 @@ def serve(request: Request, msg: Derive) -> None:
     key_id, worker, deadline, peer = msg.key_id, request.worker, request.deadline, \
         request.peer_uid
     # Password attempts the dictionary-attack shield refuses are answered now, unqueued.
-    worker.check_password(key_id, auth, peer)
+    known = worker.check_password(key_id, auth, peer)
 
     def served(secret: bytes) -> DeriveResult:
         request.count("derivations")
         return DeriveResult(secret)
 
     request.submit(lambda: derive(worker, key_id, auth, point, deadline, peer), served,
-                   lane=lambda: lane(worker, key_id, auth, point, peer))
+                   lane=lambda: lane(worker, key_id, auth, point, peer, known))
 
 
 def derive(tpm: TpmWorker, key_id: bytes, auth: bytes, point: bytes, deadline: float,
@@ -53,21 +54,21 @@ def derive(tpm: TpmWorker, key_id: bytes, auth: bytes, point: bytes, deadline: f
 
 
 def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, point: bytes,
-         peer: int = -1) -> LaneCommand | None:
+         peer: int = -1, password_known: CachedKey | None = None) -> LaneCommand | None:
     """The TPM2_ECDH_ZGen for the lane, or None: the worker thread serves it (and says
     what is wrong with the key or the point, if anything)."""
     entry = tpm.known(key_id)
-    if entry is None:
+    if entry is None or not entry.does_ecdh:
         return None
     try:
-        keymod.check_ecdh_key(entry.public)
         x, y = keymod.check_peer_point(entry.info.curve, point)
     except TpmBrokerError:
         return None
     return tpm.lane_command(
         entry, auth, peer, "deriving the shared secret", lambda session, handle, name:
         command.prepare_ecdh_zgen(session, handle, name, auth, x, y),
-        lambda parameters: _field_long(command.ecdh_zgen_result(parameters), len(x)))
+        lambda parameters: _field_long(command.ecdh_zgen_result(parameters), len(x)),
+        password_known)
 
 
 def _field_long(z: bytes, field: int) -> bytes:

@@ -34,9 +34,10 @@ def submit(request: Request, key_id: bytes, auth: bytes, scheme: Scheme, hash: H
     """Queue the signature of a checked digest, with the lane's way to send it."""
     worker, deadline, peer = request.worker, request.deadline, request.peer_uid
     # Password attempts the dictionary-attack shield refuses are answered now, unqueued.
-    worker.check_password(key_id, auth, peer)
+    known = worker.check_password(key_id, auth, peer)
     request.submit(lambda: sign(worker, key_id, auth, scheme, hash, digest, deadline, peer),
-                   result, lane=lambda: lane(worker, key_id, auth, scheme, hash, digest, peer))
+                   result, lane=lambda: lane(worker, key_id, auth, scheme, hash, digest, peer,
+                                             known))
 
 
 def sign(tpm: TpmWorker, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
@@ -90,7 +91,8 @@ def modulus_long(entry: CachedKey, signature: bytes) -> bytes:
 
 
 def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
-         digest: bytes, peer: int = -1) -> LaneCommand | None:
+         digest: bytes, peer: int = -1, password_known: CachedKey | None = None,
+         ) -> LaneCommand | None:
     """The TPM2_Sign for the lane, ready to send, or None: the worker thread serves it
     (a key not seen with this scheme yet, PSS whose salt the TPM has not shown)."""
     entry = tpm.objects.keys.get(key_id)
@@ -108,7 +110,7 @@ def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, scheme: Scheme, hash: Hash,
     return tpm.lane_command(
         entry, auth, peer, "signing", lambda session, handle, name: command.prepare_sign(
             session, handle, name, auth, digest, scheme_alg, hash),
-        lambda parameters: command.signature_bytes(parameters, size))
+        lambda parameters: command.signature_bytes(parameters, size), password_known)
 
 
 # --- RSA-PSS padded by the broker ------------------------------------------------------------

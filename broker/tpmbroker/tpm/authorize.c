@@ -9,7 +9,10 @@
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/ec.h>
 #include <openssl/ecdsa.h>
+#include <openssl/err.h>
+#include <openssl/obj_mac.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 #include <openssl/rand.h>
@@ -34,12 +37,16 @@ enum { HASH_SHA1, HASH_SHA256, HASH_SHA384, HASH_SHA512, HASH_COUNT };
 
 static const char *const hash_names[HASH_COUNT] = {"SHA1", "SHA256", "SHA384", "SHA512"};
 
+#define EC_CURVES 3 /* ECDH peers' curves: P-256, P-384, P-521 */
+
 struct tb_ctx {
     EVP_MD *md[HASH_COUNT];
     EVP_MAC_CTX *hmac[HASH_COUNT]; /* digest set once; each use only sets the key */
     EVP_MD_CTX *digest;
     EVP_CIPHER *aes_cfb;
     EVP_CIPHER_CTX *cipher;
+    EC_GROUP *groups[EC_CURVES];   /* made on first use (tb_ec_point_on_curve) */
+    BN_CTX *bn;
 };
 
 static int hash_index(uint16_t alg)
@@ -69,6 +76,9 @@ void tb_ctx_free(tb_ctx *ctx)
     EVP_MD_CTX_free(ctx->digest);
     EVP_CIPHER_CTX_free(ctx->cipher);
     EVP_CIPHER_free(ctx->aes_cfb);
+    for (int i = 0; i < EC_CURVES; i++)
+        EC_GROUP_free(ctx->groups[i]);
+    BN_CTX_free(ctx->bn);
     free(ctx);
 }
 
@@ -409,4 +419,34 @@ long tb_signature_bytes(const uint8_t *params, size_t params_len, size_t rsa_byt
         return (long)width;
     }
     return 0;
+}
+
+/* --- ECDH peers' points ------------------------------------------------------------- */
+
+int tb_ec_point_on_curve(tb_ctx *ctx, const char *curve, const uint8_t *point, size_t len,
+                         int *on_curve)
+{
+    static const int nids[EC_CURVES] = {NID_X9_62_prime256v1, NID_secp384r1, NID_secp521r1};
+    int nid = EC_curve_nist2nid(curve), i;
+    EC_POINT *p;
+
+    *on_curve = 0;
+    for (i = 0; i < EC_CURVES && nids[i] != nid; i++)
+        ;
+    if (nid == NID_undef || i == EC_CURVES)
+        return TB_BAD_ARGUMENT;
+    if (ctx->bn == NULL && (ctx->bn = BN_CTX_new()) == NULL)
+        return TB_CRYPTO_ERROR;
+    if (ctx->groups[i] == NULL && (ctx->groups[i] = EC_GROUP_new_by_curve_name(nid)) == NULL)
+        return TB_CRYPTO_ERROR;
+    if ((p = EC_POINT_new(ctx->groups[i])) == NULL)
+        return TB_CRYPTO_ERROR;
+    /* oct2point refuses a point off the curve; the second check says it in so many words */
+    *on_curve = len > 0 && point[0] == POINT_CONVERSION_UNCOMPRESSED
+                && EC_POINT_oct2point(ctx->groups[i], p, point, len, ctx->bn) == 1
+                && EC_POINT_is_on_curve(ctx->groups[i], p, ctx->bn) == 1
+                && !EC_POINT_is_at_infinity(ctx->groups[i], p);
+    ERR_clear_error(); /* a refused point leaves errors nobody reads */
+    EC_POINT_free(p);
+    return TB_OK;
 }

@@ -82,4 +82,12 @@ int tb_decrypt_response(tb_ctx *ctx, const tb_pending *pending, const uint8_t *n
 long tb_signature_bytes(const uint8_t *params, size_t params_len, size_t rsa_bytes,
                         uint8_t *out, size_t out_size);
 
+/* An ECDH peer's public key checked before it goes to the TPM: *on_curve is 1 if
+ * `point` is an uncompressed SEC1 point (0x04 || x || y) on the NIST curve `curve`
+ * ("P-256", "P-384", "P-521"; their cofactor is 1, so on the curve is in the group), 0
+ * if it is not. TB_BAD_ARGUMENT for another curve, TB_CRYPTO_ERROR when libcrypto fails.
+ * Each curve's group is made once per context. */
+int tb_ec_point_on_curve(tb_ctx *ctx, const char *curve, const uint8_t *point, size_t len,
+                         int *on_curve);
+
 #endif

@@ -95,6 +95,7 @@ HEADER = struct.Struct(">HII")
 HEADER_SIZE = HEADER.size  # a response of just this much carries only a response code
 U32 = struct.Struct(">I")
 U16 = struct.Struct(">H")
+_TWO_SIZES = struct.Struct(">HH")
 ALG_ECDSA = int(TPM2_ALG.ECDSA)
 ALG_RSA_SIGNATURES = (int(TPM2_ALG.RSASSA), int(TPM2_ALG.RSAPSS))
 _NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL).marshal()
@@ -323,6 +324,7 @@ class _Scratch(threading.local):
         self.command_len = ffi.new("size_t *")
         self.result = ffi.new("tb_result *")
         self.signature = ffi.new("uint8_t[]", 1024)
+        self.on_curve = ffi.new("int *")
 
 
 _scratch: _Scratch | None = None
@@ -362,6 +364,20 @@ def _c_prepare(session: sc.SessionState, command_code: int, handles: Sequence[in
                           b"", b"", attributes, response_handles, c_pending)
 
 
+def ec_point_on_curve(curve: str, point: bytes) -> bool:
+    """Is `point` an uncompressed SEC1 point on the NIST curve `curve` ("P-256", "P-384",
+    "P-521")? ValueError for another curve (tb_ec_point_on_curve)."""
+    lib = _authorize.lib
+    scratch = _c_scratch()
+    status = lib.tb_ec_point_on_curve(scratch.ctx, curve.encode(), point, len(point),
+                                      scratch.on_curve)
+    if status == lib.TB_BAD_ARGUMENT:
+        raise ValueError(f"no ECDH point check for curve {curve}")
+    if status != lib.TB_OK:
+        raise _C_ERRORS[status]()
+    return bool(scratch.on_curve[0])
+
+
 def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
     ffi, lib = _authorize.ffi, _authorize.lib
     scratch = _c_scratch()
@@ -386,12 +402,13 @@ def _c_decrypt_first(pending: PendingCommand, nonce_tpm: bytes, parameters: byte
     """The response's first parameter decrypted (tb_decrypt_response)."""
     ffi, lib = _authorize.ffi, _authorize.lib
     size = first_sized_length(parameters)
-    clear = bytearray(parameters[2:2 + size])
+    clear = bytearray(parameters)  # decrypted in place, after the size
     status = lib.tb_decrypt_response(_c_scratch().ctx, pending.c_pending, nonce_tpm,
-                                     len(nonce_tpm), ffi.from_buffer(clear), size)
+                                     len(nonce_tpm), ffi.from_buffer("uint8_t[]", clear) + 2,
+                                     size)
     if status != lib.TB_OK:
         raise _C_ERRORS[status]()
-    return parameters[:2] + bytes(clear) + parameters[2 + size:]
+    return bytes(clear)
 
 
 def execute(transport: Transport, pending: PendingCommand) -> tuple[list[int], bytes]:
@@ -501,9 +518,14 @@ def prepare_rsa_decrypt(session: sc.SessionState, key_handle: int, key_name: byt
     """TPM2_RSA_Decrypt of `ciphertext` with inScheme `scheme_alg` (NULL: the key's own
     scheme, or the raw private operation if that is NULL too; OAEP takes `hash_alg`),
     its answer encrypted. `label` must be empty or end in a zero byte (the TPM's rule)."""
-    scheme = U16.pack(scheme_alg) + (U16.pack(hash_alg) if scheme_alg == ALG_OAEP else b"")
+    if scheme_alg == ALG_NULL and not label:
+        rest = _RSA_DECRYPT_NULL_SCHEME_EMPTY_LABEL
+    else:
+        scheme = U16.pack(scheme_alg) + (U16.pack(hash_alg) if scheme_alg == ALG_OAEP
+                                         else b"")
+        rest = scheme + tpm2b(label)
     return prepare(session, CC_RSA_DECRYPT, (key_handle,), (key_name,), auth, ciphertext,
-                   scheme + tpm2b(label), DECRYPT_ATTRIBUTES)
+                   rest, DECRYPT_ATTRIBUTES)
 
 
 def sized_result(parameters: bytes) -> bytes:
@@ -728,12 +750,15 @@ def prepare_ecdh_zgen(session: sc.SessionState, key_handle: int, key_name: bytes
 
 def ecdh_zgen_result(parameters: bytes) -> bytes:
     """The x-coordinate of the shared point in a TPM2_ECDH_ZGen response."""
-    point = sized_result(parameters)
-    x_size = first_sized_length(point)
-    rest = point[2 + x_size:]
-    if first_sized_length(rest) + 2 != len(rest):
+    # outPoint: TPM2B_ECC_POINT(size, TPMS_ECC_POINT(TPM2B x, TPM2B y)), and nothing after
+    try:
+        size, x_size = _TWO_SIZES.unpack_from(parameters)
+        (y_size,) = U16.unpack_from(parameters, 4 + x_size)
+    except struct.error:
+        raise malformed() from None
+    if 2 + size != len(parameters) or 2 + x_size + 2 + y_size != size:
         raise malformed()
-    return point[2:2 + x_size]
+    return parameters[4:4 + x_size]
 
 
 # --- TPM2_EvictControl and TPM2_ReadPublic: persistent handles ------------------------------

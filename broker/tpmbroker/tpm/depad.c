@@ -3,12 +3,14 @@
 
 #include "depad.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/core_names.h>
+#include <openssl/params.h>
 #include <openssl/rsa.h>
 
 #define KDK_SIZE 32
@@ -49,45 +51,89 @@ static unsigned int ct_select(unsigned int mask, unsigned int a, unsigned int b)
 
 /* --- implicit rejection: the key derivation of OpenSSL 3.2 (rsa_ossl.c, rsa_pk1.c) ----- */
 
-/* PRF(kdk, label, bits): HMAC-SHA256(kdk, be16(i) || label || be16(bits)), i = 0, 1, ... */
-static int prf(const uint8_t *kdk, const char *label, uint8_t *out, size_t len)
+struct td_ctx {
+    EVP_MAC_CTX *hmac; /* HMAC with SHA2-256 set once; each use sets only the key */
+};
+
+td_ctx *td_ctx_new(void)
 {
-    uint8_t msg[2 + 16 + 2], block[32];
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA2-256", 0),
+        OSSL_PARAM_construct_end()
+    };
+    td_ctx *ctx = calloc(1, sizeof(*ctx));
+    EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+
+    if (ctx == NULL || mac == NULL || (ctx->hmac = EVP_MAC_CTX_new(mac)) == NULL
+        || !EVP_MAC_CTX_set_params(ctx->hmac, params)) {
+        td_ctx_free(ctx);
+        ctx = NULL;
+    }
+    EVP_MAC_free(mac); /* the context keeps its own reference */
+    return ctx;
+}
+
+void td_ctx_free(td_ctx *ctx)
+{
+    if (ctx == NULL)
+        return;
+    EVP_MAC_CTX_free(ctx->hmac);
+    free(ctx);
+}
+
+/* One HMAC-SHA256 of msg: with key, keyed anew; with key NULL, re-initialised from the
+ * key the last call set (OpenSSL keeps the keyed state: no key schedule again). */
+static int hmac_once(EVP_MAC_CTX *mac, const uint8_t *key, const uint8_t *msg, size_t len,
+                     uint8_t *out)
+{
+    size_t outlen = 0;
+
+    return EVP_MAC_init(mac, key, key != NULL ? KDK_SIZE : 0, NULL)
+           && EVP_MAC_update(mac, msg, len) && EVP_MAC_final(mac, out, &outlen, KDK_SIZE)
+           && outlen == KDK_SIZE;
+}
+
+/* PRF(kdk, label, bits): HMAC-SHA256(kdk, be16(i) || label || be16(bits)), i = 0, 1, ...
+ * kdk NULL: `mac` is keyed with it already. */
+static int prf(EVP_MAC_CTX *mac, const uint8_t *kdk, const char *label, uint8_t *out,
+               size_t len)
+{
+    uint8_t msg[2 + 16 + 2], block[KDK_SIZE];
     size_t llen = strlen(label), pos;
-    unsigned int bits = (unsigned int)(len * 8), mdlen;
+    unsigned int bits = (unsigned int)(len * 8);
     uint16_t i = 0;
+    int ok = 1;
 
     if (llen > 16 || bits > 0xFFFF)
         return 0;
     memcpy(msg + 2, label, llen);
     msg[2 + llen] = (uint8_t)(bits >> 8);
     msg[3 + llen] = (uint8_t)bits;
-    for (pos = 0; pos < len; pos += sizeof(block), i++) {
+    for (pos = 0; ok && pos < len; pos += sizeof(block), i++) {
         msg[0] = (uint8_t)(i >> 8);
         msg[1] = (uint8_t)i;
-        mdlen = sizeof(block);
-        if (HMAC(EVP_sha256(), kdk, KDK_SIZE, msg, 4 + llen, block, &mdlen) == NULL)
-            return 0;
+        ok = hmac_once(mac, i == 0 ? kdk : NULL, msg, 4 + llen, block);
         memcpy(out + pos, block, len - pos < sizeof(block) ? len - pos : sizeof(block));
     }
     OPENSSL_cleanse(block, sizeof(block));
-    return 1;
+    return ok;
 }
 
-int td_pkcs1(const uint8_t *em, const uint8_t *ct, size_t k, const uint8_t *kdk_secret,
-             int implicit, uint8_t *out, size_t *out_len)
+int td_pkcs1(td_ctx *ctx, const uint8_t *em, const uint8_t *ct, size_t k,
+             const uint8_t *kdk_secret, int implicit, uint8_t *out, size_t *out_len)
 {
     uint8_t kdk[KDK_SIZE], synthetic[MAX_K], lengths[LENGTH_TRIES * 2];
     unsigned int good, found_zero = 0, zero_index = 0, msg_index, synth_index;
-    unsigned int max_len, len_mask, synth_len = 0, candidate, mdlen = KDK_SIZE;
+    unsigned int max_len, len_mask, synth_len = 0, candidate;
     size_t i, j;
     int ret = TD_CRYPTO_ERROR;
 
-    if (k < 11 + 2 || k > MAX_K)
+    if (ctx == NULL || k < 11 + 2 || k > MAX_K)
         return TD_BAD_ARGUMENT;
     /* The synthetic message is computed every time, good padding or not. */
-    if (HMAC(EVP_sha256(), kdk_secret, KDK_SIZE, ct, k, kdk, &mdlen) == NULL
-        || !prf(kdk, "message", synthetic, k) || !prf(kdk, "length", lengths, sizeof(lengths)))
+    if (!hmac_once(ctx->hmac, kdk_secret, ct, k, kdk)
+        || !prf(ctx->hmac, kdk, "message", synthetic, k)
+        || !prf(ctx->hmac, NULL, "length", lengths, sizeof(lengths)))
         goto end;
     max_len = len_mask = (unsigned int)k - 2 - 8;
     len_mask |= len_mask >> 1;

@@ -18,14 +18,20 @@
 #define TD_BAD_ARGUMENT 2 /* sizes out of range, unknown hash */
 #define TD_CRYPTO_ERROR 3 /* libcrypto failed */
 
+/* What td_pkcs1 keeps between calls: an HMAC-SHA256 context whose digest is fetched
+ * once. One per thread; NULL from td_ctx_new when libcrypto cannot make it. */
+typedef struct td_ctx td_ctx;
+td_ctx *td_ctx_new(void);
+void td_ctx_free(td_ctx *ctx);
+
 /* RSAES-PKCS1-v1_5 decoding of `em` (`k` bytes, the modulus length, leading zero
  * included). With `implicit` set, a bad padding yields a synthetic message derived from
  * the ciphertext `ct` (`k` bytes) and the key's 32-byte secret `kdk_secret`, as OpenSSL
  * 3.2 and draft-irtf-cfrg-rsa-guidance's implicit rejection do, and TD_OK either way;
  * the same ciphertext always gives the same synthetic message. Without it a bad padding
  * is TD_BAD_PADDING. `out` has room for `k` bytes; *out_len is the message's length. */
-int td_pkcs1(const uint8_t *em, const uint8_t *ct, size_t k, const uint8_t *kdk_secret,
-             int implicit, uint8_t *out, size_t *out_len);
+int td_pkcs1(td_ctx *ctx, const uint8_t *em, const uint8_t *ct, size_t k,
+             const uint8_t *kdk_secret, int implicit, uint8_t *out, size_t *out_len);
 
 /* RSAES-OAEP decoding of `em` (`k` bytes) with `label`, the hash `md_name` and MGF1 with
  * `mgf1_name` (OpenSSL digest names), by libcrypto's constant-time check. TD_BAD_PADDING

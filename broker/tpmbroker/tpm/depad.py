@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import threading
 from typing import Any
 
 from ..definitions import Hash
@@ -50,24 +51,45 @@ def kdk_secret(raw: bytes) -> bytes:
     return hashlib.sha256(_KDK_LABEL + raw).digest()
 
 
+MAX_K = 1024  # bytes: 8192-bit moduli, as depad.c
+_ZEROS = bytes(MAX_K)  # what a plaintext's buffer is wiped with
+
+
+class _Scratch(threading.local):
+    """One thread's td_ctx (its HMAC fetched once) and output buffer."""
+
+    def __init__(self) -> None:
+        ffi, lib = _c.ffi, _c.lib
+        ctx = lib.td_ctx_new()
+        if ctx == ffi.NULL:
+            raise MemoryError("libcrypto could not set up the depadding context")
+        self.ctx = ffi.gc(ctx, lib.td_ctx_free)
+        self.out = ffi.new("uint8_t[]", MAX_K)
+        self.out_len = ffi.new("size_t *")
+
+
+_scratch = _Scratch()
+
+
 def pkcs1(em: bytes, ciphertext: bytes, secret: bytes, implicit: bool) -> bytes:
     """The message in a PKCS#1 v1.5 encoded block; with `implicit`, a synthetic message
     when the padding is bad (never an error), else BadDigestError."""
     ffi, lib = _c.ffi, _c.lib
     k = len(em)
-    if len(ciphertext) != k or len(secret) != 32:
+    if len(ciphertext) != k or len(secret) != 32 or k > MAX_K:
         raise InternalError("PKCS#1 decoding: sizes do not match")
-    out = ffi.new("uint8_t[]", k)
-    out_len = ffi.new("size_t *")
-    status = lib.td_pkcs1(em, ciphertext, k, secret, int(implicit), out, out_len)
+    scratch = _scratch
+    out = scratch.out
+    status = lib.td_pkcs1(scratch.ctx, em, ciphertext, k, secret, int(implicit), out,
+                          scratch.out_len)
     try:
         if status == lib.TD_BAD_PADDING:
             raise BadDigestError(DECRYPTION_ERROR)
         if status != lib.TD_OK:
             raise InternalError(f"PKCS#1 decoding failed ({status})")
-        return bytes(ffi.buffer(out, out_len[0]))
+        return bytes(ffi.buffer(out, scratch.out_len[0]))
     finally:
-        ffi.memmove(out, bytes(k), k)
+        ffi.memmove(out, _ZEROS, k)
 
 
 def oaep(em: bytes, label: bytes, hash: Hash, mgf1: Hash) -> bytes:

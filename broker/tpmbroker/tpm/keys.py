@@ -8,7 +8,6 @@ import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.tsskey import TSSPrivKey
@@ -25,6 +24,11 @@ from ..definitions import CURVES, Padding
 from ..errors import BadDigestError, BadKeyError, UnsupportedError
 from ..protocol import STORAGE_PRIMARY, Curve, Hash, KeyType, Scheme, Usage
 from ..templates import ecc_parms, rsa_parms, usage_attributes
+from . import command
+
+_RESTRICTED = int(TPMA_OBJECT.RESTRICTED)
+_SIGN_ENCRYPT = int(TPMA_OBJECT.SIGN_ENCRYPT)
+_DECRYPT = int(TPMA_OBJECT.DECRYPT)
 
 PERSISTENT_FIRST = 0x81000000
 PERSISTENT_LAST = 0x81FFFFFF
@@ -281,24 +285,25 @@ def check_ecdh_key(public: Any) -> None:
 _ECDH_CURVES = (Curve.P256, Curve.P384, Curve.P521)
 
 
+@functools.lru_cache(maxsize=16)
+def _ecdh_curve(curve: int) -> tuple[int, str]:
+    """(field bytes, NIST name) of an ECDH curve, once per curve."""
+    if curve not in _ECDH_CURVES:
+        raise UnsupportedError(f"ECDH on curve 0x{int(curve):04x} is not supported")
+    return (Curve(curve).bits + 7) // 8, Curve(curve).nist_name
+
+
 def check_peer_point(curve: int, point: bytes) -> tuple[bytes, bytes]:
     """(x, y) of an uncompressed SEC1 `point` on `curve` (a TPM2_ECC_CURVE id), each as
     long as the curve's field; BadDigestError if it is not a point of that curve (off
     the curve, the point at infinity, another curve's size, compressed)."""
-    ec_curve = keyfile.pyca_curve(curve) if curve in _ECDH_CURVES else None
-    if ec_curve is None:
-        raise UnsupportedError(f"ECDH on curve 0x{int(curve):04x} is not supported")
-    bits = ec_curve.key_size
-    name = Curve(curve).nist_name
-    field = (bits + 7) // 8
+    field, name = _ecdh_curve(curve)
     if len(point) != 1 + 2 * field or point[:1] != b"\x04":
         raise BadDigestError(f"the peer's public key is not an uncompressed {name} point "
                              f"({1 + 2 * field} bytes starting 04), but {len(point)} bytes")
-    try:
-        ec.EllipticCurvePublicKey.from_encoded_point(ec_curve, point)  # on the curve
-    except ValueError:
+    if not command.ec_point_on_curve(name, point):  # in C, the curve's group made once
         raise BadDigestError(f"the peer's public key is not a point on {name}, the "
-                             "key's curve") from None
+                             "key's curve")
     return point[1:1 + field], point[1 + field:]
 
 
@@ -415,13 +420,17 @@ class CachedKey:
     # The Name of the parent it was loaded under: another parent at the same handle
     # cannot load it again (tpm/objects.py).
     parent_name: bytes = b""
+    # TPMA_OBJECT, read once: every read through tpm2-pytss costs microseconds, and the
+    # lane asks what the key may do on every request.
+    attributes: int = dataclasses.field(init=False)
     # Without noDA, a failed authorization counts toward the TPM's lockout.
     da_protected: bool = dataclasses.field(init=False)
     # The longest password the key can have (auth_limit), read once: off the hot path.
     max_auth: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.da_protected = not int(self.public.objectAttributes) & int(TPMA_OBJECT.NODA)
+        self.attributes = int(self.public.objectAttributes)
+        self.da_protected = not self.attributes & int(TPMA_OBJECT.NODA)
         self.max_auth = auth_limit(self.public)
 
     @functools.cached_property
@@ -447,21 +456,46 @@ class CachedKey:
     @property
     def restricted(self) -> bool:
         """An attestation key: it signs only what the TPM hashed itself (SIGN_MESSAGE)."""
-        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.RESTRICTED))
+        return bool(self.attributes & _RESTRICTED)
 
     @property
     def can_sign(self) -> bool:
-        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.SIGN_ENCRYPT))
+        return bool(self.attributes & _SIGN_ENCRYPT)
 
     @property
     def can_decrypt(self) -> bool:
-        return bool(int(self.public.objectAttributes) & int(TPMA_OBJECT.DECRYPT))
+        return bool(self.attributes & _DECRYPT)
 
-    @property
+    @functools.cached_property
     def rsa_public_numbers(self) -> tuple[int, int]:
         """(modulus, exponent) of an RSA key."""
         modulus = int.from_bytes(bytes(self.public.unique.rsa), "big")
         return modulus, int(self.public.parameters.rsaDetail.exponent) or 65537
+
+    @functools.cached_property
+    def modulus_bytes(self) -> int:
+        """An RSA key's modulus length in bytes: that of its ciphertexts and signatures."""
+        return (self.rsa_public_numbers[0].bit_length() + 7) // 8
+
+    @functools.cached_property
+    def raw_decryption(self) -> bool:
+        """An RSA key that may decrypt and whose scheme is NULL: TPM2_RSA_Decrypt is the
+        raw private operation and the broker removes every padding (the lane's case).
+        Whatever else a key is, decryption_scheme says, on the worker thread."""
+        try:
+            return decryption_scheme(self.public, Padding.NONE, Hash.SHA256, Hash.SHA256,
+                                     b"") is None
+        except UnsupportedError:
+            return False
+
+    @functools.cached_property
+    def does_ecdh(self) -> bool:
+        """check_ecdh_key passes: the key may do TPM2_ECDH_ZGen."""
+        try:
+            check_ecdh_key(self.public)
+        except UnsupportedError:
+            return False
+        return True
 
     @property
     def is_transient(self) -> bool:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import hmac
 import logging
 import os
 import threading
@@ -123,15 +122,18 @@ class Shield:
     # --- before an attempt ----------------------------------------------------------------
 
     def _tag(self, key_id: bytes, auth: bytes) -> bytes:
-        return hmac.new(self._secret, len(key_id).to_bytes(2, "big") + key_id + auth,
-                        hashlib.sha256).digest()[:16]
+        # Keyed BLAKE2s: a MAC in one call, a fifth of an HMAC-SHA256's cost here (the
+        # lane computes one per request on a key without noDA).
+        return hashlib.blake2s(len(key_id).to_bytes(2, "big") + key_id + auth,
+                               key=self._secret, digest_size=16).digest()
 
     def known_good(self, key_id: bytes, auth: bytes) -> bool:
         """The password has signed with this key before: it cannot cost a count."""
         return self._tag(key_id, auth) in self._good
 
-    def check(self, peer: int, key_id: bytes, auth: bytes, fresh: bool = True) -> None:
-        """Raise unless a password attempt on a DA-protected key may go to the TPM.
+    def check(self, peer: int, key_id: bytes, auth: bytes, fresh: bool = True) -> bool:
+        """Raise unless a password attempt on a DA-protected key may go to the TPM;
+        True: the password is known good (no attempt at all).
 
         AuthFailedError: this peer's password was refused for this key already.
         LockoutError (tpm_rc 0): the peer is throttled, or the attempt would eat into
@@ -142,7 +144,7 @@ class Shield:
         """
         tag = self._tag(key_id, auth)
         if tag in self._good:
-            return
+            return True
         with self._lock:
             if self._refused.get((peer, key_id)) == tag:
                 self.refusals["repeated_password"] += 1
@@ -151,7 +153,7 @@ class Shield:
                     "send it to the TPM again (each try would count toward the TPM's "
                     "dictionary-attack lockout)")
             if not self.active:
-                return
+                return False
             now = self.clock()
             state = self._peers.get(peer)
             if state is not None and now < state.next_attempt:
@@ -162,9 +164,9 @@ class Shield:
                     "password(s) (the broker's dictionary-attack shield)")
             params, counter = self.params, self.estimate()
             if params is None or counter is None:
-                return
+                return False
             if not fresh and now - self._read_at > REREAD:
-                return
+                return False
             if counter >= params.max_tries:
                 self.refusals["lockout"] += 1
                 raise LockoutError(
@@ -186,6 +188,7 @@ class Shield:
                     f"broker keeps {self.reserve} in reserve so the TPM never locks out; "
                     f"it forgets one every {params.recovery_time} s")
             self._in_reserve = False
+        return False
 
     # --- after an attempt -----------------------------------------------------------------
 

@@ -189,12 +189,19 @@ class TpmWorker:
         shield.succeeded(shield_id, auth)
         return result
 
-    def check_password(self, key_id: bytes, auth: bytes, peer: int) -> None:
+    def check_password(self, key_id: bytes, auth: bytes, peer: int) -> CachedKey | None:
         """The shield's refusals that need no TPM, for the event loop before it queues a
-        request: a password refused before, a throttled peer, the reserve reached."""
+        request: a password refused before, a throttled peer, the reserve reached.
+
+        Returns the key if its password needs the shield no more (it has succeeded with
+        the key before, or the key counts no failures): give it to lane_command, which
+        then does not ask the shield again."""
         entry = self.objects.keys.get(key_id)
-        if self.shield is not None and entry is not None and entry.da_protected:
-            self.shield.check(peer, entry.shield_id, auth, fresh=False)
+        if entry is None:
+            return None
+        if self.shield is None or not entry.da_protected:
+            return entry
+        return entry if self.shield.check(peer, entry.shield_id, auth, fresh=False) else None
 
     def _authorized_load(self, parent: Any, blob: Any, parent_auth: bytes) -> Any:
         """TPM2_Load under `parent` authorized by a pool session's HMAC with the parent's
@@ -271,18 +278,20 @@ class TpmWorker:
         return self.link.lane_socket()
 
     def lane_command(self, entry: CachedKey, auth: bytes, peer: int, doing: str,
-                     prepare: Prepare, result: Callable[[bytes], Any]) -> LaneCommand | None:
+                     prepare: Prepare, result: Callable[[bytes], Any],
+                     password_known: CachedKey | None = None) -> LaneCommand | None:
         """The framed command on `entry`'s key for the lane, or None when the worker
         thread must serve it (the key not resident, no session ready, a password the
         shield must see, a policy, a handle another TPM user may have changed).
 
         Never talks to the TPM. The session stays unusable until lane_finish (or
-        lane_abort) says how the command went.
+        lane_abort) says how the command went. `password_known`: what check_password
+        returned for this request (the very key object, or the shield is asked again).
         """
         if (entry.handle is None or not self.link.up or entry.policy or not self.pool.full
                 or len(auth) > entry.max_auth):
             return None
-        if (entry.da_protected and self.shield is not None
+        if (entry.da_protected and self.shield is not None and entry is not password_known
                 and not self.shield.known_good(entry.shield_id, auth)):
             return None  # a password attempt: the worker thread asks the shield
         if entry.persistent_handle and not self.link.owns_tpm:

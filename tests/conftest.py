@@ -12,7 +12,7 @@ import pytest
 
 from tpmbroker.simulator import Swtpm
 
-from .tpmfixtures import Abrmd, Broker, DbusDaemon, running_swtpm
+from .tpmfixtures import Abrmd, Broker, CertifiedTpm, DbusDaemon, running_swtpm
 
 # The suite must never load the provider into its own process through a system-wide config,
 # nor talk to a broker of the machine's.
@@ -25,6 +25,19 @@ os.environ.pop("DBUS_SESSION_BUS_ADDRESS", None)
 def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
     """A fresh simulated TPM with its own state directory and loopback ports."""
     with running_swtpm(tmp_path / "tpmstate") as tpm:
+        yield tpm
+
+
+@pytest.fixture(scope="session")
+def certified_tpm(tmp_path_factory: pytest.TempPathFactory) -> CertifiedTpm:
+    """A TPM state with EK certificates and the anchors they chain to, made once."""
+    return CertifiedTpm(tmp_path_factory.mktemp("certified-tpm"))
+
+
+@pytest.fixture
+def certified_swtpm(certified_tpm: CertifiedTpm, tmp_path: Path) -> Iterator[Swtpm]:
+    """A simulated TPM with EK certificates (certified_tpm.anchors), a copy of its own."""
+    with running_swtpm(certified_tpm.copy(tmp_path / "certified-tpmstate")) as tpm:
         yield tpm
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+from collections.abc import Callable
 
 from tpmbroker.simulator import free_port_pair
 
@@ -84,3 +86,64 @@ class Relay:
     def close(self) -> None:
         for listener in self._listeners:
             listener.close()
+
+
+Tamper = Callable[[bytes, bytes], bytes]
+
+
+class TamperingRelay(Relay):
+    """A Relay that reads the command port's traffic command by command and lets a test
+    change each response on its way back: an active interposer on the TPM's bus.
+
+    `tamper(command, response)` returns the response the broker gets (the TPM command
+    and response without swtpm's framing); by default the TPM's own. What the TPM sent
+    is recorded in `from_tpm` as before, and every change in `tampered`."""
+
+    def __init__(self, port: int) -> None:
+        self.tamper: Tamper = lambda command, response: response
+        self.tampered: list[tuple[int, bytes, bytes]] = []  # (command code, before, after)
+        super().__init__(port)
+
+    def _accept(self, listener: socket.socket, target: int) -> None:
+        if target != self.target:
+            super()._accept(listener, target)  # the control port: as it is
+            return
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", target))
+                threading.Thread(target=self._commands, args=(client, upstream),
+                                 daemon=True).start()
+
+    def _commands(self, client: socket.socket, upstream: socket.socket) -> None:
+        with contextlib.suppress(OSError, ConnectionError), client, upstream:
+            while True:
+                header = _read(client, 9)  # TPM_SEND_COMMAND, locality, length
+                _, _, length = _SEND.unpack(header)
+                command = _read(client, length)
+                with self._lock:
+                    self.to_tpm += header + command
+                upstream.sendall(header + command)
+                size = _read(upstream, 4)
+                response = _read(upstream, _U32.unpack(size)[0])
+                trailer = _read(upstream, 4)
+                with self._lock:
+                    self.from_tpm += size + response + trailer
+                changed = self.tamper(command, response)
+                if changed != response:
+                    self.tampered.append((_U32.unpack_from(command, 6)[0], response, changed))
+                client.sendall(_U32.pack(len(changed)) + changed + trailer)
+
+
+_SEND = struct.Struct(">IBI")
+_U32 = struct.Struct(">I")
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data

@@ -14,12 +14,12 @@ from pathlib import Path
 from tpmbroker.client import Client
 from tpmbroker.processes import Abrmd, DbusDaemon
 from tpmbroker.processes import BrokerProcess as Broker
-from tpmbroker.simulator import Swtpm
+from tpmbroker.simulator import Swtpm, provision
 
 OPENSSL = shutil.which("openssl") or "openssl"
 
-__all__ = ["Abrmd", "Broker", "BrokerEnv", "DbusDaemon", "active_sessions", "have",
-           "raise_max_tries", "running_swtpm", "swtpm_broker"]
+__all__ = ["Abrmd", "Broker", "BrokerEnv", "CertifiedTpm", "DbusDaemon", "active_sessions",
+           "have", "raise_max_tries", "running_swtpm", "swtpm_broker"]
 
 
 @contextlib.contextmanager
@@ -30,6 +30,22 @@ def running_swtpm(state_dir: Path) -> Iterator[Swtpm]:
         yield tpm
     finally:
         tpm.stop()
+
+
+class CertifiedTpm:
+    """A TPM state with EK certificates from a local CA (swtpm_setup with swtpm_localca,
+    as the embedded simulator is made), provisioned once per test session: swtpm_setup
+    makes RSA keys and takes about a second. Tests get copies, each the same TPM (the
+    same seeds, the same EKs)."""
+
+    def __init__(self, base: Path) -> None:
+        self.state = base / "tpm"
+        self.anchors = provision(self.state, base / "ek-ca")
+
+    def copy(self, dest: Path) -> Path:
+        shutil.copytree(self.state, dest, ignore=shutil.ignore_patterns(
+            ".lock", "swtpm.pid", "swtpm.log"))
+        return dest
 
 
 def have(binary: str) -> bool:

@@ -135,8 +135,10 @@ class BrokerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
+        # A state directory of its own: an EK pin in the machine's would apply otherwise.
         cmd = [sys.executable, "-m", "tpmbroker.cli", "serve", "--socket", self.socket,
                "--tcti", self.tcti, "--sessions", str(self.sessions),
+               "--state-dir", str(self.workdir / "state"),
                "--log-level", self.log_level, *self.extra_args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -181,6 +181,65 @@ class Swtpm:
         self.stop()
 
 
+# --- EK certificates -----------------------------------------------------------------------
+
+# What swtpm_localca names its root and the intermediate that signs EK certificates.
+_LOCAL_CA_CERTS = ("issuercert.pem", "swtpm-localca-rootca-cert.pem")
+
+
+def local_ca_root(ca_dir: Path) -> Path:
+    """The certificates of a local EK CA swtpm_localca made in `ca_dir` (its signing
+    intermediate, then its root: the TPM holds only the EK certificate), one PEM file:
+    the trust anchors for the EK certificates it signed."""
+    return ca_dir / "ek-anchors.pem"
+
+
+def provision(state_dir: Path, ca_dir: Path, timeout: float = 120.0) -> Path:
+    """Manufacture a new swtpm TPM in `state_dir` as a TPM maker would: its EKs (RSA
+    2048 and ECC) with certificates in NV, signed by a local CA in `ca_dir` (made on
+    first use, and kept: every TPM provisioned with it chains to the same root), and a
+    platform certificate. swtpm_setup with swtpm_localca (Debian package swtpm-tools),
+    configured privately so that nothing is shared with the machine's own local CA.
+    Returns the CA's root certificate, the anchor for `serve --ek-ca`."""
+    setup = shutil.which("swtpm_setup")
+    localca = shutil.which("swtpm_localca")
+    if setup is None or localca is None:
+        raise TpmUnavailableError("swtpm_setup and swtpm_localca are needed to give the "
+                                  "simulated TPM EK certificates (Debian package: "
+                                  "swtpm-tools)")
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_conf, options, setup_conf = (ca_dir / "swtpm-localca.conf",
+                                    ca_dir / "swtpm-localca.options",
+                                    ca_dir / "swtpm_setup.conf")
+    ca_conf.write_text(f"statedir = {ca_dir}\n"
+                       f"signingkey = {ca_dir}/signkey.pem\n"
+                       f"issuercert = {ca_dir}/issuercert.pem\n"
+                       f"certserial = {ca_dir}/certserial\n")
+    options.write_text("--platform-manufacturer tpmbroker\n--platform-version 2.1\n"
+                       "--platform-model swtpm\n")
+    setup_conf.write_text(f"create_certs_tool = {localca}\n"
+                          f"create_certs_tool_config = {ca_conf}\n"
+                          f"create_certs_tool_options = {options}\n"
+                          "active_pcr_banks = sha256\n")
+    result = subprocess.run(
+        [setup, "--tpm2", "--tpmstate", str(state_dir), "--create-ek-cert",
+         "--create-platform-cert", "--config", str(setup_conf), "--not-overwrite"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    parts = [ca_dir / name for name in _LOCAL_CA_CERTS]
+    if result.returncode != 0 or not all(part.exists() for part in parts):
+        raise TpmUnavailableError("swtpm_setup could not provision the simulated TPM: "
+                                  + (result.stderr or result.stdout).strip()[-800:])
+    root = local_ca_root(ca_dir)
+    root.write_bytes(b"".join(part.read_bytes() for part in parts))
+    return root
+
+
+def provisioned(state_dir: Path) -> bool:
+    """Whether `state_dir` holds a TPM already (made by swtpm or swtpm_setup)."""
+    return (state_dir / "tpm2-00.permall").exists()
+
+
 # --- orphans ------------------------------------------------------------------------------
 
 def _cmdline(pid: int) -> list[str]:

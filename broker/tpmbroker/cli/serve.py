@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import grp
 import os
 import pwd
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..ek_trust import PIN_FILE
 from ..paths import default_socket, default_state_dir, provider_path
 from .common import Command, UsageError, arg, octal_mode, positive
 
@@ -47,21 +49,62 @@ def _ids(values: list[str], lookup: str, option: str) -> frozenset[int]:
     return frozenset(out)
 
 
-@contextlib.contextmanager
-def _tpm(tcti: str | None, state_dir: Path) -> Iterator[tuple[str, Any]]:
-    """(TCTI, the embedded Swtpm or None)."""
-    if tcti is not None:
-        yield tcti, None
-        return
-    from ..simulator import Swtpm
+@dataclasses.dataclass
+class Tpm:
+    """The TPM `serve` and `enroll` use: its TCTI, and for the embedded simulator the
+    Swtpm and its EK CA's root (None for a state made before EK certificates)."""
 
-    tpm = Swtpm(state_dir / "tpm", die_with_parent=True).start()
+    tcti: str
+    simulator: Any = None
+    ek_ca: Path | None = None
+
+
+@contextlib.contextmanager
+def _tpm(tcti: str | None, state_dir: Path) -> Iterator[Tpm]:
+    if tcti is not None:
+        yield Tpm(tcti)
+        return
+    from ..simulator import Swtpm, local_ca_root, provision, provisioned
+
+    tpm_dir, ca_dir = state_dir / "tpm", state_dir / "ek-ca"
+    if not provisioned(tpm_dir):
+        # A new embedded TPM gets EK certificates like a real one, from a local CA:
+        # the default is then verified too.
+        provision(tpm_dir, ca_dir)
+    root = local_ca_root(ca_dir)
+    tpm = Swtpm(tpm_dir, die_with_parent=True).start()
     print(f"tpmbroker: no TPM device; embedded simulator at {tpm.tcti}, state in {state_dir}",
           file=sys.stderr)
     try:
-        yield tpm.tcti, tpm
+        yield Tpm(tpm.tcti, tpm, root if root.exists() else None)
     finally:
         tpm.stop()
+
+
+def _trust(args: argparse.Namespace, tpm: Tpm) -> tuple[Any, str]:
+    """The TrustConfig of --ek-ca, the pin file and --tpm-unverified, and why the
+    broker would run unverified without them. UsageError for an unreadable anchor or
+    pin."""
+    from ..ek_trust import EkTrustError, TrustConfig, load_anchors, read_pin
+
+    trust = TrustConfig(unverified=args.tpm_unverified)
+    anchors = args.ek_ca or (str(tpm.ek_ca) if tpm.ek_ca is not None else None)
+    pin_path = Path(args.ek_pin) if args.ek_pin else Path(args.state_dir) / PIN_FILE
+    try:
+        if anchors is not None:
+            trust.anchors = load_anchors(anchors)
+            trust.anchors_source = anchors
+        trust.pin = read_pin(pin_path)
+    except EkTrustError as exc:
+        option = "--ek-ca" if anchors is not None and not trust.anchors else "--ek-pin"
+        raise UsageError(f"{option}: {exc}") from None
+    trust.pin_path = str(pin_path)
+    reason = ""
+    if tpm.simulator is not None and tpm.ek_ca is None and not args.ek_ca:
+        reason = ("the embedded simulator's state was made before it had EK "
+                  "certificates; pin it with `tpmbroker enroll`, or start from a new "
+                  "--state-dir")
+    return trust, reason
 
 
 async def _keep_simulator_running(tpm: Any, log: Any) -> None:
@@ -149,11 +192,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "key policy %s: %d key(s), default %s", args.policy, len(config.policy.rules),
             config.policy.default_name)
 
-    async def run(tcti: str, simulator: Any) -> None:
+    async def run(tcti: str, simulator: Any, trust: Any, unverified_reason: str) -> None:
         server = BrokerServer(config, TpmWorker(tcti, sessions=args.sessions,
                                                 policy_sessions=args.policy_sessions,
                                                 pss_padding=args.pss_padding,
-                                                da_reserve=args.da_reserve))
+                                                da_reserve=args.da_reserve, trust=trust,
+                                                unverified_reason=unverified_reason))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -164,8 +208,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if simulator is not None:
             watchdog = loop.create_task(
                 _keep_simulator_running(simulator, logging.getLogger("tpmbroker.simulator")))
-        print(f"tpmbroker: serving on {config.socket_path} ({tcti}, {args.sessions} sessions)",
-              file=sys.stderr, flush=True)
+        identity = server.worker.identity
+        print(f"tpmbroker: serving on {config.socket_path} ({tcti}, {args.sessions} sessions, "
+              f"TPM {identity.mode if identity else 'unverified'})", file=sys.stderr, flush=True)
         try:
             await stop.wait()
         finally:
@@ -177,8 +222,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     tcti = resolve_tcti(args.tcti)
     try:
-        with _tpm(tcti, Path(args.state_dir)) as (tcti, simulator):
-            asyncio.run(run(tcti, simulator))
+        with _tpm(tcti, Path(args.state_dir)) as tpm:
+            trust, unverified_reason = _trust(args, tpm)
+            asyncio.run(run(tpm.tcti, tpm.simulator, trust, unverified_reason))
     except TpmBrokerError as exc:
         print(f"tpmbroker: {exc}", file=sys.stderr)
         return 1
@@ -196,12 +242,66 @@ def _cmd_simulator(args: argparse.Namespace) -> int:
 
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    tpm = Swtpm(Path(args.state_dir) / "tpm", port=args.port, die_with_parent=True).start()
+    from ..simulator import local_ca_root, provision, provisioned
+
+    state_dir = Path(args.state_dir)
+    if not provisioned(state_dir / "tpm"):
+        provision(state_dir / "tpm", state_dir / "ek-ca")
+    tpm = Swtpm(state_dir / "tpm", port=args.port, die_with_parent=True).start()
+    if local_ca_root(state_dir / "ek-ca").exists():
+        print(f"tpmbroker: EK certificates signed by {local_ca_root(state_dir / 'ek-ca')}",
+              file=sys.stderr)
     print(tpm.tcti, flush=True)
     try:
         signal.sigwait(stop_signals)
     finally:
         tpm.stop()
+    return 0
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    import time
+
+    from tpm2_pytss.constants import TPM2_ALG
+
+    from ..ek_trust import EkTrustError, read_pin, write_pin
+    from ..tpm import endorsement
+    from ..tpm.link import Link
+
+    state_dir = Path(args.state_dir)
+    pin_path = Path(args.ek_pin) if args.ek_pin else state_dir / PIN_FILE
+    if args.kind is not None and args.kind not in endorsement.KINDS:
+        raise UsageError(f"--kind {args.kind}: one of {', '.join(endorsement.KINDS)}")
+    try:
+        old = read_pin(pin_path)
+    except EkTrustError as exc:
+        if not args.force:
+            raise UsageError(f"{exc}; --force replaces it") from None
+        old = None
+    with _tpm(resolve_tcti(args.tcti), state_dir) as tpm:
+        link = Link(tpm.tcti)
+        try:
+            link.connect(time.monotonic() + args.timeout)
+            link.flush_leftovers()
+            pin = endorsement.enroll(
+                link.require(), lambda template: endorsement.create(link.ectx, template),
+                link.ectx.flush_context, args.kind, link.has_algorithm(TPM2_ALG.ECC))
+        finally:
+            link.close()
+    if old is not None and old.public_key == pin.public_key:
+        print(f"tpmbroker enroll: this TPM's EK ({old.kind}, {old.fingerprint}) is pinned "
+              f"in {pin_path} already")
+        return 0
+    if old is not None and not args.force:
+        print(f"tpmbroker enroll: {pin_path} pins another EK ({old.fingerprint}) than this "
+              f"TPM's ({pin.fingerprint}); --force replaces it", file=sys.stderr)
+        return 1
+    write_pin(pin_path, pin)
+    print(f"tpmbroker enroll: pinned this TPM's EK ({pin.kind}, {pin.fingerprint}) in "
+          f"{pin_path}\n"
+          "Trust on first use: nothing vouches for this key but the TPM's answer now. "
+          "`tpmbroker serve` with the same --state-dir refuses a TPM that answers "
+          "another EK from now on.")
     return 0
 
 
@@ -244,7 +344,17 @@ SERVE = Command("serve", "run the broker", _cmd_serve, (
         help="octal permissions (default 660)"),
     arg("--socket-group", help="group owning the socket"),
     arg("--state-dir", default=str(default_state_dir()),
-        help="where the embedded simulator keeps its state"),
+        help="where the embedded simulator keeps its state, and the EK pin"),
+    arg("--ek-ca", metavar="FILE|DIR",
+        help="trust anchors for the TPM's EK certificate (PEM or DER, a file or a "
+             "directory of them): the TPM is refused unless its EK certificate "
+             "chains to one and certifies the EK it makes (docs/security.md)"),
+    arg("--ek-pin", metavar="FILE",
+        help=f"the EK pin `tpmbroker enroll` wrote (default STATE_DIR/{PIN_FILE}); "
+             "when present, a TPM with another EK is refused"),
+    arg("--tpm-unverified", action="store_true",
+        help="run without checking the TPM's identity even though --ek-ca or a pin "
+             "is given (off by default; STATUS says `unverified`)"),
     arg("--timeout", type=positive(float), default=30.0,
         help="default request deadline in seconds"),
     arg("--drain-timeout", type=float, default=5.0,
@@ -275,8 +385,23 @@ SIMULATOR = Command(
             help="command port (control: port+1; default: a free one)"),
     ))
 
+ENROLL = Command(
+    "enroll", "pin the TPM's endorsement key for later starts (trust on first use)",
+    _cmd_enroll, (
+        arg("--tcti", help="TPM to use (as for serve); not while a broker uses it"),
+        arg("--state-dir", default=str(default_state_dir()),
+            help="the broker's state directory: the pin goes there"),
+        arg("--ek-pin", metavar="FILE", help=f"the pin file (default STATE_DIR/{PIN_FILE})"),
+        arg("--kind", metavar="TEMPLATE",
+            help="the EK template to pin: EK-ECC256, EK-RSA2048, ... (default: the first "
+                 "with a certificate, else EK-ECC256)"),
+        arg("--force", action="store_true", help="replace a pin of another EK"),
+        arg("--timeout", type=positive(float), default=30.0,
+            help="seconds to wait for the TPM"),
+    ))
+
 PROVIDER_PATH = Command("provider-path", "print the path of the OpenSSL provider module",
                         _cmd_provider_path)
 
 # In the order `tpmbroker --help` lists them (tpmbroker.cli gathers every module's).
-COMMANDS = (SERVE, SIMULATOR, PROVIDER_PATH)
+COMMANDS = (SERVE, ENROLL, SIMULATOR, PROVIDER_PATH)

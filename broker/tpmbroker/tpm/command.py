@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from tpm2_pytss.constants import TPM2_ALG, TPM2_RH, TPM2_ST, TSS2_RC
+from tpm2_pytss.constants import TPM2_ALG, TPM2_CC, TPM2_RH, TPM2_ST, TSS2_RC
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_DATA,
@@ -111,6 +111,14 @@ class ResponseAuthError(TSS2_Exception):  # type: ignore[misc]
 
     def __init__(self) -> None:
         super().__init__(int(TSS2_RC.ESYS_RC_RSP_AUTH_FAILED))
+
+
+def command_name(command_code: int) -> str:
+    """TPM2_CC_Sign and the like, for the log."""
+    try:
+        return "TPM2_CC_" + str(TPM2_CC.to_string(command_code)).split(".")[-1]
+    except ValueError:
+        return f"0x{command_code:08x}"
 
 
 def malformed() -> TSS2_Exception:

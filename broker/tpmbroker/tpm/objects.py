@@ -22,6 +22,8 @@ from .. import templates
 from ..definitions import STORAGE_PRIMARY
 from ..errors import BadKeyError
 from . import keys as keymod
+from .endorsement import Endorsement, IdentityError
+from .endorsement import create as create_ek
 from .keys import CachedKey, KeyCache
 from .link import Link
 from .parents import refusal
@@ -46,6 +48,9 @@ class Objects:
         # TPM2_Load under a parent with a password, through a pool session (the worker's):
         # (parent ESYS_TR, key blob, parent password) -> ESYS_TR of the loaded key.
         self.authorized_load: Callable[[Any, Any, bytes], Any] | None = None
+        # The verified EK (tpm/endorsement.py), the key sessions are salted to once the
+        # TPM's identity is verified; None: the storage primary is (unverified).
+        self.endorsement: Endorsement | None = None
 
     @property
     def _ectx(self) -> Any:
@@ -67,9 +72,31 @@ class Objects:
         return primary
 
     def salt_key(self) -> tuple[int, Any]:
-        """TPM handle and TPMT_PUBLIC of the key pool sessions are salted to."""
+        """TPM handle and TPMT_PUBLIC of the key pool sessions are salted to: the
+        verified EK, else the storage primary. The salt is always encrypted to the
+        verified public key, never to what the TPM answered just now."""
+        ek = self.endorsement
+        if ek is not None:
+            return self.handle_and_name(self.endorsement_key())[0], ek.public
         primary = self.storage_primary()
         return self.handle_and_name(primary)[0], self._primary_publics[self.rsa_only]
+
+    def endorsement_key(self) -> Any:
+        """The verified EK's handle, made again from its template when it is not loaded
+        (evicted, or the TPM restarted). IdentityError if the TPM now answers another
+        public key: the identity checked at start no longer holds."""
+        ek = self.endorsement
+        assert ek is not None
+        if ek.handle is None:
+            handle, public = self.with_room(None, lambda: create_ek(self._ectx, ek.template))
+            if not ek.matches(public):
+                with contextlib.suppress(TSS2_Exception):
+                    self._ectx.flush_context(handle)
+                raise IdentityError(
+                    "the TPM answered another EK than the one verified at start: another "
+                    "TPM, or an interposer on the TPM's bus; refusing to salt to it")
+            ek.handle = handle
+        return ek.handle
 
     def parent(self, parent: int, rsa_parent: bool = False) -> Any:
         if parent == STORAGE_PRIMARY:
@@ -219,14 +246,26 @@ class Objects:
                 with contextlib.suppress(TSS2_Exception):
                     self._ectx.flush_context(primary)
                 return True
-        return False
+        return self._flush_endorsement_key()
+
+    def _flush_endorsement_key(self) -> bool:
+        """Unload the EK (made again when a session must be started); False if not loaded."""
+        ek = self.endorsement
+        if ek is None or ek.handle is None:
+            return False
+        handle, ek.handle = ek.handle, None
+        self._names.pop(int(handle), None)
+        with contextlib.suppress(TSS2_Exception):
+            self._ectx.flush_context(handle)
+        return True
 
     # --- the link's life -----------------------------------------------------------------
 
     def held_handles(self) -> list[int]:
         """TPM handles of the transient objects we hold (no TPM command)."""
         handles = []
-        for tr in [*self._primaries.values(),
+        ek = [self.endorsement.handle] if self.endorsement and self.endorsement.handle else []
+        for tr in [*self._primaries.values(), *ek,
                    *(k.handle for k in self.keys.resident() if k.is_transient)]:
             try:
                 handles.append(int(self._ectx.tr_get_tpm_handle(tr)))
@@ -242,6 +281,7 @@ class Objects:
             with contextlib.suppress(TSS2_Exception):
                 self._ectx.flush_context(primary)
         self._primaries.clear()
+        self._flush_endorsement_key()
 
     def forget(self) -> None:
         """Forget every handle (the link's ESAPI context is gone); keys stay known."""
@@ -250,6 +290,8 @@ class Objects:
         self._primary_publics.clear()
         self._persistent.clear()
         self._names.clear()
+        if self.endorsement is not None:
+            self.endorsement.handle = None  # its public stays: the identity verified
 
     def resident_keys(self) -> Iterator[CachedKey]:
         return self.keys.resident()

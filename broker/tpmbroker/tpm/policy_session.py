@@ -65,7 +65,7 @@ def execute(tpm: TpmWorker, entry: CachedKey, auth: bytes, deadline: float,
     try:
         _, parameters = command.execute(transport, pending)
     except command.ResponseAuthError:
-        tpm.policy_pool.discard(session)
+        tpm.forged_answer(tpm.policy_pool, pending)
         raise
     except TSS2_Exception as exc:
         if tpm_code(int(exc.rc)) == TPM_RC_POLICY_FAIL:

@@ -31,6 +31,7 @@ _ESAPI_TRANSPORT = {int(TSS2_RC.BASE_RC_BAD_SEQUENCE), int(TSS2_RC.BASE_RC_NO_CO
 _SESSION_SLOTS = {int(TPM2_RC.SESSION_HANDLES), int(TPM2_RC.SESSION_MEMORY)}
 _REFERENCE = set(range(int(TPM2_RC.REFERENCE_H0), int(TPM2_RC.REFERENCE_S6) + 1))
 _AUTH = {int(TPM2_RC.AUTH_FAIL), int(TPM2_RC.BAD_AUTH)}
+_RESPONSE_AUTH_FAILED = int(TSS2_RC.ESYS_RC_RSP_AUTH_FAILED)  # command.ResponseAuthError
 
 
 class Kind(enum.Enum):
@@ -85,6 +86,11 @@ def classify(exc: TSS2_Exception) -> Kind:
 def to_error(exc: TSS2_Exception, doing: str) -> TpmBrokerError:
     """The tpmbroker error for a failed command; `doing` says what was attempted."""
     rc = int(exc.rc)
+    if rc == _RESPONSE_AUTH_FAILED:
+        return TpmError(f"the TPM's answer while {doing} failed its HMAC check: it was "
+                        "altered on the TPM's bus or did not come from the TPM (an "
+                        "interposer?); the answer was dropped and its session replaced",
+                        tpm_rc=rc)
     kind = classify(exc)
     if kind is Kind.TRANSPORT:
         return TpmUnavailableError(f"lost the connection to the TPM while {doing}: {exc}",

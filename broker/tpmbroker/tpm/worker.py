@@ -29,6 +29,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TSS2_R
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
 from ..audit import audit
+from ..ek_trust import Identity, TrustConfig
 from ..errors import (
     AuthFailedError,
     DeadlineError,
@@ -38,7 +39,7 @@ from ..errors import (
     TpmUnavailableError,
     UnknownKeyError,
 )
-from . import command, policy_session
+from . import command, endorsement, policy_session
 from .keys import CachedKey
 from .link import Link, frame_command
 from .lockout import DEFAULT_RESERVE, DaParameters, Shield
@@ -71,7 +72,8 @@ class LaneCommand:
 
 class TpmWorker:
     def __init__(self, tcti: str, sessions: int = 2, pss_padding: str = "auto",
-                 da_reserve: int | None = DEFAULT_RESERVE, policy_sessions: int = 1) -> None:
+                 da_reserve: int | None = DEFAULT_RESERVE, policy_sessions: int = 1,
+                 trust: TrustConfig | None = None, unverified_reason: str = "") -> None:
         if not 1 <= sessions <= 3:
             raise ValueError(f"sessions must be 1 to 3, not {sessions}")
         if pss_padding not in PSS_PADDINGS:
@@ -105,6 +107,11 @@ class TpmWorker:
         self.parents = ParentPasswords()
         self.objects.authorized_load = self._authorized_load
         self._op_deadline = 0.0  # the deadline of the request `run` serves
+        # Whom to trust as this TPM (ek_trust.py): checked once, at the first connection;
+        # once verified, sessions are salted to the verified EK (objects.endorsement).
+        self.trust = trust or TrustConfig()
+        self.unverified_reason = unverified_reason
+        self.identity: Identity | None = None
 
     # --- life -----------------------------------------------------------------------------
 
@@ -263,8 +270,18 @@ class TpmWorker:
         try:
             return command.execute(self.link.require(), pending)
         except command.ResponseAuthError:
-            self.pool.discard(session)  # not to be trusted with another HMAC
+            self.forged_answer(self.pool, pending)
             raise
+
+    def forged_answer(self, pool: SessionPool, pending: command.PendingCommand) -> None:
+        """A response failed its HMAC check: altered on the TPM's bus, or not the TPM's.
+        Its answer is dropped (the caller raises), its session flushed and replaced (its
+        nonces no longer agree with the TPM's, and it may be an interposer's), and the
+        event audited. The client gets the error rc.to_error makes of it."""
+        pool.discard(pending.session)
+        self.counters["tpm_forged_answers"] += 1
+        audit("tpm_response_forged", command=command.command_name(pending.command_code),
+              session=f"0x{pending.session.handle:08x}", tcti=self.tcti)
 
     # --- the lane: commands the event loop sends itself -----------------------------------
     # The common case (key resident, pool session ready, swtpm link) needs no TPM command
@@ -319,7 +336,7 @@ class TpmWorker:
         try:
             _, parameters = command.finish(lane.pending, response)
         except command.ResponseAuthError as exc:
-            self.pool.discard(session)
+            self.forged_answer(self.pool, lane.pending)
             raise to_error(exc, lane.doing) from None
         except TSS2_Exception as exc:
             if int(exc.rc) & int(TSS2_RC.RC_LAYER_MASK) == 0:
@@ -417,7 +434,31 @@ class TpmWorker:
         self.objects.rsa_only = self._rsa_only
         self._active_sessions_max = self.link.tpm_property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
         self._lockout_counter()
+        if self.identity is None:
+            self._establish_identity()
         self.pool.fill()
+
+    def _establish_identity(self) -> None:
+        """Check the TPM's identity (tpm/endorsement.py) before any session is salted:
+        IdentityError, logged and audited, if it fails."""
+        def create(template: Any) -> tuple[Any, Any]:
+            return self.objects.with_room(
+                None, lambda: endorsement.create(self.link.ectx, template))
+
+        try:
+            found = endorsement.establish(self.link.require(), create, self.trust,
+                                          self.unverified_reason)
+        except endorsement.IdentityError as exc:
+            log.error("TPM identity: refused: %s", exc.message)
+            audit("tpm_identity_refused", reason=exc.message, tcti=self.tcti)
+            raise
+        if isinstance(found, endorsement.Endorsement):
+            self.objects.endorsement = found
+            self.identity = found.identity
+            log.info("%s", self.identity.log_line())
+        else:
+            self.identity = found
+            log.warning("%s", self.identity.log_line())
 
     def _drop_link(self) -> None:
         """Forget everything tied to the link, and close it."""
@@ -493,6 +534,8 @@ class TpmWorker:
             "tpm_lockout_counter": self._lockout_counter(),
             "tcti": self.tcti,
             "tpm_turnaround": self.link.turnaround.status(),
+            **(self.identity or Identity("not checked yet")).status(),
+            "tpm_forged_answers": 0,  # responses that failed their HMAC check
             **self.counters,
             **(self.shield.status() if self.shield is not None else {}),
             **self.parents.status(),

@@ -1,0 +1,271 @@
+"""The TPM's identity, and an active interposer on its bus.
+
+A broker given trust anchors (`serve --ek-ca`) starts only on a TPM whose EK certificate
+chains to them and whose EK, made now, is the certified key; one given a pin
+(`tpmbroker enroll`) only on a TPM whose EK is the pinned one. Sessions are then salted
+to that EK. The TPMs here are swtpm states with EK certificates from a local CA
+(swtpm_setup with swtpm_localca, tests/tpmfixtures.py CertifiedTpm).
+
+The interposer is tests/relay.py's TamperingRelay between the broker and swtpm's
+command port. Case 1: it puts its own public key in the answer that carries the EK,
+and the broker refuses to start, saying why. Case 2: it flips bits in a signature on
+its way back; the broker drops the answer, replaces the session, audits the event,
+answers the client an error and keeps serving. Nothing secret crosses the relay in
+the clear.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from tpm2_pytss.constants import TPM2_ALG
+from tpm2_pytss.types import TPM2B_PUBLIC
+
+from tpmbroker.client import Client
+from tpmbroker.errors import TpmError
+from tpmbroker.keyfile import der_to_pem, pyca_curve
+from tpmbroker.protocol import Curve, KeyType
+from tpmbroker.simulator import Swtpm
+
+from .relay import TamperingRelay
+from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
+
+TPMBROKER = [sys.executable, "-m", "tpmbroker.cli"]
+CC_SIGN = 0x15D
+CC_CREATE_PRIMARY = 0x131
+RH_ENDORSEMENT = 0x4000000B
+_U32 = struct.Struct(">I")
+HASHES = {0x0B: "sha256", 0x0C: "sha384", 0x0D: "sha512"}
+
+
+def refused_start(tcti: str, workdir: Path, *args: str) -> str:
+    """Start a broker that must refuse the TPM: its log (the reason, the audit line)."""
+    broker = Broker(tcti, workdir, extra_args=args)
+    with pytest.raises(RuntimeError, match="broker exited 1"):
+        broker.start()
+    broker.stop()
+    return broker.log_path.read_text()
+
+
+def enroll(tcti: str, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TPMBROKER, "enroll", "--tcti", tcti, "--state-dir", str(state),
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def signs(client: Client, key_der: bytes) -> None:
+    """A signature by the key, verified with its public key."""
+    key = client.load_key(der_to_pem(key_der))
+    digest = hashlib.sha256(b"identity").digest()
+    public = serialization.load_der_public_key(key.public_key)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    public.verify(client.sign(key, digest), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+# --- verified and refused starts ------------------------------------------------------------
+
+def test_a_certified_tpm_starts_verified(certified_swtpm: Swtpm, certified_tpm: CertifiedTpm,
+                                          tmp_path: Path) -> None:
+    with Broker(certified_swtpm.tcti, tmp_path / "broker",
+                extra_args=("--ek-ca", str(certified_tpm.anchors))) as broker:
+        with Client(broker.socket) as client:
+            status = client.status()
+            der, _ = client.generate_key(KeyType.EC, Curve.P256)
+            signs(client, der)
+        assert status["tpm_identity"] == "verified-by-certificate"
+        assert str(status["tpm_ek"]).startswith("sha256:")
+        assert "swtpm-localca" in str(status["tpm_ek_certificate"])
+        log = broker.log_path.read_text()
+    assert re.search(r"TPM identity: verified-by-certificate, EK EK-\S+ sha256:[0-9a-f]{64} "
+                     r"\(issuer CN=swtpm-localca", log), log
+
+
+def test_a_tpm_without_an_ek_certificate_is_refused(swtpm: Swtpm, certified_tpm: CertifiedTpm,
+                                                     tmp_path: Path) -> None:
+    log = refused_start(swtpm.tcti, tmp_path / "broker", "--ek-ca", str(certified_tpm.anchors))
+    assert "tpmbroker: the TPM holds no EK certificate" in log
+    assert "tpmbroker enroll" in log
+    assert "event=tpm_identity_refused" in log
+
+
+def test_a_certificate_from_another_ca_is_refused(certified_swtpm: Swtpm,
+                                                  tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(self_signed_ca("another TPM maker"))
+    log = refused_start(certified_swtpm.tcti, tmp_path / "broker", "--ek-ca", str(other))
+    assert "no EK certificate of this TPM chains to the trust anchors" in log
+    assert "event=tpm_identity_refused" in log
+
+
+def test_unverified_is_said_and_can_be_chosen(certified_swtpm: Swtpm,
+                                              certified_tpm: CertifiedTpm,
+                                              tmp_path: Path) -> None:
+    with Broker(certified_swtpm.tcti, tmp_path / "plain") as broker:
+        with Client(broker.socket) as client:
+            assert client.status()["tpm_identity"] == "unverified"
+        assert "TPM identity: unverified (no --ek-ca and no EK pin" in broker.log()
+    with Broker(certified_swtpm.tcti, tmp_path / "chosen",
+                extra_args=("--ek-ca", str(certified_tpm.anchors), "--tpm-unverified")
+                ) as broker:
+        with Client(broker.socket) as client:
+            assert client.status()["tpm_identity"] == "unverified"
+        assert "TPM identity: unverified (--tpm-unverified)" in broker.log()
+
+
+def test_enroll_pins_the_ek_and_later_starts_compare(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with running_swtpm(tmp_path / "tpm-a") as tpm:
+        out = enroll(tpm.tcti, state)
+        assert out.returncode == 0, out.stderr
+        assert "pinned this TPM's EK (EK-ECC256, sha256:" in out.stdout
+        assert "Trust on first use" in out.stdout
+        assert (state / "ek-pin.json").exists()
+        again = enroll(tpm.tcti, state)
+        assert again.returncode == 0 and "is pinned in" in again.stdout
+        with Broker(tpm.tcti, tmp_path / "broker",
+                    extra_args=("--state-dir", str(state))) as broker, \
+                Client(broker.socket) as client:
+            status = client.status()
+            der, _ = client.generate_key(KeyType.EC, Curve.P256)
+            signs(client, der)
+        assert status["tpm_identity"] == "verified-by-pin"
+        assert status["tpm_ek"] in out.stdout
+    with running_swtpm(tmp_path / "tpm-b") as other:  # another TPM: other seeds
+        log = refused_start(other.tcti, tmp_path / "broker-b", "--state-dir", str(state))
+        assert "is not the pinned one" in log
+        assert "event=tpm_identity_refused" in log
+        replaced = enroll(other.tcti, state)
+        assert replaced.returncode == 1 and "--force replaces it" in replaced.stderr
+
+
+# --- the interposer ---------------------------------------------------------------------------
+
+@pytest.fixture
+def relay(certified_swtpm: Swtpm) -> Iterator[TamperingRelay]:
+    relay = TamperingRelay(certified_swtpm.port)
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+def substitute_ek(command: bytes, response: bytes) -> bytes:
+    """The interposer's own key in place of the EK in TPM2_CreatePrimary's answer under
+    the endorsement hierarchy, with the Name in the answer made to match it."""
+    if (_U32.unpack_from(command, 6)[0] != CC_CREATE_PRIMARY
+            or _U32.unpack_from(command, 10)[0] != RH_ENDORSEMENT
+            or _U32.unpack_from(response, 6)[0] != 0):
+        return response
+    start = 10 + 4 + 4  # header, objectHandle, parameterSize
+    public, used = TPM2B_PUBLIC.unmarshal(response[start:])
+    area = public.publicArea
+    name_hash = HASHES[int(area.nameAlg)]
+    old_digest = hashlib.new(name_hash, bytes(area.marshal())).digest()
+    if area.type == TPM2_ALG.ECC:
+        curve = pyca_curve(int(area.parameters.eccDetail.curveID))
+        assert curve is not None
+        numbers = ec.generate_private_key(curve).public_key().public_numbers()
+        size = len(bytes(area.unique.ecc.x))
+        area.unique.ecc.x = numbers.x.to_bytes(size, "big")
+        area.unique.ecc.y = numbers.y.to_bytes(size, "big")
+    else:
+        bits = int(area.parameters.rsaDetail.keyBits)
+        modulus = rsa.generate_private_key(65537, bits).public_key().public_numbers().n
+        area.unique.rsa = modulus.to_bytes(bits // 8, "big")
+    new_digest = hashlib.new(name_hash, bytes(area.marshal())).digest()
+    replaced = (response[:start] + bytes(TPM2B_PUBLIC(publicArea=area).marshal())
+                + response[start + used:])
+    assert len(replaced) == len(response)
+    return replaced.replace(old_digest, new_digest)
+
+
+def test_case_1_a_substituted_ek_is_refused(relay: TamperingRelay,
+                                            certified_tpm: CertifiedTpm,
+                                            tmp_path: Path) -> None:
+    relay.tamper = substitute_ek
+    log = refused_start(relay.tcti, tmp_path / "broker", "--ek-ca",
+                        str(certified_tpm.anchors))
+    assert [cc for cc, _, _ in relay.tampered] == [CC_CREATE_PRIMARY]
+    assert "is not the key its certificate certifies" in log, log
+    assert "an interposer on the TPM's bus?" in log
+    assert re.search(r"WARNING tpmbroker\.audit: event=tpm_identity_refused reason=", log)
+
+
+def test_case_1_with_a_pin(relay: TamperingRelay, certified_swtpm: Swtpm,
+                           tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert enroll(certified_swtpm.tcti, state).returncode == 0  # pinned on the true TPM
+    relay.tamper = substitute_ek
+    log = refused_start(relay.tcti, tmp_path / "broker", "--state-dir", str(state))
+    assert relay.tampered and "is not the pinned one" in log, log
+    assert "event=tpm_identity_refused" in log
+
+
+def flip_signature_bit(command: bytes, response: bytes) -> bytes:
+    """One bit of the signature in TPM2_Sign's answer flipped; the HMAC left as it is."""
+    if _U32.unpack_from(command, 6)[0] != CC_SIGN or _U32.unpack_from(response, 6)[0] != 0:
+        return response
+    (parameters,) = _U32.unpack_from(response, 10)
+    last = 14 + parameters - 1  # the signature's last byte
+    return response[:last] + bytes([response[last] ^ 0x01]) + response[last + 1:]
+
+
+def test_case_2_a_forged_answer_is_dropped(relay: TamperingRelay,
+                                           certified_tpm: CertifiedTpm,
+                                           tmp_path: Path) -> None:
+    with Broker(relay.tcti, tmp_path / "broker",
+                extra_args=("--ek-ca", str(certified_tpm.anchors))) as broker:
+        with Client(broker.socket) as client:
+            assert client.status()["tpm_identity"] == "verified-by-certificate"
+            der, _ = client.generate_key(KeyType.EC, Curve.P256)
+            signs(client, der)
+            relay.tamper = flip_signature_bit
+            key = client.load_key(der_to_pem(der))
+            with pytest.raises(TpmError, match="failed its HMAC check: it was altered on "
+                                               "the TPM's bus or did not come from the TPM"):
+                client.sign(key, bytes(32))
+            relay.tamper = lambda command, response: response
+            assert [cc for cc, _, _ in relay.tampered] == [CC_SIGN]
+            for _ in range(20):  # the next requests are served, with a new session
+                signs(client, der)
+            status = client.status()
+            assert status["tpm_forged_answers"] == 1
+            assert status["pool_sessions"] == status["pool_size"] == 2
+            # The session of the forged answer was flushed, not left in the TPM.
+            assert status["tpm_active_sessions"] == 2
+            drawn = client.random(64)
+        log = broker.log_path.read_text()
+    forged = re.findall(r"WARNING tpmbroker\.audit: event=tpm_response_forged "
+                        r"command=TPM2_CC_Sign session=(0x02[0-9a-f]{6}) ", log)
+    assert len(forged) == 1, log
+    assert not relay.seen(drawn, window=16)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def self_signed_ca(name: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)

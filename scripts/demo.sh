@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end: a broker on the default TPM (the embedded simulator when the
-# machine has no /dev/tpmrm0), keys made in the TPM, signatures checked by openssl,
+# machine has no /dev/tpmrm0), verified by its EK certificate, keys made in the TPM, signatures checked by openssl,
 # the provider signing a certificate and serving TLS, and the session pool holding
 # while many clients sign at once; a CMS message decrypted and an ECDH secret derived
 # with TPM keys; a software key moved into the TPM, a PCR-bound key, persistent keys; a
@@ -22,9 +22,13 @@ trap cleanup EXIT
 step() { printf '\n== %s\n' "$*"; }
 
 step "broker: tpmbroker serve (TPM: ${TPMBROKER_TCTI:-default})"
+# The embedded simulator is made with EK certificates from a local CA and verified
+# against it; a TPM device is verified against its maker's CA if TPMBROKER_EK_CA names it.
+EK_CA=()
+[ -n "${TPMBROKER_EK_CA:-}" ] && EK_CA=(--ek-ca "$TPMBROKER_EK_CA")
 start_broker() {
     "$BIN/tpmbroker" serve --state-dir "$WORK/state" --sessions 2 --log-level warning \
-        --metrics-file "$WORK/tpmbroker.prom" --metrics-interval 1 &
+        --metrics-file "$WORK/tpmbroker.prom" --metrics-interval 1 "${EK_CA[@]}" &
     BROKER_PID=$!
     for _ in $(seq 100); do
         "$BIN/tpmbroker" status >/dev/null 2>&1 && break
@@ -34,6 +38,12 @@ start_broker() {
 }
 start_broker
 "$BIN/tpmbroker" status
+
+step "the TPM's identity: its EK certificate checked against the EK CA, sessions salted to the EK"
+"$BIN/tpmbroker" status | grep -E '^tpm_(identity|ek|ek_kind|ek_certificate) '
+if [ -z "${TPMBROKER_TCTI:-}" ] && [ ! -e /dev/tpmrm0 ]; then
+    openssl x509 -in "$WORK/state/ek-ca/ek-anchors.pem" -noout -subject
+fi
 
 step "keys made inside the TPM (TSS2 PRIVATE KEY files)"
 "$BIN/tpmbroker" keygen --alg ec:P-256 -o "$WORK/ec.pem"

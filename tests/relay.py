@@ -102,6 +102,7 @@ class TamperingRelay(Relay):
     def __init__(self, port: int) -> None:
         self.tamper: Tamper = lambda command, response: response
         self.tampered: list[tuple[int, bytes, bytes]] = []  # (command code, before, after)
+        self.commands: list[int] = []  # the command codes sent to the TPM, in order
         super().__init__(port)
 
     def _accept(self, listener: socket.socket, target: int) -> None:
@@ -123,6 +124,7 @@ class TamperingRelay(Relay):
                 command = _read(client, length)
                 with self._lock:
                     self.to_tpm += header + command
+                    self.commands.append(_U32.unpack_from(command, 6)[0])
                 upstream.sendall(header + command)
                 size = _read(upstream, 4)
                 response = _read(upstream, _U32.unpack(size)[0])

@@ -68,6 +68,8 @@ def test_embedded_simulator_is_the_default_and_keeps_its_keys(tmp_path: Path) ->
             der, _ = client.generate_key(KeyType.EC, Curve.P256)
             status = client.status()
             assert str(status["tcti"]).startswith("swtpm:host=127.0.0.1")
+            # Made with EK certificates from a local CA: the default is verified.
+            assert status["tpm_identity"] == "verified-by-certificate"
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
@@ -75,6 +77,7 @@ def test_embedded_simulator_is_the_default_and_keeps_its_keys(tmp_path: Path) ->
     proc = start()  # same state: the key made before still loads and signs
     try:
         with Client(sock, timeout=20) as client:
+            assert client.status()["tpm_identity"] == "verified-by-certificate"
             key = client.load_key(der_to_pem(der))
             assert client.sign(key, bytes(32))
             # The embedded TPM dies: the broker starts it again and keeps serving.
@@ -226,6 +229,7 @@ BAD_INPUTS: list[tuple[tuple[str, ...], str]] = [
     (("simulator", "--state-dir", "/proc/nonexistent"), "--state-dir"),
     (("simulator", "--port", "70000"), "--port"),
     (("provider-path", "--extra"), "--extra"),
+    (("enroll", "--kind", "EK-NONE"), "--kind"),
 ]
 
 

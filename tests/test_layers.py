@@ -21,8 +21,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "foundation": (("version", "definitions", "errors", "paths", "audit", "tss2log"), ()),
     # the wire: frames and each operation's messages
     "codec": (("protocol", "ops"), ("foundation",)),
-    # the key file format, key policies, key references, TPM object templates
-    "key formats": (("keyfile", "keypolicy", "keyref", "templates"),
+    # the key file format, key policies, key references, TPM object templates, EK trust
+    "key formats": (("keyfile", "keypolicy", "keyref", "templates", "ek_trust"),
                     ("foundation", "codec")),
     # what a client process runs
     "client": (("client", "cryptography_keys", "wrap", "loadgen"),

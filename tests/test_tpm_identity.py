@@ -34,7 +34,7 @@ from tpm2_pytss.constants import TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmbroker.client import Client
-from tpmbroker.errors import TpmError
+from tpmbroker.errors import TpmError, TpmUnavailableError
 from tpmbroker.keyfile import der_to_pem, pyca_curve
 from tpmbroker.protocol import Curve, KeyType
 from tpmbroker.simulator import Swtpm
@@ -44,6 +44,7 @@ from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
 
 TPMBROKER = [sys.executable, "-m", "tpmbroker.cli"]
 CC_SIGN = 0x15D
+CC_START_AUTH_SESSION = 0x176
 CC_CREATE_PRIMARY = 0x131
 RH_ENDORSEMENT = 0x4000000B
 _U32 = struct.Struct(">I")
@@ -142,7 +143,7 @@ def test_enroll_pins_the_ek_and_later_starts_compare(tmp_path: Path) -> None:
             der, _ = client.generate_key(KeyType.EC, Curve.P256)
             signs(client, der)
         assert status["tpm_identity"] == "verified-by-pin"
-        assert status["tpm_ek"] in out.stdout
+        assert str(status["tpm_ek"]) in out.stdout
     with running_swtpm(tmp_path / "tpm-b") as other:  # another TPM: other seeds
         log = refused_start(other.tcti, tmp_path / "broker-b", "--state-dir", str(state))
         assert "is not the pinned one" in log
@@ -199,6 +200,8 @@ def test_case_1_a_substituted_ek_is_refused(relay: TamperingRelay,
     log = refused_start(relay.tcti, tmp_path / "broker", "--ek-ca",
                         str(certified_tpm.anchors))
     assert [cc for cc, _, _ in relay.tampered] == [CC_CREATE_PRIMARY]
+    # Refused before any session was salted to the interposer's key.
+    assert CC_START_AUTH_SESSION not in relay.commands
     assert "is not the key its certificate certifies" in log, log
     assert "an interposer on the TPM's bus?" in log
     assert re.search(r"WARNING tpmbroker\.audit: event=tpm_identity_refused reason=", log)
@@ -211,6 +214,28 @@ def test_case_1_with_a_pin(relay: TamperingRelay, certified_swtpm: Swtpm,
     relay.tamper = substitute_ek
     log = refused_start(relay.tcti, tmp_path / "broker", "--state-dir", str(state))
     assert relay.tampered and "is not the pinned one" in log, log
+    assert CC_START_AUTH_SESSION not in relay.commands
+    assert "event=tpm_identity_refused" in log
+
+
+def test_case_1_after_a_tpm_restart(relay: TamperingRelay, certified_swtpm: Swtpm,
+                                    certified_tpm: CertifiedTpm, tmp_path: Path) -> None:
+    """The interposer waits for the broker to make the EK again (the TPM restarted): the
+    new answer is checked against the key verified at start, and no session is salted
+    to the interposer's key."""
+    with Broker(relay.tcti, tmp_path / "broker",
+                extra_args=("--ek-ca", str(certified_tpm.anchors))) as broker, \
+            Client(broker.socket) as client:
+        assert client.status()["tpm_identity"] == "verified-by-certificate"
+        relay.tamper = substitute_ek
+        certified_swtpm.restart()  # a TPM reset: sessions and the EK's handle are gone
+        sent_before = len(relay.commands)
+        with pytest.raises(TpmUnavailableError, match="another EK than the one verified"):
+            client.random(16)
+        assert CC_START_AUTH_SESSION not in relay.commands[sent_before:]
+        relay.tamper = lambda command, response: response  # the interposer goes away
+        assert len(client.random(16)) == 16
+        log = broker.log_path.read_text()
     assert "event=tpm_identity_refused" in log
 
 

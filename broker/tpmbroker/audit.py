@@ -8,6 +8,8 @@ log collector can filter on the logger and parse the fields. Events (docs/securi
 - `key_refused`: the key policy refused a peer a key, or (with `operation=`) one
   operation with it (PERMISSION_DENIED).
 - `tpm_reset`, `recovery`: the TPM restarted or the link broke, and the broker recovered.
+- `tpm_identity_refused`: the TPM failed the identity check (EK certificate or pin).
+- `tpm_response_forged`: a TPM answer failed its HMAC check; dropped, session replaced.
 - `lockout_reserve`: the dictionary-attack shield refused password attempts.
 - `usage`: every --usage-interval, one line per (peer, key) that signed: "who signed with
   the CA key".

@@ -33,12 +33,14 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from .paths import EK_PIN_FILE
+
 # The modes the broker runs in, as STATUS and the log name them.
 VERIFIED_BY_CERTIFICATE = "verified-by-certificate"
 VERIFIED_BY_PIN = "verified-by-pin"
 UNVERIFIED = "unverified"
 
-PIN_FILE = "ek-pin.json"
+PIN_FILE = EK_PIN_FILE
 _PIN_FORMAT = "tpmbroker EK pin 1"
 _CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der")
 

@@ -24,6 +24,10 @@ def default_socket() -> str:
     return "/run/tpmbroker/tpmbroker.sock"
 
 
+# In the broker's state directory: the TPM's EK, pinned by `tpmbroker enroll`.
+EK_PIN_FILE = "ek-pin.json"
+
+
 def default_state_dir() -> Path:
     """Where the embedded simulator keeps its TPM state."""
     env = os.environ.get("TPMBROKER_STATE_DIR")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..ek_trust import PIN_FILE
+from ..paths import EK_PIN_FILE as PIN_FILE
 from ..paths import default_socket, default_state_dir, provider_path
 from .common import Command, UsageError, arg, octal_mode, positive
 

@@ -11,6 +11,7 @@ drops it all when the link goes.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from .. import templates
+from ..audit import audit
 from ..definitions import STORAGE_PRIMARY
 from ..errors import BadKeyError
 from . import keys as keymod
@@ -30,6 +32,7 @@ from .parents import refusal
 from .rc import Kind, classify, tpm_code
 
 T = TypeVar("T")
+log = logging.getLogger("tpmbroker.tpm")
 MAX_CACHED_KEYS = 4096
 # Failures that mean the TPM lost our state or the link broke: the worker recovers.
 RECOVERABLE = (Kind.TRANSPORT, Kind.NEEDS_STARTUP, Kind.LOST)
@@ -92,9 +95,12 @@ class Objects:
             if not ek.matches(public):
                 with contextlib.suppress(TSS2_Exception):
                     self._ectx.flush_context(handle)
-                raise IdentityError(
-                    "the TPM answered another EK than the one verified at start: another "
-                    "TPM, or an interposer on the TPM's bus; refusing to salt to it")
+                reason = ("the TPM answered another EK than the one verified at start: "
+                          "another TPM, or an interposer on the TPM's bus; refusing to "
+                          "salt to it")
+                log.error("TPM identity: refused: %s", reason)
+                audit("tpm_identity_refused", reason=reason, tcti=self.link.tcti)
+                raise IdentityError(reason)
             ek.handle = handle
         return ek.handle
 

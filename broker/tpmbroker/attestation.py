@@ -108,53 +108,60 @@ def tpm_identity(ek_cert: x509.Certificate) -> x509.Name:
 
 # --- the attestation CA ------------------------------------------------------------------
 
-class AttestationCa:
-    """Issues the AK certificate (WebAuthn's aikCert) after the broker proved, by
-    credential activation against the verified EK, that the AK is in the same TPM.
+CA_UNIQUE = b"tpmbroker attestation CA"
 
-    Its key is software, made per EK and kept in memory: its certificate names the EK
-    it vouches for (subject serialNumber = SHA-256 of the EK's SubjectPublicKeyInfo), so
-    a verifier ties the AK to the EK certificate it checks against the EK anchors."""
 
-    def __init__(self, ek_cert: x509.Certificate) -> None:
-        self.ek_cert = ek_cert
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        subject = x509.Name([
-            x509.NameAttribute(NameOID.COMMON_NAME, "tpmbroker attestation CA"),
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, ek_binding(ek_cert))])
-        public = self._key.public_key()
-        self.certificate = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(public).serial_number(x509.random_serial_number())
+def ca_template() -> Any:
+    """The attestation CA's key: an ECDSA P-256/SHA-256 signing primary of the
+    endorsement hierarchy, told apart from other such primaries by its unique field. The
+    same key for the life of the endorsement seed: verifiers pin its public key."""
+    public = TPMT_PUBLIC.parse("ecc256:ecdsa-sha256:null",
+                               objectAttributes=AK_ATTRIBUTES & ~TPMA_OBJECT.RESTRICTED)
+    public.unique.ecc.x = CA_UNIQUE
+    return public
+
+
+def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (builder.serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS)))
+
+
+def ca_certificate(signer: ec.EllipticCurvePrivateKey,
+                   ek_cert: x509.Certificate) -> x509.Certificate:
+    """The attestation CA's self-signed certificate, naming the EK it vouches for in its
+    subject serialNumber (SHA-256 of the EK's SubjectPublicKeyInfo)."""
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, "tpmbroker attestation CA"),
+        x509.NameAttribute(NameOID.SERIAL_NUMBER, ek_binding(ek_cert))])
+    public = signer.public_key()
+    return (_validity(x509.CertificateBuilder()).subject_name(subject).issuer_name(subject)
+            .public_key(public)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, False,
                                          False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(self._key, hashes.SHA256()))
+            .sign(signer, hashes.SHA256()))
 
-    def issue(self, ak_public: Any) -> x509.Certificate:
-        """The aikCert of the AK whose TPMT_PUBLIC is `ak_public`: WebAuthn's profile
-        (version 3, empty subject, the TPM named in a critical subjectAltName, extended
-        key usage tcg-kp-AIKCertificate, not a CA), its subjectKeyIdentifier the AK's
-        Name so that the exact public area (its attributes too) is certified."""
-        now = datetime.datetime.now(datetime.timezone.utc)
-        return (
-            x509.CertificateBuilder().subject_name(x509.Name([]))
-            .issuer_name(self.certificate.subject).public_key(public_key_of(ak_public))
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+
+def ak_certificate(signer: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                   ek_cert: x509.Certificate, ak_public: Any) -> x509.Certificate:
+    """The aikCert of the AK whose TPMT_PUBLIC is `ak_public`, issued once credential
+    activation proved it is in the TPM of `ek_cert`: WebAuthn's profile (version 3,
+    empty subject, the TPM named in a critical subjectAltName, extended key usage
+    tcg-kp-AIKCertificate, not a CA), its subjectKeyIdentifier the AK's Name so that the
+    exact public area, attributes and all, is certified."""
+    return (_validity(x509.CertificateBuilder()).subject_name(x509.Name([]))
+            .issuer_name(ca_cert.subject).public_key(public_key_of(ak_public))
             .add_extension(x509.SubjectAlternativeName([
-                x509.DirectoryName(tpm_identity(self.ek_cert))]), critical=True)
+                x509.DirectoryName(tpm_identity(ek_cert))]), critical=True)
             .add_extension(x509.ExtendedKeyUsage([OID_AIK_CERTIFICATE]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectKeyIdentifier(name_of(ak_public)), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                self._key.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256()))
+                signer.public_key()), critical=False)
+            .sign(signer, hashes.SHA256()))
 
 
 def ek_binding(ek_cert: x509.Certificate) -> str:
@@ -196,11 +203,13 @@ class Verified:
     attestation_ca_anchored: bool  # among the verifier's attestation anchors
 
     def summary(self) -> str:
-        return (f"verified: key {ek_trust.fingerprint(self.public_key)} (TPM Name "
-                f"{self.key_name.hex()}) is resident in the TPM whose EK is {self.ek} "
-                f"({self.ek_issuer}); its AK certified by {self.attestation_ca}"
-                + ("" if self.attestation_ca_anchored else
-                   " (the broker's own attestation CA: not among --attestation-ca anchors)"))
+        head = (f"key {ek_trust.fingerprint(self.public_key)} (TPM Name "
+                f"{self.key_name.hex()}) resident in the TPM of EK {self.ek} "
+                f"({self.ek_issuer}); attestation CA {self.attestation_ca}")
+        if self.attestation_ca_anchored:
+            return "verified: " + head + " (pinned)"
+        return ("consistent: " + head + " (NOT pinned: without --attestation-ca, anyone "
+                "holding this TPM's public EK certificate could have made this statement)")
 
 
 class _Fields:
@@ -313,13 +322,13 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
     _check_validity("attStmt.x5c[1]", ca, when)
     if [a.value for a in ca.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)] != [
             ek_binding(ek_cert)]:
-        raise AttestationError("attStmt.x5c[1]", "the attestation CA does not vouch for "
-                                                 "this EK (its subject serialNumber names "
-                                                 "another)")
-    anchored = any(ca == anchor for anchor in attestation_anchors)
+        raise AttestationError("attStmt.x5c[1]", "the attestation CA vouches for another "
+                                                 "EK than tpmbroker.ekCertificates[0] (its "
+                                                 "subject serialNumber)")
+    anchored = _spki(ca) in {_spki(anchor) for anchor in attestation_anchors}
     if attestation_anchors and not anchored:
-        raise AttestationError("attStmt.x5c[1]", "the attestation CA is not among the "
-                                                 "attestation anchors")
+        raise AttestationError("attStmt.x5c[1]", "the attestation CA's key is not among "
+                                                 "the attestation anchors")
 
     # The aikCert and the AK.
     aik = f.certificate("attStmt.x5c[0]")

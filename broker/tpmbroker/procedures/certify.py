@@ -22,8 +22,9 @@ import os
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 from tpm2_pytss.utils import make_credential
@@ -69,10 +70,9 @@ class _Issued:
 
 @dataclasses.dataclass
 class _Attestation:
-    """The broker's attestation state, for its life: the CA and what it issued."""
+    """What the attestation CA issued, by AK Name, for the broker's life."""
 
-    ca: attestation.AttestationCa | None = None
-    issued: dict[bytes, _Issued] = dataclasses.field(default_factory=dict)  # by AK Name
+    issued: dict[bytes, _Issued] = dataclasses.field(default_factory=dict)
 
 
 def certify(tpm: TpmWorker, key_id: bytes, auth: bytes, challenge: bytes, deadline: float,
@@ -102,12 +102,13 @@ def _certify_once(tpm: TpmWorker, entry: CachedKey, auth: bytes, challenge: byte
                   deadline: float, peer: int) -> bytes:
     state: _Attestation = tpm.fact("attestation", _Attestation)
     ectx = tpm.link.ectx
-    ak, ak_public = tpm.objects.with_room(entry, lambda: _create_ak(ectx))
+    ak, ak_public = tpm.objects.with_room(entry, functools.partial(
+        _create_primary, ectx, attestation.ak_template()))
     try:
         ak_name = attestation.name_of(ak_public)
         issued = state.issued.get(ak_name)
         if issued is None:
-            issued = _bind(tpm, state, ak, ak_public, ak_name)
+            issued = _bind(tpm, state, ak, ak_public, ak_name, deadline)
         key_handle, key_name = tpm.objects.handle_and_name(tpm.objects.resident(entry))
         ak_handle = int(ectx.tr_get_tpm_handle(ak))
         qualifying = hashlib.sha256(challenge).digest()
@@ -126,10 +127,11 @@ def _certify_once(tpm: TpmWorker, entry: CachedKey, auth: bytes, challenge: byte
         ek_certs=[issued.ek_certificate], att_to_be_signed=challenge)
 
 
-def _create_ak(ectx: Any) -> tuple[Any, Any]:
+def _create_primary(ectx: Any, template: Any) -> tuple[Any, Any]:
+    """A primary of the endorsement hierarchy (its authValue empty, as the EK's): the
+    AK, or the attestation CA's key. (ESYS_TR, TPMT_PUBLIC)."""
     handle, public, *_ = ectx.create_primary(
-        TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=attestation.ak_template()),
-        ESYS_TR.ENDORSEMENT)
+        TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template), ESYS_TR.ENDORSEMENT)
     return handle, public.publicArea
 
 
@@ -140,7 +142,7 @@ ACTIVATION_KINDS = ("EK-ECC256", "EK-RSA2048")
 
 
 def _bind(tpm: TpmWorker, state: _Attestation, ak: Any, ak_public: Any,
-          ak_name: bytes) -> _Issued:
+          ak_name: bytes, deadline: float) -> _Issued:
     """Credential activation of the AK against a verified EK, then its certificate."""
     ek_der, ek_cert, ek, ek_public, made = _activation_ek(tpm)
     try:
@@ -157,12 +159,71 @@ def _bind(tpm: TpmWorker, state: _Attestation, ak: Any, ak_public: Any,
     if not hmac.compare_digest(recovered, secret):
         raise TpmError("the TPM did not recover the attestation key's credential: the "
                        "attestation key is not in the TPM of the verified EK")
-    if state.ca is None or state.ca.ek_cert != ek_cert:
-        state.ca = attestation.AttestationCa(ek_cert)
-    issued = _Issued(ek_der, state.ca.certificate.public_bytes(DER),
-                     state.ca.issue(ak_public).public_bytes(DER))
+    ca, ca_public = tpm.objects.with_room(None, functools.partial(
+        _create_primary, tpm.link.ectx, attestation.ca_template()))
+    try:
+        signer = _TpmSigner(tpm, ca, ca_public, deadline)
+        ca_cert = attestation.ca_certificate(signer, ek_cert)
+        ak_cert = attestation.ak_certificate(signer, ca_cert, ek_cert, ak_public)
+    finally:
+        with contextlib.suppress(TSS2_Exception):
+            tpm.link.ectx.flush_context(ca)
+    issued = _Issued(ek_der, ca_cert.public_bytes(DER), ak_cert.public_bytes(DER))
     state.issued[ak_name] = issued
     return issued
+
+
+class _TpmSigner(ec.EllipticCurvePrivateKey):
+    """The attestation CA's key in the TPM, as cryptography's certificate builder signs
+    with it: TPM2_Sign of the digest through a pool session."""
+
+    def __init__(self, tpm: TpmWorker, handle: Any, public: Any, deadline: float) -> None:
+        self._tpm, self._public, self._deadline = tpm, public, deadline
+        self._handle = int(tpm.link.ectx.tr_get_tpm_handle(handle))
+        self._name = attestation.name_of(public)
+
+    def sign(self, data: bytes | bytearray | memoryview,
+             signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        if not isinstance(signature_algorithm.algorithm, hashes.SHA256):
+            raise UnsupportedError("the attestation CA signs with SHA-256")
+        digest = hashlib.sha256(data).digest()
+        return self._tpm.execute(self._deadline,
+                                 lambda session: command.prepare_sign(
+                                     session, self._handle, self._name, b"", digest,
+                                     command.ALG_ECDSA, int(TPM2_ALG.SHA256)),
+                                 command.signature_bytes)
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        key = attestation.public_key_of(self._public)
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        return key
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return ec.SECP256R1()
+
+    @property
+    def key_size(self) -> int:
+        return 256
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey
+                 ) -> bytes:
+        raise UnsupportedError("the attestation CA's key only signs")
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        raise UnsupportedError("the attestation CA's key never leaves the TPM")
+
+    def private_bytes(self, encoding: serialization.Encoding,
+                      format: serialization.PrivateFormat,
+                      encryption_algorithm: serialization.KeySerializationEncryption,
+                      ) -> bytes:
+        raise UnsupportedError("the attestation CA's key never leaves the TPM")
+
+    def __copy__(self) -> _TpmSigner:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _TpmSigner:
+        return self
 
 
 def _activation_ek(tpm: TpmWorker) -> tuple[bytes, x509.Certificate, Any, Any, bool]:

@@ -340,8 +340,9 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
     _check_validity("attStmt.x5c[0]", aik, when)
     _check_aik_profile(aik, identity)
     ak_public = f.tpm("tpmbroker.akPubArea", TPMT_PUBLIC)
+    ak_name = _name("tpmbroker.akPubArea", ak_public)
     if aik.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier).value.digest != name_of(ak_public):
+            x509.SubjectKeyIdentifier).value.digest != ak_name:
         raise AttestationError("tpmbroker.akPubArea", "its Name is not the one the aikCert "
                                                       "certifies (subjectKeyIdentifier)")
     missing = resident_missing(int(ak_public.objectAttributes))
@@ -350,8 +351,8 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
         raise AttestationError("tpmbroker.akPubArea", "not a restricted signing key fixed "
                                                       "to its TPM")
     ak_key = aik.public_key()
-    if not isinstance(ak_key, ec.EllipticCurvePublicKey) or _spki(ak_key) != _spki(
-            public_key_of(ak_public)):
+    if not isinstance(ak_key, ec.EllipticCurvePublicKey) or _spki(ak_key) != _public_spki(
+            "tpmbroker.akPubArea", ak_public):
         raise AttestationError("tpmbroker.akPubArea", "not the aikCert's public key")
 
     # certInfo, signed by the AK.
@@ -365,7 +366,7 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
     if bytes(cert_info.extraData) != hashlib.sha256(att_to_be_signed).digest():
         raise AttestationError("attToBeSigned", "its SHA-256 is not attStmt.certInfo's "
                                                 "extraData")
-    qualified = hashlib.sha256(RH_ENDORSEMENT.to_bytes(4, "big") + name_of(ak_public))
+    qualified = hashlib.sha256(RH_ENDORSEMENT.to_bytes(4, "big") + ak_name)
     if bytes(cert_info.qualifiedSigner.marshal())[2:] != b"\x00\x0b" + qualified.digest():
         raise AttestationError("attStmt.certInfo", "its qualifiedSigner is not the AK as a "
                                                    "primary of the endorsement hierarchy")
@@ -377,7 +378,7 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
 
     # The key.
     public = f.tpm("attStmt.pubArea", TPMT_PUBLIC)
-    key_name = name_of(public)
+    key_name = _name("attStmt.pubArea", public)
     if bytes(cert_info.attested.certify.name.marshal())[2:] != key_name:
         raise AttestationError("attStmt.pubArea", "its Name is not the one certInfo "
                                                   "certifies")
@@ -387,12 +388,23 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
                                + ": the TPM did not make it, or it may leave the TPM")
     if challenge is not None and challenge != att_to_be_signed:
         raise AttestationError("attToBeSigned", "not the challenge given")
-    try:
-        key_spki = _spki(public_key_of(public))
-    except (ValueError, TypeError) as exc:
-        raise AttestationError("attStmt.pubArea", f"no public key: {exc}") from None
+    key_spki = _public_spki("attStmt.pubArea", public)
     return Verified(key_spki, key_name, ek_trust.fingerprint(_spki(ek_cert)),
                     ek_trust.describe(ek_cert), ek_trust.fingerprint(_spki(ca)), anchored)
+
+
+def _name(field: str, public: Any) -> bytes:
+    try:
+        return name_of(public)
+    except (ValueError, TypeError, TSS2_Exception) as exc:
+        raise AttestationError(field, f"no Name: {exc}") from None
+
+
+def _public_spki(field: str, public: Any) -> bytes:
+    try:
+        return _spki(public_key_of(public))
+    except (ValueError, TypeError, TSS2_Exception) as exc:
+        raise AttestationError(field, f"no public key: {exc}") from None
 
 
 def _check_validity(field: str, cert: x509.Certificate, when: datetime.datetime) -> None:

@@ -271,7 +271,22 @@ def _cmd_attest(args: argparse.Namespace) -> int:
         key = load_named_key(client, args)
         statement = client.attest(key, challenge)
     write_output(args.output, statement)
+    if args.attestation_ca_out:
+        _write_attestation_ca(statement, args.attestation_ca_out)
     return 0
+
+
+def _write_attestation_ca(statement: bytes, path: str) -> None:
+    """The attestation CA's certificate (x5c[1]) as PEM: the pin verifiers give as
+    --attestation-ca, taken from a statement this broker made over its own socket."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    der = base64.b64decode(json.loads(statement)["attStmt"]["x5c"][1])
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    write_output(path, pem)
 
 
 def _verify_statement(args: argparse.Namespace) -> int:
@@ -444,7 +459,10 @@ ATTEST = Command(
                                                   "against --ek-ca, no TPM needed"),
         arg("--ek-ca", metavar="FILE|DIR", help="trust anchors for EK certificates"),
         arg("--attestation-ca", metavar="FILE|DIR",
-            help="require the attestation CA to be one of these"),
+            help="with --verify: the pinned attestation CA(s); without, a statement is "
+                 "only checked for consistency"),
+        arg("--attestation-ca-out", metavar="FILE",
+            help="also write the broker's attestation CA certificate, to pin"),
     ), client=True)
 
 OWNER_AUTH_FILE = arg("--owner-auth-file", metavar="FILE",

@@ -102,6 +102,9 @@ def _certify_once(tpm: TpmWorker, entry: CachedKey, auth: bytes, challenge: byte
                   deadline: float, peer: int) -> bytes:
     state: _Attestation = tpm.fact("attestation", _Attestation)
     ectx = tpm.link.ectx
+    # Sessions first: starting one may need the salt key made again, which may unload
+    # the key, whose handle must then be taken after.
+    tpm.pool.fill()
     ak, ak_public = tpm.objects.with_room(entry, functools.partial(
         _create_primary, ectx, attestation.ak_template()))
     try:

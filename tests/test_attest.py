@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_SESSION
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT, TPMA_SESSION
 from tpm2_pytss.internal.templates import ek_template
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
@@ -169,7 +169,7 @@ def _other_ek(doc: dict[str, Any]) -> str:
 
 def _ak_without_noda(doc: dict[str, Any]) -> str:
     public, _ = TPMT_PUBLIC.unmarshal(field_bytes(doc, "tpmbroker.akPubArea"))
-    public.objectAttributes &= ~attestation.TPMA_OBJECT.NODA
+    public.objectAttributes &= ~TPMA_OBJECT.NODA
     return b64(bytes(public.marshal()))
 
 

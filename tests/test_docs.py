@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from .tpmfixtures import Broker, running_swtpm
+from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -193,11 +193,16 @@ def output_matches(expected: list[str], actual: str) -> bool:
     return re.fullmatch(pattern, text) is not None
 
 
-def run_file(path: Path, base: Path) -> tuple[int, int]:
-    """Run the blocks of one file; (blocks run, blocks marked)."""
+def run_file(path: Path, base: Path, certified: CertifiedTpm) -> tuple[int, int]:
+    """Run the blocks of one file; (blocks run, blocks marked). The TPM has EK
+    certificates from a local CA, and the broker verifies them (--ek-ca): the blocks
+    find those anchors in $EK_CA."""
     ran = marked = 0
-    with running_swtpm(base / "tpm") as tpm, Broker(tpm.tcti, base / "broker") as broker:
+    anchors = str(certified.anchors)
+    with running_swtpm(certified.copy(base / "tpm")) as tpm, Broker(
+            tpm.tcti, base / "broker", extra_args=("--ek-ca", anchors)) as broker:
         shell = Shell(base, broker.socket)
+        shell.env["EK_CA"] = anchors
         try:
             for block in blocks(path):
                 if block.lang not in RUN:
@@ -225,14 +230,14 @@ def run_file(path: Path, base: Path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
-def test_doc_runs_as_written(path: Path, tmp_path: Path) -> None:
+def test_doc_runs_as_written(path: Path, tmp_path: Path, certified_tpm: CertifiedTpm) -> None:
     runnable = [b for b in blocks(path) if b.lang in RUN]
     if not runnable:
         pytest.skip("no shell or Python blocks")
     if all(b.not_run for b in runnable):
         pytest.skip(f"all {len(runnable)} blocks marked: "
                     + "; ".join(sorted({str(b.not_run) for b in runnable})))
-    ran, marked = run_file(path, tmp_path)
+    ran, marked = run_file(path, tmp_path, certified_tpm)
     print(f"{path.relative_to(ROOT)}: {ran} blocks run, {marked} marked")
     assert ran == len(runnable) - marked
 

@@ -262,7 +262,7 @@ def _cmd_attest(args: argparse.Namespace) -> int:
     if args.verify is not None:
         return _verify_statement(args)
     if args.key is None:
-        raise UsageError("attest: give the KEY to attest, or --verify STATEMENT")
+        raise UsageError("give the KEY to attest, or --verify STATEMENT")
     check_output_path(args.output, "-o/--output")
     challenge = _challenge(args)
     if challenge is None:
@@ -294,14 +294,17 @@ def _verify_statement(args: argparse.Namespace) -> int:
     from ..ek_trust import EkTrustError, load_anchors
 
     if args.ek_ca is None:
-        raise UsageError("attest --verify: give --ek-ca FILE|DIR, the trust anchors of "
-                         "TPM EK certificates")
+        raise UsageError("--verify needs --ek-ca FILE|DIR, the trust anchors of TPM EK "
+                         "certificates")
+    data = sys.stdin.buffer.read() if args.verify == "-" else Path(args.verify).read_bytes()
     try:
         anchors = load_anchors(args.ek_ca)
+    except EkTrustError as exc:
+        raise UsageError(f"--ek-ca: {exc}") from None
+    try:
         ak_anchors = load_anchors(args.attestation_ca) if args.attestation_ca else []
     except EkTrustError as exc:
-        raise UsageError(f"attest --verify: {exc}") from None
-    data = sys.stdin.buffer.read() if args.verify == "-" else Path(args.verify).read_bytes()
+        raise UsageError(f"--attestation-ca: {exc}") from None
     try:
         verified = verify(data, anchors, challenge=_challenge(args),
                           attestation_anchors=ak_anchors)

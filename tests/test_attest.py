@@ -225,6 +225,28 @@ def test_any_bit_flipped_is_refused(attesting: Attesting, field: str, where: flo
     assert field in str(refused.value), str(refused.value)
 
 
+def test_every_byte_altered_is_refused(attesting: Attesting) -> None:
+    """Every byte of every binary field, its lowest and its highest bit flipped in turn
+    (about 5000 statements): each refused, naming the field. Hypothesis above tries the
+    other bits. It found the two things a certificate's signature does not cover: the
+    BIT STRING's unused-bits octet, and fields cryptography parses only when asked."""
+    accepted, misnamed = [], []
+    for field in BYTE_FIELDS:
+        data = field_bytes(attesting.doc, field)
+        for at in range(len(data)):
+            for bit in (0, 7):
+                flipped = data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1:]
+                try:
+                    verify(statement_with(attesting.doc, field, b64(flipped)),
+                           attesting.anchors, attestation_anchors=[attesting.ca])
+                    accepted.append((field, at, bit))
+                except AttestationError as exc:
+                    if field not in str(exc):
+                        misnamed.append((field, at, bit, str(exc)))
+    assert not accepted
+    assert not misnamed
+
+
 def test_the_challenge_must_be_the_verifiers(attesting: Attesting) -> None:
     with pytest.raises(AttestationError, match=r"^attToBeSigned: not the challenge given"):
         verify(attesting.statement, attesting.anchors, challenge=b"mine")

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -53,6 +53,11 @@ AK_ATTRIBUTES = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | RESIDENT
                  | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA)
 CERT_DAYS = 365
 MAX_STATEMENT = 60000  # fits one wire field
+
+
+# What checking a signature raises when a certificate was altered: a bad signature, or
+# one cryptography cannot even compute (an altered curve or algorithm identifier).
+_BAD_SIGNATURE = (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm)
 
 
 class AttestationError(ValueError):
@@ -244,10 +249,18 @@ class _Fields:
             raise AttestationError(path, "not base64") from None
 
     def certificate(self, path: str) -> x509.Certificate:
+        data = self.bytes(path)
         try:
-            return x509.load_der_x509_certificate(self.bytes(path))
-        except ValueError as exc:
+            cert = x509.load_der_x509_certificate(data)
+            cert.version  # noqa: B018 - raises InvalidVersion for an unknown one
+        except (ValueError, TypeError, x509.InvalidVersion) as exc:
             raise AttestationError(path, f"not a DER X.509 certificate: {exc}") from None
+        # The signature BIT STRING's unused-bits octet is not signed and cryptography
+        # ignores it; DER says 0. Anything else is an altered certificate.
+        if not data.endswith(b"\x00" + cert.signature):
+            raise AttestationError(path, "not DER: its signature is not a whole-octet "
+                                         "BIT STRING")
+        return cert
 
     def tpm(self, path: str, kind: Any) -> Any:
         data = self.bytes(path)
@@ -304,6 +317,8 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
                                        ek_anchors, intermediates, when)
     except ek_trust.EkTrustError as exc:
         raise AttestationError("tpmbroker.ekCertificates[0]", str(exc)) from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise AttestationError("tpmbroker.ekCertificates[0]", str(exc)) from None
     try:
         identity = tpm_identity(ek_cert)
     except ValueError as exc:
@@ -316,7 +331,7 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
     ca = f.certificate("attStmt.x5c[1]")
     try:
         ca.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except _BAD_SIGNATURE:
         raise AttestationError("attStmt.x5c[1]", "the attestation CA's certificate is not "
                                                  "self-signed by its key") from None
     _check_validity("attStmt.x5c[1]", ca, when)
@@ -334,7 +349,7 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
     aik = f.certificate("attStmt.x5c[0]")
     try:
         aik.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except _BAD_SIGNATURE:
         raise AttestationError("attStmt.x5c[0]", "the aikCert is not signed by the "
                                                  "attestation CA (attStmt.x5c[1])") from None
     _check_validity("attStmt.x5c[0]", aik, when)
@@ -350,7 +365,10 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
                        and ak_public.objectAttributes & TPMA_OBJECT.SIGN_ENCRYPT):
         raise AttestationError("tpmbroker.akPubArea", "not a restricted signing key fixed "
                                                       "to its TPM")
-    ak_key = aik.public_key()
+    try:
+        ak_key = aik.public_key()
+    except _BAD_SIGNATURE as exc:
+        raise AttestationError("attStmt.x5c[0]", f"no public key: {exc}") from None
     if not isinstance(ak_key, ec.EllipticCurvePublicKey) or _spki(ak_key) != _public_spki(
             "tpmbroker.akPubArea", ak_public):
         raise AttestationError("tpmbroker.akPubArea", "not the aikCert's public key")

@@ -309,11 +309,13 @@ def test_an_unverified_broker_refuses_to_attest(certified_swtpm: Swtpm,
 def test_a_certification_takes_no_session_of_its_own(attesting: Attesting) -> None:
     with attesting.client() as client:
         key = client.load_key(der_to_pem(attesting.key_der))
-        sessions = client.status()["tpm_active_sessions"]
+        status = client.status()
         start = len(attesting.relay.commands)
         statements = [client.attest(key, bytes([n])) for n in range(3)]
         sent = attesting.relay.commands[start:]
-        assert client.status()["tpm_active_sessions"] == sessions
+        after = client.status()
+    assert after["tpm_active_sessions"] == status["tpm_active_sessions"]
+    assert after["attestations"] == status["attestations"] + 3  # type: ignore[operator]
     assert sent.count(CC_CERTIFY) == 3
     assert CC_START_AUTH_SESSION not in sent
     assert CC_ACTIVATE_CREDENTIAL not in sent  # once per attestation key, done before

@@ -17,4 +17,4 @@ for _module in pkgutil.iter_modules(__path__):
 
 # What operations count (Request.count), shown by STATUS from zero; STATUS also shows
 # the successful answers to SIGN as "signatures".
-COUNTERS = ("random_bytes", "derivations", "decryptions", "attestations")
+COUNTERS = ("random_bytes", "derivations", "decryptions")

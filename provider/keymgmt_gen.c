@@ -89,18 +89,22 @@ static int set_secret(char **slot, const OSSL_PARAM *p, int empty_clears)
     return (*slot = strdup(value)) != NULL;
 }
 
-static int set_group(GEN_CTX *g, const OSSL_PARAM *p)
+/* The curve by its name, from a parameter or a -paramfile template. */
+static int set_curve(GEN_CTX *g, const char *name)
 {
-    const char *name;
-
-    if (!OSSL_PARAM_get_utf8_string_ptr(p, &name))
-        return 0;
     g->curve = curve_from_name(name);
     if (g->curve == 0) {
         TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "curve %s: TPM keys are on " CURVES_TEXT, name);
         return 0;
     }
     return 1;
+}
+
+static int set_group(GEN_CTX *g, const OSSL_PARAM *p)
+{
+    const char *name;
+
+    return OSSL_PARAM_get_utf8_string_ptr(p, &name) && set_curve(g, name);
 }
 
 /* The broker asks the TPM (TPM2_TestParms) and refuses with the TPM's reason. */
@@ -285,15 +289,9 @@ int km_gen_set_template(void *genctx, void *templ)
 
     if (g->type != WIRE_KEY_TYPE_EC || t == NULL || t->pub == NULL)
         return 1;
-    if (!EVP_PKEY_get_utf8_string_param(t->pub, OSSL_PKEY_PARAM_GROUP_NAME, name, sizeof(name),
-                                        NULL))
-        return 0;
-    g->curve = curve_from_name(name);
-    if (g->curve == 0) {
-        TPMB_RAISE(g->prov, TPMB_R_UNSUPPORTED, "curve %s: TPM keys are on " CURVES_TEXT, name);
-        return 0;
-    }
-    return 1;
+    return EVP_PKEY_get_utf8_string_param(t->pub, OSSL_PKEY_PARAM_GROUP_NAME, name, sizeof(name),
+                                          NULL)
+           && set_curve(g, name);
 }
 
 void *km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
@@ -402,7 +403,9 @@ static const OSSL_DISPATCH provider_dispatch[] = {
     { 0, NULL },
 };
 
-/* socket: env TPMBROKER_SOCKET, else the config's `socket`, else the documented default. */
+/* socket: env TPMBROKER_SOCKET, else the config's `socket`, else the session's broker at
+ * $XDG_RUNTIME_DIR/tpmbroker.sock where one is there, else the system service's: a user
+ * logged in on a machine with the packaged service reaches it with no setting at all. */
 static char *socket_path(const char *configured)
 {
     const char *env = getenv("TPMBROKER_SOCKET");
@@ -418,9 +421,12 @@ static char *socket_path(const char *configured)
         size_t n = strlen(runtime) + sizeof("/tpmbroker.sock");
 
         path = malloc(n);
-        if (path != NULL)
-            snprintf(path, n, "%s/tpmbroker.sock", runtime);
-        return path;
+        if (path == NULL)
+            return NULL;
+        snprintf(path, n, "%s/tpmbroker.sock", runtime);
+        if (access(path, F_OK) == 0)
+            return path;
+        free(path);
     }
     return strdup("/run/tpmbroker/tpmbroker.sock");
 }

@@ -2,6 +2,9 @@
 # The whole test suite in a Debian 13 (trixie) root: OpenSSL 3.5, Python 3.13, tss2 4.1.
 #   sudo bash scripts/debian13.sh [pytest arguments]
 #   sudo bash scripts/debian13.sh --shell [command...]   a fresh root, no set-up, no tests
+# TPMBROKER_CI_SUITE=bookworm makes the same with Debian 12 (the package test installs
+# the Debian 12 package there); TPMBROKER_CI_OUT=DIR is bind-mounted at /out, writable,
+# to carry files out of the run (the package test's .deb files).
 # The root is made with debootstrap from the host's Debian mirror and the packages
 # `setup.sh --packages trixie` names, and cached under $TPMBROKER_CI_CACHE (default
 # /var/cache/tpmbroker-ci), keyed by a hash of mirror, suite and package list. Each run
@@ -13,7 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=$PWD
-SUITE=trixie
+SUITE=${TPMBROKER_CI_SUITE:-trixie}
+OUT=${TPMBROKER_CI_OUT:-}
 CACHE=${TPMBROKER_CI_CACHE:-/var/cache/tpmbroker-ci}
 ROOT_RECIPE=1  # bump when the way the root is built changes
 
@@ -130,7 +134,7 @@ fi
 
 set +e
 unshare --mount --propagation private --pid --fork bash -euo pipefail -c '
-    run=$1 base=$2 cache=$3; shift 3
+    run=$1 base=$2 cache=$3 out=$4; shift 4
     root=$run/root
     mount -t overlay overlay -o "lowerdir=$base,upperdir=$run/upper,workdir=$run/work" "$root"
     mount -t proc proc "$root/proc"
@@ -139,6 +143,9 @@ unshare --mount --propagation private --pid --fork bash -euo pipefail -c '
     mount -t tmpfs tmpfs "$root/tmp"
     mkdir -p "$root/root/.cache/pip"
     mount --bind "$cache/pip-cache" "$root/root/.cache/pip"
+    if [ -n "$out" ]; then
+        mkdir -p "$root/out" && mount --bind "$out" "$root/out"
+    fi
     while [ "$1" != "--" ]; do
         mkdir -p "$root$1" && mount --bind "$1" "$root$1" && mount -o remount,bind,ro "$root$1"
         shift
@@ -158,7 +165,7 @@ unshare --mount --propagation private --pid --fork bash -euo pipefail -c '
     chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@" || status=$?
     exit "$status"
-' sh "$run" "$base" "$CACHE" "${pip_dirs[@]}" -- "${pip_env[@]}" "${inner[@]}"
+' sh "$run" "$base" "$CACHE" "$OUT" "${pip_dirs[@]}" -- "${pip_env[@]}" "${inner[@]}"
 status=$?
 set -e
 exit "$status"

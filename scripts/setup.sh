@@ -18,6 +18,11 @@ COMMON=(
     prometheus prometheus-node-exporter
 )
 
+# Building the Debian package (scripts/package.sh, docs/install.md), beyond the above;
+# the same names on both releases. Not part of `--packages`: the roots debian13.sh makes
+# from that list stay clean, and package.sh installs these in them itself.
+BUILD=(debhelper devscripts fakeroot dpkg-dev)
+
 packages_for() {
     case "$1" in
         bookworm)
@@ -41,6 +46,7 @@ fi
 # shellcheck disable=SC1091
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 read -r -a PACKAGES <<<"$(packages_for "$codename")"
+PACKAGES+=("${BUILD[@]}")
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from tpmbroker.client import Client
-from tpmbroker.errors import BadKeyError, UnknownKeyError
+from tpmbroker.errors import BadKeyError, ParentAuthFailedError, UnknownKeyError
 
 from .test_provider import MODULE, OPENSSL, PROV
 from .tpmfixtures import Abrmd, Broker
@@ -159,3 +159,49 @@ def test_rotating_a_handle_costs_no_lockout_count(abrmd: Abrmd, abrmd_broker: Br
     latest.verify((tmp_path / "sig").read_bytes(), data.read_bytes(),
                   ec.ECDSA(hashes.SHA256()))
     assert tools.lockout_counter() == before
+
+
+def test_a_parent_rotated_at_its_handle_takes_its_own_password_at_no_lockout_count(
+        abrmd: Abrmd, abrmd_broker: Broker, tmp_path: Path) -> None:
+    """The parent's place is a handle too: a parent replaced there by another TPM user is
+    a new parent, with its own Name and password. A broker that authorized the load with
+    the old parent's Name would make the TPM count a failure, and then remember the new
+    parent's right password as refused."""
+    tools = Tools(abrmd, tmp_path)
+    parent = "0x81000010"
+    digest = bytes(range(32))
+
+    def parent_and_key(index: int, curve: str, password: str) -> Path:
+        # Primaries from one template are one key whatever their password: another curve
+        # makes another parent, with another Name.
+        tools("tpm2_createprimary", "-C", "o", "-G", curve, "-p", password,
+              "-c", f"parent{index}.ctx", "-Q")
+        tools("tpm2_evictcontrol", "-C", "o", "-c", f"parent{index}.ctx", parent, "-Q")
+        tools("tpm2_flushcontext", "-t")
+        tools("tpm2_create", "-C", parent, "-P", password, "-G", "ecc256",
+              "-u", f"k{index}.pub", "-r", f"k{index}.priv", "-Q")
+        tools("tpm2_encodeobject", "-C", parent, "-P", password, "-u", f"k{index}.pub",
+              "-r", f"k{index}.priv", "-o", f"k{index}.pem")
+        return tmp_path / f"k{index}.pem"
+
+    def signs(client: Client, key_file: Path, password: str) -> None:
+        key = client.load_key(key_file, parent_auth=password)
+        public = serialization.load_der_public_key(key.public_key)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(client.sign(key, digest, "sha256"), digest,
+                      ec.ECDSA(Prehashed(hashes.SHA256())))
+
+    first = parent_and_key(1, "ecc256", "first parent")
+    before = tools.lockout_counter()
+    with Client(abrmd_broker.socket, timeout=30) as client:
+        signs(client, first, "first parent")
+        tools("tpm2_evictcontrol", "-C", "o", "-c", parent, "-Q")
+        second = parent_and_key(2, "ecc384", "second parent")
+        signs(client, second, "second parent")
+        assert tools.lockout_counter() == before, abrmd_broker.log()
+        # The first parent's password was good at this handle, but it is not the
+        # second parent's: tried as any password not known good, and refused.
+    with Client(abrmd_broker.socket, timeout=30) as client, \
+            pytest.raises(ParentAuthFailedError, match="wrong password"):
+        client.load_key(second, parent_auth="first parent")
+    assert tools.lockout_counter() == before + 1, abrmd_broker.log()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
+import secrets
 import struct
 import subprocess
 import sys
@@ -33,11 +34,13 @@ from cryptography.x509.oid import NameOID
 from tpm2_pytss.constants import TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC
 
+from tpmbroker import keypolicy
 from tpmbroker.client import Client
-from tpmbroker.errors import TpmError, TpmUnavailableError
+from tpmbroker.errors import TpmBrokerError, TpmError, TpmUnavailableError
 from tpmbroker.keyfile import der_to_pem, pyca_curve
 from tpmbroker.protocol import Curve, KeyType
 from tpmbroker.simulator import Swtpm
+from tpmbroker.tpm import session_crypto as sc
 
 from .relay import TamperingRelay
 from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
@@ -45,6 +48,8 @@ from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
 TPMBROKER = [sys.executable, "-m", "tpmbroker.cli"]
 CC_SIGN = 0x15D
 CC_START_AUTH_SESSION = 0x176
+CC_CREATE = 0x153
+RH_OWNER = 0x40000001
 CC_CREATE_PRIMARY = 0x131
 RH_ENDORSEMENT = 0x4000000B
 _U32 = struct.Struct(">I")
@@ -239,6 +244,99 @@ def test_case_1_after_a_tpm_restart(relay: TamperingRelay, certified_swtpm: Swtp
     assert "event=tpm_identity_refused" in log
 
 
+class KeyThief:
+    """An interposer that puts its own key in the storage primary's answer (TPM2_CreatePrimary
+    under the owner hierarchy), then works out the salt of every session salted to it
+    and reads what the broker encrypts in TPM2_Create: a new key's password."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.substituted = False
+        self.session_keys: dict[int, tuple[bytes, bytes]] = {}  # handle -> (key, nonceTPM)
+        self.read: list[bytes] = []  # what it decrypted of TPM2_Create's inSensitive
+
+    def __call__(self, command: bytes, response: bytes) -> bytes:
+        code = _U32.unpack_from(command, 6)[0]
+        if code == CC_CREATE:  # what the broker sent is readable, whatever the TPM says
+            self._read(command)
+        if _U32.unpack_from(response, 6)[0] != 0:
+            return response
+        if code == CC_CREATE_PRIMARY and _U32.unpack_from(command, 10)[0] == RH_OWNER:
+            return self._substitute(response)
+        if code == CC_START_AUTH_SESSION:
+            self._salt(command, response)
+        return response
+
+    def _substitute(self, response: bytes) -> bytes:
+        start = 10 + 4 + 4
+        public, used = TPM2B_PUBLIC.unmarshal(response[start:])
+        area = public.publicArea
+        old = hashlib.sha256(bytes(area.marshal())).digest()
+        numbers = self.key.public_key().public_numbers()
+        area.unique.ecc.x = numbers.x.to_bytes(32, "big")
+        area.unique.ecc.y = numbers.y.to_bytes(32, "big")
+        self.substituted = True
+        replaced = (response[:start] + bytes(TPM2B_PUBLIC(publicArea=area).marshal())
+                    + response[start + used:])
+        return replaced.replace(old, hashlib.sha256(bytes(area.marshal())).digest())
+
+    def _salt(self, command: bytes, response: bytes) -> None:
+        pos = 10 + 8  # header, tpmKey, bind
+        nonce_caller, pos = _sized(command, pos)
+        point, pos = _sized(command, pos)
+        x, at = _sized(point, 0)
+        y, _ = _sized(point, at)
+        if len(x) != 32:
+            return  # salted to a key on another curve: not the thief's
+        ephemeral = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"),
+                                                  int.from_bytes(y, "big"),
+                                                  ec.SECP256R1()).public_key()
+        z = self.key.exchange(ec.ECDH(), ephemeral)
+        mine = self.key.public_key().public_numbers().x.to_bytes(32, "big")
+        salt = sc.kdfe("sha256", z, b"SECRET", x, mine, 256)
+        handle = _U32.unpack_from(response, 10)[0]
+        nonce_tpm, _ = _sized(response, 14)
+        self.session_keys[handle] = (sc.session_key("sha256", b"", salt, nonce_tpm,
+                                                    nonce_caller), nonce_tpm)
+
+    def _read(self, command: bytes) -> None:
+        session = _U32.unpack_from(command, 18)  # after the parent handle and authSize
+        known = self.session_keys.get(session[0])
+        if known is None:
+            return
+        nonce_caller, pos = _sized(command, 22)
+        pos += 1  # session attributes
+        _, pos = _sized(command, pos)  # the HMAC
+        encrypted, _ = _sized(command, pos)  # inSensitive
+        key, nonce_tpm = known
+        self.read.append(sc.cfb_decrypt("sha256", key, nonce_caller, nonce_tpm, encrypted))
+
+
+def _sized(data: bytes, pos: int) -> tuple[bytes, int]:
+    (size,) = struct.unpack_from(">H", data, pos)
+    return data[pos + 2:pos + 2 + size], pos + 2 + size
+
+
+@pytest.mark.parametrize("verified", [False, True], ids=["unverified", "verified"])
+def test_what_verification_prevents(relay: TamperingRelay, certified_tpm: CertifiedTpm,
+                                    tmp_path: Path, verified: bool) -> None:
+    """Unverified, an interposer that substitutes the key sessions are salted to reads
+    what they encrypt: here the password of a key being made. Verified, sessions are
+    salted to the EK and the same interposer reads nothing. (The key is never made: the
+    TPM, which holds the real key, refuses the command.)"""
+    thief = KeyThief()
+    relay.tamper = thief
+    password = "pw-" + secrets.token_hex(8)
+    args = ("--ek-ca", str(certified_tpm.anchors)) if verified else ()
+    with Broker(relay.tcti, tmp_path / "broker", extra_args=args) as broker, \
+            Client(broker.socket) as client, pytest.raises(TpmBrokerError):
+        client.generate_key(KeyType.EC, Curve.P256, password=password)
+    assert thief.substituted and CC_CREATE in relay.commands
+    assert not relay.sent(password.encode(), window=len(password))  # never in the clear
+    stolen = any(password.encode() in plain for plain in thief.read)
+    assert stolen is not verified, thief.read
+
+
 def flip_signature_bit(command: bytes, response: bytes) -> bytes:
     """One bit of the signature in TPM2_Sign's answer flipped; the HMAC left as it is."""
     if _U32.unpack_from(command, 6)[0] != CC_SIGN or _U32.unpack_from(response, 6)[0] != 0:
@@ -248,34 +346,42 @@ def flip_signature_bit(command: bytes, response: bytes) -> bytes:
     return response[:last] + bytes([response[last] ^ 0x01]) + response[last + 1:]
 
 
+@pytest.mark.parametrize("policy", [False, True], ids=["pool-session", "policy-session"])
 def test_case_2_a_forged_answer_is_dropped(relay: TamperingRelay,
                                            certified_tpm: CertifiedTpm,
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, policy: bool) -> None:
+    """A key without a policy signs in a pool session (on the event loop's lane), a
+    PCR-locked key in a policy session (on the worker thread): either way the forged
+    answer is dropped and its session replaced."""
+    request = (keypolicy.encode_request([keypolicy.pcr_step(keypolicy.parse_pcr_lock("16"))])
+               if policy else b"")
     with Broker(relay.tcti, tmp_path / "broker",
-                extra_args=("--ek-ca", str(certified_tpm.anchors))) as broker:
-        with Client(broker.socket) as client:
-            assert client.status()["tpm_identity"] == "verified-by-certificate"
-            der, _ = client.generate_key(KeyType.EC, Curve.P256)
+                extra_args=("--ek-ca", str(certified_tpm.anchors))) as broker, \
+            Client(broker.socket) as client:
+        assert client.status()["tpm_identity"] == "verified-by-certificate"
+        der, _ = client.generate_key(KeyType.EC, Curve.P256, policy=request)
+        signs(client, der)
+        relay.tamper = flip_signature_bit
+        key = client.load_key(der_to_pem(der))
+        with pytest.raises(TpmError, match="failed its HMAC check: it was altered on "
+                                           "the TPM's bus or did not come from the TPM"):
+            client.sign(key, bytes(32))
+        relay.tamper = lambda command, response: response
+        assert [cc for cc, _, _ in relay.tampered] == [CC_SIGN]
+        for _ in range(20):  # the next requests are served, with a new session
             signs(client, der)
-            relay.tamper = flip_signature_bit
-            key = client.load_key(der_to_pem(der))
-            with pytest.raises(TpmError, match="failed its HMAC check: it was altered on "
-                                               "the TPM's bus or did not come from the TPM"):
-                client.sign(key, bytes(32))
-            relay.tamper = lambda command, response: response
-            assert [cc for cc, _, _ in relay.tampered] == [CC_SIGN]
-            for _ in range(20):  # the next requests are served, with a new session
-                signs(client, der)
-            status = client.status()
-            assert status["tpm_forged_answers"] == 1
-            assert status["pool_sessions"] == status["pool_size"] == 2
-            # The session of the forged answer was flushed, not left in the TPM.
-            assert status["tpm_active_sessions"] == 2
-            drawn = client.random(64)
+        status = client.status()
+        assert status["tpm_forged_answers"] == 1
+        assert status["pool_sessions"] == status["pool_size"] == 2
+        # The session of the forged answer was flushed, not left in the TPM.
+        assert status["tpm_active_sessions"] == 2 + int(policy)
+        assert status["policy_pool_sessions"] == int(policy)
+        drawn = client.random(64)
         log = broker.log_path.read_text()
     forged = re.findall(r"WARNING tpmbroker\.audit: event=tpm_response_forged "
-                        r"command=TPM2_CC_Sign session=(0x02[0-9a-f]{6}) ", log)
-    assert len(forged) == 1, log
+                        r"command=TPM2_CC_Sign session=(0x0[23][0-9a-f]{6}) ", log)
+    # Policy sessions have handles 0x03..., HMAC sessions 0x02...
+    assert [handle[:4] for handle in forged] == ["0x03" if policy else "0x02"], log
     assert not relay.seen(drawn, window=16)
 
 

@@ -2,8 +2,8 @@
 against the operator's trust anchors, or its EK public key compared with a pin.
 
 Pure: no TPM, no tpm2-pytss. tpm/endorsement.py reads the certificates from the TPM and
-makes the EK; this module decides whether to trust what it read. The key attestation
-verifier checks EK certificates from statements with the same functions.
+makes the EK; this module decides whether to trust what it read. Needing no TPM, it
+can check EK certificates that come from elsewhere too.
 
 Chains are checked with cryptography's x509 verification API (a ClientVerifier): the CA
 certificates are held to its Web PKI profile for CAs (basic constraints, key usage,
@@ -81,7 +81,11 @@ def load_anchors(path: str | os.PathLike[str]) -> list[x509.Certificate]:
             data = file.read_bytes()
         except OSError as exc:
             raise EkTrustError(f"{file}: {exc.strerror}") from None
+        if len(files) > 1 and b"-----BEGIN" in data and b"CERTIFICATE-----" not in data:
+            continue  # a key or a CSR beside the certificates in a CA's directory
         anchors += load_certificates(data, str(file))
+    if not anchors:
+        raise EkTrustError(f"{where}: no certificates in the directory")
     return anchors
 
 
@@ -126,9 +130,11 @@ def verify_ek_certificate(cert_der: bytes, anchors: Sequence[x509.Certificate],
     try:
         builder.build_client_verifier().verify(cert, [*intermediates, *anchors])
     except VerificationError as exc:
+        reason = str(exc)
+        if "with no interior errors" in reason:  # no issuer found among the certificates
+            reason = "none of them issued it, or an intermediate up to one"
         raise EkTrustError(f"the EK certificate ({describe(cert)}) does not chain to the "
-                           f"trust anchors (is its issuer among them, or the "
-                           f"intermediates up to one?): {exc}") from None
+                           f"trust anchors: {reason}") from None
     return cert
 
 

@@ -134,6 +134,16 @@ class BrokerCollector(Collector):
         yield CounterMetricFamily("tpmbroker_tpm_recoveries",
                                   "Times the broker rebuilt its TPM state (TPM restart, "
                                   "lost link).", value=worker.recoveries)
+        yield CounterMetricFamily("tpmbroker_tpm_forged_answers",
+                                  "TPM answers that failed their HMAC check (dropped, "
+                                  "their session replaced).",
+                                  value=worker.counters["tpm_forged_answers"])
+        if worker.identity is not None:
+            identity = GaugeMetricFamily("tpmbroker_tpm_identity",
+                                         "1 for the mode the TPM's identity was checked in.",
+                                         labels=["mode"])
+            identity.add_metric([worker.identity.mode], 1)
+            yield identity
 
 
 def _operation(opcode: int) -> str:

@@ -13,15 +13,23 @@ def provider_path() -> Path:
     return PACKAGE_DIR / "tpmbroker.so"
 
 
-def default_socket() -> str:
-    """--socket, else $TPMBROKER_SOCKET, else $XDG_RUNTIME_DIR/tpmbroker.sock, else /run."""
+SYSTEM_SOCKET = "/run/tpmbroker/tpmbroker.sock"  # the system service's (tpmbroker.conf)
+
+
+def default_socket(serving: bool = False) -> str:
+    """Where --socket is not given: $TPMBROKER_SOCKET, else $XDG_RUNTIME_DIR/tpmbroker.sock
+    (for a client, only where a broker of this user's session is listening, so that a
+    user logged in on a machine with the system service reaches that), else the system
+    service's socket."""
     env = os.environ.get("TPMBROKER_SOCKET")
     if env:
         return env
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return str(Path(runtime) / "tpmbroker.sock")
-    return "/run/tpmbroker/tpmbroker.sock"
+        session = Path(runtime) / "tpmbroker.sock"
+        if serving or session.exists():
+            return str(session)
+    return SYSTEM_SOCKET
 
 
 # In the broker's state directory: the TPM's EK, pinned by `tpmbroker enroll`.

@@ -72,7 +72,8 @@ class Swtpm:
 
     def __init__(self, state_dir: Path | str, port: int | None = None,
                  host: str = "127.0.0.1", die_with_parent: bool = False) -> None:
-        self.state_dir = Path(state_dir)
+        # Absolute: another swtpm on a relative path of the same name elsewhere is not ours.
+        self.state_dir = Path(state_dir).absolute()
         self.host = host
         self.port = port or 0
         self.die_with_parent = die_with_parent

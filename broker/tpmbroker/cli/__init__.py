@@ -10,12 +10,14 @@ from collections.abc import Sequence
 
 from ..version import __version__
 from .common import Command, Parser, UsageError, neutral_openssl_conf, os_error_text
+from .config import with_config
+from .serve import SERVE
 
 
 def all_commands() -> tuple[Command, ...]:
     """Every module's COMMANDS, serve's first, so adding a subcommand edits no list here."""
     names = sorted((m.name for m in pkgutil.iter_modules(__path__)
-                    if m.name not in ("common", "__main__")),
+                    if m.name not in ("common", "config", "manpages", "__main__")),
                    key=lambda name: (name != "serve", name))
     found: list[Command] = []
     for name in names:
@@ -33,7 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.config is not None:
+        try:  # the file's settings, then the command line's again, which win
+            args = parser.parse_args(with_config(argv, SERVE, args.config))
+        except UsageError as exc:
+            print(f"tpmbroker serve: {exc}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         # Before anything loads an OpenSSL (hashlib, ssl via asyncio, cryptography,
         # tss2-esys all read OPENSSL_CONF once, when they first start OpenSSL).

@@ -165,7 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _ids([args.socket_group], "group", "--socket-group")
     _raise_fd_limit()
     config = ServerConfig(
-        socket_path=args.socket or default_socket(),
+        socket_path=args.socket or default_socket(serving=True),
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
         allow_uids=_ids(args.allow_uid, "user", "--allow-uid"),
@@ -316,6 +316,10 @@ def _cmd_provider_path(args: argparse.Namespace) -> int:
 
 
 SERVE = Command("serve", "run the broker", _cmd_serve, (
+    arg("--config", metavar="FILE",
+        help="read settings from FILE: TOML whose keys are these options' names without "
+             "dashes (tpmbroker.conf(5)); options typed here override it, repeatable "
+             "ones add to it"),
     arg("--socket", help="socket path (default as for the clients)"),
     arg("--tcti", help="TPM to use (default: $TPMBROKER_TCTI, /dev/tpmrm0, "
         "else an embedded simulator)"),

@@ -44,7 +44,7 @@ def load_key(tpm: TpmWorker, source: KeySource, key: bytes, deadline: float, *,
         # A new client of a handle gets the key that is there now.
         handle = cached.persistent_handle
         if cached.name != tpm.run(deadline, "reading the persistent key",
-                                  lambda: tpm.current_name(handle)):
+                                  lambda: tpm.objects.current_name(handle)):
             tpm.objects.forget_persistent(handle)
             cached = None
     if cached is not None:

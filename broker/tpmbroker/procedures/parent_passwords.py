@@ -51,8 +51,8 @@ def owner_auth(tpm: TpmWorker, parent: int, parent_auth: bytes, deadline: float)
     authorizations count no dictionary-attack failures (docs/broker.md)."""
     if parent != STORAGE_PRIMARY or not parent_auth:
         return
-    tpm.parents.check(parent, parent_auth)
-    if tpm.parents.known_good(parent, parent_auth):
+    tpm.parents.check(parent, b"", parent_auth)
+    if tpm.parents.known_good(parent, b"", parent_auth):
         return
 
     def create_primary() -> int:
@@ -66,11 +66,11 @@ def owner_auth(tpm: TpmWorker, parent: int, parent_auth: bytes, deadline: float)
         handle = tpm.run(deadline, "checking the owner hierarchy's password",
                          create_primary)
     except AuthFailedError as exc:
-        tpm.parents.refused(parent, parent_auth)
+        tpm.parents.refused(parent, b"", parent_auth)
         raise ParentAuthFailedError(f"wrong password for {describe(parent)}",
                                     tpm_rc=exc.tpm_rc) from None
     command.flush_context(tpm.link.require(), handle)
-    tpm.parents.accepted(parent, parent_auth)
+    tpm.parents.accepted(parent, b"", parent_auth)
 
 
 def attempt(tpm: TpmWorker, parent: int, parent_auth: bytes, peer: int, deadline: float,
@@ -79,11 +79,12 @@ def attempt(tpm: TpmWorker, parent: int, parent_auth: bytes, peer: int, deadline
     the TPM refused that password for that parent before; note how it went. A parent
     password not known good is a password attempt like a key's: the shield
     (tpm/lockout.py) admits it or not."""
-    tpm.parents.check(parent, parent_auth)
+    name = tpm.run(deadline, "reading the parent", lambda: tpm.objects.parent_name(parent))
+    tpm.parents.check(parent, name, parent_auth)
     shield = tpm.shield
-    if not parent_auth or tpm.parents.known_good(parent, parent_auth):
+    if not parent_auth or tpm.parents.known_good(parent, name, parent_auth):
         shield = None
-    parent_id = b"parent:" + parent.to_bytes(4, "big")
+    parent_id = b"parent:" + parent.to_bytes(4, "big") + name
     if shield is not None:
         tpm.run(deadline, "reading the lockout counter", tpm.read_lockout)
         try:
@@ -95,7 +96,7 @@ def attempt(tpm: TpmWorker, parent: int, parent_auth: bytes, peer: int, deadline
         result = operation()
     except ParentAuthFailedError as exc:
         if exc.tpm_rc:
-            tpm.parents.refused(parent, parent_auth)
+            tpm.parents.refused(parent, name, parent_auth)
             if shield is not None:
                 shield.failed(peer, parent_id, parent_auth)
         raise
@@ -103,7 +104,7 @@ def attempt(tpm: TpmWorker, parent: int, parent_auth: bytes, peer: int, deadline
         if shield is not None:
             shield.tpm_locked_out()
         raise
-    tpm.parents.accepted(parent, parent_auth)
+    tpm.parents.accepted(parent, name, parent_auth)
     if shield is not None:
         shield.succeeded(parent_id, parent_auth)
     return result
@@ -120,8 +121,8 @@ def check_cached(tpm: TpmWorker, cached: CachedKey, parent_auth: bytes, deadline
     if parent == STORAGE_PRIMARY:
         owner_auth(tpm, parent, parent_auth, deadline)
         return
-    if (hmac.compare_digest(cached.parent_auth, parent_auth)
-        or tpm.parents.known_good(parent, parent_auth)):
+    if hmac.compare_digest(cached.parent_auth, parent_auth) or tpm.parents.known_good(
+            parent, cached.parent_name, parent_auth):
         return
     probe = CachedKey(cached.info, cached.public, blob=cached.blob,
                       parent_auth=parent_auth)

@@ -22,23 +22,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import struct
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
-from tpm2_pytss.internal.templates import ek_template
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from .. import ek_trust
+from ..audit import audit
 from ..ek_trust import EkPin, EkTrustError, Identity, TrustConfig
 from ..errors import TpmUnavailableError
 from ..keyfile import pyca_curve
 from . import command
 from .rc import tpm_code
+
+if TYPE_CHECKING:
+    from .objects import Objects
+
+log = logging.getLogger("tpmbroker.tpm")
 
 # The EK templates tried, in order of preference: ECC first (one ECDH per session start
 # instead of an RSA decryption), then RSA. tpm2-pytss's names (TCG's L-1, H-3, ...).
@@ -60,17 +66,6 @@ _EMPTY_PASSWORD = _U32.pack(9) + _U32.pack(TPM_RS_PW) + _U16.pack(0) + b"\0" + _
 
 class IdentityError(TpmUnavailableError):
     """The TPM failed the identity check; the broker refuses it. The message says why."""
-
-
-def certificate_index(kind: str) -> int:
-    return int(_template_class(kind).cert_index)
-
-
-def _template_class(kind: str) -> Any:
-    found = ek_template.lookup(kind)
-    if found is None:
-        raise ValueError(f"unknown EK template {kind!r}; known: {', '.join(KINDS)}")
-    return found
 
 
 # --- NV ------------------------------------------------------------------------------------
@@ -111,28 +106,34 @@ def certificates(transport: command.Transport) -> list[tuple[str, bytes]]:
     """(kind, DER) of every EK certificate the TPM holds, in the order of KINDS."""
     found = []
     for kind in KINDS:
-        der = nv_read(transport, certificate_index(kind))
-        if der is not None:
-            found.append((kind, der))
+        try:
+            der, _ = create_ek_template(kind, _reader(transport))
+        except ValueError:
+            continue  # a high-range kind without its certificate
+        if der:
+            found.append((kind, bytes(der)))
     return found
 
 
 def template(kind: str, transport: command.Transport) -> Any:
     """The TPM2B_PUBLIC to make the EK of `kind` with: the TCG template, with the
     template and nonce the TPM maker may have stored in NV (tpm2-pytss's
-    create_ek_template reads them through `nv_read`)."""
+    create_ek_template reads them, and the certificate, through `nv_read`)."""
+    try:
+        _, public = create_ek_template(kind, _reader(transport))
+    except ValueError as exc:
+        raise IdentityError(f"{kind}: {exc}; known kinds: {', '.join(KINDS)} (the high "
+                            "range only where the TPM holds its certificate)") from None
+    return public
+
+
+def _reader(transport: command.Transport) -> Callable[[Any], bytes]:
     def read(index: Any) -> bytes:
         data = nv_read(transport, int(index))
         if data is None:
             raise NoSuchIndex(index)
         return data
-
-    try:
-        _, public = create_ek_template(kind, read)
-    except ValueError:
-        # No certificate for a high-range template: its TCG template as it stands.
-        public = TPM2B_PUBLIC(publicArea=_template_class(kind).template.publicArea)
-    return public
+    return read
 
 
 # --- the key -------------------------------------------------------------------------------
@@ -203,14 +204,37 @@ def establish(transport: command.Transport, create_ek: Create, trust: TrustConfi
         raise IdentityError(str(exc)) from None
 
 
+def verify(objects: Objects, trust: TrustConfig, unverified_reason: str = "") -> Identity:
+    """The TPM's identity checked at the first connection, before any session is
+    salted. Verified, the EK becomes what `objects` salts to; IdentityError, logged and
+    audited, if the TPM fails the check."""
+    link = objects.link
+
+    def create_ek(public_template: Any) -> tuple[Any, Any]:
+        return objects.with_room(None, lambda: create(link.ectx, public_template))
+
+    try:
+        found = establish(link.require(), create_ek, trust, unverified_reason)
+    except IdentityError as exc:
+        log.error("TPM identity: refused: %s", exc.message)
+        audit("tpm_identity_refused", reason=exc.message, tcti=link.tcti)
+        raise
+    if isinstance(found, Endorsement):
+        objects.endorsement = found
+        log.info("%s", found.identity.log_line())
+        return found.identity
+    log.warning("%s", found.log_line())
+    return found
+
+
 def _by_certificate(transport: command.Transport, create_ek: Create,
                     trust: TrustConfig) -> Endorsement:
     found = certificates(transport)
     if not found:
         raise IdentityError(
-            "the TPM holds no EK certificate (NV "
-            + ", ".join(f"0x{certificate_index(kind):08x}" for kind in KINDS[:1] + KINDS[4:5])
-            + " and the high range): pin its EK with `tpmbroker enroll` instead of --ek-ca")
+            f"the TPM holds no EK certificate (NV 0x{NV_EK_RSA2048:08x}, "
+            f"0x{NV_EK_ECC256:08x} and the high range): pin its EK with `tpmbroker "
+            "enroll` instead of --ek-ca")
     refusals = []
     for kind, der in found:
         try:
@@ -229,7 +253,8 @@ def _by_certificate(transport: command.Transport, create_ek: Create,
         return Endorsement(identity, public_template, public, handle)
     raise IdentityError("no EK certificate of this TPM chains to the trust anchors"
                         + (f" ({trust.anchors_source})" if trust.anchors_source else "")
-                        + ": " + "; ".join(refusals))
+                        + "; give the CA that issued it with its intermediates: "
+                        + "; ".join(refusals))
 
 
 def _by_pin(transport: command.Transport, create_ek: Create, pin: EkPin) -> Endorsement:
@@ -252,7 +277,3 @@ def enroll(transport: command.Transport, create_ek: Create, flush: Callable[[Any
         flush(handle)
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     return EkPin(kind, spki(public), now.isoformat())
-
-
-def kinds() -> Sequence[str]:
-    return KINDS

@@ -412,6 +412,9 @@ class CachedKey:
     schemes_checked: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     # The password of the key's parent, to load it again after eviction (tpm/parents.py).
     parent_auth: bytes = dataclasses.field(default=b"", repr=False)
+    # The Name of the parent it was loaded under: another parent at the same handle
+    # cannot load it again (tpm/objects.py).
+    parent_name: bytes = b""
     # Without noDA, a failed authorization counts toward the TPM's lockout.
     da_protected: bool = dataclasses.field(init=False)
     # The longest password the key can have (auth_limit), read once: off the hot path.

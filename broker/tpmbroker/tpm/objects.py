@@ -22,8 +22,9 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 from .. import templates
 from ..audit import audit
 from ..definitions import STORAGE_PRIMARY
-from ..errors import BadKeyError
+from ..errors import BadKeyError, UnknownKeyError
 from . import keys as keymod
+from .command import read_public
 from .endorsement import Endorsement, IdentityError
 from .endorsement import create as create_ek
 from .keys import CachedKey, KeyCache
@@ -107,7 +108,24 @@ class Objects:
     def parent(self, parent: int, rsa_parent: bool = False) -> Any:
         if parent == STORAGE_PRIMARY:
             return self.storage_primary(rsa=rsa_parent or self.rsa_only)
+        if parent in self._persistent and not self.link.owns_tpm:
+            self._check_parent(parent)
         return self.persistent(parent, "parent")
+
+    def parent_name(self, parent: int) -> bytes:
+        """The Name of the persistent parent at `parent` now (b"" for the storage
+        primary, which the broker made): what its password is remembered by."""
+        if parent == STORAGE_PRIMARY:
+            return b""
+        return self.handle_and_name(self.parent(parent))[1]
+
+    def _check_parent(self, handle: int) -> None:
+        """A handle is only a place: another TPM user may have evicted the parent there
+        and persisted another. A load or create authorized with the old Name would fail
+        its HMAC, and the TPM would count that toward its lockout. One TPM2_ReadPublic,
+        which needs no authorization, tells; a replaced parent is read again."""
+        if self.current_name(handle) != self.handle_and_name(self._persistent[handle])[1]:
+            self.forget_persistent(handle)
 
     def parent_public(self, parent: int) -> Any:
         """The TPMT_PUBLIC of a parent (the storage primary or a persistent key)."""
@@ -142,6 +160,29 @@ class Objects:
                 with contextlib.suppress(TSS2_Exception):
                     self._ectx.tr_close(tr)
         return [key.info.key_id for key in self.keys.remove_persistent(handle)]
+
+    def current_name(self, handle: int) -> bytes | None:
+        """The Name of the object at persistent `handle` now; None if there is none."""
+        try:
+            return read_public(self.link.require(), handle)[1]
+        except TSS2_Exception as exc:
+            if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
+                return None
+            raise
+
+    def check_persistent(self, entry: CachedKey) -> None:
+        """UnknownKeyError unless the object at `entry`'s persistent handle is still that
+        key. Another TPM user may have evicted it and persisted another key at the same
+        handle (tpm2_evictcontrol takes the first free one): a session HMAC over the old
+        Name would then fail, and that failure counts toward the TPM's lockout. One
+        TPM2_ReadPublic, which needs no authorization, costs nothing of the kind."""
+        handle = entry.persistent_handle
+        if self.current_name(handle) == entry.name:
+            return
+        self.forget_persistent(handle)
+        raise UnknownKeyError(
+            f"the key at persistent handle 0x{handle:08x} was evicted or replaced by "
+            "another TPM user; load the handle again")
 
     def describe_persistent(self, key_id: bytes, key: bytes) -> CachedKey:
         if len(key) != 4:
@@ -194,6 +235,15 @@ class Objects:
             return entry.handle
         blob = entry.blob
         parent = self.parent(blob.parent, blob.rsa_parent)
+        parent_name = self.handle_and_name(parent)[1]
+        if (blob.parent != STORAGE_PRIMARY and entry.parent_name
+                and entry.parent_name != parent_name):
+            # Its blob cannot load under another parent, and the password it was given
+            # is not the new parent's: said, not tried. (The storage primary's Name
+            # changes only with the owner seed: a cleared TPM, whose old keys are bad.)
+            self.keys.remove(entry.info.key_id)
+            raise UnknownKeyError(f"the parent 0x{blob.parent:08x} of the key was replaced "
+                                  "by another TPM user; load the key again")
         parent_auth, authorized_load = entry.parent_auth, self.authorized_load
         if parent_auth and authorized_load is not None:
             # A parent password goes only into a pool session's HMAC (never on the link).
@@ -206,6 +256,7 @@ class Objects:
                 return self._ectx.load(parent, blob.private, blob.public)
         try:
             entry.handle = self.with_room(entry, load, parent)
+            entry.parent_name = parent_name
         except TSS2_Exception as exc:
             refused = refusal(exc, blob.parent, parent_auth, "TPM2_Load")
             if refused is not None:

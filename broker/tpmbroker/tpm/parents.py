@@ -12,6 +12,9 @@ the broker sends for it counts toward the TPM's lockout, whichever client asked.
 - a password the TPM accepted for a parent is known good: a key already loaded under that
   parent may be LOADed again with it without a TPM command.
 
+A persistent parent is known by its handle and its Name: another TPM user may evict it
+and persist another parent, with another password, at the same handle.
+
 Passwords are kept only as keyed hashes (HMAC-SHA-256 with a key drawn at start that
 never leaves the process), never in the clear. The password of a loaded key's parent is
 also kept in the key's cache entry (tpm/keys.py), because an evicted key is loaded again
@@ -70,17 +73,18 @@ class ParentPasswords:
         self.failures = 0  # attempts the TPM refused
         self._lock = threading.Lock()
 
-    def _tag(self, parent: int, auth: bytes) -> bytes:
-        return hmac.new(self._secret, parent.to_bytes(4, "big") + auth,
-                        hashlib.sha256).digest()[:16]
+    def _tag(self, parent: int, name: bytes, auth: bytes) -> bytes:
+        # The Name's length first: the (Name, password) split is then unambiguous.
+        return hmac.new(self._secret, parent.to_bytes(4, "big") + len(name).to_bytes(2, "big")
+                        + name + auth, hashlib.sha256).digest()[:16]
 
-    def known_good(self, parent: int, auth: bytes) -> bool:
-        return self._tag(parent, auth) in self._good
+    def known_good(self, parent: int, name: bytes, auth: bytes) -> bool:
+        return self._tag(parent, name, auth) in self._good
 
-    def check(self, parent: int, auth: bytes) -> None:
+    def check(self, parent: int, name: bytes, auth: bytes) -> None:
         """ParentAuthFailedError (tpm_rc 0) if the TPM refused this password for this
-        parent before."""
-        tag = self._tag(parent, auth)
+        parent (`name`: Objects.parent_name) before."""
+        tag = self._tag(parent, name, auth)
         with self._lock:
             if tag not in self._refused:
                 return
@@ -92,15 +96,15 @@ class ParentPasswords:
             "not send it again (each try would count toward the TPM's dictionary-attack "
             "lockout); give the parent's password (parent-auth)")
 
-    def refused(self, parent: int, auth: bytes) -> None:
-        tag = self._tag(parent, auth)
+    def refused(self, parent: int, name: bytes, auth: bytes) -> None:
+        tag = self._tag(parent, name, auth)
         with self._lock:
             self.failures += 1
             self._good.pop(tag, None)
             self._remember(self._refused, tag)
 
-    def accepted(self, parent: int, auth: bytes) -> None:
-        tag = self._tag(parent, auth)
+    def accepted(self, parent: int, name: bytes, auth: bytes) -> None:
+        tag = self._tag(parent, name, auth)
         with self._lock:
             self._refused.pop(tag, None)  # the parent's password was changed to it
             self._remember(self._good, tag)

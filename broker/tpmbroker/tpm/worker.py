@@ -45,7 +45,7 @@ from .link import Link, frame_command
 from .lockout import DEFAULT_RESERVE, DaParameters, Shield
 from .objects import RECOVERABLE, Objects
 from .parents import ParentPasswords
-from .rc import Kind, classify, to_error, tpm_code
+from .rc import Kind, classify, to_error
 from .session_crypto import SessionState
 from .sessions import SessionPool
 
@@ -196,29 +196,6 @@ class TpmWorker:
         if self.shield is not None and entry is not None and entry.da_protected:
             self.shield.check(peer, entry.shield_id, auth, fresh=False)
 
-    def current_name(self, handle: int) -> bytes | None:
-        """The Name of the object at persistent `handle` now; None if there is none."""
-        try:
-            return command.read_public(self.link.require(), handle)[1]
-        except TSS2_Exception as exc:
-            if tpm_code(int(exc.rc)) in (0x08B, 0x084):  # TPM_RC_HANDLE, TPM_RC_VALUE
-                return None
-            raise
-
-    def _check_persistent(self, entry: CachedKey) -> None:
-        """UnknownKeyError unless the object at `entry`'s persistent handle is still that
-        key. Another TPM user may have evicted it and persisted another key at the same
-        handle (tpm2_evictcontrol takes the first free one): a session HMAC over the old
-        Name would then fail, and that failure counts toward the TPM's lockout. One
-        TPM2_ReadPublic, which needs no authorization, costs nothing of the kind."""
-        handle = entry.persistent_handle
-        if self.current_name(handle) == entry.name:
-            return
-        self.objects.forget_persistent(handle)
-        raise UnknownKeyError(
-            f"the key at persistent handle 0x{handle:08x} was evicted or replaced by "
-            "another TPM user; load the handle again")
-
     def _authorized_load(self, parent: Any, blob: Any, parent_auth: bytes) -> Any:
         """TPM2_Load under `parent` authorized by a pool session's HMAC with the parent's
         password: the password never crosses the link (ESAPI would send it in a password
@@ -240,7 +217,7 @@ class TpmWorker:
         """One command on `entry`'s key (made resident) with a pool session; a key with a
         policy gets a policy session that has just satisfied it."""
         if entry.persistent_handle and not self.link.owns_tpm:
-            self._check_persistent(entry)
+            self.objects.check_persistent(entry)
         handle, name = self.objects.handle_and_name(self.objects.resident(entry))
         if entry.policy:
             return policy_session.execute(self, entry, auth, deadline,
@@ -435,30 +412,8 @@ class TpmWorker:
         self._active_sessions_max = self.link.tpm_property(TPM2_PT.ACTIVE_SESSIONS_MAX) or 0
         self._lockout_counter()
         if self.identity is None:
-            self._establish_identity()
+            self.identity = endorsement.verify(self.objects, self.trust, self.unverified_reason)
         self.pool.fill()
-
-    def _establish_identity(self) -> None:
-        """Check the TPM's identity (tpm/endorsement.py) before any session is salted:
-        IdentityError, logged and audited, if it fails."""
-        def create(template: Any) -> tuple[Any, Any]:
-            return self.objects.with_room(
-                None, lambda: endorsement.create(self.link.ectx, template))
-
-        try:
-            found = endorsement.establish(self.link.require(), create, self.trust,
-                                          self.unverified_reason)
-        except endorsement.IdentityError as exc:
-            log.error("TPM identity: refused: %s", exc.message)
-            audit("tpm_identity_refused", reason=exc.message, tcti=self.tcti)
-            raise
-        if isinstance(found, endorsement.Endorsement):
-            self.objects.endorsement = found
-            self.identity = found.identity
-            log.info("%s", self.identity.log_line())
-        else:
-            self.identity = found
-            log.warning("%s", self.identity.log_line())
 
     def _drop_link(self) -> None:
         """Forget everything tied to the link, and close it."""

@@ -141,7 +141,8 @@ def _create_primary(ectx: Any, template: Any) -> tuple[Any, Any]:
 # The EKs whose policy is TPM2_PolicySecret(endorsement) alone, with SHA-256 (TCG EK
 # Credential Profile, low range): a credential is activated with them. The high-range
 # EKs' policies are a PolicyOR with a branch on an NV index.
-ACTIVATION_KINDS = ("EK-ECC256", "EK-RSA2048")
+ACTIVATION_KINDS = {"EK-ECC256": endorsement.NV_EK_ECC256,
+                    "EK-RSA2048": endorsement.NV_EK_RSA2048}
 
 
 def _bind(tpm: TpmWorker, state: _Attestation, ak: Any, ak_public: Any,
@@ -237,8 +238,8 @@ def _activation_ek(tpm: TpmWorker) -> tuple[bytes, x509.Certificate, Any, Any, b
     transport = tpm.link.require()
     verified = tpm.objects.endorsement
     refusals = []
-    for kind in ACTIVATION_KINDS:
-        ek_der = endorsement.nv_read(transport, endorsement.certificate_index(kind))
+    for kind, index in ACTIVATION_KINDS.items():
+        ek_der = endorsement.nv_read(transport, index)
         if ek_der is None:
             continue
         try:

@@ -161,6 +161,7 @@ static int print_result(uint8_t op, WIRE_READER *r)
     case WIRE_OPCODE_SIGN_MESSAGE:
     case WIRE_OPCODE_DERIVE:
     case WIRE_OPCODE_DECRYPT:
+    case WIRE_OPCODE_CERTIFY:
         a = wire_get_bytes(r);
         printf(" ");
         put_hex(a.p, a.len);

@@ -230,6 +230,12 @@ BAD_INPUTS: list[tuple[tuple[str, ...], str]] = [
     (("simulator", "--port", "70000"), "--port"),
     (("provider-path", "--extra"), "--extra"),
     (("enroll", "--kind", "EK-NONE"), "--kind"),
+    (("attest",), "KEY"),
+    (("attest", "--verify", "{key}"), "--ek-ca"),
+    (("attest", "--verify", "{key}", "--ek-ca", MISSING), "--ek-ca"),
+    (("attest", "--verify", MISSING, "--ek-ca", MISSING), "--verify"),
+    (("attest", "{key}", "--challenge-file", MISSING), "--challenge-file"),
+    (("attest", "{key}", "--challenge-hex", "xyz"), "--challenge-hex"),
 ]
 
 

@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # the wire: frames and each operation's messages
     "codec": (("protocol", "ops"), ("foundation",)),
     # the key file format, key policies, key references, TPM object templates, EK trust
-    "key formats": (("keyfile", "keypolicy", "keyref", "templates", "ek_trust"),
+    "key formats": (("keyfile", "keypolicy", "keyref", "templates", "ek_trust", "attestation"),
                     ("foundation", "codec")),
     # what a client process runs
     "client": (("client", "cryptography_keys", "wrap", "loadgen"),

@@ -18,6 +18,7 @@ from tpmbroker.errors import (
     UnknownOpcodeError,
     UnsupportedVersionError,
 )
+from tpmbroker.ops.certify import Certify, CertifyResult
 from tpmbroker.ops.decrypt import Decrypt, DecryptResult
 from tpmbroker.ops.derive import Derive, DeriveResult
 from tpmbroker.ops.generate import Generate, GenerateResult
@@ -126,6 +127,9 @@ EXPECTED: dict[str, tuple[int, p.Message | p.ErrorResult, int]] = {
     "pcr_read_frame": (19, PcrRead(bytes.fromhex("00000001000b03000001")), 5000),
     "pcr_read_response": (19, PcrReadResult(bytes.fromhex("00000001000b03000001"),
                                                  bytes(32)), 0),
+    # The provider asks for no attestation statements, so not *_request.
+    "certify_frame": (20, Certify(bytes(range(32)), b"challenge"), 5000),
+    "certify_response": (20, CertifyResult(b'{"fmt": "tpm"}'), 0),
 }
 OPCODE_OF_RESPONSE = {"error_unknown_key": p.Opcode.SIGN, "error_tpm": p.Opcode.SIGN,
                       "error_connection": p.CONNECTION_ERROR,

@@ -40,6 +40,7 @@ from .errors import (
     error_for_status,
 )
 from .keyref import KeySpec
+from .ops.certify import Certify, CertifyResult
 from .ops.decrypt import Decrypt, DecryptResult
 from .ops.derive import Derive, DeriveResult
 from .ops.generate import Generate, GenerateResult
@@ -573,6 +574,20 @@ class Client:
                                         f"for {bank} PCR {pcr}")
                 out.append((bank, pcr, result.values))
         return out
+
+    def attest(self, key: LoadedKey | KeySpec | bytes | str | os.PathLike[str],
+               challenge: bytes, *, parent_auth: bytes | str | None = None,
+               timeout: float | None = None) -> bytes:
+        """A statement that the key is resident in the broker's TPM, over `challenge`
+        (at most definitions.MAX_CHALLENGE bytes; a verifier's fresh nonce): JSON, the
+        WebAuthn "tpm" attestation statement with the EK certificate and the
+        attestation key's (docs/attestation.md). tpmbroker.attestation.verify checks it
+        offline. `key`: a LoadedKey, or a key file or handle as load_key takes it."""
+        loaded = key if isinstance(key, LoadedKey) else self.load_key(
+            key, timeout=timeout, parent_auth=parent_auth)
+        result = self._call(Certify(loaded.key_id, bytes(challenge)), timeout, loaded)
+        assert isinstance(result, CertifyResult)
+        return result.statement
 
     def nv_read(self, index: int, timeout: float | None = None) -> bytes:
         """The contents of NV index `index` (0x01xxxxxx), e.g. a certificate."""

@@ -23,6 +23,7 @@ MAX_FIELD = 0xFFFF
 KEY_ID_SIZE = 32  # SHA-256 over key source and key
 STORAGE_PRIMARY = 0x40000001  # parent: the storage primary made from the TCG template
 MAX_RANDOM = 1024  # bytes one RANDOM request may ask for
+MAX_CHALLENGE = 1024  # bytes of a CERTIFY challenge (attToBeSigned; the TPM gets its hash)
 # Bytes of message one SIGN_MESSAGE may carry: with the header, the key id, scheme and
 # hash it fits a frame (16 + 34 + 3 + 2 + 65280 < MAX_FRAME).
 MAX_MESSAGE = 0xFF00
@@ -47,6 +48,7 @@ class Opcode(enum.IntEnum):
     KEYS = 0x0E  # persistent handles and the keys the broker holds, as JSON
     IMPORT = 0x0F  # a key wrapped to the TPM's parent (TPM2_Import) into a loadable key file
     PCR_READ = 0x10  # PCR values (TPM2_PCR_Read, no authorization)
+    CERTIFY = 0x11  # a key attestation statement (TPM2_Certify by the attestation key)
 
 
 # Requests a client may send again, to a restarted broker, when it cannot know whether
@@ -55,7 +57,7 @@ class Opcode(enum.IntEnum):
 REPEATABLE = frozenset({
     Opcode.HELLO, Opcode.LOAD, Opcode.SIGN, Opcode.STATUS, Opcode.UNLOAD, Opcode.RANDOM,
     Opcode.NV_READ, Opcode.DECRYPT, Opcode.DERIVE, Opcode.SIGN_MESSAGE, Opcode.KEYS,
-    Opcode.PCR_READ,
+    Opcode.PCR_READ, Opcode.CERTIFY,
 })
 REPEATABLE_OPCODES = sum(1 << opcode for opcode in REPEATABLE)  # C: a bit per opcode
 

@@ -251,6 +251,70 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _challenge(args: argparse.Namespace) -> bytes | None:
+    if args.challenge_file is not None:
+        return Path(args.challenge_file).read_bytes()
+    given: bytes | None = args.challenge_hex
+    return given
+
+
+def _cmd_attest(args: argparse.Namespace) -> int:
+    if args.verify is not None:
+        return _verify_statement(args)
+    if args.key is None:
+        raise UsageError("give the KEY to attest, or --verify STATEMENT")
+    check_output_path(args.output, "-o/--output")
+    challenge = _challenge(args)
+    if challenge is None:
+        challenge = os.urandom(32)  # fresh, so the statement is this one's
+    with connect(args) as client:
+        key = load_named_key(client, args)
+        statement = client.attest(key, challenge)
+    write_output(args.output, statement)
+    if args.attestation_ca_out:
+        _write_attestation_ca(statement, args.attestation_ca_out)
+    return 0
+
+
+def _write_attestation_ca(statement: bytes, path: str) -> None:
+    """The attestation CA's certificate (x5c[1]) as PEM: the pin verifiers give as
+    --attestation-ca, taken from a statement this broker made over its own socket."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    der = base64.b64decode(json.loads(statement)["attStmt"]["x5c"][1])
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    write_output(path, pem)
+
+
+def _verify_statement(args: argparse.Namespace) -> int:
+    from ..attestation import AttestationError, verify
+    from ..ek_trust import EkTrustError, load_anchors
+
+    if args.ek_ca is None:
+        raise UsageError("--verify needs --ek-ca FILE|DIR, the trust anchors of TPM EK "
+                         "certificates")
+    data = sys.stdin.buffer.read() if args.verify == "-" else Path(args.verify).read_bytes()
+    try:
+        anchors = load_anchors(args.ek_ca)
+    except EkTrustError as exc:
+        raise UsageError(f"--ek-ca: {exc}") from None
+    try:
+        ak_anchors = load_anchors(args.attestation_ca) if args.attestation_ca else []
+    except EkTrustError as exc:
+        raise UsageError(f"--attestation-ca: {exc}") from None
+    try:
+        verified = verify(data, anchors, challenge=_challenge(args),
+                          attestation_anchors=ak_anchors)
+    except AttestationError as exc:
+        print(f"tpmbroker attest: refused: {exc}", file=sys.stderr)
+        return 1
+    print(verified.summary())
+    return 0
+
+
 def _cmd_policy_sign(args: argparse.Namespace) -> int:
     """Add a signed policy to a key file made with --auth-policy: the PCR lock, signed by
     the policy key. Needs no TPM and no broker."""
@@ -385,6 +449,25 @@ DECRYPT = Command(
         arg("--out", dest="output", default="-", help="plaintext file (default: stdout)"),
     ), client=True)
 
+ATTEST = Command(
+    "attest", "prove a key is resident in the TPM (a WebAuthn 'tpm' attestation "
+              "statement), or check one offline (--verify)", _cmd_attest, (
+        arg("key", nargs="?", help="key file, or handle:0x81xxxxxx"),
+        PASSWORD_FILE, PARENT_AUTH_FILE,
+        arg("--challenge-hex", type=hex_bytes, metavar="HEX",
+            help="the verifier's challenge (default: 32 random bytes)"),
+        arg("--challenge-file", metavar="FILE", help="the challenge, read from a file"),
+        arg("-o", "--output", default="-", help="statement file (default: stdout)"),
+        arg("--verify", metavar="STATEMENT", help="check a statement (- for stdin) "
+                                                  "against --ek-ca, no TPM needed"),
+        arg("--ek-ca", metavar="FILE|DIR", help="trust anchors for EK certificates"),
+        arg("--attestation-ca", metavar="FILE|DIR",
+            help="with --verify: the pinned attestation CA(s); without, a statement is "
+                 "only checked for consistency"),
+        arg("--attestation-ca-out", metavar="FILE",
+            help="also write the broker's attestation CA certificate, to pin"),
+    ), client=True)
+
 OWNER_AUTH_FILE = arg("--owner-auth-file", metavar="FILE",
                       help="file whose first line is the owner hierarchy's password")
 
@@ -408,4 +491,5 @@ KEYS = Command("keys", "persistent handles and the keys the broker holds", _cmd_
                (arg("--json", action="store_true"),), client=True)
 
 # In the order `tpmbroker --help` lists them (tpmbroker.cli gathers every module's).
-COMMANDS = (KEYGEN, PARENT_PUBKEY, POLICY, PUBKEY, SIGN, DECRYPT, PERSIST, EVICT, KEYS)
+COMMANDS = (KEYGEN, PARENT_PUBKEY, POLICY, PUBKEY, SIGN, DECRYPT, ATTEST, PERSIST, EVICT,
+            KEYS)

@@ -18,6 +18,7 @@ session_crypto, as the oracle the tests hold the C code to.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -271,6 +272,9 @@ class PendingCommand:
     attributes: int
     response_handles: int
     c_pending: Any = None  # the C implementation's tb_pending, when it prepared this
+    # Authorizations after the session's, each the empty password (TPM_RS_PW): their
+    # answers are removed before the session's is checked (see with_empty_password).
+    password_auths: int = 0
 
 
 def prepare(session: sc.SessionState, command_code: int, handles: Sequence[int],
@@ -421,6 +425,8 @@ def execute(transport: Transport, pending: PendingCommand) -> tuple[list[int], b
     session.usable = False
     response = transact(transport, pending.command)
     try:
+        if pending.password_auths:
+            response = _without_password_answers(response, pending.password_auths)
         result = finish(pending, response)
     except ResponseAuthError:
         raise
@@ -793,3 +799,96 @@ def read_public(transport: Transport, handle: int) -> tuple[Any, bytes]:
     if used + used2 + used3 != len(body):
         raise malformed()
     return public.publicArea, bytes(name)
+
+
+# --- a second authorization: the empty password -------------------------------------------
+# A command on two handles that both need authorization (TPM2_Certify: the key certified
+# and the key that signs) takes the pool session for the first and, for a second whose
+# authValue is empty (the broker's attestation key), a password authorization: no TPM
+# session, and nothing secret on the bus. The TPM answers it with five fixed bytes after
+# the session's answer, which are checked and removed before the session's HMAC is.
+
+TPM_RS_PW = 0x40000009
+_EMPTY_PASSWORD = U32.pack(TPM_RS_PW) + U16.pack(0) + b"\x00" + U16.pack(0)
+_AUTH_SIZE_AT = HEADER.size  # after the handles: HEADER.size + 4 * handles
+
+
+def with_empty_password(pending: PendingCommand, handles: int) -> PendingCommand:
+    """`pending` with an empty-password authorization added after its session's."""
+    frame = pending.command
+    at = _AUTH_SIZE_AT + 4 * handles
+    (auth_size,) = U32.unpack_from(frame, at)
+    end = at + 4 + auth_size
+    body = U32.pack(auth_size + len(_EMPTY_PASSWORD)) + frame[at + 4:end] + _EMPTY_PASSWORD
+    tag, size, code = HEADER.unpack_from(frame)
+    pending.command = (HEADER.pack(tag, size + len(_EMPTY_PASSWORD), code)
+                       + frame[HEADER.size:at] + body + frame[end:])
+    pending.password_auths += 1
+    return pending
+
+
+def _without_password_answers(response: bytes, count: int) -> bytes:
+    """A response without the answers to `count` password authorizations at its end
+    (empty nonce, attributes, empty HMAC); a refusal carries none."""
+    if len(response) == HEADER.size:
+        return response
+    cut = 5 * count
+    tail = response[-cut:]
+    if len(response) < HEADER.size + cut or any(
+            tail[i:i + 2] != b"\0\0" or tail[i + 3:i + 5] != b"\0\0"
+            for i in range(0, cut, 5)):
+        raise malformed()
+    tag, size, rc = HEADER.unpack_from(response)
+    return HEADER.pack(tag, size - cut, rc) + response[HEADER.size:-cut]
+
+
+# --- TPM2_Certify -------------------------------------------------------------------------
+
+CC_CERTIFY = 0x00000148
+# qualifyingData and certifyInfo are not secret; the session proves the key's password
+# and makes the answer authentic.
+CERTIFY_ATTRIBUTES = sc.CONTINUE_SESSION
+_SCHEME_NULL = U16.pack(int(TPM2_ALG.NULL))  # the signing key's own scheme
+
+
+def prepare_certify(session: sc.SessionState, key_handle: int, key_name: bytes, auth: bytes,
+                    signer_handle: int, signer_name: bytes, qualifying_data: bytes,
+                    ) -> PendingCommand:
+    """TPM2_Certify(objectHandle=key, signHandle=signer, qualifyingData): the key's
+    authorization through `session`, the signer's by the empty password."""
+    pending = prepare(session, CC_CERTIFY, (key_handle, signer_handle),
+                      (key_name, signer_name), auth, qualifying_data, _SCHEME_NULL,
+                      CERTIFY_ATTRIBUTES)
+    return with_empty_password(pending, handles=2)
+
+
+def certify_result(parameters: bytes) -> tuple[bytes, bytes]:
+    """(certifyInfo, the marshalled TPMT_SIGNATURE) of a TPM2_Certify response."""
+    size = first_sized_length(parameters)
+    signature = parameters[2 + size:]
+    sign_result(signature)  # well-formed, nothing after it
+    return parameters[2:2 + size], signature
+
+
+# --- TPM2_ActivateCredential, once per attestation key --------------------------------------
+
+def activate_credential(ectx: Any, ak: Any, ek: Any, credential_blob: Any,
+                        secret: Any) -> bytes:
+    """TPM2_ActivateCredential(activateHandle=AK, keyHandle=EK) through ESAPI: the AK
+    by its empty password, the EK by a policy session that satisfies its policy
+    (TPM2_PolicySecret of the endorsement hierarchy), salted to the EK and with ENCRYPT,
+    so the recovered credential crosses the bus encrypted. The session is flushed after.
+    Once per attestation key, not per certification (tpmbroker.procedures.certify)."""
+    from tpm2_pytss.constants import ESYS_TR, TPM2_SE, TPMA_SESSION
+
+    session = ectx.start_auth_session(ek, ESYS_TR.NONE, TPM2_SE.POLICY, aes128_cfb(),
+                                      TPM2_ALG.SHA256)
+    try:
+        ectx.policy_secret(ESYS_TR.ENDORSEMENT, session, expiration=0)
+        ectx.trsess_set_attributes(session, TPMA_SESSION.ENCRYPT | TPMA_SESSION.CONTINUESESSION)
+        certinfo = ectx.activate_credential(ak, ek, credential_blob, secret,
+                                            session1=ESYS_TR.PASSWORD, session2=session)
+    finally:
+        with contextlib.suppress(TSS2_Exception):
+            ectx.flush_context(session)
+    return bytes(certinfo)

@@ -670,3 +670,29 @@ def test_worker_keys_sign_with_tpm2_openssl(swtpm: Swtpm, tmp_path: Path) -> Non
                  "-in", str(digest_file), "-out", str(signature))
         verify(spki, signature.read_bytes(), digest,
                Scheme.ECDSA if name.startswith("ec") else Scheme.PKCS1, Hash.SHA256)
+
+
+def test_a_key_unloaded_while_a_session_is_taken_is_named_where_it_is_then(
+        swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking a pool session may start one, and starting one may need an object slot (a
+    verified TPM's EK made again): the least recently used key is unloaded, perhaps the
+    very key the command is for. The command names the key as it is once its session is
+    taken, not as it was before."""
+    worker = opened(swtpm.tcti)
+    try:
+        info, spki = _signing_key(worker)
+        entry = worker.objects.keys.get(info.key_id)
+        assert entry is not None and entry.handle is not None
+        acquire = worker.pool.acquire
+
+        def acquire_out_of_room(deadline: float) -> Any:
+            worker.objects.unload(entry)  # as a session start short of slots does
+            return acquire(deadline)
+
+        monkeypatch.setattr(worker.pool, "acquire", acquire_out_of_room)
+        digest = digest_of(b"evicted meanwhile", Hash.SHA256)
+        signature = sign_digest(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, digest,
+                                soon())
+        verify(spki, signature, digest, Scheme.ECDSA, Hash.SHA256)
+    finally:
+        worker.close()

@@ -36,6 +36,7 @@ from ..errors import BadKeyError, TpmError, UnsupportedError
 from ..ops.certify import Certify, CertifyResult
 from ..tpm import command, endorsement
 from ..tpm.keys import CachedKey
+from ..tpm.session_crypto import SessionState
 from ..tpm.worker import TpmWorker
 from .base import Request, serves
 
@@ -102,9 +103,6 @@ def _certify_once(tpm: TpmWorker, entry: CachedKey, auth: bytes, challenge: byte
                   deadline: float, peer: int) -> bytes:
     state: _Attestation = tpm.fact("attestation", _Attestation)
     ectx = tpm.link.ectx
-    # Sessions first: starting one may need the salt key made again, which may unload
-    # the key, whose handle must then be taken after.
-    tpm.pool.fill()
     ak, ak_public = tpm.objects.with_room(entry, functools.partial(
         _create_primary, ectx, attestation.ak_template()))
     try:
@@ -112,14 +110,18 @@ def _certify_once(tpm: TpmWorker, entry: CachedKey, auth: bytes, challenge: byte
         issued = state.issued.get(ak_name)
         if issued is None:
             issued = _bind(tpm, state, ak, ak_public, ak_name, deadline)
-        key_handle, key_name = tpm.objects.handle_and_name(tpm.objects.resident(entry))
         ak_handle = int(ectx.tr_get_tpm_handle(ak))
         qualifying = hashlib.sha256(challenge).digest()
+
+        def certify(session: SessionState) -> command.PendingCommand:
+            # The key named once the session is taken: starting one may need its slot.
+            key_handle, key_name = tpm.objects.handle_and_name(tpm.objects.resident(entry))
+            return command.prepare_certify(session, key_handle, key_name, auth, ak_handle,
+                                           ak_name, qualifying)
+
         cert_info, signature = tpm.with_password(
-            entry, auth, peer, deadline, lambda: tpm.execute(
-                deadline, lambda session: command.prepare_certify(
-                    session, key_handle, key_name, auth, ak_handle, ak_name, qualifying),
-                command.certify_result))
+            entry, auth, peer, deadline,
+            lambda: tpm.execute(deadline, certify, command.certify_result))
     finally:
         with contextlib.suppress(TSS2_Exception):
             ectx.flush_context(ak)

@@ -288,6 +288,12 @@ class Link:
                 return int(entry.value)
         return None
 
+    def tpm_properties(self, first: int, count: int) -> dict[int, int]:
+        """`count` TPM properties from `first`, in one TPM2_GetCapability: property ->
+        value, for those the TPM has."""
+        _, data = self.ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, first, count)
+        return {int(entry.property): int(entry.value) for entry in data.data.tpmProperties}
+
     def has_algorithm(self, alg: int) -> bool:
         _, data = self.ectx.get_capability(TPM2_CAP.ALGS, alg, 1)
         return any(int(entry.alg) == int(alg) for entry in data.data.algorithms)

@@ -43,6 +43,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from tpm2_pytss.constants import TPM2_PT
+
 from ..audit import audit
 from ..errors import AuthFailedError, LockoutError
 
@@ -63,6 +65,15 @@ class DaParameters:
     max_tries: int  # TPM2_PT_MAX_AUTH_FAIL: the counter at which the TPM locks out
     recovery_time: int  # TPM2_PT_LOCKOUT_INTERVAL: seconds per count forgotten; 0 = no DA
     lockout_recovery: int  # TPM2_PT_LOCKOUT_RECOVERY: after a failed lockoutAuth
+
+    @classmethod
+    def from_properties(cls, values: dict[int, int]) -> DaParameters | None:
+        """From TPM2_GetCapability's TPM properties; None if one is missing."""
+        try:
+            return cls(values[int(TPM2_PT.MAX_AUTH_FAIL)], values[int(TPM2_PT.LOCKOUT_INTERVAL)],
+                       values[int(TPM2_PT.LOCKOUT_RECOVERY)])
+        except KeyError:
+            return None
 
 
 @dataclasses.dataclass
@@ -97,8 +108,11 @@ class Shield:
 
     # --- what the TPM says ----------------------------------------------------------------
 
-    def observe(self, counter: int, params: DaParameters) -> None:
-        """The TPM's lockout counter and settings, read just now."""
+    def observe(self, counter: int, params: DaParameters | None) -> None:
+        """The TPM's lockout counter and settings, read just now (None: it did not say
+        them all, and the counter alone tells nothing of how close a lockout is)."""
+        if params is None:
+            return
         with self._lock:
             self.params = params
             self.counter = counter

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_PT_HR, TSS2_RC
+from tpm2_pytss.constants import TPM2_ALG, TPM2_PT, TPM2_PT_HR, TSS2_RC
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
 from ..audit import audit
@@ -225,12 +225,15 @@ class TpmWorker:
         policy gets a policy session that has just satisfied it."""
         if entry.persistent_handle and not self.link.owns_tpm:
             self.objects.check_persistent(entry)
-        handle, name = self.objects.handle_and_name(self.objects.resident(entry))
+        self.objects.resident(entry)
+
+        def on_key(session: SessionState) -> command.PendingCommand:
+            # Named once the session is taken: starting one may have needed the key's slot.
+            return prepare(session, *self.objects.handle_and_name(self.objects.resident(entry)))
+
         if entry.policy:
-            return policy_session.execute(self, entry, auth, deadline,
-                                          lambda session: prepare(session, handle, name),
-                                          result)
-        return self.execute(deadline, lambda session: prepare(session, handle, name), result)
+            return policy_session.execute(self, entry, auth, deadline, on_key, result)
+        return self.execute(deadline, on_key, result)
 
     def execute(self, deadline: float,
                 prepare: Callable[[SessionState], command.PendingCommand],
@@ -258,10 +261,9 @@ class TpmWorker:
             raise
 
     def forged_answer(self, pool: SessionPool, pending: command.PendingCommand) -> None:
-        """A response failed its HMAC check: altered on the TPM's bus, or not the TPM's.
-        Its answer is dropped (the caller raises), its session flushed and replaced (its
-        nonces no longer agree with the TPM's, and it may be an interposer's), and the
-        event audited. The client gets the error rc.to_error makes of it."""
+        """A response failed its HMAC check (altered on the TPM's bus, or not the TPM's):
+        its answer is dropped (the caller raises), its session flushed and replaced (its
+        nonces no longer agree with the TPM's; it may be an interposer's), audited."""
         pool.discard(pending.session)
         self.counters["tpm_forged_answers"] += 1
         audit("tpm_response_forged", command=command.command_name(pending.command_code),
@@ -463,18 +465,10 @@ class TpmWorker:
         to the shield; the counter, or None if the TPM cannot say."""
         if not self.link.up:
             return None
-        first = int(TPM2_PT.LOCKOUT_COUNTER)  # then MAX_AUTH_FAIL, LOCKOUT_INTERVAL, _RECOVERY
-        _, data = self.link.ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, first, 4)
-        values = {int(entry.property): int(entry.value) for entry in data.data.tpmProperties}
-        counter = values.get(first)
-        if counter is None:
-            return None
-        if self.shield is not None and all(
-                int(prop) in values for prop in (TPM2_PT.MAX_AUTH_FAIL, TPM2_PT.LOCKOUT_INTERVAL,
-                                                 TPM2_PT.LOCKOUT_RECOVERY)):
-            self.shield.observe(counter, DaParameters(
-                values[int(TPM2_PT.MAX_AUTH_FAIL)], values[int(TPM2_PT.LOCKOUT_INTERVAL)],
-                values[int(TPM2_PT.LOCKOUT_RECOVERY)]))
+        values = self.link.tpm_properties(int(TPM2_PT.LOCKOUT_COUNTER), 4)  # and the settings
+        counter = values.get(int(TPM2_PT.LOCKOUT_COUNTER))
+        if counter is not None and self.shield is not None:
+            self.shield.observe(counter, DaParameters.from_properties(values))
         return counter
 
     @staticmethod

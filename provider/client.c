@@ -107,8 +107,14 @@ static int run(struct tpmb_client *c, uint8_t opcode, unsigned int timeout_ms, c
             conn_close(cn);
         }
         if (cn->fd < 0) {
-            if (!conn_open(c, cn, deadline, err))
-                break;
+            if (!conn_open(c, cn, deadline, err)) {
+                /* A stopping broker that answered HELLO: nothing of the request went out,
+                 * so any request waits for the successor, repeatable or not. */
+                if (err->status != WIRE_STATUS_SHUTTING_DOWN || !pause_until(delay, deadline))
+                    break;
+                delay = delay < RETRY_MAX_MS ? delay * 2 : RETRY_MAX_MS;
+                continue;
+            }
             fresh = 1;
         }
         ok = op(c, cn, deadline, arg, err);

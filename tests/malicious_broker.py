@@ -268,6 +268,8 @@ class FakeBroker:
         default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
     behaviour: str = "honest"
     lie_on_load: str = ""  # "", "other-public-key", "other-key-id"
+    # HELLOs answered SHUTTING_DOWN first, as by a broker stopping as the connection came
+    stopping_hellos: int = 0
     _server: socket.socket | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -314,6 +316,9 @@ class FakeBroker:
     def _answer(self, q: Request) -> list[Action]:
         msg = q.msg
         if isinstance(msg, Hello):
+            if self.stopping_hellos > 0:
+                self.stopping_hellos -= 1
+                return [q.error(Status.SHUTTING_DOWN, "the broker is shutting down"), "close"]
             return [q.ok(HelloResult(p.VERSION, "fake-broker", p.MAX_FRAME))]
         if isinstance(msg, Load):
             public = self.key.public_key()

@@ -245,6 +245,21 @@ def test_the_honest_fake_signs_through_openssl(fake: FakeBroker, tmp_path: Path)
 
 
 @needs_provider
+def test_a_connection_a_stopping_broker_answers_is_made_again(fake: FakeBroker,
+                                                               tmp_path: Path) -> None:
+    """A broker that begins to stop as a connection arrives answers its HELLO
+    SHUTTING_DOWN; nothing of the request went out, so it waits for the successor."""
+    fake.stopping_hellos = 2
+    cnf = openssl_conf(tmp_path, MODULE, fake.path)
+    res, _, data, sig = openssl_sign(fake, tmp_path, cnf)
+    assert res.returncode == 0, res.stderr
+    assert fake.stopping_hellos == 0 and fake.connections >= 3
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    assert verifies(fake, sig, digest.finalize())
+
+
+@needs_provider
 def test_openssl_refuses_every_misbehaviour(fake: FakeBroker, rsa_fake: FakeBroker,
                                             tmp_path: Path) -> None:
     for behaviour in REFUSED:

@@ -188,6 +188,10 @@ const char *tpmb_hash_name(uint16_t hash); /* OpenSSL's name of a wire hash, or 
 /* An RSA pad-mode parameter, by name ("pkcs1", "oaep", "pss", "none") or number, as
  * RSA_*_PADDING; an unknown name gives -1. 0 only when the parameter cannot be read. */
 int tpmb_rsa_pad_mode(const OSSL_PARAM *p, int *pad);
+/* algorithm_id.c: AlgorithmIdentifier DER of a signature by a key of `key_type` with
+ * `hash` (wire id) and, for RSA, `pad`; 0 for a combination TPM keys do not sign with. */
+int tpmb_signature_algorithm_id(int key_type, int pad, uint16_t hash, size_t mdsize,
+                                unsigned char *out, size_t *outlen);
 
 
 extern const OSSL_DISPATCH tpmb_ec_keymgmt_functions[];

@@ -617,76 +617,6 @@ static int sig_digest_verify_final(void *vctx, const unsigned char *sig, size_t 
     return do_verify(ctx, sig, siglen, digest, dlen);
 }
 
-/*
- * AlgorithmIdentifier DER for X.509: ecdsa-with-SHAx, shaxWithRSAEncryption, or RSASSA-PSS
- * with hash = MGF1 hash = the digest and salt length = digest length (what the TPM does).
- */
-static int algorithm_id(const SIG_CTX *ctx, unsigned char *out, size_t *outlen)
-{
-    static const unsigned char ecdsa[] = {
-        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x00
-    };
-    static const unsigned char ecdsa_sha1[] = {
-        0x30, 0x09, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01
-    };
-    static const unsigned char rsa[] = {
-        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x00, 0x05, 0x00
-    };
-    static const unsigned char pss[] = {
-        0x30, 0x41, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a,
-        0x30, 0x34,
-        0xa0, 0x0f, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
-        0x00 /* [29] hash */, 0x05, 0x00,
-        0xa1, 0x1c, 0x30, 0x1a, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01,
-        0x08, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
-        0x00 /* [59] hash */, 0x05, 0x00,
-        0xa2, 0x03, 0x02, 0x01, 0x00 /* [66] salt */
-    };
-    unsigned char nist; /* last arc of the NIST hash OID */
-
-    switch (ctx->hash) {
-    case WIRE_HASH_SHA256:
-        nist = 1;
-        break;
-    case WIRE_HASH_SHA384:
-        nist = 2;
-        break;
-    case WIRE_HASH_SHA512:
-        nist = 3;
-        break;
-    case WIRE_HASH_SHA1:
-        nist = 0;
-        break;
-    default:
-        return 0;
-    }
-    if (ctx->key->type == WIRE_KEY_TYPE_EC) {
-        if (nist == 0) {
-            memcpy(out, ecdsa_sha1, sizeof(ecdsa_sha1));
-            *outlen = sizeof(ecdsa_sha1);
-        } else {
-            memcpy(out, ecdsa, sizeof(ecdsa));
-            out[11] = (unsigned char)(nist + 1);
-            *outlen = sizeof(ecdsa);
-        }
-        return 1;
-    }
-    if (ctx->pad == RSA_PKCS1_PADDING) {
-        memcpy(out, rsa, sizeof(rsa));
-        out[12] = nist == 0 ? 0x05 : (unsigned char)(0x0a + nist);
-        *outlen = sizeof(rsa);
-        return 1;
-    }
-    if (nist == 0)
-        return 0; /* PSS with SHA-1 has no use with these keys */
-    memcpy(out, pss, sizeof(pss));
-    out[29] = nist;
-    out[59] = nist;
-    out[66] = (unsigned char)ctx->mdsize;
-    *outlen = sizeof(pss);
-    return 1;
-}
-
 static int sig_get_ctx_params(void *vctx, OSSL_PARAM params[])
 {
     SIG_CTX *ctx = vctx;
@@ -697,7 +627,9 @@ static int sig_get_ctx_params(void *vctx, OSSL_PARAM params[])
         unsigned char der[80];
         size_t len;
 
-        if (ctx->md == NULL || ctx->key == NULL || !algorithm_id(ctx, der, &len)
+        if (ctx->md == NULL || ctx->key == NULL
+            || !tpmb_signature_algorithm_id(ctx->key->type, ctx->pad, ctx->hash, ctx->mdsize,
+                                            der, &len)
             || !OSSL_PARAM_set_octet_string(p, der, len))
             return 0;
     }

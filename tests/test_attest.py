@@ -37,7 +37,7 @@ from tpmbroker.errors import BadKeyError, UnsupportedError
 from tpmbroker.keyfile import der_to_pem
 from tpmbroker.protocol import Curve, KeyType
 from tpmbroker.simulator import Swtpm
-from tpmbroker.tpm import command
+from tpmbroker.tpm import certification, command
 
 from .relay import Relay, TamperingRelay
 from .tpmfixtures import Broker, CertifiedTpm, running_swtpm
@@ -345,7 +345,7 @@ def test_a_forged_certify_answer_is_dropped(attesting: Attesting) -> None:
 
 
 def test_the_recovered_credential_crosses_the_bus_encrypted(certified_swtpm: Swtpm) -> None:
-    """command.activate_credential, as the broker binds its attestation key, through a
+    """certification.activate_credential, as the broker binds its attestation key, through a
     recording relay: the secret the TPM recovers never crosses in the clear. Control:
     the same activation without ENCRYPT shows it, so the recording would."""
     relay = Relay(certified_swtpm.port)
@@ -361,7 +361,7 @@ def test_the_recovered_credential_crosses_the_bus_encrypted(certified_swtpm: Swt
                 TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=attestation.ak_template()),
                 ESYS_TR.ENDORSEMENT)
             name = TPM2B_NAME(attestation.name_of(ak_public.publicArea))
-            assert command.activate_credential(
+            assert certification.activate_credential(
                 ectx, ak, ek, *make_credential(ek_public, secret, name)) == secret
             assert not relay.seen(secret, window=16)
             session = ectx.start_auth_session(ek, ESYS_TR.NONE, TPM2_SE.POLICY,

@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "key formats": (("keyfile", "keypolicy", "keyref", "templates", "ek_trust", "attestation"),
                     ("foundation", "codec")),
     # what a client process runs
-    "client": (("client", "cryptography_keys", "wrap", "loadgen"),
+    "client": (("client", "verification", "cryptography_keys", "wrap", "loadgen"),
                ("foundation", "codec", "key formats")),
     # the TPM side of the broker
     "tpm": (("tpm",), ("foundation", "codec", "key formats")),

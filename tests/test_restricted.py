@@ -176,7 +176,7 @@ def test_a_failed_hash_sequence_leaves_no_object_in_the_tpm(
     """The broker alone on swtpm (no resource manager to tidy up after it): a hash sequence
     that fails half-way is flushed, and the TPM's transient handles are what they were."""
     from tpmbroker.tpm import TpmWorker
-    from tpmbroker.tpm import command as command_module
+    from tpmbroker.tpm import hashing as hashing_module
 
     parent = 0x81000001
     with ESAPI(swtpm.tcti) as ectx:
@@ -203,7 +203,7 @@ def test_a_failed_hash_sequence_leaves_no_object_in_the_tpm(
         sign_message(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, b"warm",
                             time.monotonic() + 30)
         before = transient()
-        real_update = command_module.prepare_sequence_update
+        real_update = hashing_module.prepare_sequence_update
         calls = []
 
         def failing_update(*args: Any, **kwargs: Any) -> Any:
@@ -212,7 +212,7 @@ def test_a_failed_hash_sequence_leaves_no_object_in_the_tpm(
                 raise DeadlineError("the deadline passed in the middle of the sequence")
             return real_update(*args, **kwargs)
 
-        monkeypatch.setattr(command_module, "prepare_sequence_update", failing_update)
+        monkeypatch.setattr(hashing_module, "prepare_sequence_update", failing_update)
         with pytest.raises(DeadlineError):
             sign_message(worker, info.key_id, b"", Scheme.ECDSA, Hash.SHA256, message,
                                 time.monotonic() + 30)

@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from tpmbroker import protocol as p
-from tpmbroker.client import LoadedKey, check_signature
+from tpmbroker.client import LoadedKey
 from tpmbroker.keyref import KeySpec
 from tpmbroker.paths import provider_path
+from tpmbroker.verification import check_signature
 
 from .malicious_broker import FakeBroker
 

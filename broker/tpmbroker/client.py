@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -21,10 +20,10 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import protocol as p
 from .definitions import CURVES, REPEATABLE
@@ -55,10 +54,11 @@ from .ops.sign import Sign, SignResult
 from .ops.sign_message import SignMessage, SignMessageResult
 from .ops.status import StatusRequest, StatusResult
 from .paths import default_socket
+from .verification import check_signature, public_key
 from .version import __version__
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+    pass
 
 DEFAULT_TIMEOUT = 30.0
 # A request a restarting broker could not serve is sent again after RETRY_FIRST seconds,
@@ -67,7 +67,6 @@ RETRY_FIRST = 0.01
 RETRY_MAX = 0.25
 RESTART_GRACE = 3.0
 MAX_LOST_CONNECTIONS = 2  # a request goes out at most this many times more after a loss
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -671,7 +670,7 @@ def _loaded_key(spec: KeySpec, result: LoadResult) -> LoadedKey:
     except ValueError:
         raise ProtocolError(f"the broker answered LOAD with key type {result.key_type} "
                             f"and curve {result.curve}") from None
-    public = _public_key(result.public_key)
+    public = public_key(result.public_key)
     if key_type == p.KeyType.EC:
         fits = (isinstance(public, ec.EllipticCurvePublicKey) and curve in CURVES
                 and public.curve.name == curve.pyca_name
@@ -693,105 +692,6 @@ def _loaded_key(spec: KeySpec, result: LoadResult) -> LoadedKey:
             raise ProtocolError("the broker answered LOAD with another public key than the "
                                 "key file's")
     return LoadedKey(spec, result.key_id, key_type, result.bits, curve, spki)
-
-
-
-
-@functools.lru_cache(maxsize=256)
-def _public_key(spki: bytes) -> PublicKeyTypes:
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        return serialization.load_der_public_key(spki)
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError(f"the broker sent a public key that does not parse: {exc}") \
-            from None
-
-
-def check_signature(key: LoadedKey, digest: bytes, hash_alg: p.Hash, scheme: p.Scheme,
-                    signature: bytes, verify: bool = True) -> None:
-    """Raises ProtocolError unless `signature` is one the key could have made over
-    `digest`: ECDSA DER with 0 < r, s < n, RSA exactly as long as the modulus (and below
-    it); with `verify`, the signature also verifies against the key's public key."""
-    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
-
-    public = _public_key(key.public_key)
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        if scheme != p.Scheme.ECDSA:
-            raise ProtocolError(f"scheme {scheme.name} for an EC key")
-        n = key.curve.order
-        try:
-            r, s = utils.decode_dss_signature(signature)
-        except ValueError:
-            raise ProtocolError(f"the broker sent a {len(signature)}-byte ECDSA signature "
-                                "that is not DER") from None
-        if not (0 < r < n and 0 < s < n):
-            raise ProtocolError("the broker sent an ECDSA signature with r or s out of "
-                                f"range for {key.curve.name}")
-        if utils.encode_dss_signature(r, s) != signature:
-            raise ProtocolError("the broker sent an ECDSA signature in non-canonical DER")
-    elif isinstance(public, rsa.RSAPublicKey):
-        size = (public.key_size + 7) // 8
-        if len(signature) != size:
-            raise ProtocolError(f"the broker sent a {len(signature)}-byte signature for a "
-                                f"{public.key_size}-bit RSA key ({size} bytes)")
-        if int.from_bytes(signature, "big") >= _modulus(key.public_key):
-            raise ProtocolError("the broker sent an RSA signature not below the modulus")
-    else:
-        raise ProtocolError("the key's public key is neither EC nor RSA")
-    if not verify:
-        return
-    try:
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, digest, _ecdsa(hash_alg))
-        else:
-            public.verify(signature, digest, *_rsa_verify_args(scheme, hash_alg))
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError):
-        # ValueError: a digest of the wrong length, which the broker should have refused
-        raise ProtocolError(f"the broker sent a {scheme.name} signature that does not "
-                            "verify with the key's public key") from None
-
-
-# What verifying a signature needs beyond the public key (cached above by key), made
-# once: building them per signature cost as much as the rest of the check around it.
-
-@functools.lru_cache(maxsize=256)
-def _modulus(spki: bytes) -> int:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    public = _public_key(spki)
-    assert isinstance(public, rsa.RSAPublicKey)
-    return public.public_numbers().n
-
-
-def _hash_object(hash_alg: p.Hash) -> Any:
-    from cryptography.hazmat.primitives import hashes
-
-    classes: dict[p.Hash, Callable[[], hashes.HashAlgorithm]] = {
-        p.Hash.SHA1: hashes.SHA1, p.Hash.SHA256: hashes.SHA256,
-        p.Hash.SHA384: hashes.SHA384, p.Hash.SHA512: hashes.SHA512}
-    return classes[hash_alg]()
-
-
-@functools.cache
-def _ecdsa(hash_alg: p.Hash) -> Any:
-    from cryptography.hazmat.primitives.asymmetric import ec, utils
-
-    return ec.ECDSA(utils.Prehashed(_hash_object(hash_alg)))
-
-
-@functools.cache
-def _rsa_verify_args(scheme: p.Scheme, hash_alg: p.Hash) -> tuple[Any, Any]:
-    """(padding, algorithm) for RSAPublicKey.verify: PSS as the TPM signs it (MGF1 over
-    the signing hash, salt as long as the digest), else PKCS#1 v1.5."""
-    from cryptography.hazmat.primitives.asymmetric import padding, utils
-
-    algorithm = utils.Prehashed(_hash_object(hash_alg))
-    if scheme == p.Scheme.PSS:
-        return (padding.PSS(padding.MGF1(_hash_object(hash_alg)), hash_alg.digest_size),
-                algorithm)
-    return padding.PKCS1v15(), algorithm
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()

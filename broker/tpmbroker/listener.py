@@ -1,4 +1,5 @@
-"""The broker's accept loop, with back-off when the process runs out of descriptors.
+"""The broker's listening socket (made, or systemd's), and its accept loop, with back-off
+when the process runs out of descriptors.
 
 asyncio's own loop (3.11) answers EMFILE by logging a traceback and scheduling a retry for
 every slot of the backlog it tried — a thousand tracebacks per burst and a busy loop. Here a
@@ -10,12 +11,17 @@ meanwhile wait in the kernel's backlog and are served when descriptors free up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
+import grp
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("tpmbroker.server")
 
@@ -24,6 +30,8 @@ FIRST_PAUSE = 0.1
 MAX_PAUSE = 2.0
 LOG_EVERY = 30.0
 ACCEPTS_PER_WAKEUP = 64
+# Hundreds of clients connect at once when a service starts; asyncio's default is 100.
+LISTEN_BACKLOG = 1024
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor systemd passes
 
 
@@ -49,6 +57,48 @@ def activated_socket() -> socket.socket | None:
                       "(ListenStream=PATH in tpmbroker.socket)")
     sock.set_inheritable(False)
     return sock
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    sock: socket.socket  # listening, non-blocking
+    path: str
+    inode: int | None  # of the socket file the broker made; None: systemd's
+    activated: bool  # systemd's (socket activation): never unlinked by the broker
+
+
+def bind(path_name: str, mode: int, group: str | None) -> Bound:
+    """The socket systemd passed, as it is, else a new one at `path_name` with `mode`
+    and `group`: a stale one left by a broker that died is replaced, a live one refused."""
+    activated = activated_socket()
+    if activated is not None:
+        activated.setblocking(False)
+        return Bound(activated, activated.getsockname(), None, True)
+    path = Path(path_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # left over by a broker that died
+            else:
+                probe.close()
+                raise OSError(f"another broker is already listening on {path}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # no window in which the socket is open to everyone
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    os.chmod(path, mode)
+    inode = path.lstat().st_ino
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return Bound(sock, str(path), inode, False)
 
 
 class Listener:

@@ -15,13 +15,11 @@ import bisect
 import collections
 import contextlib
 import dataclasses
-import grp
 import itertools
 import logging
 import os
 import queue
 import socket
-import stat
 import struct
 import threading
 import time
@@ -45,7 +43,7 @@ from .errors import (
     UnknownKeyError,
 )
 from .lane import Lane
-from .listener import Listener, activated_socket
+from .listener import Listener, bind
 from .metrics import SERVICE_BOUNDS, TextfileWriter
 from .scheduler import FairQueue, Job
 from .tpm.worker import TpmWorker
@@ -57,8 +55,6 @@ DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0
 MAX_IN_FLIGHT = 64
 FRAME_TIMEOUT = 5.0
-# Hundreds of clients connect at once when a service starts; asyncio's default is 100.
-LISTEN_BACKLOG = 1024
 # An orderly stop (SIGTERM, SIGINT): requests already received have this long to be
 # served before the rest are answered SHUTTING_DOWN; then answers have FLUSH_SECONDS to
 # leave, and the worker CLOSE_SECONDS to flush the TPM and send TPM2_Shutdown(STATE).
@@ -702,42 +698,6 @@ class BrokerServer:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def _bind(self) -> socket.socket:
-        activated = activated_socket()
-        if activated is not None:
-            # systemd made it (its path, owner and mode are tpmbroker.socket's) and keeps
-            # it across restarts: the broker never unlinks it.
-            self.socket_path = activated.getsockname()
-            self._activated = True
-            activated.setblocking(False)
-            return activated
-        path = Path(self.config.socket_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    probe.connect(str(path))
-                except OSError:
-                    path.unlink()  # left over by a broker that died
-                else:
-                    probe.close()
-                    raise OSError(f"another broker is already listening on {path}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # no window in which the socket is open to everyone
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        if self.config.socket_group is not None:
-            gid = grp.getgrnam(self.config.socket_group).gr_gid
-            os.chown(path, -1, gid)
-        os.chmod(path, self.config.socket_mode)
-        self._socket_inode = path.lstat().st_ino
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-        return sock
-
     async def start(self, open_timeout: float = 30.0) -> None:
         self._loop = asyncio.get_running_loop()
         self.lane.loop = self._loop
@@ -747,7 +707,10 @@ class BrokerServer:
         deadline = time.monotonic() + open_timeout
         # The TPM context lives on the worker thread from the first command on.
         await self.call(deadline, lambda: self.worker.open(deadline))
-        sock = self._bind()
+        bound = bind(self.config.socket_path, self.config.socket_mode,
+                     self.config.socket_group)
+        sock, self.socket_path, self._socket_inode = bound.sock, bound.path, bound.inode
+        self._activated = bound.activated
         self._server = Listener(self.loop, sock, lambda: Connection(self))
         self._usage_timer = self.loop.call_later(self.config.usage_interval, self._usage)
         if self.config.metrics_file is not None:

@@ -34,7 +34,7 @@ from ..definitions import MAX_CHALLENGE, Opcode
 from ..ek_trust import VERIFIED_BY_CERTIFICATE
 from ..errors import BadKeyError, TpmError, UnsupportedError
 from ..ops.certify import Certify, CertifyResult
-from ..tpm import command, endorsement
+from ..tpm import certification, command, endorsement
 from ..tpm.keys import CachedKey
 from ..tpm.session_crypto import SessionState
 from ..tpm.worker import TpmWorker
@@ -116,12 +116,12 @@ def _certify_once(tpm: TpmWorker, entry: CachedKey, auth: bytes, challenge: byte
         def certify(session: SessionState) -> command.PendingCommand:
             # The key named once the session is taken: starting one may need its slot.
             key_handle, key_name = tpm.objects.handle_and_name(tpm.objects.resident(entry))
-            return command.prepare_certify(session, key_handle, key_name, auth, ak_handle,
+            return certification.prepare_certify(session, key_handle, key_name, auth, ak_handle,
                                            ak_name, qualifying)
 
         cert_info, signature = tpm.with_password(
             entry, auth, peer, deadline,
-            lambda: tpm.execute(deadline, certify, command.certify_result))
+            lambda: tpm.execute(deadline, certify, certification.certify_result))
     finally:
         with contextlib.suppress(TSS2_Exception):
             ectx.flush_context(ak)
@@ -156,7 +156,7 @@ def _bind(tpm: TpmWorker, state: _Attestation, ak: Any, ak_public: Any,
         blob, encrypted_secret = make_credential(TPM2B_PUBLIC(publicArea=ek_public),
                                                  secret, TPM2B_NAME(
                                                      attestation.name_of(ak_public)))
-        recovered = command.activate_credential(tpm.link.ectx, ak, ek, blob,
+        recovered = certification.activate_credential(tpm.link.ectx, ak, ek, blob,
                                                 encrypted_secret)
     finally:
         if made:

@@ -14,7 +14,7 @@ from ..definitions import MAX_MESSAGE, Hash, Opcode, Scheme
 from ..errors import UnsupportedError
 from ..ops.sign import scheme_and_hash
 from ..ops.sign_message import SignMessage, SignMessageResult
-from ..tpm import command
+from ..tpm import command, hashing
 from ..tpm.keys import CachedKey
 from ..tpm.worker import TpmWorker
 from . import sign
@@ -66,7 +66,7 @@ def sign_message(tpm: TpmWorker, key_id: bytes, auth: bytes, scheme: Scheme, has
         digest, ticket = _tpm_hash(tpm, entry, hash, message, deadline)
         return tpm.authorized(
             entry, auth, deadline, lambda session, handle, name:
-            command.prepare_sign_with_ticket(session, handle, name, auth, digest,
+            hashing.prepare_sign_with_ticket(session, handle, name, auth, digest,
                                              scheme_alg, hash, ticket),
             command.signature_bytes)
 
@@ -85,22 +85,22 @@ def _tpm_hash(tpm: TpmWorker, entry: CachedKey, hash: Hash, message: bytes,
         tpm.link.tpm_property(TPM2_PT.INPUT_BUFFER) or 1024, 1024))
     tpm.counters["tpm_hashed_messages"] += 1
     if len(message) <= chunk:
-        return tpm.execute(deadline, lambda session: command.prepare_hash(
-            session, message, hash), command.hash_result)
+        return tpm.execute(deadline, lambda session: hashing.prepare_hash(
+            session, message, hash), hashing.hash_result)
     transport = tpm.link.require()
     # The sequence needs an object slot: make room as loading a key would, but keep
     # the key that signs next.
     sequence = tpm.objects.with_room(
-        entry, lambda: command.hash_sequence_start(transport, hash))
+        entry, lambda: hashing.hash_sequence_start(transport, hash))
     try:
         pieces = [message[i:i + chunk] for i in range(0, len(message), chunk)]
         for piece in pieces[:-1]:
             tpm.execute(deadline, functools.partial(
-                command.prepare_sequence_update, sequence=sequence, chunk=piece),
+                hashing.prepare_sequence_update, sequence=sequence, chunk=piece),
                 lambda _parameters: None)
         return tpm.execute(deadline, functools.partial(
-            command.prepare_sequence_complete, sequence=sequence, chunk=pieces[-1]),
-            command.hash_result)
+            hashing.prepare_sequence_complete, sequence=sequence, chunk=pieces[-1]),
+            hashing.hash_result)
     except BaseException:
         if tpm.link.up:
             with contextlib.suppress(TSS2_Exception):

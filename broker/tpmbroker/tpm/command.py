@@ -18,7 +18,6 @@ session_crypto, as the oracle the tests hold the C code to.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import os
@@ -68,10 +67,6 @@ CC_RSA_DECRYPT = 0x00000159
 CC_GET_RANDOM = 0x0000017B
 CC_NV_READ = 0x0000014E
 CC_NV_READ_PUBLIC = 0x00000169
-CC_HASH = 0x0000017D
-CC_HASH_SEQUENCE_START = 0x00000186
-CC_SEQUENCE_UPDATE = 0x0000015C
-CC_SEQUENCE_COMPLETE = 0x0000013E
 CC_ECDH_ZGEN = 0x00000154
 CC_IMPORT = 0x00000156
 SE_HMAC = 0x00
@@ -99,7 +94,7 @@ U16 = struct.Struct(">H")
 _TWO_SIZES = struct.Struct(">HH")
 ALG_ECDSA = int(TPM2_ALG.ECDSA)
 ALG_RSA_SIGNATURES = (int(TPM2_ALG.RSASSA), int(TPM2_ALG.RSAPSS))
-_NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL).marshal()
+NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL).marshal()
 
 
 class Transport(Protocol):
@@ -449,7 +444,7 @@ def sign_scheme(scheme_alg: int, hash_alg: int) -> bytes:
     if cached is None:
         scheme = TPMT_SIG_SCHEME(scheme=scheme_alg)
         scheme.details.any.hashAlg = hash_alg
-        cached = _scheme_cache[(scheme_alg, hash_alg)] = scheme.marshal() + _NULL_TICKET
+        cached = _scheme_cache[(scheme_alg, hash_alg)] = scheme.marshal() + NULL_TICKET
     return cached
 
 
@@ -668,77 +663,6 @@ def prepare_nv_read(session: sc.SessionState, auth_handle: int, auth_name: bytes
 
 
 
-# --- hashing in the TPM, for restricted signing keys ------------------------------------
-# A restricted signing key signs only a digest the TPM computed, proven by the
-# TPMT_TK_HASHCHECK ticket TPM2_Hash and TPM2_SequenceComplete return for hierarchy
-# OWNER. The message is each command's first parameter: the pool session encrypts it
-# (DECRYPT). The answers (a digest and a ticket) are not secret; the session's HMAC
-# makes them authentic.
-
-HASH_ATTRIBUTES = sc.CONTINUE_SESSION | sc.DECRYPT
-_OWNER = U32.pack(int(TPM2_RH.OWNER))
-
-
-def prepare_hash(session: sc.SessionState, data: bytes, hash_alg: int) -> PendingCommand:
-    """TPM2_Hash(data, hashAlg, hierarchy OWNER): one command for a short message."""
-    return prepare(session, CC_HASH, (), (), b"", data, U16.pack(hash_alg) + _OWNER,
-                   HASH_ATTRIBUTES)
-
-
-def hash_result(parameters: bytes) -> tuple[bytes, bytes]:
-    """(digest, marshalled TPMT_TK_HASHCHECK) of a TPM2_Hash or TPM2_SequenceComplete
-    response."""
-    try:
-        size = first_sized_length(parameters)
-        _, used = TPMT_TK_HASHCHECK.unmarshal(parameters[2 + size:])
-    except (TSS2_Exception, ValueError):
-        raise malformed() from None
-    if 2 + size + used != len(parameters):
-        raise malformed()
-    return parameters[2:2 + size], parameters[2 + size:]
-
-
-def hash_sequence_start(transport: Transport, hash_alg: int) -> int:
-    """TPM2_HashSequenceStart with an empty authValue: the sequence's handle.
-
-    No authorization and nothing secret in it, so no session."""
-    body = plain_command(CC_HASH_SEQUENCE_START, (), tpm2b(b"") + U16.pack(hash_alg),
-                         transport)
-    if len(body) != 4:
-        raise malformed()
-    return int(U32.unpack(body)[0])
-
-
-# A sequence object's Name is the Empty Buffer (it has no public area), and its
-# authValue is the empty one HashSequenceStart gave it. Sequence objects are exempt
-# from dictionary-attack counting, so an HMAC the TPM rejected would cost no lockout
-# count either.
-SEQUENCE_NAME = b""
-
-
-def prepare_sequence_update(session: sc.SessionState, sequence: int,
-                            chunk: bytes) -> PendingCommand:
-    return prepare(session, CC_SEQUENCE_UPDATE, (sequence,), (SEQUENCE_NAME,), b"", chunk,
-                   b"", HASH_ATTRIBUTES)
-
-
-def prepare_sequence_complete(session: sc.SessionState, sequence: int,
-                              chunk: bytes) -> PendingCommand:
-    """TPM2_SequenceComplete(last chunk, hierarchy OWNER); the TPM flushes the sequence
-    when it succeeds."""
-    return prepare(session, CC_SEQUENCE_COMPLETE, (sequence,), (SEQUENCE_NAME,), b"",
-                   chunk, _OWNER, HASH_ATTRIBUTES)
-
-
-def prepare_sign_with_ticket(session: sc.SessionState, key_handle: int, key_name: bytes,
-                             auth: bytes, digest: bytes, scheme_alg: int, hash_alg: int,
-                             ticket: bytes) -> PendingCommand:
-    """TPM2_Sign of a digest the TPM made, with the ticket that proves it."""
-    scheme = sign_scheme(scheme_alg, hash_alg)[:-len(_NULL_TICKET)]
-    return prepare(session, CC_SIGN, (key_handle,), (key_name,), auth, digest,
-                   scheme + ticket, SIGN_ATTRIBUTES)
-
-
 # --- TPM2_ECDH_ZGen, both points encrypted --------------------------------------------------
 
 # inPoint (the peer's public point) is the command's first parameter and outPoint (the
@@ -840,55 +764,3 @@ def _without_password_answers(response: bytes, count: int) -> bytes:
         raise malformed()
     tag, size, rc = HEADER.unpack_from(response)
     return HEADER.pack(tag, size - cut, rc) + response[HEADER.size:-cut]
-
-
-# --- TPM2_Certify -------------------------------------------------------------------------
-
-CC_CERTIFY = 0x00000148
-# qualifyingData and certifyInfo are not secret; the session proves the key's password
-# and makes the answer authentic.
-CERTIFY_ATTRIBUTES = sc.CONTINUE_SESSION
-_SCHEME_NULL = U16.pack(int(TPM2_ALG.NULL))  # the signing key's own scheme
-
-
-def prepare_certify(session: sc.SessionState, key_handle: int, key_name: bytes, auth: bytes,
-                    signer_handle: int, signer_name: bytes, qualifying_data: bytes,
-                    ) -> PendingCommand:
-    """TPM2_Certify(objectHandle=key, signHandle=signer, qualifyingData): the key's
-    authorization through `session`, the signer's by the empty password."""
-    pending = prepare(session, CC_CERTIFY, (key_handle, signer_handle),
-                      (key_name, signer_name), auth, qualifying_data, _SCHEME_NULL,
-                      CERTIFY_ATTRIBUTES)
-    return with_empty_password(pending, handles=2)
-
-
-def certify_result(parameters: bytes) -> tuple[bytes, bytes]:
-    """(certifyInfo, the marshalled TPMT_SIGNATURE) of a TPM2_Certify response."""
-    size = first_sized_length(parameters)
-    signature = parameters[2 + size:]
-    sign_result(signature)  # well-formed, nothing after it
-    return parameters[2:2 + size], signature
-
-
-# --- TPM2_ActivateCredential, once per attestation key --------------------------------------
-
-def activate_credential(ectx: Any, ak: Any, ek: Any, credential_blob: Any,
-                        secret: Any) -> bytes:
-    """TPM2_ActivateCredential(activateHandle=AK, keyHandle=EK) through ESAPI: the AK
-    by its empty password, the EK by a policy session that satisfies its policy
-    (TPM2_PolicySecret of the endorsement hierarchy), salted to the EK and with ENCRYPT,
-    so the recovered credential crosses the bus encrypted. The session is flushed after.
-    Once per attestation key, not per certification (tpmbroker.procedures.certify)."""
-    from tpm2_pytss.constants import ESYS_TR, TPM2_SE, TPMA_SESSION
-
-    session = ectx.start_auth_session(ek, ESYS_TR.NONE, TPM2_SE.POLICY, aes128_cfb(),
-                                      TPM2_ALG.SHA256)
-    try:
-        ectx.policy_secret(ESYS_TR.ENDORSEMENT, session, expiration=0)
-        ectx.trsess_set_attributes(session, TPMA_SESSION.ENCRYPT | TPMA_SESSION.CONTINUESESSION)
-        certinfo = ectx.activate_credential(ak, ek, credential_blob, secret,
-                                            session1=ESYS_TR.PASSWORD, session2=session)
-    finally:
-        with contextlib.suppress(TSS2_Exception):
-            ectx.flush_context(session)
-    return bytes(certinfo)

@@ -178,9 +178,12 @@ def test_usage_sign_narrows_and_the_refusal_says_why(keys: Keys) -> None:
     why = "decrypt attribute is clear (a sign-only key, made with usage sign)"
     for recip in (True, False):
         code, out, err = keys.cms_decrypt(rsa, recip=recip, check=False)
-        assert code != 0 and MESSAGE not in out, err  # CMS writes what a random key gave
+        assert MESSAGE not in out, err  # CMS writes what a random key gave
         assert why in err, err  # printed before CMS clears the error queue
-        assert "bad decrypt" in err, err  # what CMS says on its own
+        # Refused, CMS goes on with a random content key (its answer to Bleichenbacher), and
+        # its padding check says "bad decrypt"; about one random key in 256 unpads by
+        # chance, and CMS then exits 0 with garbage.
+        assert code == 0 or "bad decrypt" in err, err
     code, out, err = keys.decrypt(rsa, MESSAGE, check=False)
     assert code != 0 and out == b"" and why in err, err
 

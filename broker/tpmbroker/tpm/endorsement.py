@@ -102,16 +102,17 @@ def _nv_read_chunk(transport: command.Transport, index: int, size: int, offset: 
     return parameters[2:2 + length]
 
 
-def certificates(transport: command.Transport) -> list[tuple[str, bytes]]:
-    """(kind, DER) of every EK certificate the TPM holds, in the order of KINDS."""
+def certificates(transport: command.Transport) -> list[tuple[str, bytes, Any]]:
+    """(kind, DER, TPM2B_PUBLIC template) of every EK certificate the TPM holds, in the
+    order of KINDS: the template read with the certificate, so neither is read twice."""
     found = []
     for kind in KINDS:
         try:
-            der, _ = create_ek_template(kind, _reader(transport))
+            der, public_template = create_ek_template(kind, _reader(transport))
         except ValueError:
             continue  # a high-range kind without its certificate
         if der:
-            found.append((kind, bytes(der)))
+            found.append((kind, bytes(der), public_template))
     return found
 
 
@@ -236,13 +237,12 @@ def _by_certificate(transport: command.Transport, create_ek: Create,
             f"0x{NV_EK_ECC256:08x} and the high range): pin its EK with `tpmbroker "
             "enroll` instead of --ek-ca")
     refusals = []
-    for kind, der in found:
+    for kind, der, public_template in found:
         try:
             cert = ek_trust.verify_ek_certificate(der, trust.anchors)
         except EkTrustError as exc:
             refusals.append(f"{kind}: {exc}")
             continue
-        public_template = template(kind, transport)
         handle, public = create_ek(public_template)
         try:
             ek_trust.check_certified_key(cert, spki(public))

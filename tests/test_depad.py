@@ -11,6 +11,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from tpm2_pytss import TSS2_RC, TSS2_Exception
 
 from tpmbroker import protocol as p
 from tpmbroker.errors import BadDigestError
@@ -91,6 +92,44 @@ def test_synthetic_messages_depend_on_ciphertext_and_secret_and_vary_in_length()
         assert out != depad.pkcs1(em, ciphertext, os.urandom(32), implicit=True) or not out
         lengths.add(len(out))
     assert len(lengths) > 20
+
+
+def _answer(em: bytes) -> bytes:
+    """TPM2_RSA_Decrypt's response parameters for `em`: leading zeros dropped, sized."""
+    value = em.lstrip(b"\0")
+    return len(value).to_bytes(2, "big") + value
+
+
+@pytest.mark.parametrize("block", [
+    b"\x00\x02" + b"\x11" * 8 + b"\x00" + b"m" * 245,  # good
+    b"\x00\x02" + b"\x11" * 254,                    # bad: no separator
+    b"\x00\x00\x02" + b"\x11" * 253,                # bad, and the TPM drops two zeros
+], ids=["good", "bad", "two-leading-zeros"])
+@pytest.mark.parametrize("implicit", [True, False])
+def test_the_tpm_answer_decodes_as_its_block(block: bytes, implicit: bool) -> None:
+    ciphertext = raw_encrypt(block)
+    em = raw_decrypt(ciphertext)
+    secret = os.urandom(32)
+    try:
+        expected: bytes | type[BadDigestError] = depad.pkcs1(em, ciphertext, secret, implicit)
+    except BadDigestError:
+        expected = BadDigestError
+    if expected is BadDigestError:
+        with pytest.raises(BadDigestError, match=r"^decryption error$"):
+            depad.pkcs1_answer(_answer(em), ciphertext, secret, implicit)
+    else:
+        assert depad.pkcs1_answer(_answer(em), ciphertext, secret, implicit) == expected
+
+
+@pytest.mark.parametrize("answer", [
+    b"", b"\x00", (K + 1).to_bytes(2, "big") + b"\x01" * (K + 1),
+    (10).to_bytes(2, "big") + b"\x01" * 9, (10).to_bytes(2, "big") + b"\x01" * 11,
+], ids=["empty", "one-byte", "longer-than-the-modulus", "short", "trailing"])
+def test_a_malformed_tpm_answer_is_a_malformed_response(answer: bytes) -> None:
+    ciphertext = raw_encrypt(b"\x00\x02" + b"\x11" * 254)
+    with pytest.raises(TSS2_Exception) as caught:
+        depad.pkcs1_answer(answer, ciphertext, os.urandom(32), True)
+    assert caught.value.rc == TSS2_RC.ESYS_RC_MALFORMED_RESPONSE
 
 
 @pytest.mark.parametrize(("hash_alg", "mgf1", "label"), [

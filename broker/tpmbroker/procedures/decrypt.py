@@ -4,6 +4,8 @@ in C (tpm/depad.c) for keys whose scheme is NULL."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..definitions import DecryptFlag, Hash, Opcode, Padding
 from ..errors import BadDigestError, TpmBrokerError, TpmError, UnsupportedError
 from ..ops.base import member
@@ -73,12 +75,13 @@ def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: 
     tpm_scheme = keymod.decryption_scheme(entry.public, padding, hash, mgf1, label)
     size = _check_ciphertext(entry, ciphertext)
 
-    def tpm_decrypt(block: bytes, scheme: tuple[int, int, bytes] | None) -> bytes:
+    def tpm_decrypt(block: bytes, scheme: tuple[int, int, bytes] | None,
+                    answer: Callable[[bytes], bytes] = command.sized_result) -> bytes:
         alg, hash_alg, tpm_label = scheme or (command.ALG_NULL, 0, b"")
         return tpm.run(deadline, "decrypting", lambda: tpm.authorized(
             entry, auth, deadline, lambda session, handle, name:
             command.prepare_rsa_decrypt(session, handle, name, auth, block, alg,
-                                        hash_alg, tpm_label), command.sized_result))
+                                        hash_alg, tpm_label), answer))
 
     def decrypt() -> bytes:
         if tpm_scheme is not None:
@@ -91,8 +94,9 @@ def decrypt(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: 
         if padding is Padding.PKCS1 and entry.kdk_secret is None:
             entry.kdk_secret = depad.kdk_secret(  # the key's Name: the same by file or handle
                 tpm_decrypt(depad.kdk_block(entry.name, size), None).rjust(size, b"\0"))
-        return _unpad(entry, tpm_decrypt(ciphertext, None), size, padding, hash, mgf1,
-                      label, ciphertext, implicit_rejection)
+        return tpm_decrypt(ciphertext, None, lambda parameters: _unpad(
+            entry, parameters, size, padding, hash, mgf1, label, ciphertext,
+            implicit_rejection))
 
     plaintext = tpm.with_password(entry, auth, peer, deadline, decrypt)
     tpm.objects.keys.touch(key_id)
@@ -117,8 +121,8 @@ def lane(tpm: TpmWorker, key_id: bytes, auth: bytes, padding: Padding, hash: Has
         entry, auth, peer, "decrypting", lambda session, handle, name:
         command.prepare_rsa_decrypt(session, handle, name, auth, ciphertext,
                                     command.ALG_NULL, 0, b""),
-        lambda parameters: _unpad(entry, command.sized_result(parameters), size, padding,
-                                  hash, mgf1, label, ciphertext, implicit_rejection),
+        lambda parameters: _unpad(entry, parameters, size, padding, hash, mgf1, label,
+                                  ciphertext, implicit_rejection),
         password_known)
 
 
@@ -135,14 +139,15 @@ def _check_ciphertext(entry: CachedKey, ciphertext: bytes) -> int:
     return size
 
 
-def _unpad(entry: CachedKey, raw: bytes, size: int, padding: Padding, hash: Hash,
+def _unpad(entry: CachedKey, answer: bytes, size: int, padding: Padding, hash: Hash,
            mgf1: Hash, label: bytes, ciphertext: bytes, implicit_rejection: bool) -> bytes:
-    """The plaintext in the TPM's raw private operation's answer, its padding removed in
-    constant time (tpm/depad.c)."""
-    em = raw.rjust(size, b"\0")
+    """The plaintext in the TPM's answer to the raw private operation (its response
+    parameters), the padding removed in constant time (tpm/depad.c); PKCS#1 v1.5 in one
+    C call that also reads the sized buffer and puts back the leading zeros."""
+    if padding is Padding.PKCS1:
+        assert entry.kdk_secret is not None
+        return depad.pkcs1_answer(answer, ciphertext, entry.kdk_secret, implicit_rejection)
+    em = command.sized_result(answer).rjust(size, b"\0")
     if padding is Padding.NONE:
         return em
-    if padding is Padding.OAEP:
-        return depad.oaep(em, label, hash, mgf1)
-    assert entry.kdk_secret is not None
-    return depad.pkcs1(em, ciphertext, entry.kdk_secret, implicit_rejection)
+    return depad.oaep(em, label, hash, mgf1)

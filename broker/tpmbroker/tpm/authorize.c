@@ -27,6 +27,7 @@
 #define ALG_RSAPSS 0x0016
 #define ALG_ECDSA 0x0018
 #define ATTR_DECRYPT 0x20
+#define ATTR_ENCRYPT 0x40
 #define AES_KEY_BYTES 16
 #define AES_BLOCK_BYTES 16
 #define MAX_DIGEST 64
@@ -300,14 +301,15 @@ int tb_prepare(tb_ctx *ctx, uint16_t hash_alg, uint32_t session_handle,
 }
 
 int tb_finish(tb_ctx *ctx, const tb_pending *pending, const uint8_t *response,
-              size_t response_len, tb_result *result)
+              size_t response_len, tb_result *result, uint8_t *clear, size_t clear_size)
 {
     int h = hash_index(pending->hash_alg);
-    size_t off, md_size, plen, nlen, hlen;
+    size_t off, md_size, plen, nlen, hlen, first_len;
     uint8_t rp_hash[MAX_DIGEST], expected[MAX_DIGEST], code[4], cc[4];
 
     if (h < 0)
         return TB_BAD_ARGUMENT;
+    result->decrypted = 0;
     if (response_len < HEADER_SIZE || get32(response + 2) != response_len)
         return TB_MALFORMED;
     result->rc = get32(response + 6);
@@ -355,20 +357,21 @@ int tb_finish(tb_ctx *ctx, const tb_pending *pending, const uint8_t *response,
         return TB_AUTH_FAILED;
     memcpy(result->nonce_tpm, nonce_tpm, nlen);
     result->nonce_tpm_len = nlen;
-    return TB_OK;
-}
-
-int tb_decrypt_response(tb_ctx *ctx, const tb_pending *pending, const uint8_t *nonce_tpm,
-                        size_t nonce_tpm_len, uint8_t *data, size_t len)
-{
-    int h = hash_index(pending->hash_alg);
-
-    if (h < 0 || nonce_tpm_len != pending->nonce_caller_len || len > 0xFFFF)
-        return TB_BAD_ARGUMENT;
-    if (len == 0)
+    if (!(result->attributes & ATTR_ENCRYPT))
         return TB_OK;
-    return cfb(ctx, h, 0, pending->hmac_key, pending->hmac_key_len, nonce_tpm,
-               pending->nonce_caller, nonce_tpm_len, data, len) ? TB_OK : TB_CRYPTO_ERROR;
+
+    /* Authentic, and its first parameter encrypted: the clear copy goes to `clear`. */
+    const uint8_t *params = response + result->params_offset;
+    if (plen < 2 || (first_len = get16(params)) > plen - 2)
+        return TB_MALFORMED;
+    if (plen > clear_size)
+        return TB_BAD_ARGUMENT;
+    memcpy(clear, params, plen);
+    if (first_len && !cfb(ctx, h, 0, pending->hmac_key, pending->hmac_key_len, nonce_tpm,
+                          pending->nonce_caller, nlen, clear + 2, first_len))
+        return TB_CRYPTO_ERROR;
+    result->decrypted = 1;
+    return TB_OK;
 }
 
 /* --- signatures ---------------------------------------------------------------------- */

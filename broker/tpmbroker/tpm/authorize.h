@@ -63,17 +63,17 @@ typedef struct {
     uint8_t nonce_tpm[64]; /* the session's new nonceTPM */
     size_t nonce_tpm_len;
     uint8_t attributes; /* the response's session attributes */
+    int decrypted; /* 1: the parameters, their first decrypted, are in `clear` */
 } tb_result;
 
-/* Check `response` against `pending`; on TB_OK all of `result` is filled in. */
+/* Check `response` against `pending`; on TB_OK all of `result` is filled in. When the
+ * TPM encrypted the first parameter (a sized buffer; the command asked for ENCRYPT),
+ * the parameters are copied to `clear` (room for `clear_size` bytes) with that one
+ * decrypted: AES-128-CFB keyed by KDFa(hmac key, "CFB", nonceTPM (the response's),
+ * nonceCaller). One call, so an answer's secret is never in the caller's hands
+ * encrypted and again in the clear. */
 int tb_finish(tb_ctx *ctx, const tb_pending *pending, const uint8_t *response,
-              size_t response_len, tb_result *result);
-
-/* Decrypt, in place, the contents of a response's first parameter (a sized buffer) that
- * the TPM encrypted because the command asked for ENCRYPT: AES-128-CFB keyed by
- * KDFa(hmac key, "CFB", nonceTPM (the response's), nonceCaller). */
-int tb_decrypt_response(tb_ctx *ctx, const tb_pending *pending, const uint8_t *nonce_tpm,
-                        size_t nonce_tpm_len, uint8_t *data, size_t len);
+              size_t response_len, tb_result *result, uint8_t *clear, size_t clear_size);
 
 /* A TPM2_Sign response's TPMT_SIGNATURE as the bytes users expect: DER Ecdsa-Sig-Value
  * for ECDSA, the signature left-padded to at least `rsa_bytes` for RSASSA/RSAPSS. Returns the

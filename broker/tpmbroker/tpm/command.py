@@ -301,6 +301,7 @@ def finish(pending: PendingCommand, response: bytes) -> tuple[list[int], bytes]:
 # --- the arithmetic, in C -----------------------------------------------------------------------
 
 MAX_COMMAND = 4096
+_ZEROS = bytes(MAX_COMMAND)
 _C_ERRORS: dict[int, Callable[[], TSS2_Exception]] = {
     _authorize.lib.TB_MALFORMED: malformed,
     _authorize.lib.TB_AUTH_FAILED: ResponseAuthError,
@@ -323,6 +324,7 @@ class _Scratch(threading.local):
         self.command_len = ffi.new("size_t *")
         self.result = ffi.new("tb_result *")
         self.signature = ffi.new("uint8_t[]", 1024)
+        self.clear = ffi.new("uint8_t[]", MAX_COMMAND)  # a response, decrypted
         self.on_curve = ffi.new("int *")
 
 
@@ -381,33 +383,23 @@ def _c_finish(pending: PendingCommand, response: bytes) -> tuple[list[int], byte
     ffi, lib = _authorize.ffi, _authorize.lib
     scratch = _c_scratch()
     result = scratch.result
-    status = lib.tb_finish(scratch.ctx, pending.c_pending, response, len(response), result)
+    status = lib.tb_finish(scratch.ctx, pending.c_pending, response, len(response), result,
+                           scratch.clear, MAX_COMMAND)
     if status == lib.TB_TPM_ERROR:
         raise TSS2_Exception(result.rc)
     if status != lib.TB_OK:
         raise _C_ERRORS[status]()
     handles = [U32.unpack_from(response, HEADER.size + 4 * i)[0]
                for i in range(pending.response_handles)]
-    start = result.params_offset
-    parameters = response[start:start + result.params_len]
-    nonce_tpm = ffi.buffer(result.nonce_tpm, result.nonce_tpm_len)[:]
-    pending.session.nonce_tpm = nonce_tpm
-    if result.attributes & sc.ENCRYPT:
-        parameters = _c_decrypt_first(pending, nonce_tpm, parameters)
+    length = result.params_len
+    if result.decrypted:
+        parameters = ffi.buffer(scratch.clear, length)[:]
+        ffi.memmove(scratch.clear, _ZEROS, length)  # no clear copy left behind
+    else:
+        start = result.params_offset
+        parameters = response[start:start + length]
+    pending.session.nonce_tpm = ffi.buffer(result.nonce_tpm, result.nonce_tpm_len)[:]
     return handles, parameters
-
-
-def _c_decrypt_first(pending: PendingCommand, nonce_tpm: bytes, parameters: bytes) -> bytes:
-    """The response's first parameter decrypted (tb_decrypt_response)."""
-    ffi, lib = _authorize.ffi, _authorize.lib
-    size = first_sized_length(parameters)
-    clear = bytearray(parameters)  # decrypted in place, after the size
-    status = lib.tb_decrypt_response(_c_scratch().ctx, pending.c_pending, nonce_tpm,
-                                     len(nonce_tpm), ffi.from_buffer("uint8_t[]", clear) + 2,
-                                     size)
-    if status != lib.TB_OK:
-        raise _C_ERRORS[status]()
-    return bytes(clear)
 
 
 def execute(transport: Transport, pending: PendingCommand) -> tuple[list[int], bytes]:

@@ -173,6 +173,27 @@ end:
     return ret;
 }
 
+int td_pkcs1_answer(td_ctx *ctx, const uint8_t *answer, size_t answer_len,
+                    const uint8_t *ct, size_t k, const uint8_t *kdk_secret, int implicit,
+                    uint8_t *out, size_t *out_len)
+{
+    uint8_t em[MAX_K];
+    size_t len;
+    int ret;
+
+    if (k > MAX_K)
+        return TD_BAD_ARGUMENT;
+    if (answer_len < 2 || (len = ((size_t)answer[0] << 8) | answer[1]) != answer_len - 2
+        || len > k)
+        return TD_MALFORMED;
+    /* The size field crossed the bus in the clear: where EM starts is no secret here. */
+    memset(em, 0, k - len);
+    memcpy(em + k - len, answer + 2, len);
+    ret = td_pkcs1(ctx, em, ct, k, kdk_secret, implicit, out, out_len);
+    OPENSSL_cleanse(em, k);
+    return ret;
+}
+
 int td_oaep(const uint8_t *em, size_t k, const uint8_t *label, size_t label_len,
             const char *md_name, const char *mgf1_name, uint8_t *out, size_t *out_len)
 {

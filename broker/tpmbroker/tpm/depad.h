@@ -17,6 +17,7 @@
 #define TD_BAD_PADDING 1 /* explicit rejection: the padding is not good */
 #define TD_BAD_ARGUMENT 2 /* sizes out of range, unknown hash */
 #define TD_CRYPTO_ERROR 3 /* libcrypto failed */
+#define TD_MALFORMED 4 /* the TPM's answer is not a sized buffer of at most k bytes */
 
 /* What td_pkcs1 keeps between calls: an HMAC-SHA256 context whose digest is fetched
  * once. One per thread; NULL from td_ctx_new when libcrypto cannot make it. */
@@ -32,6 +33,12 @@ void td_ctx_free(td_ctx *ctx);
  * is TD_BAD_PADDING. `out` has room for `k` bytes; *out_len is the message's length. */
 int td_pkcs1(td_ctx *ctx, const uint8_t *em, const uint8_t *ct, size_t k,
              const uint8_t *kdk_secret, int implicit, uint8_t *out, size_t *out_len);
+
+/* td_pkcs1 of the TPM's answer itself: `answer` is TPM2_RSA_Decrypt's response
+ * parameters, a sized buffer whose leading zero bytes the TPM may have dropped. */
+int td_pkcs1_answer(td_ctx *ctx, const uint8_t *answer, size_t answer_len,
+                    const uint8_t *ct, size_t k, const uint8_t *kdk_secret, int implicit,
+                    uint8_t *out, size_t *out_len);
 
 /* RSAES-OAEP decoding of `em` (`k` bytes) with `label`, the hash `md_name` and MGF1 with
  * `mgf1_name` (OpenSSL digest names), by libcrypto's constant-time check. TD_BAD_PADDING

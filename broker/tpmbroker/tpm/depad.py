@@ -20,6 +20,7 @@ from typing import Any
 
 from ..definitions import Hash
 from ..errors import BadDigestError, InternalError, UnsupportedError
+from .command import malformed
 
 _c: Any = importlib.import_module(f"{__package__}._authorize")
 
@@ -74,22 +75,38 @@ _scratch = _Scratch()
 def pkcs1(em: bytes, ciphertext: bytes, secret: bytes, implicit: bool) -> bytes:
     """The message in a PKCS#1 v1.5 encoded block; with `implicit`, a synthetic message
     when the padding is bad (never an error), else BadDigestError."""
-    ffi, lib = _c.ffi, _c.lib
     k = len(em)
     if len(ciphertext) != k or len(secret) != 32 or k > MAX_K:
         raise InternalError("PKCS#1 decoding: sizes do not match")
+    return _pkcs1(_c.lib.td_pkcs1, em, ciphertext, k, secret, implicit)
+
+
+def pkcs1_answer(answer: bytes, ciphertext: bytes, secret: bytes, implicit: bool) -> bytes:
+    """pkcs1 of TPM2_RSA_Decrypt's answer as it came (its response parameters: a sized
+    buffer, leading zeros dropped), for a modulus as long as `ciphertext`; malformed()
+    when the answer is not such a buffer."""
+    k = len(ciphertext)
+    if len(secret) != 32 or k > MAX_K:
+        raise InternalError("PKCS#1 decoding: sizes do not match")
+    return _pkcs1(_c.lib.td_pkcs1_answer, answer, len(answer), ciphertext, k, secret,
+                  implicit)
+
+
+def _pkcs1(function: Any, *arguments: object) -> bytes:
+    ffi, lib = _c.ffi, _c.lib
     scratch = _scratch
     out = scratch.out
-    status = lib.td_pkcs1(scratch.ctx, em, ciphertext, k, secret, int(implicit), out,
-                          scratch.out_len)
+    status = function(scratch.ctx, *arguments, out, scratch.out_len)
     try:
         if status == lib.TD_BAD_PADDING:
             raise BadDigestError(DECRYPTION_ERROR)
+        if status == lib.TD_MALFORMED:
+            raise malformed()
         if status != lib.TD_OK:
             raise InternalError(f"PKCS#1 decoding failed ({status})")
         return bytes(ffi.buffer(out, scratch.out_len[0]))
     finally:
-        ffi.memmove(out, _ZEROS, k)
+        ffi.memmove(out, _ZEROS, MAX_K)
 
 
 def oaep(em: bytes, label: bytes, hash: Hash, mgf1: Hash) -> bytes:

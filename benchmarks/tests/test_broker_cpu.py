@@ -1,0 +1,34 @@
+"""`python -m benchmarks.broker_cpu`: every operation beside its key type's signature."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.broker_cpu import OPERATIONS, SIGNATURE_OF
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+ROW = re.compile(r"^\| (provider|client) \| 1 \| ([^|]+) \| (\d+) \((\d+)-(\d+)\) \| (.+) \|$")
+
+
+def test_each_operation_gets_a_figure_and_a_ratio_to_its_signature() -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENSSL_CONF", "TPMBROKER_SOCKET", "TPMBROKER_TCTI")}
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.broker_cpu", "--rounds", "2", "--slice", "0.1",
+         "--clients", "1"], cwd=CHECKOUT, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [m.groups() for line in run.stdout.splitlines() if (m := ROW.match(line))]
+    assert {(system, op.strip()) for system, op, *_ in rows} == {
+        (system, op) for system in ("provider", "client") for op in OPERATIONS}
+    for system, op, median, low, high, ratio in rows:
+        assert 0 < int(low) <= int(median) <= int(high), (system, op)
+        if op.strip() in SIGNATURE_OF:
+            assert re.match(r"^\d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\); <= 1 in \d of 2 rounds; "
+                            r"(met|not met)$", ratio), ratio
+        else:
+            assert ratio == "-"

@@ -15,10 +15,13 @@
  *       signs and verifies every 10 ms until stdin closes, printing "ok|fail|bad T" per
  *       signature, T being CLOCK_MONOTONIC seconds: a long-lived signer across broker
  *       crashes and restarts (tests/test_broker_life.py).
- *   loadgen timed MODDIR KEY PUB THREADS SECONDS
+ *   loadgen timed MODDIR KEY PUB THREADS SECONDS [decrypt|derive INPUT EXPECTED]
  *       THREADS threads sign for SECONDS, verifying one signature in 50; prints a line per
  *       thread ("thread I signed N failed F bad B") and one "latencies_us" line with every
- *       signature's latency.
+ *       signature's latency. With decrypt or derive, they decrypt the ciphertext in the
+ *       file INPUT (EVP_PKEY_decrypt, PKCS#1 v1.5) or derive with the peer public key in
+ *       the PEM file INPUT (EVP_PKEY_derive) instead, each through a fresh EVP_PKEY_CTX
+ *       as TLS does, one result in 50 compared with the bytes of the file EXPECTED.
  *
  * Exit status 0 only when every signature that should work did and verified.
  */
@@ -37,7 +40,10 @@
 #include <openssl/pem.h>
 #include <openssl/provider.h>
 
-static EVP_PKEY *key, *pub;
+static EVP_PKEY *key, *pub, *peer;
+static enum { SIGN, DECRYPT, DERIVE } op = SIGN;
+static unsigned char input[4096], expected[4096];
+static size_t input_len, expected_len;
 static int iters;
 static const char *mdname = "SHA256";
 static pthread_mutex_t count_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -126,6 +132,46 @@ end:
     return rc;
 }
 
+/* 1 decrypted or derived (and, when `check`, the result is `expected`), 0 failed, -1
+ * a wrong result. */
+static int operate_once(int check)
+{
+    unsigned char out[1024];
+    size_t out_len = sizeof(out);
+    EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_pkey(NULL, key, NULL);
+    int ok, rc = 0;
+
+    if (op == DECRYPT)
+        ok = c != NULL && EVP_PKEY_decrypt_init(c) == 1
+             && EVP_PKEY_decrypt(c, out, &out_len, input, input_len) == 1;
+    else
+        ok = c != NULL && EVP_PKEY_derive_init(c) == 1 && EVP_PKEY_derive_set_peer(c, peer) == 1
+             && EVP_PKEY_derive(c, out, &out_len) == 1;
+    if (!ok) {
+        char line[1024];
+
+        errors_line(line, sizeof(line));
+        last_busy = strstr(line, "tpmbroker is busy") != NULL;
+    } else {
+        last_busy = 0;
+        rc = check && (out_len != expected_len || memcmp(out, expected, out_len) != 0) ? -1 : 1;
+    }
+    ERR_clear_error();
+    EVP_PKEY_CTX_free(c);
+    return rc;
+}
+
+static int read_file(const char *path, unsigned char *buf, size_t cap, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+
+    if (f == NULL)
+        return 0;
+    *len = fread(buf, 1, cap, f);
+    fclose(f);
+    return *len > 0 && *len < cap;
+}
+
 static int busy_refusal(void)
 {
     return last_busy;
@@ -143,8 +189,9 @@ static void *timed_worker(void *arg)
 
     while (now_us() < stop_at_us) {
         int64_t t0 = now_us();
-        int r = sign_once((unsigned long)(size_t)arg * 100000000ul + n, n % 50 == 0,
-                          NULL, 0, 1);
+        int r = op == SIGN ? sign_once((unsigned long)(size_t)arg * 100000000ul + n,
+                                       n % 50 == 0, NULL, 0, 1)
+                           : operate_once(n % 50 == 0);
 
         n++;
         if (r == 0) {
@@ -345,6 +392,17 @@ int main(int argc, char **argv)
         return watch();
     if (strcmp(argv[1], "timed") == 0 && argc == 7)
         return timed(atoi(argv[5]), atof(argv[6]));
+    if (strcmp(argv[1], "timed") == 0 && argc == 10) {
+        op = strcmp(argv[7], "decrypt") == 0 ? DECRYPT : strcmp(argv[7], "derive") == 0 ? DERIVE
+                                                                                        : SIGN;
+        if (op == SIGN || !read_file(argv[9], expected, sizeof(expected), &expected_len)
+            || (op == DECRYPT && !read_file(argv[8], input, sizeof(input), &input_len))
+            || (op == DERIVE && (peer = read_key(argv[8], 0)) == NULL)) {
+            fprintf(stderr, "timed: cannot read %s or %s for %s\n", argv[8], argv[9], argv[7]);
+            return 2;
+        }
+        return timed(atoi(argv[5]), atof(argv[6]));
+    }
     if (strcmp(argv[1], "stress") != 0 || argc != 9)
         return 2;
     iters = atoi(argv[6]);

@@ -142,42 +142,14 @@ def run_client(socket: str, work: Work, clients: int, seconds: float) -> LoadRep
             sampler.join()
 
 
-def run_provider(socket: str, work: Work, clients: int, seconds: float) -> LoadReport:
-    """Threads of this process calling EVP_PKEY_decrypt / EVP_PKEY_derive through the
-    tpmbroker provider in a private library context (cffi releases the GIL in each call)."""
-    from tpmbroker.client import Client
-    from tpmbroker.paths import provider_path
-
-    from .libcrypto import Libcrypto, Operator
-
-    previous = os.environ.get("TPMBROKER_SOCKET")
-    os.environ["TPMBROKER_SOCKET"] = socket  # the provider reads it when a key is used
-    crypto = Libcrypto(["default", "tpmbroker"], search_path=str(provider_path().parent))
-    report = LoadReport(clients, seconds, per_client=[0] * clients)
-    pkey = None
-    try:
-        pkey = crypto.load_pem_key(work.key.pem)
-        with Client(socket, timeout=10) as status_client:
-            stop = threading.Event()
-            sampler = threading.Thread(target=sample_sessions,
-                                       args=(status_client, stop, report), daemon=True)
-            sampler.start()
-            try:
-                def make_call(index: int) -> tuple[object, bytes]:
-                    return Operator(crypto, pkey, work.op, work.data).run, work.expected
-
-                return _threads(clients, seconds, report, make_call)
-            finally:
-                stop.set()
-                sampler.join()
-    finally:
-        if pkey is not None:
-            crypto.ffi.release(pkey)  # before its library context goes
-        crypto.close()
-        if previous is None:
-            os.environ.pop("TPMBROKER_SOCKET", None)
-        else:
-            os.environ["TPMBROKER_SOCKET"] = previous
+def run_provider(socket: str, workdir: Path, work: Work, clients: int,
+                 seconds: float) -> LoadReport:
+    """C threads of one process calling EVP_PKEY_decrypt / EVP_PKEY_derive through the
+    provider: the load generator that signs for the provider system (systems.run_provider),
+    so that its signatures and these operations are measured alike."""
+    _, data, expected = work.write(workdir)
+    return systems.run_provider(socket, workdir, work.key, clients, seconds,
+                                operation=(work.op, str(data), str(expected)))
 
 
 def direct_command(work: Work) -> systems.DirectCommand:

@@ -467,7 +467,7 @@ def _run_all(options: Options, todo: list[tuple[str, str, int]], points: list[Po
                                                 hmac=system == "direct-hmac")
                     elif work is not None and system == "provider":
                         assert broker is not None
-                        report = ops.run_provider(broker.socket, work, clients,
+                        report = ops.run_provider(broker.socket, workdir, work, clients,
                                                   options.seconds)
                     elif work is not None and system == "client":
                         assert broker is not None

@@ -291,9 +291,12 @@ def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
 
 
 def run_provider(socket: str, workdir: Path, key: Key, clients: int,
-                 seconds: float, verify: bool = True) -> LoadReport:
+                 seconds: float, verify: bool = True,
+                 operation: tuple[str, ...] = ()) -> LoadReport:
     """C threads of one process calling EVP_DigestSign through the provider; `verify`
-    False turns the provider's check of each signature off (TPMBROKER_VERIFY=0)."""
+    False turns the provider's check of each signature off (TPMBROKER_VERIFY=0).
+    `operation`: ("decrypt" or "derive", input file, expected file) for the load
+    generator to decrypt or derive instead (benchmarks/operations.py)."""
     from tpmbroker.client import Client
 
     exe = build_loadgen(workdir)
@@ -314,7 +317,8 @@ def run_provider(socket: str, workdir: Path, key: Key, clients: int,
         t0 = time.monotonic()
         try:
             out = subprocess.run([str(exe), "timed", str(provider_path().parent),
-                                  str(key_path), str(pub_path), str(clients), f"{seconds:g}"],
+                                  str(key_path), str(pub_path), str(clients), f"{seconds:g}",
+                                  *operation],
                                  env=env, capture_output=True, text=True,
                                  timeout=seconds + 120, check=False)
         finally:

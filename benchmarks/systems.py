@@ -273,7 +273,8 @@ def build_loadgen(workdir: Path) -> Path:
 
 
 def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
-    """The report of `loadgen timed`: a line per thread, then every latency."""
+    """The report of `loadgen timed`: a line per thread, every latency, the window.
+    `seconds` stands when the output has no window (the generator failed)."""
     report = LoadReport(clients, seconds, per_client=[0] * clients)
     latencies: list[float] = []
     for line in output.splitlines():
@@ -286,6 +287,8 @@ def parse_loadgen(output: str, clients: int, seconds: float) -> LoadReport:
             report.add_signer(index, done, failed, bad, [], errors)
         elif words[:1] == ["latencies_us"]:
             latencies = [int(w) / 1000 for w in words[1:]]
+        elif words[:1] == ["window_us"] and len(words) == 2:
+            report.seconds = int(words[1]) / 1e6  # the measured window, set-up left out
     report.latencies_ms = latencies
     return report
 

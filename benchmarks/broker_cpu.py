@@ -30,9 +30,10 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from tpmbroker.loadgen import run_for
 
 OPERATIONS = ("ECDSA P-256 sign", "P-256 ECDH", "RSA-2048 sign", "RSA-2048 decrypt")
 SIGNATURE_OF = {"P-256 ECDH": "ECDSA P-256 sign", "RSA-2048 decrypt": "RSA-2048 sign"}
@@ -113,13 +114,17 @@ def _slice(make: Callable[[], Call], clients: int, seconds: float, pid: int) -> 
     calls = [make() for _ in range(clients)]
     counts = [0] * clients
     stop = threading.Event()
+    start = threading.Barrier(clients + 1)
     errors: list[BaseException] = []
-    barrier = threading.Barrier(clients + 1)
+    cpu0 = [0]
 
     def worker(index: int) -> None:
         call = calls[index]
-        call()  # the first call of a thread may set things up: not measured
-        barrier.wait()
+        # Uncounted: a thread's first call may set up. Should it fail, the loop fails too
+        # and says why; the barrier is reached either way.
+        with contextlib.suppress(Exception):
+            call()
+        start.wait()
         try:
             while not stop.is_set():
                 call()
@@ -127,16 +132,9 @@ def _slice(make: Callable[[], Call], clients: int, seconds: float, pid: int) -> 
         except BaseException as exc:  # reported below, the slice does not count
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    cpu0 = broker_cpu_ns(pid)
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    cpu = broker_cpu_ns(pid) - cpu0
+    run_for(worker, clients, start, stop, seconds,
+            lambda: cpu0.__setitem__(0, broker_cpu_ns(pid)))
+    cpu = broker_cpu_ns(pid) - cpu0[0]
     if errors:
         raise RuntimeError(f"{type(errors[0]).__name__}: {errors[0]}")
     return sum(counts), cpu

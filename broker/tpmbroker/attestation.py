@@ -329,11 +329,8 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
     if not isinstance(x5c, list) or len(x5c) != 2:
         raise AttestationError("attStmt.x5c", "not [aikCert, its issuer]")
     ca = f.certificate("attStmt.x5c[1]")
-    try:
-        ca.verify_directly_issued_by(ca)
-    except _BAD_SIGNATURE:
-        raise AttestationError("attStmt.x5c[1]", "the attestation CA's certificate is not "
-                                                 "self-signed by its key") from None
+    _check_issued_by("attStmt.x5c[1]", ca, ca,
+                     "the attestation CA's certificate is not self-signed by its key")
     _check_validity("attStmt.x5c[1]", ca, when)
     if [a.value for a in ca.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)] != [
             ek_binding(ek_cert)]:
@@ -347,11 +344,8 @@ def verify(statement: bytes, ek_anchors: Sequence[x509.Certificate], *,
 
     # The aikCert and the AK.
     aik = f.certificate("attStmt.x5c[0]")
-    try:
-        aik.verify_directly_issued_by(ca)
-    except _BAD_SIGNATURE:
-        raise AttestationError("attStmt.x5c[0]", "the aikCert is not signed by the "
-                                                 "attestation CA (attStmt.x5c[1])") from None
+    _check_issued_by("attStmt.x5c[0]", aik, ca,
+                     "the aikCert is not signed by the attestation CA (attStmt.x5c[1])")
     _check_validity("attStmt.x5c[0]", aik, when)
     _check_aik_profile(aik, identity)
     ak_public = f.tpm("tpmbroker.akPubArea", TPMT_PUBLIC)
@@ -423,6 +417,15 @@ def _public_spki(field: str, public: Any) -> bytes:
         return _spki(public_key_of(public))
     except (ValueError, TypeError, TSS2_Exception) as exc:
         raise AttestationError(field, f"no public key: {exc}") from None
+
+
+def _check_issued_by(field: str, cert: x509.Certificate, issuer: x509.Certificate,
+                     refusal: str) -> None:
+    """AttestationError(field, refusal) unless `issuer`'s key signed `cert`."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except _BAD_SIGNATURE:
+        raise AttestationError(field, refusal) from None
 
 
 def _check_validity(field: str, cert: x509.Certificate, when: datetime.datetime) -> None:

@@ -70,8 +70,8 @@ typedef struct {
  * TPM encrypted the first parameter (a sized buffer; the command asked for ENCRYPT),
  * the parameters are copied to `clear` (room for `clear_size` bytes) with that one
  * decrypted: AES-128-CFB keyed by KDFa(hmac key, "CFB", nonceTPM (the response's),
- * nonceCaller). One call, so an answer's secret is never in the caller's hands
- * encrypted and again in the clear. */
+ * nonceCaller). In the same call, so the caller never copies the encrypted form: the
+ * clear one is only in `clear`, which the caller wipes. */
 int tb_finish(tb_ctx *ctx, const tb_pending *pending, const uint8_t *response,
               size_t response_len, tb_result *result, uint8_t *clear, size_t clear_size);
 

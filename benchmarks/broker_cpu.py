@@ -3,6 +3,7 @@ interleaved so that they share the machine's weather.
 
     python -m benchmarks.broker_cpu [--systems provider,client] [--rounds 24]
                                     [--slice 0.4] [--clients 1,8]
+                                    [--meter cpu|instructions] [--dumps DIR]
 
 A point of `python -m benchmarks` runs for seconds, one after another; on a shared
 machine the broker's CPU per operation moves by a third from one such window to the
@@ -12,6 +13,14 @@ the broker's CPU time (every thread's, in nanoseconds, /proc/PID/task/*/schedsta
 around each slice. A round gives a ratio per operation: its CPU per operation over the
 signature's of the same key type in the same round. The report gives each operation's
 median, and the median ratio with its interquartile range.
+
+`--meter instructions` counts the broker's instructions instead, with valgrind's
+callgrind running the broker: the same figure run after run whatever else the machine
+does, so that a few rounds of a few seconds settle what CPU time cannot. The broker runs
+some fifty times slower under it, one thread at a time, and valgrind's CPU has no SHA
+extensions: hashing weighs more there than on the machine. Say `--rounds 3 --slice 3`;
+`--dumps DIR` keeps a dump per slice, for `callgrind_annotate --inclusive=yes` to say
+where an operation's instructions go.
 
 Operations: ECDSA P-256 and RSA-2048 PKCS#1 v1.5 signatures (the provider's through
 EVP_PKEY_sign of a SHA-256 digest, the client's through Client.sign), RSA-2048 PKCS#1
@@ -26,12 +35,15 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from tpmbroker.loadgen import run_for
 
@@ -53,6 +65,59 @@ def broker_cpu_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue  # a thread that ended between the listing and the read
     return total
+
+
+class Meter(Protocol):
+    """The broker's work between `begin` and `end`, in `unit`."""
+
+    unit: str
+
+    def begin(self) -> None: ...
+    def end(self, label: str) -> float: ...
+
+
+class CpuMeter:
+    unit = "broker CPU µs/op"
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._start = 0
+
+    def begin(self) -> None:
+        self._start = broker_cpu_ns(self.pid)
+
+    def end(self, label: str) -> float:
+        return (broker_cpu_ns(self.pid) - self._start) / 1000
+
+
+class InstructionMeter:
+    """callgrind's count for the broker: zeroed at `begin`, dumped and read at `end`. Each
+    dump (OUT.PID.N) stays, headed "Trigger: dump LABEL", for callgrind_annotate."""
+
+    unit = "broker instructions/op, thousands"
+    # valgrind's options for the broker; its dumps go to OUT.PID.N
+    WRAPPER = ("valgrind", "--tool=callgrind", "--callgrind-out-file={out}.%p")
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid = pid
+        self.out = out
+        self._dumps = 0
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.pid)], check=True,
+                       capture_output=True, timeout=120)
+
+    def begin(self) -> None:
+        self._control("--zero")
+
+    def end(self, label: str) -> float:
+        self._control(f"--dump={label}")
+        self._dumps += 1
+        dump = Path(f"{self.out}.{self.pid}.{self._dumps}")
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith("summary:"):  # the events counted: Ir, instructions
+                return int(line.split()[1]) / 1000
+        raise RuntimeError(f"no summary in {dump}")
 
 
 def _calls(system: str, socket: str, works: dict[str, object],
@@ -109,14 +174,16 @@ def _calls(system: str, socket: str, works: dict[str, object],
     }
 
 
-def _slice(make: Callable[[], Call], clients: int, seconds: float, pid: int) -> tuple[int, int]:
-    """(operations done, broker CPU ns) over `seconds` of `clients` threads."""
+def _slice(make: Callable[[], Call], clients: int, seconds: float, meter: Meter,
+           label: str) -> tuple[int, float]:
+    """(operations done, the broker's work) over `seconds` of `clients` threads. The
+    meter starts while every thread waits at the barrier, nothing in flight: starting
+    callgrind's count takes a while, and work done meanwhile must count on both sides."""
     calls = [make() for _ in range(clients)]
     counts = [0] * clients
     stop = threading.Event()
-    start = threading.Barrier(clients + 1)
+    start = threading.Barrier(clients + 1, action=meter.begin)
     errors: list[BaseException] = []
-    cpu0 = [0]
 
     def worker(index: int) -> None:
         call = calls[index]
@@ -132,12 +199,11 @@ def _slice(make: Callable[[], Call], clients: int, seconds: float, pid: int) -> 
         except BaseException as exc:  # reported below, the slice does not count
             errors.append(exc)
 
-    run_for(worker, clients, start, stop, seconds,
-            lambda: cpu0.__setitem__(0, broker_cpu_ns(pid)))
-    cpu = broker_cpu_ns(pid) - cpu0[0]
+    run_for(worker, clients, start, stop, seconds)
+    work = meter.end(label)
     if errors:
         raise RuntimeError(f"{type(errors[0]).__name__}: {errors[0]}")
-    return sum(counts), cpu
+    return sum(counts), work
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -145,9 +211,9 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def measure(system: str, clients: int, rounds: int, seconds: float, socket: str, pid: int,
-            works: dict[str, object], seed: int) -> dict[str, list[float]]:
-    """µs of broker CPU per operation, one figure per round and operation."""
+def measure(system: str, clients: int, rounds: int, seconds: float, socket: str,
+            meter: Meter, works: dict[str, object], seed: int) -> dict[str, list[float]]:
+    """The broker's work per operation, one figure per round and operation."""
     order = list(OPERATIONS)
     rng = random.Random(seed)
     per_op: dict[str, list[float]] = {op: [] for op in OPERATIONS}
@@ -156,8 +222,9 @@ def measure(system: str, clients: int, rounds: int, seconds: float, socket: str,
         for _ in range(rounds):
             rng.shuffle(order)
             for op in order:
-                done, cpu = _slice(calls[op], clients, seconds, pid)
-                per_op[op].append(cpu / 1000 / max(done, 1))
+                done, work = _slice(calls[op], clients, seconds, meter,
+                                    f"{system} {clients} {op}")
+                per_op[op].append(work / max(done, 1))
     return per_op
 
 
@@ -186,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slice", type=float, default=0.4,
                         help="seconds each operation runs per round (default 0.4)")
     parser.add_argument("--seed", type=int, default=1, help="the order's random seed")
+    parser.add_argument("--meter", choices=("cpu", "instructions"), default="cpu",
+                        help="the broker's CPU time (default), or its instructions counted "
+                             "by valgrind's callgrind")
+    parser.add_argument("--dumps", type=Path, help="with --meter instructions: keep "
+                        "callgrind's dumps here, one per slice, for callgrind_annotate")
     return parser
 
 
@@ -197,37 +269,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: unknown systems: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     clients = [int(c) for c in args.clients.split(",") if c]
+    counting = args.meter == "instructions"
+    if counting and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print(f"{PROG}: --meter instructions needs valgrind (Debian: apt install valgrind; "
+              "scripts/setup.sh installs it)", file=sys.stderr)
+        return 2
 
     from tpmbroker.processes import BrokerProcess
     from tpmbroker.simulator import Swtpm
 
     from .operations import make_work
 
-    with tempfile.TemporaryDirectory(prefix="tpmbroker-cpu-") as tmp:
+    # The stack stops the broker, then the TPM, whatever fails.
+    with tempfile.TemporaryDirectory(prefix="tpmbroker-cpu-") as tmp, \
+            contextlib.ExitStack() as stack:
         work = Path(tmp)
         swtpm = Swtpm(work / "tpm")
         swtpm.start()
-        try:
-            works: dict[str, object] = {"ec": make_work(swtpm.tcti, "ec:P-256 derive"),
-                                        "rsa": make_work(swtpm.tcti, "rsa:2048 decrypt")}
-            with BrokerProcess(swtpm.tcti, work / "broker") as broker:
-                assert broker.proc is not None
-                print(f"broker CPU per operation, µs: median (interquartile range) of "
-                      f"{args.rounds} rounds of {args.slice:g} s slices per operation, "
-                      "in random order; ratio: over the signature of the same key type, "
-                      "same round")
-                print()
-                print("| system | clients | operation | broker CPU µs/op | "
-                      "ratio to the signature |")
-                print("|---|---:|---|---:|---|")
-                for system in systems:
-                    for count in clients:
-                        per_op = measure(system, count, args.rounds, args.slice,
-                                         broker.socket, broker.proc.pid, works, args.seed)
-                        for line in report(system, count, per_op):
-                            print(line, flush=True)
-        finally:
-            swtpm.stop()
+        stack.callback(swtpm.stop)
+        works: dict[str, object] = {"ec": make_work(swtpm.tcti, "ec:P-256 derive"),
+                                    "rsa": make_work(swtpm.tcti, "rsa:2048 decrypt")}
+        if args.dumps is not None:
+            args.dumps.mkdir(parents=True, exist_ok=True)
+        callgrind = (args.dumps or work) / "callgrind.out"
+        wrapper = tuple(a.format(out=callgrind) for a in InstructionMeter.WRAPPER)
+        broker = BrokerProcess(swtpm.tcti, work / "broker", wrapper=wrapper if counting else ())
+        broker.start(timeout=600 if counting else 30)  # valgrind may take minutes
+        stack.callback(broker.stop)
+        assert broker.proc is not None
+        pid = broker.proc.pid
+        meter: Meter = InstructionMeter(pid, callgrind) if counting else CpuMeter(pid)
+        what = "instructions per operation, thousands" if counting else "CPU per operation, µs"
+        print(f"broker {what}: median (interquartile range) of {args.rounds} rounds of "
+              f"{args.slice:g} s slices per operation, in random order; ratio: over the "
+              "signature of the same key type, same round")
+        print()
+        print(f"| system | clients | operation | {meter.unit} | ratio to the signature |")
+        print("|---|---:|---|---:|---|")
+        for system in systems:
+            for count in clients:
+                per_op = measure(system, count, args.rounds, args.slice, broker.socket, meter,
+                                 works, args.seed)
+                for line in report(system, count, per_op):
+                    print(line, flush=True)
     return 0
 
 

@@ -16,6 +16,8 @@ COMMON=(
     # procps and util-linux are not in a minimal root.
     procps util-linux
     prometheus prometheus-node-exporter
+    # python -m benchmarks.broker_cpu --meter instructions: the broker under callgrind.
+    valgrind
 )
 
 # Building the Debian package (scripts/package.sh, docs/install.md), beyond the above;

@@ -128,7 +128,8 @@ class BrokerProcess:
 
     def __init__(self, tcti: str, workdir: Path, sessions: int = 2,
                  env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
-                 log_level: str = "info", listening: socket.socket | None = None) -> None:
+                 log_level: str = "info", listening: socket.socket | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.tcti = tcti
         self.workdir = workdir
         self.sessions = sessions
@@ -136,6 +137,7 @@ class BrokerProcess:
         self.extra_args = extra_args
         self.log_level = log_level
         self.listening = listening
+        self.wrapper = wrapper  # a program the broker runs under (a profiler), and its options
         self.socket = (listening.getsockname() if listening is not None
                        else str(workdir / "tpmbroker.sock"))
         self.log_path = workdir / "broker.log"
@@ -149,8 +151,8 @@ class BrokerProcess:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket)
         # A state directory of its own: an EK pin in the machine's would apply otherwise.
-        cmd = [sys.executable, "-m", "tpmbroker.cli", "serve", "--socket", self.socket,
-               "--tcti", self.tcti, "--sessions", str(self.sessions),
+        cmd = [*self.wrapper, sys.executable, "-m", "tpmbroker.cli", "serve",
+               "--socket", self.socket, "--tcti", self.tcti, "--sessions", str(self.sessions),
                "--state-dir", str(self.workdir / "state"),
                "--log-level", self.log_level, *self.extra_args]
         passed: tuple[int, ...] = ()

@@ -22,7 +22,12 @@ import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -166,6 +171,8 @@ def registry_for(server: BrokerServer) -> CollectorRegistry:
     registry.register(BrokerCollector(server))
     # process_start_time_seconds tells restarts apart; memory and descriptors too.
     ProcessCollector(registry=registry)
+    # python_gc_collections_total: each pass of the cycle collector stops the event loop
+    GCCollector(registry=registry)
     return registry
 
 

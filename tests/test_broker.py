@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -434,9 +435,17 @@ def test_requests_served_leave_nothing_for_the_cycle_collector(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
         ciphertext = rsa_public.encrypt(b"cycles", pad.PKCS1v15())
         digest = hashlib.sha256(b"cycles").digest()
-        work = ([lambda: client.sign(ec_loaded, digest)] * 1200
-                + [lambda: client.derive(ec_loaded, peer_point)] * 600
-                + [lambda: client.decrypt(rsa_loaded, ciphertext)] * 200)
+
+        def sign() -> object:
+            return client.sign(ec_loaded, digest)
+
+        def derive() -> object:
+            return client.derive(ec_loaded, peer_point)
+
+        def decrypt() -> object:
+            return client.decrypt(rsa_loaded, ciphertext)
+
+        work: list[Callable[[], object]] = [sign] * 1200 + [derive] * 600 + [decrypt] * 200
         for call in work[::200]:  # first uses: keys made resident, secrets derived
             call()
         before = client.status()["gc_collections"]

@@ -88,6 +88,10 @@ class Lane:
 
     def start(self, job: Job) -> bool:
         """Send `job`'s command if it can take the lane; False: the worker thread's."""
+        if self.worker.lane_socket() is None:
+            # No socket of ours (tss2's TCTIs: /dev/tpmrm0, tpm2-abrmd), or none open: a
+            # command prepared here would be thrown away and prepared again there.
+            return False
         command = self._prepare(job)
         return command is not None and self._send(job, command)
 

@@ -88,12 +88,13 @@ class Lane:
 
     def start(self, job: Job) -> bool:
         """Send `job`'s command if it can take the lane; False: the worker thread's."""
-        if self.worker.lane_socket() is None:
+        sock = self.worker.lane_socket()
+        if sock is None:
             # No socket of ours (tss2's TCTIs: /dev/tpmrm0, tpm2-abrmd), or none open: a
             # command prepared here would be thrown away and prepared again there.
             return False
         command = self._prepare(job)
-        return command is not None and self._send(job, command)
+        return command is not None and self._send(job, command, sock)
 
     @property
     def has_next(self) -> bool:
@@ -144,8 +145,8 @@ class Lane:
         except Exception:  # anything unusual: the worker thread's path says what
             return None
 
-    def _send(self, job: Job, command: Any) -> bool:
-        sock = self.worker.lane_socket()
+    def _send(self, job: Job, command: Any, sock: socket.socket | None) -> bool:
+        """Send on `sock`, the link's socket (asked for by the caller), if it has one."""
         if sock is None:
             self.worker.lane_cancel(command)
             return False
@@ -179,7 +180,7 @@ class Lane:
             self.worker.lane_cancel(command)
             if not job.cancelled:
                 job.done(None, DeadlineError("deadline passed while queued for the TPM"))
-        elif not self._send(job, command):
+        elif not self._send(job, command, self.worker.lane_socket()):
             self.to_worker(job)
 
     def _drop_next(self) -> None:
